@@ -1,0 +1,285 @@
+//! Encodes a segment's profiles into one block object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder, UInt64Builder,
+};
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use ulid::Ulid;
+
+use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
+use super::schema::Section;
+use super::BlockError;
+use crate::profile::{labels_to_string, Profile};
+use crate::stack;
+
+/// A block ready to upload: its bytes and the metadata to index.
+pub struct EncodedBlock {
+    pub bytes: Bytes,
+    pub meta: BlockMeta,
+}
+
+/// `segments/{shard}/anonymous/{block_id}/block.bin` for level 0 (segments
+/// mix tenants), `blocks/{shard}/{tenant}/{block_id}/block.bin` above.
+pub fn block_path(level: u32, shard: u32, tenant: &str, id: &str) -> String {
+    if level == 0 {
+        format!("segments/{shard}/anonymous/{id}/block.bin")
+    } else {
+        format!("blocks/{shard}/{tenant}/{id}/block.bin")
+    }
+}
+
+/// Encodes profiles (of any tenants and services) as one level-0 block.
+pub fn write_block(profiles: &[Profile], shard: u32) -> Result<EncodedBlock, BlockError> {
+    if profiles.is_empty() {
+        return Err(BlockError::Empty);
+    }
+    let id = Ulid::new().to_string();
+    let mut datasets: BTreeMap<(&str, &str), Vec<&Profile>> = BTreeMap::new();
+    for p in profiles {
+        datasets
+            .entry((p.tenant.as_str(), p.service_name()))
+            .or_default()
+            .push(p);
+    }
+    let mut buf = Vec::new();
+    let mut metas = Vec::with_capacity(datasets.len());
+    for ((tenant, service), mut dataset) in datasets {
+        dataset.sort_by_cached_key(|p| {
+            (
+                p.profile_type.clone(),
+                labels_to_string(&p.labels),
+                p.time_nanos,
+            )
+        });
+        metas.push(write_dataset(&mut buf, tenant, service, &dataset)?);
+    }
+    let meta = BlockMeta {
+        format_version: FORMAT_VERSION,
+        path: block_path(0, shard, "anonymous", &id),
+        id,
+        shard,
+        compaction_level: 0,
+        min_time: metas.iter().map(|d| d.min_time).min().unwrap_or_default(),
+        max_time: metas.iter().map(|d| d.max_time).max().unwrap_or_default(),
+        size: 0,
+        datasets: metas,
+    };
+    append_footer(&mut buf, &meta);
+    let meta = BlockMeta {
+        size: buf.len() as u64,
+        ..meta
+    };
+    Ok(EncodedBlock {
+        bytes: Bytes::from(buf),
+        meta,
+    })
+}
+
+fn append_footer(buf: &mut Vec<u8>, meta: &BlockMeta) {
+    let footer = meta.encode_to_bytes();
+    let crc = crc32fast::hash(&footer);
+    buf.extend_from_slice(&footer);
+    buf.extend_from_slice(&(footer.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&crc.to_be_bytes());
+}
+
+fn write_dataset(
+    buf: &mut Vec<u8>,
+    tenant: &str,
+    service: &str,
+    profiles: &[&Profile],
+) -> Result<DatasetMeta, BlockError> {
+    let mut stacks = StackTree::default();
+    let samples = samples_batch(service, profiles, &mut stacks)?;
+    let mut series: Vec<String> = profiles
+        .iter()
+        .map(|p| labels_to_string(&p.labels))
+        .collect();
+    series.sort();
+    series.dedup();
+    let mut profile_types: Vec<String> = profiles.iter().map(|p| p.profile_type.clone()).collect();
+    profile_types.sort();
+    profile_types.dedup();
+    let sections = vec![
+        append_section(buf, Section::Profiles, profiles_batch(service, profiles)?)?,
+        append_section(buf, Section::Samples, samples)?,
+        append_section(buf, Section::Stacks, stacks.into_batch()?)?,
+    ];
+    Ok(DatasetMeta {
+        tenant: tenant.to_string(),
+        service_name: service.to_string(),
+        min_time: profiles
+            .iter()
+            .map(|p| p.time_nanos)
+            .min()
+            .unwrap_or_default(),
+        max_time: profiles
+            .iter()
+            .map(|p| p.time_nanos)
+            .max()
+            .unwrap_or_default(),
+        profile_types,
+        series,
+        profiles: profiles.len() as u64,
+        samples: sections[1].rows,
+        sections,
+    })
+}
+
+fn append_section(
+    buf: &mut Vec<u8>,
+    section: Section,
+    batch: RecordBatch,
+) -> Result<SectionMeta, BlockError> {
+    let offset = buf.len() as u64;
+    let rows = batch.num_rows() as u64;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .build();
+    let encode = |source| BlockError::Encode {
+        section: section.name(),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(&mut *buf, section.schema(), Some(props)).map_err(encode)?;
+    writer.write(&batch).map_err(encode)?;
+    writer.close().map_err(encode)?;
+    Ok(SectionMeta {
+        kind: section.name().to_string(),
+        offset,
+        size: buf.len() as u64 - offset,
+        rows,
+    })
+}
+
+fn arrow_err(section: &'static str) -> impl Fn(arrow::error::ArrowError) -> BlockError {
+    move |source| BlockError::Arrow { section, source }
+}
+
+fn profiles_batch(service: &str, profiles: &[&Profile]) -> Result<RecordBatch, BlockError> {
+    let n = profiles.len();
+    let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut service_name = StringBuilder::new();
+    let mut profile_type = StringBuilder::new();
+    let mut labels = StringBuilder::new();
+    let mut duration = Int64Builder::with_capacity(n);
+    let mut period = Int64Builder::with_capacity(n);
+    let mut samples = UInt64Builder::with_capacity(n);
+    let mut total = Int64Builder::with_capacity(n);
+    for p in profiles {
+        time.append_value(p.time_nanos);
+        service_name.append_value(service);
+        profile_type.append_value(&p.profile_type);
+        labels.append_value(labels_to_string(&p.labels));
+        duration.append_value(p.duration_nanos);
+        period.append_value(p.period);
+        samples.append_value(p.samples.len() as u64);
+        total.append_value(p.total());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(time.finish()),
+        Arc::new(service_name.finish()),
+        Arc::new(profile_type.finish()),
+        Arc::new(labels.finish()),
+        Arc::new(duration.finish()),
+        Arc::new(period.finish()),
+        Arc::new(samples.finish()),
+        Arc::new(total.finish()),
+    ];
+    RecordBatch::try_new(Section::Profiles.schema(), columns).map_err(arrow_err("profiles"))
+}
+
+fn samples_batch(
+    service: &str,
+    profiles: &[&Profile],
+    stacks: &mut StackTree,
+) -> Result<RecordBatch, BlockError> {
+    let n: usize = profiles.iter().map(|p| p.samples.len()).sum();
+    let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut service_name = StringBuilder::new();
+    let mut profile_type = StringBuilder::new();
+    let mut labels = StringBuilder::new();
+    let mut stack_id = UInt64Builder::with_capacity(n);
+    let mut value = Int64Builder::with_capacity(n);
+    let mut span_id = UInt64Builder::with_capacity(n);
+    for p in profiles {
+        let series = labels_to_string(&p.labels);
+        let mut rows: Vec<(u64, i64, Option<u64>)> = p
+            .samples
+            .iter()
+            .map(|s| (stacks.insert(&p.functions, &s.stack), s.value, s.span_id))
+            .collect();
+        rows.sort_unstable();
+        for (id, v, span) in rows {
+            time.append_value(p.time_nanos);
+            service_name.append_value(service);
+            profile_type.append_value(&p.profile_type);
+            labels.append_value(&series);
+            stack_id.append_value(id);
+            value.append_value(v);
+            span_id.append_option(span);
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(time.finish()),
+        Arc::new(service_name.finish()),
+        Arc::new(profile_type.finish()),
+        Arc::new(labels.finish()),
+        Arc::new(stack_id.finish()),
+        Arc::new(value.finish()),
+        Arc::new(span_id.finish()),
+    ];
+    RecordBatch::try_new(Section::Samples.schema(), columns).map_err(arrow_err("samples"))
+}
+
+/// The nodes of every stack of a dataset, keyed by their global id.
+#[derive(Default)]
+struct StackTree {
+    nodes: HashMap<u64, (u64, String)>,
+}
+
+impl StackTree {
+    /// Adds every node of a root-first stack and returns the leaf's id.
+    fn insert(&mut self, functions: &[String], stack: &[u32]) -> u64 {
+        let mut parent = stack::ROOT;
+        for &f in stack {
+            let name = functions.get(f as usize).map(String::as_str).unwrap_or("");
+            let id = stack::node_id(parent, name);
+            self.nodes
+                .entry(id)
+                .or_insert_with(|| (parent, name.to_string()));
+            parent = id;
+        }
+        parent
+    }
+
+    fn into_batch(self) -> Result<RecordBatch, BlockError> {
+        let mut nodes: Vec<(u64, u64, String)> = self
+            .nodes
+            .into_iter()
+            .map(|(id, (p, n))| (id, p, n))
+            .collect();
+        nodes.sort_unstable_by_key(|n| n.0);
+        let mut id = UInt64Builder::with_capacity(nodes.len());
+        let mut parent = UInt64Builder::with_capacity(nodes.len());
+        let mut name = StringBuilder::new();
+        for (i, p, n) in nodes {
+            id.append_value(i);
+            parent.append_value(p);
+            name.append_value(n);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(id.finish()),
+            Arc::new(parent.finish()),
+            Arc::new(name.finish()),
+        ];
+        RecordBatch::try_new(Section::Stacks.schema(), columns).map_err(arrow_err("stacks"))
+    }
+}

@@ -1,0 +1,107 @@
+//! The normalised profile: what the distributor produces from any wire format
+//! and what the segment writer stores.
+
+/// Label pairs sorted by name, unique by name.
+pub type Labels = Vec<(String, String)>;
+
+pub const SERVICE_NAME: &str = "service_name";
+pub const METRIC_NAME: &str = "__name__";
+pub const PROFILE_TYPE: &str = "__profile_type__";
+
+/// One profile of one series and one profile type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub tenant: String,
+    /// The series' labels, `service_name` included, `__profile_type__` excluded.
+    pub labels: Labels,
+    /// Pyroscope's ID form `name:sample_type:sample_unit:period_type:period_unit`.
+    pub profile_type: String,
+    pub time_nanos: i64,
+    pub duration_nanos: i64,
+    pub period: i64,
+    /// Function names that the samples' stacks point into.
+    pub functions: Vec<String>,
+    pub samples: Vec<Sample>,
+}
+
+/// One stack and its value. Stacks are root first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub stack: Vec<u32>,
+    pub value: i64,
+    pub span_id: Option<u64>,
+}
+
+impl Profile {
+    pub fn service_name(&self) -> &str {
+        label_value(&self.labels, SERVICE_NAME).unwrap_or("unknown_service")
+    }
+
+    pub fn total(&self) -> i64 {
+        self.samples.iter().map(|s| s.value).sum()
+    }
+
+    /// Approximate in-memory size, used to bound open segments.
+    pub fn size_bytes(&self) -> usize {
+        let labels: usize = self.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let functions: usize = self.functions.iter().map(|f| f.len() + 24).sum();
+        let samples: usize = self.samples.iter().map(|s| s.stack.len() * 4 + 40).sum();
+        labels + functions + samples + 128
+    }
+}
+
+pub fn label_value<'a>(labels: &'a Labels, name: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The canonical text of a label set, as Pyroscope prints series:
+/// `{a="1", b="2"}` with names sorted.
+pub fn labels_to_string(labels: &Labels) -> String {
+    let mut out = String::from("{");
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// Sorts by name and keeps the last value of a repeated name.
+pub fn normalise_labels(mut labels: Labels) -> Labels {
+    labels.reverse();
+    labels.sort_by(|a, b| a.0.cmp(&b.0));
+    labels.dedup_by(|a, b| a.0 == b.0);
+    labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_print_sorted_and_escaped() {
+        let l = normalise_labels(vec![
+            ("b".into(), "x\"y".into()),
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+        ]);
+        assert_eq!(labels_to_string(&l), r#"{a="1", b="2"}"#);
+        let l = vec![("a".to_string(), "q\"".to_string())];
+        assert_eq!(labels_to_string(&l), r#"{a="q\""}"#);
+    }
+}

@@ -1,0 +1,40 @@
+use thiserror::Error;
+
+/// Why a push was refused. Every variant but the storage ones is the
+/// client's fault and maps to a 4xx.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("decompressing {what}: {reason}")]
+    Decompress { what: &'static str, reason: String },
+    #[error("decoding {what}: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("invalid profile: {0}")]
+    Invalid(String),
+    #[error("unsupported {0}")]
+    Unsupported(String),
+    #[error("storing the segment failed: {0}")]
+    Storage(String),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl IngestError {
+    /// A short stable reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::TooLarge { .. } => "too_large",
+            IngestError::Decompress { .. } => "decompress",
+            IngestError::Decode { .. } => "decode",
+            IngestError::Invalid(_) => "invalid",
+            IngestError::Unsupported(_) => "unsupported",
+            IngestError::Storage(_) => "storage",
+            IngestError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, IngestError::Storage(_) | IngestError::ShuttingDown)
+    }
+}

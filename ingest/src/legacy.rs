@@ -1,0 +1,317 @@
+//! The legacy `POST /ingest` API of older agents:
+//! `?name=app.cpu{k=v}&from=&until=&format=pprof|folded|lines&sampleRate=&spyName=&units=&aggregationType=`.
+
+use std::collections::HashMap;
+
+use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
+
+use crate::normalise::{validate_labels, Destination};
+use crate::IngestError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Pprof,
+    /// `a;b;c 10` per line.
+    Folded,
+    /// One stack per line, `a;b;c`, each worth 1.
+    Lines,
+}
+
+impl Format {
+    pub fn parse(s: Option<&str>) -> Result<Self, IngestError> {
+        match s.unwrap_or("folded") {
+            "pprof" => Ok(Format::Pprof),
+            "folded" | "" => Ok(Format::Folded),
+            "lines" => Ok(Format::Lines),
+            other => Err(IngestError::Unsupported(format!(
+                "format {other:?}: use pprof, folded or lines"
+            ))),
+        }
+    }
+}
+
+/// What the query string of `/ingest` says.
+#[derive(Debug, Clone)]
+pub struct IngestParams {
+    pub service: String,
+    /// The part after the last '.' of the app name: `cpu`, `alloc_objects`...
+    pub kind: String,
+    pub tags: Labels,
+    pub from_nanos: Option<i64>,
+    pub until_nanos: Option<i64>,
+    pub sample_rate: Option<u32>,
+    pub units: Option<String>,
+}
+
+impl IngestParams {
+    pub fn from_query(q: &HashMap<String, String>) -> Result<Self, IngestError> {
+        let name = q
+            .get("name")
+            .ok_or_else(|| IngestError::Invalid("missing query parameter name".into()))?;
+        let (app, tags) = parse_app_name(name)?;
+        let (service, kind) = match app.rsplit_once('.') {
+            Some((s, k)) if !s.is_empty() && !k.is_empty() => (s.to_string(), k.to_string()),
+            _ => (app.to_string(), "cpu".to_string()),
+        };
+        let time = |key: &str| -> Result<Option<i64>, IngestError> {
+            q.get(key)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.parse::<i64>().map(epoch_to_nanos).map_err(|_| {
+                        IngestError::Invalid(format!("{key}={v:?} is not a unix time"))
+                    })
+                })
+                .transpose()
+        };
+        let sample_rate = q
+            .get("sampleRate")
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| {
+                    IngestError::Invalid(format!("sampleRate={v:?} is not a positive integer"))
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            service,
+            kind,
+            tags,
+            from_nanos: time("from")?,
+            until_nanos: time("until")?,
+            sample_rate,
+            units: q.get("units").cloned().filter(|u| !u.is_empty()),
+        })
+    }
+
+    /// Series labels; `__name__` only where the kind says it (pprof
+    /// bodies otherwise name themselves by their sample types).
+    pub fn destination(
+        &self,
+        tenant: &str,
+        received_at_nanos: i64,
+        with_name: bool,
+    ) -> Result<Destination, IngestError> {
+        let mut labels = self.tags.clone();
+        labels.push((SERVICE_NAME.into(), self.service.clone()));
+        if with_name {
+            labels.push((METRIC_NAME.into(), self.metric_name().into()));
+        }
+        Ok(Destination {
+            tenant: tenant.to_string(),
+            labels: validate_labels(labels)?,
+            received_at_nanos,
+        })
+    }
+
+    fn metric_name(&self) -> &str {
+        match self.kind.as_str() {
+            "cpu" | "itimer" | "wall" => "process_cpu",
+            k if k.starts_with("alloc_") || k.starts_with("inuse_") => "memory",
+            k => k,
+        }
+    }
+
+    /// Profile type of a folded or lines body.
+    pub fn folded_profile_type(&self) -> String {
+        let name = self.metric_name();
+        match self.kind.as_str() {
+            "cpu" | "itimer" => format!("{name}:samples:count:cpu:nanoseconds"),
+            "wall" => format!("{name}:samples:count:wall:nanoseconds"),
+            k if k.ends_with("_space") => format!("{name}:{k}:bytes:space:bytes"),
+            k if k.ends_with("_objects") => format!("{name}:{k}:count:space:bytes"),
+            k => {
+                let unit = match self.units.as_deref() {
+                    Some("bytes") => "bytes",
+                    Some("objects") => "count",
+                    Some("lock_nanoseconds") => "nanoseconds",
+                    _ => "count",
+                };
+                format!("{name}:{k}:{unit}::")
+            }
+        }
+    }
+}
+
+/// Accepts seconds, milliseconds, microseconds or nanoseconds, told apart by size.
+fn epoch_to_nanos(v: i64) -> i64 {
+    match v.unsigned_abs() {
+        0..=99_999_999_999 => v.saturating_mul(1_000_000_000),
+        100_000_000_000..=99_999_999_999_999 => v.saturating_mul(1_000_000),
+        100_000_000_000_000..=99_999_999_999_999_999 => v.saturating_mul(1_000),
+        _ => v,
+    }
+}
+
+/// `app.cpu{env=prod,region=eu}` -> (`app.cpu`, labels).
+fn parse_app_name(name: &str) -> Result<(&str, Labels), IngestError> {
+    let Some(open) = name.find('{') else {
+        return Ok((name.trim(), Labels::new()));
+    };
+    let app = name[..open].trim();
+    let rest = name[open + 1..]
+        .strip_suffix('}')
+        .ok_or_else(|| IngestError::Invalid(format!("name {name:?} lacks a closing '}}'")))?;
+    let mut labels = Labels::new();
+    for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            IngestError::Invalid(format!("tag {pair:?} in name is not key=value"))
+        })?;
+        labels.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
+    }
+    if app.is_empty() {
+        return Err(IngestError::Invalid("empty application name".into()));
+    }
+    Ok((app, normalise_labels(labels)))
+}
+
+/// Parses a folded (`a;b;c 10`) or lines (`a;b;c`) body into one profile.
+pub fn parse_folded(
+    body: &[u8],
+    format: Format,
+    params: &IngestParams,
+    dest: &Destination,
+) -> Result<Option<Profile>, IngestError> {
+    let text = std::str::from_utf8(body).map_err(|e| IngestError::Decode {
+        what: "folded profile",
+        reason: e.to_string(),
+    })?;
+    let mut names: Vec<String> = Vec::new();
+    let mut index: HashMap<&str, u32> = HashMap::new();
+    let mut stacks: HashMap<Vec<u32>, i64> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (stack, value) = match format {
+            Format::Lines => (line, 1),
+            _ => {
+                let (stack, value) = line.rsplit_once(' ').ok_or_else(|| {
+                    IngestError::Invalid(format!("line {}: expected \"frame;frame value\"", n + 1))
+                })?;
+                let value: i64 = value.trim().parse().map_err(|_| {
+                    IngestError::Invalid(format!(
+                        "line {}: value {value:?} is not an integer",
+                        n + 1
+                    ))
+                })?;
+                (stack, value)
+            }
+        };
+        if value == 0 {
+            continue;
+        }
+        let mut ids = Vec::new();
+        for frame in stack.split(';').filter(|f| !f.is_empty()) {
+            let id = *index.entry(frame).or_insert_with(|| {
+                names.push(frame.to_string());
+                (names.len() - 1) as u32
+            });
+            ids.push(id);
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        let slot = stacks.entry(ids).or_insert(0);
+        *slot = slot.saturating_add(value);
+    }
+    let mut samples: Vec<Sample> = stacks
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(stack, value)| Sample {
+            stack,
+            value,
+            span_id: None,
+        })
+        .collect();
+    if samples.is_empty() {
+        return Ok(None);
+    }
+    samples.sort_by(|a, b| a.stack.cmp(&b.stack));
+    let from = params.from_nanos.unwrap_or(dest.received_at_nanos);
+    let until = params.until_nanos.unwrap_or(from);
+    let period = params
+        .sample_rate
+        .map(|r| 1_000_000_000 / i64::from(r))
+        .unwrap_or(0);
+    Ok(Some(Profile {
+        tenant: dest.tenant.clone(),
+        labels: dest.labels.clone(),
+        profile_type: params.folded_profile_type(),
+        time_nanos: from,
+        duration_nanos: until.saturating_sub(from).max(0),
+        period,
+        functions: names,
+        samples,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_name_tags_and_times() {
+        let p = IngestParams::from_query(&query(&[
+            ("name", "shop.api.cpu{env=prod, region=eu}"),
+            ("from", "1700000000"),
+            ("until", "1700000010000"),
+        ]))
+        .unwrap();
+        assert_eq!(p.service, "shop.api");
+        assert_eq!(p.kind, "cpu");
+        assert_eq!(
+            p.tags,
+            vec![
+                ("env".to_string(), "prod".to_string()),
+                ("region".to_string(), "eu".to_string())
+            ]
+        );
+        assert_eq!(p.from_nanos, Some(1_700_000_000_000_000_000));
+        assert_eq!(p.until_nanos, Some(1_700_000_010_000_000_000));
+        assert_eq!(
+            p.folded_profile_type(),
+            "process_cpu:samples:count:cpu:nanoseconds"
+        );
+        assert!(IngestParams::from_query(&query(&[("name", "a{x")])).is_err());
+        assert!(IngestParams::from_query(&query(&[])).is_err());
+        assert!(IngestParams::from_query(&query(&[("name", "a"), ("from", "x")])).is_err());
+    }
+
+    #[test]
+    fn folded_sums_and_checks_lines() {
+        let params = IngestParams::from_query(&query(&[("name", "app.cpu")])).unwrap();
+        let dest = params.destination("t", 5, true).unwrap();
+        let p = parse_folded(
+            b"main;a 2\nmain;b 3\nmain;a 4\n\n",
+            Format::Folded,
+            &params,
+            &dest,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.total(), 9);
+        assert_eq!(p.samples.len(), 2);
+        assert_eq!(p.time_nanos, 5);
+        assert!(parse_folded(b"main;a x\n", Format::Folded, &params, &dest).is_err());
+        assert!(parse_folded(b"nospace\n", Format::Folded, &params, &dest).is_err());
+        let p = parse_folded(b"a;b\na;b\n", Format::Lines, &params, &dest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.samples,
+            vec![Sample {
+                stack: vec![0, 1],
+                value: 2,
+                span_id: None
+            }]
+        );
+    }
+}

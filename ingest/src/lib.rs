@@ -1,0 +1,13 @@
+//! Ember's write path: wire formats (pprof, push.v1, the legacy `/ingest`
+//! formats), validation and normalisation (the distributor), and the segment
+//! writer that makes profiles durable in object storage before acking them.
+
+pub mod distributor;
+pub mod error;
+pub mod legacy;
+pub mod normalise;
+pub mod pprof;
+pub mod push;
+pub mod segment;
+
+pub use error::IngestError;

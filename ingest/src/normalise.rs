@@ -1,0 +1,486 @@
+//! Turns a decoded pprof profile into Ember's normalised profiles, as the
+//! Pyroscope distributor does: one profile per sample type and per set of
+//! sample labels, missing timestamps set to the receive time, zero values
+//! dropped, samples sharing a stack summed, inlined frames split.
+
+use std::collections::HashMap;
+
+use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
+
+use crate::pprof;
+use crate::IngestError;
+
+/// Labels on pprof samples that identify a trace span, kept per sample
+/// instead of splitting series.
+const SPAN_LABELS: [&str; 2] = ["span_id", "profile_id"];
+
+pub const MAX_LABEL_NAMES: usize = 30;
+pub const MAX_LABEL_NAME_LEN: usize = 1024;
+pub const MAX_LABEL_VALUE_LEN: usize = 2048;
+pub const DEFAULT_SERVICE: &str = "unknown_service";
+
+/// Where a profile is going and what the request said of it.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub tenant: String,
+    /// Series labels from the request (`__name__`, `service_name`, tags).
+    pub labels: Labels,
+    pub received_at_nanos: i64,
+}
+
+/// Checks series labels and defaults `service_name`, as Pyroscope does.
+pub fn validate_labels(labels: Labels) -> Result<Labels, IngestError> {
+    let mut labels = normalise_labels(labels);
+    for (name, value) in &labels {
+        if !valid_label_name(name) {
+            return Err(IngestError::Invalid(format!("invalid label name {name:?}")));
+        }
+        if value.len() > MAX_LABEL_VALUE_LEN {
+            return Err(IngestError::Invalid(format!(
+                "value of label {name} is {} bytes, over the limit of {MAX_LABEL_VALUE_LEN}",
+                value.len()
+            )));
+        }
+    }
+    if !labels
+        .iter()
+        .any(|(k, v)| k == SERVICE_NAME && !v.is_empty())
+    {
+        labels.retain(|(k, _)| k != SERVICE_NAME);
+        labels.push((SERVICE_NAME.into(), DEFAULT_SERVICE.into()));
+        labels = normalise_labels(labels);
+    }
+    if labels.len() > MAX_LABEL_NAMES {
+        return Err(IngestError::Invalid(format!(
+            "{} labels, over the limit of {MAX_LABEL_NAMES}",
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        && name.len() <= MAX_LABEL_NAME_LEN
+}
+
+/// Interns function names and the frames of each location.
+struct Symbols {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+    /// location id -> function indices, leaf first (inlined frames split).
+    locations: HashMap<u64, Vec<u32>>,
+}
+
+impl Symbols {
+    fn intern(&mut self, name: String) -> u32 {
+        if let Some(&i) = self.index.get(&name) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.index.insert(name.clone(), i);
+        self.names.push(name);
+        i
+    }
+
+    fn build(p: &pprof::Profile) -> Result<Self, IngestError> {
+        let mut functions = HashMap::with_capacity(p.function.len());
+        for f in &p.function {
+            let mut name = p.string(f.name, "function.name")?;
+            if name.is_empty() {
+                name = p.string(f.system_name, "function.system_name")?;
+            }
+            functions.insert(f.id, name);
+        }
+        let mut s = Symbols {
+            names: Vec::new(),
+            index: HashMap::new(),
+            locations: HashMap::with_capacity(p.location.len()),
+        };
+        for loc in &p.location {
+            let mut frames = Vec::with_capacity(loc.line.len().max(1));
+            for line in &loc.line {
+                let name = functions.get(&line.function_id).cloned().ok_or_else(|| {
+                    IngestError::Invalid(format!(
+                        "location {} refers to unknown function {}",
+                        loc.id, line.function_id
+                    ))
+                })?;
+                frames.push(s.intern(name));
+            }
+            if frames.is_empty() {
+                // No symbols: the address is all there is, as in pprof's own output.
+                frames.push(s.intern(format!("0x{:x}", loc.address)));
+            }
+            s.locations.insert(loc.id, frames);
+        }
+        Ok(s)
+    }
+
+    /// Root-first stack of a sample.
+    fn stack(&self, location_ids: &[u64]) -> Result<Vec<u32>, IngestError> {
+        let mut stack = Vec::with_capacity(location_ids.len());
+        for id in location_ids.iter().rev() {
+            let frames = self.locations.get(id).ok_or_else(|| {
+                IngestError::Invalid(format!("sample refers to unknown location {id}"))
+            })?;
+            stack.extend(frames.iter().rev());
+        }
+        Ok(stack)
+    }
+}
+
+fn profile_type_name(dest: &Labels, p: &pprof::Profile, sample_type: &str) -> String {
+    if let Some((_, v)) = dest.iter().find(|(k, _)| k == METRIC_NAME) {
+        return v.clone();
+    }
+    let period_type = p
+        .period_type
+        .as_ref()
+        .and_then(|t| p.string(t.r#type, "").ok())
+        .unwrap_or_default();
+    if period_type == "cpu" || sample_type == "cpu" {
+        "process_cpu".into()
+    } else if period_type == "space"
+        || sample_type.contains("alloc")
+        || sample_type.contains("inuse")
+    {
+        "memory".into()
+    } else {
+        "unknown".into()
+    }
+}
+
+fn span_id(value: &str) -> Option<u64> {
+    u64::from_str_radix(value, 16).ok()
+}
+
+/// One series' samples of one sample type, keyed for summing.
+type SeriesSamples = HashMap<(Vec<u32>, Option<u64>), i64>;
+
+pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>, IngestError> {
+    if p.sample_type.is_empty() {
+        return Err(IngestError::Invalid("profile has no sample types".into()));
+    }
+    let symbols = Symbols::build(p)?;
+    let period_type = p.period_type.clone().unwrap_or_default();
+    let period_names = (
+        p.string(period_type.r#type, "period_type.type")?,
+        p.string(period_type.unit, "period_type.unit")?,
+    );
+    let mut types = Vec::with_capacity(p.sample_type.len());
+    for t in &p.sample_type {
+        let ty = p.string(t.r#type, "sample_type.type")?;
+        let unit = p.string(t.unit, "sample_type.unit")?;
+        let name = profile_type_name(&dest.labels, p, &ty);
+        types.push(format!(
+            "{name}:{ty}:{unit}:{}:{}",
+            period_names.0, period_names.1
+        ));
+    }
+    // sample label set -> per sample type -> (stack, span) -> value
+    let mut series: HashMap<Labels, Vec<SeriesSamples>> = HashMap::new();
+    for s in &p.sample {
+        if s.value.len() != types.len() {
+            return Err(IngestError::Invalid(format!(
+                "sample has {} values for {} sample types",
+                s.value.len(),
+                types.len()
+            )));
+        }
+        if s.value.iter().all(|v| *v == 0) {
+            continue;
+        }
+        let mut labels = Labels::new();
+        let mut span = None;
+        for l in s.label.iter().filter(|l| l.str != 0) {
+            let key = p.string(l.key, "label.key")?;
+            let value = p.string(l.str, "label.str")?;
+            if SPAN_LABELS.contains(&key.as_str()) {
+                span = span_id(&value);
+            } else {
+                labels.push((key, value));
+            }
+        }
+        let labels = normalise_labels(labels);
+        let stack = symbols.stack(&s.location_id)?;
+        let per_type = series
+            .entry(labels)
+            .or_insert_with(|| vec![HashMap::new(); types.len()]);
+        for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v != 0) {
+            let slot = per_type[i].entry((stack.clone(), span)).or_insert(0);
+            *slot = slot.saturating_add(*v);
+        }
+    }
+    let time_nanos = if p.time_nanos > 0 {
+        p.time_nanos
+    } else {
+        dest.received_at_nanos
+    };
+    let mut out = Vec::new();
+    for (sample_labels, per_type) in series {
+        let labels = series_labels(&dest.labels, sample_labels)?;
+        for (i, samples) in per_type.into_iter().enumerate() {
+            let mut samples: Vec<Sample> = samples
+                .into_iter()
+                .filter(|(_, v)| *v != 0)
+                .map(|((stack, span_id), value)| Sample {
+                    stack,
+                    value,
+                    span_id,
+                })
+                .collect();
+            if samples.is_empty() {
+                continue;
+            }
+            samples.sort_by(|a, b| a.stack.cmp(&b.stack).then(a.span_id.cmp(&b.span_id)));
+            out.push(Profile {
+                tenant: dest.tenant.clone(),
+                labels: labels.clone(),
+                profile_type: types[i].clone(),
+                time_nanos,
+                duration_nanos: p.duration_nanos,
+                period: p.period,
+                functions: symbols.names.clone(),
+                samples,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.profile_type, &a.labels).cmp(&(&b.profile_type, &b.labels)));
+    Ok(out)
+}
+
+/// Request labels plus sample labels; a sample label never replaces the
+/// service or the profile name that the request set.
+fn series_labels(request: &Labels, sample: Labels) -> Result<Labels, IngestError> {
+    let mut labels = request.clone();
+    for (k, v) in sample {
+        if k == SERVICE_NAME || k == METRIC_NAME {
+            continue;
+        }
+        labels.retain(|(name, _)| *name != k);
+        labels.push((k, v));
+    }
+    validate_labels(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<Vec<u8>> {
+        s.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    /// main -> work (inlined into main's location) -> leaf, with labels.
+    fn sample_profile() -> pprof::Profile {
+        pprof::Profile {
+            string_table: strings(&[
+                "",
+                "cpu",
+                "nanoseconds",
+                "samples",
+                "count",
+                "main",
+                "work",
+                "leaf",
+                "handler",
+                "a",
+                "b",
+                "span_id",
+                "00000000000000ff",
+            ]),
+            sample_type: vec![
+                pprof::ValueType { r#type: 3, unit: 4 },
+                pprof::ValueType { r#type: 1, unit: 2 },
+            ],
+            period_type: Some(pprof::ValueType { r#type: 1, unit: 2 }),
+            period: 10_000_000,
+            function: vec![
+                pprof::Function {
+                    id: 1,
+                    name: 5,
+                    ..Default::default()
+                },
+                pprof::Function {
+                    id: 2,
+                    name: 6,
+                    ..Default::default()
+                },
+                pprof::Function {
+                    id: 3,
+                    name: 7,
+                    ..Default::default()
+                },
+            ],
+            location: vec![
+                // line[0] is the innermost: work inlined into main.
+                pprof::Location {
+                    id: 10,
+                    line: vec![
+                        pprof::Line {
+                            function_id: 2,
+                            ..Default::default()
+                        },
+                        pprof::Line {
+                            function_id: 1,
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                },
+                pprof::Location {
+                    id: 11,
+                    line: vec![pprof::Line {
+                        function_id: 3,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                pprof::Location {
+                    id: 12,
+                    address: 0xabc,
+                    ..Default::default()
+                },
+            ],
+            sample: vec![
+                pprof::Sample {
+                    location_id: vec![11, 10],
+                    value: vec![1, 10],
+                    label: vec![pprof::Label {
+                        key: 8,
+                        str: 9,
+                        ..Default::default()
+                    }],
+                },
+                pprof::Sample {
+                    location_id: vec![11, 10],
+                    value: vec![2, 20],
+                    label: vec![pprof::Label {
+                        key: 8,
+                        str: 9,
+                        ..Default::default()
+                    }],
+                },
+                pprof::Sample {
+                    location_id: vec![11, 10],
+                    value: vec![3, 30],
+                    label: vec![
+                        pprof::Label {
+                            key: 8,
+                            str: 10,
+                            ..Default::default()
+                        },
+                        pprof::Label {
+                            key: 11,
+                            str: 12,
+                            ..Default::default()
+                        },
+                    ],
+                },
+                pprof::Sample {
+                    location_id: vec![12],
+                    value: vec![0, 0],
+                    label: vec![],
+                },
+                pprof::Sample {
+                    location_id: vec![12],
+                    value: vec![4, 0],
+                    label: vec![],
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn dest() -> Destination {
+        Destination {
+            tenant: "t".into(),
+            labels: validate_labels(vec![
+                ("service_name".into(), "api".into()),
+                ("__name__".into(), "process_cpu".into()),
+            ])
+            .unwrap(),
+            received_at_nanos: 42,
+        }
+    }
+
+    fn stacks(p: &Profile) -> Vec<(String, i64, Option<u64>)> {
+        p.samples
+            .iter()
+            .map(|s| {
+                let names: Vec<&str> = s
+                    .stack
+                    .iter()
+                    .map(|i| p.functions[*i as usize].as_str())
+                    .collect();
+                (names.join(";"), s.value, s.span_id)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn splits_types_and_label_sets_sums_and_drops_zeros() {
+        let out = normalise(&sample_profile(), &dest()).unwrap();
+        let find = |ty: &str, handler: Option<&str>| {
+            out.iter()
+                .find(|p| {
+                    p.profile_type.starts_with(ty)
+                        && ember_engine::profile::label_value(&p.labels, "handler") == handler
+                })
+                .unwrap_or_else(|| panic!("no {ty} {handler:?} in {out:#?}"))
+        };
+        let a = find("process_cpu:samples:count:cpu:nanoseconds", Some("a"));
+        assert_eq!(stacks(a), vec![("main;work;leaf".to_string(), 3, None)]);
+        let b = find("process_cpu:cpu:nanoseconds:cpu:nanoseconds", Some("b"));
+        assert_eq!(
+            stacks(b),
+            vec![("main;work;leaf".to_string(), 30, Some(0xff))]
+        );
+        let none = find("process_cpu:samples:count", None);
+        assert_eq!(stacks(none), vec![("0xabc".to_string(), 4, None)]);
+        // The cpu type of the unlabelled series had only zeros: no profile.
+        assert!(!out
+            .iter()
+            .any(|p| p.profile_type.starts_with("process_cpu:cpu") && p.labels.len() == 2));
+        assert_eq!(out.len(), 5);
+        assert!(out
+            .iter()
+            .all(|p| p.time_nanos == 42 && p.service_name() == "api"));
+    }
+
+    #[test]
+    fn rejects_dangling_references() {
+        let mut p = sample_profile();
+        p.sample[0].location_id.push(99);
+        assert!(matches!(
+            normalise(&p, &dest()),
+            Err(IngestError::Invalid(_))
+        ));
+        let mut p = sample_profile();
+        p.function[0].name = 1000;
+        assert!(matches!(
+            normalise(&p, &dest()),
+            Err(IngestError::Invalid(_))
+        ));
+        let mut p = sample_profile();
+        p.sample[0].value.pop();
+        assert!(matches!(
+            normalise(&p, &dest()),
+            Err(IngestError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn labels_are_validated_and_service_defaulted() {
+        let l = validate_labels(vec![("env".into(), "prod".into())]).unwrap();
+        assert_eq!(
+            ember_engine::profile::label_value(&l, SERVICE_NAME),
+            Some(DEFAULT_SERVICE)
+        );
+        assert!(validate_labels(vec![("bad-name".into(), "x".into())]).is_err());
+        assert!(validate_labels(vec![("x".into(), "v".repeat(5000))]).is_err());
+    }
+}

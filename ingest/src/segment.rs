@@ -1,0 +1,355 @@
+//! The segment writer: accumulates profiles per shard and flushes each
+//! shard's open segment as ONE block object, registers it in the metastore,
+//! and only then acknowledges every request in it. No WAL, no local disk.
+//!
+//! Flush policy (group commit under a cap): a shard flushes as soon as it
+//! has data, unless it flushed less than `min_flush_interval` ago, in which
+//! case it waits out the rest of the interval while requests accumulate,
+//! or until `max_segment_bytes` is reached. One task per shard, so never
+//! two flushes of a shard in flight. An idle shard acks in one PUT's time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ember_engine::block::{write_block, BlockMeta};
+use ember_engine::metastore::{Command, Metastore};
+use ember_engine::profile::Profile;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::IngestError;
+
+#[derive(Debug, Clone)]
+pub struct SegmentConfig {
+    pub shards: u32,
+    pub min_flush_interval: Duration,
+    pub max_segment_bytes: usize,
+    pub upload_timeout: Duration,
+    pub upload_retries: u32,
+    pub metadata_timeout: Duration,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self {
+            shards: 4,
+            min_flush_interval: Duration::from_millis(500),
+            max_segment_bytes: 64 << 20,
+            upload_timeout: Duration::from_secs(2),
+            upload_retries: 3,
+            metadata_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SegmentMetrics {
+    pub flushes: Counter,
+    pub flush_failures: Counter,
+    pub flush_seconds: Histogram,
+    pub flushed_bytes: Counter,
+    pub profiles: Counter,
+    pub acks: Counter,
+    pub dlq_writes: Counter,
+}
+
+impl Default for SegmentMetrics {
+    fn default() -> Self {
+        Self {
+            flushes: Counter::default(),
+            flush_failures: Counter::default(),
+            flush_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            flushed_bytes: Counter::default(),
+            profiles: Counter::default(),
+            acks: Counter::default(),
+            dlq_writes: Counter::default(),
+        }
+    }
+}
+
+impl SegmentMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "ember_segment_flushes",
+            "Segments flushed to object storage",
+            self.flushes.clone(),
+        );
+        r.register(
+            "ember_segment_flush_failures",
+            "Segment flushes that failed",
+            self.flush_failures.clone(),
+        );
+        r.register(
+            "ember_segment_flush_seconds",
+            "Time to encode, upload and index a segment",
+            self.flush_seconds.clone(),
+        );
+        r.register(
+            "ember_segment_flushed_bytes",
+            "Bytes of segments written",
+            self.flushed_bytes.clone(),
+        );
+        r.register(
+            "ember_segment_profiles",
+            "Profiles made durable",
+            self.profiles.clone(),
+        );
+        r.register(
+            "ember_segment_acks",
+            "Requests acknowledged after their segment was durable",
+            self.acks.clone(),
+        );
+        r.register(
+            "ember_segment_dlq_writes",
+            "Block metadata written to dlq/ because the metastore failed",
+            self.dlq_writes.clone(),
+        );
+    }
+}
+
+struct Pending {
+    profiles: Vec<Profile>,
+    ack: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct SegmentWriter {
+    shards: Vec<mpsc::Sender<Pending>>,
+}
+
+/// Where a flush writes: the object store and the metastore.
+#[derive(Clone)]
+pub struct Sink {
+    pub store: Arc<dyn ObjectStore>,
+    pub metastore: Arc<Metastore>,
+}
+
+impl SegmentWriter {
+    pub fn start(config: SegmentConfig, sink: Sink, metrics: SegmentMetrics) -> Self {
+        let shards = (0..config.shards.max(1))
+            .map(|shard| {
+                let (tx, rx) = mpsc::channel(1024);
+                let worker = ShardWorker {
+                    shard,
+                    config: config.clone(),
+                    sink: sink.clone(),
+                    metrics: metrics.clone(),
+                };
+                tokio::spawn(worker.run(rx));
+                tx
+            })
+            .collect();
+        Self { shards }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// Adds profiles to a shard's open segment; resolves once they are durable.
+    pub async fn append(&self, shard: u32, profiles: Vec<Profile>) -> Result<(), IngestError> {
+        let tx = self
+            .shards
+            .get(shard as usize)
+            .ok_or_else(|| IngestError::Storage(format!("no shard {shard}")))?;
+        let (ack, done) = oneshot::channel();
+        tx.send(Pending { profiles, ack })
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(IngestError::Storage(e)),
+            Err(_) => Err(IngestError::ShuttingDown),
+        }
+    }
+}
+
+struct ShardWorker {
+    shard: u32,
+    config: SegmentConfig,
+    sink: Sink,
+    metrics: SegmentMetrics,
+}
+
+impl ShardWorker {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let mut last_flush: Option<Instant> = None;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let mut size: usize = batch[0].profiles.iter().map(Profile::size_bytes).sum();
+            let deadline = last_flush.map(|t| t + self.config.min_flush_interval);
+            // Group commit: gather what arrives until the cap allows a flush.
+            loop {
+                while size < self.config.max_segment_bytes {
+                    match rx.try_recv() {
+                        Ok(p) => {
+                            size += p.profiles.iter().map(Profile::size_bytes).sum::<usize>();
+                            batch.push(p);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let now = Instant::now();
+                match deadline {
+                    Some(d) if d > now && size < self.config.max_segment_bytes => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(d.into()) => {}
+                            next = rx.recv() => match next {
+                                Some(p) => {
+                                    size += p.profiles.iter().map(Profile::size_bytes).sum::<usize>();
+                                    batch.push(p);
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            last_flush = Some(Instant::now());
+            self.flush(batch).await;
+        }
+    }
+
+    async fn flush(&self, batch: Vec<Pending>) {
+        let started = Instant::now();
+        let (profiles, acks): (Vec<Vec<Profile>>, Vec<_>) =
+            batch.into_iter().map(|p| (p.profiles, p.ack)).unzip();
+        let profiles: Vec<Profile> = profiles.into_iter().flatten().collect();
+        let count = profiles.len() as u64;
+        let result = self.write(profiles).await;
+        match &result {
+            Ok(meta) => {
+                self.metrics.flushes.inc();
+                self.metrics.flushed_bytes.inc_by(meta.size);
+                self.metrics.profiles.inc_by(count);
+                self.metrics.acks.inc_by(acks.len() as u64);
+                tracing::debug!(shard = self.shard, block = %meta.id, bytes = meta.size, profiles = count, requests = acks.len(), "segment flushed");
+            }
+            Err(e) => {
+                self.metrics.flush_failures.inc();
+                warn!(shard = self.shard, error = %e, "segment flush failed; requests are not acknowledged");
+            }
+        }
+        self.metrics
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let result = result.map(|_| ()).map_err(|e| e.to_string());
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+    }
+
+    async fn write(&self, profiles: Vec<Profile>) -> Result<BlockMeta, IngestError> {
+        let shard = self.shard;
+        let block = tokio::task::spawn_blocking(move || write_block(&profiles, shard))
+            .await
+            .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?
+            .map_err(|e| IngestError::Storage(e.to_string()))?;
+        self.upload(&block.meta.path, block.bytes).await?;
+        match self.register(block.meta.clone()).await {
+            Ok(()) => Ok(block.meta),
+            Err(e) => {
+                warn!(block = %block.meta.id, error = %e, "metastore unavailable; writing block metadata to dlq/");
+                write_dlq(self.sink.store.as_ref(), &block.meta).await?;
+                self.metrics.dlq_writes.inc();
+                Ok(block.meta)
+            }
+        }
+    }
+
+    async fn upload(&self, path: &str, bytes: Bytes) -> Result<(), IngestError> {
+        let location = Path::from(path);
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            let put = self
+                .sink
+                .store
+                .put(&location, PutPayload::from(bytes.clone()));
+            let err = match tokio::time::timeout(self.config.upload_timeout, put).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("timed out after {:?}", self.config.upload_timeout),
+            };
+            attempt += 1;
+            if attempt > self.config.upload_retries {
+                return Err(IngestError::Storage(format!("uploading {path}: {err}")));
+            }
+            warn!(path, attempt, error = %err, "segment upload failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn register(&self, meta: BlockMeta) -> Result<(), String> {
+        let metastore = self.sink.metastore.clone();
+        let apply = tokio::task::spawn_blocking(move || metastore.apply(Command::add_block(meta)));
+        match tokio::time::timeout(self.config.metadata_timeout, apply).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("metastore timed out".into()),
+        }
+    }
+}
+
+const DLQ_PREFIX: &str = "dlq";
+
+async fn write_dlq(store: &dyn ObjectStore, meta: &BlockMeta) -> Result<(), IngestError> {
+    let path = Path::from(format!("{DLQ_PREFIX}/{}/{}.meta", meta.shard, meta.id));
+    store
+        .put(&path, PutPayload::from(meta.encode_to_bytes()))
+        .await
+        .map(|_| ())
+        .map_err(|e| IngestError::Storage(format!("writing {path}: {e}")))
+}
+
+/// Registers the blocks whose metadata a segment writer left in `dlq/`
+/// when the metastore was unreachable. Run by the metastore at start.
+pub async fn recover_dlq(
+    store: &dyn ObjectStore,
+    metastore: &Metastore,
+) -> Result<usize, IngestError> {
+    use futures::TryStreamExt;
+    let storage = |e: object_store::Error| IngestError::Storage(e.to_string());
+    let entries: Vec<_> = store
+        .list(Some(&Path::from(DLQ_PREFIX)))
+        .try_collect()
+        .await
+        .map_err(storage)?;
+    let mut recovered = 0;
+    for entry in entries {
+        let bytes = store
+            .get(&entry.location)
+            .await
+            .map_err(storage)?
+            .bytes()
+            .await
+            .map_err(storage)?;
+        match BlockMeta::decode_from(&bytes) {
+            Ok(meta) => {
+                metastore
+                    .apply(Command::add_block(meta))
+                    .map_err(|e| IngestError::Storage(e.to_string()))?;
+                recovered += 1;
+            }
+            Err(e) => {
+                warn!(path = %entry.location, error = %e, "unreadable dlq entry left in place");
+                continue;
+            }
+        }
+        store.delete(&entry.location).await.map_err(storage)?;
+    }
+    if recovered > 0 {
+        info!(recovered, "registered blocks from dlq/");
+    }
+    Ok(recovered)
+}

@@ -1,0 +1,570 @@
+//! `flamegraph(profile_type, selector, start, end [, max_nodes])`: Grafana's
+//! flame graph frame (`level`, `value`, `self`, `label`, depth-first).
+//!
+//! The plan: scan the samples of the datasets the metastore picks, filter by
+//! type, time and series, aggregate `sum(value)` by stack id (a DataFusion
+//! aggregate), then [`FlameGraphExec`] folds the sums up the stack tree.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, Int64Builder, RecordBatch, StringBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type};
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{plan_err, DataFusionError, ScalarValue};
+use datafusion::datasource::provider_as_source;
+use datafusion::error::Result;
+use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::execution::TaskContext;
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::logical_expr::{col, lit, Expr, LogicalPlanBuilder, TableType};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    execute_stream, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PhysicalExpr,
+    PlanProperties, SendableRecordBatchStream,
+};
+use ember_engine::block::Section;
+use ember_engine::metastore::BlockQuery;
+use ember_engine::selector::Selector;
+use ember_engine::stack::ROOT;
+use futures::StreamExt;
+
+use crate::args;
+use crate::session::Storage;
+use crate::tables::{section_scan, DatasetSource, SectionTable};
+
+pub const DEFAULT_MAX_NODES: usize = 16384;
+const NAME: &str = "flamegraph";
+
+/// The frame Grafana's flame graph panel reads.
+pub fn flame_graph_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("level", DataType::Int64, false),
+            Field::new("value", DataType::Int64, false),
+            Field::new("self", DataType::Int64, false),
+            Field::new("label", DataType::Utf8, false),
+        ]))
+    })
+    .clone()
+}
+
+/// The stack tree: node id -> (parent id, frame name).
+pub type StackNodes = HashMap<u64, (u64, Arc<str>)>;
+
+/// Folds per-stack values up the tree and lays the nodes out depth-first,
+/// children by name, nodes smaller than the `max_nodes`-th largest folded
+/// into one `other` child per parent (as Pyroscope truncates).
+pub fn build_flame_graph(
+    nodes: &StackNodes,
+    values: &HashMap<u64, i64>,
+    max_nodes: usize,
+) -> Result<RecordBatch> {
+    let mut total: HashMap<u64, i64> = HashMap::with_capacity(nodes.len() + 1);
+    let mut own: HashMap<u64, i64> = HashMap::with_capacity(values.len());
+    total.insert(ROOT, 0);
+    for (&leaf, &v) in values {
+        *own.entry(leaf).or_default() += v;
+        let mut node = leaf;
+        let mut depth = 0usize;
+        while node != ROOT {
+            *total.entry(node).or_default() += v;
+            let Some((parent, _)) = nodes.get(&node) else {
+                return Err(DataFusionError::Execution(format!(
+                    "stack node {node:#x} missing from the stack tree"
+                )));
+            };
+            node = *parent;
+            depth += 1;
+            if depth > nodes.len() {
+                return Err(DataFusionError::Execution("cycle in the stack tree".into()));
+            }
+        }
+        *total.entry(ROOT).or_default() += v;
+    }
+    let threshold = min_value(&total, max_nodes);
+    let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
+    for &id in total.keys().filter(|id| **id != ROOT) {
+        if let Some((parent, _)) = nodes.get(&id) {
+            children.entry(*parent).or_default().push(id);
+        }
+    }
+    let name = |id: u64| nodes.get(&id).map(|(_, n)| n.as_ref()).unwrap_or("");
+    for list in children.values_mut() {
+        list.sort_unstable_by(|a, b| name(*a).cmp(name(*b)).then(a.cmp(b)));
+    }
+
+    let mut level = Int64Builder::new();
+    let mut value = Int64Builder::new();
+    let mut self_ = Int64Builder::new();
+    let mut label = StringBuilder::new();
+    // (node, level); `None` node is an `other` entry carrying its value.
+    let mut todo: Vec<(Option<u64>, i64, i64)> = vec![(Some(ROOT), 0, 0)];
+    while let Some((node, depth, other_value)) = todo.pop() {
+        let Some(id) = node else {
+            level.append_value(depth);
+            value.append_value(other_value);
+            self_.append_value(other_value);
+            label.append_value("other");
+            continue;
+        };
+        level.append_value(depth);
+        value.append_value(total.get(&id).copied().unwrap_or(0));
+        self_.append_value(own.get(&id).copied().unwrap_or(0));
+        label.append_value(if id == ROOT { "total" } else { name(id) });
+        let Some(kids) = children.get(&id) else {
+            continue;
+        };
+        let mut other = 0i64;
+        let mut kept = Vec::with_capacity(kids.len());
+        for &k in kids {
+            let t = total.get(&k).copied().unwrap_or(0);
+            if t < threshold {
+                other += t;
+            } else {
+                kept.push(k);
+            }
+        }
+        if other > 0 {
+            todo.push((None, depth + 1, other));
+        }
+        for &k in kept.iter().rev() {
+            todo.push((Some(k), depth + 1, 0));
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(level.finish()),
+        Arc::new(value.finish()),
+        Arc::new(self_.finish()),
+        Arc::new(label.finish()),
+    ];
+    Ok(RecordBatch::try_new(flame_graph_schema(), columns)?)
+}
+
+/// The total of the `max_nodes`-th largest node: smaller nodes are folded.
+fn min_value(total: &HashMap<u64, i64>, max_nodes: usize) -> i64 {
+    if total.len() <= max_nodes {
+        return i64::MIN;
+    }
+    let mut values: Vec<i64> = total.values().copied().collect();
+    let (_, nth, _) = values.select_nth_unstable_by(max_nodes - 1, |a, b| b.cmp(a));
+    *nth
+}
+
+/// The table function, bound to the session's tenant.
+pub struct FlameGraphFunction {
+    storage: Storage,
+    tenant: String,
+}
+
+impl fmt::Debug for FlameGraphFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlameGraphFunction({})", self.tenant)
+    }
+}
+
+impl FlameGraphFunction {
+    pub(crate) fn new(storage: Storage, tenant: String) -> Self {
+        Self { storage, tenant }
+    }
+}
+
+impl TableFunctionImpl for FlameGraphFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let values = args::literals(NAME, args.exprs(), args.session())?;
+        if !(4..=5).contains(&values.len()) {
+            return plan_err!("{NAME}(profile_type, selector, start, end [, max_nodes]) takes 4 or 5 arguments, got {}", values.len());
+        }
+        let profile_type = args::string_arg(NAME, "profile_type", &values[0])?;
+        let selector_text = args::string_arg(NAME, "selector", &values[1])?;
+        let selector = Selector::parse(&selector_text)
+            .map_err(|e| DataFusionError::Plan(format!("{NAME}: {e}")))?;
+        let start = args::time_arg(NAME, "start", &values[2])?;
+        let end = args::time_arg(NAME, "end", &values[3])?;
+        let max_nodes = match values.get(4) {
+            Some(v) => args::count_arg(NAME, "max_nodes", v)?,
+            None => DEFAULT_MAX_NODES,
+        };
+        Ok(Arc::new(FlameGraphTable {
+            storage: self.storage.clone(),
+            query: FlameGraphQuery {
+                tenant: self.tenant.clone(),
+                profile_type,
+                selector,
+                start,
+                end,
+                max_nodes,
+            },
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FlameGraphQuery {
+    tenant: String,
+    profile_type: String,
+    selector: Selector,
+    start: i64,
+    end: i64,
+    max_nodes: usize,
+}
+
+struct FlameGraphTable {
+    storage: Storage,
+    query: FlameGraphQuery,
+}
+
+impl fmt::Debug for FlameGraphTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlameGraphTable({:?})", self.query)
+    }
+}
+
+fn utc_nanos(n: i64) -> Expr {
+    lit(ScalarValue::TimestampNanosecond(
+        Some(n),
+        Some("UTC".into()),
+    ))
+}
+
+#[async_trait]
+impl TableProvider for FlameGraphTable {
+    fn schema(&self) -> SchemaRef {
+        flame_graph_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let q = &self.query;
+        let datasets: Vec<_> = self
+            .storage
+            .metastore
+            .query(&BlockQuery {
+                tenant: q.tenant.clone(),
+                start: q.start,
+                end: q.end,
+                service_names: q.selector.exact_services(),
+                profile_types: Some(vec![q.profile_type.clone()]),
+            })
+            .into_iter()
+            .filter(|d| q.selector.may_match_service(&d.dataset.service_name))
+            .filter(|d| {
+                d.dataset
+                    .series
+                    .iter()
+                    .any(|s| q.selector.matches_series(s))
+            })
+            .collect();
+        let mut filter = col("profile_type")
+            .eq(lit(q.profile_type.clone()))
+            .and(col("time").gt_eq(utc_nanos(q.start)))
+            .and(col("time").lt_eq(utc_nanos(q.end)));
+        if !q.selector.matchers.is_empty() {
+            let mut series: Vec<String> = datasets
+                .iter()
+                .flat_map(|d| d.dataset.series.iter())
+                .filter(|s| q.selector.matches_series(s))
+                .cloned()
+                .collect();
+            series.sort();
+            series.dedup();
+            filter =
+                filter.and(col("labels").in_list(series.into_iter().map(lit).collect(), false));
+        }
+        let datasets = Arc::new(datasets);
+        let samples = SectionTable::new(
+            Section::Samples,
+            self.storage.clone(),
+            DatasetSource::Fixed(datasets.clone()),
+        );
+        let plan =
+            LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(samples)), None)?
+                .filter(filter)?
+                .aggregate(
+                    vec![col("stack_id")],
+                    vec![sum(col("value")).alias("value")],
+                )?
+                .build()?;
+        let sums = state.create_physical_plan(&plan).await?;
+        let stacks = section_scan(
+            state,
+            self.storage.store.clone(),
+            Section::Stacks,
+            &datasets,
+            None,
+            &[],
+            None,
+        )?;
+        Ok(Arc::new(FlameGraphExec::new(
+            sums,
+            stacks,
+            q.max_nodes,
+            projection.cloned(),
+        )))
+    }
+}
+
+/// Folds `(stack_id, value)` sums up the stack tree read from its second
+/// child and emits the flame graph frame in one partition.
+#[derive(Debug)]
+pub struct FlameGraphExec {
+    sums: Arc<dyn ExecutionPlan>,
+    stacks: Arc<dyn ExecutionPlan>,
+    max_nodes: usize,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl FlameGraphExec {
+    pub fn new(
+        sums: Arc<dyn ExecutionPlan>,
+        stacks: Arc<dyn ExecutionPlan>,
+        max_nodes: usize,
+        projection: Option<Vec<usize>>,
+    ) -> Self {
+        let full = flame_graph_schema();
+        let schema = match &projection {
+            Some(p) => Arc::new(full.project(p).unwrap_or_else(|_| full.as_ref().clone())),
+            None => full,
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            sums,
+            stacks,
+            max_nodes,
+            projection,
+            schema,
+            properties,
+        }
+    }
+}
+
+impl DisplayAs for FlameGraphExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "FlameGraphExec: max_nodes={}", self.max_nodes)
+    }
+}
+
+async fn read_stack_nodes(
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: Arc<TaskContext>,
+    grow: &mut impl FnMut(usize) -> Result<()>,
+) -> Result<StackNodes> {
+    let mut nodes = StackNodes::new();
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut stream = execute_stream(plan, ctx)?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        grow(batch.num_rows() * 48)?;
+        let ids = batch.column(0).as_primitive::<UInt64Type>();
+        let parents = batch.column(1).as_primitive::<UInt64Type>();
+        let labels = batch.column(2).as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let name = labels.value(i);
+            let name = match names.get(name) {
+                Some(n) => n.clone(),
+                None => {
+                    let n: Arc<str> = Arc::from(name);
+                    names.insert(name.to_string(), n.clone());
+                    n
+                }
+            };
+            nodes.insert(ids.value(i), (parents.value(i), name));
+        }
+    }
+    Ok(nodes)
+}
+
+async fn read_sums(
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: Arc<TaskContext>,
+    grow: &mut impl FnMut(usize) -> Result<()>,
+) -> Result<HashMap<u64, i64>> {
+    let mut sums = HashMap::new();
+    let mut stream = execute_stream(plan, ctx)?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        grow(batch.num_rows() * 24)?;
+        let ids = batch.column(0).as_primitive::<UInt64Type>();
+        let values: &Int64Array = batch.column(1).as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            if values.is_valid(i) {
+                *sums.entry(ids.value(i)).or_default() += values.value(i);
+            }
+        }
+    }
+    Ok(sums)
+}
+
+impl ExecutionPlan for FlameGraphExec {
+    fn name(&self) -> &str {
+        "FlameGraphExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.sums, &self.stacks]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let [sums, stacks]: [Arc<dyn ExecutionPlan>; 2] = children
+            .try_into()
+            .map_err(|_| DataFusionError::Internal("FlameGraphExec takes two children".into()))?;
+        Ok(Arc::new(FlameGraphExec::new(
+            sums,
+            stacks,
+            self.max_nodes,
+            self.projection.clone(),
+        )))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "FlameGraphExec has one partition, not {partition}"
+            )));
+        }
+        let (sums, stacks, max_nodes, projection) = (
+            self.sums.clone(),
+            self.stacks.clone(),
+            self.max_nodes,
+            self.projection.clone(),
+        );
+        let fut = async move {
+            let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
+            let mut grow = |bytes: usize| reservation.try_grow(bytes);
+            let nodes = read_stack_nodes(stacks, context.clone(), &mut grow).await?;
+            let values = read_sums(sums, context, &mut grow).await?;
+            let batch = build_flame_graph(&nodes, &values, max_nodes)?;
+            match projection {
+                Some(p) => Ok(batch.project(&p)?),
+                None => Ok(batch),
+            }
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::once(fut),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_engine::stack::node_id;
+
+    /// Nodes and leaf values of `stacks` (`a;b;c` -> value).
+    fn tree(stacks: &[(&str, i64)]) -> (StackNodes, HashMap<u64, i64>) {
+        let mut nodes = StackNodes::new();
+        let mut values = HashMap::new();
+        for (stack, v) in stacks {
+            let mut parent = ROOT;
+            for f in stack.split(';') {
+                let id = node_id(parent, f);
+                nodes.insert(id, (parent, Arc::from(f)));
+                parent = id;
+            }
+            *values.entry(parent).or_default() += v;
+        }
+        (nodes, values)
+    }
+
+    fn rows(b: &RecordBatch) -> Vec<(i64, i64, i64, String)> {
+        let level = b.column(0).as_primitive::<Int64Type>();
+        let value = b.column(1).as_primitive::<Int64Type>();
+        let own = b.column(2).as_primitive::<Int64Type>();
+        let label = b.column(3).as_string::<i32>();
+        (0..b.num_rows())
+            .map(|i| {
+                (
+                    level.value(i),
+                    value.value(i),
+                    own.value(i),
+                    label.value(i).to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn folds_values_up_depth_first() {
+        let (nodes, values) = tree(&[("main;a;x", 3), ("main;a", 2), ("main;b", 5), ("gc", 1)]);
+        let got = rows(&build_flame_graph(&nodes, &values, 100).unwrap());
+        let want = vec![
+            (0, 11, 0, "total"),
+            (1, 1, 1, "gc"),
+            (1, 10, 0, "main"),
+            (2, 5, 2, "a"),
+            (3, 3, 3, "x"),
+            (2, 5, 5, "b"),
+        ];
+        let want: Vec<_> = want
+            .into_iter()
+            .map(|(a, b, c, d)| (a, b, c, d.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn truncates_small_nodes_into_other() {
+        let (nodes, values) = tree(&[
+            ("main;big", 100),
+            ("main;s1", 1),
+            ("main;s2", 2),
+            ("main;mid", 50),
+        ]);
+        // total, main, big, mid kept: the 4th largest is 50.
+        let got = rows(&build_flame_graph(&nodes, &values, 4).unwrap());
+        let labels: Vec<&str> = got.iter().map(|r| r.3.as_str()).collect();
+        assert_eq!(labels, ["total", "main", "big", "mid", "other"]);
+        assert_eq!(got[4], (2, 3, 3, "other".to_string()));
+        assert_eq!(got[0].1, 153);
+    }
+
+    #[test]
+    fn missing_node_is_an_error_not_a_panic() {
+        let (nodes, _) = tree(&[("a;b", 1)]);
+        let values = HashMap::from([(12345u64, 1i64)]);
+        assert!(build_flame_graph(&nodes, &values, 10).is_err());
+    }
+}

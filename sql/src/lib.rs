@@ -1,0 +1,22 @@
+//! SQL over profiles: a DataFusion session per query whose tables read
+//! dataset sections chosen by the metastore, plus profile functions such as
+//! `flamegraph(...)`.
+
+mod args;
+pub mod flamegraph;
+mod pruning;
+mod session;
+mod tables;
+
+pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
+pub use tables::TABLES;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SqlError {
+    #[error("{0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("invalid tenant {0:?}")]
+    Tenant(String),
+}

@@ -1,0 +1,227 @@
+//! Tables over dataset sections: `samples`, `profiles`, `stacks`. A scan asks
+//! the metastore which datasets can match its filters, then reads only their
+//! sections, in place inside the block objects, with DataFusion's Parquet
+//! reader (row-group pruning on the same filters).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DFSchema, DataFusionError};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{
+    FileGroup, FileScanConfigBuilder, ParquetFileReaderFactory, ParquetSource,
+};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::Result;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::parquet::arrow::async_reader::AsyncFileReader;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+use datafusion::physical_plan::ExecutionPlan;
+use ember_engine::block::{Section, SectionMeta, SectionReader};
+use ember_engine::metastore::BlockQuery;
+use ember_engine::DatasetRef;
+use object_store::ObjectStore;
+
+use crate::pruning::{scan_bounds, ScanBounds};
+use crate::session::Storage;
+
+pub const TABLES: [Section; 3] = [Section::Samples, Section::Profiles, Section::Stacks];
+
+/// The object store URL under which block objects are registered. Only
+/// this scheme exists in a session's runtime, so SQL reaches no other files.
+pub fn store_url() -> ObjectStoreUrl {
+    static URL: OnceLock<ObjectStoreUrl> = OnceLock::new();
+    URL.get_or_init(|| ObjectStoreUrl::parse("ember://blocks").expect("static URL parses"))
+        .clone()
+}
+
+/// Which datasets a table reads.
+#[derive(Debug, Clone)]
+pub enum DatasetSource {
+    /// Whatever the metastore finds for this tenant and the scan's filters.
+    Tenant(String),
+    /// Datasets already chosen (by a profile function).
+    Fixed(Arc<Vec<DatasetRef>>),
+}
+
+pub struct SectionTable {
+    section: Section,
+    storage: Storage,
+    source: DatasetSource,
+}
+
+impl fmt::Debug for SectionTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SectionTable({}, {:?})",
+            self.section.name(),
+            self.source
+        )
+    }
+}
+
+impl SectionTable {
+    pub fn new(section: Section, storage: Storage, source: DatasetSource) -> Self {
+        Self {
+            section,
+            storage,
+            source,
+        }
+    }
+
+    fn datasets(&self, bounds: &ScanBounds) -> Vec<DatasetRef> {
+        match &self.source {
+            DatasetSource::Fixed(d) => d.as_ref().clone(),
+            DatasetSource::Tenant(tenant) => {
+                let mut q = BlockQuery {
+                    tenant: tenant.clone(),
+                    start: bounds.start,
+                    end: bounds.end,
+                    service_names: bounds.services.clone(),
+                    profile_types: bounds.profile_types.clone(),
+                };
+                // The stack tree has no time or type of its own.
+                if self.section == Section::Stacks {
+                    q.start = i64::MIN;
+                    q.end = i64::MAX;
+                    q.profile_types = None;
+                }
+                self.storage.metastore.query(&q)
+            }
+        }
+    }
+}
+
+/// Where a section sits inside its block object.
+#[derive(Debug, Clone)]
+struct SectionLocation {
+    path: String,
+    section: SectionMeta,
+}
+
+#[derive(Debug)]
+struct SectionReaderFactory {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ParquetFileReaderFactory for SectionReaderFactory {
+    fn create_reader(
+        &self,
+        _partition_index: usize,
+        file: PartitionedFile,
+        _metadata_size_hint: Option<usize>,
+        _metrics: &ExecutionPlanMetricsSet,
+    ) -> Result<Box<dyn AsyncFileReader + Send>> {
+        let loc = file
+            .extension::<SectionLocation>()
+            .ok_or_else(|| DataFusionError::Internal("section file without its location".into()))?;
+        Ok(Box::new(SectionReader::new(
+            self.store.clone(),
+            &loc.path,
+            &loc.section,
+        )))
+    }
+}
+
+/// A Parquet scan over the given section of each dataset.
+pub fn section_scan(
+    state: &dyn Session,
+    store: Arc<dyn ObjectStore>,
+    section: Section,
+    datasets: &[DatasetRef],
+    projection: Option<&Vec<usize>>,
+    filters: &[Expr],
+    limit: Option<usize>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let schema = section.schema();
+    let files: Vec<PartitionedFile> = datasets
+        .iter()
+        .filter_map(|d| {
+            let meta = d.dataset.section(section)?;
+            Some(
+                PartitionedFile::new(format!("{}#{}", d.path, meta.offset), meta.size)
+                    .with_extension(SectionLocation {
+                        path: d.path.clone(),
+                        section: meta.clone(),
+                    }),
+            )
+        })
+        .collect();
+    if files.is_empty() {
+        let projected = match projection {
+            Some(p) => Arc::new(schema.project(p)?),
+            None => schema,
+        };
+        return Ok(Arc::new(EmptyExec::new(projected)));
+    }
+    let mut source = ParquetSource::new(schema.clone())
+        .with_table_parquet_options(state.table_options().parquet.clone())
+        .with_parquet_file_reader_factory(Arc::new(SectionReaderFactory { store }));
+    if let Some(predicate) = conjunction(filters.to_vec()) {
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+    }
+    // Spread sections over partitions so that a scan uses every core.
+    let partitions = state.config().target_partitions().max(1);
+    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); partitions.min(files.len())];
+    for (i, f) in files.into_iter().enumerate() {
+        let n = groups.len();
+        groups[i % n].push(f);
+    }
+    let config = FileScanConfigBuilder::new(store_url(), Arc::new(source))
+        .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+        .with_limit(limit)
+        .with_projection_indices(projection.cloned())?
+        .build();
+    Ok(DataSourceExec::from_data_source(config))
+}
+
+#[async_trait]
+impl TableProvider for SectionTable {
+    fn schema(&self) -> SchemaRef {
+        self.section.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Used for pruning only; DataFusion still applies every filter.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let datasets = self.datasets(&scan_bounds(filters));
+        tracing::debug!(
+            table = self.section.name(),
+            datasets = datasets.len(),
+            "scan pruned by metastore"
+        );
+        section_scan(
+            state,
+            self.storage.store.clone(),
+            self.section,
+            &datasets,
+            projection,
+            filters,
+            limit,
+        )
+    }
+}

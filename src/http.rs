@@ -1,0 +1,277 @@
+//! The HTTP surface: Pyroscope's push API (Connect unary, proto and JSON),
+//! the legacy `/ingest`, health and metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::{FromRequest, Multipart, Query, State};
+use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ember_ingest::distributor::{validate_tenant, Distributor};
+use ember_ingest::legacy::{Format, IngestParams};
+use ember_ingest::pprof::maybe_gunzip;
+use ember_ingest::push::PushRequest;
+use ember_ingest::IngestError;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::HttpMetrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub distributor: Arc<Distributor>,
+    pub metrics: HttpMetrics,
+    pub registry: Arc<Registry>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/push.v1.PusherService/Push", post(push))
+        .route("/ingest", post(ingest))
+        .route("/ready", get(|| async { "ready\n" }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// A refused request: the status and a Connect error body, whose `message`
+/// says why.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.code, "message": self.message });
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        let (status, code) = match &e {
+            IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "resource_exhausted"),
+            IngestError::Storage(_) | IngestError::ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            _ => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        };
+        ApiError {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
+    to_bytes(body, limit).await.map_err(|e| {
+        // axum reports an over-limit body as a length-limit error.
+        let text = e.to_string();
+        if text.contains("length limit") {
+            IngestError::TooLarge {
+                size: limit + 1,
+                limit,
+            }
+        } else {
+            IngestError::Decode {
+                what: "request body",
+                reason: text,
+            }
+        }
+    })
+}
+
+async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let result = push_inner(&state, &headers, body).await;
+    finish(&state, "push", started, result, |json| {
+        if json {
+            ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+        } else {
+            ([(header::CONTENT_TYPE, "application/proto")], Bytes::new()).into_response()
+        }
+    })
+}
+
+fn finish(
+    state: &AppState,
+    api: &str,
+    started: Instant,
+    result: Result<bool, IngestError>,
+    ok: impl FnOnce(bool) -> Response,
+) -> Response {
+    state
+        .metrics
+        .pushes
+        .get_or_create(&HttpMetrics::api(api))
+        .inc();
+    match result {
+        Ok(json) => {
+            state
+                .metrics
+                .push_seconds
+                .get_or_create(&HttpMetrics::api(api))
+                .observe(started.elapsed().as_secs_f64());
+            ok(json)
+        }
+        Err(e) => {
+            state.metrics.error(e.reason());
+            if e.is_client_error() {
+                tracing::info!(api, error = %e, "push refused");
+            } else {
+                tracing::warn!(api, error = %e, "push failed");
+            }
+            ApiError::from(e).into_response()
+        }
+    }
+}
+
+/// Returns whether the request was JSON, to answer in kind.
+async fn push_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bool, IngestError> {
+    let limits = state.distributor.limits().clone();
+    let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
+    let content_type = header_str(headers, "content-type").unwrap_or("application/proto");
+    let json = content_type.starts_with("application/json");
+    if !json
+        && !content_type.starts_with("application/proto")
+        && !content_type.starts_with("application/x-protobuf")
+    {
+        return Err(IngestError::Unsupported(format!(
+            "content type {content_type:?}: use application/proto or application/json"
+        )));
+    }
+    let body = read_body(body, limits.max_request_bytes).await?;
+    state.metrics.push_bytes.inc_by(body.len() as u64);
+    let body = match header_str(headers, "content-encoding") {
+        None | Some("identity") => body.to_vec(),
+        Some("gzip") => maybe_gunzip(&body, limits.max_decompressed_bytes, "request body")?,
+        Some(other) => {
+            return Err(IngestError::Unsupported(format!(
+                "content encoding {other:?}"
+            )))
+        }
+    };
+    let req = if json {
+        PushRequest::decode_json(&body)?
+    } else {
+        PushRequest::decode_proto(&body)?
+    };
+    let profiles = state
+        .distributor
+        .profiles_from_push(&req, &tenant, now_nanos())?;
+    state.metrics.profiles.inc_by(profiles.len() as u64);
+    state.distributor.push(profiles).await?;
+    Ok(json)
+}
+
+async fn ingest(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = ingest_inner(&state, &query, &headers, body).await;
+    finish(&state, "ingest", started, result.map(|_| false), |_| {
+        StatusCode::OK.into_response()
+    })
+}
+
+async fn ingest_inner(
+    state: &AppState,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(), IngestError> {
+    let limits = state.distributor.limits().clone();
+    let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
+    let params = IngestParams::from_query(query)?;
+    let content_type = header_str(headers, "content-type")
+        .unwrap_or_default()
+        .to_string();
+    let body = read_body(body, limits.max_request_bytes).await?;
+    state.metrics.push_bytes.inc_by(body.len() as u64);
+    let (format, body) = if content_type.starts_with("multipart/form-data") {
+        (Format::Pprof, multipart_profile(&content_type, body).await?)
+    } else {
+        let format = Format::parse(query.get("format").map(String::as_str).or(
+            // Agents that send pprof without a format say so by type.
+            (content_type == "binary/octet-stream").then_some("pprof"),
+        ))?;
+        (format, body)
+    };
+    let profiles =
+        state
+            .distributor
+            .profiles_from_ingest(&params, format, &body, &tenant, now_nanos())?;
+    state.metrics.profiles.inc_by(profiles.len() as u64);
+    state.distributor.push(profiles).await
+}
+
+/// The `profile` field of a multipart `/ingest` body.
+async fn multipart_profile(content_type: &str, body: Bytes) -> Result<Bytes, IngestError> {
+    let bad = |reason: String| IngestError::Decode {
+        what: "multipart body",
+        reason,
+    };
+    let req = Request::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .map_err(|e| bad(e.to_string()))?;
+    let mut multipart = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| bad(e.body_text()))?;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| bad(e.body_text()))?
+    {
+        if field.name() == Some("profile") {
+            return field.bytes().await.map_err(|e| bad(e.body_text()));
+        }
+    }
+    Err(IngestError::Invalid(
+        "multipart body has no \"profile\" field".into(),
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
