@@ -66,6 +66,16 @@ fn valid_label_name(name: &str) -> bool {
         && name.len() <= MAX_LABEL_NAME_LEN
 }
 
+/// pprof ids must be non-zero; some profilers (.NET's) leave them unset and
+/// refer to entries by position, 1-based, which is what an id of 0 means here.
+fn id_or_position(id: u64, index: usize) -> u64 {
+    if id == 0 {
+        index as u64 + 1
+    } else {
+        id
+    }
+}
+
 /// Interns function names and the frames of each location.
 struct Symbols {
     names: Vec<String>,
@@ -87,19 +97,19 @@ impl Symbols {
 
     fn build(p: &pprof::Profile) -> Result<Self, IngestError> {
         let mut functions = HashMap::with_capacity(p.function.len());
-        for f in &p.function {
+        for (i, f) in p.function.iter().enumerate() {
             let mut name = p.string(f.name, "function.name")?;
             if name.is_empty() {
                 name = p.string(f.system_name, "function.system_name")?;
             }
-            functions.insert(f.id, name);
+            functions.insert(id_or_position(f.id, i), name);
         }
         let mut s = Symbols {
             names: Vec::new(),
             index: HashMap::new(),
             locations: HashMap::with_capacity(p.location.len()),
         };
-        for loc in &p.location {
+        for (i, loc) in p.location.iter().enumerate() {
             let mut frames = Vec::with_capacity(loc.line.len().max(1));
             for line in &loc.line {
                 let name = functions.get(&line.function_id).cloned().ok_or_else(|| {
@@ -114,7 +124,7 @@ impl Symbols {
                 // No symbols: the address is all there is, as in pprof's own output.
                 frames.push(s.intern(format!("0x{:x}", loc.address)));
             }
-            s.locations.insert(loc.id, frames);
+            s.locations.insert(id_or_position(loc.id, i), frames);
         }
         Ok(s)
     }
