@@ -74,14 +74,19 @@ fn tenant<T>(req: &Request<T>) -> Result<String, Status> {
 
 fn status(e: ember_sql::SqlError) -> Status {
     use datafusion::error::DataFusionError as E;
-    match &e {
-        ember_sql::SqlError::DataFusion(E::ResourcesExhausted(_)) => {
+    let root = match &e {
+        ember_sql::SqlError::DataFusion(df) => df.find_root(),
+        ember_sql::SqlError::Tenant(_) => return Status::invalid_argument(e.to_string()),
+    };
+    match root {
+        E::ResourcesExhausted(_) => {
             Status::resource_exhausted(format!("query exceeds the memory limit: {e}"))
         }
-        ember_sql::SqlError::DataFusion(
-            E::SQL(..) | E::Plan(_) | E::SchemaError(..) | E::NotImplemented(_),
-        )
-        | ember_sql::SqlError::Tenant(_) => Status::invalid_argument(e.to_string()),
+        E::SQL(..)
+        | E::Plan(_)
+        | E::SchemaError(..)
+        | E::NotImplemented(_)
+        | E::Configuration(_) => Status::invalid_argument(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

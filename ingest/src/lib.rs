@@ -11,3 +11,6 @@ pub mod push;
 pub mod segment;
 
 pub use error::IngestError;
+
+#[cfg(test)]
+mod tests;

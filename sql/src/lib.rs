@@ -20,3 +20,6 @@ pub enum SqlError {
     #[error("invalid tenant {0:?}")]
     Tenant(String),
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,200 @@
+//! The SQL surface over blocks of recorded profiles, in one process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::Int64Type;
+use ember_engine::block::write_block;
+use ember_engine::metastore::{Command, Metastore};
+use ember_engine::testing::pprof_fixtures;
+use ember_engine::Profile;
+use ember_ingest::normalise::{normalise, validate_labels, Destination};
+use ember_ingest::pprof;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::{QueryEngine, QueryEngineConfig};
+
+fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
+    let (_, bytes) = pprof_fixtures()
+        .into_iter()
+        .find(|(n, _)| n == fixture)
+        .unwrap();
+    let p = pprof::decode(&bytes, 64 << 20).unwrap();
+    let dest = Destination {
+        tenant: tenant.into(),
+        labels: validate_labels(vec![
+            ("service_name".into(), service.into()),
+            ("__name__".into(), "fx".into()),
+        ])
+        .unwrap(),
+        received_at_nanos: 1_700_000_000_000_000_000,
+    };
+    normalise(&p, &dest).unwrap()
+}
+
+async fn engine_with(
+    blocks: Vec<Vec<Profile>>,
+    memory_limit: usize,
+) -> (tempfile::TempDir, QueryEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
+    for (i, profiles) in blocks.iter().enumerate() {
+        let block = write_block(profiles, i as u32).unwrap();
+        store
+            .put(
+                &Path::from(block.meta.path.as_str()),
+                PutPayload::from(block.bytes),
+            )
+            .await
+            .unwrap();
+        metastore.apply(Command::add_block(block.meta)).unwrap();
+    }
+    let config = QueryEngineConfig {
+        memory_limit,
+        ..QueryEngineConfig::default()
+    };
+    let engine = QueryEngine::new(store, metastore, config).unwrap();
+    (dir, engine)
+}
+
+async fn run(engine: &QueryEngine, tenant: &str, sql: &str) -> Vec<RecordBatch> {
+    engine
+        .execute(tenant, sql)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// 'a;b;c' -> value of the input profiles of one type.
+fn input_stacks(profiles: &[Profile], ty: &str) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    for p in profiles.iter().filter(|p| p.profile_type == ty) {
+        for s in &p.samples {
+            let names: Vec<&str> = s
+                .stack
+                .iter()
+                .map(|f| p.functions[*f as usize].as_str())
+                .collect();
+            *out.entry(names.join(";")).or_default() += s.value;
+        }
+    }
+    out
+}
+
+/// 'a;b;c' -> self value, from the depth-first frame.
+fn frame_stacks(batches: &[RecordBatch]) -> (i64, HashMap<String, i64>) {
+    let mut path: Vec<String> = Vec::new();
+    let mut out = HashMap::new();
+    let mut total = None;
+    for b in batches {
+        let level = b.column(0).as_primitive::<Int64Type>();
+        let value = b.column(1).as_primitive::<Int64Type>();
+        let own = b.column(2).as_primitive::<Int64Type>();
+        let label = b.column(3).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let l = level.value(i) as usize;
+            if l == 0 {
+                total = Some(value.value(i));
+                continue;
+            }
+            path.truncate(l - 1);
+            path.push(label.value(i).to_string());
+            if own.value(i) != 0 {
+                *out.entry(path.join(";")).or_default() += own.value(i);
+            }
+        }
+    }
+    (total.unwrap(), out)
+}
+
+#[tokio::test]
+async fn flamegraph_over_several_blocks_equals_the_input() {
+    let a = profiles("go-heap.pb.gz", "heap", "t");
+    let b = profiles("go-heap.pb.gz", "heap", "t");
+    let other = profiles("go-cpu.pb.gz", "cpu", "t");
+    let ty = "fx:inuse_space:bytes:space:bytes";
+    let mut want = input_stacks(&a, ty);
+    for (k, v) in input_stacks(&b, ty) {
+        *want.entry(k).or_default() += v;
+    }
+    let (_dir, engine) = engine_with(vec![a, b, other], 1 << 30).await;
+    let sql = format!(
+        "SELECT * FROM flamegraph('{ty}', '{{service_name=\"heap\"}}', 0, 9999999999999, 1000000)"
+    );
+    let (total, got) = frame_stacks(&run(&engine, "t", &sql).await);
+    assert_eq!(total, want.values().sum::<i64>());
+    assert_eq!(got, want);
+    // Another tenant sees an empty graph.
+    let (total, got) = frame_stacks(&run(&engine, "u", &sql).await);
+    assert_eq!((total, got.len()), (0, 0));
+}
+
+#[tokio::test]
+async fn samples_table_prunes_and_sums() {
+    let heap = profiles("go-heap.pb.gz", "heap", "t");
+    let cpu = profiles("go-cpu.pb.gz", "cpu", "t");
+    let cpu_total: i64 = cpu
+        .iter()
+        .filter(|p| p.profile_type.starts_with("fx:cpu"))
+        .map(Profile::total)
+        .sum();
+    let (_dir, engine) = engine_with(vec![heap, cpu], 1 << 30).await;
+    let sql = "SELECT sum(value) FROM samples WHERE service_name = 'cpu' AND profile_type = 'fx:cpu:nanoseconds:cpu:nanoseconds' \
+               AND time >= cast('2000-01-01T00:00:00Z' as timestamp) AND time < cast('2100-01-01T00:00:00Z' as timestamp)";
+    let batches = run(&engine, "t", sql).await;
+    assert_eq!(
+        batches[0].column(0).as_primitive::<Int64Type>().value(0),
+        cpu_total
+    );
+    // Pushed-down filters reach the scan: the plan reads one dataset's file.
+    let plan = engine
+        .plan("t", &format!("EXPLAIN {sql}"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}",
+        datafusion::arrow::util::pretty::pretty_format_batches(&plan).unwrap()
+    );
+    assert!(text.contains("file_groups={1 group"), "{text}");
+}
+
+#[tokio::test]
+async fn statements_that_touch_files_or_settings_are_refused() {
+    let (_dir, engine) = engine_with(vec![profiles("go-cpu.pb.gz", "cpu", "t")], 1 << 30).await;
+    for sql in [
+        "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+        "COPY (SELECT 1) TO '/tmp/ember-should-not-exist.csv'",
+        "SET datafusion.execution.batch_size = 1",
+        "SELECT * FROM '/etc/passwd'",
+    ] {
+        assert!(engine.plan("t", sql).await.is_err(), "{sql} was accepted");
+    }
+    assert!(!std::path::Path::new("/tmp/ember-should-not-exist.csv").exists());
+}
+
+#[tokio::test]
+async fn a_query_over_the_memory_limit_fails_with_a_clear_error() {
+    let (_dir, engine) =
+        engine_with(vec![profiles("go-heap-large.pb.gz", "heap", "t")], 1 << 20).await;
+    let sql = "SELECT count(DISTINCT s.stack_id * 1000 + g.value) FROM samples s CROSS JOIN generate_series(1, 1000) g";
+    let err = match engine.execute("t", sql).await {
+        Ok(stream) => stream
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err()
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.to_lowercase().contains("resources exhausted"), "{err}");
+}
