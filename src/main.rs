@@ -2,6 +2,7 @@
 
 mod http;
 mod metrics;
+mod query;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ enum Command {
     /// Run every role in one process on the embedded default (local
     /// directory as object store, local metastore file).
     Serve(serve::ServeArgs),
+    /// Run SQL against a running Ember over Flight SQL and print the result.
+    Query(query::QueryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::serve(args)),
+        Command::Query(args) => runtime.block_on(query::query(args)),
     }
 }

@@ -22,6 +22,7 @@ use datafusion::error::Result;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::TaskContext;
 use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{col, lit, Expr, LogicalPlanBuilder, TableType};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -34,6 +35,7 @@ use ember_engine::block::Section;
 use ember_engine::metastore::BlockQuery;
 use ember_engine::selector::Selector;
 use ember_engine::stack::ROOT;
+use ember_engine::DatasetRef;
 use futures::StreamExt;
 
 use crate::args;
@@ -272,36 +274,23 @@ impl TableProvider for FlameGraphTable {
                     .any(|s| q.selector.matches_series(s))
             })
             .collect();
-        let mut filter = col("profile_type")
-            .eq(lit(q.profile_type.clone()))
-            .and(col("time").gt_eq(utc_nanos(q.start)))
-            .and(col("time").lt_eq(utc_nanos(q.end)));
-        if !q.selector.matchers.is_empty() {
-            let mut series: Vec<String> = datasets
-                .iter()
-                .flat_map(|d| d.dataset.series.iter())
-                .filter(|s| q.selector.matches_series(s))
-                .cloned()
-                .collect();
-            series.sort();
-            series.dedup();
-            filter =
-                filter.and(col("labels").in_list(series.into_iter().map(lit).collect(), false));
-        }
         let datasets = Arc::new(datasets);
         let samples = SectionTable::new(
             Section::Samples,
             self.storage.clone(),
             DatasetSource::Fixed(datasets.clone()),
         );
-        let plan =
-            LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(samples)), None)?
-                .filter(filter)?
-                .aggregate(
-                    vec![col("stack_id")],
-                    vec![sum(col("value")).alias("value")],
-                )?
-                .build()?;
+        let mut plan =
+            LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(samples)), None)?;
+        if let Some(filter) = sample_filter(q, &datasets) {
+            plan = plan.filter(filter)?;
+        }
+        let plan = plan
+            .aggregate(
+                vec![col("stack_id")],
+                vec![sum(col("value")).alias("value")],
+            )?
+            .build()?;
         let sums = state.create_physical_plan(&plan).await?;
         let stacks = section_scan(
             state,
@@ -319,6 +308,41 @@ impl TableProvider for FlameGraphTable {
             projection.cloned(),
         )))
     }
+}
+
+/// The row filter the samples still need once the metastore has chosen the
+/// datasets: a condition that every chosen dataset meets whole is left out,
+/// so the common case (one service's type over its whole range) scans
+/// without filtering a row.
+fn sample_filter(q: &FlameGraphQuery, datasets: &[DatasetRef]) -> Option<Expr> {
+    let mut conditions = Vec::new();
+    if datasets
+        .iter()
+        .any(|d| d.dataset.profile_types.iter().any(|t| *t != q.profile_type))
+    {
+        conditions.push(col("profile_type").eq(lit(q.profile_type.clone())));
+    }
+    if datasets.iter().any(|d| d.dataset.min_time < q.start) {
+        conditions.push(col("time").gt_eq(utc_nanos(q.start)));
+    }
+    if datasets.iter().any(|d| d.dataset.max_time > q.end) {
+        conditions.push(col("time").lt_eq(utc_nanos(q.end)));
+    }
+    let mut all: Vec<&String> = datasets
+        .iter()
+        .flat_map(|d| d.dataset.series.iter())
+        .collect();
+    all.sort();
+    all.dedup();
+    let matching: Vec<Expr> = all
+        .iter()
+        .filter(|s| q.selector.matches_series(s))
+        .map(|s| lit(s.as_str()))
+        .collect();
+    if matching.len() < all.len() {
+        conditions.push(col("labels").in_list(matching, false));
+    }
+    conjunction(conditions)
 }
 
 /// Folds `(stack_id, value)` sums up the stack tree read from its second

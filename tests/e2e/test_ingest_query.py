@@ -256,3 +256,25 @@ def test_bad_input_gets_clear_errors_and_harms_nothing(make_ember):
     metrics = requests.get(f"{ember.http}/metrics").text
     assert 'ember_push_errors_total{reason="decode"}' in metrics
     assert "ember_segment_flushes_total" in metrics
+
+
+def test_cli_query_prints_the_flamegraph(ember):
+    import subprocess
+
+    from conftest import BIN
+
+    raw = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
+    p = load_pprof(raw)
+    assert ember.push_proto([({"__name__": "process_cpu", "service_name": "cli"}, [raw])], tenant="cli-t").status_code == 200
+    pt = profile_types(p, "process_cpu")[-1]
+    out = subprocess.run(
+        [str(BIN), "query", "--flight-url", f"http://127.0.0.1:{ember.flight_port}", "--tenant", "cli-t",
+         f"SELECT level, value, label FROM flamegraph('{pt}', '{{service_name=\"cli\"}}', 0, {FAR}) LIMIT 3"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    assert rows[0] == ["level", "value", "label"]
+    assert rows[1] == ["0", str(sum(folded(p, len(p["sample_type"]) - 1).values())), "total"]
+    assert len(rows) == 4
+    bad = subprocess.run([str(BIN), "query", "--flight-url", f"http://127.0.0.1:{ember.flight_port}", "SELEKT 1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "SELEKT" in bad.stderr
