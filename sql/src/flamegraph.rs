@@ -62,6 +62,75 @@ pub fn flame_graph_schema() -> SchemaRef {
 /// The stack tree: node id -> (parent id, frame name).
 pub type StackNodes = HashMap<u64, (u64, Arc<str>)>;
 
+/// The nodes that carry value, numbered so that a parent's index is below
+/// its children's: one hash lookup per node, then dense arrays.
+struct DenseTree<'a> {
+    names: Vec<&'a str>,
+    parent: Vec<u32>,
+    own: Vec<i64>,
+    total: Vec<i64>,
+}
+
+impl<'a> DenseTree<'a> {
+    fn build(nodes: &'a StackNodes, values: &HashMap<u64, i64>) -> Result<Self> {
+        let mut index: HashMap<u64, u32> = HashMap::with_capacity(values.len() * 4);
+        index.insert(ROOT, 0);
+        let mut tree = DenseTree {
+            names: vec!["total"],
+            parent: vec![0],
+            own: vec![0],
+            total: Vec::new(),
+        };
+        let mut chain: Vec<(u64, u64, &'a str)> = Vec::new();
+        for (&leaf, &v) in values {
+            chain.clear();
+            let mut node = leaf;
+            while !index.contains_key(&node) {
+                let Some((parent, name)) = nodes.get(&node) else {
+                    return Err(DataFusionError::Execution(format!(
+                        "stack node {node:#x} missing from the stack tree"
+                    )));
+                };
+                if chain.len() > nodes.len() {
+                    return Err(DataFusionError::Execution("cycle in the stack tree".into()));
+                }
+                chain.push((node, *parent, name.as_ref()));
+                node = *parent;
+            }
+            for &(id, parent, name) in chain.iter().rev() {
+                let i = tree.names.len() as u32;
+                index.insert(id, i);
+                tree.parent.push(index[&parent]);
+                tree.names.push(name);
+                tree.own.push(0);
+            }
+            tree.own[index[&leaf] as usize] += v;
+        }
+        tree.total = tree.own.clone();
+        for i in (1..tree.names.len()).rev() {
+            let p = tree.parent[i] as usize;
+            tree.total[p] += tree.total[i];
+        }
+        Ok(tree)
+    }
+
+    /// Children of every node, sorted by name.
+    fn children(&self) -> Vec<Vec<u32>> {
+        let mut children: Vec<Vec<u32>> = vec![Vec::new(); self.names.len()];
+        for i in 1..self.names.len() {
+            children[self.parent[i] as usize].push(i as u32);
+        }
+        for list in children.iter_mut().filter(|l| l.len() > 1) {
+            list.sort_unstable_by(|a, b| {
+                self.names[*a as usize]
+                    .cmp(self.names[*b as usize])
+                    .then(a.cmp(b))
+            });
+        }
+        children
+    }
+}
+
 /// Folds per-stack values up the tree and lays the nodes out depth-first,
 /// children by name, nodes smaller than the `max_nodes`-th largest folded
 /// into one `other` child per parent (as Pyroscope truncates).
@@ -70,65 +139,32 @@ pub fn build_flame_graph(
     values: &HashMap<u64, i64>,
     max_nodes: usize,
 ) -> Result<RecordBatch> {
-    let mut total: HashMap<u64, i64> = HashMap::with_capacity(nodes.len() + 1);
-    let mut own: HashMap<u64, i64> = HashMap::with_capacity(values.len());
-    total.insert(ROOT, 0);
-    for (&leaf, &v) in values {
-        *own.entry(leaf).or_default() += v;
-        let mut node = leaf;
-        let mut depth = 0usize;
-        while node != ROOT {
-            *total.entry(node).or_default() += v;
-            let Some((parent, _)) = nodes.get(&node) else {
-                return Err(DataFusionError::Execution(format!(
-                    "stack node {node:#x} missing from the stack tree"
-                )));
-            };
-            node = *parent;
-            depth += 1;
-            if depth > nodes.len() {
-                return Err(DataFusionError::Execution("cycle in the stack tree".into()));
-            }
-        }
-        *total.entry(ROOT).or_default() += v;
-    }
-    let threshold = min_value(&total, max_nodes);
-    let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
-    for &id in total.keys().filter(|id| **id != ROOT) {
-        if let Some((parent, _)) = nodes.get(&id) {
-            children.entry(*parent).or_default().push(id);
-        }
-    }
-    let name = |id: u64| nodes.get(&id).map(|(_, n)| n.as_ref()).unwrap_or("");
-    for list in children.values_mut() {
-        list.sort_unstable_by(|a, b| name(*a).cmp(name(*b)).then(a.cmp(b)));
-    }
-
+    let tree = DenseTree::build(nodes, values)?;
+    let threshold = min_value(&tree.total, max_nodes);
+    let children = tree.children();
     let mut level = Int64Builder::new();
     let mut value = Int64Builder::new();
     let mut self_ = Int64Builder::new();
     let mut label = StringBuilder::new();
-    // (node, level); `None` node is an `other` entry carrying its value.
-    let mut todo: Vec<(Option<u64>, i64, i64)> = vec![(Some(ROOT), 0, 0)];
+    // (node, level, value of an `other` entry when node is None)
+    let mut todo: Vec<(Option<u32>, i64, i64)> = vec![(Some(0), 0, 0)];
     while let Some((node, depth, other_value)) = todo.pop() {
-        let Some(id) = node else {
+        let Some(i) = node else {
             level.append_value(depth);
             value.append_value(other_value);
             self_.append_value(other_value);
             label.append_value("other");
             continue;
         };
+        let i = i as usize;
         level.append_value(depth);
-        value.append_value(total.get(&id).copied().unwrap_or(0));
-        self_.append_value(own.get(&id).copied().unwrap_or(0));
-        label.append_value(if id == ROOT { "total" } else { name(id) });
-        let Some(kids) = children.get(&id) else {
-            continue;
-        };
+        value.append_value(tree.total[i]);
+        self_.append_value(tree.own[i]);
+        label.append_value(tree.names[i]);
         let mut other = 0i64;
-        let mut kept = Vec::with_capacity(kids.len());
-        for &k in kids {
-            let t = total.get(&k).copied().unwrap_or(0);
+        let mut kept = Vec::with_capacity(children[i].len());
+        for &k in &children[i] {
+            let t = tree.total[k as usize];
             if t < threshold {
                 other += t;
             } else {
@@ -152,11 +188,11 @@ pub fn build_flame_graph(
 }
 
 /// The total of the `max_nodes`-th largest node: smaller nodes are folded.
-fn min_value(total: &HashMap<u64, i64>, max_nodes: usize) -> i64 {
+fn min_value(total: &[i64], max_nodes: usize) -> i64 {
     if total.len() <= max_nodes {
         return i64::MIN;
     }
-    let mut values: Vec<i64> = total.values().copied().collect();
+    let mut values = total.to_vec();
     let (_, nth, _) = values.select_nth_unstable_by(max_nodes - 1, |a, b| b.cmp(a));
     *nth
 }
