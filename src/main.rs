@@ -1,7 +1,9 @@
 //! `ember`: the one binary of every role.
 
+mod bench;
 mod http;
 mod metrics;
+mod object_requests;
 mod query;
 mod serve;
 
@@ -25,6 +27,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run SQL against a running Ember over Flight SQL and print the result.
     Query(query::QueryArgs),
+    /// The end-to-end benchmark against a server it starts, and the peers
+    /// (DuckDB, chDB, DataFusion) on the same data. See BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +46,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::serve(args)),
         Command::Query(args) => runtime.block_on(query::query(args)),
+        Command::Bench(args) => runtime.block_on(bench::bench(args)),
     }
 }

@@ -5,7 +5,7 @@ use anyhow::Context;
 use arrow::record_batch::RecordBatch;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(clap::Args, Debug)]
 pub struct QueryArgs {
@@ -24,15 +24,31 @@ pub struct QueryArgs {
 }
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(args.flight_url.clone())
-        .context("invalid --flight-url")?
+    let mut client = connect(&args.flight_url, &args.tenant).await?;
+    let batches = run_sql(&mut client, &args.sql).await?;
+    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+    Ok(())
+}
+
+/// A Flight SQL client for one tenant.
+pub async fn connect(url: &str, tenant: &str) -> anyhow::Result<FlightSqlServiceClient<Channel>> {
+    let channel = Endpoint::from_shared(url.to_string())
+        .context("invalid Flight SQL URL")?
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.flight_url))?;
+        .with_context(|| format!("connecting to {url}"))?;
     let mut client = FlightSqlServiceClient::new(channel);
-    client.set_header("x-scope-orgid", args.tenant);
+    client.set_header("x-scope-orgid", tenant);
+    Ok(client)
+}
+
+/// Every batch of a statement's result.
+pub async fn run_sql(
+    client: &mut FlightSqlServiceClient<Channel>,
+    sql: &str,
+) -> anyhow::Result<Vec<RecordBatch>> {
     let info = client
-        .execute(args.sql, None)
+        .execute(sql.to_string(), None)
         .await
         .context("planning the statement")?;
     let mut batches: Vec<RecordBatch> = Vec::new();
@@ -46,6 +62,5 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
                 .context("reading results")?,
         );
     }
-    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
-    Ok(())
+    Ok(batches)
 }

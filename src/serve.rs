@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::http::{router, AppState};
 use crate::metrics::HttpMetrics;
+use crate::object_requests::{CountingStore, ObjectRequestMetrics};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -50,10 +51,12 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let objects = args.data_dir.join("objects");
     std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
-    let store: Arc<dyn ObjectStore> = Arc::new(
+    let local: Arc<dyn ObjectStore> = Arc::new(
         LocalFileSystem::new_with_prefix(&objects)
             .with_context(|| format!("opening {}", objects.display()))?,
     );
+    let object_metrics = ObjectRequestMetrics::default();
+    let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
     let metastore_path = args.data_dir.join("metastore.redb");
     let metastore = Arc::new(
         Metastore::open(&metastore_path)
@@ -64,9 +67,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("recovering dlq/")?;
     info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
 
-    let mut registry = Registry::with_prefix("");
+    let mut registry = Registry::default();
     let segment_metrics = SegmentMetrics::default();
     segment_metrics.register(&mut registry);
+    object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
 
     let writer = Arc::new(SegmentWriter::start(

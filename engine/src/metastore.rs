@@ -81,12 +81,13 @@ struct SnapshotEntry {
     value: Vec<u8>,
 }
 
-/// A dataset that a query must read, with the object holding it.
+/// A dataset that a query must read, with the object holding it. Shared:
+/// the index hands out clones of the same entry, never copies.
 #[derive(Debug, Clone)]
 pub struct DatasetRef {
-    pub block_id: String,
-    pub path: String,
-    pub dataset: DatasetMeta,
+    pub block_id: Arc<str>,
+    pub path: Arc<str>,
+    pub dataset: Arc<DatasetMeta>,
 }
 
 /// What a query asks the index for. `None` matches everything.
@@ -101,12 +102,7 @@ pub struct BlockQuery {
 
 impl BlockQuery {
     fn matches(&self, d: &DatasetMeta) -> bool {
-        d.tenant == self.tenant
-            && d.overlaps(self.start, self.end)
-            && self
-                .service_names
-                .as_ref()
-                .is_none_or(|s| s.contains(&d.service_name))
+        d.overlaps(self.start, self.end)
             && self
                 .profile_types
                 .as_ref()
@@ -114,22 +110,68 @@ impl BlockQuery {
     }
 }
 
+/// Datasets of one (partition, tenant), by service, in arrival order.
+type ServiceIndex = HashMap<String, Vec<DatasetRef>>;
+
+/// The in-memory index: a lookup touches only the partitions of its time
+/// range and, within them, only the services it names.
 #[derive(Default)]
 struct Index {
-    /// partition start -> tenant -> blocks (each holding only that tenant's datasets).
-    partitions: BTreeMap<i64, HashMap<String, Vec<Arc<BlockMeta>>>>,
-    blocks: usize,
+    /// partition start -> tenant -> service -> datasets.
+    partitions: BTreeMap<i64, HashMap<String, ServiceIndex>>,
+    entries: usize,
 }
 
 impl Index {
-    fn insert(&mut self, partition: i64, tenant: String, meta: Arc<BlockMeta>) {
-        self.partitions
+    fn insert(&mut self, partition: i64, tenant: String, meta: BlockMeta) {
+        let services = self
+            .partitions
             .entry(partition)
             .or_default()
             .entry(tenant)
-            .or_default()
-            .push(meta);
-        self.blocks += 1;
+            .or_default();
+        let block_id: Arc<str> = Arc::from(meta.id.as_str());
+        let path: Arc<str> = Arc::from(meta.path.as_str());
+        for d in meta.datasets {
+            services
+                .entry(d.service_name.clone())
+                .or_default()
+                .push(DatasetRef {
+                    block_id: block_id.clone(),
+                    path: path.clone(),
+                    dataset: Arc::new(d),
+                });
+        }
+        self.entries += 1;
+    }
+
+    fn query(&self, q: &BlockQuery) -> Vec<DatasetRef> {
+        let partitions = self
+            .partitions
+            .range(partition_of(q.start)..=partition_of(q.end));
+        let spans_partitions = partition_of(q.start) != partition_of(q.end);
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        let mut out = Vec::new();
+        for (_, tenants) in partitions {
+            let Some(services) = tenants.get(&q.tenant) else {
+                continue;
+            };
+            let lists: Vec<&Vec<DatasetRef>> = match &q.service_names {
+                Some(names) => names.iter().filter_map(|n| services.get(n)).collect(),
+                None => services.values().collect(),
+            };
+            for d in lists.into_iter().flatten() {
+                if !q.matches(&d.dataset) {
+                    continue;
+                }
+                // A dataset spanning partitions is indexed in each of them.
+                if spans_partitions && !seen.insert((&d.block_id, &d.dataset.service_name)) {
+                    continue;
+                }
+                out.push(d.clone());
+            }
+        }
+        out
     }
 }
 
@@ -222,7 +264,7 @@ impl Metastore {
                 })?;
             let partition = partition_from_key(key).unwrap_or_default();
             let tenant = key.split('/').nth(1).unwrap_or_default().to_string();
-            index.insert(partition, tenant, Arc::new(meta));
+            index.insert(partition, tenant, meta);
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         Ok(())
@@ -230,27 +272,35 @@ impl Metastore {
 
     /// Applies one command durably, then to the in-memory index.
     pub fn apply(&self, command: Command) -> Result<(), MetastoreError> {
-        let Some(kind) = command.kind else {
-            return Err(MetastoreError::InvalidCommand("empty command".into()));
-        };
-        match kind {
-            command::Kind::AddBlock(meta) => self.add_block(meta),
-        }
+        self.apply_all(vec![command])
     }
 
-    fn add_block(&self, meta: BlockMeta) -> Result<(), MetastoreError> {
-        if meta.id.is_empty() || meta.path.is_empty() {
-            return Err(MetastoreError::InvalidCommand(
-                "block without id or path".into(),
-            ));
+    /// Applies commands in one durable transaction: all or none of them.
+    pub fn apply_all(&self, commands: Vec<Command>) -> Result<(), MetastoreError> {
+        let mut blocks = Vec::with_capacity(commands.len());
+        for command in commands {
+            match command.kind {
+                Some(command::Kind::AddBlock(meta)) => blocks.push(meta),
+                None => return Err(MetastoreError::InvalidCommand("empty command".into())),
+            }
         }
-        let entries = index_entries(&meta);
+        let mut entries = Vec::new();
+        for meta in &blocks {
+            if meta.id.is_empty() || meta.path.is_empty() {
+                return Err(MetastoreError::InvalidCommand(
+                    "block without id or path".into(),
+                ));
+            }
+            for (partition, tenant, entry) in index_entries(meta) {
+                let key = entry_key(partition, &tenant, meta.shard, &meta.id);
+                entries.push((key, partition, tenant, entry));
+            }
+        }
         let tx = self.db.begin_write().map_err(store_err)?;
         {
-            let mut blocks = tx.open_table(BLOCKS).map_err(store_err)?;
-            for (partition, tenant, entry) in &entries {
-                let key = entry_key(*partition, tenant, meta.shard, &meta.id);
-                blocks
+            let mut table = tx.open_table(BLOCKS).map_err(store_err)?;
+            for (key, _, _, entry) in &entries {
+                table
                     .insert(key.as_str(), entry.encode_to_bytes().as_slice())
                     .map_err(store_err)?;
             }
@@ -261,51 +311,31 @@ impl Metastore {
                 .map(|v| v.value())
                 .unwrap_or(0);
             state
-                .insert(APPLIED_INDEX, applied + 1)
+                .insert(APPLIED_INDEX, applied + blocks.len() as u64)
                 .map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-        for (partition, tenant, entry) in entries {
-            index.insert(partition, tenant, Arc::new(entry));
+        for (_, partition, tenant, entry) in entries {
+            index.insert(partition, tenant, entry);
         }
         Ok(())
     }
 
-    /// Datasets that can hold rows matching the query, each block once.
+    /// Datasets that can hold rows matching the query, each once.
     pub fn query(&self, q: &BlockQuery) -> Vec<DatasetRef> {
         if q.start > q.end {
             return Vec::new();
         }
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for (_, tenants) in index
-            .partitions
-            .range(partition_of(q.start)..=partition_of(q.end))
-        {
-            let Some(blocks) = tenants.get(&q.tenant) else {
-                continue;
-            };
-            for b in blocks {
-                if !seen.insert(b.id.as_str()) {
-                    continue;
-                }
-                for d in b.datasets.iter().filter(|d| q.matches(d)) {
-                    out.push(DatasetRef {
-                        block_id: b.id.clone(),
-                        path: b.path.clone(),
-                        dataset: d.clone(),
-                    });
-                }
-            }
-        }
-        out
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .query(q)
     }
 
     /// Number of index entries (a block spanning partitions counts once per partition).
     pub fn entry_count(&self) -> usize {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).blocks
+        self.index.read().unwrap_or_else(|e| e.into_inner()).entries
     }
 
     pub fn applied_index(&self) -> Result<u64, MetastoreError> {

@@ -148,7 +148,7 @@ pub fn section_scan(
             Some(
                 PartitionedFile::new(format!("{}#{}", d.path, meta.offset), meta.size)
                     .with_extension(SectionLocation {
-                        path: d.path.clone(),
+                        path: d.path.to_string(),
                         section: meta.clone(),
                     }),
             )

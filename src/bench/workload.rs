@@ -1,0 +1,253 @@
+//! A realistic workload drawn from the recorded profiles: many services and
+//! series, one profile per series every interval, each profile a skewed
+//! subset of its recorded profile's samples with varied values, so that the
+//! data keeps the repetition and the long tail of production profiles.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use bytes::Bytes;
+use ember_ingest::pprof;
+use ember_ingest::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use prost::Message;
+
+/// Recorded profiles too small to vary or far larger than an agent's
+/// 10-second profile are left out.
+const MIN_SAMPLES: usize = 20;
+const MAX_FIXTURE_BYTES: u64 = 300 << 10;
+
+/// A recorded profile the workload draws from.
+pub struct Template {
+    pub name: String,
+    profile: pprof::Profile,
+}
+
+/// SplitMix64: reproducible without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The recorded pprof profiles usable as templates, by file name.
+pub fn load_templates(fixtures: &Path) -> anyhow::Result<Vec<Template>> {
+    let dir = fixtures.join("pprof");
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let len = e.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if len > MAX_FIXTURE_BYTES {
+            continue;
+        }
+        let bytes = std::fs::read(e.path())?;
+        let Ok(profile) = pprof::decode(&bytes, 256 << 20) else {
+            continue;
+        };
+        if profile.sample.len() < MIN_SAMPLES {
+            continue;
+        }
+        tracing::debug!(
+            "template {:?}: {} samples x {} types",
+            e.file_name(),
+            profile.sample.len(),
+            profile.sample_type.len()
+        );
+        out.push(Template {
+            name: e.file_name().to_string_lossy().into_owned(),
+            profile,
+        });
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "no usable pprof fixtures in {}",
+        dir.display()
+    );
+    Ok(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadConfig {
+    pub services: usize,
+    pub series_per_service: usize,
+    /// Stop after this many samples as Ember stores them.
+    pub target_samples: u64,
+    pub interval_nanos: i64,
+    pub series_per_request: usize,
+    pub start_nanos: i64,
+    pub seed: u64,
+}
+
+/// One series: its labels and the template its profiles are drawn from.
+pub struct Series {
+    pub labels: Vec<(String, String)>,
+    pub template: usize,
+}
+
+pub fn service_name(i: usize) -> String {
+    format!("svc-{i:02}")
+}
+
+/// Every series of the workload: services take templates in turn.
+pub fn series(config: &WorkloadConfig, templates: &[Template]) -> Vec<Series> {
+    let regions = ["eu-west-1", "us-east-1", "ap-south-1"];
+    let mut out = Vec::new();
+    for s in 0..config.services {
+        for p in 0..config.series_per_service {
+            out.push(Series {
+                labels: vec![
+                    ("service_name".into(), service_name(s)),
+                    ("pod".into(), format!("{}-{p}", service_name(s))),
+                    ("region".into(), regions[p % regions.len()].into()),
+                    ("version".into(), format!("1.{}.0", p % 2)),
+                ],
+                template: s % templates.len(),
+            });
+        }
+    }
+    out
+}
+
+/// A skewed subset of the template's samples with varied values: the head
+/// of the recorded profile nearly always, its tail now and then.
+pub fn vary(
+    template: &pprof::Profile,
+    time_nanos: i64,
+    interval: i64,
+    rng: &mut Rng,
+) -> pprof::Profile {
+    let n = template.sample.len() as f64;
+    let mut samples = Vec::new();
+    for (i, s) in template.sample.iter().enumerate() {
+        let rank = 1.0 - i as f64 / n;
+        if rng.unit() < 0.1 + 0.8 * rank * rank * rank {
+            let scale = 0.5 + rng.unit();
+            let value = s
+                .value
+                .iter()
+                .map(|v| (*v as f64 * scale).round() as i64)
+                .collect();
+            samples.push(pprof::Sample { value, ..s.clone() });
+        }
+    }
+    pprof::Profile {
+        sample: samples,
+        time_nanos,
+        duration_nanos: interval,
+        ..template.clone()
+    }
+}
+
+/// One push request of the workload, encoded as a client sends it.
+#[derive(Clone)]
+pub struct Request {
+    pub body: Bytes,
+    /// gzipped pprof bytes inside the request.
+    pub pprof_bytes: usize,
+    pub profiles: usize,
+    /// pprof sample values (samples x sample types).
+    pub values: u64,
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+    // Writing to a Vec cannot fail.
+    let _ = e.write_all(data);
+    e.finish().unwrap_or_default()
+}
+
+pub fn push_request(series: &[(&Series, Vec<u8>)]) -> PushRequest {
+    PushRequest {
+        series: series
+            .iter()
+            .map(|(s, gz)| RawProfileSeries {
+                labels: s
+                    .labels
+                    .iter()
+                    .map(|(name, value)| LabelPair {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                samples: vec![RawSample {
+                    raw_profile: gz.clone(),
+                    id: String::new(),
+                }],
+            })
+            .collect(),
+    }
+}
+
+/// The profiles of one tick (one interval of simulated time), varied and
+/// gzipped, with the decoded profile for exporting to the peers.
+pub fn tick_profiles(
+    config: &WorkloadConfig,
+    templates: &[Template],
+    all: &[Series],
+    tick: usize,
+    rng: &mut Rng,
+) -> Vec<(usize, pprof::Profile, Vec<u8>)> {
+    let time = config.start_nanos + tick as i64 * config.interval_nanos;
+    all.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            // Agents do not all report on the same nanosecond.
+            let jitter = (rng.unit() * 1e9) as i64;
+            let p = vary(
+                &templates[s.template].profile,
+                time + jitter,
+                config.interval_nanos,
+                rng,
+            );
+            let gz = gzip(&p.encode_to_vec());
+            (i, p, gz)
+        })
+        .collect()
+}
+
+/// Groups one tick's profiles into push requests of `series_per_request`.
+pub fn tick_requests(
+    config: &WorkloadConfig,
+    all: &[Series],
+    profiles: &[(usize, pprof::Profile, Vec<u8>)],
+) -> Vec<Request> {
+    profiles
+        .chunks(config.series_per_request.max(1))
+        .map(|chunk| {
+            let series: Vec<(&Series, Vec<u8>)> = chunk
+                .iter()
+                .map(|(i, _, gz)| (&all[*i], gz.clone()))
+                .collect();
+            Request {
+                body: Bytes::from(push_request(&series).encode_to_vec()),
+                pprof_bytes: chunk.iter().map(|(_, _, gz)| gz.len()).sum(),
+                profiles: chunk.len(),
+                values: chunk
+                    .iter()
+                    .map(|(_, p, _)| (p.sample.len() * p.sample_type.len()) as u64)
+                    .sum(),
+            }
+        })
+        .collect()
+}

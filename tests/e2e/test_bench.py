@@ -1,0 +1,57 @@
+"""`ember bench` end to end on a small workload: it must push, query and run
+the peers on the same data, and every figure it reports must agree with the
+others (stored totals, flame graph roots, peer totals)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from conftest import BIN, FIXTURES, ROOT
+
+
+def test_bench_small_run_is_consistent(tmp_path):
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [str(BIN), "bench", "--out", str(out), "--fixtures", str(FIXTURES),
+         "--samples", "150000", "--scales", "20000,60000", "--clients", "8",
+         "--repeats", "2", "--mixed-seconds", "2", "--lone-pushes", "3",
+         "--metastore-blocks", "2000", "--python", sys.executable,
+         "--peers-script", str(ROOT / "benches" / "e2e" / "peers.py")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+
+    w, ingest = report["workload"], report["ingest"]
+    assert w["stored_samples"] >= 150000
+    assert ingest["failures"] == 0
+    assert ingest["under_load"]["count"] == w["requests"]
+    assert ingest["puts"] >= 1 and ingest["flushes"] >= 1
+    assert report["storage"]["object_bytes"] > 0
+
+    flame = {q["name"]: q for q in report["flame_queries"]}
+    assert any(q["service_name"] for q in flame.values())
+    assert {"all services, 20k samples", "all services, 60k samples"} <= set(flame)
+    for q in report["queries"]:
+        if q["name"] in flame:
+            assert q["root_total"] == flame[q["name"]]["total"], q["name"]
+            assert q["samples"] == flame[q["name"]]["samples"]
+    # A query of the whole range reads what the store holds, from a cold start.
+    whole = next(q for q in report["queries"] if q["name"] == "all services, whole range")
+    assert whole["cold_gets"] >= 1 and whole["cold_read_bytes"] > 0
+
+    engines = {(p["engine"], p["shape"], p["kind"]) for p in report["peers"]}
+    assert ("duckdb", "normalised", "group_by") in engines
+    assert ("chdb", "denormalised", "tree") in engines
+    assert ("datafusion", "normalised", "group_by") in engines
+    for p in report["peers"]:
+        assert p["total"] == flame[p["query"]]["total"], p
+
+    assert report["mixed"]["alone"]["count"] > 0 and report["mixed"]["with_queries"]["count"] > 0
+    assert report["memory_limit"]["healthy_after"] and report["memory_limit"]["small_query_after"]
+    assert report["metastore"][0]["blocks"] == 2000
+    assert report["metastore"][0]["datasets_found"] > 0
+    assert "## Peers on the same data" in (out / "report.md").read_text()
+    if pathlib.Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists():
+        assert (out / "charts" / "flamegraph_scaling.png").stat().st_size > 1000
