@@ -13,7 +13,8 @@ use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
 use ember_ingest::pprof;
-use ember_sql::flamegraph::{build_flame_graph, StackNodes};
+use ember_sql::flamegraph::{build_flame_graph, StackValues};
+use ember_sql::stack_dictionary::Nodes;
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
@@ -51,16 +52,16 @@ fn heap_profiles(copies: usize) -> Vec<Profile> {
     out
 }
 
-fn tree_of(profiles: &[Profile]) -> (StackNodes, HashMap<u64, i64>) {
-    let mut nodes = StackNodes::new();
-    let mut values = HashMap::new();
+fn tree_of(profiles: &[Profile]) -> (Nodes, StackValues) {
+    let mut nodes = Nodes::default();
+    let mut values = StackValues::default();
     for p in profiles {
         for s in &p.samples {
             let mut parent = ROOT;
             for f in &s.stack {
                 let name = p.functions[*f as usize].as_str();
                 let id = node_id(parent, name);
-                nodes.entry(id).or_insert_with(|| (parent, Arc::from(name)));
+                nodes.insert(id, parent, name);
                 parent = id;
             }
             *values.entry(parent).or_default() += s.value;
@@ -76,7 +77,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("flamegraph");
     group.throughput(Throughput::Elements(values.len() as u64));
     group.bench_function("fold/go-heap-large", |b| {
-        b.iter(|| build_flame_graph(&nodes, &values, 16384).expect("builds"))
+        b.iter(|| build_flame_graph(|id| nodes.get(id), &values, 16384).expect("builds"))
     });
 
     // The whole SQL plan: 40 profiles in 4 blocks.

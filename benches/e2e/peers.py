@@ -10,7 +10,7 @@ query reads one file) to run it over:
      "queries": [{"name": "...", "profile_type": "...", "service_name": "svc-3" or null,
                   "start_ns": ..., "end_ns": ...,
                   "denormalised": "/abs/denormalised/svc-3.parquet",  # time, service_name, profile_type, labels, stack list<string>, value
-                  "samples": "/abs/normalised/svc-3.parquet",         # time, service_name, profile_type, labels, stack_id, value
+                  "normalised": "/abs/normalised/svc-3.parquet",      # time, service_name, profile_type, labels, stack_id, value
                   "stacks": "/abs/stacks.parquet"}]}                 # stack_id, frames list<string> (root first)
 
 For each engine, shape (denormalised: GROUP BY the stack list; normalised:
@@ -129,7 +129,7 @@ def group_by_sql(engine, shape, query, where):
     if shape == "denormalised":
         return (f"SELECT stack, {engine.total('value')} AS value FROM {engine.file(query, 'denormalised')}"
                 f" WHERE {where} GROUP BY stack")
-    return (f"SELECT stack_id, {engine.total('value')} AS value FROM {engine.file(query, 'samples')}"
+    return (f"SELECT stack_id, {engine.total('value')} AS value FROM {engine.file(query, 'normalised')}"
             f" WHERE {where} GROUP BY stack_id")
 
 

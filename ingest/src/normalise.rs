@@ -81,7 +81,7 @@ struct Symbols {
     names: Vec<String>,
     index: HashMap<String, u32>,
     /// location id -> function indices, leaf first (inlined frames split).
-    locations: HashMap<u64, Vec<u32>>,
+    locations: foldhash::HashMap<u64, Vec<u32>>,
 }
 
 impl Symbols {
@@ -107,7 +107,10 @@ impl Symbols {
         let mut s = Symbols {
             names: Vec::new(),
             index: HashMap::new(),
-            locations: HashMap::with_capacity(p.location.len()),
+            locations: foldhash::HashMap::with_capacity_and_hasher(
+                p.location.len(),
+                Default::default(),
+            ),
         };
         for (i, loc) in p.location.iter().enumerate() {
             let mut frames = Vec::with_capacity(loc.line.len().max(1));
@@ -167,8 +170,10 @@ fn span_id(value: &str) -> Option<u64> {
     u64::from_str_radix(value, 16).ok()
 }
 
-/// One series' samples of one sample type, keyed for summing.
-type SeriesSamples = HashMap<(Vec<u32>, Option<u64>), i64>;
+/// One series' samples of one sample type, keyed for summing by the
+/// sample's location ids: the stack is built once per distinct key, not
+/// once per sample.
+type SeriesSamples<'p> = foldhash::HashMap<(&'p [u64], Option<u64>), i64>;
 
 pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>, IngestError> {
     if p.sample_type.is_empty() {
@@ -215,12 +220,11 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
             }
         }
         let labels = normalise_labels(labels);
-        let stack = symbols.stack(&s.location_id)?;
         let per_type = series
             .entry(labels)
-            .or_insert_with(|| vec![HashMap::new(); types.len()]);
+            .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
         for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v != 0) {
-            let slot = per_type[i].entry((stack.clone(), span)).or_insert(0);
+            let slot = per_type[i].entry((&s.location_id, span)).or_insert(0);
             *slot = slot.saturating_add(*v);
         }
     }
@@ -233,7 +237,16 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     for (sample_labels, per_type) in series {
         let labels = series_labels(&dest.labels, sample_labels)?;
         for (i, samples) in per_type.into_iter().enumerate() {
-            let mut samples: Vec<Sample> = samples
+            // Different location ids can make the same stack: merge them.
+            let mut by_stack: foldhash::HashMap<(Vec<u32>, Option<u64>), i64> =
+                foldhash::HashMap::default();
+            for ((locations, span), v) in samples {
+                let slot = by_stack
+                    .entry((symbols.stack(locations)?, span))
+                    .or_insert(0);
+                *slot = slot.saturating_add(v);
+            }
+            let mut samples: Vec<Sample> = by_stack
                 .into_iter()
                 .filter(|(_, v)| *v != 0)
                 .map(|((stack, span_id), value)| Sample {

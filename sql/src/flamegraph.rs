@@ -5,7 +5,6 @@
 //! type, time and series, aggregate `sum(value)` by stack id (a DataFusion
 //! aggregate), then [`FlameGraphExec`] folds the sums up the stack tree.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -40,9 +39,15 @@ use futures::StreamExt;
 
 use crate::args;
 use crate::session::Storage;
+use crate::stack_dictionary::{Nodes, StackDictionary};
 use crate::tables::{section_scan, DatasetSource, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;
+/// Summed value per leaf stack id.
+pub type StackValues = foldhash::HashMap<u64, i64>;
+
+/// Deeper stacks than any runtime records: only a cycle gets there.
+const MAX_DEPTH: usize = 1 << 16;
 const NAME: &str = "flamegraph";
 
 /// The frame Grafana's flame graph panel reads.
@@ -59,9 +64,6 @@ pub fn flame_graph_schema() -> SchemaRef {
     .clone()
 }
 
-/// The stack tree: node id -> (parent id, frame name).
-pub type StackNodes = HashMap<u64, (u64, Arc<str>)>;
-
 /// The nodes that carry value, numbered so that a parent's index is below
 /// its children's: one hash lookup per node, then dense arrays.
 struct DenseTree<'a> {
@@ -72,8 +74,9 @@ struct DenseTree<'a> {
 }
 
 impl<'a> DenseTree<'a> {
-    fn build(nodes: &'a StackNodes, values: &HashMap<u64, i64>) -> Result<Self> {
-        let mut index: HashMap<u64, u32> = HashMap::with_capacity(values.len() * 4);
+    fn build(node: impl Fn(u64) -> Option<(u64, &'a str)>, values: &StackValues) -> Result<Self> {
+        let mut index: foldhash::HashMap<u64, u32> =
+            foldhash::HashMap::with_capacity_and_hasher(values.len() * 4, Default::default());
         index.insert(ROOT, 0);
         let mut tree = DenseTree {
             names: vec!["total"],
@@ -81,21 +84,24 @@ impl<'a> DenseTree<'a> {
             own: vec![0],
             total: Vec::new(),
         };
+        let node_of = node;
         let mut chain: Vec<(u64, u64, &'a str)> = Vec::new();
         for (&leaf, &v) in values {
             chain.clear();
             let mut node = leaf;
             while !index.contains_key(&node) {
-                let Some((parent, name)) = nodes.get(&node) else {
+                let Some((parent, name)) = node_of(node) else {
                     return Err(DataFusionError::Execution(format!(
                         "stack node {node:#x} missing from the stack tree"
                     )));
                 };
-                if chain.len() > nodes.len() {
-                    return Err(DataFusionError::Execution("cycle in the stack tree".into()));
+                if chain.len() > MAX_DEPTH {
+                    return Err(DataFusionError::Execution(
+                        "stack deeper than 65536 frames: a cycle in the stack tree".into(),
+                    ));
                 }
-                chain.push((node, *parent, name.as_ref()));
-                node = *parent;
+                chain.push((node, parent, name));
+                node = parent;
             }
             for &(id, parent, name) in chain.iter().rev() {
                 let i = tree.names.len() as u32;
@@ -134,12 +140,12 @@ impl<'a> DenseTree<'a> {
 /// Folds per-stack values up the tree and lays the nodes out depth-first,
 /// children by name, nodes smaller than the `max_nodes`-th largest folded
 /// into one `other` child per parent (as Pyroscope truncates).
-pub fn build_flame_graph(
-    nodes: &StackNodes,
-    values: &HashMap<u64, i64>,
+pub fn build_flame_graph<'a>(
+    node: impl Fn(u64) -> Option<(u64, &'a str)>,
+    values: &StackValues,
     max_nodes: usize,
 ) -> Result<RecordBatch> {
-    let tree = DenseTree::build(nodes, values)?;
+    let tree = DenseTree::build(node, values)?;
     let threshold = min_value(&tree.total, max_nodes);
     let children = tree.children();
     let mut level = Int64Builder::new();
@@ -310,17 +316,16 @@ impl TableProvider for FlameGraphTable {
                     .any(|s| q.selector.matches_series(s))
             })
             .collect();
-        let datasets = Arc::new(datasets);
-        let samples = SectionTable::new(
-            Section::Samples,
-            self.storage.clone(),
-            DatasetSource::Fixed(datasets.clone()),
-        );
-        let mut plan =
-            LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(samples)), None)?;
-        if let Some(filter) = sample_filter(q, &datasets) {
-            plan = plan.filter(filter)?;
-        }
+        let (whole, partial): (Vec<DatasetRef>, Vec<DatasetRef>) =
+            datasets.iter().cloned().partition(|d| reads_whole(q, d));
+        let plan = if partial.is_empty() {
+            LogicalPlanBuilder::empty(false).project(vec![
+                lit(ScalarValue::UInt64(None)).alias("stack_id"),
+                lit(ScalarValue::Int64(None)).alias("value"),
+            ])?
+        } else {
+            samples_input(&self.storage, q, partial)?
+        };
         let plan = plan
             .aggregate(
                 vec![col("stack_id")],
@@ -328,22 +333,98 @@ impl TableProvider for FlameGraphTable {
             )?
             .build()?;
         let sums = state.create_physical_plan(&plan).await?;
+        let missing = self.storage.stacks.missing(&datasets);
         let stacks = section_scan(
             state,
             self.storage.store.clone(),
             Section::Stacks,
-            &datasets,
+            &missing,
             None,
             &[],
             None,
         )?;
-        Ok(Arc::new(FlameGraphExec::new(
-            sums,
-            stacks,
-            q.max_nodes,
-            projection.cloned(),
-        )))
+        Ok(Arc::new(FlameGraphExec {
+            dictionary: self.storage.stacks.clone(),
+            missing: Arc::new(missing),
+            whole: Arc::new(WholeDatasets {
+                storage: Some(self.storage.clone()),
+                profile_type: q.profile_type.clone(),
+                datasets: whole,
+            }),
+            ..FlameGraphExec::new(sums, stacks, q.max_nodes, projection.cloned())
+        }))
     }
+}
+
+/// The datasets a flame graph takes whole, read from their totals.
+#[derive(Default)]
+struct WholeDatasets {
+    storage: Option<Storage>,
+    profile_type: String,
+    datasets: Vec<DatasetRef>,
+}
+
+impl WholeDatasets {
+    /// Adds every whole dataset's totals of the profile type to `values`,
+    /// reading up to 32 totals sections at once.
+    async fn add_totals(
+        &self,
+        values: &mut StackValues,
+        grow: &mut impl FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        let Some(storage) = &self.storage else {
+            return Ok(());
+        };
+        // Owned futures: a stream borrowing `self` would not be `Send`.
+        let reads = self.datasets.iter().cloned().map(|d| {
+            let storage = storage.clone();
+            async move { storage.totals.totals(storage.store.clone(), &d).await }
+        });
+        let mut reads = futures::stream::iter(reads.collect::<Vec<_>>()).buffer_unordered(32);
+        while let Some(totals) = reads.next().await {
+            let totals = totals?;
+            let Some(list) = totals.get(&self.profile_type) else {
+                continue;
+            };
+            let before = values.len();
+            for &(id, v) in list {
+                *values.entry(id).or_default() += v;
+            }
+            grow((values.len() - before) * 24)?;
+        }
+        Ok(())
+    }
+}
+
+/// A dataset that the query takes whole (its whole time range, every one of
+/// its series) is read from its per-stack totals, not its samples.
+fn reads_whole(q: &FlameGraphQuery, d: &DatasetRef) -> bool {
+    d.dataset.section(Section::Totals).is_some()
+        && d.dataset.min_time >= q.start
+        && d.dataset.max_time <= q.end
+        && d.dataset
+            .series
+            .iter()
+            .all(|s| q.selector.matches_series(s))
+}
+
+/// `(stack_id, value)` from the samples of datasets the query takes in part.
+fn samples_input(
+    storage: &Storage,
+    q: &FlameGraphQuery,
+    datasets: Vec<DatasetRef>,
+) -> Result<LogicalPlanBuilder> {
+    let filter = sample_filter(q, &datasets);
+    let table = SectionTable::new(
+        Section::Samples,
+        storage.clone(),
+        DatasetSource::Fixed(Arc::new(datasets)),
+    );
+    let mut plan = LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(table)), None)?;
+    if let Some(filter) = filter {
+        plan = plan.filter(filter)?;
+    }
+    plan.project(vec![col("stack_id"), col("value")])
 }
 
 /// The row filter the samples still need once the metastore has chosen the
@@ -383,10 +464,14 @@ fn sample_filter(q: &FlameGraphQuery, datasets: &[DatasetRef]) -> Option<Expr> {
 
 /// Folds `(stack_id, value)` sums up the stack tree read from its second
 /// child and emits the flame graph frame in one partition.
-#[derive(Debug)]
 pub struct FlameGraphExec {
     sums: Arc<dyn ExecutionPlan>,
+    /// The stacks sections of the datasets missing from the dictionary.
     stacks: Arc<dyn ExecutionPlan>,
+    dictionary: Arc<StackDictionary>,
+    missing: Arc<Vec<DatasetRef>>,
+    /// Datasets taken whole: their cached totals are merged into the sums.
+    whole: Arc<WholeDatasets>,
     max_nodes: usize,
     projection: Option<Vec<usize>>,
     schema: SchemaRef,
@@ -414,11 +499,20 @@ impl FlameGraphExec {
         Self {
             sums,
             stacks,
+            dictionary: Arc::new(StackDictionary::new(0)),
+            missing: Arc::new(Vec::new()),
+            whole: Arc::new(WholeDatasets::default()),
             max_nodes,
             projection,
             schema,
             properties,
         }
+    }
+}
+
+impl fmt::Debug for FlameGraphExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlameGraphExec(max_nodes={})", self.max_nodes)
     }
 }
 
@@ -432,9 +526,8 @@ async fn read_stack_nodes(
     plan: Arc<dyn ExecutionPlan>,
     ctx: Arc<TaskContext>,
     grow: &mut impl FnMut(usize) -> Result<()>,
-) -> Result<StackNodes> {
-    let mut nodes = StackNodes::new();
-    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+) -> Result<Nodes> {
+    let mut nodes = Nodes::default();
     let mut stream = execute_stream(plan, ctx)?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -443,16 +536,7 @@ async fn read_stack_nodes(
         let parents = batch.column(1).as_primitive::<UInt64Type>();
         let labels = batch.column(2).as_string::<i32>();
         for i in 0..batch.num_rows() {
-            let name = labels.value(i);
-            let name = match names.get(name) {
-                Some(n) => n.clone(),
-                None => {
-                    let n: Arc<str> = Arc::from(name);
-                    names.insert(name.to_string(), n.clone());
-                    n
-                }
-            };
-            nodes.insert(ids.value(i), (parents.value(i), name));
+            nodes.insert(ids.value(i), parents.value(i), labels.value(i));
         }
     }
     Ok(nodes)
@@ -462,8 +546,8 @@ async fn read_sums(
     plan: Arc<dyn ExecutionPlan>,
     ctx: Arc<TaskContext>,
     grow: &mut impl FnMut(usize) -> Result<()>,
-) -> Result<HashMap<u64, i64>> {
-    let mut sums = HashMap::new();
+) -> Result<StackValues> {
+    let mut sums = StackValues::default();
     let mut stream = execute_stream(plan, ctx)?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -506,12 +590,12 @@ impl ExecutionPlan for FlameGraphExec {
         let [sums, stacks]: [Arc<dyn ExecutionPlan>; 2] = children
             .try_into()
             .map_err(|_| DataFusionError::Internal("FlameGraphExec takes two children".into()))?;
-        Ok(Arc::new(FlameGraphExec::new(
-            sums,
-            stacks,
-            self.max_nodes,
-            self.projection.clone(),
-        )))
+        Ok(Arc::new(FlameGraphExec {
+            dictionary: self.dictionary.clone(),
+            missing: self.missing.clone(),
+            whole: self.whole.clone(),
+            ..FlameGraphExec::new(sums, stacks, self.max_nodes, self.projection.clone())
+        }))
     }
 
     fn execute(
@@ -530,12 +614,28 @@ impl ExecutionPlan for FlameGraphExec {
             self.max_nodes,
             self.projection.clone(),
         );
+        let (dictionary, missing, whole) = (
+            self.dictionary.clone(),
+            self.missing.clone(),
+            self.whole.clone(),
+        );
         let fut = async move {
             let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
             let mut grow = |bytes: usize| reservation.try_grow(bytes);
-            let nodes = read_stack_nodes(stacks, context.clone(), &mut grow).await?;
-            let values = read_sums(sums, context, &mut grow).await?;
-            let batch = build_flame_graph(&nodes, &values, max_nodes)?;
+            let read = read_stack_nodes(stacks, context.clone(), &mut grow).await?;
+            // Kept nodes are the dictionary's memory, not this query's.
+            let local = dictionary.offer(&missing, read);
+            if local.is_none() {
+                reservation.free();
+            }
+            let mut values = read_sums(sums, context, &mut grow).await?;
+            whole.add_totals(&mut values, &mut grow).await?;
+            let global = dictionary.read();
+            let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
+                Some(n) => Some(n),
+                None => global.get(id),
+            };
+            let batch = build_flame_graph(node, &values, max_nodes)?;
             match projection {
                 Some(p) => Ok(batch.project(&p)?),
                 None => Ok(batch),
@@ -554,14 +654,14 @@ mod tests {
     use ember_engine::stack::node_id;
 
     /// Nodes and leaf values of `stacks` (`a;b;c` -> value).
-    fn tree(stacks: &[(&str, i64)]) -> (StackNodes, HashMap<u64, i64>) {
-        let mut nodes = StackNodes::new();
-        let mut values = HashMap::new();
+    fn tree(stacks: &[(&str, i64)]) -> (Nodes, StackValues) {
+        let mut nodes = Nodes::default();
+        let mut values = StackValues::default();
         for (stack, v) in stacks {
             let mut parent = ROOT;
             for f in stack.split(';') {
                 let id = node_id(parent, f);
-                nodes.insert(id, (parent, Arc::from(f)));
+                nodes.insert(id, parent, f);
                 parent = id;
             }
             *values.entry(parent).or_default() += v;
@@ -589,7 +689,7 @@ mod tests {
     #[test]
     fn folds_values_up_depth_first() {
         let (nodes, values) = tree(&[("main;a;x", 3), ("main;a", 2), ("main;b", 5), ("gc", 1)]);
-        let got = rows(&build_flame_graph(&nodes, &values, 100).unwrap());
+        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 100).unwrap());
         let want = vec![
             (0, 11, 0, "total"),
             (1, 1, 1, "gc"),
@@ -614,7 +714,7 @@ mod tests {
             ("main;mid", 50),
         ]);
         // total, main, big, mid kept: the 4th largest is 50.
-        let got = rows(&build_flame_graph(&nodes, &values, 4).unwrap());
+        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 4).unwrap());
         let labels: Vec<&str> = got.iter().map(|r| r.3.as_str()).collect();
         assert_eq!(labels, ["total", "main", "big", "mid", "other"]);
         assert_eq!(got[4], (2, 3, 3, "other".to_string()));
@@ -624,7 +724,7 @@ mod tests {
     #[test]
     fn missing_node_is_an_error_not_a_panic() {
         let (nodes, _) = tree(&[("a;b", 1)]);
-        let values = HashMap::from([(12345u64, 1i64)]);
-        assert!(build_flame_graph(&nodes, &values, 10).is_err());
+        let values = StackValues::from_iter([(12345u64, 1i64)]);
+        assert!(build_flame_graph(|id| nodes.get(id), &values, 10).is_err());
     }
 }

@@ -6,6 +6,8 @@ mod args;
 pub mod flamegraph;
 mod pruning;
 mod session;
+pub mod stack_dictionary;
+mod stack_totals;
 mod tables;
 
 pub use session::{QueryEngine, QueryEngineConfig, CATALOG};

@@ -14,6 +14,8 @@ use ember_engine::Metastore;
 use object_store::ObjectStore;
 
 use crate::flamegraph::FlameGraphFunction;
+use crate::stack_dictionary::StackDictionary;
+use crate::stack_totals::TotalsCache;
 use crate::tables::{DatasetSource, SectionTable, TABLES};
 use crate::SqlError;
 
@@ -24,6 +26,10 @@ pub struct QueryEngineConfig {
     /// Bytes that all running queries may hold at once.
     pub memory_limit: usize,
     pub target_partitions: usize,
+    /// Stack nodes kept across queries (about 100 bytes each).
+    pub stack_dictionary_nodes: usize,
+    /// (stack, value) pairs of dataset totals kept across queries (16 bytes each).
+    pub totals_cache_entries: usize,
 }
 
 impl Default for QueryEngineConfig {
@@ -33,6 +39,8 @@ impl Default for QueryEngineConfig {
             target_partitions: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            stack_dictionary_nodes: 2_000_000,
+            totals_cache_entries: 16_000_000,
         }
     }
 }
@@ -42,6 +50,8 @@ impl Default for QueryEngineConfig {
 pub(crate) struct Storage {
     pub store: Arc<dyn ObjectStore>,
     pub metastore: Arc<Metastore>,
+    pub stacks: Arc<StackDictionary>,
+    pub totals: Arc<TotalsCache>,
 }
 
 pub struct QueryEngine {
@@ -61,7 +71,12 @@ impl QueryEngine {
             .build_arc()?;
         runtime.register_object_store(crate::tables::store_url().as_ref(), store.clone());
         Ok(Self {
-            storage: Storage { store, metastore },
+            storage: Storage {
+                store,
+                metastore,
+                stacks: Arc::new(StackDictionary::new(config.stack_dictionary_nodes)),
+                totals: Arc::new(TotalsCache::new(config.totals_cache_entries)),
+            },
             runtime,
             config,
         })

@@ -115,6 +115,46 @@ fn frame_stacks(batches: &[RecordBatch]) -> (i64, HashMap<String, i64>) {
     (total.unwrap(), out)
 }
 
+/// The profiles of a fixture for one pod at a time (seconds past the base).
+fn profiles_at(fixture: &str, pod: &str, seconds: i64) -> Vec<Profile> {
+    profiles(fixture, "heap", "t")
+        .into_iter()
+        .map(|mut p| {
+            p.labels.push(("pod".into(), pod.into()));
+            p.labels.sort();
+            p.time_nanos += seconds * 1_000_000_000;
+            p
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn flamegraph_mixes_whole_and_partial_datasets() {
+    let ty = "fx:inuse_space:bytes:space:bytes";
+    let early = profiles_at("go-heap.pb.gz", "p1", 0);
+    let (p1_late, p2_late) = (
+        profiles_at("go-heap.pb.gz", "p1", 100),
+        profiles_at("go-heap.pb.gz", "p2", 100),
+    );
+    let later = profiles_at("go-heap.pb.gz", "p1", 200);
+    let mixed: Vec<Profile> = [p1_late.clone(), p2_late, later].concat();
+    let (_dir, engine) = engine_with(vec![early.clone(), mixed], 1 << 30).await;
+    // Until 50 s after the p1 profiles at +100 s: the first block whole
+    // (its totals), the second in part (time and series).
+    let start_ms = early[0].time_nanos / 1_000_000;
+    let end_ms = p1_late[0].time_nanos / 1_000_000 + 50_000;
+    let mut want = input_stacks(&early, ty);
+    for (k, v) in input_stacks(&p1_late, ty) {
+        *want.entry(k).or_default() += v;
+    }
+    let sql = format!(
+        "SELECT * FROM flamegraph('{ty}', '{{service_name=\"heap\", pod=\"p1\"}}', {start_ms}, {end_ms})"
+    );
+    let (total, got) = frame_stacks(&run(&engine, "t", &sql).await);
+    assert_eq!(total, want.values().sum::<i64>());
+    assert_eq!(got, want);
+}
+
 #[tokio::test]
 async fn flamegraph_over_several_blocks_equals_the_input() {
     let a = profiles("go-heap.pb.gz", "heap", "t");

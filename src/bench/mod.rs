@@ -43,7 +43,7 @@ pub struct BenchArgs {
     series_per_service: usize,
     /// Samples to generate, as Ember stores them (one per stack, profile
     /// type and profile).
-    #[arg(long, default_value_t = 12_000_000)]
+    #[arg(long, default_value_t = 24_000_000)]
     samples: u64,
     /// Seconds of simulated time between two profiles of a series.
     #[arg(long, default_value_t = 10)]
@@ -58,7 +58,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
     scales: Vec<u64>,
     /// Warm runs of each query.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Seconds of each half of the mixed workload.
     #[arg(long, default_value_t = 20)]
@@ -161,6 +161,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("emptying {}", args.out.display()))?;
     }
     std::fs::create_dir_all(&args.out)?;
+    let args = BenchArgs {
+        out: args.out.canonicalize()?,
+        ..args
+    };
     let mut report = Report {
         machine: machine(),
         config: format!("{args:?}"),
@@ -312,7 +316,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     info!("memory limit");
     server.stop()?;
-    report.memory_limit = memory_limit(&data_dir, &server_args).await?;
+    // Room for ordinary queries, far less than every value of the store.
+    let limit = (report.workload.stored_samples as usize * 2).clamp(1 << 20, 32 << 20);
+    report.memory_limit = memory_limit(&data_dir, &server_args, limit).await?;
 
     for &blocks in &args.metastore_blocks {
         info!("metastore lookup over {blocks} blocks");
@@ -693,12 +699,13 @@ async fn mixed(
 async fn memory_limit(
     data_dir: &std::path::Path,
     server_args: &[String],
+    limit: usize,
 ) -> anyhow::Result<MemoryLimitReport> {
-    let limit = 32usize << 20;
     let mut extra = server_args.to_vec();
     extra.extend(["--query-memory-limit".to_string(), limit.to_string()]);
     let server = Server::start(data_dir, &extra).await?;
-    let sql = "SELECT labels, stack_id, sum(value) AS v FROM samples GROUP BY labels, stack_id ORDER BY v DESC".to_string();
+    // One group collecting every value: nothing to spill, so it must fail.
+    let sql = "SELECT array_agg(value) AS v FROM samples".to_string();
     let error = match queries::rows(&server, &sql).await {
         Ok(_) => None,
         Err(e) => Some(format!("{e:#}")),

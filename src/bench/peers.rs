@@ -108,7 +108,7 @@ struct SpecQuery<'a> {
     #[serde(flatten)]
     query: &'a FlameQuery,
     denormalised: String,
-    samples: String,
+    normalised: String,
     stacks: String,
 }
 
@@ -133,7 +133,7 @@ pub fn python_peers(
             .map(|q| SpecQuery {
                 query: q,
                 denormalised: paths.denormalised(q.service_name.as_deref()),
-                samples: paths.normalised(q.service_name.as_deref()),
+                normalised: paths.normalised(q.service_name.as_deref()),
                 stacks: paths.stacks.display().to_string(),
             })
             .collect(),

@@ -76,7 +76,7 @@ pub fn load_templates(fixtures: &Path) -> anyhow::Result<Vec<Template>> {
         );
         out.push(Template {
             name: e.file_name().to_string_lossy().into_owned(),
-            profile,
+            profile: with_explicit_ids(profile),
         });
     }
     anyhow::ensure!(
@@ -84,7 +84,96 @@ pub fn load_templates(fixtures: &Path) -> anyhow::Result<Vec<Template>> {
         "no usable pprof fixtures in {}",
         dir.display()
     );
+    // Services take templates in turn: CPU profiles (fewest sample types)
+    // first, as most fleets profile CPU everywhere and memory in places.
+    out.sort_by_key(|t| (t.profile.sample_type.len(), t.name.clone()));
     Ok(out)
+}
+
+/// Ids of 0 mean "by position" (.NET); explicit ids survive pruning.
+fn with_explicit_ids(mut p: pprof::Profile) -> pprof::Profile {
+    for (i, l) in p.location.iter_mut().enumerate() {
+        if l.id == 0 {
+            l.id = i as u64 + 1;
+        }
+    }
+    for (i, f) in p.function.iter_mut().enumerate() {
+        if f.id == 0 {
+            f.id = i as u64 + 1;
+        }
+    }
+    p
+}
+
+/// Keeps only the locations, functions, mappings and strings the samples
+/// use, as a profiler writes a profile of what it saw.
+fn pruned(mut p: pprof::Profile) -> pprof::Profile {
+    use std::collections::{BTreeSet, HashMap, HashSet};
+    let locations: HashSet<u64> = p
+        .sample
+        .iter()
+        .flat_map(|s| s.location_id.iter().copied())
+        .collect();
+    p.location.retain(|l| locations.contains(&l.id));
+    let functions: HashSet<u64> = p
+        .location
+        .iter()
+        .flat_map(|l| l.line.iter().map(|line| line.function_id))
+        .collect();
+    p.function.retain(|f| functions.contains(&f.id));
+    let mappings: HashSet<u64> = p.location.iter().map(|l| l.mapping_id).collect();
+    p.mapping.retain(|m| mappings.contains(&m.id));
+
+    let mut used: BTreeSet<i64> = BTreeSet::from([0]);
+    for t in p.sample_type.iter().chain(p.period_type.iter()) {
+        used.extend([t.r#type, t.unit]);
+    }
+    for l in p.sample.iter().flat_map(|s| s.label.iter()) {
+        used.extend([l.key, l.str, l.num_unit]);
+    }
+    for m in &p.mapping {
+        used.extend([m.filename, m.build_id]);
+    }
+    for f in &p.function {
+        used.extend([f.name, f.system_name, f.filename]);
+    }
+    used.extend(p.comment.iter().copied());
+    used.extend([p.drop_frames, p.keep_frames, p.doc_url]);
+    let remap: HashMap<i64, i64> = used
+        .iter()
+        .enumerate()
+        .map(|(new, old)| (*old, new as i64))
+        .collect();
+    let at = |i: i64| remap.get(&i).copied().unwrap_or(0);
+    p.string_table = used
+        .iter()
+        .map(|&i| p.string_table.get(i as usize).cloned().unwrap_or_default())
+        .collect();
+    for t in p.sample_type.iter_mut().chain(p.period_type.iter_mut()) {
+        t.r#type = at(t.r#type);
+        t.unit = at(t.unit);
+    }
+    for l in p.sample.iter_mut().flat_map(|s| s.label.iter_mut()) {
+        l.key = at(l.key);
+        l.str = at(l.str);
+        l.num_unit = at(l.num_unit);
+    }
+    for m in p.mapping.iter_mut() {
+        m.filename = at(m.filename);
+        m.build_id = at(m.build_id);
+    }
+    for f in p.function.iter_mut() {
+        f.name = at(f.name);
+        f.system_name = at(f.system_name);
+        f.filename = at(f.filename);
+    }
+    for c in p.comment.iter_mut() {
+        *c = at(*c);
+    }
+    p.drop_frames = at(p.drop_frames);
+    p.keep_frames = at(p.keep_frames);
+    p.doc_url = at(p.doc_url);
+    p
 }
 
 #[derive(Debug, Clone)]
@@ -151,12 +240,12 @@ pub fn vary(
             samples.push(pprof::Sample { value, ..s.clone() });
         }
     }
-    pprof::Profile {
+    pruned(pprof::Profile {
         sample: samples,
         time_nanos,
         duration_nanos: interval,
         ..template.clone()
-    }
+    })
 }
 
 /// One push request of the workload, encoded as a client sends it.

@@ -10,6 +10,7 @@ pub enum Section {
     Profiles,
     Samples,
     Stacks,
+    Totals,
 }
 
 impl Section {
@@ -18,6 +19,7 @@ impl Section {
             Section::Profiles => "profiles",
             Section::Samples => "samples",
             Section::Stacks => "stacks",
+            Section::Totals => "totals",
         }
     }
 
@@ -26,6 +28,7 @@ impl Section {
             Section::Profiles => profiles_schema(),
             Section::Samples => samples_schema(),
             Section::Stacks => stacks_schema(),
+            Section::Totals => totals_schema(),
         }
     }
 }
@@ -77,6 +80,21 @@ pub fn stacks_schema() -> SchemaRef {
             Field::new("stack_id", DataType::UInt64, false),
             Field::new("parent_id", DataType::UInt64, false),
             Field::new("name", DataType::Utf8, false),
+        ]))
+    })
+    .clone()
+}
+
+/// The dataset's samples summed per profile type and stack over all its
+/// series and its whole time range: what a flame graph of a whole dataset
+/// reads instead of every sample. Sorted by profile type and stack.
+pub fn totals_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("profile_type", DataType::Utf8, false),
+            Field::new("stack_id", DataType::UInt64, false),
+            Field::new("value", DataType::Int64, false),
         ]))
     })
     .clone()

@@ -96,7 +96,8 @@ fn write_dataset(
     profiles: &[&Profile],
 ) -> Result<DatasetMeta, BlockError> {
     let mut stacks = StackTree::default();
-    let samples = samples_batch(service, profiles, &mut stacks)?;
+    let mut totals = Totals::new();
+    let samples = samples_batch(service, profiles, &mut stacks, &mut totals)?;
     let mut series: Vec<String> = profiles
         .iter()
         .map(|p| labels_to_string(&p.labels))
@@ -110,6 +111,7 @@ fn write_dataset(
         append_section(buf, Section::Profiles, profiles_batch(service, profiles)?)?,
         append_section(buf, Section::Samples, samples)?,
         append_section(buf, Section::Stacks, stacks.into_batch()?)?,
+        append_section(buf, Section::Totals, totals_batch(totals)?)?,
     ];
     Ok(DatasetMeta {
         tenant: tenant.to_string(),
@@ -196,10 +198,14 @@ fn profiles_batch(service: &str, profiles: &[&Profile]) -> Result<RecordBatch, B
     RecordBatch::try_new(Section::Profiles.schema(), columns).map_err(arrow_err("profiles"))
 }
 
-fn samples_batch(
+/// profile type -> stack id -> summed value.
+type Totals<'a> = HashMap<&'a str, foldhash::HashMap<u64, i64>>;
+
+fn samples_batch<'a>(
     service: &str,
-    profiles: &[&Profile],
+    profiles: &[&'a Profile],
     stacks: &mut StackTree,
+    totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
     let n: usize = profiles.iter().map(|p| p.samples.len()).sum();
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
@@ -209,14 +215,26 @@ fn samples_batch(
     let mut stack_id = UInt64Builder::with_capacity(n);
     let mut value = Int64Builder::with_capacity(n);
     let mut span_id = UInt64Builder::with_capacity(n);
+    let mut memo = NodeMemo::default();
     for p in profiles {
         let series = labels_to_string(&p.labels);
+        memo.clear();
         let mut rows: Vec<(u64, i64, Option<u64>)> = p
             .samples
             .iter()
-            .map(|s| (stacks.insert(&p.functions, &s.stack), s.value, s.span_id))
+            .map(|s| {
+                (
+                    stacks.insert(&p.functions, &s.stack, &mut memo),
+                    s.value,
+                    s.span_id,
+                )
+            })
             .collect();
         rows.sort_unstable();
+        let type_totals = totals.entry(p.profile_type.as_str()).or_default();
+        for &(id, v, _) in &rows {
+            *type_totals.entry(id).or_default() += v;
+        }
         for (id, v, span) in rows {
             time.append_value(p.time_nanos);
             service_name.append_value(service);
@@ -239,22 +257,53 @@ fn samples_batch(
     RecordBatch::try_new(Section::Samples.schema(), columns).map_err(arrow_err("samples"))
 }
 
+fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
+    let mut rows: Vec<(&str, u64, i64)> = totals
+        .iter()
+        .flat_map(|(t, stacks)| stacks.iter().map(move |(id, v)| (*t, *id, *v)))
+        .collect();
+    rows.sort_unstable();
+    let mut profile_type = StringBuilder::new();
+    let mut stack_id = UInt64Builder::with_capacity(rows.len());
+    let mut value = Int64Builder::with_capacity(rows.len());
+    for (t, id, v) in rows {
+        profile_type.append_value(t);
+        stack_id.append_value(id);
+        value.append_value(v);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(profile_type.finish()),
+        Arc::new(stack_id.finish()),
+        Arc::new(value.finish()),
+    ];
+    RecordBatch::try_new(Section::Totals.schema(), columns).map_err(arrow_err("totals"))
+}
+
+/// (parent id, function index in one profile) -> node id: the stacks of a
+/// profile share their prefixes, so most frames need no name hashing.
+type NodeMemo = foldhash::HashMap<(u64, u32), u64>;
+
 /// The nodes of every stack of a dataset, keyed by their global id.
 #[derive(Default)]
 struct StackTree {
-    nodes: HashMap<u64, (u64, String)>,
+    nodes: foldhash::HashMap<u64, (u64, String)>,
 }
 
 impl StackTree {
     /// Adds every node of a root-first stack and returns the leaf's id.
-    fn insert(&mut self, functions: &[String], stack: &[u32]) -> u64 {
+    fn insert(&mut self, functions: &[String], stack: &[u32], memo: &mut NodeMemo) -> u64 {
         let mut parent = stack::ROOT;
         for &f in stack {
+            if let Some(&id) = memo.get(&(parent, f)) {
+                parent = id;
+                continue;
+            }
             let name = functions.get(f as usize).map(String::as_str).unwrap_or("");
             let id = stack::node_id(parent, name);
             self.nodes
                 .entry(id)
                 .or_insert_with(|| (parent, name.to_string()));
+            memo.insert((parent, f), id);
             parent = id;
         }
         parent
