@@ -2,7 +2,6 @@
 //! the whole `flamegraph()` SQL plan over blocks in a local object store.
 //! `cargo bench -p ember-sql --bench flamegraph_merge`
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

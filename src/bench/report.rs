@@ -279,11 +279,9 @@ fn flame_chart(path: &Path, r: &Report) -> anyhow::Result<()> {
         .flat_map(|s| s.1.iter().map(|p| p.0))
         .fold(0.0, f64::max)
         * 1.05;
-    let max_y = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(0.0, f64::max)
-        * 1.1;
+    let ys = || series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
+    let max_y = ys().fold(0.0, f64::max) * 1.3;
+    let min_y = ys().fold(f64::INFINITY, f64::min).max(0.1) * 0.7;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -294,11 +292,11 @@ fn flame_chart(path: &Path, r: &Report) -> anyhow::Result<()> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
+        .build_cartesian_2d(0.0..max_x, (min_y..max_y).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("million samples in range")
-        .y_desc("ms")
+        .y_desc("ms (log scale)")
         .draw()?;
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN];
     for (k, (label, points)) in series.into_iter().enumerate() {
