@@ -32,6 +32,48 @@ pub mod testing {
             .expect("shared fixtures not found: set EMBER_FIXTURES")
     }
 
+    /// Level-0 block `i` of a synthetic index: one every 10 s per shard
+    /// (4 shards), each with datasets of 3 of `services` services, as
+    /// segment writers leave them. For metastore benchmarks.
+    pub fn level0_block(i: usize, services: usize) -> crate::BlockMeta {
+        use crate::block::{BlockMeta, DatasetMeta, SectionMeta};
+        const BLOCK_NANOS: i64 = 10_000_000_000;
+        let start = i as i64 / 4 * BLOCK_NANOS;
+        let datasets = (0..3)
+            .map(|k| {
+                let service = format!("svc-{:02}", (i * 7 + k * 13) % services.max(1));
+                DatasetMeta {
+                    tenant: "bench".into(),
+                    min_time: start,
+                    max_time: start + BLOCK_NANOS - 1,
+                    profile_types: vec!["process_cpu:cpu:nanoseconds:cpu:nanoseconds".into()],
+                    series: vec![format!("{{pod=\"p{k}\", service_name=\"{service}\"}}")],
+                    service_name: service,
+                    sections: vec![SectionMeta {
+                        kind: "samples".into(),
+                        offset: 0,
+                        size: 1000,
+                        rows: 100,
+                    }],
+                    profiles: 10,
+                    samples: 1000,
+                }
+            })
+            .collect();
+        let id = format!("{i:026}");
+        BlockMeta {
+            format_version: 1,
+            path: format!("segments/{}/anonymous/{id}/block.bin", i % 4),
+            id,
+            shard: (i % 4) as u32,
+            compaction_level: 0,
+            min_time: start,
+            max_time: start + BLOCK_NANOS - 1,
+            size: 3000,
+            datasets,
+        }
+    }
+
     /// Every valid pprof fixture: (file name, bytes).
     pub fn pprof_fixtures() -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixtures_dir().join("pprof"))

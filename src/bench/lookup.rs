@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use ember_engine::block::{BlockMeta, DatasetMeta, SectionMeta};
+use ember_engine::testing::level0_block;
 use ember_engine::{BlockQuery, Command, Metastore};
 use serde::Serialize;
 
@@ -20,47 +20,6 @@ pub struct LookupRun {
     pub latency: Latency,
 }
 
-/// A level-0 block every 10 s per shard, each with a dataset per service it
-/// holds: the shape segment writers leave behind.
-fn block(i: usize) -> BlockMeta {
-    let start = i as i64 / 4 * BLOCK_NANOS;
-    let datasets = (0..3)
-        .map(|k| {
-            let service = (i * 7 + k * 13) % SERVICES;
-            DatasetMeta {
-                tenant: "bench".into(),
-                service_name: format!("svc-{service:02}"),
-                min_time: start,
-                max_time: start + BLOCK_NANOS - 1,
-                profile_types: vec!["process_cpu:cpu:nanoseconds:cpu:nanoseconds".into()],
-                series: vec![format!(
-                    "{{pod=\"p{k}\", service_name=\"svc-{service:02}\"}}"
-                )],
-                sections: vec![SectionMeta {
-                    kind: "samples".into(),
-                    offset: 0,
-                    size: 1000,
-                    rows: 100,
-                }],
-                profiles: 10,
-                samples: 1000,
-            }
-        })
-        .collect();
-    let id = format!("{i:026}");
-    BlockMeta {
-        format_version: 1,
-        path: format!("segments/{}/anonymous/{id}/block.bin", i % 4),
-        id,
-        shard: (i % 4) as u32,
-        compaction_level: 0,
-        min_time: start,
-        max_time: start + BLOCK_NANOS - 1,
-        size: 3000,
-        datasets,
-    }
-}
-
 /// Loads `blocks` blocks into a fresh metastore, then times lookups of one
 /// service over one hour at random points of the range.
 pub fn run(blocks: usize, lookups: usize) -> anyhow::Result<LookupRun> {
@@ -71,7 +30,7 @@ pub fn run(blocks: usize, lookups: usize) -> anyhow::Result<LookupRun> {
         metastore.apply_all(
             chunk
                 .iter()
-                .map(|&i| Command::add_block(block(i)))
+                .map(|&i| Command::add_block(level0_block(i, SERVICES)))
                 .collect(),
         )?;
     }
