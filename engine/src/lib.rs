@@ -7,10 +7,12 @@ pub mod metastore;
 pub mod profile;
 pub mod selector;
 pub mod stack;
+pub mod tenant;
 
 pub use block::{BlockMeta, DatasetMeta, SectionMeta};
-pub use metastore::{BlockQuery, Command, DatasetRef, Metastore, MetastoreError};
+pub use metastore::{BlockQuery, Command, DatasetKey, DatasetRef, Metastore, MetastoreError};
 pub use profile::{Labels, Profile, Sample};
+pub use tenant::{TenantId, DEFAULT_TENANT};
 
 /// Support for tests and benchmarks across the workspace.
 #[doc(hidden)]

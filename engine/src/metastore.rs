@@ -17,6 +17,12 @@ use crate::block::{BlockMeta, DatasetMeta};
 /// Width of an index partition.
 pub const PARTITION_NANOS: i64 = 6 * 3600 * 1_000_000_000;
 
+/// Most partitions one block may span. A block costs the index one entry
+/// per partition and tenant, so a block whose profiles lie years apart
+/// would cost thousands; segment writers cut a flush per partition and
+/// compaction stays within one, so only a faulty writer reaches this.
+pub const MAX_BLOCK_PARTITIONS: i64 = 4;
+
 const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
 const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const APPLIED_INDEX: &str = "applied_index";
@@ -90,6 +96,31 @@ pub struct DatasetRef {
     pub dataset: Arc<DatasetMeta>,
 }
 
+/// What identifies a dataset everywhere a cache or plan keeps one: its
+/// block, its tenant and its service. A level-0 block holds several tenants
+/// that may share a service name, so a key without the tenant would let one
+/// tenant's cached data answer another's query.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DatasetKey {
+    pub block_id: Arc<str>,
+    pub tenant: String,
+    pub service: String,
+}
+
+impl DatasetRef {
+    pub fn key(&self) -> DatasetKey {
+        DatasetKey {
+            block_id: self.block_id.clone(),
+            tenant: self.dataset.tenant.clone(),
+            service: self.dataset.service_name.clone(),
+        }
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.dataset.tenant
+    }
+}
+
 /// What a query asks the index for. `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct BlockQuery {
@@ -119,6 +150,8 @@ type ServiceIndex = HashMap<String, Vec<DatasetRef>>;
 struct Index {
     /// partition start -> tenant -> service -> datasets.
     partitions: BTreeMap<i64, HashMap<String, ServiceIndex>>,
+    /// Every block indexed, so that registering one again changes nothing.
+    blocks: HashSet<Arc<str>>,
     entries: usize,
 }
 
@@ -130,7 +163,11 @@ impl Index {
             .or_default()
             .entry(tenant)
             .or_default();
-        let block_id: Arc<str> = Arc::from(meta.id.as_str());
+        let block_id: Arc<str> = match self.blocks.get(meta.id.as_str()) {
+            Some(id) => id.clone(),
+            None => Arc::from(meta.id.as_str()),
+        };
+        self.blocks.insert(block_id.clone());
         let path: Arc<str> = Arc::from(meta.path.as_str());
         for d in meta.datasets {
             services
@@ -178,9 +215,13 @@ impl Index {
 pub struct Metastore {
     db: Database,
     index: RwLock<Index>,
+    /// Serialises commands, so that the check for blocks already indexed
+    /// and the write that follows are one step.
+    apply_lock: std::sync::Mutex<()>,
 }
 
-fn partition_of(nanos: i64) -> i64 {
+/// Start of the 6 h partition holding `nanos`.
+pub fn partition_of(nanos: i64) -> i64 {
     nanos
         .div_euclid(PARTITION_NANOS)
         .saturating_mul(PARTITION_NANOS)
@@ -245,6 +286,7 @@ impl Metastore {
         let store = Self {
             db,
             index: RwLock::new(Index::default()),
+            apply_lock: std::sync::Mutex::new(()),
         };
         store.reload_index()?;
         Ok(store)
@@ -277,6 +319,7 @@ impl Metastore {
 
     /// Applies commands in one durable transaction: all or none of them.
     pub fn apply_all(&self, commands: Vec<Command>) -> Result<(), MetastoreError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut blocks = Vec::with_capacity(commands.len());
         for command in commands {
             match command.kind {
@@ -284,12 +327,29 @@ impl Metastore {
                 None => return Err(MetastoreError::InvalidCommand("empty command".into())),
             }
         }
+        // At-least-once delivery (a retried flush, a dlq entry whose block
+        // did get registered) must not count a block twice.
+        let mut seen = HashSet::new();
+        blocks.retain(|b| seen.insert(b.id.clone()));
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            blocks.retain(|b| !index.blocks.contains(b.id.as_str()));
+        }
         let mut entries = Vec::new();
         for meta in &blocks {
             if meta.id.is_empty() || meta.path.is_empty() {
                 return Err(MetastoreError::InvalidCommand(
                     "block without id or path".into(),
                 ));
+            }
+            let span = partition_of(meta.max_time).saturating_sub(partition_of(meta.min_time))
+                / PARTITION_NANOS
+                + 1;
+            if meta.min_time > meta.max_time || span > MAX_BLOCK_PARTITIONS {
+                return Err(MetastoreError::InvalidCommand(format!(
+                    "block {} spans {span} partitions of 6 h (at most {MAX_BLOCK_PARTITIONS})",
+                    meta.id
+                )));
             }
             for (partition, tenant, entry) in index_entries(meta) {
                 let key = entry_key(partition, &tenant, meta.shard, &meta.id);
@@ -523,6 +583,55 @@ mod tests {
             partition_from_key(&entry_key(-PARTITION_NANOS, "t", 0, "a")),
             Some(-PARTITION_NANOS)
         );
+    }
+
+    #[test]
+    fn a_block_registered_twice_is_one_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let b = block("A", vec![dataset("t", "s", HOUR, HOUR)]);
+        let all = BlockQuery {
+            tenant: "t".into(),
+            start: 0,
+            end: 10 * HOUR,
+            ..Default::default()
+        };
+        {
+            let m = Metastore::open(&path).unwrap();
+            m.apply(Command::add_block(b.clone())).unwrap();
+            m.apply(Command::add_block(b.clone())).unwrap();
+            m.apply_all(vec![
+                Command::add_block(b.clone()),
+                Command::add_block(b.clone()),
+            ])
+            .unwrap();
+            assert_eq!(ids(&m.query(&all)), ["A/s"]);
+            assert_eq!(m.entry_count(), 1);
+        }
+        let m = Metastore::open(&path).unwrap();
+        m.apply(Command::add_block(b)).unwrap();
+        assert_eq!(ids(&m.query(&all)), ["A/s"]);
+        assert_eq!(m.entry_count(), 1);
+    }
+
+    #[test]
+    fn a_block_spanning_years_is_refused_and_costs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        let year = 365 * 24 * HOUR;
+        let wide = block(
+            "W",
+            vec![dataset("t", "s", 0, year), dataset("t", "s2", HOUR, HOUR)],
+        );
+        let err = m.apply(Command::add_block(wide)).unwrap_err().to_string();
+        assert!(err.contains("spans 1461 partitions"), "{err}");
+        assert_eq!(m.entry_count(), 0);
+        // Four partitions is the most a block may cost.
+        let edge = block("E", vec![dataset("t", "s", 0, 4 * PARTITION_NANOS - 1)]);
+        m.apply(Command::add_block(edge)).unwrap();
+        assert_eq!(m.entry_count(), 4);
+        let over = block("O", vec![dataset("t", "s", 0, 4 * PARTITION_NANOS)]);
+        assert!(m.apply(Command::add_block(over)).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The normalised profile: what the distributor produces from any wire format
 //! and what the segment writer stores.
 
+use std::sync::Arc;
+
 /// Label pairs sorted by name, unique by name.
 pub type Labels = Vec<(String, String)>;
 
@@ -19,8 +21,9 @@ pub struct Profile {
     pub time_nanos: i64,
     pub duration_nanos: i64,
     pub period: i64,
-    /// Function names that the samples' stacks point into.
-    pub functions: Vec<String>,
+    /// Function names that the samples' stacks point into, shared by the
+    /// profiles (sample types, label sets) decoded from one pprof.
+    pub functions: Arc<[String]>,
     pub samples: Vec<Sample>,
 }
 
@@ -37,8 +40,11 @@ impl Profile {
         label_value(&self.labels, SERVICE_NAME).unwrap_or("unknown_service")
     }
 
+    /// The sum of the sample values, saturating (values are client input).
     pub fn total(&self) -> i64 {
-        self.samples.iter().map(|s| s.value).sum()
+        self.samples
+            .iter()
+            .fold(0i64, |sum, s| sum.saturating_add(s.value))
     }
 
     /// Approximate in-memory size, used to bound open segments.

@@ -24,6 +24,7 @@ use base64::Engine;
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::record_batch::RecordBatch;
+use ember_engine::TenantId;
 use ember_sql::{QueryEngine, TABLES};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
@@ -32,7 +33,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use arrow_flight::flight_service_server::FlightServiceServer;
 
-pub const DEFAULT_TENANT: &str = "anonymous";
 const TENANT_HEADER: &str = "x-scope-orgid";
 
 pub struct EmberFlightSql {
@@ -52,24 +52,16 @@ impl EmberFlightSql {
 }
 
 fn tenant<T>(req: &Request<T>) -> Result<String, Status> {
-    let Some(v) = req.metadata().get(TENANT_HEADER) else {
-        return Ok(DEFAULT_TENANT.to_string());
+    let id = match req.metadata().get(TENANT_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| Status::invalid_argument("x-scope-orgid is not ASCII"))?,
+        ),
     };
-    let t = v
-        .to_str()
-        .map_err(|_| Status::invalid_argument("x-scope-orgid is not ASCII"))?
-        .trim();
-    let valid = !t.is_empty()
-        && t.len() <= 150
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
-    if valid {
-        Ok(t.to_string())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "invalid tenant id {t:?} in x-scope-orgid"
-        )))
-    }
+    TenantId::parse(id)
+        .map(TenantId::into_string)
+        .map_err(|e| Status::invalid_argument(format!("{e} in x-scope-orgid")))
 }
 
 fn status(e: ember_sql::SqlError) -> Status {
@@ -77,6 +69,7 @@ fn status(e: ember_sql::SqlError) -> Status {
     let root = match &e {
         ember_sql::SqlError::DataFusion(df) => df.find_root(),
         ember_sql::SqlError::Tenant(_) => return Status::invalid_argument(e.to_string()),
+        ember_sql::SqlError::Timeout(_) => return Status::deadline_exceeded(e.to_string()),
     };
     match root {
         E::ResourcesExhausted(_) => {

@@ -39,7 +39,7 @@ use futures::StreamExt;
 
 use crate::args;
 use crate::session::Storage;
-use crate::stack_dictionary::{Nodes, StackDictionary};
+use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
 use crate::tables::{section_scan, DatasetSource, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;
@@ -110,12 +110,13 @@ impl<'a> DenseTree<'a> {
                 tree.names.push(name);
                 tree.own.push(0);
             }
-            tree.own[index[&leaf] as usize] += v;
+            let own = &mut tree.own[index[&leaf] as usize];
+            *own = own.saturating_add(v);
         }
         tree.total = tree.own.clone();
         for i in (1..tree.names.len()).rev() {
             let p = tree.parent[i] as usize;
-            tree.total[p] += tree.total[i];
+            tree.total[p] = tree.total[p].saturating_add(tree.total[i]);
         }
         Ok(tree)
     }
@@ -333,7 +334,8 @@ impl TableProvider for FlameGraphTable {
             )?
             .build()?;
         let sums = state.create_physical_plan(&plan).await?;
-        let missing = self.storage.stacks.missing(&datasets);
+        let tenant_nodes = self.storage.stacks.tenant(&q.tenant);
+        let missing = StackDictionary::missing(&tenant_nodes, &datasets);
         let stacks = section_scan(
             state,
             self.storage.store.clone(),
@@ -345,6 +347,8 @@ impl TableProvider for FlameGraphTable {
         )?;
         Ok(Arc::new(FlameGraphExec {
             dictionary: self.storage.stacks.clone(),
+            tenant: q.tenant.clone(),
+            tenant_nodes,
             missing: Arc::new(missing),
             whole: Arc::new(WholeDatasets {
                 storage: Some(self.storage.clone()),
@@ -388,7 +392,8 @@ impl WholeDatasets {
             };
             let before = values.len();
             for &(id, v) in list {
-                *values.entry(id).or_default() += v;
+                let slot = values.entry(id).or_default();
+                *slot = slot.saturating_add(v);
             }
             grow((values.len() - before) * 24)?;
         }
@@ -469,6 +474,9 @@ pub struct FlameGraphExec {
     /// The stacks sections of the datasets missing from the dictionary.
     stacks: Arc<dyn ExecutionPlan>,
     dictionary: Arc<StackDictionary>,
+    /// The query's tenant and its dictionary, held from planning on.
+    tenant: String,
+    tenant_nodes: TenantNodes,
     missing: Arc<Vec<DatasetRef>>,
     /// Datasets taken whole: their cached totals are merged into the sums.
     whole: Arc<WholeDatasets>,
@@ -500,6 +508,8 @@ impl FlameGraphExec {
             sums,
             stacks,
             dictionary: Arc::new(StackDictionary::new(0)),
+            tenant: String::new(),
+            tenant_nodes: TenantNodes::default(),
             missing: Arc::new(Vec::new()),
             whole: Arc::new(WholeDatasets::default()),
             max_nodes,
@@ -556,7 +566,8 @@ async fn read_sums(
         let values: &Int64Array = batch.column(1).as_primitive::<Int64Type>();
         for i in 0..batch.num_rows() {
             if values.is_valid(i) {
-                *sums.entry(ids.value(i)).or_default() += values.value(i);
+                let slot = sums.entry(ids.value(i)).or_default();
+                *slot = slot.saturating_add(values.value(i));
             }
         }
     }
@@ -592,6 +603,8 @@ impl ExecutionPlan for FlameGraphExec {
             .map_err(|_| DataFusionError::Internal("FlameGraphExec takes two children".into()))?;
         Ok(Arc::new(FlameGraphExec {
             dictionary: self.dictionary.clone(),
+            tenant: self.tenant.clone(),
+            tenant_nodes: self.tenant_nodes.clone(),
             missing: self.missing.clone(),
             whole: self.whole.clone(),
             ..FlameGraphExec::new(sums, stacks, self.max_nodes, self.projection.clone())
@@ -614,8 +627,10 @@ impl ExecutionPlan for FlameGraphExec {
             self.max_nodes,
             self.projection.clone(),
         );
-        let (dictionary, missing, whole) = (
+        let (dictionary, tenant, tenant_nodes, missing, whole) = (
             self.dictionary.clone(),
+            self.tenant.clone(),
+            self.tenant_nodes.clone(),
             self.missing.clone(),
             self.whole.clone(),
         );
@@ -624,13 +639,13 @@ impl ExecutionPlan for FlameGraphExec {
             let mut grow = |bytes: usize| reservation.try_grow(bytes);
             let read = read_stack_nodes(stacks, context.clone(), &mut grow).await?;
             // Kept nodes are the dictionary's memory, not this query's.
-            let local = dictionary.offer(&missing, read);
+            let local = dictionary.offer(&tenant, &tenant_nodes, &missing, read);
             if local.is_none() {
                 reservation.free();
             }
             let mut values = read_sums(sums, context, &mut grow).await?;
             whole.add_totals(&mut values, &mut grow).await?;
-            let global = dictionary.read();
+            let global = stack_dictionary::read(&tenant_nodes);
             let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
                 Some(n) => Some(n),
                 None => global.get(id),
@@ -719,6 +734,16 @@ mod tests {
         assert_eq!(labels, ["total", "main", "big", "mid", "other"]);
         assert_eq!(got[4], (2, 3, 3, "other".to_string()));
         assert_eq!(got[0].1, 153);
+    }
+
+    #[test]
+    fn sums_near_the_limit_saturate_instead_of_wrapping() {
+        let (nodes, values) = tree(&[("main;a", i64::MAX - 1), ("main;b", 5), ("gc", i64::MAX)]);
+        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 100).unwrap());
+        assert_eq!(got[0], (0, i64::MAX, 0, "total".to_string()));
+        let main = got.iter().find(|r| r.3 == "main").unwrap();
+        assert_eq!(main.1, i64::MAX);
+        assert!(got.iter().all(|r| r.1 >= 0 && r.2 >= 0));
     }
 
     #[test]

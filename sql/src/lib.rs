@@ -4,11 +4,13 @@
 
 mod args;
 pub mod flamegraph;
+mod lru;
 mod pruning;
 mod session;
 pub mod stack_dictionary;
 mod stack_totals;
 mod tables;
+mod tenant_memory;
 
 pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
 pub use tables::TABLES;
@@ -21,6 +23,8 @@ pub enum SqlError {
     DataFusion(#[from] datafusion::error::DataFusionError),
     #[error("invalid tenant {0:?}")]
     Tenant(String),
+    #[error("query timed out after {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 #[cfg(test)]

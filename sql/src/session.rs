@@ -2,21 +2,27 @@
 //! a runtime shared by all queries so that the memory limit is global.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::catalog::{
     CatalogProvider as _, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider as _,
 };
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
-use ember_engine::Metastore;
+use ember_engine::{Metastore, TenantId};
+use futures::StreamExt;
 use object_store::ObjectStore;
+use url::Url;
 
 use crate::flamegraph::FlameGraphFunction;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
 use crate::tables::{DatasetSource, SectionTable, TABLES};
+use crate::tenant_memory::TenantPools;
 use crate::SqlError;
 
 pub const CATALOG: &str = "ember";
@@ -25,22 +31,57 @@ pub const CATALOG: &str = "ember";
 pub struct QueryEngineConfig {
     /// Bytes that all running queries may hold at once.
     pub memory_limit: usize,
+    /// Bytes that one tenant's running queries may hold at once.
+    pub tenant_memory_limit: usize,
     pub target_partitions: usize,
-    /// Stack nodes kept across queries (about 100 bytes each).
-    pub stack_dictionary_nodes: usize,
-    /// (stack, value) pairs of dataset totals kept across queries (16 bytes each).
-    pub totals_cache_entries: usize,
+    /// Bytes of stack nodes kept across queries, all tenants together.
+    pub stack_dictionary_bytes: usize,
+    /// Bytes of per-dataset stack totals kept across queries.
+    pub totals_cache_bytes: usize,
+    /// A query still running after this long fails with a timeout.
+    pub query_timeout: Duration,
 }
 
 impl Default for QueryEngineConfig {
     fn default() -> Self {
         Self {
             memory_limit: 1 << 30,
+            tenant_memory_limit: 512 << 20,
             target_partitions: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
-            stack_dictionary_nodes: 2_000_000,
-            totals_cache_entries: 16_000_000,
+            stack_dictionary_bytes: 256 << 20,
+            totals_cache_bytes: 256 << 20,
+            query_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The only object stores SQL can reach: the block store under its own URL.
+/// DataFusion's default registry also serves `file://`, which would let a
+/// statement read the server's files; this one serves nothing else.
+#[derive(Debug)]
+struct BlockStoreOnly {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ObjectStoreRegistry for BlockStoreOnly {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> Result<Arc<dyn ObjectStore>> {
+        let blocks = crate::tables::store_url();
+        if url.as_str().starts_with(blocks.as_str()) {
+            Ok(self.store.clone())
+        } else {
+            Err(DataFusionError::Plan(format!(
+                "no object store for {url}: SQL reads only Ember's blocks"
+            )))
         }
     }
 }
@@ -57,6 +98,7 @@ pub(crate) struct Storage {
 pub struct QueryEngine {
     storage: Storage,
     runtime: Arc<RuntimeEnv>,
+    tenant_pools: TenantPools,
     config: QueryEngineConfig,
 }
 
@@ -68,24 +110,49 @@ impl QueryEngine {
     ) -> Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(config.memory_limit, 1.0)
+            .with_object_store_registry(Arc::new(BlockStoreOnly {
+                store: store.clone(),
+            }))
             .build_arc()?;
-        runtime.register_object_store(crate::tables::store_url().as_ref(), store.clone());
+        let tenant_pools = TenantPools::new(
+            runtime.memory_pool.clone(),
+            config.tenant_memory_limit.min(config.memory_limit),
+        );
         Ok(Self {
             storage: Storage {
                 store,
                 metastore,
-                stacks: Arc::new(StackDictionary::new(config.stack_dictionary_nodes)),
-                totals: Arc::new(TotalsCache::new(config.totals_cache_entries)),
+                stacks: Arc::new(StackDictionary::new(config.stack_dictionary_bytes)),
+                totals: Arc::new(TotalsCache::new(config.totals_cache_bytes)),
             },
             runtime,
+            tenant_pools,
             config,
+        })
+    }
+
+    /// Bytes held by the caches shared across queries (stack dictionary
+    /// and totals), for metrics.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        (self.storage.stacks.bytes(), self.storage.totals.bytes())
+    }
+
+    /// The shared runtime with the tenant's memory pool in front of the
+    /// global one.
+    fn tenant_runtime(&self, tenant: &str) -> Arc<RuntimeEnv> {
+        Arc::new(RuntimeEnv {
+            memory_pool: self.tenant_pools.pool(tenant),
+            disk_manager: self.runtime.disk_manager.clone(),
+            cache_manager: self.runtime.cache_manager.clone(),
+            object_store_registry: self.runtime.object_store_registry.clone(),
         })
     }
 
     /// A session that sees only `tenant`'s data: catalog `ember`, schema
     /// named after the tenant, and the profile functions.
     pub fn session(&self, tenant: &str) -> std::result::Result<SessionContext, SqlError> {
-        if tenant.is_empty() || tenant.contains(['"', '\'', '.', '/']) {
+        let valid = TenantId::parse(Some(tenant)).is_ok_and(|t| t.as_str() == tenant);
+        if !valid {
             return Err(SqlError::Tenant(tenant.to_string()));
         }
         let mut config = SessionConfig::new()
@@ -97,7 +164,7 @@ impl QueryEngine {
         // Grafana's Flight SQL data source reads Utf8, not Utf8View.
         options.sql_parser.map_string_types_to_utf8view = false;
         options.execution.parquet.schema_force_view_types = false;
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        let ctx = SessionContext::new_with_config_rt(config, self.tenant_runtime(tenant));
         let schema = MemorySchemaProvider::new();
         for section in TABLES {
             let table = SectionTable::new(
@@ -131,11 +198,54 @@ impl QueryEngine {
         Ok(ctx.sql_with_options(sql, options).await?)
     }
 
+    /// Runs a statement; the stream fails once the query timeout passes.
     pub async fn execute(
         &self,
         tenant: &str,
         sql: &str,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
-        Ok(self.plan(tenant, sql).await?.execute_stream().await?)
+        let deadline = tokio::time::Instant::now() + self.config.query_timeout;
+        let timeout = self.config.query_timeout;
+        let stream = tokio::time::timeout_at(deadline, async {
+            self.plan(tenant, sql)
+                .await?
+                .execute_stream()
+                .await
+                .map_err(SqlError::from)
+        })
+        .await
+        .map_err(|_| SqlError::Timeout(timeout))??;
+        Ok(with_deadline(stream, deadline, timeout))
     }
+}
+
+/// A stream that ends with a timeout error at `deadline`.
+fn with_deadline(
+    stream: SendableRecordBatchStream,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let timed = futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        // A CPU-bound operator can return its batch after the deadline
+        // without ever yielding: check the clock after each one too.
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(_)) if tokio::time::Instant::now() > deadline => Some((
+                Err(DataFusionError::ResourcesExhausted(format!(
+                    "query timed out after {timeout:?}"
+                ))),
+                None,
+            )),
+            Ok(Some(item)) => Some((item, Some(stream))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(DataFusionError::ResourcesExhausted(format!(
+                    "query timed out after {timeout:?}"
+                ))),
+                None,
+            )),
+        }
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, timed))
 }

@@ -1,28 +1,34 @@
-//! Every stack node the query backend has read, by its global id. Node ids
-//! are hashes of the path, the same in every block, so blocks share their
-//! nodes: a flame graph reads the stacks sections only of the datasets whose
-//! nodes are not here yet, and a warm query reads none.
+//! Every stack node the query backend has read, per tenant, by its id. Node
+//! ids are hashes of the path, the same in every block, so a tenant's blocks
+//! share their nodes: a flame graph reads the stacks sections only of the
+//! datasets whose nodes are not loaded yet, and a warm query reads none.
+//!
+//! Each tenant has its own dictionary. Ids are 64-bit FNV hashes, which a
+//! client can make collide on purpose; a shared dictionary would let such a
+//! collision name one tenant's frame in another tenant's flame graph.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use ember_engine::DatasetRef;
+use ember_engine::{DatasetKey, DatasetRef};
+
+use crate::lru::ByteLru;
 
 /// Node id -> (parent id, frame name).
 pub type StackNodes = HashMap<u64, (u64, Arc<str>)>;
 
-/// Identifies a dataset: its block and service.
-type DatasetKey = (Arc<str>, String);
-
-fn key(d: &DatasetRef) -> DatasetKey {
-    (d.block_id.clone(), d.dataset.service_name.clone())
-}
+/// Bytes a node costs in the map (id, parent, name pointer, hashing slack).
+const NODE_BYTES: usize = 48;
+/// Bytes a distinct name costs besides its text.
+const NAME_BYTES: usize = 40;
+const DATASET_BYTES: usize = 96;
 
 #[derive(Default)]
 pub struct Nodes {
     nodes: StackNodes,
     names: HashSet<Arc<str>>,
     loaded: HashSet<DatasetKey>,
+    bytes: usize,
 }
 
 impl Nodes {
@@ -38,12 +44,18 @@ impl Nodes {
         self.nodes.is_empty()
     }
 
+    /// Approximate memory held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     fn name(&mut self, name: &str) -> Arc<str> {
         if let Some(n) = self.names.get(name) {
             return n.clone();
         }
         let n: Arc<str> = Arc::from(name);
         self.names.insert(n.clone());
+        self.bytes += NAME_BYTES + name.len();
         n
     }
 
@@ -51,50 +63,113 @@ impl Nodes {
         if !self.nodes.contains_key(&id) {
             let name = self.name(name);
             self.nodes.insert(id, (parent, name));
-        }
-    }
-}
-
-/// Grows until `max_nodes`, then stops caching: nodes are never evicted,
-/// so a dataset once marked loaded stays whole for every later query.
-pub struct StackDictionary {
-    inner: RwLock<Nodes>,
-    max_nodes: usize,
-}
-
-impl StackDictionary {
-    pub fn new(max_nodes: usize) -> Self {
-        Self {
-            inner: RwLock::new(Nodes::default()),
-            max_nodes,
+            self.bytes += NODE_BYTES;
         }
     }
 
-    /// The datasets whose nodes are not in the dictionary.
-    pub fn missing(&self, datasets: &[DatasetRef]) -> Vec<DatasetRef> {
-        let inner = self.read();
+    /// The datasets whose nodes are not here.
+    fn missing(&self, datasets: &[DatasetRef]) -> Vec<DatasetRef> {
         datasets
             .iter()
-            .filter(|d| !inner.loaded.contains(&key(d)))
+            .filter(|d| !self.loaded.contains(&d.key()))
             .cloned()
             .collect()
     }
 
-    /// Keeps the nodes read for `datasets` if there is room; returns them
-    /// to the caller otherwise.
-    pub fn offer(&self, datasets: &[DatasetRef], nodes: Nodes) -> Option<Nodes> {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if inner.len() + nodes.len() > self.max_nodes {
-            return Some(nodes);
+    /// Bytes that merging `other` would add (an upper bound).
+    fn added_bytes(&self, other: &Nodes, datasets: usize) -> usize {
+        let new_nodes = other
+            .nodes
+            .keys()
+            .filter(|id| !self.nodes.contains_key(id))
+            .count();
+        let new_names: usize = other
+            .names
+            .iter()
+            .filter(|n| !self.names.contains(*n))
+            .map(|n| NAME_BYTES + n.len())
+            .sum();
+        new_nodes * NODE_BYTES + new_names + datasets * DATASET_BYTES
+    }
+}
+
+/// One tenant's nodes. A query holds the `Arc` from planning to the end, so
+/// a dataset it found loaded stays whole for it even if the cache forgets
+/// the tenant meanwhile.
+pub type TenantNodes = Arc<RwLock<Nodes>>;
+
+/// The tenants' dictionaries, bounded in bytes together; the least recently
+/// used tenant's dictionary is forgotten first.
+pub struct StackDictionary {
+    tenants: Mutex<ByteLru<String, TenantNodes>>,
+}
+
+impl StackDictionary {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            tenants: Mutex::new(ByteLru::new(max_bytes)),
         }
-        for (id, (parent, name)) in nodes.nodes {
-            inner.insert(id, parent, &name);
-        }
-        inner.loaded.extend(datasets.iter().map(key));
-        None
     }
 
-    pub fn read(&self) -> RwLockReadGuard<'_, Nodes> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByteLru<String, TenantNodes>> {
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes()
+    }
+
+    /// The tenant's dictionary (a new empty one if it has none cached).
+    pub fn tenant(&self, tenant: &str) -> TenantNodes {
+        let mut tenants = self.lock();
+        let key = tenant.to_string();
+        if let Some(nodes) = tenants.get(&key) {
+            return nodes;
+        }
+        let nodes = TenantNodes::default();
+        tenants.insert(key, nodes.clone(), 0);
+        nodes
+    }
+
+    /// The datasets whose nodes `nodes` lacks.
+    pub fn missing(nodes: &TenantNodes, datasets: &[DatasetRef]) -> Vec<DatasetRef> {
+        read(nodes).missing(datasets)
+    }
+
+    /// Keeps the nodes read for `datasets` in the tenant's dictionary if the
+    /// budget allows; returns them to the caller otherwise.
+    pub fn offer(
+        &self,
+        tenant: &str,
+        into: &TenantNodes,
+        datasets: &[DatasetRef],
+        read_nodes: Nodes,
+    ) -> Option<Nodes> {
+        if datasets.iter().any(|d| d.tenant() != tenant) {
+            // Never file one tenant's nodes under another's name.
+            return Some(read_nodes);
+        }
+        let mut tenants = self.lock();
+        let key = tenant.to_string();
+        let current = tenants.get(&key);
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, into)) {
+            // The cache forgot this tenant since the query began.
+            return Some(read_nodes);
+        }
+        let mut nodes = into.write().unwrap_or_else(|e| e.into_inner());
+        let added = nodes.added_bytes(&read_nodes, datasets.len());
+        if !tenants.grow(&key, added) {
+            return Some(read_nodes);
+        }
+        for (id, (parent, name)) in read_nodes.nodes {
+            nodes.insert(id, parent, &name);
+        }
+        nodes.loaded.extend(datasets.iter().map(DatasetRef::key));
+        nodes.bytes += datasets.len() * DATASET_BYTES;
+        None
+    }
+}
+
+pub fn read(nodes: &TenantNodes) -> RwLockReadGuard<'_, Nodes> {
+    nodes.read().unwrap_or_else(|e| e.into_inner())
 }

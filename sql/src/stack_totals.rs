@@ -9,39 +9,42 @@ use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
 use datafusion::error::{DataFusionError, Result};
 use ember_engine::block::{read_section, Section};
-use ember_engine::DatasetRef;
+use ember_engine::{DatasetKey, DatasetRef};
 use object_store::ObjectStore;
+
+use crate::lru::ByteLru;
 
 /// profile type -> (stack id, summed value), for one dataset.
 pub type DatasetTotals = HashMap<String, Vec<(u64, i64)>>;
 
-type Key = (Arc<str>, String);
-
-struct Inner {
-    totals: HashMap<Key, Arc<DatasetTotals>>,
-    entries: usize,
+/// Keyed by [`DatasetKey`] (block, tenant, service): two tenants' datasets
+/// of one service in one block are two entries. Bounded in bytes; the least
+/// recently used datasets are forgotten first (forgetting only costs a read).
+pub struct TotalsCache {
+    inner: Mutex<ByteLru<DatasetKey, Arc<DatasetTotals>>>,
 }
 
-/// Holds at most `max_entries` (stack, value) pairs, about 16 bytes each;
-/// emptied when full (it only saves reads, so forgetting is always safe).
-pub struct TotalsCache {
-    inner: Mutex<Inner>,
-    max_entries: usize,
+fn bytes_of(totals: &DatasetTotals) -> usize {
+    totals
+        .iter()
+        .map(|(t, list)| t.len() + 64 + list.len() * 16)
+        .sum::<usize>()
+        + 128
 }
 
 impl TotalsCache {
-    pub fn new(max_entries: usize) -> Self {
+    pub fn new(max_bytes: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner {
-                totals: HashMap::new(),
-                entries: 0,
-            }),
-            max_entries,
+            inner: Mutex::new(ByteLru::new(max_bytes)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByteLru<DatasetKey, Arc<DatasetTotals>>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes()
     }
 
     /// The dataset's totals, from the cache or its totals section.
@@ -50,9 +53,9 @@ impl TotalsCache {
         store: Arc<dyn ObjectStore>,
         d: &DatasetRef,
     ) -> Result<Arc<DatasetTotals>> {
-        let key: Key = (d.block_id.clone(), d.dataset.service_name.clone());
-        if let Some(t) = self.lock().totals.get(&key) {
-            return Ok(t.clone());
+        let key = d.key();
+        if let Some(t) = self.lock().get(&key) {
+            return Ok(t);
         }
         let section = d.dataset.section(Section::Totals).ok_or_else(|| {
             DataFusionError::Internal(format!("dataset in {} has no totals", d.path))
@@ -61,7 +64,6 @@ impl TotalsCache {
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let mut totals = DatasetTotals::new();
-        let mut entries = 0;
         for b in &batches {
             let types = b.column(0).as_string::<i32>();
             let ids = b.column(1).as_primitive::<UInt64Type>();
@@ -73,19 +75,11 @@ impl TotalsCache {
                     None => totals.entry(t.to_string()).or_default(),
                 };
                 list.push((ids.value(i), values.value(i)));
-                entries += 1;
             }
         }
         let totals = Arc::new(totals);
-        let mut inner = self.lock();
-        if inner.entries + entries > self.max_entries {
-            inner.totals.clear();
-            inner.entries = 0;
-        }
-        if entries <= self.max_entries {
-            inner.entries += entries;
-            inner.totals.insert(key, totals.clone());
-        }
+        let bytes = bytes_of(&totals);
+        self.lock().insert(key, totals.clone(), bytes);
         Ok(totals)
     }
 }

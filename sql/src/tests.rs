@@ -32,6 +32,7 @@ fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
         ])
         .unwrap(),
         received_at_nanos: 1_700_000_000_000_000_000,
+        limits: Default::default(),
     };
     normalise(&p, &dest).unwrap()
 }
@@ -39,6 +40,20 @@ fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
 async fn engine_with(
     blocks: Vec<Vec<Profile>>,
     memory_limit: usize,
+) -> (tempfile::TempDir, QueryEngine) {
+    engine_with_config(
+        blocks,
+        QueryEngineConfig {
+            memory_limit,
+            ..QueryEngineConfig::default()
+        },
+    )
+    .await
+}
+
+async fn engine_with_config(
+    blocks: Vec<Vec<Profile>>,
+    config: QueryEngineConfig,
 ) -> (tempfile::TempDir, QueryEngine) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> =
@@ -55,10 +70,6 @@ async fn engine_with(
             .unwrap();
         metastore.apply(Command::add_block(block.meta)).unwrap();
     }
-    let config = QueryEngineConfig {
-        memory_limit,
-        ..QueryEngineConfig::default()
-    };
     let engine = QueryEngine::new(store, metastore, config).unwrap();
     (dir, engine)
 }
@@ -237,4 +248,109 @@ async fn a_query_over_the_memory_limit_fails_with_a_clear_error() {
         Err(e) => e.to_string(),
     };
     assert!(err.to_lowercase().contains("resources exhausted"), "{err}");
+}
+
+/// The profiles of a fixture for a tenant, all at one time (one flush).
+fn tenant_profiles(fixture: &str, tenant: &str) -> Vec<Profile> {
+    profiles(fixture, "api", tenant)
+        .into_iter()
+        .map(|mut p| {
+            p.time_nanos = 1_700_000_000_000_000_000;
+            p
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() {
+    let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+    let a = tenant_profiles("go-cpu.pb.gz", "team-a");
+    let b = tenant_profiles("go-cpu-labels.pprof", "team-b");
+    let (want_a, want_b) = (input_stacks(&a, ty), input_stacks(&b, ty));
+    assert_ne!(want_a, want_b, "the two inputs must differ to tell a leak");
+    let sql = format!(
+        "SELECT * FROM flamegraph('{ty}', '{{service_name=\"api\"}}', 0, 9999999999999, 1000000)"
+    );
+    for order in [["team-a", "team-b"], ["team-b", "team-a"]] {
+        // One block holding both tenants' dataset of service "api", on a
+        // fresh engine (fresh caches) per order.
+        let (_dir, engine) = engine_with(vec![[a.clone(), b.clone()].concat()], 1 << 30).await;
+        for _warm in 0..2 {
+            for tenant in order {
+                let want = if tenant == "team-a" { &want_a } else { &want_b };
+                let (total, got) = frame_stacks(&run(&engine, tenant, &sql).await);
+                assert_eq!(&got, want, "{tenant} after {order:?}");
+                assert_eq!(
+                    total,
+                    want.values().sum::<i64>(),
+                    "{tenant} after {order:?}"
+                );
+                let sums = run(
+                    &engine,
+                    tenant,
+                    &format!("SELECT sum(value) FROM samples WHERE profile_type = '{ty}'"),
+                )
+                .await;
+                assert_eq!(
+                    sums[0].column(0).as_primitive::<Int64Type>().value(0),
+                    total
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn sql_reaches_no_object_store_but_the_blocks() {
+    use datafusion::execution::object_store::ObjectStoreUrl;
+    let (_dir, engine) = engine_with(vec![tenant_profiles("go-cpu.pb.gz", "t")], 1 << 30).await;
+    let ctx = engine.session("t").unwrap();
+    let rt = ctx.runtime_env();
+    assert!(rt.object_store(ObjectStoreUrl::local_filesystem()).is_err());
+    assert!(rt
+        .object_store(ObjectStoreUrl::parse("s3://bucket").unwrap())
+        .is_err());
+    assert!(rt.object_store(crate::tables::store_url()).is_ok());
+    for sql in [
+        "SELECT * FROM 'file:///etc/passwd'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_parquet('file:///etc/passwd')",
+        "CREATE VIEW v AS SELECT 1",
+        "INSERT INTO samples SELECT * FROM samples",
+        "DROP TABLE samples",
+    ] {
+        assert!(
+            engine.execute("t", sql).await.is_err(),
+            "{sql} was accepted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tenant_ids_valid_for_push_are_valid_for_sql() {
+    let (_dir, engine) =
+        engine_with(vec![tenant_profiles("go-cpu.pb.gz", "acme.prod")], 1 << 30).await;
+    let batches = run(&engine, "acme.prod", "SELECT count(*) FROM samples").await;
+    assert!(batches[0].column(0).as_primitive::<Int64Type>().value(0) > 0);
+    assert!(engine.session("../x").is_err());
+}
+
+#[tokio::test]
+async fn a_query_past_its_timeout_fails_and_says_so() {
+    let config = QueryEngineConfig {
+        query_timeout: std::time::Duration::from_millis(1),
+        ..QueryEngineConfig::default()
+    };
+    let (_dir, engine) =
+        engine_with_config(vec![profiles("go-heap-large.pb.gz", "heap", "t")], config).await;
+    let sql = "SELECT count(DISTINCT s.stack_id * 100 + g.value) FROM samples s CROSS JOIN generate_series(1, 100) g";
+    let err = match engine.execute("t", sql).await {
+        Ok(stream) => stream
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err()
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("timed out"), "{err}");
 }

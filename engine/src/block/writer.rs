@@ -82,11 +82,7 @@ pub fn write_block(profiles: &[Profile], shard: u32) -> Result<EncodedBlock, Blo
 }
 
 fn append_footer(buf: &mut Vec<u8>, meta: &BlockMeta) {
-    let footer = meta.encode_to_bytes();
-    let crc = crc32fast::hash(&footer);
-    buf.extend_from_slice(&footer);
-    buf.extend_from_slice(&(footer.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&crc.to_be_bytes());
+    buf.extend_from_slice(&meta.encode_framed());
 }
 
 fn write_dataset(
@@ -233,7 +229,8 @@ fn samples_batch<'a>(
         rows.sort_unstable();
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
         for &(id, v, _) in &rows {
-            *type_totals.entry(id).or_default() += v;
+            let total = type_totals.entry(id).or_default();
+            *total = total.saturating_add(v);
         }
         for (id, v, span) in rows {
             time.append_value(p.time_nanos);
