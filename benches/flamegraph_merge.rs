@@ -40,6 +40,7 @@ fn heap_profiles(copies: usize) -> Vec<Profile> {
             ])
             .expect("labels"),
             received_at_nanos: 1_700_000_000_000_000_000 + i as i64 * 10_000_000_000,
+            limits: Default::default(),
         };
         out.extend(
             normalise(&p, &dest)

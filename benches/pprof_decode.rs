@@ -11,6 +11,7 @@ fn bench(c: &mut Criterion) {
         tenant: "bench".into(),
         labels: validate_labels(vec![("service_name".into(), "bench".into())]).expect("labels"),
         received_at_nanos: 1,
+        limits: Default::default(),
     };
     let mut group = c.benchmark_group("pprof");
     for name in [

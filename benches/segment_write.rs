@@ -29,6 +29,7 @@ fn segment_profiles() -> Vec<Profile> {
                 ])
                 .expect("labels"),
                 received_at_nanos: 1,
+                limits: Default::default(),
             };
             out.extend(normalise(&p, &dest).expect("normalises"));
         }

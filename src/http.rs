@@ -11,10 +11,8 @@ use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use ember_ingest::distributor::{validate_tenant, Distributor};
+use ember_ingest::distributor::{validate_tenant, BodyEncoding, Distributor};
 use ember_ingest::legacy::{Format, IngestParams};
-use ember_ingest::pprof::maybe_gunzip;
-use ember_ingest::push::PushRequest;
 use ember_ingest::IngestError;
 use prometheus_client::registry::Registry;
 
@@ -48,12 +46,20 @@ struct ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.code, "message": self.message });
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -64,6 +70,7 @@ impl From<IngestError> for ApiError {
             IngestError::Storage(_) | IngestError::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
+            IngestError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
             _ => (StatusCode::BAD_REQUEST, "invalid_argument"),
         };
         ApiError {
@@ -154,7 +161,7 @@ async fn push_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<bool, IngestError> {
-    let limits = state.distributor.limits().clone();
+    let max_request_bytes = state.distributor.limits().max_request_bytes;
     let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
     let content_type = header_str(headers, "content-type").unwrap_or("application/proto");
     let json = content_type.starts_with("application/json");
@@ -166,25 +173,21 @@ async fn push_inner(
             "content type {content_type:?}: use application/proto or application/json"
         )));
     }
-    let body = read_body(body, limits.max_request_bytes).await?;
-    state.metrics.push_bytes.inc_by(body.len() as u64);
-    let body = match header_str(headers, "content-encoding") {
-        None | Some("identity") => body.to_vec(),
-        Some("gzip") => maybe_gunzip(&body, limits.max_decompressed_bytes, "request body")?,
+    let gzip = match header_str(headers, "content-encoding") {
+        None | Some("identity") => false,
+        Some("gzip") => true,
         Some(other) => {
             return Err(IngestError::Unsupported(format!(
                 "content encoding {other:?}"
             )))
         }
     };
-    let req = if json {
-        PushRequest::decode_json(&body)?
-    } else {
-        PushRequest::decode_proto(&body)?
-    };
-    let profiles = state
+    let body = read_body(body, max_request_bytes).await?;
+    state.metrics.push_bytes.inc_by(body.len() as u64);
+    let (profiles, _inflight) = state
         .distributor
-        .profiles_from_push(&req, &tenant, now_nanos())?;
+        .decode_push(body, BodyEncoding { json, gzip }, &tenant, now_nanos())
+        .await?;
     state.metrics.profiles.inc_by(profiles.len() as u64);
     state.distributor.push(profiles).await?;
     Ok(json)
@@ -209,13 +212,13 @@ async fn ingest_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(), IngestError> {
-    let limits = state.distributor.limits().clone();
+    let max_request_bytes = state.distributor.limits().max_request_bytes;
     let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
     let params = IngestParams::from_query(query)?;
     let content_type = header_str(headers, "content-type")
         .unwrap_or_default()
         .to_string();
-    let body = read_body(body, limits.max_request_bytes).await?;
+    let body = read_body(body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(body.len() as u64);
     let (format, body) = if content_type.starts_with("multipart/form-data") {
         (Format::Pprof, multipart_profile(&content_type, body).await?)
@@ -226,10 +229,10 @@ async fn ingest_inner(
         ))?;
         (format, body)
     };
-    let profiles =
-        state
-            .distributor
-            .profiles_from_ingest(&params, format, &body, &tenant, now_nanos())?;
+    let (profiles, _inflight) = state
+        .distributor
+        .decode_ingest(params, format, body, &tenant, now_nanos())
+        .await?;
     state.metrics.profiles.inc_by(profiles.len() as u64);
     state.distributor.push(profiles).await
 }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use ember_engine::Metastore;
 use ember_flight::EmberFlightSql;
-use ember_ingest::distributor::{Distributor, Limits};
-use ember_ingest::segment::{recover_dlq, SegmentConfig, SegmentMetrics, SegmentWriter, Sink};
+use ember_ingest::distributor::Distributor;
+use ember_ingest::limits::{Limits, ProfileLimits};
+use ember_ingest::segment::{
+    recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
+};
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
@@ -40,12 +43,57 @@ pub struct ServeArgs {
     /// Largest accepted push body, compressed.
     #[arg(long, default_value_t = 16 << 20)]
     max_request_bytes: usize,
-    /// Largest push body or profile after decompression.
+    /// Largest push request after decompression, its profiles included.
     #[arg(long, default_value_t = 64 << 20)]
     max_decompressed_bytes: usize,
+    /// Bytes of push requests being decoded or awaiting their flush, across
+    /// the process; beyond it pushes get 429 with Retry-After.
+    #[arg(long, default_value_t = 512 << 20)]
+    max_inflight_bytes: usize,
+    /// Largest profile after decompression.
+    #[arg(long, default_value_t = ProfileLimits::default().max_profile_size_bytes)]
+    max_profile_size_bytes: usize,
+    /// Most samples in one profile.
+    #[arg(long, default_value_t = ProfileLimits::default().max_profile_stacktrace_samples)]
+    max_profile_stacktrace_samples: usize,
+    /// Most labels on one sample.
+    #[arg(long, default_value_t = ProfileLimits::default().max_profile_stacktrace_sample_labels)]
+    max_profile_stacktrace_sample_labels: usize,
+    /// Deeper stacks are truncated to this many frames.
+    #[arg(long, default_value_t = ProfileLimits::default().max_profile_stacktrace_depth)]
+    max_profile_stacktrace_depth: usize,
+    /// Longer symbol names are truncated to this many bytes.
+    #[arg(long, default_value_t = ProfileLimits::default().max_profile_symbol_value_length)]
+    max_profile_symbol_value_length: usize,
+    /// Refuse profiles older than this many seconds (0: accept any age).
+    #[arg(long, default_value_t = ProfileLimits::default().reject_older_than_seconds)]
+    reject_older_than_seconds: u64,
+    /// Refuse profiles more than this many seconds in the future (0: off).
+    #[arg(long, default_value_t = ProfileLimits::default().reject_newer_than_seconds)]
+    reject_newer_than_seconds: u64,
+    /// JSON file of per-tenant limits:
+    /// `{"tenants": {"acme": {"reject_older_than_seconds": 86400}}}`.
+    #[arg(long)]
+    limits_file: Option<PathBuf>,
     /// Memory all running queries may hold together.
     #[arg(long, default_value_t = 1 << 30)]
     query_memory_limit: usize,
+    /// Memory one tenant's running queries may hold together.
+    #[arg(long, default_value_t = 512 << 20)]
+    tenant_query_memory_limit: usize,
+    /// A query still running after this many seconds fails.
+    #[arg(long, default_value_t = 120)]
+    query_timeout_seconds: u64,
+    /// Bytes of stack nodes cached across queries, all tenants together.
+    #[arg(long, default_value_t = 256 << 20)]
+    stack_cache_bytes: usize,
+    /// Bytes of per-dataset stack totals cached across queries.
+    #[arg(long, default_value_t = 256 << 20)]
+    totals_cache_bytes: usize,
+    /// Seconds between two passes over dlq/ (block metadata the metastore
+    /// could not take when it was written).
+    #[arg(long, default_value_t = 10)]
+    dlq_retry_seconds: u64,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -62,14 +110,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Metastore::open(&metastore_path)
             .with_context(|| format!("opening {}", metastore_path.display()))?,
     );
-    recover_dlq(store.as_ref(), &metastore)
-        .await
-        .context("recovering dlq/")?;
     info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
 
     let mut registry = Registry::default();
     let segment_metrics = SegmentMetrics::default();
     segment_metrics.register(&mut registry);
+    tokio::spawn(recover_dlq_forever(
+        store.clone(),
+        metastore.clone(),
+        segment_metrics.clone(),
+        Duration::from_secs(args.dlq_retry_seconds.max(1)),
+    ));
     object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
 
@@ -87,16 +138,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let distributor = Arc::new(Distributor::new(
         writer,
-        Limits {
-            max_request_bytes: args.max_request_bytes,
-            max_decompressed_bytes: args.max_decompressed_bytes,
-        },
+        limits(&args)?,
+        args.max_inflight_bytes,
     ));
     let engine = Arc::new(QueryEngine::new(
         store,
         metastore,
         QueryEngineConfig {
             memory_limit: args.query_memory_limit,
+            tenant_memory_limit: args.tenant_query_memory_limit,
+            query_timeout: Duration::from_secs(args.query_timeout_seconds.max(1)),
+            stack_dictionary_bytes: args.stack_cache_bytes,
+            totals_cache_bytes: args.totals_cache_bytes,
             ..QueryEngineConfig::default()
         },
     )?);
@@ -123,6 +176,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     },)?;
     info!("ember stopped");
     Ok(())
+}
+
+fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
+    let limits = Limits {
+        max_request_bytes: args.max_request_bytes,
+        max_decompressed_bytes: args.max_decompressed_bytes,
+        defaults: ProfileLimits {
+            max_profile_size_bytes: args.max_profile_size_bytes,
+            max_profile_stacktrace_samples: args.max_profile_stacktrace_samples,
+            max_profile_stacktrace_sample_labels: args.max_profile_stacktrace_sample_labels,
+            max_profile_stacktrace_depth: args.max_profile_stacktrace_depth,
+            max_profile_symbol_value_length: args.max_profile_symbol_value_length,
+            reject_older_than_seconds: args.reject_older_than_seconds,
+            reject_newer_than_seconds: args.reject_newer_than_seconds,
+        },
+        tenants: Default::default(),
+    };
+    let Some(path) = &args.limits_file else {
+        return Ok(limits);
+    };
+    let json =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    limits
+        .with_overrides_json(&json)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn tokio_stream_incoming(

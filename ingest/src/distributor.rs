@@ -5,55 +5,69 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ember_engine::profile::Profile;
+use ember_engine::TenantId;
 use futures::future::try_join_all;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::legacy::{self, Format, IngestParams};
+use crate::limits::{InflightBytes, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination};
 use crate::push::PushRequest;
 use crate::segment::SegmentWriter;
 use crate::{pprof, IngestError};
 
-/// The tenant of requests without `X-Scope-OrgID`, as in Pyroscope.
-pub const DEFAULT_TENANT: &str = "anonymous";
+pub use crate::limits::Limits;
 
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest request body accepted, compressed.
-    pub max_request_bytes: usize,
-    /// Largest body or profile after decompression.
-    pub max_decompressed_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_request_bytes: 16 << 20,
-            max_decompressed_bytes: 64 << 20,
-        }
-    }
+/// How a request body is encoded, as its headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyEncoding {
+    pub json: bool,
+    pub gzip: bool,
 }
 
 pub struct Distributor {
     writer: Arc<SegmentWriter>,
     limits: Limits,
+    inflight: InflightBytes,
+    /// Decoding runs on blocking threads; this many at once, so a burst of
+    /// large requests queues instead of inflating all at the same time.
+    decoders: Arc<Semaphore>,
 }
 
-/// Checks a tenant id as Pyroscope does: short, printable, no path tricks.
-pub fn validate_tenant(tenant: Option<&str>) -> Result<String, IngestError> {
-    let Some(t) = tenant.map(str::trim).filter(|t| !t.is_empty()) else {
-        return Ok(DEFAULT_TENANT.to_string());
-    };
-    let ok = t.len() <= 150
-        && t != "."
-        && t != ".."
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!-_.*'()".contains(c));
-    if ok {
-        Ok(t.to_string())
-    } else {
-        Err(IngestError::Invalid(format!("invalid tenant id {t:?}")))
+/// Counts decompressed bytes against the request's limit.
+struct Budget {
+    left: usize,
+    limit: usize,
+}
+
+impl Budget {
+    fn take(&mut self, bytes: usize) -> Result<(), IngestError> {
+        self.left = self.left.checked_sub(bytes).ok_or(IngestError::TooLarge {
+            size: self.limit - self.left + bytes,
+            limit: self.limit,
+        })?;
+        Ok(())
     }
+}
+
+/// Checks a tenant id by the rule every surface shares.
+pub fn validate_tenant(tenant: Option<&str>) -> Result<String, IngestError> {
+    TenantId::parse(tenant)
+        .map(TenantId::into_string)
+        .map_err(|e| IngestError::Invalid(e.to_string()))
+}
+
+/// Refuses the request if any profile lies outside the tenant's window.
+fn check_times(
+    profiles: &[Profile],
+    limits: &ProfileLimits,
+    now_nanos: i64,
+) -> Result<(), IngestError> {
+    profiles
+        .iter()
+        .try_for_each(|p| limits.check_time(p.time_nanos, now_nanos))
 }
 
 /// Jump consistent hash (Lamping & Veach): moves few keys when shards change.
@@ -74,21 +88,123 @@ pub fn shard_for(tenant: &str, service: &str, shards: u32) -> u32 {
 }
 
 impl Distributor {
-    pub fn new(writer: Arc<SegmentWriter>, limits: Limits) -> Self {
-        Self { writer, limits }
+    pub fn new(writer: Arc<SegmentWriter>, limits: Limits, max_inflight_bytes: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            writer,
+            limits,
+            inflight: InflightBytes::new(max_inflight_bytes),
+            decoders: Arc::new(Semaphore::new(cores)),
+        }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    /// Normalised profiles of a `push.v1.PushRequest`.
-    pub fn profiles_from_push(
+    pub fn inflight(&self) -> &InflightBytes {
+        &self.inflight
+    }
+
+    /// Decodes a `push.v1.PushRequest` body into normalised profiles, off
+    /// the async executor. The returned permit holds the request's share of
+    /// the in-flight budget: keep it until the request is answered.
+    pub async fn decode_push(
+        self: &Arc<Self>,
+        body: Bytes,
+        encoding: BodyEncoding,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        let this = self.clone();
+        let tenant = tenant.to_string();
+        self.decode_off_executor(body.len(), move || {
+            this.profiles_from_push_body(&body, encoding, &tenant, now_nanos)
+        })
+        .await
+    }
+
+    /// Decodes a legacy `/ingest` body (already un-multiparted), off the
+    /// async executor, holding its share of the in-flight budget.
+    pub async fn decode_ingest(
+        self: &Arc<Self>,
+        params: IngestParams,
+        format: Format,
+        body: Bytes,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        let this = self.clone();
+        let tenant = tenant.to_string();
+        self.decode_off_executor(body.len(), move || {
+            this.profiles_from_ingest(&params, format, &body, &tenant, now_nanos)
+        })
+        .await
+    }
+
+    async fn decode_off_executor(
+        &self,
+        body_len: usize,
+        decode: impl FnOnce() -> Result<Vec<Profile>, IngestError> + Send + 'static,
+    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        // Decoded profiles take a few times their compressed size; reserve
+        // that up front and the rest once it is known.
+        let mut permit = self
+            .inflight
+            .reserve(body_len.saturating_mul(4).max(64 << 10))?;
+        let reserved = permit.num_permits() * 1024;
+        let _decoder = self
+            .decoders
+            .acquire()
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        let profiles = tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(|e| IngestError::Storage(format!("decoding task: {e}")))??;
+        let size: usize = profiles.iter().map(Profile::size_bytes).sum();
+        if size > reserved {
+            permit.merge(self.inflight.reserve(size - reserved)?);
+        }
+        Ok((profiles, permit))
+    }
+
+    /// Normalised profiles of a push body: decompressed and decoded under
+    /// the request's limits, then checked against the tenant's.
+    pub fn profiles_from_push_body(
+        &self,
+        body: &[u8],
+        encoding: BodyEncoding,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<Vec<Profile>, IngestError> {
+        let mut budget = Budget {
+            left: self.limits.max_decompressed_bytes,
+            limit: self.limits.max_decompressed_bytes,
+        };
+        let inflated;
+        let body = if encoding.gzip {
+            inflated = pprof::gunzip(body, budget.left, "request body")?;
+            budget.take(inflated.len())?;
+            inflated.as_slice()
+        } else {
+            body
+        };
+        let req = if encoding.json {
+            PushRequest::decode_json(body)?
+        } else {
+            PushRequest::decode_proto(body)?
+        };
+        self.profiles_from_push(&req, tenant, now_nanos, &mut budget)
+    }
+
+    fn profiles_from_push(
         &self,
         req: &PushRequest,
         tenant: &str,
         now_nanos: i64,
+        budget: &mut Budget,
     ) -> Result<Vec<Profile>, IngestError> {
+        let limits = self.limits.for_tenant(tenant);
         let mut out = Vec::new();
         for series in &req.series {
             let labels = series
@@ -100,13 +216,16 @@ impl Distributor {
                 tenant: tenant.to_string(),
                 labels: validate_labels(labels)?,
                 received_at_nanos: now_nanos,
+                limits,
             };
             for sample in &series.samples {
-                let profile =
-                    pprof::decode(&sample.raw_profile, self.limits.max_decompressed_bytes)?;
+                let max = limits.max_profile_size_bytes.min(budget.left);
+                let (profile, size) = pprof::decode_sized(&sample.raw_profile, max)?;
+                budget.take(size)?;
                 out.extend(normalise(&profile, &dest)?);
             }
         }
+        check_times(&out, &limits, now_nanos)?;
         Ok(out)
     }
 
@@ -119,24 +238,27 @@ impl Distributor {
         tenant: &str,
         now_nanos: i64,
     ) -> Result<Vec<Profile>, IngestError> {
+        let limits = self.limits.for_tenant(tenant);
         let body = pprof::maybe_gunzip(body, self.limits.max_decompressed_bytes, "request body")?;
-        match format {
+        let profiles = match format {
             Format::Pprof => {
-                let dest = params.destination(tenant, now_nanos, false)?;
-                let profile = pprof::decode(&body, self.limits.max_decompressed_bytes)?;
+                let dest = params.destination(tenant, now_nanos, false, &limits)?;
+                let profile = pprof::decode(&body, limits.max_profile_size_bytes)?;
                 let mut profiles = normalise(&profile, &dest)?;
                 if let Some(from) = params.from_nanos.filter(|_| profile.time_nanos == 0) {
                     profiles.iter_mut().for_each(|p| p.time_nanos = from);
                 }
-                Ok(profiles)
+                profiles
             }
             Format::Folded | Format::Lines => {
-                let dest = params.destination(tenant, now_nanos, true)?;
-                Ok(legacy::parse_folded(&body, format, params, &dest)?
+                let dest = params.destination(tenant, now_nanos, true, &limits)?;
+                legacy::parse_folded(&body, format, params, &dest)?
                     .into_iter()
-                    .collect())
+                    .collect()
             }
-        }
+        };
+        check_times(&profiles, &limits, now_nanos)?;
+        Ok(profiles)
     }
 
     /// Queues the profiles on their shards and returns once every one is

@@ -18,6 +18,8 @@ pub enum IngestError {
     Storage(String),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl IngestError {
@@ -31,10 +33,14 @@ impl IngestError {
             IngestError::Unsupported(_) => "unsupported",
             IngestError::Storage(_) => "storage",
             IngestError::ShuttingDown => "shutting_down",
+            IngestError::Overloaded(_) => "overloaded",
         }
     }
 
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, IngestError::Storage(_) | IngestError::ShuttingDown)
+        !matches!(
+            self,
+            IngestError::Storage(_) | IngestError::ShuttingDown | IngestError::Overloaded(_)
+        )
     }
 }

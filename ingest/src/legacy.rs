@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
 
+use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::normalise::{validate_labels, Destination};
 use crate::IngestError;
 
@@ -90,6 +91,7 @@ impl IngestParams {
         tenant: &str,
         received_at_nanos: i64,
         with_name: bool,
+        limits: &ProfileLimits,
     ) -> Result<Destination, IngestError> {
         let mut labels = self.tags.clone();
         labels.push((SERVICE_NAME.into(), self.service.clone()));
@@ -100,6 +102,7 @@ impl IngestParams {
             tenant: tenant.to_string(),
             labels: validate_labels(labels)?,
             received_at_nanos,
+            limits: *limits,
         })
     }
 
@@ -175,7 +178,8 @@ pub fn parse_folded(
         what: "folded profile",
         reason: e.to_string(),
     })?;
-    let mut names: Vec<String> = Vec::new();
+    let limits = &dest.limits;
+    let mut names: Vec<String> = vec![TRUNCATED_FRAME.to_string()];
     let mut index: HashMap<&str, u32> = HashMap::new();
     let mut stacks: HashMap<Vec<u32>, i64> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -203,14 +207,22 @@ pub fn parse_folded(
         }
         let mut ids = Vec::new();
         for frame in stack.split(';').filter(|f| !f.is_empty()) {
+            if ids.len() == limits.kept_depth() {
+                // Index 0 is the truncation frame.
+                ids.push(0);
+                break;
+            }
             let id = *index.entry(frame).or_insert_with(|| {
-                names.push(frame.to_string());
+                names.push(limits.truncate_symbol(frame.to_string()));
                 (names.len() - 1) as u32
             });
             ids.push(id);
         }
         if ids.is_empty() {
             continue;
+        }
+        if !stacks.contains_key(&ids) {
+            limits.check_samples(stacks.len() + 1)?;
         }
         let slot = stacks.entry(ids).or_insert(0);
         *slot = slot.saturating_add(value);
@@ -241,7 +253,7 @@ pub fn parse_folded(
         time_nanos: from,
         duration_nanos: until.saturating_sub(from).max(0),
         period,
-        functions: names,
+        functions: names.into(),
         samples,
     }))
 }
@@ -288,7 +300,9 @@ mod tests {
     #[test]
     fn folded_sums_and_checks_lines() {
         let params = IngestParams::from_query(&query(&[("name", "app.cpu")])).unwrap();
-        let dest = params.destination("t", 5, true).unwrap();
+        let dest = params
+            .destination("t", 5, true, &ProfileLimits::default())
+            .unwrap();
         let p = parse_folded(
             b"main;a 2\nmain;b 3\nmain;a 4\n\n",
             Format::Folded,
@@ -308,7 +322,8 @@ mod tests {
         assert_eq!(
             p.samples,
             vec![Sample {
-                stack: vec![0, 1],
+                // 0 is the truncation frame.
+                stack: vec![1, 2],
                 value: 2,
                 span_id: None
             }]

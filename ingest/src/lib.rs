@@ -5,6 +5,7 @@
 pub mod distributor;
 pub mod error;
 pub mod legacy;
+pub mod limits;
 pub mod normalise;
 pub mod pprof;
 pub mod push;

@@ -4,9 +4,11 @@
 //! dropped, samples sharing a stack summed, inlined frames split.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
 
+use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::pprof;
 use crate::IngestError;
 
@@ -26,6 +28,8 @@ pub struct Destination {
     /// Series labels from the request (`__name__`, `service_name`, tags).
     pub labels: Labels,
     pub received_at_nanos: i64,
+    /// The tenant's limits.
+    pub limits: ProfileLimits,
 }
 
 /// Checks series labels and defaults `service_name`, as Pyroscope does.
@@ -82,6 +86,10 @@ struct Symbols {
     index: HashMap<String, u32>,
     /// location id -> function indices, leaf first (inlined frames split).
     locations: foldhash::HashMap<u64, Vec<u32>>,
+    /// Index of [`TRUNCATED_FRAME`], interned up front.
+    truncated: u32,
+    /// Frames a stack keeps before the truncation frame.
+    max_depth: usize,
 }
 
 impl Symbols {
@@ -95,14 +103,14 @@ impl Symbols {
         i
     }
 
-    fn build(p: &pprof::Profile) -> Result<Self, IngestError> {
+    fn build(p: &pprof::Profile, limits: &ProfileLimits) -> Result<Self, IngestError> {
         let mut functions = HashMap::with_capacity(p.function.len());
         for (i, f) in p.function.iter().enumerate() {
             let mut name = p.string(f.name, "function.name")?;
             if name.is_empty() {
                 name = p.string(f.system_name, "function.system_name")?;
             }
-            functions.insert(id_or_position(f.id, i), name);
+            functions.insert(id_or_position(f.id, i), limits.truncate_symbol(name));
         }
         let mut s = Symbols {
             names: Vec::new(),
@@ -111,7 +119,10 @@ impl Symbols {
                 p.location.len(),
                 Default::default(),
             ),
+            truncated: 0,
+            max_depth: limits.kept_depth(),
         };
+        s.truncated = s.intern(TRUNCATED_FRAME.to_string());
         for (i, loc) in p.location.iter().enumerate() {
             let mut frames = Vec::with_capacity(loc.line.len().max(1));
             for line in &loc.line {
@@ -132,14 +143,23 @@ impl Symbols {
         Ok(s)
     }
 
-    /// Root-first stack of a sample.
+    /// Root-first stack of a sample. A stack deeper than the limit keeps
+    /// its root-most frames and ends in the truncation frame, so a flame
+    /// graph still shows where the deep stack came from; building stops at
+    /// the limit, so a hostile stack costs no more than a legal one.
     fn stack(&self, location_ids: &[u64]) -> Result<Vec<u32>, IngestError> {
-        let mut stack = Vec::with_capacity(location_ids.len());
+        let mut stack = Vec::with_capacity(location_ids.len().min(self.max_depth + 1));
         for id in location_ids.iter().rev() {
             let frames = self.locations.get(id).ok_or_else(|| {
                 IngestError::Invalid(format!("sample refers to unknown location {id}"))
             })?;
-            stack.extend(frames.iter().rev());
+            for &f in frames.iter().rev() {
+                if stack.len() == self.max_depth {
+                    stack.push(self.truncated);
+                    return Ok(stack);
+                }
+                stack.push(f);
+            }
         }
         Ok(stack)
     }
@@ -179,7 +199,9 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     if p.sample_type.is_empty() {
         return Err(IngestError::Invalid("profile has no sample types".into()));
     }
-    let symbols = Symbols::build(p)?;
+    let limits = &dest.limits;
+    limits.check_samples(p.sample.len())?;
+    let symbols = Symbols::build(p, limits)?;
     let period_type = p.period_type.clone().unwrap_or_default();
     let period_names = (
         p.string(period_type.r#type, "period_type.type")?,
@@ -208,6 +230,7 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
         if s.value.iter().all(|v| *v == 0) {
             continue;
         }
+        limits.check_sample_labels(s.label.len())?;
         let mut labels = Labels::new();
         let mut span = None;
         for l in s.label.iter().filter(|l| l.str != 0) {
@@ -233,6 +256,7 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     } else {
         dest.received_at_nanos
     };
+    let functions: Arc<[String]> = symbols.names.clone().into();
     let mut out = Vec::new();
     for (sample_labels, per_type) in series {
         let labels = series_labels(&dest.labels, sample_labels)?;
@@ -266,7 +290,7 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
                 time_nanos,
                 duration_nanos: p.duration_nanos,
                 period: p.period,
-                functions: symbols.names.clone(),
+                functions: functions.clone(),
                 samples,
             });
         }
@@ -427,6 +451,7 @@ mod tests {
             ])
             .unwrap(),
             received_at_nanos: 42,
+            limits: ProfileLimits::default(),
         }
     }
 
@@ -494,6 +519,98 @@ mod tests {
             normalise(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
+    }
+
+    /// A profile with one sample whose stack is `depth` distinct frames.
+    fn deep_profile(depth: usize, name_len: usize) -> pprof::Profile {
+        let mut strings = vec![String::new(), "cpu".into(), "nanoseconds".into()];
+        let mut function = Vec::new();
+        let mut location = Vec::new();
+        for i in 0..depth {
+            strings.push(format!("f{i:06}{}", "x".repeat(name_len)));
+            function.push(pprof::Function {
+                id: i as u64 + 1,
+                name: strings.len() as i64 - 1,
+                ..Default::default()
+            });
+            location.push(pprof::Location {
+                id: i as u64 + 1,
+                line: vec![pprof::Line {
+                    function_id: i as u64 + 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        pprof::Profile {
+            string_table: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            sample_type: vec![pprof::ValueType { r#type: 1, unit: 2 }],
+            period_type: Some(pprof::ValueType { r#type: 1, unit: 2 }),
+            function,
+            location,
+            // location_id[0] is the leaf: f0 is the leaf, f{depth-1} the root.
+            sample: vec![pprof::Sample {
+                location_id: (1..=depth as u64).collect(),
+                value: vec![7],
+                label: vec![],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deep_stacks_keep_their_root_and_end_in_a_truncation_frame() {
+        let out = normalise(&deep_profile(200_000, 0), &dest()).unwrap();
+        let s = &out[0].samples[0];
+        assert_eq!(s.stack.len(), 1000);
+        assert_eq!(s.value, 7);
+        let names: Vec<&str> = s
+            .stack
+            .iter()
+            .map(|i| out[0].functions[*i as usize].as_str())
+            .collect();
+        assert_eq!(names[0], "f199999");
+        assert_eq!(names[998], "f199001");
+        assert_eq!(names[999], TRUNCATED_FRAME);
+        // A stack at the limit is untouched.
+        let out = normalise(&deep_profile(999, 0), &dest()).unwrap();
+        let s = &out[0].samples[0];
+        assert_eq!(s.stack.len(), 999);
+        assert!(!s
+            .stack
+            .iter()
+            .any(|i| out[0].functions[*i as usize] == TRUNCATED_FRAME));
+    }
+
+    #[test]
+    fn long_symbols_are_truncated_and_limits_refuse_with_their_names() {
+        let out = normalise(&deep_profile(2, 100_000), &dest()).unwrap();
+        assert!(out[0].functions.iter().all(|f| f.len() <= 65535));
+        let mut d = dest();
+        d.limits.max_profile_stacktrace_samples = 3;
+        let mut p = sample_profile();
+        p.sample.push(p.sample[0].clone());
+        let err = normalise(&p, &d).unwrap_err().to_string();
+        assert!(
+            err.contains("6 samples, over max_profile_stacktrace_samples (3)"),
+            "{err}"
+        );
+        let mut d = dest();
+        d.limits.max_profile_stacktrace_sample_labels = 1;
+        let err = normalise(&sample_profile(), &d).unwrap_err().to_string();
+        assert!(
+            err.contains("max_profile_stacktrace_sample_labels (1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn one_function_table_is_shared_by_every_profile_of_a_pprof() {
+        let out = normalise(&sample_profile(), &dest()).unwrap();
+        assert!(out.len() > 1);
+        assert!(out
+            .iter()
+            .all(|p| Arc::ptr_eq(&p.functions, &out[0].functions)));
     }
 
     #[test]

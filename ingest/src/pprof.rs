@@ -141,8 +141,20 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// gzip bomb is refused before it is inflated).
 pub fn maybe_gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec<u8>, IngestError> {
     if !data.starts_with(&GZIP_MAGIC) {
+        if data.len() > limit {
+            return Err(IngestError::Decompress {
+                what,
+                reason: format!("{} bytes exceed the limit of {limit} bytes", data.len()),
+            });
+        }
         return Ok(data.to_vec());
     }
+    gunzip(data, limit, what)
+}
+
+/// Gunzips `data` (a body sent with `Content-Encoding: gzip`), refusing
+/// output beyond `limit` bytes.
+pub fn gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec<u8>, IngestError> {
     let mut out = Vec::new();
     let read = GzDecoder::new(data)
         .take(limit as u64 + 1)
@@ -162,11 +174,17 @@ pub fn maybe_gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec
 
 /// Decodes a pprof profile, gzipped or not.
 pub fn decode(data: &[u8], limit: usize) -> Result<Profile, IngestError> {
+    decode_sized(data, limit).map(|(p, _)| p)
+}
+
+/// Decodes a pprof profile, gzipped or not, with its decompressed size.
+pub fn decode_sized(data: &[u8], limit: usize) -> Result<(Profile, usize), IngestError> {
     let raw = maybe_gunzip(data, limit, "pprof profile")?;
-    Profile::decode(raw.as_slice()).map_err(|e| IngestError::Decode {
+    let profile = Profile::decode(raw.as_slice()).map_err(|e| IngestError::Decode {
         what: "pprof profile",
         reason: e.to_string(),
-    })
+    })?;
+    Ok((profile, raw.len()))
 }
 
 impl Profile {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ember_engine::block::{write_block, BlockMeta};
-use ember_engine::metastore::{Command, Metastore};
+use ember_engine::metastore::{partition_of, Command, Metastore};
 use ember_engine::profile::Profile;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -57,6 +57,8 @@ pub struct SegmentMetrics {
     pub profiles: Counter,
     pub acks: Counter,
     pub dlq_writes: Counter,
+    pub dlq_recovered: Counter,
+    pub dlq_quarantined: Counter,
 }
 
 impl Default for SegmentMetrics {
@@ -71,6 +73,8 @@ impl Default for SegmentMetrics {
             profiles: Counter::default(),
             acks: Counter::default(),
             dlq_writes: Counter::default(),
+            dlq_recovered: Counter::default(),
+            dlq_quarantined: Counter::default(),
         }
     }
 }
@@ -111,6 +115,16 @@ impl SegmentMetrics {
             "ember_segment_dlq_writes",
             "Block metadata written to dlq/ because the metastore failed",
             self.dlq_writes.clone(),
+        );
+        r.register(
+            "ember_dlq_recovered",
+            "dlq/ entries whose blocks were registered by recovery",
+            self.dlq_recovered.clone(),
+        );
+        r.register(
+            "ember_dlq_quarantined",
+            "dlq/ entries that could not be decoded or registered, moved to dlq-quarantine/",
+            self.dlq_quarantined.clone(),
         );
     }
 }
@@ -226,12 +240,20 @@ impl ShardWorker {
         let count = profiles.len() as u64;
         let result = self.write(profiles).await;
         match &result {
-            Ok(meta) => {
+            Ok(metas) => {
+                let bytes: u64 = metas.iter().map(|m| m.size).sum();
                 self.metrics.flushes.inc();
-                self.metrics.flushed_bytes.inc_by(meta.size);
+                self.metrics.flushed_bytes.inc_by(bytes);
                 self.metrics.profiles.inc_by(count);
                 self.metrics.acks.inc_by(acks.len() as u64);
-                tracing::debug!(shard = self.shard, block = %meta.id, bytes = meta.size, profiles = count, requests = acks.len(), "segment flushed");
+                tracing::debug!(
+                    shard = self.shard,
+                    blocks = metas.len(),
+                    bytes,
+                    profiles = count,
+                    requests = acks.len(),
+                    "segment flushed"
+                );
             }
             Err(e) => {
                 self.metrics.flush_failures.inc();
@@ -247,22 +269,39 @@ impl ShardWorker {
         }
     }
 
-    async fn write(&self, profiles: Vec<Profile>) -> Result<BlockMeta, IngestError> {
+    /// Writes the segment as one block per 6 h partition its profiles fall
+    /// in (one block, except across a partition boundary or for profiles
+    /// of odd times), so no block costs the index more than one entry per
+    /// tenant. Returns once every block is uploaded and registered (or its
+    /// metadata is safe in `dlq/`).
+    async fn write(&self, profiles: Vec<Profile>) -> Result<Vec<BlockMeta>, IngestError> {
         let shard = self.shard;
-        let block = tokio::task::spawn_blocking(move || write_block(&profiles, shard))
-            .await
-            .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?
-            .map_err(|e| IngestError::Storage(e.to_string()))?;
-        self.upload(&block.meta.path, block.bytes).await?;
-        match self.register(block.meta.clone()).await {
-            Ok(()) => Ok(block.meta),
-            Err(e) => {
-                warn!(block = %block.meta.id, error = %e, "metastore unavailable; writing block metadata to dlq/");
-                write_dlq(self.sink.store.as_ref(), &block.meta).await?;
+        let blocks = tokio::task::spawn_blocking(move || {
+            by_partition(profiles)
+                .iter()
+                .map(|p| write_block(p, shard))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?
+        .map_err(|e| IngestError::Storage(e.to_string()))?;
+        futures::future::try_join_all(
+            blocks
+                .iter()
+                .map(|b| self.upload(&b.meta.path, b.bytes.clone())),
+        )
+        .await?;
+        let metas: Vec<BlockMeta> = blocks.into_iter().map(|b| b.meta).collect();
+        if let Err(e) = self.register(metas.clone()).await {
+            // The metastore may still apply a timed-out command: AddBlock is
+            // idempotent, so the dlq copy then registers nothing twice.
+            warn!(blocks = metas.len(), error = %e, "metastore unavailable; writing block metadata to dlq/");
+            for meta in &metas {
+                write_dlq(self.sink.store.as_ref(), meta).await?;
                 self.metrics.dlq_writes.inc();
-                Ok(block.meta)
             }
         }
+        Ok(metas)
     }
 
     async fn upload(&self, path: &str, bytes: Bytes) -> Result<(), IngestError> {
@@ -289,9 +328,10 @@ impl ShardWorker {
         }
     }
 
-    async fn register(&self, meta: BlockMeta) -> Result<(), String> {
+    async fn register(&self, metas: Vec<BlockMeta>) -> Result<(), String> {
         let metastore = self.sink.metastore.clone();
-        let apply = tokio::task::spawn_blocking(move || metastore.apply(Command::add_block(meta)));
+        let commands = metas.into_iter().map(Command::add_block).collect();
+        let apply = tokio::task::spawn_blocking(move || metastore.apply_all(commands));
         match tokio::time::timeout(self.config.metadata_timeout, apply).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(e.to_string()),
@@ -301,23 +341,72 @@ impl ShardWorker {
     }
 }
 
+/// The profiles grouped by the index partition of their time.
+fn by_partition(profiles: Vec<Profile>) -> Vec<Vec<Profile>> {
+    let mut groups: std::collections::BTreeMap<i64, Vec<Profile>> = Default::default();
+    for p in profiles {
+        groups
+            .entry(partition_of(p.time_nanos))
+            .or_default()
+            .push(p);
+    }
+    groups.into_values().collect()
+}
+
 const DLQ_PREFIX: &str = "dlq";
 
 async fn write_dlq(store: &dyn ObjectStore, meta: &BlockMeta) -> Result<(), IngestError> {
     let path = Path::from(format!("{DLQ_PREFIX}/{}/{}.meta", meta.shard, meta.id));
     store
-        .put(&path, PutPayload::from(meta.encode_to_bytes()))
+        .put(&path, PutPayload::from(meta.encode_framed()))
         .await
         .map(|_| ())
         .map_err(|e| IngestError::Storage(format!("writing {path}: {e}")))
 }
 
+const QUARANTINE_PREFIX: &str = "dlq-quarantine";
+
+/// What one pass over `dlq/` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DlqReport {
+    /// Entries whose blocks are now registered (or already were).
+    pub recovered: usize,
+    /// Entries that could not be decoded or registered, moved aside to
+    /// `dlq-quarantine/` for an operator.
+    pub quarantined: usize,
+}
+
 /// Registers the blocks whose metadata a segment writer left in `dlq/`
-/// when the metastore was unreachable. Run by the metastore at start.
+/// when the metastore was unreachable. Run at start and then periodically;
+/// registering is idempotent, so an entry whose block did get registered
+/// (the metastore applied a command that timed out) is harmless. An entry
+/// that cannot be read as block metadata (empty, torn) is moved aside with
+/// a log line, never left to stop the server. A metastore that still fails
+/// ends the pass; the next one retries.
+/// Recovers `dlq/` now and then every `every`, for as long as the process
+/// runs, counting what it does in `metrics`.
+pub async fn recover_dlq_forever(
+    store: Arc<dyn ObjectStore>,
+    metastore: Arc<Metastore>,
+    metrics: SegmentMetrics,
+    every: Duration,
+) {
+    loop {
+        match recover_dlq(store.as_ref(), &metastore).await {
+            Ok(r) => {
+                metrics.dlq_recovered.inc_by(r.recovered as u64);
+                metrics.dlq_quarantined.inc_by(r.quarantined as u64);
+            }
+            Err(e) => warn!(error = %e, "dlq recovery failed; retrying later"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 pub async fn recover_dlq(
     store: &dyn ObjectStore,
     metastore: &Metastore,
-) -> Result<usize, IngestError> {
+) -> Result<DlqReport, IngestError> {
     use futures::TryStreamExt;
     let storage = |e: object_store::Error| IngestError::Storage(e.to_string());
     let entries: Vec<_> = store
@@ -325,7 +414,7 @@ pub async fn recover_dlq(
         .try_collect()
         .await
         .map_err(storage)?;
-    let mut recovered = 0;
+    let mut report = DlqReport::default();
     for entry in entries {
         let bytes = store
             .get(&entry.location)
@@ -334,22 +423,89 @@ pub async fn recover_dlq(
             .bytes()
             .await
             .map_err(storage)?;
-        match BlockMeta::decode_from(&bytes) {
-            Ok(meta) => {
-                metastore
-                    .apply(Command::add_block(meta))
-                    .map_err(|e| IngestError::Storage(e.to_string()))?;
-                recovered += 1;
-            }
-            Err(e) => {
-                warn!(path = %entry.location, error = %e, "unreadable dlq entry left in place");
+        let meta = match dlq_block(store, &bytes).await {
+            Ok(meta) => meta,
+            Err(DlqProblem::Retry(e)) => return Err(e),
+            Err(DlqProblem::Bad(reason)) => {
+                quarantine(store, &entry.location, &reason).await?;
+                report.quarantined += 1;
                 continue;
             }
+        };
+        match metastore.apply(Command::add_block(meta)) {
+            Ok(()) => report.recovered += 1,
+            Err(ember_engine::MetastoreError::InvalidCommand(reason)) => {
+                quarantine(store, &entry.location, &reason).await?;
+                report.quarantined += 1;
+                continue;
+            }
+            Err(e) => return Err(IngestError::Storage(e.to_string())),
         }
         store.delete(&entry.location).await.map_err(storage)?;
     }
-    if recovered > 0 {
-        info!(recovered, "registered blocks from dlq/");
+    if report.recovered > 0 {
+        info!(recovered = report.recovered, "registered blocks from dlq/");
     }
-    Ok(recovered)
+    Ok(report)
+}
+
+/// Why a dlq entry is not registered now.
+enum DlqProblem {
+    /// The entry itself is bad: move it aside.
+    Bad(String),
+    /// The object store failed: try again on the next pass.
+    Retry(IngestError),
+}
+
+/// The block a dlq entry names, once the entry checks out (framing, CRC)
+/// and the block object it names exists with the same metadata: a block
+/// is registered only if a query can read it.
+async fn dlq_block(store: &dyn ObjectStore, bytes: &[u8]) -> Result<BlockMeta, DlqProblem> {
+    use ember_engine::block::BlockError;
+    let meta = BlockMeta::decode_framed(bytes).map_err(DlqProblem::Bad)?;
+    if meta.id.is_empty() || meta.path.is_empty() {
+        return Err(DlqProblem::Bad("no block id or path".into()));
+    }
+    let stored = match ember_engine::block::read_footer(store, &meta.path).await {
+        Ok(stored) => stored,
+        Err(BlockError::Read {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => {
+            return Err(DlqProblem::Bad(format!(
+                "block {} does not exist",
+                meta.path
+            )))
+        }
+        Err(e @ BlockError::Read { .. }) => {
+            return Err(DlqProblem::Retry(IngestError::Storage(e.to_string())))
+        }
+        Err(e) => return Err(DlqProblem::Bad(e.to_string())),
+    };
+    // The footer inside the block is written before the block's size is
+    // known; the size is the object's.
+    let unsized_meta = |m: BlockMeta| BlockMeta { size: 0, ..m };
+    if unsized_meta(stored) != unsized_meta(meta.clone()) {
+        return Err(DlqProblem::Bad(format!(
+            "block {} holds other metadata",
+            meta.path
+        )));
+    }
+    Ok(meta)
+}
+
+async fn quarantine(
+    store: &dyn ObjectStore,
+    location: &Path,
+    reason: &str,
+) -> Result<(), IngestError> {
+    let storage = |e: object_store::Error| IngestError::Storage(e.to_string());
+    let rest = location
+        .as_ref()
+        .strip_prefix(DLQ_PREFIX)
+        .unwrap_or(location.as_ref());
+    let target = Path::from(format!("{QUARANTINE_PREFIX}{rest}"));
+    warn!(path = %location, to = %target, reason, "unreadable dlq entry quarantined");
+    store.copy(location, &target).await.map_err(storage)?;
+    store.delete(location).await.map_err(storage)
 }

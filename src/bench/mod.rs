@@ -394,6 +394,7 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
                 tenant: TENANT.into(),
                 labels: validate_labels(all[*i].labels.clone())?,
                 received_at_nanos: p.time_nanos,
+                limits: Default::default(),
             };
             for n in normalise(p, &dest)? {
                 let e = exported

@@ -37,6 +37,9 @@ impl Server {
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--flight-addr")
             .arg(format!("127.0.0.1:{flight_port}"))
+            // The workload replays the last day of simulated time.
+            .arg("--reject-older-than-seconds")
+            .arg("0")
             .args(extra)
             .env("EMBER_LOG", "warn")
             .stdout(Stdio::null())

@@ -1,0 +1,321 @@
+//! What one push may cost, named as Pyroscope names its limits
+//! (`validation.*`), with per-tenant overrides. Every number here bounds
+//! memory or time that a client's input would otherwise decide.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::IngestError;
+
+/// The frame that replaces the frames cut from a stack deeper than
+/// `max_profile_stacktrace_depth`.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
+
+/// Per-profile limits; a tenant may have its own.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileLimits {
+    /// Largest profile after decompression (Pyroscope: 4 MiB; Ember takes
+    /// the large heap profiles Go services write).
+    pub max_profile_size_bytes: usize,
+    /// Most samples in one profile (Pyroscope: 16000; a Go heap profile of
+    /// a large service has 40 k).
+    pub max_profile_stacktrace_samples: usize,
+    /// Most labels on one sample.
+    pub max_profile_stacktrace_sample_labels: usize,
+    /// Deeper stacks are truncated, not refused: the root-most frames are
+    /// kept and the rest become one [`TRUNCATED_FRAME`].
+    pub max_profile_stacktrace_depth: usize,
+    /// Longer symbol names (functions, frames) are truncated.
+    pub max_profile_symbol_value_length: usize,
+    /// Profiles older than this before the receive time are refused; 0 off.
+    pub reject_older_than_seconds: u64,
+    /// Profiles newer than this after the receive time are refused; 0 off.
+    pub reject_newer_than_seconds: u64,
+}
+
+impl Default for ProfileLimits {
+    fn default() -> Self {
+        Self {
+            max_profile_size_bytes: 16 << 20,
+            max_profile_stacktrace_samples: 100_000,
+            max_profile_stacktrace_sample_labels: 100,
+            max_profile_stacktrace_depth: 1000,
+            max_profile_symbol_value_length: 65535,
+            reject_older_than_seconds: 3600,
+            reject_newer_than_seconds: 600,
+        }
+    }
+}
+
+impl ProfileLimits {
+    /// Refuses a profile time outside `[now - older, now + newer]`.
+    pub fn check_time(&self, time_nanos: i64, now_nanos: i64) -> Result<(), IngestError> {
+        let secs = |s: u64| {
+            i64::try_from(s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000_000)
+        };
+        let age = now_nanos.saturating_sub(time_nanos);
+        if self.reject_older_than_seconds > 0 && age > secs(self.reject_older_than_seconds) {
+            return Err(IngestError::Invalid(format!(
+                "profile time {time_nanos} ns is {} s before now, older than reject_older_than ({} s)",
+                age / 1_000_000_000,
+                self.reject_older_than_seconds
+            )));
+        }
+        if self.reject_newer_than_seconds > 0 && -age > secs(self.reject_newer_than_seconds) {
+            return Err(IngestError::Invalid(format!(
+                "profile time {time_nanos} ns is {} s after now, newer than reject_newer_than ({} s)",
+                -age / 1_000_000_000,
+                self.reject_newer_than_seconds
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_samples(&self, samples: usize) -> Result<(), IngestError> {
+        if samples > self.max_profile_stacktrace_samples {
+            return Err(IngestError::Invalid(format!(
+                "profile has {samples} samples, over max_profile_stacktrace_samples ({})",
+                self.max_profile_stacktrace_samples
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_sample_labels(&self, labels: usize) -> Result<(), IngestError> {
+        if labels > self.max_profile_stacktrace_sample_labels {
+            return Err(IngestError::Invalid(format!(
+                "a sample has {labels} labels, over max_profile_stacktrace_sample_labels ({})",
+                self.max_profile_stacktrace_sample_labels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Cuts a symbol name to the limit, at a character boundary.
+    pub fn truncate_symbol(&self, mut name: String) -> String {
+        let max = self.max_profile_symbol_value_length.max(1);
+        if name.len() > max {
+            let mut end = max;
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            name.truncate(end);
+        }
+        name
+    }
+
+    /// Frames a stack may keep before the [`TRUNCATED_FRAME`].
+    pub fn kept_depth(&self) -> usize {
+        self.max_profile_stacktrace_depth.max(2) - 1
+    }
+}
+
+/// Limits of a whole request, the defaults per profile, and the tenants
+/// that have their own.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted, compressed.
+    pub max_request_bytes: usize,
+    /// Largest request after decompression: the body and every profile in
+    /// it together.
+    pub max_decompressed_bytes: usize,
+    pub defaults: ProfileLimits,
+    pub tenants: HashMap<String, ProfileLimits>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 16 << 20,
+            max_decompressed_bytes: 64 << 20,
+            defaults: ProfileLimits::default(),
+            tenants: HashMap::new(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn for_tenant(&self, tenant: &str) -> ProfileLimits {
+        self.tenants.get(tenant).copied().unwrap_or(self.defaults)
+    }
+
+    /// Reads per-tenant overrides from JSON:
+    /// `{"tenants": {"acme": {"reject_older_than_seconds": 86400}}}`. A
+    /// tenant's entry changes only the limits it names.
+    pub fn with_overrides_json(mut self, json: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            tenants: HashMap<String, serde_json::Map<String, serde_json::Value>>,
+        }
+        let file: File = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let defaults =
+            serde_json::to_value(DefaultsView(self.defaults)).map_err(|e| e.to_string())?;
+        for (tenant, changes) in file.tenants {
+            ember_engine::TenantId::parse(Some(&tenant)).map_err(|e| e.to_string())?;
+            let mut merged = defaults.clone();
+            if let Some(m) = merged.as_object_mut() {
+                m.extend(changes);
+            }
+            let limits: ProfileLimits =
+                serde_json::from_value(merged).map_err(|e| format!("tenant {tenant}: {e}"))?;
+            self.tenants.insert(tenant, limits);
+        }
+        Ok(self)
+    }
+}
+
+/// [`ProfileLimits`] as JSON, to merge a tenant's changes over.
+struct DefaultsView(ProfileLimits);
+
+impl serde::Serialize for DefaultsView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let l = &self.0;
+        let mut m = s.serialize_map(Some(7))?;
+        m.serialize_entry("max_profile_size_bytes", &l.max_profile_size_bytes)?;
+        m.serialize_entry(
+            "max_profile_stacktrace_samples",
+            &l.max_profile_stacktrace_samples,
+        )?;
+        m.serialize_entry(
+            "max_profile_stacktrace_sample_labels",
+            &l.max_profile_stacktrace_sample_labels,
+        )?;
+        m.serialize_entry(
+            "max_profile_stacktrace_depth",
+            &l.max_profile_stacktrace_depth,
+        )?;
+        m.serialize_entry(
+            "max_profile_symbol_value_length",
+            &l.max_profile_symbol_value_length,
+        )?;
+        m.serialize_entry("reject_older_than_seconds", &l.reject_older_than_seconds)?;
+        m.serialize_entry("reject_newer_than_seconds", &l.reject_newer_than_seconds)?;
+        m.end()
+    }
+}
+
+/// Bytes of requests being decoded or waiting for their flush, across the
+/// process. A request that would pass the budget is refused with 429 and
+/// Retry-After, so memory stays bounded whatever clients send.
+#[derive(Debug, Clone)]
+pub struct InflightBytes {
+    permits: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+/// Permits count KiB, so that a u32 of them covers terabytes.
+const PERMIT_BYTES: usize = 1024;
+
+impl InflightBytes {
+    pub fn new(max_bytes: usize) -> Self {
+        let permits = (max_bytes / PERMIT_BYTES).clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(permits)),
+            max_bytes,
+        }
+    }
+
+    /// Reserves `bytes` more for a request, or refuses it as overloaded.
+    pub fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, IngestError> {
+        let n = u32::try_from(bytes.div_ceil(PERMIT_BYTES).max(1)).unwrap_or(u32::MAX);
+        self.permits.clone().try_acquire_many_owned(n).map_err(|_| {
+            IngestError::Overloaded(format!(
+                "{bytes} more bytes would pass the {} bytes of requests in flight; retry shortly",
+                self.max_bytes
+            ))
+        })
+    }
+
+    /// Bytes reserved now.
+    pub fn used_bytes(&self) -> usize {
+        let total = (self.max_bytes / PERMIT_BYTES).clamp(1, Semaphore::MAX_PERMITS);
+        (total - self.permits.available_permits()) * PERMIT_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn time_window_refuses_old_and_future_profiles() {
+        let l = ProfileLimits::default();
+        let now = 1_800_000_000 * S;
+        assert!(l.check_time(now, now).is_ok());
+        assert!(l.check_time(now - 3599 * S, now).is_ok());
+        let old = l.check_time(0, now).unwrap_err().to_string();
+        assert!(
+            old.contains("older than reject_older_than (3600 s)"),
+            "{old}"
+        );
+        let future = l
+            .check_time(4_102_444_800 * S, now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            future.contains("newer than reject_newer_than (600 s)"),
+            "{future}"
+        );
+        assert!(l.check_time(i64::MIN, now).is_err());
+        assert!(l.check_time(i64::MAX, now).is_err());
+        let off = ProfileLimits {
+            reject_older_than_seconds: 0,
+            reject_newer_than_seconds: 0,
+            ..l
+        };
+        assert!(off.check_time(0, now).is_ok());
+        assert!(off.check_time(i64::MAX, now).is_ok());
+    }
+
+    #[test]
+    fn symbols_are_cut_at_char_boundaries() {
+        let l = ProfileLimits {
+            max_profile_symbol_value_length: 4,
+            ..Default::default()
+        };
+        assert_eq!(l.truncate_symbol("abcdef".into()), "abcd");
+        assert_eq!(l.truncate_symbol("abé".into()), "abé");
+        assert_eq!(l.truncate_symbol("abcé".into()), "abc");
+    }
+
+    #[test]
+    fn tenant_overrides_change_only_what_they_name() {
+        let limits = Limits::default()
+            .with_overrides_json(
+                r#"{"tenants": {"acme.prod": {"reject_older_than_seconds": 86400}}}"#,
+            )
+            .unwrap();
+        let acme = limits.for_tenant("acme.prod");
+        assert_eq!(acme.reject_older_than_seconds, 86400);
+        assert_eq!(acme.max_profile_stacktrace_depth, 1000);
+        assert_eq!(limits.for_tenant("other"), ProfileLimits::default());
+        assert!(Limits::default()
+            .with_overrides_json(r#"{"tenants": {"a": {"no_such_limit": 1}}}"#)
+            .is_err());
+        assert!(Limits::default()
+            .with_overrides_json(r#"{"tenants": {"../x": {}}}"#)
+            .is_err());
+    }
+
+    #[test]
+    fn inflight_budget_refuses_then_recovers() {
+        let b = InflightBytes::new(10 * 1024);
+        let first = b.reserve(8 * 1024).unwrap();
+        let err = b.reserve(4 * 1024).unwrap_err();
+        assert!(matches!(err, IngestError::Overloaded(_)));
+        assert_eq!(b.used_bytes(), 8 * 1024);
+        drop(first);
+        assert!(b.reserve(10 * 1024).is_ok());
+    }
+}
