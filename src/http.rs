@@ -11,7 +11,8 @@ use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use ember_ingest::distributor::{validate_tenant, BodyEncoding, Distributor};
+use ember_engine::Authenticator;
+use ember_ingest::distributor::{BodyEncoding, Distributor};
 use ember_ingest::legacy::{Format, IngestParams};
 use ember_ingest::IngestError;
 use prometheus_client::registry::Registry;
@@ -21,6 +22,7 @@ use crate::metrics::HttpMetrics;
 #[derive(Clone)]
 pub struct AppState {
     pub distributor: Arc<Distributor>,
+    pub auth: Arc<Authenticator>,
     pub metrics: HttpMetrics,
     pub registry: Arc<Registry>,
 }
@@ -71,6 +73,8 @@ impl From<IngestError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             IngestError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
+            IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            IngestError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_denied"),
             _ => (StatusCode::BAD_REQUEST, "invalid_argument"),
         };
         ApiError {
@@ -90,6 +94,16 @@ fn now_nanos() -> i64 {
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The request's tenant: its credentials' when authentication is on, else
+/// the one `X-Scope-OrgID` names.
+fn request_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, IngestError> {
+    let tenant = state.auth.tenant(
+        header_str(headers, "authorization"),
+        header_str(headers, "x-scope-orgid"),
+    )?;
+    Ok(tenant.into_string())
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
@@ -162,7 +176,7 @@ async fn push_inner(
     body: Body,
 ) -> Result<bool, IngestError> {
     let max_request_bytes = state.distributor.limits().max_request_bytes;
-    let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
+    let tenant = request_tenant(state, headers)?;
     let content_type = header_str(headers, "content-type").unwrap_or("application/proto");
     let json = content_type.starts_with("application/json");
     if !json
@@ -213,7 +227,7 @@ async fn ingest_inner(
     body: Body,
 ) -> Result<(), IngestError> {
     let max_request_bytes = state.distributor.limits().max_request_bytes;
-    let tenant = validate_tenant(header_str(headers, "x-scope-orgid"))?;
+    let tenant = request_tenant(state, headers)?;
     let params = IngestParams::from_query(query)?;
     let content_type = header_str(headers, "content-type")
         .unwrap_or_default()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ember_engine::Metastore;
+use ember_engine::{Authenticator, Metastore};
 use ember_flight::EmberFlightSql;
 use ember_ingest::distributor::Distributor;
 use ember_ingest::limits::{Limits, ProfileLimits};
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// Refuse profiles more than this many seconds in the future (0: off).
     #[arg(long, default_value_t = ProfileLimits::default().reject_newer_than_seconds)]
     reject_newer_than_seconds: u64,
+    /// JSON file of credentials, which turns authentication on:
+    /// `{"tokens": [{"token": "...", "tenant": "acme"}],
+    /// "users": [{"username": "u", "password": "p", "tenant": "acme"}]}`.
+    /// Without it the tenant is `X-Scope-OrgID` (`x-scope-orgid` in Flight).
+    #[arg(long, env = "EMBER_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
     /// JSON file of per-tenant limits:
     /// `{"tenants": {"acme": {"reject_older_than_seconds": 86400}}}`.
     #[arg(long)]
@@ -154,6 +160,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?);
 
+    let auth = Arc::new(authenticator(&args)?);
     let http_listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -164,18 +171,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let app = router(AppState {
         distributor,
+        auth: auth.clone(),
         metrics: http_metrics,
         registry: Arc::new(registry),
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown_signal());
     let flight = tonic::transport::Server::builder()
-        .add_service(EmberFlightSql::new(engine).into_server())
+        .add_service(EmberFlightSql::new(engine, auth).into_server())
         .serve_with_incoming_shutdown(tokio_stream_incoming(flight_listener), shutdown_signal());
     tokio::try_join!(async { http.await.context("HTTP server") }, async {
         flight.await.context("Flight SQL server")
     },)?;
     info!("ember stopped");
     Ok(())
+}
+
+fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
+    let Some(path) = &args.auth_file else {
+        return Ok(Authenticator::open());
+    };
+    let json =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let auth =
+        Authenticator::from_json(&json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    info!(file = %path.display(), "authentication on");
+    Ok(auth)
 }
 
 fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {

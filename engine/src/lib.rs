@@ -2,6 +2,7 @@
 //! format that segment writers flush to object storage, the metastore that
 //! indexes every block, and label selectors used to prune them.
 
+pub mod auth;
 pub mod block;
 pub mod metastore;
 pub mod profile;
@@ -9,6 +10,7 @@ pub mod selector;
 pub mod stack;
 pub mod tenant;
 
+pub use auth::{AuthError, Authenticator};
 pub use block::{BlockMeta, DatasetMeta, SectionMeta};
 pub use metastore::{BlockQuery, Command, DatasetKey, DatasetRef, Metastore, MetastoreError};
 pub use profile::{Labels, Profile, Sample};

@@ -20,11 +20,10 @@ use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
 };
-use base64::Engine;
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::record_batch::RecordBatch;
-use ember_engine::TenantId;
+use ember_engine::{AuthError, Authenticator, TenantId};
 use ember_sql::{QueryEngine, TABLES};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
@@ -37,11 +36,30 @@ const TENANT_HEADER: &str = "x-scope-orgid";
 
 pub struct EmberFlightSql {
     engine: Arc<QueryEngine>,
+    auth: Arc<Authenticator>,
 }
 
 impl EmberFlightSql {
-    pub fn new(engine: Arc<QueryEngine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<QueryEngine>, auth: Arc<Authenticator>) -> Self {
+        Self { engine, auth }
+    }
+
+    /// The call's tenant: from its bearer token when authentication is on,
+    /// else from `x-scope-orgid`.
+    fn tenant<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let header = |name: &str| -> Result<Option<&str>, Status> {
+            match req.metadata().get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_str()
+                    .map(Some)
+                    .map_err(|_| Status::invalid_argument(format!("{name} is not ASCII"))),
+            }
+        };
+        self.auth
+            .tenant(header("authorization")?, header(TENANT_HEADER)?)
+            .map(TenantId::into_string)
+            .map_err(auth_status)
     }
 
     pub fn into_server(self) -> FlightServiceServer<Self> {
@@ -51,17 +69,12 @@ impl EmberFlightSql {
     }
 }
 
-fn tenant<T>(req: &Request<T>) -> Result<String, Status> {
-    let id = match req.metadata().get(TENANT_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| Status::invalid_argument("x-scope-orgid is not ASCII"))?,
-        ),
-    };
-    TenantId::parse(id)
-        .map(TenantId::into_string)
-        .map_err(|e| Status::invalid_argument(format!("{e} in x-scope-orgid")))
+fn auth_status(e: AuthError) -> Status {
+    match e {
+        AuthError::Unauthenticated(m) => Status::unauthenticated(m),
+        AuthError::Forbidden(m) => Status::permission_denied(m),
+        AuthError::InvalidTenant(e) => Status::invalid_argument(format!("{e} in x-scope-orgid")),
+    }
 }
 
 fn status(e: ember_sql::SqlError) -> Status {
@@ -162,10 +175,10 @@ fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
 impl FlightSqlService for EmberFlightSql {
     type FlightService = EmberFlightSql;
 
-    /// Accepts any basic-auth user and answers with a bearer token, so
-    /// clients that insist on the handshake (Grafana's) can connect.
-    /// Authentication proper is not implemented: tenants are taken from
-    /// `x-scope-orgid`, as behind Pyroscope's own auth proxy.
+    /// The basic-auth handshake (Grafana's Flight SQL data source uses it):
+    /// with authentication on, checks the user and answers with a bearer
+    /// token for the user's tenant; with it off, any user gets a token and
+    /// tenants come from `x-scope-orgid`, as behind Pyroscope's auth proxy.
     async fn do_handshake(
         &self,
         request: Request<Streaming<HandshakeRequest>>,
@@ -173,16 +186,11 @@ impl FlightSqlService for EmberFlightSql {
         Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
         Status,
     > {
-        let user = request
+        let authorization = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .and_then(|raw| String::from_utf8(raw).ok())
-            .and_then(|s| s.split_once(':').map(|(u, _)| u.to_string()))
-            .unwrap_or_default();
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("ember:{user}"));
+            .and_then(|v| v.to_str().ok());
+        let token = self.auth.handshake(authorization).map_err(auth_status)?;
         let out = futures::stream::iter(vec![Ok(HandshakeResponse {
             protocol_version: 0,
             payload: token.clone().into(),
@@ -201,7 +209,7 @@ impl FlightSqlService for EmberFlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         let schema = self.statement_schema(&tenant, &query.query).await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
@@ -218,7 +226,7 @@ impl FlightSqlService for EmberFlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         self.run(&tenant, handle_sql(&ticket.statement_handle)?)
             .await
     }
@@ -228,7 +236,7 @@ impl FlightSqlService for EmberFlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         let schema = self.statement_schema(&tenant, &query.query).await?;
         let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
@@ -254,7 +262,7 @@ impl FlightSqlService for EmberFlightSql {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         let schema = self
             .statement_schema(&tenant, handle_sql(&cmd.prepared_statement_handle)?)
             .await?;
@@ -270,7 +278,7 @@ impl FlightSqlService for EmberFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         self.run(&tenant, handle_sql(&query.prepared_statement_handle)?)
             .await
     }
@@ -340,7 +348,7 @@ impl FlightSqlService for EmberFlightSql {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         let mut builder = query.into_builder();
         builder.append(ember_sql::CATALOG, &tenant);
         let schema = builder.schema();
@@ -365,7 +373,7 @@ impl FlightSqlService for EmberFlightSql {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let tenant = tenant(&request)?;
+        let tenant = self.tenant(&request)?;
         let mut builder = query.into_builder();
         for section in TABLES {
             builder

@@ -20,6 +20,20 @@ pub enum IngestError {
     ShuttingDown,
     #[error("overloaded: {0}")]
     Overloaded(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl From<ember_engine::AuthError> for IngestError {
+    fn from(e: ember_engine::AuthError) -> Self {
+        match e {
+            ember_engine::AuthError::Unauthenticated(m) => IngestError::Unauthenticated(m),
+            ember_engine::AuthError::Forbidden(m) => IngestError::Forbidden(m),
+            ember_engine::AuthError::InvalidTenant(e) => IngestError::Invalid(e.to_string()),
+        }
+    }
 }
 
 impl IngestError {
@@ -34,6 +48,8 @@ impl IngestError {
             IngestError::Storage(_) => "storage",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::Overloaded(_) => "overloaded",
+            IngestError::Unauthenticated(_) => "unauthenticated",
+            IngestError::Forbidden(_) => "forbidden",
         }
     }
 

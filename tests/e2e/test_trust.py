@@ -211,3 +211,55 @@ def test_sql_stays_in_its_sandbox(ember):
         with pytest.raises(Exception):
             ember.sql(sql)
     assert ember.alive()
+
+
+def test_auth_maps_credentials_to_tenants_on_http_and_flight_sql(make_ember, tmp_path):
+    import adbc_driver_flightsql.dbapi as flightsql
+    import base64
+    import pyarrow.flight as pf
+
+    token = "tok-a-0123456789abcdef"
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"tokens": [{"token": token, "tenant": "team-a"}],
+                                "users": [{"username": "bob", "password": "s3cret", "tenant": "team-b"}]}))
+    ember = make_ember("--auth-file", str(auth))
+    raw = with_time((FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes(), NOW_NS())
+    url = f"{ember.http}/push.v1.PusherService/Push"
+    from wire import push_request
+    body = push_request([({"__name__": "process_cpu", "service_name": "api"}, [raw])])
+    proto = {"Content-Type": "application/proto"}
+    basic = "Basic " + base64.b64encode(b"bob:s3cret").decode()
+    r = requests.post(url, data=body, headers=proto)
+    assert r.status_code == 401 and "authentication required" in r.json()["message"]
+    r = requests.post(url, data=body, headers={**proto, "Authorization": "Bearer wrong-token-000000"})
+    assert r.status_code == 401
+    r = requests.post(url, data=body, headers={**proto, "Authorization": f"Bearer {token}", "X-Scope-OrgID": "team-b"})
+    assert r.status_code == 403
+    assert requests.post(url, data=body, headers={**proto, "Authorization": f"Bearer {token}"}).status_code == 200
+    # Agents send basic auth; /ingest takes it too.
+    r = requests.post(f"{ember.http}/ingest", params={"name": "basic.cpu", "format": "folded"},
+                      data=f"main;work {7}\n".encode(), headers={"Authorization": basic})
+    assert r.status_code == 200, r.text
+
+    def count(**db_kwargs):
+        with flightsql.connect(ember.flight, autocommit=True, db_kwargs=db_kwargs) as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT service_name, count(*) AS n FROM samples GROUP BY 1")
+                return {r["service_name"]: r["n"] for r in cur.fetch_arrow_table().to_pylist()}
+
+    assert set(count(**{"adbc.flight.sql.authorization_header": f"Bearer {token}"})) == {"api"}
+    # The basic-auth handshake answers with a bearer token for bob's tenant.
+    assert set(count(username="bob", password="s3cret")) == {"basic"}
+    for bad in [{}, {"username": "bob", "password": "nope"},
+                {"adbc.flight.sql.authorization_header": "Bearer wrong-token-000000"},
+                {"adbc.flight.sql.authorization_header": f"Bearer {token}",
+                 "adbc.flight.sql.rpc.call_header.x-scope-orgid": "team-b"}]:
+        with pytest.raises(Exception) as e:
+            count(**bad)
+        assert "unauthenticated" in str(e.value).lower() or "permission" in str(e.value).lower() \
+            or "another tenant" in str(e.value).lower() or "unknown" in str(e.value).lower(), str(e.value)
+    client = pf.FlightClient(ember.flight)
+    with pytest.raises(pf.FlightUnauthenticatedError):
+        client.authenticate_basic_token(b"bob", b"wrong")
+    header = client.authenticate_basic_token(b"bob", b"s3cret")
+    assert header[0].lower() == b"authorization" and header[1].startswith(b"Bearer ")

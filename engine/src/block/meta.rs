@@ -109,6 +109,16 @@ impl BlockMeta {
     }
 }
 
+impl DatasetMeta {
+    pub fn section(&self, kind: super::Section) -> Option<&SectionMeta> {
+        self.sections.iter().find(|s| s.kind == kind.name())
+    }
+
+    pub fn overlaps(&self, start: i64, end: i64) -> bool {
+        self.min_time <= end && self.max_time >= start
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,15 +138,5 @@ mod tests {
         let mut flipped = framed.clone();
         flipped[2] ^= 1;
         assert!(BlockMeta::decode_framed(&flipped).is_err());
-    }
-}
-
-impl DatasetMeta {
-    pub fn section(&self, kind: super::Section) -> Option<&SectionMeta> {
-        self.sections.iter().find(|s| s.kind == kind.name())
-    }
-
-    pub fn overlaps(&self, start: i64, end: i64) -> bool {
-        self.min_time <= end && self.max_time >= start
     }
 }
