@@ -126,20 +126,16 @@ impl Authenticator {
         let Some(creds) = &self.config else {
             return TenantId::parse(named).map_err(AuthError::InvalidTenant);
         };
-        let tenant = match authorization.map(str::trim) {
-            Some(v) if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") => {
-                self.bearer(creds, v[7..].trim())?
-            }
-            Some(v) if v.len() > 6 && v[..6].eq_ignore_ascii_case("basic ") => {
-                let (user, password) = basic_credentials(&v[6..])?;
-                self.user(creds, &user, &password)?
-            }
-            _ => {
-                return Err(AuthError::Unauthenticated(
-                    "authentication required: send Authorization: Bearer <token> or basic auth"
-                        .into(),
-                ))
-            }
+        let value = authorization.map(str::trim).unwrap_or_default();
+        let tenant = if let Some(token) = strip_scheme(value, "bearer ") {
+            self.bearer(creds, token.trim())?
+        } else if let Some(encoded) = strip_scheme(value, "basic ") {
+            let (user, password) = basic_credentials(encoded)?;
+            self.user(creds, &user, &password)?
+        } else {
+            return Err(AuthError::Unauthenticated(
+                "authentication required: send Authorization: Bearer <token> or basic auth".into(),
+            ));
         };
         match named.map(str::trim).filter(|n| !n.is_empty()) {
             Some(n) if n != tenant.as_str() => Err(AuthError::Forbidden(format!(
@@ -179,9 +175,9 @@ impl Authenticator {
         };
         let encoded = authorization
             .map(str::trim)
-            .filter(|v| v.len() > 6 && v[..6].eq_ignore_ascii_case("basic "))
+            .and_then(|v| strip_scheme(v, "basic "))
             .ok_or_else(|| AuthError::Unauthenticated("handshake needs basic auth".into()))?;
-        let (user, password) = basic_credentials(&encoded[6..])?;
+        let (user, password) = basic_credentials(encoded)?;
         let tenant = self.user(creds, &user, &password)?;
         let token = random_token();
         let mut sessions = self.sessions.write().unwrap_or_else(|e| e.into_inner());
@@ -192,6 +188,13 @@ impl Authenticator {
         sessions.insert(token.clone(), tenant);
         Ok(token)
     }
+}
+
+/// The rest of an `Authorization` value after its scheme, any case.
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let head = value.get(..scheme.len())?;
+    let rest = value.get(scheme.len()..)?;
+    (head.eq_ignore_ascii_case(scheme) && !rest.is_empty()).then_some(rest)
 }
 
 fn basic_credentials(encoded: &str) -> Result<(String, String), AuthError> {

@@ -206,8 +206,10 @@ pub fn parse_folded(
             continue;
         }
         let mut ids = Vec::new();
+        let depth = stack.split(';').filter(|f| !f.is_empty()).count();
+        let truncate = depth > limits.kept_depth() + 1;
         for frame in stack.split(';').filter(|f| !f.is_empty()) {
-            if ids.len() == limits.kept_depth() {
+            if truncate && ids.len() == limits.kept_depth() {
                 // Index 0 is the truncation frame.
                 ids.push(0);
                 break;

@@ -110,7 +110,8 @@ impl ProfileLimits {
         name
     }
 
-    /// Frames a stack may keep before the [`TRUNCATED_FRAME`].
+    /// Frames a stack deeper than the limit keeps before the
+    /// [`TRUNCATED_FRAME`] (a stack at the limit is kept whole).
     pub fn kept_depth(&self) -> usize {
         self.max_profile_stacktrace_depth.max(2) - 1
     }

@@ -148,13 +148,20 @@ impl Symbols {
     /// graph still shows where the deep stack came from; building stops at
     /// the limit, so a hostile stack costs no more than a legal one.
     fn stack(&self, location_ids: &[u64]) -> Result<Vec<u32>, IngestError> {
-        let mut stack = Vec::with_capacity(location_ids.len().min(self.max_depth + 1));
-        for id in location_ids.iter().rev() {
+        let mut frames_total = 0usize;
+        for id in location_ids {
             let frames = self.locations.get(id).ok_or_else(|| {
                 IngestError::Invalid(format!("sample refers to unknown location {id}"))
             })?;
-            for &f in frames.iter().rev() {
-                if stack.len() == self.max_depth {
+            frames_total += frames.len();
+        }
+        // A stack at the limit is kept whole; a deeper one keeps one frame
+        // less than the limit, then the truncation frame.
+        let truncate = frames_total > self.max_depth + 1;
+        let mut stack = Vec::with_capacity(frames_total.min(self.max_depth + 1));
+        for id in location_ids.iter().rev() {
+            for &f in self.locations[id].iter().rev() {
+                if truncate && stack.len() == self.max_depth {
                     stack.push(self.truncated);
                     return Ok(stack);
                 }
@@ -573,9 +580,10 @@ mod tests {
         assert_eq!(names[998], "f199001");
         assert_eq!(names[999], TRUNCATED_FRAME);
         // A stack at the limit is untouched.
-        let out = normalise(&deep_profile(999, 0), &dest()).unwrap();
+        let out = normalise(&deep_profile(1000, 0), &dest()).unwrap();
         let s = &out[0].samples[0];
-        assert_eq!(s.stack.len(), 999);
+        assert_eq!(s.stack.len(), 1000);
+        assert_eq!(out[0].functions[s.stack[999] as usize], "f000000");
         assert!(!s
             .stack
             .iter()

@@ -296,8 +296,19 @@ impl ShardWorker {
             // The metastore may still apply a timed-out command: AddBlock is
             // idempotent, so the dlq copy then registers nothing twice.
             warn!(blocks = metas.len(), error = %e, "metastore unavailable; writing block metadata to dlq/");
+            let mut written = Vec::with_capacity(metas.len());
             for meta in &metas {
-                write_dlq(self.sink.store.as_ref(), meta).await?;
+                match write_dlq(self.sink.store.as_ref(), meta).await {
+                    Ok(path) => written.push(path),
+                    Err(e) => {
+                        // The request is not acknowledged, so its retry must
+                        // not meet this flush's blocks registered later.
+                        for path in &written {
+                            let _ = self.sink.store.delete(path).await;
+                        }
+                        return Err(e);
+                    }
+                }
                 self.metrics.dlq_writes.inc();
             }
         }
@@ -355,13 +366,13 @@ fn by_partition(profiles: Vec<Profile>) -> Vec<Vec<Profile>> {
 
 const DLQ_PREFIX: &str = "dlq";
 
-async fn write_dlq(store: &dyn ObjectStore, meta: &BlockMeta) -> Result<(), IngestError> {
+async fn write_dlq(store: &dyn ObjectStore, meta: &BlockMeta) -> Result<Path, IngestError> {
     let path = Path::from(format!("{DLQ_PREFIX}/{}/{}.meta", meta.shard, meta.id));
     store
         .put(&path, PutPayload::from(meta.encode_framed()))
         .await
-        .map(|_| ())
-        .map_err(|e| IngestError::Storage(format!("writing {path}: {e}")))
+        .map_err(|e| IngestError::Storage(format!("writing {path}: {e}")))?;
+    Ok(path)
 }
 
 const QUARANTINE_PREFIX: &str = "dlq-quarantine";
@@ -462,7 +473,11 @@ enum DlqProblem {
 /// is registered only if a query can read it.
 async fn dlq_block(store: &dyn ObjectStore, bytes: &[u8]) -> Result<BlockMeta, DlqProblem> {
     use ember_engine::block::BlockError;
-    let meta = BlockMeta::decode_framed(bytes).map_err(DlqProblem::Bad)?;
+    // Entries written before dlq entries were framed are bare messages;
+    // the block's own footer below is what vouches for either kind.
+    let meta = BlockMeta::decode_framed(bytes)
+        .or_else(|framed| BlockMeta::decode_from(bytes).map_err(|_| framed))
+        .map_err(DlqProblem::Bad)?;
     if meta.id.is_empty() || meta.path.is_empty() {
         return Err(DlqProblem::Bad("no block id or path".into()));
     }

@@ -149,23 +149,35 @@ impl StackDictionary {
             // Never file one tenant's nodes under another's name.
             return Some(read_nodes);
         }
-        let mut tenants = self.lock();
         let key = tenant.to_string();
-        let current = tenants.get(&key);
-        if !current.is_some_and(|c| Arc::ptr_eq(&c, into)) {
+        let is_current = |tenants: &mut ByteLru<String, TenantNodes>| {
+            tenants.get(&key).is_some_and(|c| Arc::ptr_eq(&c, into))
+        };
+        if !is_current(&mut self.lock()) {
             // The cache forgot this tenant since the query began.
             return Some(read_nodes);
         }
+        // The tenant's write lock first, the cache's lock only briefly
+        // inside it: waiting for another query's readers never blocks other
+        // tenants' planning.
         let mut nodes = into.write().unwrap_or_else(|e| e.into_inner());
-        let added = nodes.added_bytes(&read_nodes, datasets.len());
-        if !tenants.grow(&key, added) {
-            return Some(read_nodes);
+        let new_datasets: Vec<DatasetKey> = datasets
+            .iter()
+            .map(DatasetRef::key)
+            .filter(|k| !nodes.loaded.contains(k))
+            .collect();
+        let added = nodes.added_bytes(&read_nodes, new_datasets.len());
+        {
+            let mut tenants = self.lock();
+            if !is_current(&mut tenants) || !tenants.grow(&key, added) {
+                return Some(read_nodes);
+            }
         }
         for (id, (parent, name)) in read_nodes.nodes {
             nodes.insert(id, parent, &name);
         }
-        nodes.loaded.extend(datasets.iter().map(DatasetRef::key));
-        nodes.bytes += datasets.len() * DATASET_BYTES;
+        nodes.bytes += new_datasets.len() * DATASET_BYTES;
+        nodes.loaded.extend(new_datasets);
         None
     }
 }
