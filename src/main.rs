@@ -2,6 +2,7 @@
 
 mod bench;
 mod http;
+mod local_store;
 mod metrics;
 mod object_requests;
 mod query;

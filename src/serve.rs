@@ -9,17 +9,18 @@ use anyhow::Context;
 use ember_engine::{Authenticator, Metastore};
 use ember_flight::EmberFlightSql;
 use ember_ingest::distributor::Distributor;
+use ember_ingest::faults::{FaultStore, Faults};
 use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
 use ember_sql::{QueryEngine, QueryEngineConfig};
-use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
 use crate::http::{router, AppState};
+use crate::local_store::SyncedLocalStore;
 use crate::metrics::HttpMetrics;
 use crate::object_requests::{CountingStore, ObjectRequestMetrics};
 
@@ -71,6 +72,10 @@ pub struct ServeArgs {
     /// Refuse profiles more than this many seconds in the future (0: off).
     #[arg(long, default_value_t = ProfileLimits::default().reject_newer_than_seconds)]
     reject_newer_than_seconds: u64,
+    /// Faults to inject, for tests: `put_error_rate=0.3,crash_at=after_upload`
+    /// (see ingest/src/faults.rs).
+    #[arg(long, env = "EMBER_FAULTS", hide = true)]
+    faults: Option<String>,
     /// JSON file of credentials, which turns authentication on:
     /// `{"tokens": [{"token": "...", "tenant": "acme"}],
     /// "users": [{"username": "u", "password": "p", "tenant": "acme"}]}`.
@@ -105,10 +110,23 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let objects = args.data_dir.join("objects");
     std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
-    let local: Arc<dyn ObjectStore> = Arc::new(
-        LocalFileSystem::new_with_prefix(&objects)
+    let objects = objects
+        .canonicalize()
+        .with_context(|| format!("resolving {}", objects.display()))?;
+    let mut local: Arc<dyn ObjectStore> = Arc::new(
+        SyncedLocalStore::new(objects.clone())
             .with_context(|| format!("opening {}", objects.display()))?,
     );
+    let faults = Arc::new(match &args.faults {
+        Some(spec) => Faults::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?,
+        None => Faults::default(),
+    });
+    if args.faults.is_some() {
+        tracing::warn!(spec = ?args.faults, "fault injection on: for tests only");
+    }
+    if faults.touches_store() {
+        local = Arc::new(FaultStore::new(local, faults.clone()));
+    }
     let object_metrics = ObjectRequestMetrics::default();
     let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
     let metastore_path = args.data_dir.join("metastore.redb");
@@ -139,6 +157,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Sink {
             store: store.clone(),
             metastore: metastore.clone(),
+            faults,
         },
         segment_metrics,
     ));

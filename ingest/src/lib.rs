@@ -4,6 +4,7 @@
 
 pub mod distributor;
 pub mod error;
+pub mod faults;
 pub mod legacy;
 pub mod limits;
 pub mod normalise;

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::faults::{Faults, FlushStep};
 use crate::IngestError;
 
 #[derive(Debug, Clone)]
@@ -143,6 +144,8 @@ pub struct SegmentWriter {
 pub struct Sink {
     pub store: Arc<dyn ObjectStore>,
     pub metastore: Arc<Metastore>,
+    /// Injected by tests only (`--faults`); none by default.
+    pub faults: Arc<Faults>,
 }
 
 impl SegmentWriter {
@@ -239,6 +242,9 @@ impl ShardWorker {
         let profiles: Vec<Profile> = profiles.into_iter().flatten().collect();
         let count = profiles.len() as u64;
         let result = self.write(profiles).await;
+        if result.is_ok() {
+            self.sink.faults.crash_point(FlushStep::AfterIndex);
+        }
         match &result {
             Ok(metas) => {
                 let bytes: u64 = metas.iter().map(|m| m.size).sum();
@@ -285,12 +291,14 @@ impl ShardWorker {
         .await
         .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?
         .map_err(|e| IngestError::Storage(e.to_string()))?;
+        self.sink.faults.crash_point(FlushStep::BeforeUpload);
         futures::future::try_join_all(
             blocks
                 .iter()
                 .map(|b| self.upload(&b.meta.path, b.bytes.clone())),
         )
         .await?;
+        self.sink.faults.crash_point(FlushStep::AfterUpload);
         let metas: Vec<BlockMeta> = blocks.into_iter().map(|b| b.meta).collect();
         if let Err(e) = self.register(metas.clone()).await {
             // The metastore may still apply a timed-out command: AddBlock is
@@ -340,9 +348,21 @@ impl ShardWorker {
     }
 
     async fn register(&self, metas: Vec<BlockMeta>) -> Result<(), String> {
+        let faults = &self.sink.faults;
+        if faults.roll(faults.metastore_error_rate) {
+            return Err("injected metastore fault".into());
+        }
+        let delay = faults
+            .roll(faults.metastore_delay_rate)
+            .then_some(faults.metastore_delay);
         let metastore = self.sink.metastore.clone();
         let commands = metas.into_iter().map(Command::add_block).collect();
-        let apply = tokio::task::spawn_blocking(move || metastore.apply_all(commands));
+        let apply = tokio::task::spawn_blocking(move || {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            metastore.apply_all(commands)
+        });
         match tokio::time::timeout(self.config.metadata_timeout, apply).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(e.to_string()),

@@ -90,7 +90,7 @@ class Ember:
                 cur.execute(query)
                 return cur.fetch_arrow_table()
 
-    def push_proto(self, series, tenant=None, gzip_body=True, json=False):
+    def push_proto(self, series, tenant=None, gzip_body=True, json=False, timeout=30):
         import base64
         import gzip
         import json as js
@@ -110,7 +110,7 @@ class Ember:
         if gzip_body:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
-        return requests.post(f"{self.http}/push.v1.PusherService/Push", data=body, headers=headers, timeout=30)
+        return requests.post(f"{self.http}/push.v1.PusherService/Push", data=body, headers=headers, timeout=timeout)
 
 
 @pytest.fixture
