@@ -10,21 +10,14 @@ use ember_engine::profile::Profile;
 use futures::future::try_join_all;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::legacy::{self, Format, IngestParams};
-use crate::limits::{InflightBytes, ProfileLimits};
-use crate::normalise::{normalise, validate_labels, Destination};
-use crate::push::PushRequest;
+use crate::decode;
+pub use crate::decode::BodyEncoding;
+use crate::legacy::{Format, IngestParams};
+use crate::limits::InflightBytes;
 use crate::segment::SegmentWriter;
-use crate::{pprof, IngestError};
+use crate::IngestError;
 
 pub use crate::limits::Limits;
-
-/// How a request body is encoded, as its headers say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyEncoding {
-    pub json: bool,
-    pub gzip: bool,
-}
 
 pub struct Distributor {
     writer: Arc<SegmentWriter>,
@@ -33,33 +26,6 @@ pub struct Distributor {
     /// Decoding runs on blocking threads; this many at once, so a burst of
     /// large requests queues instead of inflating all at the same time.
     decoders: Arc<Semaphore>,
-}
-
-/// Counts decompressed bytes against the request's limit.
-struct Budget {
-    left: usize,
-    limit: usize,
-}
-
-impl Budget {
-    fn take(&mut self, bytes: usize) -> Result<(), IngestError> {
-        self.left = self.left.checked_sub(bytes).ok_or(IngestError::TooLarge {
-            size: self.limit - self.left + bytes,
-            limit: self.limit,
-        })?;
-        Ok(())
-    }
-}
-
-/// Refuses the request if any profile lies outside the tenant's window.
-fn check_times(
-    profiles: &[Profile],
-    limits: &ProfileLimits,
-    now_nanos: i64,
-) -> Result<(), IngestError> {
-    profiles
-        .iter()
-        .try_for_each(|p| limits.check_time(p.time_nanos, now_nanos))
 }
 
 /// Jump consistent hash (Lamping & Veach): moves few keys when shards change.
@@ -111,7 +77,7 @@ impl Distributor {
         let this = self.clone();
         let tenant = tenant.to_string();
         self.decode_off_executor(body.len(), move || {
-            this.profiles_from_push_body(&body, encoding, &tenant, now_nanos)
+            decode::push_body(&this.limits, &body, encoding, &tenant, now_nanos)
         })
         .await
     }
@@ -129,7 +95,7 @@ impl Distributor {
         let this = self.clone();
         let tenant = tenant.to_string();
         self.decode_off_executor(body.len(), move || {
-            this.profiles_from_ingest(&params, format, &body, &tenant, now_nanos)
+            decode::ingest_body(&this.limits, &params, format, &body, &tenant, now_nanos)
         })
         .await
     }
@@ -158,99 +124,6 @@ impl Distributor {
             permit.merge(self.inflight.reserve(size - reserved)?);
         }
         Ok((profiles, permit))
-    }
-
-    /// Normalised profiles of a push body: decompressed and decoded under
-    /// the request's limits, then checked against the tenant's.
-    pub fn profiles_from_push_body(
-        &self,
-        body: &[u8],
-        encoding: BodyEncoding,
-        tenant: &str,
-        now_nanos: i64,
-    ) -> Result<Vec<Profile>, IngestError> {
-        let mut budget = Budget {
-            left: self.limits.max_decompressed_bytes,
-            limit: self.limits.max_decompressed_bytes,
-        };
-        let inflated;
-        let body = if encoding.gzip {
-            inflated = pprof::gunzip(body, budget.left, "request body")?;
-            budget.take(inflated.len())?;
-            inflated.as_slice()
-        } else {
-            body
-        };
-        let req = if encoding.json {
-            PushRequest::decode_json(body)?
-        } else {
-            PushRequest::decode_proto(body)?
-        };
-        self.profiles_from_push(&req, tenant, now_nanos, &mut budget)
-    }
-
-    fn profiles_from_push(
-        &self,
-        req: &PushRequest,
-        tenant: &str,
-        now_nanos: i64,
-        budget: &mut Budget,
-    ) -> Result<Vec<Profile>, IngestError> {
-        let limits = self.limits.for_tenant(tenant);
-        let mut out = Vec::new();
-        for series in &req.series {
-            let labels = series
-                .labels
-                .iter()
-                .map(|l| (l.name.clone(), l.value.clone()))
-                .collect();
-            let dest = Destination {
-                tenant: tenant.to_string(),
-                labels: validate_labels(labels)?,
-                received_at_nanos: now_nanos,
-                limits,
-            };
-            for sample in &series.samples {
-                let max = limits.max_profile_size_bytes.min(budget.left);
-                let (profile, size) = pprof::decode_sized(&sample.raw_profile, max)?;
-                budget.take(size)?;
-                out.extend(normalise(&profile, &dest)?);
-            }
-        }
-        check_times(&out, &limits, now_nanos)?;
-        Ok(out)
-    }
-
-    /// Normalised profiles of a legacy `/ingest` body (already un-multiparted).
-    pub fn profiles_from_ingest(
-        &self,
-        params: &IngestParams,
-        format: Format,
-        body: &[u8],
-        tenant: &str,
-        now_nanos: i64,
-    ) -> Result<Vec<Profile>, IngestError> {
-        let limits = self.limits.for_tenant(tenant);
-        let body = pprof::maybe_gunzip(body, self.limits.max_decompressed_bytes, "request body")?;
-        let profiles = match format {
-            Format::Pprof => {
-                let dest = params.destination(tenant, now_nanos, false, &limits)?;
-                let profile = pprof::decode(&body, limits.max_profile_size_bytes)?;
-                let mut profiles = normalise(&profile, &dest)?;
-                if let Some(from) = params.from_nanos.filter(|_| profile.time_nanos == 0) {
-                    profiles.iter_mut().for_each(|p| p.time_nanos = from);
-                }
-                profiles
-            }
-            Format::Folded | Format::Lines => {
-                let dest = params.destination(tenant, now_nanos, true, &limits)?;
-                legacy::parse_folded(&body, format, params, &dest)?
-                    .into_iter()
-                    .collect()
-            }
-        };
-        check_times(&profiles, &limits, now_nanos)?;
-        Ok(profiles)
     }
 
     /// Queues the profiles on their shards and returns once every one is

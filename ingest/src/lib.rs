@@ -2,9 +2,12 @@
 //! formats), validation and normalisation (the distributor), and the segment
 //! writer that makes profiles durable in object storage before acking them.
 
+pub mod decode;
 pub mod distributor;
 pub mod error;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legacy;
 pub mod limits;
 pub mod normalise;

@@ -1,0 +1,137 @@
+//! Request bodies to normalised profiles, under the request's and the
+//! tenant's limits: what every push path and every fuzz target runs.
+
+use ember_engine::profile::Profile;
+
+use crate::legacy::{self, Format, IngestParams};
+use crate::limits::{Limits, ProfileLimits};
+use crate::normalise::{normalise, validate_labels, Destination};
+use crate::push::PushRequest;
+use crate::{pprof, IngestError};
+
+/// How a request body is encoded, as its headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyEncoding {
+    pub json: bool,
+    pub gzip: bool,
+}
+
+/// Counts decompressed bytes against the request's limit.
+struct Budget {
+    left: usize,
+    limit: usize,
+}
+
+impl Budget {
+    fn take(&mut self, bytes: usize) -> Result<(), IngestError> {
+        self.left = self.left.checked_sub(bytes).ok_or(IngestError::TooLarge {
+            size: self.limit - self.left + bytes,
+            limit: self.limit,
+        })?;
+        Ok(())
+    }
+}
+
+/// Normalised profiles of a push body: decompressed and decoded under
+/// the request's limits, then checked against the tenant's.
+pub fn push_body(
+    limits: &Limits,
+    body: &[u8],
+    encoding: BodyEncoding,
+    tenant: &str,
+    now_nanos: i64,
+) -> Result<Vec<Profile>, IngestError> {
+    let mut budget = Budget {
+        left: limits.max_decompressed_bytes,
+        limit: limits.max_decompressed_bytes,
+    };
+    let inflated;
+    let body = if encoding.gzip {
+        inflated = pprof::gunzip(body, budget.left, "request body")?;
+        budget.take(inflated.len())?;
+        inflated.as_slice()
+    } else {
+        body
+    };
+    let req = if encoding.json {
+        PushRequest::decode_json(body)?
+    } else {
+        PushRequest::decode_proto(body)?
+    };
+    push_request(limits, &req, tenant, now_nanos, &mut budget)
+}
+
+fn push_request(
+    limits_all: &Limits,
+    req: &PushRequest,
+    tenant: &str,
+    now_nanos: i64,
+    budget: &mut Budget,
+) -> Result<Vec<Profile>, IngestError> {
+    let limits = limits_all.for_tenant(tenant);
+    let mut out = Vec::new();
+    for series in &req.series {
+        let labels = series
+            .labels
+            .iter()
+            .map(|l| (l.name.clone(), l.value.clone()))
+            .collect();
+        let dest = Destination {
+            tenant: tenant.to_string(),
+            labels: validate_labels(labels)?,
+            received_at_nanos: now_nanos,
+            limits,
+        };
+        for sample in &series.samples {
+            let max = limits.max_profile_size_bytes.min(budget.left);
+            let (profile, size) = pprof::decode_sized(&sample.raw_profile, max)?;
+            budget.take(size)?;
+            out.extend(normalise(&profile, &dest)?);
+        }
+    }
+    check_times(&out, &limits, now_nanos)?;
+    Ok(out)
+}
+
+/// Normalised profiles of a legacy `/ingest` body (already un-multiparted).
+pub fn ingest_body(
+    limits_all: &Limits,
+    params: &IngestParams,
+    format: Format,
+    body: &[u8],
+    tenant: &str,
+    now_nanos: i64,
+) -> Result<Vec<Profile>, IngestError> {
+    let limits = limits_all.for_tenant(tenant);
+    let body = pprof::maybe_gunzip(body, limits_all.max_decompressed_bytes, "request body")?;
+    let profiles = match format {
+        Format::Pprof => {
+            let dest = params.destination(tenant, now_nanos, false, &limits)?;
+            let profile = pprof::decode(&body, limits.max_profile_size_bytes)?;
+            let mut profiles = normalise(&profile, &dest)?;
+            if let Some(from) = params.from_nanos.filter(|_| profile.time_nanos == 0) {
+                profiles.iter_mut().for_each(|p| p.time_nanos = from);
+            }
+            profiles
+        }
+        Format::Folded | Format::Lines => {
+            let dest = params.destination(tenant, now_nanos, true, &limits)?;
+            legacy::parse_folded(&body, format, params, &dest)?
+                .into_iter()
+                .collect()
+        }
+    };
+    check_times(&profiles, &limits, now_nanos)?;
+    Ok(profiles)
+}
+
+/// Refuses the request if any profile lies outside the tenant's window.
+fn check_times(
+    profiles: &[Profile],
+    limits: &ProfileLimits,
+    now_nanos: i64,
+) -> Result<(), IngestError> {
+    profiles
+        .iter()
+        .try_for_each(|p| limits.check_time(p.time_nanos, now_nanos))
+}

@@ -1,0 +1,134 @@
+//! What a client can reach, one function per fuzz target: `fuzz/` runs them
+//! under libFuzzer, and the normal test run replays their corpora
+//! (`fuzz/corpus/<target>/`). Each must answer any input with a value or
+//! an error, never a panic, within the limits.
+
+use std::collections::HashMap;
+
+use ember_engine::selector::Selector;
+
+use crate::decode::{self, BodyEncoding};
+use crate::legacy::{Format, IngestParams};
+use crate::limits::{Limits, ProfileLimits};
+use crate::normalise::{normalise, validate_labels, Destination};
+use crate::pprof;
+
+/// The targets, by corpus directory name.
+pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+    ("pprof", pprof_profile),
+    ("push_proto", push_proto),
+    ("push_json", push_json),
+    ("ingest_folded", ingest_folded),
+    ("ingest_query", ingest_query),
+    ("selector", selector),
+];
+
+const NOW: i64 = 1_800_000_000_000_000_000;
+
+fn limits() -> Limits {
+    Limits {
+        max_request_bytes: 1 << 20,
+        max_decompressed_bytes: 8 << 20,
+        defaults: ProfileLimits {
+            reject_older_than_seconds: 0,
+            reject_newer_than_seconds: 0,
+            ..ProfileLimits::default()
+        },
+        tenants: HashMap::new(),
+    }
+}
+
+/// A pprof profile, gzipped or not, normalised.
+pub fn pprof_profile(data: &[u8]) {
+    let l = limits();
+    let Ok(profile) = pprof::decode(data, l.defaults.max_profile_size_bytes) else {
+        return;
+    };
+    let Ok(labels) = validate_labels(vec![("service_name".into(), "fuzz".into())]) else {
+        return;
+    };
+    let dest = Destination {
+        tenant: "fuzz".into(),
+        labels,
+        received_at_nanos: NOW,
+        limits: l.defaults,
+    };
+    if let Ok(profiles) = normalise(&profile, &dest) {
+        check_bounds(&profiles, &l.defaults);
+    }
+}
+
+/// A push.v1 request body as the Connect protocol carries it (protobuf).
+pub fn push_proto(data: &[u8]) {
+    push(data, false)
+}
+
+/// A push.v1 request body in Connect's JSON.
+pub fn push_json(data: &[u8]) {
+    push(data, true)
+}
+
+fn push(data: &[u8], json: bool) {
+    let l = limits();
+    let gzip = data.starts_with(&[0x1f, 0x8b]);
+    if let Ok(profiles) = decode::push_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
+        check_bounds(&profiles, &l.defaults);
+    }
+}
+
+/// A legacy `/ingest` body in the folded and the lines formats.
+pub fn ingest_folded(data: &[u8]) {
+    let l = limits();
+    let query = HashMap::from([("name".to_string(), "fuzz.cpu{env=x}".to_string())]);
+    let Ok(params) = IngestParams::from_query(&query) else {
+        return;
+    };
+    for format in [Format::Folded, Format::Lines] {
+        if let Ok(profiles) = decode::ingest_body(&l, &params, format, data, "fuzz", NOW) {
+            check_bounds(&profiles, &l.defaults);
+        }
+    }
+}
+
+/// The query string of `/ingest` (`name=app.cpu{k=v}&from=...`).
+pub fn ingest_query(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let query: HashMap<String, String> = text
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Ok(params) = IngestParams::from_query(&query) {
+        let _ = params.destination("fuzz", NOW, true, &ProfileLimits::default());
+        let _ = params.folded_profile_type();
+    }
+}
+
+/// A label selector, matched against a series.
+pub fn selector(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(s) = Selector::parse(text) {
+        let _ = s.matches_series(r#"{env="prod", service_name="api"}"#);
+        let _ = s.exact_services();
+        let _ = s.may_match_service("api");
+    }
+}
+
+/// What the limits promise of every accepted profile.
+fn check_bounds(profiles: &[ember_engine::Profile], limits: &ProfileLimits) {
+    for p in profiles {
+        assert!(p.samples.len() <= limits.max_profile_stacktrace_samples);
+        for s in &p.samples {
+            assert!(s.stack.len() <= limits.max_profile_stacktrace_depth.max(2));
+            assert!(s.stack.iter().all(|f| (*f as usize) < p.functions.len()));
+        }
+        assert!(p
+            .functions
+            .iter()
+            .all(|f| f.len() <= limits.max_profile_symbol_value_length));
+    }
+}
