@@ -7,6 +7,7 @@ mod metrics;
 mod object_requests;
 mod query;
 mod serve;
+mod tls;
 
 use clap::{Parser, Subcommand};
 

@@ -1,5 +1,6 @@
 //! `ember serve`: every role in one process on the embedded default.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::http::{router, AppState};
 use crate::local_store::SyncedLocalStore;
 use crate::metrics::HttpMetrics;
 use crate::object_requests::{CountingStore, ObjectRequestMetrics};
+use crate::tls::{TlsFiles, TlsListener};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -72,6 +74,12 @@ pub struct ServeArgs {
     /// Refuse profiles more than this many seconds in the future (0: off).
     #[arg(long, default_value_t = ProfileLimits::default().reject_newer_than_seconds)]
     reject_newer_than_seconds: u64,
+    /// PEM certificate (chain) to serve HTTP and Flight SQL over TLS.
+    #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "EMBER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Faults to inject, for tests: `put_error_rate=0.3,crash_at=after_upload`
     /// (see ingest/src/faults.rs).
     #[arg(long, env = "EMBER_FAULTS", hide = true)]
@@ -194,8 +202,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics: http_metrics,
         registry: Arc::new(registry),
     });
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown_signal());
-    let flight = tonic::transport::Server::builder()
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles::read(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
+    let http: futures::future::BoxFuture<'static, std::io::Result<()>> = match &tls {
+        None => Box::pin(
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .into_future(),
+        ),
+        Some(files) => Box::pin(
+            axum::serve(TlsListener::new(http_listener, files)?, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .into_future(),
+        ),
+    };
+    let mut flight_server = tonic::transport::Server::builder();
+    if let Some(files) = &tls {
+        flight_server = flight_server
+            .tls_config(files.tonic_config())
+            .context("TLS for Flight SQL")?;
+        info!("TLS on for HTTP and Flight SQL");
+    }
+    let flight = flight_server
         .add_service(EmberFlightSql::new(engine, auth).into_server())
         .serve_with_incoming_shutdown(tokio_stream_incoming(flight_listener), shutdown_signal());
     tokio::try_join!(async { http.await.context("HTTP server") }, async {

@@ -13,8 +13,11 @@ use crate::limits::{Limits, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination};
 use crate::pprof;
 
+/// A fuzz target: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// The targets, by corpus directory name.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("pprof", pprof_profile),
     ("push_proto", push_proto),
     ("push_json", push_json),

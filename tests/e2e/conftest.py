@@ -40,8 +40,9 @@ class Ember:
 
     def start(self):
         self.http_port, self.flight_port = free_port(), free_port()
-        self.http = f"http://127.0.0.1:{self.http_port}"
-        self.flight = f"grpc://127.0.0.1:{self.flight_port}"
+        tls = "--tls-cert" in self.extra_args
+        self.http = f"{'https' if tls else 'http'}://127.0.0.1:{self.http_port}"
+        self.flight = f"{'grpc+tls' if tls else 'grpc'}://127.0.0.1:{self.flight_port}"
         self.log = open(self.data_dir / "ember.log", "ab")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--data-dir", str(self.data_dir),
@@ -53,9 +54,9 @@ class Ember:
         while time.time() < deadline:
             assert self.proc.poll() is None, "ember exited at start"
             try:
-                if requests.get(f"{self.http}/ready", timeout=1).status_code == 200:
+                if requests.get(f"{self.http}/ready", timeout=1, verify=False).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.exceptions.SSLError):
                 pass
             time.sleep(0.05)
         raise TimeoutError("ember did not become ready")
