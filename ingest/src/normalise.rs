@@ -234,6 +234,13 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
                 types.len()
             )));
         }
+        if let Some(v) = s.value.iter().find(|v| **v < 0) {
+            // Profiles count time, bytes and events: a negative value is a
+            // broken profiler, and would make flame graph totals lie.
+            return Err(IngestError::Invalid(format!(
+                "sample value {v} is negative"
+            )));
+        }
         if s.value.iter().all(|v| *v == 0) {
             continue;
         }
@@ -520,6 +527,10 @@ mod tests {
             normalise(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
+        let mut p = sample_profile();
+        p.sample[1].value[0] = -3;
+        let err = normalise(&p, &dest()).unwrap_err().to_string();
+        assert!(err.contains("sample value -3 is negative"), "{err}");
         let mut p = sample_profile();
         p.sample[0].value.pop();
         assert!(matches!(

@@ -263,3 +263,99 @@ def test_auth_maps_credentials_to_tenants_on_http_and_flight_sql(make_ember, tmp
         client.authenticate_basic_token(b"bob", b"wrong")
     header = client.authenticate_basic_token(b"bob", b"s3cret")
     assert header[0].lower() == b"authorization" and header[1].startswith(b"Bearer ")
+
+
+def test_every_flight_sql_surface_shows_a_tenant_only_its_own(ember):
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    raw = with_time((FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes(), NOW_NS())
+    assert ember.push_proto([({"__name__": "process_cpu", "service_name": "secret"}, [raw])], tenant="team-a").status_code == 200
+    r = requests.post(f"{ember.http}/ingest", params={"name": "secret-ingest.cpu", "format": "folded"},
+                      data=b"main;hidden 5\n", headers={"X-Scope-OrgID": "team-a"})
+    assert r.status_code == 200, r.text
+
+    def connect(tenant):
+        return flightsql.connect(ember.flight, autocommit=True,
+                                 db_kwargs={"adbc.flight.sql.rpc.call_header.x-scope-orgid": tenant})
+
+    def prepared(conn, sql):
+        with conn.cursor() as cur:
+            cur.adbc_prepare(sql)
+            cur.execute(sql)
+            return cur.fetch_arrow_table().to_pylist()
+
+    for tenant, sees in [("team-b", False), ("team-a", True)]:
+        with connect(tenant) as conn:
+            objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+            schemas = {s["db_schema_name"] for c in objects for s in (c["catalog_db_schemas"] or [])}
+            assert schemas == {tenant}, schemas
+            tables = {(s["db_schema_name"], t["table_name"]) for c in objects
+                      for s in (c["catalog_db_schemas"] or []) for t in (s["db_schema_tables"] or [])}
+            assert tables == {(tenant, "samples"), (tenant, "profiles"), (tenant, "stacks")}
+            n = prepared(conn, "SELECT count(*) AS n FROM samples")[0]["n"]
+            assert (n > 0) == sees
+            names = {r["schema_name"] for r in prepared(conn, "SELECT schema_name FROM information_schema.schemata")}
+            assert "team-a" not in names or sees
+            services = {r["service_name"] for r in prepared(conn, "SELECT DISTINCT service_name FROM profiles")}
+            assert services == ({"secret", "secret-ingest"} if sees else set())
+            fg = prepared(conn, f"SELECT * FROM flamegraph('{CPU}', '{{service_name=\"secret\"}}', 0, {FAR})")
+            assert (fg[0]["value"] > 0) == sees
+
+
+def pprof_bytes(samples, labels_per_sample=0, value=1):
+    """A flat cpu pprof: `samples` one-frame samples over 1000 functions."""
+    strings = [b"", b"cpu", b"nanoseconds", b"k"] + [f"fn{i}".encode() for i in range(1000)]
+    out = [_bytes_field(1, _key(1, 0) + _varint(1) + _key(2, 0) + _varint(2))]
+    label = _bytes_field(3, _key(1, 0) + _varint(3) + _key(2, 0) + _varint(4))
+    v = _varint(value & (2**64 - 1))
+    # 1000 distinct samples, repeated: a list joined once, not bytes += .
+    distinct = [_bytes_field(2, _bytes_field(1, _varint(i + 1)) + _bytes_field(2, v) + label * labels_per_sample)
+                for i in range(1000)]
+    out += [distinct[i % 1000] for i in range(samples)]
+    for i in range(1000):
+        out.append(_bytes_field(4, _key(1, 0) + _varint(i + 1) + _bytes_field(4, _key(1, 0) + _varint(i + 1))))
+        out.append(_bytes_field(5, _key(1, 0) + _varint(i + 1) + _key(2, 0) + _varint(i + 4)))
+    out += [_bytes_field(6, s) for s in strings]
+    return b"".join(out)
+
+
+def nested(depth):
+    """A message nested `depth` levels deep in field 2 (Sample) of a Profile."""
+    inner = b""
+    for _ in range(depth):
+        inner = _bytes_field(3, inner)
+    return _bytes_field(2, inner)
+
+
+def test_hostile_inputs_get_4xx_with_the_reason_and_harm_no_other_request(make_ember):
+    import threading
+    ember = make_ember()
+    good = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
+    cases = {
+        "a million tiny samples": (gzip.compress(pprof_bytes(1_000_000)), 400, "max_profile_stacktrace_samples"),
+        "labels on every sample": (pprof_bytes(10, labels_per_sample=101), 400, "max_profile_stacktrace_sample_labels"),
+        "negative values": (pprof_bytes(10, value=-5), 400, "negative"),
+        "deeply nested protobuf": (nested(5000), 400, "pprof profile"),
+        "invalid utf-8 everywhere": (b"\x32\x02\xff\xfe" * 1000, 400, ""),
+    }
+    results = {}
+    good_thread = threading.Thread(target=lambda: results.setdefault(
+        "good", ember.push_proto([({"__name__": "process_cpu", "service_name": "good"}, [good])])))
+    good_thread.start()
+    for name, (raw, status, reason) in cases.items():
+        started = time.time()
+        r = ember.push_proto([({"service_name": "hostile"}, [raw])])
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert reason in r.json()["message"], (name, r.json()["message"])
+        assert time.time() - started < 20, name
+    # 100 k labels on one series.
+    many = {f"l{i}": "v" for i in range(100_000)}
+    many["service_name"] = "hostile"
+    r = ember.push_proto([(many, [good])])
+    assert r.status_code in (400, 413), r.text
+    assert "limit" in r.json()["message"]
+    good_thread.join()
+    assert results["good"].status_code == 200
+    services = {r["service_name"] for r in ember.sql("SELECT DISTINCT service_name FROM samples").to_pylist()}
+    assert services == {"good"}
+    assert ember.alive()
