@@ -170,3 +170,13 @@ def test_twenty_random_sigkills_under_load_lose_no_acknowledged_profile(make_emb
     assert len(acked) > trials
     # Whatever was stored without an ack is whole too.
     assert all(v == one for v in got.values())
+
+
+def test_uploads_that_time_out_are_refused_and_leave_nothing_visible(make_ember):
+    # Every PUT takes longer than the writer's 2 s upload timeout.
+    ember = make_ember("--faults", "put_delay_ms=2200")
+    r = push(ember, "slow", timeout=60)
+    assert r.status_code == 503, r.text
+    assert "timed out" in r.json()["message"]
+    assert stored_by_seq(ember) == {}
+    assert ember.alive()
