@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use futures::StreamExt as _;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
@@ -35,26 +36,44 @@ impl SyncedLocalStore {
     /// fsyncs the object's file and the directories holding it, so that
     /// its name survives as well as its bytes.
     async fn sync(&self, location: &Path) -> Result<()> {
-        let root = self.root.clone();
-        let file = location
-            .parts()
-            .fold(root.clone(), |p, part| p.join(part.as_ref()));
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::File::open(&file)?.sync_all()?;
-            let mut dir = file.parent();
-            while let Some(d) = dir {
-                std::fs::File::open(d)?.sync_all()?;
-                if d == root {
-                    break;
-                }
-                dir = d.parent();
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| generic(e.to_string()))?
-        .map_err(|e| generic(format!("fsync of {location}: {e}")))
+        sync_path(self.root.clone(), location.clone(), true).await
     }
+}
+
+fn file_of(root: &std::path::Path, location: &Path) -> PathBuf {
+    location
+        .parts()
+        .fold(root.to_path_buf(), |p, part| p.join(part.as_ref()))
+}
+
+/// fsyncs `location`'s file (if `file`) and every directory from its
+/// parent up to the root: after a write, so the new name is durable; after
+/// a delete, so the removal is (a dlq entry that comes back after a power
+/// loss would register a block twice).
+async fn sync_path(root: PathBuf, location: Path, file: bool) -> Result<()> {
+    let path = file_of(&root, &location);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if file {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            match std::fs::File::open(d) {
+                Ok(f) => f.sync_all()?,
+                // Emptied directories may be gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            if d == root {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| generic(e.to_string()))?
+    .map_err(|e| generic(format!("fsync of {location}: {e}")))
 }
 
 fn generic(message: String) -> object_store::Error {
@@ -114,7 +133,18 @@ impl ObjectStore for SyncedLocalStore {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        let root = self.root.clone();
+        self.inner
+            .delete_stream(locations)
+            .then(move |deleted| {
+                let root = root.clone();
+                async move {
+                    let path = deleted?;
+                    sync_path(root, path.clone(), false).await?;
+                    Ok(path)
+                }
+            })
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
@@ -132,6 +162,7 @@ impl ObjectStore for SyncedLocalStore {
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
         self.inner.rename_opts(from, to, options).await?;
-        self.sync(to).await
+        self.sync(to).await?;
+        sync_path(self.root.clone(), from.clone(), false).await
     }
 }

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+const MAX_HANDSHAKES: usize = 256;
 
 /// The PEM certificate chain and private key both servers use.
 #[derive(Clone)]
@@ -72,9 +74,17 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(files.server_config()?);
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
+        // Handshakes in progress at once: beyond it, accepting waits, so
+        // idle connections cannot pile up without bound.
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
-                let (stream, addr) = match tcp.accept().await {
+                let accepted = tokio::select! {
+                    accepted = tcp.accept() => accepted,
+                    // The server shut down: stop listening at once.
+                    _ = tx.closed() => return,
+                };
+                let (stream, addr) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting a connection failed");
@@ -82,9 +92,13 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
                 let _ = stream.set_nodelay(true);
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let handshake =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
                     match handshake.await {
@@ -95,9 +109,6 @@ impl TlsListener {
                         Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
                     }
                 });
-                if tx.is_closed() {
-                    return;
-                }
             }
         });
         Ok(Self { ready, local })

@@ -234,14 +234,10 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
                 types.len()
             )));
         }
-        if let Some(v) = s.value.iter().find(|v| **v < 0) {
-            // Profiles count time, bytes and events: a negative value is a
-            // broken profiler, and would make flame graph totals lie.
-            return Err(IngestError::Invalid(format!(
-                "sample value {v} is negative"
-            )));
-        }
-        if s.value.iter().all(|v| *v == 0) {
+        // Negative values come from real agents (a delta profile across a
+        // restart, old Go unwinding bugs): like Pyroscope, drop them rather
+        // than refuse the push, so flame graph totals never go negative.
+        if s.value.iter().all(|v| *v <= 0) {
             continue;
         }
         limits.check_sample_labels(s.label.len())?;
@@ -260,7 +256,7 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
         let per_type = series
             .entry(labels)
             .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
-        for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v != 0) {
+        for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v > 0) {
             let slot = per_type[i].entry((&s.location_id, span)).or_insert(0);
             *slot = slot.saturating_add(*v);
         }
@@ -514,6 +510,28 @@ mod tests {
     }
 
     #[test]
+    fn negative_values_are_dropped_not_stored() {
+        let mut p = sample_profile();
+        // Sample 1 (handler=a) becomes (-2, 20), sample 0 stays (1, 10).
+        p.sample[1].value[0] = -2;
+        let out = normalise(&p, &dest()).unwrap();
+        let a = out
+            .iter()
+            .find(|q| {
+                q.profile_type.starts_with("process_cpu:samples")
+                    && ember_engine::profile::label_value(&q.labels, "handler") == Some("a")
+            })
+            .unwrap();
+        assert_eq!(stacks(a), vec![("main;work;leaf".to_string(), 1, None)]);
+        assert!(out.iter().all(|q| q.samples.iter().all(|s| s.value > 0)));
+        let mut p = sample_profile();
+        for s in &mut p.sample {
+            s.value.iter_mut().for_each(|v| *v = -(*v).abs() - 1);
+        }
+        assert!(normalise(&p, &dest()).unwrap().is_empty());
+    }
+
+    #[test]
     fn rejects_dangling_references() {
         let mut p = sample_profile();
         p.sample[0].location_id.push(99);
@@ -527,10 +545,6 @@ mod tests {
             normalise(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
-        let mut p = sample_profile();
-        p.sample[1].value[0] = -3;
-        let err = normalise(&p, &dest()).unwrap_err().to_string();
-        assert!(err.contains("sample value -3 is negative"), "{err}");
         let mut p = sample_profile();
         p.sample[0].value.pop();
         assert!(matches!(
