@@ -60,4 +60,19 @@ for name, text in {
     "bad": '{a=~"("}',
 }.items():
     put("selector", name, text.encode())
+def part(name, data):
+    return (b"--ember-fuzz\r\nContent-Disposition: form-data; name=\"" + name.encode()
+            + b"\"; filename=\"profile.pprof\"\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
+
+
+raw = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
+for name, body in {
+    "profile": part("profile", raw) + b"--ember-fuzz--\r\n",
+    "prev-and-profile": part("prev_profile", raw) + part("profile", raw)
+    + part("sample_type_config", b'{"cpu":{"units":"samples"}}') + b"--ember-fuzz--\r\n",
+    "no-profile": part("other", b"x") + b"--ember-fuzz--\r\n",
+    "truncated": part("profile", raw)[:200],
+    "empty": b"",
+}.items():
+    put("ingest_multipart", name, body)
 print("corpus:", {d.name: len(list(d.iterdir())) for d in sorted(CORPUS.iterdir())})

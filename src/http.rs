@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{to_bytes, Body, Bytes};
-use axum::extract::{FromRequest, Multipart, Query, State};
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ember_engine::Authenticator;
 use ember_ingest::distributor::{BodyEncoding, Distributor};
-use ember_ingest::legacy::{Format, IngestParams};
+use ember_ingest::legacy::{multipart_profile, Format, IngestParams};
 use ember_ingest::IngestError;
 use prometheus_client::registry::Registry;
 
@@ -249,33 +249,6 @@ async fn ingest_inner(
         .await?;
     state.metrics.profiles.inc_by(profiles.len() as u64);
     state.distributor.push(profiles).await
-}
-
-/// The `profile` field of a multipart `/ingest` body.
-async fn multipart_profile(content_type: &str, body: Bytes) -> Result<Bytes, IngestError> {
-    let bad = |reason: String| IngestError::Decode {
-        what: "multipart body",
-        reason,
-    };
-    let req = Request::builder()
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Body::from(body))
-        .map_err(|e| bad(e.to_string()))?;
-    let mut multipart = Multipart::from_request(req, &())
-        .await
-        .map_err(|e| bad(e.body_text()))?;
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| bad(e.body_text()))?
-    {
-        if field.name() == Some("profile") {
-            return field.bytes().await.map_err(|e| bad(e.body_text()));
-        }
-    }
-    Err(IngestError::Invalid(
-        "multipart body has no \"profile\" field".into(),
-    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

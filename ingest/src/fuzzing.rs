@@ -17,13 +17,14 @@ use crate::pprof;
 pub type Target = fn(&[u8]);
 
 /// The targets, by corpus directory name.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("pprof", pprof_profile),
     ("push_proto", push_proto),
     ("push_json", push_json),
     ("ingest_folded", ingest_folded),
     ("ingest_query", ingest_query),
     ("selector", selector),
+    ("ingest_multipart", ingest_multipart),
 ];
 
 const NOW: i64 = 1_800_000_000_000_000_000;
@@ -106,6 +107,18 @@ pub fn ingest_query(data: &[u8]) {
     if let Ok(params) = IngestParams::from_query(&query) {
         let _ = params.destination("fuzz", NOW, true, &ProfileLimits::default());
         let _ = params.folded_profile_type();
+    }
+}
+
+/// A multipart `/ingest` body (boundary `ember-fuzz`), its profile part
+/// then decoded as pprof.
+pub fn ingest_multipart(data: &[u8]) {
+    let body = bytes::Bytes::copy_from_slice(data);
+    let content_type = "multipart/form-data; boundary=ember-fuzz";
+    let part = futures::executor::block_on(crate::legacy::multipart_profile(content_type, body));
+    if let Ok(profile) = part {
+        assert!(profile.len() <= data.len());
+        pprof_profile(&profile);
     }
 }
 

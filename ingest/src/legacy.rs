@@ -3,11 +3,44 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::normalise::{validate_labels, Destination};
 use crate::IngestError;
+
+/// The `profile` field of a multipart `/ingest` body, as older agents send
+/// pprof (a `profile` part, and optionally `prev_profile` and
+/// `sample_type_config`, which Ember does not need).
+pub async fn multipart_profile(content_type: &str, body: Bytes) -> Result<Bytes, IngestError> {
+    let bad = |reason: String| IngestError::Decode {
+        what: "multipart body",
+        reason,
+    };
+    let boundary = multer::parse_boundary(content_type).map_err(|e| bad(e.to_string()))?;
+    let limit = body.len() as u64;
+    let constraints = multer::Constraints::new().size_limit(
+        multer::SizeLimit::new()
+            .whole_stream(limit)
+            .per_field(limit),
+    );
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| bad(e.to_string()))?
+    {
+        if field.name() == Some("profile") {
+            return field.bytes().await.map_err(|e| bad(e.to_string()));
+        }
+    }
+    Err(IngestError::Invalid(
+        "multipart body has no \"profile\" field".into(),
+    ))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

@@ -4,6 +4,8 @@
 
 mod args;
 pub mod flamegraph;
+#[doc(hidden)]
+pub mod fuzzing;
 mod lru;
 mod pruning;
 mod session;

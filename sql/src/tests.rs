@@ -354,3 +354,19 @@ async fn a_query_past_its_timeout_fails_and_says_so() {
     };
     assert!(err.contains("timed out"), "{err}");
 }
+
+/// Replays the checked-in corpus of the `flamegraph_args` fuzz target.
+#[test]
+fn flamegraph_args_corpus_replays_without_panics() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/flamegraph_args");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let outcome = std::panic::catch_unwind(|| crate::fuzzing::flamegraph_args(&data));
+        assert!(outcome.is_ok(), "panicked on {}", path.display());
+        n += 1;
+    }
+    assert!(n >= 5, "{n}");
+}
