@@ -279,3 +279,19 @@ def test_cli_query_prints_the_flamegraph(ember):
     bad = subprocess.run([str(BIN), "query", "--flight-url", f"http://127.0.0.1:{ember.flight_port}", "SELEKT 1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "SELEKT" in bad.stderr
+
+
+def test_multipart_ingest_as_older_agents_send_it(ember):
+    raw = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
+    p = load_pprof(raw)
+    files = {"profile": ("profile.pprof", raw, "application/octet-stream"),
+             "sample_type_config": ("config.json", b'{"cpu": {"units": "nanoseconds"}}', "application/json")}
+    r = requests.post(f"{ember.http}/ingest", params={"name": "multi.cpu{env=ci}", "format": "pprof"}, files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    got = {pt: v for (svc, pt), v in sums_by_service(ember).items() if svc == "multi"}
+    assert got == totals(p, period_name(p))
+    r = requests.post(f"{ember.http}/ingest", params={"name": "multi.cpu"}, files={"other": ("x", b"x")}, timeout=30)
+    assert r.status_code == 400 and "no \"profile\" field" in r.json()["message"]
+    r = requests.post(f"{ember.http}/ingest", params={"name": "multi.cpu"}, data=b"--x\r\nbroken",
+                      headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=30)
+    assert r.status_code == 400 and r.json()["message"]
