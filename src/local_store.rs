@@ -1,14 +1,15 @@
 //! The embedded default object store: object_store's local file system,
 //! which writes each object to a temporary file and renames it into place
 //! (so a half-written block is never visible), plus the fsyncs it leaves
-//! out: the file and every directory up to the root, before a PUT returns.
+//! out: the file and the directories up to the root, before a PUT returns.
 //! A segment writer acknowledges after its PUT, so an acknowledged profile
 //! survives a power loss, not only a process crash.
 
 use std::fmt;
 use std::ops::Range;
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -23,6 +24,39 @@ use object_store::{
 pub struct SyncedLocalStore {
     inner: Arc<LocalFileSystem>,
     root: PathBuf,
+    durable_dirs: Arc<DurableDirs>,
+}
+
+/// Directories whose own entry in their parent is already on disk. Every
+/// block has a directory of its own, so without this each PUT would fsync
+/// the whole chain up to the root; with it, a PUT costs the file, its new
+/// directory and that directory's parent.
+#[derive(Default)]
+struct DurableDirs(Mutex<HashSet<PathBuf>>);
+
+/// Forgetting is always safe (it only costs an fsync), so the set is
+/// cleared rather than grown without bound.
+const MAX_DURABLE_DIRS: usize = 100_000;
+
+impl DurableDirs {
+    fn contains(&self, dir: &std::path::Path) -> bool {
+        self.0.lock().map(|s| s.contains(dir)).unwrap_or(false)
+    }
+
+    fn clear(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.clear();
+        }
+    }
+
+    fn insert(&self, dir: &std::path::Path) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() >= MAX_DURABLE_DIRS {
+                s.clear();
+            }
+            s.insert(dir.to_path_buf());
+        }
+    }
 }
 
 impl SyncedLocalStore {
@@ -30,13 +64,20 @@ impl SyncedLocalStore {
         Ok(Self {
             inner: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
             root,
+            durable_dirs: Arc::default(),
         })
     }
 
     /// fsyncs the object's file and the directories holding it, so that
     /// its name survives as well as its bytes.
     async fn sync(&self, location: &Path) -> Result<()> {
-        sync_path(self.root.clone(), location.clone(), true).await
+        sync_path(
+            self.root.clone(),
+            location.clone(),
+            true,
+            Some(self.durable_dirs.clone()),
+        )
+        .await
     }
 }
 
@@ -46,17 +87,24 @@ fn file_of(root: &std::path::Path, location: &Path) -> PathBuf {
         .fold(root.to_path_buf(), |p, part| p.join(part.as_ref()))
 }
 
-/// fsyncs `location`'s file (if `file`) and every directory from its
+/// fsyncs `location`'s file (if `file`) and the directories from its
 /// parent up to the root: after a write, so the new name is durable; after
 /// a delete, so the removal is (a dlq entry that comes back after a power
-/// loss would register a block twice).
-async fn sync_path(root: PathBuf, location: Path, file: bool) -> Result<()> {
+/// loss would register a block twice). With `durable`, the walk stops at
+/// the first directory whose own entry is known to be on disk already.
+async fn sync_path(
+    root: PathBuf,
+    location: Path,
+    file: bool,
+    durable: Option<Arc<DurableDirs>>,
+) -> Result<()> {
     let path = file_of(&root, &location);
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         if file {
             std::fs::File::open(&path)?.sync_all()?;
         }
         let mut dir = path.parent();
+        let mut child: Option<&std::path::Path> = None;
         while let Some(d) = dir {
             match std::fs::File::open(d) {
                 Ok(f) => f.sync_all()?,
@@ -64,9 +112,14 @@ async fn sync_path(root: PathBuf, location: Path, file: bool) -> Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            if d == root {
+            // `d` is synced, so the entry of the directory below it is on disk.
+            if let (Some(k), Some(c)) = (&durable, child) {
+                k.insert(c);
+            }
+            if d == root || durable.as_ref().is_some_and(|k| k.contains(d)) {
                 break;
             }
+            child = Some(d);
             dir = d.parent();
         }
         Ok(())
@@ -134,13 +187,17 @@ impl ObjectStore for SyncedLocalStore {
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
         let root = self.root.clone();
+        // A delete may take emptied directories with it; a directory made
+        // again later must be synced again.
+        let durable = self.durable_dirs.clone();
         self.inner
             .delete_stream(locations)
             .then(move |deleted| {
                 let root = root.clone();
+                durable.clear();
                 async move {
                     let path = deleted?;
-                    sync_path(root, path.clone(), false).await?;
+                    sync_path(root, path.clone(), false, None).await?;
                     Ok(path)
                 }
             })
@@ -163,6 +220,6 @@ impl ObjectStore for SyncedLocalStore {
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
         self.inner.rename_opts(from, to, options).await?;
         self.sync(to).await?;
-        sync_path(self.root.clone(), from.clone(), false).await
+        sync_path(self.root.clone(), from.clone(), false, None).await
     }
 }
