@@ -29,6 +29,7 @@ fn bench(c: &mut Criterion) {
             end: start + HOUR,
             service_names: Some(vec!["svc-07".into()]),
             profile_types: None,
+            skip_level0: false,
         };
         assert!(
             !metastore.query(&query).is_empty(),

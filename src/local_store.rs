@@ -5,9 +5,9 @@
 //! A segment writer acknowledges after its PUT, so an acknowledged profile
 //! survives a power loss, not only a process crash.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +31,7 @@ pub struct SyncedLocalStore {
 /// block has a directory of its own, so without this each PUT would fsync
 /// the whole chain up to the root; with it, a PUT costs the file, its new
 /// directory and that directory's parent.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct DurableDirs(Mutex<HashSet<PathBuf>>);
 
 /// Forgetting is always safe (it only costs an fsync), so the set is
@@ -129,6 +129,37 @@ async fn sync_path(
     .map_err(|e| generic(format!("fsync of {location}: {e}")))
 }
 
+#[derive(Debug)]
+struct SyncedUpload {
+    inner: Box<dyn MultipartUpload>,
+    root: PathBuf,
+    location: Path,
+    durable: Arc<DurableDirs>,
+}
+
+#[async_trait]
+impl MultipartUpload for SyncedUpload {
+    fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        let result = self.inner.complete().await?;
+        sync_path(
+            self.root.clone(),
+            self.location.clone(),
+            true,
+            Some(self.durable.clone()),
+        )
+        .await?;
+        Ok(result)
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        self.inner.abort().await
+    }
+}
+
 fn generic(message: String) -> object_store::Error {
     object_store::Error::Generic {
         store: "SyncedLocalStore",
@@ -166,8 +197,15 @@ impl ObjectStore for SyncedLocalStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        // Blocks are written with one PUT; multipart is for tools.
-        self.inner.put_multipart_opts(location, opts).await
+        // Compaction uploads large blocks in parts: the whole object is
+        // synced once it is complete, as a PUT is.
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(SyncedUpload {
+            inner,
+            root: self.root.clone(),
+            location: location.clone(),
+            durable: self.durable_dirs.clone(),
+        }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run every role in one process on the embedded default (local
     /// directory as object store, local metastore file).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run SQL against a running Ember over Flight SQL and print the result.
     Query(query::QueryArgs),
     /// The end-to-end benchmark against a server it starts, and the peers
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve::serve(args)),
+        Command::Serve(args) => runtime.block_on(serve::serve(*args)),
         Command::Query(args) => runtime.block_on(query::query(args)),
         Command::Bench(args) => runtime.block_on(bench::bench(args)),
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ember_engine::metastore::LevelRule;
 use ember_engine::{Authenticator, Metastore};
 use ember_flight::EmberFlightSql;
 use ember_ingest::distributor::Distributor;
@@ -15,6 +16,7 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
+use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor};
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
@@ -113,6 +115,27 @@ pub struct ServeArgs {
     /// could not take when it was written).
     #[arg(long, default_value_t = 10)]
     dlq_retry_seconds: u64,
+    /// Compaction workers run by this process, at low priority (0: none;
+    /// default: half the CPUs, at least one).
+    #[arg(long)]
+    compaction_workers: Option<usize>,
+    /// Memory one compaction job may hold; beyond it, sorts spill to
+    /// `<data-dir>/compaction-tmp`.
+    #[arg(long, default_value_t = 256 << 20)]
+    compaction_memory_limit: usize,
+    /// When each level's queue is compacted: `blocks:seconds` per level,
+    /// level 0 first (a job takes that many blocks, or fewer once the
+    /// oldest is that many seconds old).
+    #[arg(long, default_value = "20:36,10:720,10:10800")]
+    compaction_levels: String,
+    /// Seconds between a compaction's commit and the deletion of the
+    /// blocks it replaced (queries that found them first finish meanwhile).
+    #[arg(long, default_value_t = 900)]
+    compaction_delete_delay_seconds: u64,
+    /// Abort the process at a compaction step, for tests:
+    /// compaction_after_read|after_upload|before_commit|after_commit.
+    #[arg(long, env = "EMBER_COMPACTION_CRASH_AT", hide = true)]
+    compaction_crash_at: Option<String>,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -155,6 +178,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
+    start_compaction(&args, store.clone(), metastore.clone(), &mut registry)?;
 
     let writer = Arc::new(SegmentWriter::start(
         SegmentConfig {
@@ -234,6 +258,102 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     },)?;
     info!("ember stopped");
     Ok(())
+}
+
+/// The planner and the deleter on the main runtime (they only apply
+/// metastore commands), and each worker on a thread of its own at a lower
+/// priority than ingest and queries.
+fn start_compaction(
+    args: &ServeArgs,
+    store: Arc<dyn ObjectStore>,
+    metastore: Arc<Metastore>,
+    registry: &mut Registry,
+) -> anyhow::Result<()> {
+    let spill_dir = args.data_dir.join("compaction-tmp");
+    std::fs::create_dir_all(&spill_dir)
+        .with_context(|| format!("creating {}", spill_dir.display()))?;
+    let config = CompactionConfig {
+        levels: parse_levels(&args.compaction_levels)
+            .map_err(|e| anyhow::anyhow!("--compaction-levels: {e}"))?,
+        job_memory_limit: args.compaction_memory_limit,
+        spill_dir: Some(spill_dir),
+        delete_delay: Duration::from_secs(args.compaction_delete_delay_seconds),
+        ..CompactionConfig::default()
+    };
+    let mut compactor = Compactor::new(store, metastore, config)?;
+    if let Some(step) = &args.compaction_crash_at {
+        let at = CompactionStep::parse(step)
+            .ok_or_else(|| anyhow::anyhow!("--compaction-crash-at: unknown step {step:?}"))?;
+        tracing::warn!(step, "compaction crash point armed: for tests only");
+        compactor = compactor.with_step_hook(Arc::new(move |s| {
+            if s == at {
+                tracing::error!(step = ?s, "crashing at compaction step (test fault)");
+                std::process::abort();
+            }
+        }));
+    }
+    compactor.metrics.register(registry);
+    let compactor = Arc::new(compactor);
+    tokio::spawn(compactor.clone().plan_forever());
+    tokio::spawn(compactor.clone().delete_forever());
+    let workers = args.compaction_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    });
+    for i in 0..workers {
+        let compactor = compactor.clone();
+        let name = format!("compaction-{i}");
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                lower_thread_priority();
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(compactor.work_forever(name)),
+                    Err(e) => tracing::error!(error = %e, "compaction worker runtime"),
+                }
+            })
+            .context("starting a compaction worker")?;
+    }
+    info!(workers, levels = %args.compaction_levels, "compaction on");
+    Ok(())
+}
+
+/// `20:36,10:720` -> one rule per level: blocks per job, age in seconds.
+fn parse_levels(spec: &str) -> Result<Vec<LevelRule>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|level| {
+            let (blocks, secs) = level
+                .split_once(':')
+                .ok_or_else(|| format!("{level:?} is not blocks:seconds"))?;
+            let max_blocks: u32 = blocks
+                .parse()
+                .map_err(|_| format!("{blocks:?} is not a block count"))?;
+            let secs: f64 = secs
+                .parse()
+                .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+            if max_blocks == 0 || !(0.0..=1e9).contains(&secs) {
+                return Err(format!("{level:?}: blocks >= 1 and seconds >= 0"));
+            }
+            Ok(LevelRule {
+                max_blocks,
+                max_age_nanos: (secs * 1e9) as i64,
+            })
+        })
+        .collect()
+}
+
+/// Compaction yields the CPU to ingest and queries (nice 10; Linux gives
+/// each thread its own nice value).
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its arguments; 0 is the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }
 
 fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {

@@ -3,14 +3,25 @@
 //! store (redb), so that a Raft log can later replicate the same commands.
 //! The index is partitioned by 6 h window, then tenant, then shard; an
 //! in-memory copy answers queries without touching the file.
+//!
+//! Besides the blocks, the state holds compaction jobs (`jobs.rs`: planned,
+//! leased, failed, committed by commands) and the tombstones of objects
+//! that a commit retired and that are deleted after a delay.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod jobs;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thiserror::Error;
+
+pub use jobs::{
+    CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction, RemoveTombstones,
+    RenewLease, Tombstone, MAX_JOB_FAILURES,
+};
 
 use crate::block::{BlockMeta, DatasetMeta};
 
@@ -24,6 +35,8 @@ pub const PARTITION_NANOS: i64 = 6 * 3600 * 1_000_000_000;
 pub const MAX_BLOCK_PARTITIONS: i64 = 4;
 
 const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("tombstones");
 const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const APPLIED_INDEX: &str = "applied_index";
 
@@ -40,6 +53,9 @@ pub enum MetastoreError {
     Snapshot(prost::DecodeError),
     #[error("metastore command: {0}")]
     InvalidCommand(String),
+    /// The job is gone or leased to someone else: the caller must stop.
+    #[error("compaction job {job}: {reason}")]
+    Lease { job: String, reason: String },
 }
 
 fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {
@@ -49,26 +65,53 @@ fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {
 /// A state-machine command. Protobuf so that a Raft log can carry it.
 #[derive(Clone, PartialEq, Message)]
 pub struct Command {
-    #[prost(oneof = "command::Kind", tags = "1")]
+    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: Option<command::Kind>,
 }
 
 pub mod command {
+    use super::jobs::*;
     use crate::block::BlockMeta;
 
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]
         AddBlock(BlockMeta),
+        #[prost(message, tag = "2")]
+        PlanCompaction(PlanCompaction),
+        #[prost(message, tag = "3")]
+        LeaseJob(LeaseJob),
+        #[prost(message, tag = "4")]
+        RenewLease(RenewLease),
+        #[prost(message, tag = "5")]
+        FailJob(FailJob),
+        #[prost(message, tag = "6")]
+        CommitJob(CommitJob),
+        #[prost(message, tag = "7")]
+        RemoveTombstones(RemoveTombstones),
     }
 }
 
 impl Command {
     pub fn add_block(meta: BlockMeta) -> Self {
-        Self {
-            kind: Some(command::Kind::AddBlock(meta)),
-        }
+        Self::from(command::Kind::AddBlock(meta))
     }
+}
+
+impl From<command::Kind> for Command {
+    fn from(kind: command::Kind) -> Self {
+        Self { kind: Some(kind) }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Done,
+    /// Jobs planned by a `PlanCompaction`.
+    Planned(usize),
+    /// The job a `LeaseJob` granted, if any was waiting.
+    Leased(Option<Job>),
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -77,6 +120,10 @@ struct Snapshot {
     applied_index: u64,
     #[prost(message, repeated, tag = "2")]
     entries: Vec<SnapshotEntry>,
+    #[prost(message, repeated, tag = "3")]
+    jobs: Vec<SnapshotEntry>,
+    #[prost(message, repeated, tag = "4")]
+    tombstones: Vec<SnapshotEntry>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -129,6 +176,9 @@ pub struct BlockQuery {
     pub end: i64,
     pub service_names: Option<Vec<String>>,
     pub profile_types: Option<Vec<String>>,
+    /// Leave out level-0 blocks: for dashboards that can trail by the
+    /// compaction lag and want the fewest, largest blocks.
+    pub skip_level0: bool,
 }
 
 impl BlockQuery {
@@ -141,8 +191,52 @@ impl BlockQuery {
     }
 }
 
+/// A dataset in the index: its reference and its block's level.
+#[derive(Debug, Clone)]
+struct IndexedDataset {
+    level: u32,
+    dataset: DatasetRef,
+}
+
 /// Datasets of one (partition, tenant), by service, in arrival order.
-type ServiceIndex = HashMap<String, Vec<DatasetRef>>;
+type ServiceIndex = HashMap<String, Vec<IndexedDataset>>;
+
+/// One tenant's part of a block: what compaction plans and commits with.
+#[derive(Debug, Clone)]
+struct TenantBlock {
+    id: Arc<str>,
+    path: Arc<str>,
+    shard: u32,
+    level: u32,
+    min_time: i64,
+    max_time: i64,
+    size: u64,
+    partitions: Vec<i64>,
+    datasets: Vec<Arc<DatasetMeta>>,
+}
+
+impl TenantBlock {
+    fn meta(&self) -> BlockMeta {
+        BlockMeta {
+            format_version: crate::block::FORMAT_VERSION,
+            id: self.id.to_string(),
+            path: self.path.to_string(),
+            shard: self.shard,
+            compaction_level: self.level,
+            min_time: self.min_time,
+            max_time: self.max_time,
+            size: self.size,
+            datasets: self.datasets.iter().map(|d| d.as_ref().clone()).collect(),
+        }
+    }
+
+    /// When the block was written: its ULID's time, else its newest profile.
+    fn created(&self) -> i64 {
+        ulid::Ulid::from_string(&self.id)
+            .map(|u| (u.timestamp_ms() as i64).saturating_mul(1_000_000))
+            .unwrap_or(self.max_time)
+    }
+}
 
 /// The in-memory index: a lookup touches only the partitions of its time
 /// range and, within them, only the services it names.
@@ -150,36 +244,137 @@ type ServiceIndex = HashMap<String, Vec<DatasetRef>>;
 struct Index {
     /// partition start -> tenant -> service -> datasets.
     partitions: BTreeMap<i64, HashMap<String, ServiceIndex>>,
-    /// Every block indexed, so that registering one again changes nothing.
-    blocks: HashSet<Arc<str>>,
+    /// Every block indexed -> the tenants with entries of it.
+    blocks: HashMap<Arc<str>, BTreeSet<String>>,
+    /// (tenant, block id) -> the tenant's part of the block.
+    tenant_blocks: BTreeMap<(String, Arc<str>), TenantBlock>,
     entries: usize,
+    jobs: BTreeMap<String, Job>,
+    /// (tenant, block id) of every source of a job.
+    in_jobs: HashSet<(String, Arc<str>)>,
+    /// path -> tombstone of an object retired by compaction.
+    tombstones: BTreeMap<String, Tombstone>,
+    /// Ids of retired blocks: registering one again must change nothing.
+    retired: HashSet<String>,
 }
 
 impl Index {
+    fn knows_block(&self, id: &str) -> bool {
+        self.blocks.contains_key(id) || self.retired.contains(id)
+    }
+
     fn insert(&mut self, partition: i64, tenant: String, meta: BlockMeta) {
+        let block_id: Arc<str> = match self.blocks.get_key_value(meta.id.as_str()) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(meta.id.as_str()),
+        };
+        self.blocks
+            .entry(block_id.clone())
+            .or_default()
+            .insert(tenant.clone());
+        let key = (tenant.clone(), block_id.clone());
+        let part = match self.tenant_blocks.get_mut(&key) {
+            Some(b) => {
+                b.partitions.push(partition);
+                b.clone()
+            }
+            None => {
+                let b = TenantBlock {
+                    id: block_id.clone(),
+                    path: Arc::from(meta.path.as_str()),
+                    shard: meta.shard,
+                    level: meta.compaction_level,
+                    min_time: meta.min_time,
+                    max_time: meta.max_time,
+                    size: meta.size,
+                    partitions: vec![partition],
+                    datasets: meta.datasets.into_iter().map(Arc::new).collect(),
+                };
+                self.tenant_blocks.insert(key, b.clone());
+                b
+            }
+        };
         let services = self
             .partitions
             .entry(partition)
             .or_default()
             .entry(tenant)
             .or_default();
-        let block_id: Arc<str> = match self.blocks.get(meta.id.as_str()) {
-            Some(id) => id.clone(),
-            None => Arc::from(meta.id.as_str()),
-        };
-        self.blocks.insert(block_id.clone());
-        let path: Arc<str> = Arc::from(meta.path.as_str());
-        for d in meta.datasets {
+        for d in &part.datasets {
             services
                 .entry(d.service_name.clone())
                 .or_default()
-                .push(DatasetRef {
-                    block_id: block_id.clone(),
-                    path: path.clone(),
-                    dataset: Arc::new(d),
+                .push(IndexedDataset {
+                    level: part.level,
+                    dataset: DatasetRef {
+                        block_id: block_id.clone(),
+                        path: part.path.clone(),
+                        dataset: d.clone(),
+                    },
                 });
         }
         self.entries += 1;
+    }
+
+    /// Drops a tenant's part of a block; true when no tenant has one left.
+    fn remove(&mut self, tenant: &str, block: &TenantBlock) -> bool {
+        let key = (tenant.to_string(), block.id.clone());
+        self.tenant_blocks.remove(&key);
+        for p in &block.partitions {
+            let Some(tenants) = self.partitions.get_mut(p) else {
+                continue;
+            };
+            if let Some(services) = tenants.get_mut(tenant) {
+                for d in &block.datasets {
+                    if let Some(list) = services.get_mut(&d.service_name) {
+                        list.retain(|x| x.dataset.block_id != block.id);
+                        if list.is_empty() {
+                            services.remove(&d.service_name);
+                        }
+                    }
+                }
+                if services.is_empty() {
+                    tenants.remove(tenant);
+                }
+            }
+            if tenants.is_empty() {
+                self.partitions.remove(p);
+            }
+            self.entries = self.entries.saturating_sub(1);
+        }
+        match self.blocks.get_mut(&block.id) {
+            Some(tenants) => {
+                tenants.remove(tenant);
+                if tenants.is_empty() {
+                    self.blocks.remove(&block.id);
+                    return true;
+                }
+                false
+            }
+            None => true,
+        }
+    }
+
+    fn add_job(&mut self, job: Job) {
+        for s in &job.sources {
+            self.in_jobs
+                .insert((job.tenant.clone(), Arc::from(s.id.as_str())));
+        }
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    fn remove_job(&mut self, id: &str) -> Option<Job> {
+        let job = self.jobs.remove(id)?;
+        for s in &job.sources {
+            self.in_jobs
+                .remove(&(job.tenant.clone(), Arc::from(s.id.as_str())));
+        }
+        Some(job)
+    }
+
+    fn add_tombstone(&mut self, t: Tombstone) {
+        self.retired.insert(t.block_id.clone());
+        self.tombstones.insert(t.path.clone(), t);
     }
 
     fn query(&self, q: &BlockQuery) -> Vec<DatasetRef> {
@@ -193,14 +388,15 @@ impl Index {
             let Some(services) = tenants.get(&q.tenant) else {
                 continue;
             };
-            let lists: Vec<&Vec<DatasetRef>> = match &q.service_names {
+            let lists: Vec<&Vec<IndexedDataset>> = match &q.service_names {
                 Some(names) => names.iter().filter_map(|n| services.get(n)).collect(),
                 None => services.values().collect(),
             };
             for d in lists.into_iter().flatten() {
-                if !q.matches(&d.dataset) {
+                if (q.skip_level0 && d.level == 0) || !q.matches(&d.dataset.dataset) {
                     continue;
                 }
+                let d = &d.dataset;
                 // A dataset spanning partitions is indexed in each of them.
                 if spans_partitions && !seen.insert((&d.block_id, &d.dataset.service_name)) {
                     continue;
@@ -209,6 +405,56 @@ impl Index {
             }
         }
         out
+    }
+
+    /// Jobs for every queue that is ready, at most `room` of them. A queue
+    /// is (tenant, shard, level, partition): a job never mixes tenants,
+    /// shards, levels or partitions. Blocks spanning partitions (only a
+    /// tenant allowed to replay old profiles writes them) stay as they are.
+    fn plan(&self, cmd: &PlanCompaction, room: usize) -> Vec<Job> {
+        type Queue<'a> = Vec<&'a TenantBlock>;
+        let mut queues: BTreeMap<(&str, u32, u32, i64), Queue> = BTreeMap::new();
+        for ((tenant, id), b) in &self.tenant_blocks {
+            if (b.level as usize) >= cmd.levels.len()
+                || b.partitions.len() != 1
+                || self.in_jobs.contains(&(tenant.clone(), id.clone()))
+            {
+                continue;
+            }
+            queues
+                .entry((tenant, b.shard, b.level, b.partitions[0]))
+                .or_default()
+                .push(b);
+        }
+        let mut jobs = Vec::new();
+        for ((tenant, shard, level, partition), mut queue) in queues {
+            let rule = &cmd.levels[level as usize];
+            let max = rule.max_blocks.max(1) as usize;
+            queue.sort_by_key(|b| (b.created(), b.id.clone()));
+            for batch in queue.chunks(max) {
+                if jobs.len() >= room {
+                    return jobs;
+                }
+                let oldest = batch[0].created();
+                let full = batch.len() == max;
+                let aged = cmd.now.saturating_sub(oldest) >= rule.max_age_nanos;
+                if !(full || aged) {
+                    break;
+                }
+                jobs.push(Job {
+                    id: format!("L{level}-{shard}-{}-{tenant}", batch[0].id),
+                    tenant: tenant.to_string(),
+                    shard,
+                    level,
+                    partition,
+                    sources: batch.iter().map(|b| b.meta()).collect(),
+                    status: JobStatus::Pending as u32,
+                    created: cmd.now,
+                    ..Default::default()
+                });
+            }
+        }
+        jobs
     }
 }
 
@@ -275,12 +521,88 @@ fn index_entries(meta: &BlockMeta) -> Vec<(i64, String, BlockMeta)> {
     out
 }
 
+/// The entries of `blocks`, checked: (key, partition, tenant, entry).
+type Entries = Vec<(String, i64, String, BlockMeta)>;
+
+fn checked_entries(blocks: &[BlockMeta]) -> Result<Entries, MetastoreError> {
+    let mut entries = Vec::new();
+    for meta in blocks {
+        if meta.id.is_empty() || meta.path.is_empty() {
+            return Err(MetastoreError::InvalidCommand(
+                "block without id or path".into(),
+            ));
+        }
+        let span = partition_of(meta.max_time).saturating_sub(partition_of(meta.min_time))
+            / PARTITION_NANOS
+            + 1;
+        if meta.min_time > meta.max_time || span > MAX_BLOCK_PARTITIONS {
+            return Err(MetastoreError::InvalidCommand(format!(
+                "block {} spans {span} partitions of 6 h (at most {MAX_BLOCK_PARTITIONS})",
+                meta.id
+            )));
+        }
+        for (partition, tenant, entry) in index_entries(meta) {
+            let key = entry_key(partition, &tenant, meta.shard, &meta.id);
+            entries.push((key, partition, tenant, entry));
+        }
+    }
+    Ok(entries)
+}
+
+/// Advances the applied index by `n` inside `tx` and returns the new value.
+fn advance_applied(tx: &WriteTransaction, n: u64) -> Result<u64, MetastoreError> {
+    let mut state = tx.open_table(STATE).map_err(store_err)?;
+    let applied = state
+        .get(APPLIED_INDEX)
+        .map_err(store_err)?
+        .map(|v| v.value())
+        .unwrap_or(0)
+        + n;
+    state.insert(APPLIED_INDEX, applied).map_err(store_err)?;
+    Ok(applied)
+}
+
+fn put_job(tx: &WriteTransaction, job: &Job) -> Result<(), MetastoreError> {
+    let mut jobs = tx.open_table(JOBS).map_err(store_err)?;
+    jobs.insert(job.id.as_str(), job.encode_to_vec().as_slice())
+        .map_err(store_err)?;
+    Ok(())
+}
+
+fn lease_err(job: &str, reason: impl Into<String>) -> MetastoreError {
+    MetastoreError::Lease {
+        job: job.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The job as the holder of `token` may use it.
+fn leased_job<'a>(index: &'a Index, id: &str, token: u64) -> Result<&'a Job, MetastoreError> {
+    let job = index
+        .jobs
+        .get(id)
+        .ok_or_else(|| lease_err(id, "no such job (committed or dropped)"))?;
+    if job.lease_token != token || job.status() != JobStatus::Running {
+        return Err(lease_err(
+            id,
+            format!(
+                "lease {token} is stale (job is {}, lease {})",
+                job.status().name(),
+                job.lease_token
+            ),
+        ));
+    }
+    Ok(job)
+}
+
 impl Metastore {
     /// Opens (or creates) the metastore file and loads its index.
     pub fn open(path: &Path) -> Result<Self, MetastoreError> {
         let db = Database::create(path).map_err(store_err)?;
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(BLOCKS).map_err(store_err)?;
+        tx.open_table(JOBS).map_err(store_err)?;
+        tx.open_table(TOMBSTONES).map_err(store_err)?;
         tx.open_table(STATE).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         let store = Self {
@@ -295,67 +617,100 @@ impl Metastore {
     fn reload_index(&self) -> Result<(), MetastoreError> {
         let mut index = Index::default();
         let tx = self.db.begin_read().map_err(store_err)?;
-        let table = tx.open_table(BLOCKS).map_err(store_err)?;
-        for row in table.iter().map_err(store_err)? {
+        let decode_err = |key: &str| {
+            let key = key.to_string();
+            move |source| MetastoreError::Decode { key, source }
+        };
+        for row in tx
+            .open_table(BLOCKS)
+            .map_err(store_err)?
+            .iter()
+            .map_err(store_err)?
+        {
             let (k, v) = row.map_err(store_err)?;
             let key = k.value();
-            let meta =
-                BlockMeta::decode_from(v.value()).map_err(|source| MetastoreError::Decode {
-                    key: key.to_string(),
-                    source,
-                })?;
+            let meta = BlockMeta::decode_from(v.value()).map_err(decode_err(key))?;
             let partition = partition_from_key(key).unwrap_or_default();
             let tenant = key.split('/').nth(1).unwrap_or_default().to_string();
             index.insert(partition, tenant, meta);
+        }
+        for row in tx
+            .open_table(JOBS)
+            .map_err(store_err)?
+            .iter()
+            .map_err(store_err)?
+        {
+            let (k, v) = row.map_err(store_err)?;
+            index.add_job(Job::decode(v.value()).map_err(decode_err(k.value()))?);
+        }
+        for row in tx
+            .open_table(TOMBSTONES)
+            .map_err(store_err)?
+            .iter()
+            .map_err(store_err)?
+        {
+            let (k, v) = row.map_err(store_err)?;
+            index.add_tombstone(Tombstone::decode(v.value()).map_err(decode_err(k.value()))?);
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         Ok(())
     }
 
-    /// Applies one command durably, then to the in-memory index.
-    pub fn apply(&self, command: Command) -> Result<(), MetastoreError> {
-        self.apply_all(vec![command])
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies commands in one durable transaction: all or none of them.
-    pub fn apply_all(&self, commands: Vec<Command>) -> Result<(), MetastoreError> {
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one command durably, then to the in-memory index.
+    pub fn apply(&self, command: Command) -> Result<Applied, MetastoreError> {
+        use command::Kind;
+        let kind = command
+            .kind
+            .ok_or_else(|| MetastoreError::InvalidCommand("empty command".into()))?;
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match kind {
+            Kind::AddBlock(meta) => self.add_blocks(vec![meta]).map(|_| Applied::Done),
+            Kind::PlanCompaction(c) => self.plan_compaction(c).map(Applied::Planned),
+            Kind::LeaseJob(c) => self.lease_job(c).map(Applied::Leased),
+            Kind::RenewLease(c) => self.renew_lease(c).map(|_| Applied::Done),
+            Kind::FailJob(c) => self.fail_job(c).map(|_| Applied::Done),
+            Kind::CommitJob(c) => self.commit_job(c).map(|_| Applied::Done),
+            Kind::RemoveTombstones(c) => self.remove_tombstones(c).map(|_| Applied::Done),
+        }
+    }
+
+    /// Applies `AddBlock` commands in one durable transaction: all or none.
+    pub fn apply_all(&self, commands: Vec<Command>) -> Result<(), MetastoreError> {
         let mut blocks = Vec::with_capacity(commands.len());
         for command in commands {
             match command.kind {
                 Some(command::Kind::AddBlock(meta)) => blocks.push(meta),
+                Some(_) => {
+                    return Err(MetastoreError::InvalidCommand(
+                        "apply_all takes AddBlock commands only".into(),
+                    ))
+                }
                 None => return Err(MetastoreError::InvalidCommand("empty command".into())),
             }
         }
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_blocks(blocks)
+    }
+
+    fn add_blocks(&self, mut blocks: Vec<BlockMeta>) -> Result<(), MetastoreError> {
         // At-least-once delivery (a retried flush, a dlq entry whose block
-        // did get registered) must not count a block twice.
+        // did get registered) must not count a block twice, nor bring back
+        // one that compaction retired.
         let mut seen = HashSet::new();
         blocks.retain(|b| seen.insert(b.id.clone()));
         {
-            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            blocks.retain(|b| !index.blocks.contains(b.id.as_str()));
+            let index = self.read_index();
+            blocks.retain(|b| !index.knows_block(&b.id));
         }
-        let mut entries = Vec::new();
-        for meta in &blocks {
-            if meta.id.is_empty() || meta.path.is_empty() {
-                return Err(MetastoreError::InvalidCommand(
-                    "block without id or path".into(),
-                ));
-            }
-            let span = partition_of(meta.max_time).saturating_sub(partition_of(meta.min_time))
-                / PARTITION_NANOS
-                + 1;
-            if meta.min_time > meta.max_time || span > MAX_BLOCK_PARTITIONS {
-                return Err(MetastoreError::InvalidCommand(format!(
-                    "block {} spans {span} partitions of 6 h (at most {MAX_BLOCK_PARTITIONS})",
-                    meta.id
-                )));
-            }
-            for (partition, tenant, entry) in index_entries(meta) {
-                let key = entry_key(partition, &tenant, meta.shard, &meta.id);
-                entries.push((key, partition, tenant, entry));
-            }
-        }
+        let entries = checked_entries(&blocks)?;
         let tx = self.db.begin_write().map_err(store_err)?;
         {
             let mut table = tx.open_table(BLOCKS).map_err(store_err)?;
@@ -364,20 +719,238 @@ impl Metastore {
                     .insert(key.as_str(), entry.encode_to_bytes().as_slice())
                     .map_err(store_err)?;
             }
-            let mut state = tx.open_table(STATE).map_err(store_err)?;
-            let applied = state
-                .get(APPLIED_INDEX)
-                .map_err(store_err)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            state
-                .insert(APPLIED_INDEX, applied + blocks.len() as u64)
-                .map_err(store_err)?;
         }
+        advance_applied(&tx, blocks.len() as u64)?;
         tx.commit().map_err(store_err)?;
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.write_index();
         for (_, partition, tenant, entry) in entries {
             index.insert(partition, tenant, entry);
+        }
+        Ok(())
+    }
+
+    fn plan_compaction(&self, cmd: PlanCompaction) -> Result<usize, MetastoreError> {
+        let jobs = {
+            let index = self.read_index();
+            let open = index
+                .jobs
+                .values()
+                .filter(|j| j.status() != JobStatus::Failed)
+                .count();
+            let room = (cmd.max_jobs as usize).saturating_sub(open);
+            index.plan(&cmd, room)
+        };
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(store_err)?;
+        for job in &jobs {
+            put_job(&tx, job)?;
+        }
+        advance_applied(&tx, 1)?;
+        tx.commit().map_err(store_err)?;
+        let n = jobs.len();
+        let mut index = self.write_index();
+        for job in jobs {
+            index.add_job(job);
+        }
+        Ok(n)
+    }
+
+    /// The smallest job waiting, or whose lease expired (an abandoned
+    /// attempt counts as a failure, so a job that kills its workers is set
+    /// aside instead of killing them forever).
+    fn lease_job(&self, cmd: LeaseJob) -> Result<Option<Job>, MetastoreError> {
+        let (mut changed, chosen) = {
+            let index = self.read_index();
+            let mut changed = Vec::new();
+            let mut waiting = Vec::new();
+            for job in index.jobs.values() {
+                match job.status() {
+                    JobStatus::Pending => waiting.push(job),
+                    JobStatus::Running if job.lease_expires <= cmd.now => {
+                        let mut j = job.clone();
+                        j.failures += 1;
+                        j.last_error = format!("lease of worker {:?} expired", j.worker);
+                        if j.failures >= MAX_JOB_FAILURES {
+                            j.status = JobStatus::Failed as u32;
+                            changed.push(j);
+                        } else {
+                            waiting.push(job);
+                            changed.push(j);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let chosen = waiting
+                .into_iter()
+                .min_by_key(|j| (j.source_bytes(), j.created, j.id.clone()))
+                .map(|j| {
+                    changed
+                        .iter()
+                        .find(|c| c.id == j.id)
+                        .cloned()
+                        .unwrap_or_else(|| j.clone())
+                });
+            (changed, chosen)
+        };
+        if changed.is_empty() && chosen.is_none() {
+            return Ok(None);
+        }
+        let tx = self.db.begin_write().map_err(store_err)?;
+        let token = advance_applied(&tx, 1)?;
+        let leased = chosen.map(|mut j| {
+            j.status = JobStatus::Running as u32;
+            j.worker = cmd.worker.clone();
+            j.lease_token = token;
+            j.lease_expires = cmd.now.saturating_add(cmd.lease_nanos);
+            j
+        });
+        if let Some(j) = &leased {
+            changed.retain(|c| c.id != j.id);
+            changed.push(j.clone());
+        }
+        for job in &changed {
+            put_job(&tx, job)?;
+        }
+        tx.commit().map_err(store_err)?;
+        let mut index = self.write_index();
+        for job in changed {
+            index.jobs.insert(job.id.clone(), job);
+        }
+        Ok(leased)
+    }
+
+    fn renew_lease(&self, cmd: RenewLease) -> Result<(), MetastoreError> {
+        let mut job = leased_job(&self.read_index(), &cmd.job_id, cmd.token)?.clone();
+        job.lease_expires = cmd.now.saturating_add(cmd.lease_nanos);
+        let tx = self.db.begin_write().map_err(store_err)?;
+        put_job(&tx, &job)?;
+        advance_applied(&tx, 1)?;
+        tx.commit().map_err(store_err)?;
+        self.write_index().jobs.insert(job.id.clone(), job);
+        Ok(())
+    }
+
+    fn fail_job(&self, cmd: FailJob) -> Result<(), MetastoreError> {
+        let mut job = leased_job(&self.read_index(), &cmd.job_id, cmd.token)?.clone();
+        job.failures += 1;
+        job.last_error = cmd.error;
+        job.worker.clear();
+        job.status = if job.failures >= MAX_JOB_FAILURES {
+            JobStatus::Failed
+        } else {
+            JobStatus::Pending
+        } as u32;
+        let tx = self.db.begin_write().map_err(store_err)?;
+        put_job(&tx, &job)?;
+        advance_applied(&tx, 1)?;
+        tx.commit().map_err(store_err)?;
+        self.write_index().jobs.insert(job.id.clone(), job);
+        Ok(())
+    }
+
+    /// Sources out, output in, retired objects tombstoned: one transaction.
+    fn commit_job(&self, cmd: CommitJob) -> Result<(), MetastoreError> {
+        let (job, sources, retired) = {
+            let index = self.read_index();
+            let job = leased_job(&index, &cmd.job_id, cmd.token)?.clone();
+            let mut sources = Vec::new();
+            for s in &job.sources {
+                let key = (job.tenant.clone(), Arc::from(s.id.as_str()));
+                let block = index.tenant_blocks.get(&key).ok_or_else(|| {
+                    MetastoreError::InvalidCommand(format!(
+                        "job {}: source {} is no longer indexed",
+                        job.id, s.id
+                    ))
+                })?;
+                sources.push(block.clone());
+            }
+            // A source's object goes once no other tenant has a part of it.
+            let retired: Vec<Tombstone> = sources
+                .iter()
+                .filter(|b| {
+                    index
+                        .blocks
+                        .get(&b.id)
+                        .is_none_or(|t| t.iter().all(|t| *t == job.tenant))
+                })
+                .map(|b| Tombstone {
+                    path: b.path.to_string(),
+                    block_id: b.id.to_string(),
+                    delete_after: cmd.delete_after,
+                })
+                .collect();
+            (job, sources, retired)
+        };
+        let output = match cmd.output {
+            Some(meta) => {
+                if meta.datasets.iter().any(|d| d.tenant != job.tenant) {
+                    return Err(MetastoreError::InvalidCommand(format!(
+                        "job {}: output holds another tenant's data",
+                        job.id
+                    )));
+                }
+                checked_entries(std::slice::from_ref(&meta))?
+            }
+            None => Vec::new(),
+        };
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(BLOCKS).map_err(store_err)?;
+            for b in &sources {
+                for &p in &b.partitions {
+                    table
+                        .remove(entry_key(p, &job.tenant, b.shard, &b.id).as_str())
+                        .map_err(store_err)?;
+                }
+            }
+            for (key, _, _, entry) in &output {
+                table
+                    .insert(key.as_str(), entry.encode_to_bytes().as_slice())
+                    .map_err(store_err)?;
+            }
+            let mut tombstones = tx.open_table(TOMBSTONES).map_err(store_err)?;
+            for t in &retired {
+                tombstones
+                    .insert(t.path.as_str(), t.encode_to_vec().as_slice())
+                    .map_err(store_err)?;
+            }
+            let mut jobs = tx.open_table(JOBS).map_err(store_err)?;
+            jobs.remove(job.id.as_str()).map_err(store_err)?;
+        }
+        advance_applied(&tx, 1)?;
+        tx.commit().map_err(store_err)?;
+        let mut index = self.write_index();
+        for b in &sources {
+            index.remove(&job.tenant, b);
+        }
+        for (_, partition, tenant, entry) in output {
+            index.insert(partition, tenant, entry);
+        }
+        for t in retired {
+            index.add_tombstone(t);
+        }
+        index.remove_job(&job.id);
+        Ok(())
+    }
+
+    fn remove_tombstones(&self, cmd: RemoveTombstones) -> Result<(), MetastoreError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut tombstones = tx.open_table(TOMBSTONES).map_err(store_err)?;
+            for p in &cmd.paths {
+                tombstones.remove(p.as_str()).map_err(store_err)?;
+            }
+        }
+        advance_applied(&tx, 1)?;
+        tx.commit().map_err(store_err)?;
+        let mut index = self.write_index();
+        for p in &cmd.paths {
+            if let Some(t) = index.tombstones.remove(p) {
+                index.retired.remove(&t.block_id);
+            }
         }
         Ok(())
     }
@@ -387,15 +960,52 @@ impl Metastore {
         if q.start > q.end {
             return Vec::new();
         }
-        self.index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .query(q)
+        self.read_index().query(q)
     }
 
     /// Number of index entries (a block spanning partitions counts once per partition).
     pub fn entry_count(&self) -> usize {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).entries
+        self.read_index().entries
+    }
+
+    /// Every compaction job not committed yet, failed ones included.
+    pub fn jobs(&self) -> Vec<Job> {
+        self.read_index().jobs.values().cloned().collect()
+    }
+
+    /// Tombstones whose delay has passed at `now`.
+    pub fn due_tombstones(&self, now: i64) -> Vec<Tombstone> {
+        self.read_index()
+            .tombstones
+            .values()
+            .filter(|t| t.delete_after <= now)
+            .cloned()
+            .collect()
+    }
+
+    pub fn tombstone_count(&self) -> usize {
+        self.read_index().tombstones.len()
+    }
+
+    /// Every (tenant's part of a) block indexed, for `system.blocks`: the
+    /// tenant's datasets only.
+    pub fn blocks(&self, tenant: &str) -> Vec<BlockMeta> {
+        self.read_index()
+            .tenant_blocks
+            .range((tenant.to_string(), Arc::from(""))..)
+            .take_while(|((t, _), _)| t == tenant)
+            .map(|(_, b)| b.meta())
+            .collect()
+    }
+
+    /// Blocks indexed per compaction level, all tenants (for metrics).
+    pub fn blocks_by_level(&self) -> BTreeMap<u32, usize> {
+        let index = self.read_index();
+        let mut levels: BTreeMap<u32, HashSet<&str>> = BTreeMap::new();
+        for b in index.tenant_blocks.values() {
+            levels.entry(b.level).or_default().insert(&b.id);
+        }
+        levels.into_iter().map(|(l, ids)| (l, ids.len())).collect()
     }
 
     pub fn applied_index(&self) -> Result<u64, MetastoreError> {
@@ -411,18 +1021,24 @@ impl Metastore {
     /// The whole state as bytes, for a Raft snapshot or a backup.
     pub fn snapshot(&self) -> Result<Vec<u8>, MetastoreError> {
         let tx = self.db.begin_read().map_err(store_err)?;
-        let table = tx.open_table(BLOCKS).map_err(store_err)?;
-        let mut entries = Vec::new();
-        for row in table.iter().map_err(store_err)? {
-            let (k, v) = row.map_err(store_err)?;
-            entries.push(SnapshotEntry {
-                key: k.value().to_string(),
-                value: v.value().to_vec(),
-            });
-        }
+        let rows =
+            |def: TableDefinition<&str, &[u8]>| -> Result<Vec<SnapshotEntry>, MetastoreError> {
+                let table = tx.open_table(def).map_err(store_err)?;
+                let mut out = Vec::new();
+                for row in table.iter().map_err(store_err)? {
+                    let (k, v) = row.map_err(store_err)?;
+                    out.push(SnapshotEntry {
+                        key: k.value().to_string(),
+                        value: v.value().to_vec(),
+                    });
+                }
+                Ok(out)
+            };
         let snapshot = Snapshot {
             applied_index: self.applied_index()?,
-            entries,
+            entries: rows(BLOCKS)?,
+            jobs: rows(JOBS)?,
+            tombstones: rows(TOMBSTONES)?,
         };
         Ok(snapshot.encode_to_vec())
     }
@@ -430,15 +1046,22 @@ impl Metastore {
     /// Replaces the whole state with a snapshot.
     pub fn restore(&self, bytes: &[u8]) -> Result<(), MetastoreError> {
         let snapshot = Snapshot::decode(bytes).map_err(MetastoreError::Snapshot)?;
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.db.begin_write().map_err(store_err)?;
-        {
-            let mut blocks = tx.open_table(BLOCKS).map_err(store_err)?;
-            blocks.retain(|_, _| false).map_err(store_err)?;
-            for e in &snapshot.entries {
-                blocks
+        for (def, rows) in [
+            (BLOCKS, &snapshot.entries),
+            (JOBS, &snapshot.jobs),
+            (TOMBSTONES, &snapshot.tombstones),
+        ] {
+            let mut table = tx.open_table(def).map_err(store_err)?;
+            table.retain(|_, _| false).map_err(store_err)?;
+            for e in rows {
+                table
                     .insert(e.key.as_str(), e.value.as_slice())
                     .map_err(store_err)?;
             }
+        }
+        {
             let mut state = tx.open_table(STATE).map_err(store_err)?;
             state
                 .insert(APPLIED_INDEX, snapshot.applied_index)
@@ -448,7 +1071,6 @@ impl Metastore {
         self.reload_index()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +1149,7 @@ mod tests {
             end,
             service_names: services.map(|s| s.into_iter().map(String::from).collect()),
             profile_types: None,
+            skip_level0: false,
         };
         assert_eq!(
             ids(&m.query(&q(0, 100 * HOUR, None))),
@@ -639,5 +1262,252 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
         assert!(m.apply(Command { kind: None }).is_err());
+    }
+
+    fn rules(max_blocks: u32, max_age_nanos: i64) -> PlanCompaction {
+        PlanCompaction {
+            now: 0,
+            levels: vec![
+                LevelRule {
+                    max_blocks,
+                    max_age_nanos,
+                },
+                LevelRule {
+                    max_blocks,
+                    max_age_nanos,
+                },
+            ],
+            max_jobs: 100,
+        }
+    }
+
+    fn plan(m: &Metastore, now: i64, max_blocks: u32) -> usize {
+        let cmd = PlanCompaction {
+            now,
+            ..rules(max_blocks, 1000 * HOUR)
+        };
+        match m.apply(command::Kind::PlanCompaction(cmd).into()).unwrap() {
+            Applied::Planned(n) => n,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn lease(m: &Metastore, worker: &str, now: i64) -> Option<Job> {
+        let cmd = LeaseJob {
+            worker: worker.into(),
+            now,
+            lease_nanos: 15_000_000_000,
+        };
+        match m.apply(command::Kind::LeaseJob(cmd).into()).unwrap() {
+            Applied::Leased(j) => j,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn output(id: &str, tenant: &str, level: u32) -> BlockMeta {
+        BlockMeta {
+            compaction_level: level,
+            path: format!("blocks/0/{tenant}/{id}/block.bin"),
+            ..block(id, vec![dataset(tenant, "api", HOUR, 2 * HOUR)])
+        }
+    }
+
+    fn commit(m: &Metastore, job: &Job, out: Option<BlockMeta>) -> Result<Applied, MetastoreError> {
+        m.apply(
+            command::Kind::CommitJob(CommitJob {
+                job_id: job.id.clone(),
+                token: job.lease_token,
+                output: out,
+                delete_after: 100,
+            })
+            .into(),
+        )
+    }
+
+    fn tenant_query(tenant: &str) -> BlockQuery {
+        BlockQuery {
+            tenant: tenant.into(),
+            start: 0,
+            end: 10 * HOUR,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn jobs_stay_within_tenant_shard_level_and_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        // Two tenants share every block; block D is in another partition.
+        for id in ["A", "B", "C"] {
+            m.apply(Command::add_block(block(
+                id,
+                vec![
+                    dataset("t1", "api", HOUR, HOUR),
+                    dataset("t2", "api", HOUR, HOUR),
+                ],
+            )))
+            .unwrap();
+        }
+        m.apply(Command::add_block(block(
+            "D",
+            vec![dataset("t1", "api", 7 * HOUR, 7 * HOUR)],
+        )))
+        .unwrap();
+        // 3 blocks per job: only (t1, p0) and (t2, p0) are full.
+        assert_eq!(plan(&m, 0, 3), 2);
+        let jobs = m.jobs();
+        let mut shapes: Vec<(String, usize)> = jobs
+            .iter()
+            .map(|j| (j.tenant.clone(), j.sources.len()))
+            .collect();
+        shapes.sort();
+        assert_eq!(shapes, [("t1".into(), 3), ("t2".into(), 3)]);
+        for j in &jobs {
+            assert!(j
+                .sources
+                .iter()
+                .all(|s| s.datasets.iter().all(|d| d.tenant == j.tenant)));
+        }
+        // Planning again adds nothing: the blocks are taken.
+        assert_eq!(plan(&m, 0, 3), 0);
+        // D alone goes once it has aged (its id is no ULID: its time counts).
+        assert_eq!(plan(&m, 7 * HOUR + 1000 * HOUR, 3), 1);
+    }
+
+    #[test]
+    fn commit_swaps_sources_for_output_and_tombstones_only_unshared_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let m = Metastore::open(&path).unwrap();
+        for id in ["A", "B"] {
+            m.apply(Command::add_block(block(
+                id,
+                vec![
+                    dataset("t1", "api", HOUR, 2 * HOUR),
+                    dataset("t2", "api", HOUR, HOUR),
+                ],
+            )))
+            .unwrap();
+        }
+        assert_eq!(plan(&m, 0, 2), 2);
+        let j1 = lease(&m, "w", 0).unwrap();
+        let t1_first = j1.tenant.clone();
+        commit(&m, &j1, Some(output("OUT1", &t1_first, 1))).unwrap();
+        // The other tenant still reads A and B: nothing is retired yet.
+        assert_eq!(m.tombstone_count(), 0);
+        let other = if t1_first == "t1" { "t2" } else { "t1" };
+        assert_eq!(ids(&m.query(&tenant_query(other))), ["A/api", "B/api"]);
+        assert_eq!(ids(&m.query(&tenant_query(&t1_first))), ["OUT1/api"]);
+        let j2 = lease(&m, "w", 0).unwrap();
+        commit(&m, &j2, Some(output("OUT2", other, 1))).unwrap();
+        assert_eq!(m.tombstone_count(), 2);
+        assert_eq!(m.due_tombstones(99).len(), 0);
+        assert_eq!(m.due_tombstones(100).len(), 2);
+        assert!(m.jobs().is_empty());
+        // A retired block registered again (a late dlq retry) stays retired.
+        m.apply(Command::add_block(block(
+            "A",
+            vec![dataset("t1", "api", HOUR, HOUR)],
+        )))
+        .unwrap();
+        assert_eq!(ids(&m.query(&tenant_query("t1"))).len(), 1);
+        // Everything survives a restart, and level filtering works.
+        drop(m);
+        let m = Metastore::open(&path).unwrap();
+        assert_eq!(ids(&m.query(&tenant_query("t1"))).len(), 1);
+        assert_eq!(m.tombstone_count(), 2);
+        let skip = BlockQuery {
+            skip_level0: true,
+            ..tenant_query("t1")
+        };
+        assert_eq!(m.query(&skip).len(), 1);
+        let paths = m.due_tombstones(100).into_iter().map(|t| t.path).collect();
+        m.apply(command::Kind::RemoveTombstones(RemoveTombstones { paths }).into())
+            .unwrap();
+        assert_eq!(m.tombstone_count(), 0);
+        assert_eq!(m.blocks_by_level(), BTreeMap::from([(1, 2)]));
+    }
+
+    #[test]
+    fn leases_fence_stale_workers_and_failing_jobs_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        for id in ["A", "B"] {
+            m.apply(Command::add_block(block(
+                id,
+                vec![dataset("t", "api", HOUR, HOUR)],
+            )))
+            .unwrap();
+        }
+        assert_eq!(plan(&m, 0, 2), 1);
+        let first = lease(&m, "w1", 0).unwrap();
+        assert!(lease(&m, "w2", 1).is_none(), "leased twice");
+        // w1's lease expires; w2 takes over with a new token.
+        let second = lease(&m, "w2", 16_000_000_000).unwrap();
+        assert!(second.lease_token > first.lease_token);
+        assert_eq!(second.failures, 1);
+        let err = commit(&m, &first, Some(output("X", "t", 1))).unwrap_err();
+        assert!(matches!(err, MetastoreError::Lease { .. }), "{err}");
+        let renew = |job: &Job| {
+            m.apply(
+                command::Kind::RenewLease(RenewLease {
+                    job_id: job.id.clone(),
+                    token: job.lease_token,
+                    now: 20_000_000_000,
+                    lease_nanos: 15_000_000_000,
+                })
+                .into(),
+            )
+        };
+        assert!(renew(&first).is_err());
+        renew(&second).unwrap();
+        let fail = |job: &Job| {
+            m.apply(
+                command::Kind::FailJob(FailJob {
+                    job_id: job.id.clone(),
+                    token: job.lease_token,
+                    error: "boom".into(),
+                })
+                .into(),
+            )
+            .unwrap()
+        };
+        fail(&second);
+        let third = lease(&m, "w3", 21_000_000_000).unwrap();
+        assert_eq!(third.failures, 2);
+        fail(&third);
+        assert!(lease(&m, "w4", 22_000_000_000).is_none());
+        let jobs = m.jobs();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].status(), JobStatus::Failed);
+        assert_eq!(jobs[0].last_error, "boom");
+        // Set aside, its blocks are not planned again, and queries still read them.
+        assert_eq!(plan(&m, 0, 2), 0);
+        assert_eq!(m.query(&tenant_query("t")).len(), 2);
+    }
+
+    #[test]
+    fn snapshot_carries_jobs_and_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Metastore::open(&dir.path().join("a.redb")).unwrap();
+        for id in ["A", "B", "C", "D"] {
+            a.apply(Command::add_block(block(
+                id,
+                vec![dataset("t", "api", HOUR, HOUR)],
+            )))
+            .unwrap();
+        }
+        assert_eq!(plan(&a, 0, 2), 2);
+        let j = lease(&a, "w", 0).unwrap();
+        commit(&a, &j, Some(output("OUT", "t", 1))).unwrap();
+        let b = Metastore::open(&dir.path().join("b.redb")).unwrap();
+        b.restore(&a.snapshot().unwrap()).unwrap();
+        assert_eq!(b.jobs(), a.jobs());
+        assert_eq!(b.tombstone_count(), 2);
+        assert_eq!(
+            ids(&b.query(&tenant_query("t"))),
+            ids(&a.query(&tenant_query("t")))
+        );
+        assert_eq!(b.applied_index().unwrap(), a.applied_index().unwrap());
     }
 }

@@ -464,7 +464,7 @@ pub async fn recover_dlq(
             }
         };
         match metastore.apply(Command::add_block(meta)) {
-            Ok(()) => report.recovered += 1,
+            Ok(_) => report.recovered += 1,
             Err(ember_engine::MetastoreError::InvalidCommand(reason)) => {
                 quarantine(store, &entry.location, &reason).await?;
                 report.quarantined += 1;

@@ -177,6 +177,7 @@ async fn block_round_trips_through_the_object_store_and_metastore() {
         end: i64::MAX,
         service_names: Some(vec!["go-cpu.pb.gz".into()]),
         profile_types: None,
+        skip_level0: false,
     });
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].dataset.service_name, "go-cpu.pb.gz");

@@ -307,6 +307,7 @@ impl TableProvider for FlameGraphTable {
                 end: q.end,
                 service_names: q.selector.exact_services(),
                 profile_types: Some(vec![q.profile_type.clone()]),
+                skip_level0: false,
             })
             .into_iter()
             .filter(|d| q.selector.may_match_service(&d.dataset.service_name))
@@ -541,13 +542,17 @@ async fn read_stack_nodes(
     let mut stream = execute_stream(plan, ctx)?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        grow(batch.num_rows() * 48)?;
         let ids = batch.column(0).as_primitive::<UInt64Type>();
         let parents = batch.column(1).as_primitive::<UInt64Type>();
         let labels = batch.column(2).as_string::<i32>();
+        // Level-0 blocks repeat the nodes of their profiles: only nodes not
+        // seen yet in this query cost memory, so a flame graph over a
+        // thousand blocks of one service costs its distinct stacks once.
+        let before = nodes.bytes();
         for i in 0..batch.num_rows() {
             nodes.insert(ids.value(i), parents.value(i), labels.value(i));
         }
+        grow(nodes.bytes() - before)?;
     }
     Ok(nodes)
 }

@@ -3,6 +3,7 @@
 //! `flamegraph(...)`.
 
 mod args;
+pub mod compaction;
 pub mod flamegraph;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -11,6 +12,7 @@ mod pruning;
 mod session;
 pub mod stack_dictionary;
 mod stack_totals;
+pub mod system;
 mod tables;
 mod tenant_memory;
 

@@ -21,6 +21,7 @@ use url::Url;
 use crate::flamegraph::FlameGraphFunction;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
+use crate::system::{SystemTable, SystemTableProvider, SCHEMA as SYSTEM_SCHEMA};
 use crate::tables::{DatasetSource, SectionTable, TABLES};
 use crate::tenant_memory::TenantPools;
 use crate::SqlError;
@@ -61,8 +62,14 @@ impl Default for QueryEngineConfig {
 /// DataFusion's default registry also serves `file://`, which would let a
 /// statement read the server's files; this one serves nothing else.
 #[derive(Debug)]
-struct BlockStoreOnly {
+pub(crate) struct BlockStoreOnly {
     store: Arc<dyn ObjectStore>,
+}
+
+impl BlockStoreOnly {
+    pub(crate) fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store }
+    }
 }
 
 impl ObjectStoreRegistry for BlockStoreOnly {
@@ -95,6 +102,19 @@ pub(crate) struct Storage {
     pub totals: Arc<TotalsCache>,
 }
 
+impl Storage {
+    /// Storage for plans that only scan sections they are given (the
+    /// compaction worker): no caches.
+    pub fn for_scans(store: Arc<dyn ObjectStore>, metastore: Arc<Metastore>) -> Self {
+        Self {
+            store,
+            metastore,
+            stacks: Arc::new(StackDictionary::new(0)),
+            totals: Arc::new(TotalsCache::new(0)),
+        }
+    }
+}
+
 pub struct QueryEngine {
     storage: Storage,
     runtime: Arc<RuntimeEnv>,
@@ -110,9 +130,7 @@ impl QueryEngine {
     ) -> Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(config.memory_limit, 1.0)
-            .with_object_store_registry(Arc::new(BlockStoreOnly {
-                store: store.clone(),
-            }))
+            .with_object_store_registry(Arc::new(BlockStoreOnly::new(store.clone())))
             .build_arc()?;
         let tenant_pools = TenantPools::new(
             runtime.memory_pool.clone(),
@@ -129,6 +147,10 @@ impl QueryEngine {
             tenant_pools,
             config,
         })
+    }
+
+    pub fn metastore(&self) -> Arc<Metastore> {
+        self.storage.metastore.clone()
     }
 
     /// Bytes held by the caches shared across queries (stack dictionary
@@ -174,8 +196,25 @@ impl QueryEngine {
             );
             schema.register_table(section.name().to_string(), Arc::new(table))?;
         }
+        // A tenant named `system` finds the system tables in its own schema.
+        let system = if tenant == SYSTEM_SCHEMA {
+            None
+        } else {
+            Some(MemorySchemaProvider::new())
+        };
+        for table in SystemTable::ALL {
+            let provider =
+                SystemTableProvider::new(table, self.storage.metastore.clone(), tenant.to_string());
+            system
+                .as_ref()
+                .unwrap_or(&schema)
+                .register_table(table.name().to_string(), Arc::new(provider))?;
+        }
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema(tenant, Arc::new(schema))?;
+        if let Some(system) = system {
+            catalog.register_schema(SYSTEM_SCHEMA, Arc::new(system))?;
+        }
         ctx.register_catalog(CATALOG, Arc::new(catalog));
         ctx.register_udtf(
             "flamegraph",

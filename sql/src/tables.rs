@@ -86,6 +86,7 @@ impl SectionTable {
                     end: bounds.end,
                     service_names: bounds.services.clone(),
                     profile_types: bounds.profile_types.clone(),
+                    skip_level0: false,
                 };
                 // The stack tree has no time or type of its own.
                 if self.section == Section::Stacks {

@@ -59,8 +59,9 @@ async fn engine_with_config(
     let store: Arc<dyn ObjectStore> =
         Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
     let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
-    for (i, profiles) in blocks.iter().enumerate() {
-        let block = write_block(profiles, i as u32).unwrap();
+    // One shard, as one service's pushes always land on one.
+    for profiles in &blocks {
+        let block = write_block(profiles, 0).unwrap();
         store
             .put(
                 &Path::from(block.meta.path.as_str()),
@@ -369,4 +370,192 @@ fn flamegraph_args_corpus_replays_without_panics() {
         n += 1;
     }
     assert!(n >= 5, "{n}");
+}
+
+mod compaction {
+    use super::*;
+    use crate::compaction::{CompactionConfig, Compactor};
+    use ember_engine::metastore::{BlockQuery, LevelRule};
+    use std::time::Duration;
+
+    fn at(profiles: &[Profile], pod: &str, seconds: i64) -> Vec<Profile> {
+        profiles
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.labels.push(("pod".into(), pod.into()));
+                p.labels.sort();
+                p.time_nanos += seconds * 1_000_000_000;
+                p
+            })
+            .collect()
+    }
+
+    /// Runs planner and workers until nothing is left to do, then deletes
+    /// what was retired.
+    async fn compact_all(c: &Compactor) -> usize {
+        let mut jobs = 0;
+        loop {
+            let planned = c.plan_once().await.unwrap();
+            let mut worked = false;
+            while c.work_once("w").await.unwrap() {
+                worked = true;
+                jobs += 1;
+            }
+            if planned == 0 && !worked {
+                break;
+            }
+        }
+        c.delete_due().await.unwrap();
+        jobs
+    }
+
+    fn rules(max_blocks: u32) -> Vec<LevelRule> {
+        vec![
+            LevelRule {
+                max_blocks,
+                max_age_nanos: 0,
+            },
+            LevelRule {
+                max_blocks: 10,
+                max_age_nanos: 0,
+            },
+        ]
+    }
+
+    /// Everything a tenant can ask, as text, to compare before and after.
+    async fn answers(engine: &QueryEngine, tenant: &str, ty: &str) -> Vec<String> {
+        let queries = [
+            format!("SELECT * FROM flamegraph('{ty}', '{{service_name=\"api\"}}', 0, 9999999999999, 1000000)"),
+            format!("SELECT * FROM flamegraph('{ty}', '{{service_name=\"api\", pod=\"p2\"}}', 0, 9999999999999, 1000000)"),
+            "SELECT profile_type, count(*), sum(value) FROM samples GROUP BY 1 ORDER BY 1".into(),
+            "SELECT labels, time, total, samples FROM profiles ORDER BY 1, 2, 3".into(),
+            "SELECT DISTINCT labels FROM samples ORDER BY 1".into(),
+            "SELECT count(DISTINCT stack_id) FROM stacks".into(),
+        ];
+        let mut out = Vec::new();
+        for q in queries {
+            let batches = run(engine, tenant, &q).await;
+            out.push(
+                datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_are_identical_after_compaction_and_retried_pushes_count_once() {
+        let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+        let a = tenant_profiles("go-cpu.pb.gz", "team-a");
+        let b = tenant_profiles("go-cpu-labels.pprof", "team-b");
+        // Level-0 blocks mix both tenants (same service name); the last one
+        // is team-a's first push stored again (a retry after a timeout).
+        let blocks = vec![
+            [at(&a, "p1", 0), at(&b, "p1", 0)].concat(),
+            [at(&a, "p2", 10), at(&b, "p2", 10)].concat(),
+            at(&a, "p1", 20),
+            at(&a, "p1", 0),
+        ];
+        let (dir, engine) = engine_with(blocks.clone(), 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let metastore = engine.metastore();
+        let before_b = answers(&engine, "team-b", ty).await;
+        let mut want_a = HashMap::new();
+        for block in &blocks[..3] {
+            for (k, v) in input_stacks(
+                &block
+                    .iter()
+                    .filter(|p| p.tenant == "team-a")
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                ty,
+            ) {
+                *want_a.entry(k).or_default() += v;
+            }
+        }
+        let flame = format!(
+            "SELECT * FROM flamegraph('{ty}', '{{service_name=\"api\"}}', 0, 9999999999999, 1000000)"
+        );
+        let (total, _) = frame_stacks(&run(&engine, "team-a", &flame).await);
+        let dup: i64 = input_stacks(&at(&a, "p1", 0), ty).values().sum();
+        assert_eq!(
+            total,
+            want_a.values().sum::<i64>() + dup,
+            "the retry counts twice before"
+        );
+
+        let compactor = Compactor::new(
+            store.clone(),
+            metastore.clone(),
+            CompactionConfig {
+                levels: rules(2),
+                delete_delay: Duration::ZERO,
+                ..CompactionConfig::default()
+            },
+        )
+        .unwrap();
+        let jobs = compact_all(&compactor).await;
+        assert!(jobs >= 4, "{jobs} jobs");
+
+        // One level-2 block per tenant; every level-0 object is gone.
+        for tenant in ["team-a", "team-b"] {
+            let blocks = metastore.blocks(tenant);
+            assert_eq!(blocks.len(), 1, "{tenant}: {blocks:?}");
+            assert_eq!(blocks[0].compaction_level, 2);
+            assert!(blocks[0].datasets.iter().all(|d| d.tenant == tenant));
+        }
+        let objects: Vec<_> = store.list(None).try_collect().await.unwrap();
+        let blocks: Vec<_> = objects
+            .iter()
+            .map(|o| o.location.to_string())
+            .filter(|p| p.ends_with("block.bin"))
+            .collect();
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        assert!(
+            blocks.iter().all(|p| p.starts_with("blocks/")),
+            "{blocks:?}"
+        );
+        assert_eq!(compactor.metrics.profiles_deduplicated.get(), 2);
+
+        assert_eq!(answers(&engine, "team-b", ty).await, before_b);
+        let (total, got) = frame_stacks(&run(&engine, "team-a", &flame).await);
+        assert_eq!(got, want_a);
+        assert_eq!(total, want_a.values().sum::<i64>());
+        let only_level0 = BlockQuery {
+            tenant: "team-a".into(),
+            start: i64::MIN,
+            end: i64::MAX,
+            skip_level0: true,
+            ..Default::default()
+        };
+        assert_eq!(metastore.query(&only_level0).len(), 1);
+        // The operator's view, per tenant.
+        for tenant in ["team-a", "team-b"] {
+            let rows = run(
+                &engine,
+                tenant,
+                "SELECT level, path FROM system.blocks UNION ALL \
+                 SELECT level, job_id FROM system.compaction_jobs",
+            )
+            .await;
+            let rows: Vec<(u32, String)> = rows
+                .iter()
+                .flat_map(|b| {
+                    let level = b
+                        .column(0)
+                        .as_primitive::<datafusion::arrow::datatypes::UInt32Type>();
+                    let path = b.column(1).as_string::<i32>();
+                    (0..b.num_rows())
+                        .map(|i| (level.value(i), path.value(i).to_string()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(rows.len(), 1, "{tenant}: {rows:?}");
+            assert_eq!(rows[0].0, 2);
+            assert!(rows[0].1.contains(&format!("/{tenant}/")), "{rows:?}");
+        }
+    }
 }

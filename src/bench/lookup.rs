@@ -48,6 +48,7 @@ pub fn run(blocks: usize, lookups: usize) -> anyhow::Result<LookupRun> {
             end: start + hour,
             service_names: Some(vec![format!("svc-{:02}", n % SERVICES)]),
             profile_types: Some(vec!["process_cpu:cpu:nanoseconds:cpu:nanoseconds".into()]),
+            skip_level0: false,
         };
         let t = Instant::now();
         let d = metastore.query(&q);

@@ -25,6 +25,21 @@ def fixtures_dir():
 FIXTURES = fixtures_dir()
 
 
+def flame_stacks(table):
+    """Rebuilds 'a;b;c' -> self value from the depth-first flame graph frame:
+    (total, stacks, depth)."""
+    path, out = [], {}
+    rows = table.to_pylist()
+    assert rows[0]["level"] == 0 and rows[0]["label"] == "total"
+    for r in rows[1:]:
+        del path[r["level"] - 1:]
+        path.append(r["label"])
+        if r["self"]:
+            key = ";".join(path)
+            out[key] = out.get(key, 0) + r["self"]
+    return rows[0]["value"], out, max(r["level"] for r in rows)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,25 +8,12 @@ import time
 import pytest
 import requests
 
-from conftest import FIXTURES
+from conftest import FIXTURES, flame_stacks
 from wire import _bytes_field, _key, _varint, folded, load_pprof, profile_types
 
 FAR = 9_999_999_999_999
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 NOW_NS = lambda: time.time_ns()  # noqa: E731
-
-
-def flame_stacks(table):
-    path, out = [], {}
-    rows = table.to_pylist()
-    assert rows[0]["level"] == 0 and rows[0]["label"] == "total"
-    for r in rows[1:]:
-        del path[r["level"] - 1:]
-        path.append(r["label"])
-        if r["self"]:
-            key = ";".join(path)
-            out[key] = out.get(key, 0) + r["self"]
-    return rows[0]["value"], out, max(r["level"] for r in rows)
 
 
 def with_time(raw, nanos):

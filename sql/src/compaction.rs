@@ -1,0 +1,1059 @@
+//! Compaction: the worker role and the loops that drive the block lifecycle.
+//!
+//! The metastore plans jobs (`engine/src/metastore/jobs.rs`); a worker
+//! leases one, merges its sources with DataFusion plans under its own
+//! memory pool (sorts spill to local disk), writes one block of the next
+//! level in the level-0 format, uploads it and commits. The commit swaps
+//! the sources for the output in the index and tombstones the retired
+//! objects, which [`Compactor::delete_forever`] removes after a delay so
+//! that queries which found them first can finish.
+//!
+//! Retried pushes (at-least-once) are dropped here: a profile with the same
+//! type, series, time, total and sample count as one in an earlier source
+//! block is the same push stored twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, lexsort_to_indices, take};
+use datafusion::arrow::compute::{SortColumn, SortOptions};
+use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType, UInt64Type};
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::logical_expr::utils::disjunction;
+use datafusion::logical_expr::{col, lit, Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::physical_plan::execute_stream;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use ember_engine::block::{block_path, read_section, Section, FORMAT_VERSION};
+use ember_engine::metastore::{
+    command::Kind, Applied, CommitJob, FailJob, Job, LeaseJob, LevelRule, MetastoreError,
+    PlanCompaction, RemoveTombstones, RenewLease,
+};
+use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, Metastore, SectionMeta};
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::session::{BlockStoreOnly, Storage};
+use crate::tables::{DatasetSource, SectionTable};
+
+#[derive(Debug, Error)]
+pub enum CompactionError {
+    #[error("compaction job {job}: {source}")]
+    Plan {
+        job: String,
+        source: datafusion::error::DataFusionError,
+    },
+    #[error("compaction job {job}: {source}")]
+    Block {
+        job: String,
+        source: ember_engine::block::BlockError,
+    },
+    #[error("compaction job {job}: local file: {source}")]
+    Io { job: String, source: std::io::Error },
+    #[error("compaction job {job}: writing section: {source}")]
+    Parquet {
+        job: String,
+        source: datafusion::parquet::errors::ParquetError,
+    },
+    #[error("compaction job {job}: uploading {path}: {source}")]
+    Upload {
+        job: String,
+        path: String,
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    Metastore(#[from] MetastoreError),
+    #[error("compaction job {job}: {reason}")]
+    Invalid { job: String, reason: String },
+}
+
+/// The thresholds v2 ships with: L0 -> L1 at 20 blocks or 36 s, L1 -> L2
+/// at 10 blocks or 12 min, L2 -> L3 at 10 blocks or 3 h.
+pub fn default_levels() -> Vec<LevelRule> {
+    let rule = |max_blocks, secs: i64| LevelRule {
+        max_blocks,
+        max_age_nanos: secs * 1_000_000_000,
+    };
+    vec![rule(20, 36), rule(10, 12 * 60), rule(10, 3 * 3600)]
+}
+
+#[derive(Debug, Clone)]
+pub struct CompactionConfig {
+    pub levels: Vec<LevelRule>,
+    /// Jobs waiting or running beyond which nothing more is planned.
+    pub max_jobs: u32,
+    /// Memory one job may hold; sorts beyond it spill to `spill_dir`.
+    pub job_memory_limit: usize,
+    /// Where sorts spill and output blocks are assembled (the OS temp
+    /// directory when unset).
+    pub spill_dir: Option<PathBuf>,
+    pub lease: Duration,
+    /// Retired objects are deleted this long after the commit.
+    pub delete_delay: Duration,
+    /// How often the planner, idle workers and the deleter look again.
+    pub poll: Duration,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            levels: default_levels(),
+            max_jobs: 1024,
+            job_memory_limit: 256 << 20,
+            spill_dir: None,
+            lease: Duration::from_secs(15),
+            delete_delay: Duration::from_secs(15 * 60),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A point of a job where a test can stop the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactionStep {
+    /// The sources are merged into a local file; nothing uploaded yet.
+    AfterRead,
+    /// The output block is uploaded, not committed.
+    AfterUpload,
+    /// The commit is the next thing the worker does.
+    BeforeCommit,
+    /// Committed; the retired objects are not deleted yet.
+    AfterCommit,
+}
+
+impl CompactionStep {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "compaction_after_read" => Self::AfterRead,
+            "compaction_after_upload" => Self::AfterUpload,
+            "compaction_before_commit" => Self::BeforeCommit,
+            "compaction_after_commit" => Self::AfterCommit,
+            _ => return None,
+        })
+    }
+}
+
+pub type StepHook = Arc<dyn Fn(CompactionStep) + Send + Sync>;
+
+type LabelSet = Vec<(String, String)>;
+
+/// What an operator watches: job counts by state and level, blocks by
+/// level, bytes and samples in and out, the write-to-first-compaction lag.
+#[derive(Clone)]
+pub struct CompactionMetrics {
+    pub jobs_committed: Counter,
+    pub jobs_failed: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub samples_in: Counter,
+    pub samples_out: Counter,
+    pub profiles_deduplicated: Counter,
+    pub objects_deleted: Counter,
+    /// Jobs not committed, by `status` and `level`.
+    pub jobs: Family<LabelSet, Gauge>,
+    /// Blocks indexed, by `level`.
+    pub blocks: Family<LabelSet, Gauge>,
+    pub level0_lag_seconds: Histogram,
+}
+
+impl Default for CompactionMetrics {
+    fn default() -> Self {
+        Self {
+            jobs_committed: Counter::default(),
+            jobs_failed: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            samples_in: Counter::default(),
+            samples_out: Counter::default(),
+            profiles_deduplicated: Counter::default(),
+            objects_deleted: Counter::default(),
+            jobs: Family::default(),
+            blocks: Family::default(),
+            level0_lag_seconds: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+        }
+    }
+}
+
+impl CompactionMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "ember_compaction_jobs_committed",
+                "Compaction jobs committed",
+                &self.jobs_committed,
+            ),
+            (
+                "ember_compaction_jobs_failed",
+                "Compaction job attempts that failed",
+                &self.jobs_failed,
+            ),
+            (
+                "ember_compaction_bytes_in",
+                "Bytes of source blocks compacted",
+                &self.bytes_in,
+            ),
+            (
+                "ember_compaction_bytes_out",
+                "Bytes of blocks written by compaction",
+                &self.bytes_out,
+            ),
+            (
+                "ember_compaction_samples_in",
+                "Sample rows read by compaction",
+                &self.samples_in,
+            ),
+            (
+                "ember_compaction_samples_out",
+                "Sample rows written by compaction",
+                &self.samples_out,
+            ),
+            (
+                "ember_compaction_profiles_deduplicated",
+                "Profiles stored twice (retried pushes) dropped by compaction",
+                &self.profiles_deduplicated,
+            ),
+            (
+                "ember_compaction_objects_deleted",
+                "Retired block objects deleted",
+                &self.objects_deleted,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "ember_compaction_jobs",
+            "Compaction jobs not yet committed, by status and level",
+            self.jobs.clone(),
+        );
+        registry.register(
+            "ember_blocks",
+            "Blocks in the index, by compaction level",
+            self.blocks.clone(),
+        );
+        registry.register(
+            "ember_compaction_level0_lag_seconds",
+            "Time from a level-0 block's write to its first compaction",
+            self.level0_lag_seconds.clone(),
+        );
+    }
+
+    /// Sets the gauges from the metastore's state.
+    fn observe(&self, metastore: &Metastore) {
+        self.jobs.clear();
+        for job in metastore.jobs() {
+            self.jobs
+                .get_or_create(&vec![
+                    ("status".to_string(), job.status().name().to_string()),
+                    ("level".to_string(), job.level.to_string()),
+                ])
+                .inc();
+        }
+        self.blocks.clear();
+        for (level, n) in metastore.blocks_by_level() {
+            self.blocks
+                .get_or_create(&vec![("level".to_string(), level.to_string())])
+                .set(n as i64);
+        }
+    }
+}
+
+pub struct Compactor {
+    store: Arc<dyn ObjectStore>,
+    metastore: Arc<Metastore>,
+    runtime: Arc<RuntimeEnv>,
+    config: CompactionConfig,
+    on_step: Option<StepHook>,
+    pub metrics: CompactionMetrics,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+impl Compactor {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        metastore: Arc<Metastore>,
+        config: CompactionConfig,
+    ) -> datafusion::error::Result<Self> {
+        let mut runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(config.job_memory_limit)))
+            .with_object_store_registry(Arc::new(BlockStoreOnly::new(store.clone())));
+        if let Some(dir) = &config.spill_dir {
+            runtime = runtime.with_temp_file_path(dir.clone());
+        }
+        Ok(Self {
+            store,
+            metastore,
+            runtime: runtime.build_arc()?,
+            config,
+            on_step: None,
+            metrics: CompactionMetrics::default(),
+        })
+    }
+
+    /// Calls `hook` at each [`CompactionStep`] (fault injection in tests).
+    pub fn with_step_hook(mut self, hook: StepHook) -> Self {
+        self.on_step = Some(hook);
+        self
+    }
+
+    fn step(&self, step: CompactionStep) {
+        if let Some(hook) = &self.on_step {
+            hook(step);
+        }
+    }
+
+    /// Applies a command off the async executor (redb fsyncs).
+    async fn apply(&self, kind: Kind) -> Result<Applied, MetastoreError> {
+        let metastore = self.metastore.clone();
+        tokio::task::spawn_blocking(move || metastore.apply(kind.into()))
+            .await
+            .map_err(|e| MetastoreError::InvalidCommand(format!("apply task: {e}")))?
+    }
+
+    /// Plans jobs for every queue that is ready; returns how many.
+    pub async fn plan_once(&self) -> Result<usize, MetastoreError> {
+        let cmd = PlanCompaction {
+            now: now_nanos(),
+            levels: self.config.levels.clone(),
+            max_jobs: self.config.max_jobs,
+        };
+        match self.apply(Kind::PlanCompaction(cmd)).await? {
+            Applied::Planned(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    pub async fn plan_forever(self: Arc<Self>) {
+        loop {
+            match self.plan_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(jobs = n, "compaction planned"),
+                Err(e) => warn!(error = %e, "compaction planning failed"),
+            }
+            self.metrics.observe(&self.metastore);
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// Leases one job and runs it to its commit; false when none waited.
+    pub async fn work_once(&self, worker: &str) -> Result<bool, CompactionError> {
+        let lease = LeaseJob {
+            worker: worker.to_string(),
+            now: now_nanos(),
+            lease_nanos: nanos(self.config.lease),
+        };
+        let Applied::Leased(Some(job)) = self.apply(Kind::LeaseJob(lease)).await? else {
+            return Ok(false);
+        };
+        self.run_job(job).await?;
+        Ok(true)
+    }
+
+    pub async fn work_forever(self: Arc<Self>, worker: String) {
+        loop {
+            match self.work_once(&worker).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => warn!(worker, error = %e, "compaction job failed"),
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// Runs a leased job, renewing its lease meanwhile; a job that fails is
+    /// reported to the metastore, which retries it or sets it aside.
+    async fn run_job(&self, job: Job) -> Result<(), CompactionError> {
+        let started = std::time::Instant::now();
+        let merged = tokio::select! {
+            r = self.compact(&job) => r,
+            lost = self.keep_lease(&job) => Err(lost),
+        };
+        let output = match merged {
+            Ok(output) => output,
+            Err(e) => {
+                self.metrics.jobs_failed.inc();
+                if !matches!(e, CompactionError::Metastore(MetastoreError::Lease { .. })) {
+                    let fail = FailJob {
+                        job_id: job.id.clone(),
+                        token: job.lease_token,
+                        error: e.to_string(),
+                    };
+                    if let Err(f) = self.apply(Kind::FailJob(fail)).await {
+                        warn!(job = job.id, error = %f, "could not record the failure");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        self.step(CompactionStep::BeforeCommit);
+        let out_path = output.as_ref().map(|o| o.path.clone());
+        let samples_out: u64 = output
+            .iter()
+            .flat_map(|o| &o.datasets)
+            .map(|d| d.samples)
+            .sum();
+        let bytes_out = output.as_ref().map_or(0, |o| o.size);
+        let commit = CommitJob {
+            job_id: job.id.clone(),
+            token: job.lease_token,
+            output,
+            delete_after: now_nanos().saturating_add(nanos(self.config.delete_delay)),
+        };
+        if let Err(e) = self.apply(Kind::CommitJob(commit)).await {
+            // The output is referenced by nothing: remove it, and let the
+            // job run again under its next lease.
+            if let Some(path) = out_path {
+                let _ = self.store.delete(&ObjectPath::from(path)).await;
+            }
+            self.metrics.jobs_failed.inc();
+            return Err(e.into());
+        }
+        self.step(CompactionStep::AfterCommit);
+        self.record(&job, samples_out, bytes_out);
+        info!(
+            job = job.id,
+            sources = job.sources.len(),
+            samples_in = job.source_samples(),
+            samples_out,
+            bytes_in = job.source_bytes(),
+            bytes_out,
+            ms = started.elapsed().as_millis() as u64,
+            "compaction job committed"
+        );
+        Ok(())
+    }
+
+    fn record(&self, job: &Job, samples_out: u64, bytes_out: u64) {
+        let m = &self.metrics;
+        m.jobs_committed.inc();
+        m.bytes_in.inc_by(job.source_bytes());
+        m.bytes_out.inc_by(bytes_out);
+        m.samples_in.inc_by(job.source_samples());
+        m.samples_out.inc_by(samples_out);
+        if job.level == 0 {
+            let now_ms = (now_nanos() / 1_000_000) as u64;
+            for src in &job.sources {
+                if let Ok(id) = ulid::Ulid::from_string(&src.id) {
+                    let lag = now_ms.saturating_sub(id.timestamp_ms());
+                    m.level0_lag_seconds.observe(lag as f64 / 1000.0);
+                }
+            }
+        }
+    }
+
+    /// Renews the lease every third of its length; returns only when the
+    /// lease is lost (the job then stops: someone else owns it).
+    async fn keep_lease(&self, job: &Job) -> CompactionError {
+        loop {
+            tokio::time::sleep(self.config.lease / 3).await;
+            let renew = RenewLease {
+                job_id: job.id.clone(),
+                token: job.lease_token,
+                now: now_nanos(),
+                lease_nanos: nanos(self.config.lease),
+            };
+            match self.apply(Kind::RenewLease(renew)).await {
+                Ok(_) => {}
+                Err(e @ MetastoreError::Lease { .. }) => return e.into(),
+                Err(e) => warn!(job = job.id, error = %e, "lease renewal failed; retrying"),
+            }
+        }
+    }
+
+    /// Deletes objects whose tombstones are due, then forgets the tombstones.
+    pub async fn delete_due(&self) -> Result<usize, CompactionError> {
+        let due = self.metastore.due_tombstones(now_nanos());
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = Vec::with_capacity(due.len());
+        for t in due {
+            match self.store.delete(&ObjectPath::from(t.path.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(t.path),
+                Err(e) => warn!(path = t.path, error = %e, "deleting a retired block failed"),
+            }
+        }
+        let n = deleted.len();
+        self.metrics.objects_deleted.inc_by(n as u64);
+        self.apply(Kind::RemoveTombstones(RemoveTombstones { paths: deleted }))
+            .await?;
+        Ok(n)
+    }
+
+    pub async fn delete_forever(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.delete_due().await {
+                warn!(error = %e, "deleting retired blocks failed");
+            }
+            tokio::time::sleep(self.config.poll.max(Duration::from_secs(1))).await;
+        }
+    }
+
+    /// Merges the job's sources into one uploaded block of the next level.
+    pub async fn compact(&self, job: &Job) -> Result<Option<BlockMeta>, CompactionError> {
+        let dir = match &self.config.spill_dir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir(),
+        };
+        let io = |source| CompactionError::Io {
+            job: job.id.clone(),
+            source,
+        };
+        let file = tempfile::tempfile_in(&dir).map_err(io)?;
+        let mut out = BlockFile::new(file, &job.id);
+        let mut datasets = Vec::new();
+        for (service, sources) in sources_by_service(job) {
+            if let Some(d) = self
+                .merge_dataset(job, &service, &sources, &mut out)
+                .await?
+            {
+                datasets.push(d);
+            }
+        }
+        self.step(CompactionStep::AfterRead);
+        if datasets.is_empty() {
+            return Ok(None);
+        }
+        let id = ulid::Ulid::new().to_string();
+        let level = job.level + 1;
+        let meta = BlockMeta {
+            format_version: FORMAT_VERSION,
+            path: block_path(level, job.shard, &job.tenant, &id),
+            id,
+            shard: job.shard,
+            compaction_level: level,
+            min_time: datasets
+                .iter()
+                .map(|d| d.min_time)
+                .min()
+                .unwrap_or_default(),
+            max_time: datasets
+                .iter()
+                .map(|d| d.max_time)
+                .max()
+                .unwrap_or_default(),
+            size: 0,
+            datasets,
+        };
+        let (file, size) = out.finish(&meta)?;
+        let meta = BlockMeta { size, ..meta };
+        self.upload(job, &meta.path, file, size).await?;
+        self.step(CompactionStep::AfterUpload);
+        Ok(Some(meta))
+    }
+
+    async fn upload(
+        &self,
+        job: &Job,
+        path: &str,
+        mut file: File,
+        size: u64,
+    ) -> Result<(), CompactionError> {
+        const CHUNK: usize = 16 << 20;
+        let location = ObjectPath::from(path);
+        let upload_err = |source| CompactionError::Upload {
+            job: job.id.clone(),
+            path: path.to_string(),
+            source,
+        };
+        let io = |source| CompactionError::Io {
+            job: job.id.clone(),
+            source,
+        };
+        file.rewind().map_err(io)?;
+        if size as usize <= CHUNK {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes).map_err(io)?;
+            self.store
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map_err(upload_err)?;
+            return Ok(());
+        }
+        let upload = self
+            .store
+            .put_multipart(&location)
+            .await
+            .map_err(upload_err)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            writer.wait_for_capacity(2).await.map_err(upload_err)?;
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await.map_err(upload_err)?;
+        Ok(())
+    }
+
+    /// A session on the compaction runtime: its memory pool, its spill
+    /// directory, one partition (the worker runs beside ingest and queries).
+    fn session(&self) -> SessionContext {
+        let mut config = SessionConfig::new().with_target_partitions(1);
+        let options = config.options_mut();
+        options.execution.parquet.schema_force_view_types = false;
+        // A sort keeps this much aside to merge its spills; under a small
+        // budget the default (10 MiB) would take the whole pool.
+        options.execution.sort_spill_reservation_bytes =
+            (self.config.job_memory_limit / 8).min(10 << 20);
+        SessionContext::new_with_config_rt(config, self.runtime.clone())
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::for_scans(self.store.clone(), self.metastore.clone())
+    }
+
+    /// Merges one service's datasets into the four sections of one dataset.
+    async fn merge_dataset(
+        &self,
+        job: &Job,
+        service: &str,
+        sources: &[DatasetRef],
+        out: &mut BlockFile,
+    ) -> Result<Option<DatasetMeta>, CompactionError> {
+        let plan_err = |source| CompactionError::Plan {
+            job: job.id.clone(),
+            source,
+        };
+        let profiles = self.merged_profiles(job, sources).await?;
+        if profiles.batch.num_rows() == 0 {
+            return Ok(None);
+        }
+        let ctx = self.session();
+        let samples = self
+            .samples_plan(sources, &profiles.dropped)
+            .map_err(plan_err)?;
+        let sorted_samples = LogicalPlanBuilder::from(samples.clone())
+            .sort(
+                ["profile_type", "labels", "time", "stack_id", "span_id"]
+                    .map(|c| col(c).sort(true, true))
+                    .to_vec(),
+            )
+            .and_then(|b| b.build())
+            .map_err(plan_err)?;
+        let totals_input = if profiles.dropped.iter().all(Vec::is_empty) {
+            self.scan(Section::Totals, sources.to_vec())
+                .and_then(|b| b.build())
+                .map_err(plan_err)?
+        } else {
+            samples
+        };
+        let totals = LogicalPlanBuilder::from(totals_input)
+            .aggregate(
+                vec![col("profile_type"), col("stack_id")],
+                vec![sum(col("value")).alias("value")],
+            )
+            .and_then(|b| {
+                b.sort(vec![
+                    col("profile_type").sort(true, true),
+                    col("stack_id").sort(true, true),
+                ])
+            })
+            .and_then(|b| b.build())
+            .map_err(plan_err)?;
+        let stacks = self
+            .scan(Section::Stacks, sources.to_vec())
+            .and_then(|b| b.sort(vec![col("stack_id").sort(true, true)]))
+            .and_then(|b| b.build())
+            .map_err(plan_err)?;
+
+        let profiles_meta = out.write_batches(Section::Profiles, vec![profiles.batch.clone()])?;
+        let samples_meta = out
+            .write_plan(&ctx, Section::Samples, sorted_samples, Some)
+            .await?;
+        let mut last_id: Option<u64> = None;
+        let stacks_meta = out
+            .write_plan(&ctx, Section::Stacks, stacks, |b| {
+                distinct_stack_nodes(&b, &mut last_id)
+            })
+            .await?;
+        let totals_meta = out.write_plan(&ctx, Section::Totals, totals, Some).await?;
+        let b = &profiles.batch;
+        let times = b.column(0).as_primitive::<TimestampNanosecondType>();
+        let mut series = distinct_strings(b.column(3));
+        series.sort();
+        let mut profile_types = distinct_strings(b.column(2));
+        profile_types.sort();
+        Ok(Some(DatasetMeta {
+            tenant: job.tenant.clone(),
+            service_name: service.to_string(),
+            min_time: times.values().iter().copied().min().unwrap_or_default(),
+            max_time: times.values().iter().copied().max().unwrap_or_default(),
+            profile_types,
+            series,
+            profiles: b.num_rows() as u64,
+            samples: samples_meta.rows,
+            sections: vec![profiles_meta, samples_meta, stacks_meta, totals_meta],
+        }))
+    }
+
+    fn scan(
+        &self,
+        section: Section,
+        datasets: Vec<DatasetRef>,
+    ) -> datafusion::error::Result<LogicalPlanBuilder> {
+        let table = SectionTable::new(
+            section,
+            self.storage(),
+            DatasetSource::Fixed(Arc::new(datasets)),
+        );
+        LogicalPlanBuilder::scan(section.name(), provider_as_source(Arc::new(table)), None)
+    }
+
+    /// Every source's samples, less those of the profiles dropped as
+    /// duplicates: the sources without duplicates in one scan, each other
+    /// source in its own, filtered.
+    fn samples_plan(
+        &self,
+        sources: &[DatasetRef],
+        dropped: &[Vec<ProfileKey>],
+    ) -> datafusion::error::Result<LogicalPlan> {
+        let clean: Vec<DatasetRef> = sources
+            .iter()
+            .zip(dropped)
+            .filter(|(_, d)| d.is_empty())
+            .map(|(s, _)| s.clone())
+            .collect();
+        let mut plan: Option<LogicalPlanBuilder> = None;
+        if !clean.is_empty() {
+            plan = Some(self.scan(Section::Samples, clean)?);
+        }
+        for (source, keys) in sources.iter().zip(dropped) {
+            if keys.is_empty() {
+                continue;
+            }
+            let is_dropped = disjunction(keys.iter().map(|k| {
+                col("profile_type")
+                    .eq(lit(k.profile_type.clone()))
+                    .and(col("labels").eq(lit(k.labels.clone())))
+                    .and(col("time").eq(lit(ScalarValue::TimestampNanosecond(
+                        Some(k.time),
+                        Some("UTC".into()),
+                    ))))
+            }))
+            .unwrap_or(lit(false));
+            let scan = self
+                .scan(Section::Samples, vec![source.clone()])?
+                .filter(Expr::Not(Box::new(is_dropped)))?
+                .build()?;
+            plan = Some(match plan {
+                Some(p) => p.union(scan)?,
+                None => LogicalPlanBuilder::from(scan),
+            });
+        }
+        match plan {
+            Some(p) => p.build(),
+            None => self.scan(Section::Samples, Vec::new())?.build(),
+        }
+    }
+
+    /// The sources' profiles rows, sorted as the writer sorts them, less
+    /// the duplicates of profiles in earlier sources.
+    async fn merged_profiles(
+        &self,
+        job: &Job,
+        sources: &[DatasetRef],
+    ) -> Result<MergedProfiles, CompactionError> {
+        let block_err = |source| CompactionError::Block {
+            job: job.id.clone(),
+            source,
+        };
+        let mut first_source: HashMap<(ProfileKey, i64, u64), usize> = HashMap::new();
+        let mut kept = Vec::new();
+        let mut dropped = vec![Vec::new(); sources.len()];
+        for (i, d) in sources.iter().enumerate() {
+            let Some(section) = d.dataset.section(Section::Profiles) else {
+                continue;
+            };
+            let batches = read_section(self.store.clone(), &d.path, section)
+                .await
+                .map_err(block_err)?;
+            for b in batches {
+                let times = b.column(0).as_primitive::<TimestampNanosecondType>();
+                let types = b.column(2).as_string::<i32>();
+                let labels = b.column(3).as_string::<i32>();
+                let samples = b.column(6).as_primitive::<UInt64Type>();
+                let totals = b.column(7).as_primitive::<Int64Type>();
+                let mut keep = Vec::with_capacity(b.num_rows());
+                for r in 0..b.num_rows() {
+                    let key = ProfileKey {
+                        profile_type: types.value(r).to_string(),
+                        labels: labels.value(r).to_string(),
+                        time: times.value(r),
+                    };
+                    let full = (key, totals.value(r), samples.value(r));
+                    let first = *first_source.entry(full.clone()).or_insert(i);
+                    keep.push(first == i);
+                    if first != i {
+                        dropped[i].push(full.0);
+                    }
+                }
+                let mask = BooleanArray::from(keep);
+                let b = filter_record_batch(&b, &mask).map_err(|e| CompactionError::Plan {
+                    job: job.id.clone(),
+                    source: e.into(),
+                })?;
+                kept.push(b);
+            }
+        }
+        let n: usize = dropped.iter().map(Vec::len).sum();
+        if n > 0 {
+            self.metrics.profiles_deduplicated.inc_by(n as u64);
+            info!(job = job.id, profiles = n, "duplicate profiles dropped");
+        }
+        let arrow_err = |e: datafusion::arrow::error::ArrowError| CompactionError::Plan {
+            job: job.id.clone(),
+            source: e.into(),
+        };
+        let all = concat_batches(&Section::Profiles.schema(), &kept).map_err(arrow_err)?;
+        Ok(MergedProfiles {
+            batch: sort_profiles(&all).map_err(arrow_err)?,
+            dropped,
+        })
+    }
+}
+
+/// A profile as a duplicate is recognised (with its total and sample count).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ProfileKey {
+    profile_type: String,
+    labels: String,
+    time: i64,
+}
+
+struct MergedProfiles {
+    batch: RecordBatch,
+    /// Per source, the profiles dropped from it.
+    dropped: Vec<Vec<ProfileKey>>,
+}
+
+/// Sorted by profile type, series and time, as the level-0 writer sorts.
+fn sort_profiles(b: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    let columns: Vec<SortColumn> = [2, 3, 0]
+        .iter()
+        .map(|&i| SortColumn {
+            values: b.column(i).clone(),
+            options: Some(SortOptions::default()),
+        })
+        .collect();
+    let indices = lexsort_to_indices(&columns, None)?;
+    let sorted: Vec<ArrayRef> = b
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &indices, None))
+        .collect::<Result<_, _>>()?;
+    RecordBatch::try_new(b.schema(), sorted)
+}
+
+fn distinct_strings(a: &ArrayRef) -> Vec<String> {
+    let a = a.as_string::<i32>();
+    let mut out: Vec<String> = a.iter().flatten().map(str::to_string).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The rows of a batch sorted by stack id whose id differs from the row
+/// before (across batches too): each node once.
+fn distinct_stack_nodes(b: &RecordBatch, last: &mut Option<u64>) -> Option<RecordBatch> {
+    let ids = b.column(0).as_primitive::<UInt64Type>();
+    let keep: BooleanArray = ids
+        .values()
+        .iter()
+        .map(|&id| {
+            let new = *last != Some(id);
+            *last = Some(id);
+            Some(new)
+        })
+        .collect();
+    filter_record_batch(b, &keep).ok()
+}
+
+/// Each service of the job with its source datasets, in source order.
+fn sources_by_service(job: &Job) -> BTreeMap<String, Vec<DatasetRef>> {
+    let mut out: BTreeMap<String, Vec<DatasetRef>> = BTreeMap::new();
+    for block in &job.sources {
+        let id: Arc<str> = Arc::from(block.id.as_str());
+        let path: Arc<str> = Arc::from(block.path.as_str());
+        for d in &block.datasets {
+            if d.tenant != job.tenant {
+                continue;
+            }
+            out.entry(d.service_name.clone())
+                .or_default()
+                .push(DatasetRef {
+                    block_id: id.clone(),
+                    path: path.clone(),
+                    dataset: Arc::new(d.clone()),
+                });
+        }
+    }
+    out
+}
+
+/// The output block being assembled in a local file: sections one after
+/// another, then the footer, exactly as a segment writer lays them out.
+struct BlockFile {
+    file: BufWriter<File>,
+    offset: u64,
+    job: String,
+}
+
+impl BlockFile {
+    fn new(file: File, job: &str) -> Self {
+        Self {
+            file: BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+            job: job.to_string(),
+        }
+    }
+
+    fn parquet_err(&self) -> impl Fn(datafusion::parquet::errors::ParquetError) -> CompactionError {
+        let job = self.job.clone();
+        move |source| CompactionError::Parquet {
+            job: job.clone(),
+            source,
+        }
+    }
+
+    fn writer(
+        &mut self,
+        section: Section,
+    ) -> Result<ArrowWriter<&mut BufWriter<File>>, CompactionError> {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_max_row_group_row_count(Some(256 * 1024))
+            .build();
+        let err = self.parquet_err();
+        ArrowWriter::try_new(&mut self.file, section.schema(), Some(props)).map_err(err)
+    }
+
+    fn write_batches(
+        &mut self,
+        section: Section,
+        batches: Vec<RecordBatch>,
+    ) -> Result<SectionMeta, CompactionError> {
+        let err = self.parquet_err();
+        let mut rows = 0u64;
+        let mut writer = self.writer(section)?;
+        for b in batches {
+            rows += b.num_rows() as u64;
+            writer.write(&b).map_err(&err)?;
+        }
+        writer.close().map_err(&err)?;
+        self.section_written(section, rows)
+    }
+
+    /// Streams a plan's output into a section, through `each` (which may
+    /// drop rows), in the section's schema.
+    async fn write_plan(
+        &mut self,
+        ctx: &SessionContext,
+        section: Section,
+        plan: LogicalPlan,
+        mut each: impl FnMut(RecordBatch) -> Option<RecordBatch>,
+    ) -> Result<SectionMeta, CompactionError> {
+        let job = self.job.clone();
+        let plan_err = |source| CompactionError::Plan {
+            job: job.clone(),
+            source,
+        };
+        let physical = ctx
+            .state()
+            .create_physical_plan(&plan)
+            .await
+            .map_err(plan_err)?;
+        let mut stream = execute_stream(physical, ctx.task_ctx()).map_err(plan_err)?;
+        let err = self.parquet_err();
+        let schema = section.schema();
+        let mut rows = 0u64;
+        let mut writer = self.writer(section)?;
+        while let Some(batch) = stream.next().await {
+            let Some(batch) = each(batch.map_err(plan_err)?) else {
+                continue;
+            };
+            // Same columns, declared as the section declares them.
+            let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+                .map_err(|e| plan_err(e.into()))?;
+            rows += batch.num_rows() as u64;
+            writer.write(&batch).map_err(&err)?;
+        }
+        writer.close().map_err(&err)?;
+        self.section_written(section, rows)
+    }
+
+    /// The section just written: from the previous end to the file's end.
+    fn section_written(
+        &mut self,
+        section: Section,
+        rows: u64,
+    ) -> Result<SectionMeta, CompactionError> {
+        let end = self
+            .file
+            .stream_position()
+            .map_err(|source| CompactionError::Io {
+                job: self.job.clone(),
+                source,
+            })?;
+        let meta = SectionMeta {
+            kind: section.name().to_string(),
+            offset: self.offset,
+            size: end - self.offset,
+            rows,
+        };
+        self.offset = end;
+        Ok(meta)
+    }
+
+    /// Appends the footer; returns the file and the block's size.
+    fn finish(mut self, meta: &BlockMeta) -> Result<(File, u64), CompactionError> {
+        let io = |source| CompactionError::Io {
+            job: self.job.clone(),
+            source,
+        };
+        let framed = meta.encode_framed();
+        self.file.write_all(&framed).map_err(io)?;
+        let size = self.offset + framed.len() as u64;
+        let job = self.job.clone();
+        let file = self.file.into_inner().map_err(|e| CompactionError::Io {
+            job,
+            source: e.into_error(),
+        })?;
+        Ok((file, size))
+    }
+}
