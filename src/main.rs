@@ -31,7 +31,7 @@ enum Command {
     Query(query::QueryArgs),
     /// The end-to-end benchmark against a server it starts, and the peers
     /// (DuckDB, chDB, DataFusion) on the same data. See BENCHMARKS.md.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +48,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::serve(*args)),
         Command::Query(args) => runtime.block_on(query::query(args)),
-        Command::Bench(args) => runtime.block_on(bench::bench(args)),
+        Command::Bench(args) => runtime.block_on(bench::bench(*args)),
     }
 }

@@ -16,7 +16,7 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
-use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor};
+use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor, Retention};
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// Refuse profiles more than this many seconds in the future (0: off).
     #[arg(long, default_value_t = ProfileLimits::default().reject_newer_than_seconds)]
     reject_newer_than_seconds: u64,
+    /// Delete blocks whose 6 h partitions all ended this many seconds ago
+    /// (0: keep everything); per tenant through `--limits-file` as
+    /// `compactor_blocks_retention_period_seconds`.
+    #[arg(long, default_value_t = 0)]
+    retention_seconds: u64,
     /// PEM certificate (chain) to serve HTTP and Flight SQL over TLS.
     #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -178,7 +183,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
-    start_compaction(&args, store.clone(), metastore.clone(), &mut registry)?;
+    let limits = limits(&args)?;
+    start_compaction(
+        &args,
+        &limits,
+        store.clone(),
+        metastore.clone(),
+        &mut registry,
+    )?;
 
     let writer = Arc::new(SegmentWriter::start(
         SegmentConfig {
@@ -193,11 +205,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         segment_metrics,
     ));
-    let distributor = Arc::new(Distributor::new(
-        writer,
-        limits(&args)?,
-        args.max_inflight_bytes,
-    ));
+    let distributor = Arc::new(Distributor::new(writer, limits, args.max_inflight_bytes));
     let engine = Arc::new(QueryEngine::new(
         store,
         metastore,
@@ -265,6 +273,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// priority than ingest and queries.
 fn start_compaction(
     args: &ServeArgs,
+    limits: &Limits,
     store: Arc<dyn ObjectStore>,
     metastore: Arc<Metastore>,
     registry: &mut Registry,
@@ -278,6 +287,17 @@ fn start_compaction(
         job_memory_limit: args.compaction_memory_limit,
         spill_dir: Some(spill_dir),
         delete_delay: Duration::from_secs(args.compaction_delete_delay_seconds),
+        retention: Retention {
+            default: Duration::from_secs(limits.defaults.compactor_blocks_retention_period_seconds),
+            tenants: limits
+                .tenants
+                .iter()
+                .map(|(t, l)| {
+                    let keep = l.compactor_blocks_retention_period_seconds;
+                    (t.clone(), Duration::from_secs(keep))
+                })
+                .collect(),
+        },
         ..CompactionConfig::default()
     };
     let mut compactor = Compactor::new(store, metastore, config)?;
@@ -380,6 +400,7 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
             max_profile_symbol_value_length: args.max_profile_symbol_value_length,
             reject_older_than_seconds: args.reject_older_than_seconds,
             reject_newer_than_seconds: args.reject_newer_than_seconds,
+            compactor_blocks_retention_period_seconds: args.retention_seconds,
         },
         tenants: Default::default(),
     };

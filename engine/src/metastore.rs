@@ -19,8 +19,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use thiserror::Error;
 
 pub use jobs::{
-    CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction, RemoveTombstones,
-    RenewLease, Tombstone, MAX_JOB_FAILURES,
+    ApplyRetention, CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction,
+    RemoveTombstones, RenewLease, TenantRetention, Tombstone, MAX_JOB_FAILURES,
 };
 
 use crate::block::{BlockMeta, DatasetMeta};
@@ -65,7 +65,7 @@ fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {
 /// A state-machine command. Protobuf so that a Raft log can carry it.
 #[derive(Clone, PartialEq, Message)]
 pub struct Command {
-    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub kind: Option<command::Kind>,
 }
 
@@ -89,6 +89,8 @@ pub mod command {
         CommitJob(CommitJob),
         #[prost(message, tag = "7")]
         RemoveTombstones(RemoveTombstones),
+        #[prost(message, tag = "8")]
+        ApplyRetention(ApplyRetention),
     }
 }
 
@@ -110,6 +112,8 @@ pub enum Applied {
     Done,
     /// Jobs planned by a `PlanCompaction`.
     Planned(usize),
+    /// Tenants' block parts dropped by an `ApplyRetention`.
+    Expired(usize),
     /// The job a `LeaseJob` granted, if any was waiting.
     Leased(Option<Job>),
 }
@@ -679,6 +683,7 @@ impl Metastore {
             Kind::FailJob(c) => self.fail_job(c).map(|_| Applied::Done),
             Kind::CommitJob(c) => self.commit_job(c).map(|_| Applied::Done),
             Kind::RemoveTombstones(c) => self.remove_tombstones(c).map(|_| Applied::Done),
+            Kind::ApplyRetention(c) => self.apply_retention(c).map(Applied::Expired),
         }
     }
 
@@ -853,7 +858,7 @@ impl Metastore {
 
     /// Sources out, output in, retired objects tombstoned: one transaction.
     fn commit_job(&self, cmd: CommitJob) -> Result<(), MetastoreError> {
-        let (job, sources, retired) = {
+        let (job, sources) = {
             let index = self.read_index();
             let job = leased_job(&index, &cmd.job_id, cmd.token)?.clone();
             let mut sources = Vec::new();
@@ -865,24 +870,9 @@ impl Metastore {
                         job.id, s.id
                     ))
                 })?;
-                sources.push(block.clone());
+                sources.push((job.tenant.clone(), block.clone()));
             }
-            // A source's object goes once no other tenant has a part of it.
-            let retired: Vec<Tombstone> = sources
-                .iter()
-                .filter(|b| {
-                    index
-                        .blocks
-                        .get(&b.id)
-                        .is_none_or(|t| t.iter().all(|t| *t == job.tenant))
-                })
-                .map(|b| Tombstone {
-                    path: b.path.to_string(),
-                    block_id: b.id.to_string(),
-                    delete_after: cmd.delete_after,
-                })
-                .collect();
-            (job, sources, retired)
+            (job, sources)
         };
         let output = match cmd.output {
             Some(meta) => {
@@ -896,13 +886,84 @@ impl Metastore {
             }
             None => Vec::new(),
         };
+        self.replace(sources, output, Some(&job.id), cmd.delete_after)
+    }
+
+    /// Drops every tenant's parts of blocks whose partitions all ended
+    /// before the tenant's retention; returns how many parts went.
+    fn apply_retention(&self, cmd: ApplyRetention) -> Result<usize, MetastoreError> {
+        let expired: Vec<(String, TenantBlock)> = {
+            let index = self.read_index();
+            let retention = |tenant: &str| {
+                cmd.tenants
+                    .iter()
+                    .find(|t| t.tenant == tenant)
+                    .map_or(cmd.default_nanos, |t| t.retention_nanos)
+            };
+            index
+                .tenant_blocks
+                .iter()
+                .filter(|((tenant, id), b)| {
+                    let keep = retention(tenant);
+                    let cutoff = cmd.now.saturating_sub(keep);
+                    keep > 0
+                        && !index.in_jobs.contains(&(tenant.clone(), id.clone()))
+                        && b.partitions
+                            .iter()
+                            .all(|p| p.saturating_add(PARTITION_NANOS) <= cutoff)
+                })
+                .map(|((tenant, _), b)| (tenant.clone(), b.clone()))
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let n = expired.len();
+        self.replace(expired, Vec::new(), None, cmd.delete_after)?;
+        Ok(n)
+    }
+
+    /// In one transaction: removes tenants' parts of blocks, adds `output`,
+    /// tombstones every object no tenant has a part of any more, and drops
+    /// the job that did it.
+    fn replace(
+        &self,
+        parts: Vec<(String, TenantBlock)>,
+        output: Entries,
+        job: Option<&str>,
+        delete_after: i64,
+    ) -> Result<(), MetastoreError> {
+        let retired: Vec<Tombstone> = {
+            let index = self.read_index();
+            let mut leaving: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+            for (tenant, b) in &parts {
+                leaving.entry(&b.id).or_default().insert(tenant);
+            }
+            let mut seen = HashSet::new();
+            parts
+                .iter()
+                .filter(|(_, b)| seen.insert(b.id.clone()))
+                .filter(|(_, b)| {
+                    index.blocks.get(&b.id).is_none_or(|tenants| {
+                        tenants
+                            .iter()
+                            .all(|t| leaving[b.id.as_ref()].contains(t.as_str()))
+                    })
+                })
+                .map(|(_, b)| Tombstone {
+                    path: b.path.to_string(),
+                    block_id: b.id.to_string(),
+                    delete_after,
+                })
+                .collect()
+        };
         let tx = self.db.begin_write().map_err(store_err)?;
         {
             let mut table = tx.open_table(BLOCKS).map_err(store_err)?;
-            for b in &sources {
+            for (tenant, b) in &parts {
                 for &p in &b.partitions {
                     table
-                        .remove(entry_key(p, &job.tenant, b.shard, &b.id).as_str())
+                        .remove(entry_key(p, tenant, b.shard, &b.id).as_str())
                         .map_err(store_err)?;
                 }
             }
@@ -917,14 +978,16 @@ impl Metastore {
                     .insert(t.path.as_str(), t.encode_to_vec().as_slice())
                     .map_err(store_err)?;
             }
-            let mut jobs = tx.open_table(JOBS).map_err(store_err)?;
-            jobs.remove(job.id.as_str()).map_err(store_err)?;
+            if let Some(id) = job {
+                let mut jobs = tx.open_table(JOBS).map_err(store_err)?;
+                jobs.remove(id).map_err(store_err)?;
+            }
         }
         advance_applied(&tx, 1)?;
         tx.commit().map_err(store_err)?;
         let mut index = self.write_index();
-        for b in &sources {
-            index.remove(&job.tenant, b);
+        for (tenant, b) in &parts {
+            index.remove(tenant, b);
         }
         for (_, partition, tenant, entry) in output {
             index.insert(partition, tenant, entry);
@@ -932,7 +995,9 @@ impl Metastore {
         for t in retired {
             index.add_tombstone(t);
         }
-        index.remove_job(&job.id);
+        if let Some(id) = job {
+            index.remove_job(id);
+        }
         Ok(())
     }
 
@@ -971,6 +1036,15 @@ impl Metastore {
     /// Every compaction job not committed yet, failed ones included.
     pub fn jobs(&self) -> Vec<Job> {
         self.read_index().jobs.values().cloned().collect()
+    }
+
+    /// Jobs not committed, counted by (status, level).
+    pub fn job_counts(&self) -> BTreeMap<(JobStatus, u32), usize> {
+        let mut out = BTreeMap::new();
+        for j in self.read_index().jobs.values() {
+            *out.entry((j.status(), j.level)).or_default() += 1;
+        }
+        out
     }
 
     /// Tombstones whose delay has passed at `now`.
@@ -1509,5 +1583,67 @@ mod tests {
             ids(&a.query(&tenant_query("t")))
         );
         assert_eq!(b.applied_index().unwrap(), a.applied_index().unwrap());
+    }
+
+    #[test]
+    fn retention_drops_whole_expired_partitions_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        let day = 24 * HOUR;
+        // Old: partition 0 for both tenants in one block; new: day 3.
+        m.apply(Command::add_block(block(
+            "OLD",
+            vec![
+                dataset("short", "api", HOUR, HOUR),
+                dataset("long", "api", HOUR, HOUR),
+            ],
+        )))
+        .unwrap();
+        m.apply(Command::add_block(block(
+            "NEW",
+            vec![dataset("short", "api", 3 * day, 3 * day)],
+        )))
+        .unwrap();
+        let retention = |now| {
+            m.apply(
+                command::Kind::ApplyRetention(ApplyRetention {
+                    now,
+                    default_nanos: 0,
+                    tenants: vec![TenantRetention {
+                        tenant: "short".into(),
+                        retention_nanos: day,
+                    }],
+                    delete_after: 7,
+                })
+                .into(),
+            )
+            .unwrap()
+        };
+        // Partition 0 ends at 6 h: at 6 h + 1 day it has just expired.
+        assert_eq!(retention(PARTITION_NANOS + day - 1), Applied::Expired(0));
+        assert_eq!(retention(PARTITION_NANOS + day), Applied::Expired(1));
+        let all = |tenant: &str| BlockQuery {
+            tenant: tenant.into(),
+            start: 0,
+            end: 10 * day,
+            ..Default::default()
+        };
+        assert_eq!(ids(&m.query(&all("short"))), ["NEW/api"]);
+        // "long" keeps everything, so the shared object stays.
+        assert_eq!(ids(&m.query(&all("long"))), ["OLD/api"]);
+        assert_eq!(m.tombstone_count(), 0);
+        // Once "long" has a retention too, the object is retired.
+        m.apply(
+            command::Kind::ApplyRetention(ApplyRetention {
+                now: 10 * day,
+                default_nanos: day,
+                tenants: vec![],
+                delete_after: 7,
+            })
+            .into(),
+        )
+        .unwrap();
+        assert!(m.query(&all("long")).is_empty());
+        assert_eq!(m.tombstone_count(), 2);
     }
 }

@@ -35,6 +35,10 @@ pub struct ProfileLimits {
     pub reject_older_than_seconds: u64,
     /// Profiles newer than this after the receive time are refused; 0 off.
     pub reject_newer_than_seconds: u64,
+    /// Blocks whose 6 h partitions all ended longer ago than this are
+    /// deleted by compaction (Pyroscope's
+    /// `compactor_blocks_retention_period`); 0 keeps everything.
+    pub compactor_blocks_retention_period_seconds: u64,
 }
 
 impl Default for ProfileLimits {
@@ -47,6 +51,7 @@ impl Default for ProfileLimits {
             max_profile_symbol_value_length: 65535,
             reject_older_than_seconds: 3600,
             reject_newer_than_seconds: 600,
+            compactor_blocks_retention_period_seconds: 0,
         }
     }
 }

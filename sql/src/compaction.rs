@@ -19,14 +19,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Int64Builder, RecordBatch, StringBuilder, UInt64Builder,
+};
 use datafusion::arrow::compute::{concat_batches, filter_record_batch, lexsort_to_indices, take};
 use datafusion::arrow::compute::{SortColumn, SortOptions};
 use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType, UInt64Type};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::utils::disjunction;
 use datafusion::logical_expr::{col, lit, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::parquet::arrow::ArrowWriter;
@@ -37,8 +38,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use ember_engine::block::{block_path, read_section, Section, FORMAT_VERSION};
 use ember_engine::metastore::{
-    command::Kind, Applied, CommitJob, FailJob, Job, LeaseJob, LevelRule, MetastoreError,
-    PlanCompaction, RemoveTombstones, RenewLease,
+    command::Kind, Applied, ApplyRetention, CommitJob, FailJob, Job, LeaseJob, LevelRule,
+    MetastoreError, PlanCompaction, RemoveTombstones, RenewLease, TenantRetention,
 };
 use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, Metastore, SectionMeta};
 use futures::StreamExt;
@@ -111,6 +112,15 @@ pub struct CompactionConfig {
     pub delete_delay: Duration,
     /// How often the planner, idle workers and the deleter look again.
     pub poll: Duration,
+    /// What each tenant keeps (checked once a minute).
+    pub retention: Retention,
+}
+
+/// How long tenants' profiles are kept; zero keeps everything.
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub default: Duration,
+    pub tenants: HashMap<String, Duration>,
 }
 
 impl Default for CompactionConfig {
@@ -123,6 +133,7 @@ impl Default for CompactionConfig {
             lease: Duration::from_secs(15),
             delete_delay: Duration::from_secs(15 * 60),
             poll: Duration::from_secs(1),
+            retention: Retention::default(),
         }
     }
 }
@@ -262,13 +273,13 @@ impl CompactionMetrics {
     /// Sets the gauges from the metastore's state.
     fn observe(&self, metastore: &Metastore) {
         self.jobs.clear();
-        for job in metastore.jobs() {
+        for ((status, level), n) in metastore.job_counts() {
             self.jobs
                 .get_or_create(&vec![
-                    ("status".to_string(), job.status().name().to_string()),
-                    ("level".to_string(), job.level.to_string()),
+                    ("status".to_string(), status.name().to_string()),
+                    ("level".to_string(), level.to_string()),
                 ])
-                .inc();
+                .set(n as i64);
         }
         self.blocks.clear();
         for (level, n) in metastore.blocks_by_level() {
@@ -354,8 +365,44 @@ impl Compactor {
         }
     }
 
+    /// Drops what is past its tenant's retention; returns how many
+    /// tenants' block parts went.
+    pub async fn apply_retention(&self) -> Result<usize, MetastoreError> {
+        let r = &self.config.retention;
+        if r.default.is_zero() && r.tenants.is_empty() {
+            return Ok(0);
+        }
+        let now = now_nanos();
+        let cmd = ApplyRetention {
+            now,
+            default_nanos: nanos(r.default),
+            tenants: r
+                .tenants
+                .iter()
+                .map(|(tenant, d)| TenantRetention {
+                    tenant: tenant.clone(),
+                    retention_nanos: nanos(*d),
+                })
+                .collect(),
+            delete_after: now.saturating_add(nanos(self.config.delete_delay)),
+        };
+        match self.apply(Kind::ApplyRetention(cmd)).await? {
+            Applied::Expired(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
     pub async fn plan_forever(self: Arc<Self>) {
+        let mut last_retention: Option<std::time::Instant> = None;
         loop {
+            if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_retention = Some(std::time::Instant::now());
+                match self.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(parts = n, "blocks past their retention dropped"),
+                    Err(e) => warn!(error = %e, "retention failed"),
+                }
+            }
             match self.plan_once().await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(jobs = n, "compaction planned"),
@@ -657,12 +704,10 @@ impl Compactor {
         let samples = self
             .samples_plan(sources, &profiles.dropped)
             .map_err(plan_err)?;
+        // Every source is sorted by the section's order, so these sorts
+        // plan as streaming merges of the sources (no sort, no spill).
         let sorted_samples = LogicalPlanBuilder::from(samples.clone())
-            .sort(
-                ["profile_type", "labels", "time", "stack_id", "span_id"]
-                    .map(|c| col(c).sort(true, true))
-                    .to_vec(),
-            )
+            .sort(sort_exprs(Section::Samples))
             .and_then(|b| b.build())
             .map_err(plan_err)?;
         let totals_input = if profiles.dropped.iter().all(Vec::is_empty) {
@@ -672,36 +717,28 @@ impl Compactor {
         } else {
             samples
         };
+        // Sorted by (type, stack): equal neighbours are summed while written.
         let totals = LogicalPlanBuilder::from(totals_input)
-            .aggregate(
-                vec![col("profile_type"), col("stack_id")],
-                vec![sum(col("value")).alias("value")],
-            )
-            .and_then(|b| {
-                b.sort(vec![
-                    col("profile_type").sort(true, true),
-                    col("stack_id").sort(true, true),
-                ])
-            })
+            .project(vec![col("profile_type"), col("stack_id"), col("value")])
+            .and_then(|b| b.sort(sort_exprs(Section::Totals)))
             .and_then(|b| b.build())
             .map_err(plan_err)?;
         let stacks = self
             .scan(Section::Stacks, sources.to_vec())
-            .and_then(|b| b.sort(vec![col("stack_id").sort(true, true)]))
+            .and_then(|b| b.sort(sort_exprs(Section::Stacks)))
             .and_then(|b| b.build())
             .map_err(plan_err)?;
 
         let profiles_meta = out.write_batches(Section::Profiles, vec![profiles.batch.clone()])?;
         let samples_meta = out
-            .write_plan(&ctx, Section::Samples, sorted_samples, Some)
+            .write_plan(&ctx, Section::Samples, sorted_samples, &mut Keep)
             .await?;
-        let mut last_id: Option<u64> = None;
         let stacks_meta = out
-            .write_plan(&ctx, Section::Stacks, stacks, |b| {
-                distinct_stack_nodes(&b, &mut last_id)
-            })
+            .write_plan(&ctx, Section::Stacks, stacks, &mut DistinctNodes::default())
             .await?;
-        let totals_meta = out.write_plan(&ctx, Section::Totals, totals, Some).await?;
+        let totals_meta = out
+            .write_plan(&ctx, Section::Totals, totals, &mut SumTotals::default())
+            .await?;
         let b = &profiles.batch;
         let times = b.column(0).as_primitive::<TimestampNanosecondType>();
         let mut series = distinct_strings(b.column(3));
@@ -730,7 +767,8 @@ impl Compactor {
             section,
             self.storage(),
             DatasetSource::Fixed(Arc::new(datasets)),
-        );
+        )
+        .sorted();
         LogicalPlanBuilder::scan(section.name(), provider_as_source(Arc::new(table)), None)
     }
 
@@ -847,6 +885,14 @@ impl Compactor {
     }
 }
 
+fn sort_exprs(section: Section) -> Vec<datafusion::logical_expr::SortExpr> {
+    section
+        .sort_order()
+        .iter()
+        .map(|c| col(*c).sort(true, true))
+        .collect()
+}
+
 /// A profile as a duplicate is recognised (with its total and sample count).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ProfileKey {
@@ -887,20 +933,99 @@ fn distinct_strings(a: &ArrayRef) -> Vec<String> {
     out
 }
 
-/// The rows of a batch sorted by stack id whose id differs from the row
-/// before (across batches too): each node once.
-fn distinct_stack_nodes(b: &RecordBatch, last: &mut Option<u64>) -> Option<RecordBatch> {
-    let ids = b.column(0).as_primitive::<UInt64Type>();
-    let keep: BooleanArray = ids
-        .values()
-        .iter()
-        .map(|&id| {
-            let new = *last != Some(id);
-            *last = Some(id);
-            Some(new)
-        })
-        .collect();
-    filter_record_batch(b, &keep).ok()
+/// What the writer does to each merged batch of a section.
+trait Fold {
+    fn fold(&mut self, batch: RecordBatch) -> Option<RecordBatch>;
+    /// Rows held back until the end.
+    fn finish(&mut self) -> Option<RecordBatch> {
+        None
+    }
+}
+
+/// Samples and profiles are written as merged.
+struct Keep;
+
+impl Fold for Keep {
+    fn fold(&mut self, batch: RecordBatch) -> Option<RecordBatch> {
+        Some(batch)
+    }
+}
+
+/// Stack nodes merged by id: each node once (the same id is the same node
+/// in every block).
+#[derive(Default)]
+struct DistinctNodes {
+    last: Option<u64>,
+}
+
+impl Fold for DistinctNodes {
+    fn fold(&mut self, b: RecordBatch) -> Option<RecordBatch> {
+        let ids = b.column(0).as_primitive::<UInt64Type>();
+        let keep: BooleanArray = ids
+            .values()
+            .iter()
+            .map(|&id| {
+                let new = self.last != Some(id);
+                self.last = Some(id);
+                Some(new)
+            })
+            .collect();
+        filter_record_batch(&b, &keep).ok()
+    }
+}
+
+/// Totals merged by (type, stack): equal neighbours summed (saturating,
+/// as every sum of values is). The last key waits for the next batch.
+#[derive(Default)]
+struct SumTotals {
+    pending: Option<(String, u64, i64)>,
+}
+
+impl SumTotals {
+    fn batch(rows: Vec<(String, u64, i64)>) -> Option<RecordBatch> {
+        if rows.is_empty() {
+            return None;
+        }
+        let mut ty = StringBuilder::new();
+        let mut id = UInt64Builder::with_capacity(rows.len());
+        let mut value = Int64Builder::with_capacity(rows.len());
+        for (t, i, v) in rows {
+            ty.append_value(t);
+            id.append_value(i);
+            value.append_value(v);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(ty.finish()),
+            Arc::new(id.finish()),
+            Arc::new(value.finish()),
+        ];
+        RecordBatch::try_new(Section::Totals.schema(), columns).ok()
+    }
+}
+
+impl Fold for SumTotals {
+    fn fold(&mut self, b: RecordBatch) -> Option<RecordBatch> {
+        let types = b.column(0).as_string::<i32>();
+        let ids = b.column(1).as_primitive::<UInt64Type>();
+        let values = b.column(2).as_primitive::<Int64Type>();
+        let mut out = Vec::new();
+        for r in 0..b.num_rows() {
+            let (t, id, v) = (types.value(r), ids.value(r), values.value(r));
+            match &mut self.pending {
+                Some((pt, pid, sum)) if pt == t && *pid == id => *sum = sum.saturating_add(v),
+                pending => {
+                    if let Some(done) = pending.replace((t.to_string(), id, v)) {
+                        out.push(done);
+                    }
+                }
+            }
+        }
+        Self::batch(out)
+    }
+
+    fn finish(&mut self) -> Option<RecordBatch> {
+        Self::batch(self.pending.take().into_iter().collect())
+    }
 }
 
 /// Each service of the job with its source datasets, in source order.
@@ -986,9 +1111,9 @@ impl BlockFile {
         ctx: &SessionContext,
         section: Section,
         plan: LogicalPlan,
-        mut each: impl FnMut(RecordBatch) -> Option<RecordBatch>,
+        fold: &mut dyn Fold,
     ) -> Result<SectionMeta, CompactionError> {
-        let job = self.job.clone();
+        let job = format!("{}, section {}", self.job, section.name());
         let plan_err = |source| CompactionError::Plan {
             job: job.clone(),
             source,
@@ -998,20 +1123,33 @@ impl BlockFile {
             .create_physical_plan(&plan)
             .await
             .map_err(plan_err)?;
+        tracing::debug!(
+            section = section.name(),
+            plan = %datafusion::physical_plan::displayable(physical.as_ref()).indent(false),
+            "compaction plan"
+        );
         let mut stream = execute_stream(physical, ctx.task_ctx()).map_err(plan_err)?;
         let err = self.parquet_err();
         let schema = section.schema();
         let mut rows = 0u64;
         let mut writer = self.writer(section)?;
-        while let Some(batch) = stream.next().await {
-            let Some(batch) = each(batch.map_err(plan_err)?) else {
-                continue;
+        loop {
+            let next = stream.next().await;
+            let done = next.is_none();
+            let folded = match next {
+                Some(batch) => fold.fold(batch.map_err(plan_err)?),
+                None => fold.finish(),
             };
-            // Same columns, declared as the section declares them.
-            let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
-                .map_err(|e| plan_err(e.into()))?;
-            rows += batch.num_rows() as u64;
-            writer.write(&batch).map_err(&err)?;
+            if let Some(batch) = folded {
+                // Same columns, declared as the section declares them.
+                let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+                    .map_err(|e| plan_err(e.into()))?;
+                rows += batch.num_rows() as u64;
+                writer.write(&batch).map_err(&err)?;
+            }
+            if done {
+                break;
+            }
         }
         writer.close().map_err(&err)?;
         self.section_written(section, rows)

@@ -40,7 +40,7 @@ use futures::StreamExt;
 use crate::args;
 use crate::session::Storage;
 use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
-use crate::tables::{section_scan, DatasetSource, SectionTable};
+use crate::tables::{section_scan, DatasetSource, Layout, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;
 /// Summed value per leaf stack id.
@@ -345,6 +345,7 @@ impl TableProvider for FlameGraphTable {
             None,
             &[],
             None,
+            Layout::Spread,
         )?;
         Ok(Arc::new(FlameGraphExec {
             dictionary: self.storage.stacks.clone(),

@@ -20,6 +20,8 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::parquet::arrow::async_reader::AsyncFileReader;
+use datafusion::physical_expr::expressions::col as physical_col;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
@@ -54,6 +56,7 @@ pub struct SectionTable {
     section: Section,
     storage: Storage,
     source: DatasetSource,
+    sorted: bool,
 }
 
 impl fmt::Debug for SectionTable {
@@ -73,7 +76,16 @@ impl SectionTable {
             section,
             storage,
             source,
+            sorted: false,
         }
+    }
+
+    /// A scan that keeps each section in a partition of its own, declared
+    /// sorted by [`Section::sort_order`]: a sort above it becomes a
+    /// streaming merge of the sections (compaction).
+    pub fn sorted(mut self) -> Self {
+        self.sorted = true;
+        self
     }
 
     fn datasets(&self, bounds: &ScanBounds) -> Vec<DatasetRef> {
@@ -131,7 +143,17 @@ impl ParquetFileReaderFactory for SectionReaderFactory {
     }
 }
 
+/// How a scan lays out its sections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Spread over the session's partitions, no order promised.
+    Spread,
+    /// One partition per section, each sorted by the section's order.
+    SortedPerSection,
+}
+
 /// A Parquet scan over the given section of each dataset.
+#[allow(clippy::too_many_arguments)]
 pub fn section_scan(
     state: &dyn Session,
     store: Arc<dyn ObjectStore>,
@@ -140,6 +162,7 @@ pub fn section_scan(
     projection: Option<&Vec<usize>>,
     filters: &[Expr],
     limit: Option<usize>,
+    layout: Layout,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let schema = section.schema();
     let files: Vec<PartitionedFile> = datasets
@@ -169,14 +192,29 @@ pub fn section_scan(
         let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
         source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
     }
-    // Spread sections over partitions so that a scan uses every core.
-    let partitions = state.config().target_partitions().max(1);
-    let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); partitions.min(files.len())];
-    for (i, f) in files.into_iter().enumerate() {
-        let n = groups.len();
-        groups[i % n].push(f);
-    }
-    let config = FileScanConfigBuilder::new(store_url(), Arc::new(source))
+    let mut config = FileScanConfigBuilder::new(store_url(), Arc::new(source));
+    let groups: Vec<Vec<PartitionedFile>> = match layout {
+        Layout::Spread => {
+            // Spread sections over partitions so that a scan uses every core.
+            let partitions = state.config().target_partitions().max(1);
+            let mut groups = vec![Vec::new(); partitions.min(files.len())];
+            for (i, f) in files.into_iter().enumerate() {
+                let n = groups.len();
+                groups[i % n].push(f);
+            }
+            groups
+        }
+        Layout::SortedPerSection => {
+            let order = section
+                .sort_order()
+                .iter()
+                .map(|c| Ok(PhysicalSortExpr::new_default(physical_col(c, &schema)?)))
+                .collect::<Result<Vec<_>>>()?;
+            config = config.with_output_ordering(LexOrdering::new(order).into_iter().collect());
+            files.into_iter().map(|f| vec![f]).collect()
+        }
+    };
+    let config = config
         .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
         .with_limit(limit)
         .with_projection_indices(projection.cloned())?
@@ -215,6 +253,11 @@ impl TableProvider for SectionTable {
             datasets = datasets.len(),
             "scan pruned by metastore"
         );
+        let layout = if self.sorted {
+            Layout::SortedPerSection
+        } else {
+            Layout::Spread
+        };
         section_scan(
             state,
             self.storage.store.clone(),
@@ -223,6 +266,7 @@ impl TableProvider for SectionTable {
             projection,
             filters,
             limit,
+            layout,
         )
     }
 }

@@ -558,4 +558,34 @@ mod compaction {
             assert!(rows[0].1.contains(&format!("/{tenant}/")), "{rows:?}");
         }
     }
+
+    #[tokio::test]
+    async fn a_job_larger_than_its_memory_budget_completes_and_changes_nothing() {
+        let ty = "fx:inuse_space:bytes:space:bytes";
+        let heap = profiles("go-heap-large.pb.gz", "api", "t");
+        let blocks: Vec<Vec<Profile>> = (0..6)
+            .map(|i| at(&heap, &format!("p{i}"), i * 10))
+            .collect();
+        let (dir, engine) = engine_with(blocks, 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let before = answers(&engine, "t", ty).await;
+        let spill = tempfile::tempdir().unwrap();
+        // 6 x 41 k sample rows: about 32 MB decoded, twice the budget.
+        let compactor = Compactor::new(
+            store,
+            engine.metastore(),
+            CompactionConfig {
+                levels: rules(10),
+                job_memory_limit: 16 << 20,
+                spill_dir: Some(spill.path().to_path_buf()),
+                delete_delay: Duration::ZERO,
+                ..CompactionConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(compact_all(&compactor).await >= 1);
+        assert_eq!(engine.metastore().blocks("t").len(), 1);
+        assert_eq!(answers(&engine, "t", ty).await, before);
+    }
 }

@@ -6,8 +6,10 @@
 mod export;
 mod http;
 mod ingest;
+mod job_memory;
 mod lookup;
 mod peers;
+mod production;
 mod queries;
 mod report;
 mod server;
@@ -74,6 +76,31 @@ pub struct BenchArgs {
     /// Lone-client pushes for the idle ack latency.
     #[arg(long, default_value_t = 40)]
     lone_pushes: usize,
+    /// Series of the production-shaped run (one agent each, one profile
+    /// per request); 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    production_series: usize,
+    /// Minutes of current time the production-shaped run covers.
+    #[arg(long, default_value_t = 60)]
+    production_minutes: i64,
+    /// Only the production-shaped run (writes production.md/json).
+    #[arg(long)]
+    production_only: bool,
+    /// Compaction jobs whose peak memory to measure, as SAMPLES:STACKS
+    /// (20 source blocks each); empty to skip.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "500000:10000,5000000:10000,50000000:10000,5000000:1000000"
+    )]
+    compaction_jobs: Vec<String>,
+    /// Only the compaction job measurements (writes compaction_jobs.md).
+    #[arg(long)]
+    compaction_jobs_only: bool,
+    #[arg(long, hide = true)]
+    compaction_job_prepare: Option<String>,
+    #[arg(long, hide = true)]
+    compaction_job_run: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -89,6 +116,8 @@ pub struct Report {
     pub mixed: MixedReport,
     pub memory_limit: MemoryLimitReport,
     pub metastore: Vec<lookup::LookupRun>,
+    pub production: Option<production::ProductionReport>,
+    pub compaction_jobs: Vec<job_memory::JobMemoryRun>,
     pub checks: Vec<String>,
 }
 
@@ -151,10 +180,19 @@ pub struct MemoryLimitReport {
     pub small_query_after: bool,
 }
 
-const SHARDS: u32 = 4;
-const FLUSH_MS: u64 = 500;
+pub(crate) const SHARDS: u32 = 4;
+pub(crate) const FLUSH_MS: u64 = 500;
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    // The children of the compaction job measurement.
+    if let Some(spec) = &args.compaction_job_prepare {
+        return job_memory::prepare(spec, &args.out).await;
+    }
+    if args.compaction_job_run {
+        let run = job_memory::run(&args.out).await?;
+        println!("{}", serde_json::to_string(&run)?);
+        return Ok(());
+    }
     let started = Instant::now();
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
@@ -171,6 +209,28 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ..Report::default()
     };
 
+    if args.compaction_jobs_only {
+        let runs = job_memory::run_all(&args.out, &args.compaction_jobs)?;
+        std::fs::write(
+            args.out.join("compaction_jobs.md"),
+            job_memory::markdown(&runs),
+        )?;
+        info!(
+            "compaction jobs measured: {}",
+            args.out.join("compaction_jobs.md").display()
+        );
+        return Ok(());
+    }
+    if args.production_only {
+        let p = production::run(&args).await?;
+        info!(
+            "production shape done in {:.0} s: {}",
+            started.elapsed().as_secs_f64(),
+            args.out.join("production.md").display()
+        );
+        report.production = Some(p);
+        return Ok(());
+    }
     info!("generating the workload");
     let generated = generate(&args)?;
     report.workload = generated.report;
@@ -325,6 +385,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         report.metastore.push(lookup::run(blocks, 1000)?);
     }
 
+    if args.production_series > 0 {
+        report.production = Some(production::run(&args).await?);
+    }
+    report.compaction_jobs = job_memory::run_all(&args.out, &args.compaction_jobs)?;
     report::write(&args.out, &report)?;
     info!(
         "bench done in {:.0} s: {}",
@@ -453,7 +517,7 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
     })
 }
 
-fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -461,7 +525,7 @@ fn now_nanos() -> i64 {
 }
 
 /// What Ember stored, per series profile: (service, type, time, samples, total).
-struct StoredProfile {
+pub(crate) struct StoredProfile {
     service: String,
     profile_type: String,
     time: i64,
@@ -469,7 +533,7 @@ struct StoredProfile {
     total: i64,
 }
 
-async fn stored_series(server: &Server) -> anyhow::Result<Vec<StoredProfile>> {
+pub(crate) async fn stored_series(server: &Server) -> anyhow::Result<Vec<StoredProfile>> {
     let batches = queries::rows(
         server,
         "SELECT service_name, profile_type, time, samples, total FROM profiles ORDER BY time",
@@ -526,7 +590,7 @@ fn check_against_export(
 /// The flame graphs to time: every service of the busiest profile type at
 /// each scale (ranges from the start holding that many samples), the whole
 /// range, and one service over its last hour and its whole range.
-async fn flame_queries(
+pub(crate) async fn flame_queries(
     _server: &Server,
     stored: &[StoredProfile],
     scales: &[u64],

@@ -14,6 +14,14 @@ pub fn write(out: &Path, report: &Report) -> anyhow::Result<()> {
     let charts = out.join("charts");
     std::fs::create_dir_all(&charts)?;
     let mut md = markdown(report);
+    if let Some(p) = &report.production {
+        md.push_str("\n## Production shape\n\n");
+        md.push_str(&super::production::markdown(p));
+    }
+    if !report.compaction_jobs.is_empty() {
+        md.push_str("\n## Compaction job memory\n\n");
+        md.push_str(&super::job_memory::markdown(&report.compaction_jobs));
+    }
     match flame_chart(&charts.join("flamegraph_scaling.png"), report) {
         Ok(()) => {
             md.push_str("\n![flame graph time against samples](charts/flamegraph_scaling.png)\n")

@@ -29,6 +29,12 @@ impl Server {
             .create(true)
             .append(true)
             .open(data_dir.with_extension("log"))?;
+        // Unless asked, the figures are of level-0 blocks, as ingested:
+        // compaction on two cores would race the timed phases.
+        let mut extra = extra.to_vec();
+        if !extra.iter().any(|a| a == "--compaction-workers") {
+            extra.extend(["--compaction-workers".to_string(), "0".to_string()]);
+        }
         let child = Command::new(exe)
             .arg("serve")
             .arg("--data-dir")
@@ -40,11 +46,7 @@ impl Server {
             // The workload replays the last day of simulated time.
             .arg("--reject-older-than-seconds")
             .arg("0")
-            // These figures are of level-0 blocks, as ingested: compaction
-            // on two cores would race the timed phases.
-            .arg("--compaction-workers")
-            .arg("0")
-            .args(extra)
+            .args(&extra)
             .env("EMBER_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -55,7 +57,7 @@ impl Server {
             http: format!("http://127.0.0.1:{http_port}"),
             flight: format!("http://127.0.0.1:{flight_port}"),
             data_dir: data_dir.to_path_buf(),
-            extra: extra.to_vec(),
+            extra,
         };
         server.wait_ready().await?;
         Ok(server)

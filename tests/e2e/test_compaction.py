@@ -120,3 +120,27 @@ def test_a_crash_at_each_compaction_step_loses_nothing_and_doubles_nothing(make_
     got = {r["labels"]: r["v"] for r in ember.sql(
         "SELECT labels, sum(value) AS v FROM samples GROUP BY 1", tenant="t").to_pylist()}
     assert got == want
+
+
+def test_retention_drops_a_tenants_old_partitions_and_keeps_the_others(make_ember, tmp_path):
+    limits = tmp_path / "limits.json"
+    limits.write_text('{"tenants": {"keeper": {"compactor_blocks_retention_period_seconds": 0}}}')
+    data = tmp_path / "data"
+    data.mkdir()
+    args = ["--retention-seconds", "86400", "--limits-file", str(limits), *FAST]
+    # The fixture was recorded long ago: past a day's retention already.
+    ember = make_ember("--compaction-workers", "0", *args, data_dir=data)
+    for tenant in ["short", "keeper"]:
+        push(ember, tenant, "p1")
+    count = "SELECT count(*) AS n FROM profiles"
+    assert ember.sql(count, tenant="short").to_pylist()[0]["n"] > 0
+    kept = ember.sql(count, tenant="keeper").to_pylist()[0]["n"]
+    ember.stop()
+    # Retention runs when the planner starts, then once a minute.
+    ember = make_ember("--compaction-workers", "0", *args, data_dir=data)
+    deadline = time.time() + 30
+    while ember.sql(count, tenant="short").to_pylist()[0]["n"] > 0:
+        assert time.time() < deadline, "short's profiles outlived its retention"
+        time.sleep(0.2)
+    assert ember.sql(count, tenant="keeper").to_pylist()[0]["n"] == kept
+    assert ember.sql("SELECT count(*) AS n FROM system.blocks", tenant="short").to_pylist()[0]["n"] == 0

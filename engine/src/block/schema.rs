@@ -23,6 +23,17 @@ impl Section {
         }
     }
 
+    /// The columns every section of this kind is sorted by, in every
+    /// block: the writer and compaction keep this order, so merging
+    /// sections is a streaming merge, never a sort.
+    pub fn sort_order(self) -> &'static [&'static str] {
+        match self {
+            Section::Profiles | Section::Samples => &["profile_type", "labels", "time"],
+            Section::Stacks => &["stack_id"],
+            Section::Totals => &["profile_type", "stack_id"],
+        }
+    }
+
     pub fn schema(self) -> SchemaRef {
         match self {
             Section::Profiles => profiles_schema(),

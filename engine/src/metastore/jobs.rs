@@ -187,3 +187,28 @@ pub struct Tombstone {
     #[prost(int64, tag = "3")]
     pub delete_after: i64,
 }
+
+/// Drops what a tenant keeps no longer: every part of a block whose
+/// partitions all ended more than the tenant's retention before `now`
+/// (whole partitions, never part of one), through tombstones as a commit.
+#[derive(Clone, PartialEq, Message)]
+pub struct ApplyRetention {
+    #[prost(int64, tag = "1")]
+    pub now: i64,
+    /// Retention of tenants without their own; 0 keeps everything.
+    #[prost(int64, tag = "2")]
+    pub default_nanos: i64,
+    #[prost(message, repeated, tag = "3")]
+    pub tenants: Vec<TenantRetention>,
+    #[prost(int64, tag = "4")]
+    pub delete_after: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TenantRetention {
+    #[prost(string, tag = "1")]
+    pub tenant: String,
+    /// 0 keeps everything.
+    #[prost(int64, tag = "2")]
+    pub retention_nanos: i64,
+}

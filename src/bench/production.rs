@@ -1,0 +1,470 @@
+//! The production-shaped workload: a fleet of agents, each pushing one
+//! profile per request every 10 s of simulated time with current
+//! timestamps, so that a level-0 block holds about one profile per dataset.
+//!
+//! The same requests are ingested twice: once with compaction off, to
+//! measure level-0 as it lands, and once with compaction on while the
+//! agents push, to measure the lag from a write to its first compaction,
+//! the compaction cost, and the state and the hour's flame graph once the
+//! queues are drained. DuckDB and chDB run the same GROUP BY over the same
+//! rows in Parquet, in the same run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_ingest::normalise::{normalise, validate_labels, Destination};
+use serde::Serialize;
+use tracing::info;
+
+use super::export::Exporter;
+use super::peers::{self, PeerRun};
+use super::queries::{self, FlameQuery, QueryRun, TENANT};
+use super::server::{self, Server};
+use super::{ingest, workload, BenchArgs, FLUSH_MS, SHARDS};
+
+#[derive(Debug, Default, Serialize)]
+pub struct ProductionReport {
+    pub series: usize,
+    pub requests: usize,
+    pub simulated_minutes: i64,
+    pub stored_samples: u64,
+    pub pprof_gzip_bytes: u64,
+    pub ingest_seconds: f64,
+    pub compaction_levels: String,
+    pub level0: ShapeState,
+    pub compacted: ShapeState,
+    /// Write-to-first-compaction lag while the agents pushed (histogram
+    /// bucket bounds, seconds).
+    pub lag_p50_s: f64,
+    pub lag_p99_s: f64,
+    /// From the end of the pushes until no level-0 block was left.
+    pub drain_seconds: f64,
+    pub compaction_cpu_seconds: f64,
+    pub compaction_samples_in: f64,
+    pub compaction_samples_per_cpu_second: f64,
+    pub flame: Option<FlameQuery>,
+    pub peers: Vec<PeerRun>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ShapeState {
+    pub blocks_by_level: BTreeMap<String, f64>,
+    pub objects: u64,
+    pub object_bytes: u64,
+    pub bytes_per_sample: f64,
+    pub ratio_to_gzip_pprof: f64,
+    pub metastore_file_bytes: u64,
+    pub flame: Option<QueryRun>,
+}
+
+struct Generated {
+    requests: Arc<Vec<workload::Request>>,
+    pprof_gzip_bytes: u64,
+    paths: super::export::ExportPaths,
+}
+
+fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
+    let templates = workload::load_templates(&args.fixtures)?;
+    let interval = args.interval_s * 1_000_000_000;
+    let ticks = (args.production_minutes * 60 / args.interval_s).max(1);
+    let services = args.services.min(args.production_series).max(1);
+    let config = workload::WorkloadConfig {
+        services,
+        series_per_service: (args.production_series / services).max(1),
+        target_samples: u64::MAX,
+        interval_nanos: interval,
+        series_per_request: 1,
+        // Ends now: the agents' clocks are current.
+        start_nanos: super::now_nanos() - ticks * interval,
+        seed: 7,
+    };
+    let all = workload::series(&config, &templates);
+    let mut rng = workload::Rng::new(config.seed);
+    let mut exporter = Exporter::create(&out.join("export"))?;
+    let mut requests = Vec::new();
+    let mut gzip_bytes = 0u64;
+    for tick in 0..ticks as usize {
+        let profiles = workload::tick_profiles(&config, &templates, &all, tick, &mut rng);
+        for (i, p, _) in &profiles {
+            let dest = Destination {
+                tenant: TENANT.into(),
+                labels: validate_labels(all[*i].labels.clone())?,
+                received_at_nanos: p.time_nanos,
+                limits: Default::default(),
+            };
+            for n in normalise(p, &dest)? {
+                exporter.add(&n)?;
+            }
+        }
+        for r in workload::tick_requests(&config, &all, &profiles) {
+            gzip_bytes += r.pprof_bytes as u64;
+            requests.push(r);
+        }
+    }
+    Ok(Generated {
+        requests: Arc::new(requests),
+        pprof_gzip_bytes: gzip_bytes,
+        paths: exporter.finish()?,
+    })
+}
+
+fn server_args(extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--shards".to_string(),
+        SHARDS.to_string(),
+        "--flush-interval-ms".to_string(),
+        FLUSH_MS.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts a server on `data_dir` and pushes every request, one client per
+/// series taking them in time order.
+async fn ingest(
+    data_dir: &Path,
+    extra: &[&str],
+    g: &Generated,
+    clients: usize,
+) -> anyhow::Result<(Server, f64)> {
+    std::fs::create_dir_all(data_dir)?;
+    let server = Server::start(data_dir, &server_args(extra)).await?;
+    let load = ingest::push_all(&server.http, TENANT, g.requests.clone(), clients).await;
+    anyhow::ensure!(
+        load.failures.is_empty(),
+        "{} pushes failed, first: {:?}",
+        load.failures.len(),
+        load.failures.first()
+    );
+    Ok((server, load.elapsed.as_secs_f64()))
+}
+
+fn block_objects(objects: &Path) -> u64 {
+    fn walk(dir: &Path, n: &mut u64) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, n);
+            } else if p.file_name().is_some_and(|f| f == "block.bin") {
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(objects, &mut n);
+    n
+}
+
+fn blocks_by_level(metrics: &std::collections::HashMap<String, f64>) -> BTreeMap<String, f64> {
+    metrics
+        .iter()
+        .filter_map(|(k, v)| {
+            let level = k
+                .strip_prefix("ember_blocks{level=\"")?
+                .strip_suffix("\"}")?;
+            Some((level.to_string(), *v))
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+async fn state(
+    server: &mut Server,
+    data_dir: &Path,
+    query: &FlameQuery,
+    stored_samples: u64,
+    gzip_bytes: u64,
+    repeats: usize,
+) -> anyhow::Result<ShapeState> {
+    let metrics = server.metrics().await?;
+    let objects = data_dir.join("objects");
+    let object_bytes = server::dir_bytes(&objects);
+    let flame = queries::measure(server, &query.name, &query.sql(), query.samples, repeats).await?;
+    anyhow::ensure!(
+        flame.root_total == Some(query.total),
+        "{}: flame graph root {:?}, stored total {}",
+        query.name,
+        flame.root_total,
+        query.total
+    );
+    Ok(ShapeState {
+        blocks_by_level: blocks_by_level(&metrics),
+        objects: block_objects(&objects),
+        object_bytes,
+        bytes_per_sample: object_bytes as f64 / stored_samples.max(1) as f64,
+        ratio_to_gzip_pprof: object_bytes as f64 / gzip_bytes.max(1) as f64,
+        metastore_file_bytes: std::fs::metadata(data_dir.join("metastore.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0),
+        flame: Some(flame),
+    })
+}
+
+/// The `q`-quantile's bucket bound of a Prometheus histogram.
+fn histogram_quantile(metrics: &std::collections::HashMap<String, f64>, name: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k
+                .strip_prefix(&format!("{name}_bucket{{le=\""))?
+                .strip_suffix("\"}")?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, *v))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |b| b.0)
+}
+
+/// Waits until no level-0 block and no runnable job is left.
+async fn drain(server: &Server) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30 * 60);
+    loop {
+        let m = server.metrics().await?;
+        let level0 = m.get("ember_blocks{level=\"0\"}").copied().unwrap_or(0.0);
+        let runnable: f64 = m
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("ember_compaction_jobs{")
+                    && (k.contains("pending") || k.contains("running"))
+            })
+            .map(|(_, v)| v)
+            .sum();
+        if level0 == 0.0 && runnable == 0.0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "compaction did not drain");
+        info!("compaction: {level0} level-0 blocks, {runnable} jobs left");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
+    let out = args.out.join("production");
+    std::fs::create_dir_all(&out)?;
+    info!(
+        "production shape: {} series, one profile per request, {} min",
+        args.production_series, args.production_minutes
+    );
+    let g = generate(args, &out)?;
+    let clients = args.production_series;
+    let mut report = ProductionReport {
+        series: args.production_series,
+        requests: g.requests.len(),
+        simulated_minutes: args.production_minutes,
+        pprof_gzip_bytes: g.pprof_gzip_bytes,
+        compaction_levels: "20:36,10:720,10:10800 (the defaults)".into(),
+        ..ProductionReport::default()
+    };
+
+    info!("production shape, level 0: ingest with compaction off");
+    let level0_dir = out.join("level0");
+    let (mut server, secs) =
+        ingest(&level0_dir, &["--compaction-workers", "0"], &g, clients).await?;
+    report.ingest_seconds = secs;
+    let stored = super::stored_series(&server).await?;
+    report.stored_samples = stored.iter().map(|p| p.samples).sum();
+    let query = super::flame_queries(&server, &stored, &[])
+        .await?
+        .into_iter()
+        .find(|q| q.service_name.is_none())
+        .ok_or_else(|| anyhow::anyhow!("no flame query"))?;
+    report.level0 = state(
+        &mut server,
+        &level0_dir,
+        &query,
+        report.stored_samples,
+        g.pprof_gzip_bytes,
+        args.repeats,
+    )
+    .await?;
+    server.stop()?;
+
+    info!("production shape, compacted: ingest with compaction on");
+    let compacted_dir = out.join("compacted");
+    let (mut server, _) =
+        ingest(&compacted_dir, &["--compaction-workers", "1"], &g, clients).await?;
+    let cpu0 = server.cpu_seconds()?;
+    let samples0 = server
+        .metrics()
+        .await?
+        .get("ember_compaction_samples_in_total")
+        .copied()
+        .unwrap_or(0.0);
+    let t = Instant::now();
+    drain(&server).await?;
+    report.drain_seconds = t.elapsed().as_secs_f64();
+    let m = server.metrics().await?;
+    let lag = "ember_compaction_level0_lag_seconds";
+    report.lag_p50_s = histogram_quantile(&m, lag, 0.5);
+    report.lag_p99_s = histogram_quantile(&m, lag, 0.99);
+    // The server does nothing but compact from the last push to the drain.
+    report.compaction_cpu_seconds = server.cpu_seconds()? - cpu0;
+    report.compaction_samples_in = m
+        .get("ember_compaction_samples_in_total")
+        .copied()
+        .unwrap_or(0.0)
+        - samples0;
+    report.compaction_samples_per_cpu_second =
+        report.compaction_samples_in / report.compaction_cpu_seconds.max(1e-9);
+    report.compacted = state(
+        &mut server,
+        &compacted_dir,
+        &query,
+        report.stored_samples,
+        g.pprof_gzip_bytes,
+        args.repeats,
+    )
+    .await?;
+    server.stop()?;
+
+    info!("production shape: peers");
+    let flame = std::slice::from_ref(&query);
+    report.peers = peers::datafusion_group_by(&g.paths, flame, args.repeats).await?;
+    if !args.python.is_empty() {
+        report.peers.extend(peers::python_peers(
+            &std::path::PathBuf::from(&args.python),
+            &args.peers_script,
+            &out,
+            &g.paths,
+            flame,
+            args.repeats,
+        )?);
+    }
+    for p in &report.peers {
+        anyhow::ensure!(
+            p.total == query.total,
+            "{} {}: total {} but Ember stored {}",
+            p.engine,
+            p.shape,
+            p.total,
+            query.total
+        );
+    }
+    report.flame = Some(query);
+    std::fs::write(
+        args.out.join("production.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("production.md"), markdown(&report))?;
+    Ok(report)
+}
+
+fn levels(b: &BTreeMap<String, f64>) -> String {
+    b.iter()
+        .map(|(l, n)| format!("L{l}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn markdown(r: &ProductionReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Production shape: {} series, one profile per request every 10 s for {} min of current time ({} requests, {} stored samples, {:.1} MB of gzipped pprof). Compaction thresholds: {}.\n",
+        r.series,
+        r.simulated_minutes,
+        r.requests,
+        r.stored_samples,
+        r.pprof_gzip_bytes as f64 / 1e6,
+        r.compaction_levels
+    );
+    let _ = writeln!(s, "| figure | level 0 (compaction off) | compacted |");
+    let _ = writeln!(s, "| --- | --- | --- |");
+    let (a, b) = (&r.level0, &r.compacted);
+    let row = |s: &mut String, name: &str, x: String, y: String| {
+        let _ = writeln!(s, "| {name} | {x} | {y} |");
+    };
+    row(
+        &mut s,
+        "blocks by level",
+        levels(&a.blocks_by_level),
+        levels(&b.blocks_by_level),
+    );
+    row(
+        &mut s,
+        "block objects",
+        a.objects.to_string(),
+        b.objects.to_string(),
+    );
+    row(
+        &mut s,
+        "stored bytes per sample",
+        format!("{:.1}", a.bytes_per_sample),
+        format!("{:.1}", b.bytes_per_sample),
+    );
+    row(
+        &mut s,
+        "stored bytes / gzipped pprof in",
+        format!("{:.2}x", a.ratio_to_gzip_pprof),
+        format!("{:.2}x", b.ratio_to_gzip_pprof),
+    );
+    row(
+        &mut s,
+        "metastore file",
+        format!("{:.1} MB", a.metastore_file_bytes as f64 / 1e6),
+        format!("{:.1} MB", b.metastore_file_bytes as f64 / 1e6),
+    );
+    if let (Some(x), Some(y)) = (&a.flame, &b.flame) {
+        row(
+            &mut s,
+            "hour flame graph, cold (after restart)",
+            format!(
+                "{:.0} ms, {} GETs, {:.1} MB",
+                x.cold_ms,
+                x.cold_gets,
+                x.cold_read_bytes / 1e6
+            ),
+            format!(
+                "{:.0} ms, {} GETs, {:.1} MB",
+                y.cold_ms,
+                y.cold_gets,
+                y.cold_read_bytes / 1e6
+            ),
+        );
+        row(
+            &mut s,
+            "hour flame graph, warm (median)",
+            format!("{:.1} ms", x.warm_median_ms),
+            format!("{:.1} ms", y.warm_median_ms),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nIngest (compaction off): {:.0} s. With compaction on while pushing: write-to-first-compaction lag p50 <= {} s, p99 <= {} s (histogram bounds); the queues drained {:.0} s after the last push; in that time the server used {:.1} CPU-s to compact {:.0} sample rows (all levels): {:.0} k samples per CPU-second.\n",
+        r.ingest_seconds,
+        r.lag_p50_s,
+        r.lag_p99_s,
+        r.drain_seconds,
+        r.compaction_cpu_seconds,
+        r.compaction_samples_in,
+        r.compaction_samples_per_cpu_second / 1e3
+    );
+    let _ = writeln!(
+        s,
+        "| peer, same rows in Parquet | shape | first ms | median ms |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    for p in &r.peers {
+        let _ = writeln!(
+            s,
+            "| {} {} ({}) | {} | {:.1} | {:.1} |",
+            p.engine, p.version, p.kind, p.shape, p.first_ms, p.median_ms
+        );
+    }
+    s
+}
