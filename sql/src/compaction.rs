@@ -183,6 +183,8 @@ pub struct CompactionMetrics {
     pub jobs: Family<LabelSet, Gauge>,
     /// Blocks indexed, by `level`.
     pub blocks: Family<LabelSet, Gauge>,
+    /// Retired objects waiting for their delete delay.
+    pub tombstones: Gauge,
     pub level0_lag_seconds: Histogram,
 }
 
@@ -199,6 +201,7 @@ impl Default for CompactionMetrics {
             objects_deleted: Counter::default(),
             jobs: Family::default(),
             blocks: Family::default(),
+            tombstones: Gauge::default(),
             level0_lag_seconds: Histogram::new([
                 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             ]),
@@ -264,6 +267,11 @@ impl CompactionMetrics {
             self.blocks.clone(),
         );
         registry.register(
+            "ember_tombstones",
+            "Retired block objects waiting for their delete delay",
+            self.tombstones.clone(),
+        );
+        registry.register(
             "ember_compaction_level0_lag_seconds",
             "Time from a level-0 block's write to its first compaction",
             self.level0_lag_seconds.clone(),
@@ -281,6 +289,7 @@ impl CompactionMetrics {
                 ])
                 .set(n as i64);
         }
+        self.tombstones.set(metastore.tombstone_count() as i64);
         self.blocks.clear();
         for (level, n) in metastore.blocks_by_level() {
             self.blocks
