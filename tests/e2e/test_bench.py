@@ -17,6 +17,7 @@ def test_bench_small_run_is_consistent(tmp_path):
          "--samples", "150000", "--scales", "10000,30000", "--clients", "8",
          "--repeats", "2", "--mixed-seconds", "2", "--lone-pushes", "3",
          "--metastore-blocks", "2000", "--python", sys.executable,
+         "--production-series", "4", "--production-minutes", "2", "--compaction-jobs", "20000:500",
          "--peers-script", str(ROOT / "benches" / "e2e" / "peers.py")],
         capture_output=True, text=True, timeout=900,
     )
@@ -54,6 +55,16 @@ def test_bench_small_run_is_consistent(tmp_path):
     assert limit["healthy_after"] and limit["small_query_after"]
     assert report["metastore"][0]["blocks"] == 2000
     assert report["metastore"][0]["datasets_found"] > 0
+    # The production shape: level 0 as pushed, then compacted (the bench
+    # itself checks each flame graph's root against the stored total).
+    prod = report["production"]
+    assert prod["requests"] == 4 * 12
+    assert prod["level0"]["blocks_by_level"].get("0", 0) >= 1
+    assert "0" not in prod["compacted"]["blocks_by_level"]
+    assert prod["compacted"]["objects"] < prod["level0"]["objects"]
+    assert {p["engine"] for p in prod["peers"]} >= {"duckdb", "chdb", "datafusion"}
+    [job] = report["compaction_jobs"]
+    assert job["samples"] == 20000 and job["peak_rss_bytes"] > 0 and job["output_bytes"] > 0
     assert "## Peers on the same data" in (out / "report.md").read_text()
     if pathlib.Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists():
         assert (out / "charts" / "flamegraph_scaling.png").stat().st_size > 1000
