@@ -24,6 +24,7 @@ use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{col, lit, Expr, LogicalPlanBuilder, TableType};
 use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -35,11 +36,12 @@ use ember_engine::metastore::BlockQuery;
 use ember_engine::selector::Selector;
 use ember_engine::stack::ROOT;
 use ember_engine::DatasetRef;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::args;
 use crate::session::Storage;
 use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
+use crate::stack_totals::DatasetTotals;
 use crate::tables::{section_scan, DatasetSource, Layout, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;
@@ -121,20 +123,46 @@ impl<'a> DenseTree<'a> {
         Ok(tree)
     }
 
-    /// Children of every node, sorted by name.
-    fn children(&self) -> Vec<Vec<u32>> {
-        let mut children: Vec<Vec<u32>> = vec![Vec::new(); self.names.len()];
-        for i in 1..self.names.len() {
-            children[self.parent[i] as usize].push(i as u32);
+    /// Children of every node, sorted by name: `list[start[i]..start[i + 1]]`
+    /// are node `i`'s (one allocation, not one per node).
+    fn children(&self) -> Children {
+        let n = self.names.len();
+        let mut start = vec![0u32; n + 1];
+        for i in 1..n {
+            start[self.parent[i] as usize + 1] += 1;
         }
-        for list in children.iter_mut().filter(|l| l.len() > 1) {
-            list.sort_unstable_by(|a, b| {
-                self.names[*a as usize]
-                    .cmp(self.names[*b as usize])
-                    .then(a.cmp(b))
-            });
+        for i in 0..n {
+            start[i + 1] += start[i];
         }
-        children
+        let mut next = start.clone();
+        let mut list = vec![0u32; n.saturating_sub(1)];
+        for i in 1..n {
+            let p = self.parent[i] as usize;
+            list[next[p] as usize] = i as u32;
+            next[p] += 1;
+        }
+        for i in 0..n {
+            let kids = &mut list[start[i] as usize..start[i + 1] as usize];
+            if kids.len() > 1 {
+                kids.sort_unstable_by(|a, b| {
+                    self.names[*a as usize]
+                        .cmp(self.names[*b as usize])
+                        .then(a.cmp(b))
+                });
+            }
+        }
+        Children { start, list }
+    }
+}
+
+struct Children {
+    start: Vec<u32>,
+    list: Vec<u32>,
+}
+
+impl Children {
+    fn of(&self, i: usize) -> &[u32] {
+        &self.list[self.start[i] as usize..self.start[i + 1] as usize]
     }
 }
 
@@ -149,10 +177,12 @@ pub fn build_flame_graph<'a>(
     let tree = DenseTree::build(node, values)?;
     let threshold = min_value(&tree.total, max_nodes);
     let children = tree.children();
-    let mut level = Int64Builder::new();
-    let mut value = Int64Builder::new();
-    let mut self_ = Int64Builder::new();
-    let mut label = StringBuilder::new();
+    let rows = tree.names.len().min(max_nodes.saturating_mul(2));
+    let label_bytes = tree.names.iter().map(|n| n.len()).sum::<usize>();
+    let mut level = Int64Builder::with_capacity(rows);
+    let mut value = Int64Builder::with_capacity(rows);
+    let mut self_ = Int64Builder::with_capacity(rows);
+    let mut label = StringBuilder::with_capacity(rows, label_bytes);
     // (node, level, value of an `other` entry when node is None)
     let mut todo: Vec<(Option<u32>, i64, i64)> = vec![(Some(0), 0, 0)];
     while let Some((node, depth, other_value)) = todo.pop() {
@@ -168,21 +198,20 @@ pub fn build_flame_graph<'a>(
         value.append_value(tree.total[i]);
         self_.append_value(tree.own[i]);
         label.append_value(tree.names[i]);
-        let mut other = 0i64;
-        let mut kept = Vec::with_capacity(children[i].len());
-        for &k in &children[i] {
-            let t = tree.total[k as usize];
-            if t < threshold {
-                other += t;
-            } else {
-                kept.push(k);
-            }
-        }
+        let kids = children.of(i);
+        let other = kids
+            .iter()
+            .map(|&k| tree.total[k as usize])
+            .filter(|&t| t < threshold)
+            .fold(0i64, i64::saturating_add);
         if other > 0 {
             todo.push((None, depth + 1, other));
         }
-        for &k in kept.iter().rev() {
-            todo.push((Some(k), depth + 1, 0));
+        // Pushed in reverse so that they pop in name order.
+        for &k in kids.iter().rev() {
+            if tree.total[k as usize] >= threshold {
+                todo.push((Some(k), depth + 1, 0));
+            }
         }
     }
     let columns: Vec<ArrayRef> = vec![
@@ -320,21 +349,18 @@ impl TableProvider for FlameGraphTable {
             .collect();
         let (whole, partial): (Vec<DatasetRef>, Vec<DatasetRef>) =
             datasets.iter().cloned().partition(|d| reads_whole(q, d));
-        let plan = if partial.is_empty() {
-            LogicalPlanBuilder::empty(false).project(vec![
-                lit(ScalarValue::UInt64(None)).alias("stack_id"),
-                lit(ScalarValue::Int64(None)).alias("value"),
-            ])?
+        // Taken whole, a compacted range needs no aggregate to plan or run.
+        let sums: Arc<dyn ExecutionPlan> = if partial.is_empty() {
+            Arc::new(EmptyExec::new(sums_schema()))
         } else {
-            samples_input(&self.storage, q, partial)?
+            let plan = samples_input(&self.storage, q, partial)?
+                .aggregate(
+                    vec![col("stack_id")],
+                    vec![sum(col("value")).alias("value")],
+                )?
+                .build()?;
+            state.create_physical_plan(&plan).await?
         };
-        let plan = plan
-            .aggregate(
-                vec![col("stack_id")],
-                vec![sum(col("value")).alias("value")],
-            )?
-            .build()?;
-        let sums = state.create_physical_plan(&plan).await?;
         let tenant_nodes = self.storage.stacks.tenant(&q.tenant);
         let missing = StackDictionary::missing(&tenant_nodes, &datasets);
         let stacks = section_scan(
@@ -362,6 +388,14 @@ impl TableProvider for FlameGraphTable {
     }
 }
 
+/// What [`FlameGraphExec`] reads from its first child.
+fn sums_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("stack_id", DataType::UInt64, true),
+        Field::new("value", DataType::Int64, true),
+    ]))
+}
+
 /// The datasets a flame graph takes whole, read from their totals.
 #[derive(Default)]
 struct WholeDatasets {
@@ -371,8 +405,7 @@ struct WholeDatasets {
 }
 
 impl WholeDatasets {
-    /// Adds every whole dataset's totals of the profile type to `values`,
-    /// reading up to 32 totals sections at once.
+    /// Adds every whole dataset's totals of the profile type to `values`.
     async fn add_totals(
         &self,
         values: &mut StackValues,
@@ -381,23 +414,33 @@ impl WholeDatasets {
         let Some(storage) = &self.storage else {
             return Ok(());
         };
-        // Owned futures: a stream borrowing `self` would not be `Send`.
-        let reads = self.datasets.iter().cloned().map(|d| {
-            let storage = storage.clone();
-            async move { storage.totals.totals(storage.store.clone(), &d).await }
-        });
-        let mut reads = futures::stream::iter(reads.collect::<Vec<_>>()).buffer_unordered(32);
-        while let Some(totals) = reads.next().await {
-            let totals = totals?;
-            let Some(list) = totals.get(&self.profile_type) else {
-                continue;
-            };
-            let before = values.len();
-            for &(id, v) in list {
-                let slot = values.entry(id).or_default();
-                *slot = slot.saturating_add(v);
+        // 32 datasets at a time: reads in parallel, and a backlog of
+        // thousands of level-0 datasets never holds all their totals at once.
+        for chunk in self.datasets.chunks(32) {
+            // Owned futures: a stream borrowing `self` would not be `Send`.
+            let reads = chunk.iter().cloned().map(|d| {
+                let storage = storage.clone();
+                async move { storage.totals.totals(storage.store.clone(), &d).await }
+            });
+            let totals: Vec<Arc<DatasetTotals>> = futures::stream::iter(reads)
+                .buffer_unordered(32)
+                .try_collect()
+                .await?;
+            let lists: Vec<&Vec<(u64, i64)>> = totals
+                .iter()
+                .filter_map(|t| t.get(&self.profile_type))
+                .collect();
+            // Sized once per chunk: growing the map list by list rehashed it
+            // several times per query.
+            let entries: usize = lists.iter().map(|l| l.len()).sum();
+            grow(entries * 24)?;
+            values.reserve(entries);
+            for list in lists {
+                for &(id, v) in list {
+                    let slot = values.entry(id).or_default();
+                    *slot = slot.saturating_add(v);
+                }
             }
-            grow((values.len() - before) * 24)?;
         }
         Ok(())
     }

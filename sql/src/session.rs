@@ -1,7 +1,7 @@
 //! The query engine: one DataFusion session per query, bound to a tenant, on
 //! a runtime shared by all queries so that the memory limit is global.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::catalog::{
@@ -10,7 +10,7 @@ use datafusion::catalog::{
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use ember_engine::{Metastore, TenantId};
@@ -19,6 +19,7 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::flamegraph::FlameGraphFunction;
+use crate::lru::ByteLru;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
 use crate::system::{SystemTable, SystemTableProvider, SCHEMA as SYSTEM_SCHEMA};
@@ -115,10 +116,17 @@ impl Storage {
     }
 }
 
+/// Tenants whose built session state is kept (an entry counts as one).
+const CACHED_SESSIONS: usize = 1024;
+
 pub struct QueryEngine {
     storage: Storage,
     runtime: Arc<RuntimeEnv>,
     tenant_pools: TenantPools,
+    /// Each tenant's session state, built once: building one registers every
+    /// function DataFusion has, which cost more than planning a flame graph.
+    /// Keyed by tenant, and a state holds only that tenant's catalog.
+    sessions: Mutex<ByteLru<String, SessionState>>,
     config: QueryEngineConfig,
 }
 
@@ -145,6 +153,7 @@ impl QueryEngine {
             },
             runtime,
             tenant_pools,
+            sessions: Mutex::new(ByteLru::new(CACHED_SESSIONS)),
             config,
         })
     }
@@ -177,6 +186,21 @@ impl QueryEngine {
         if !valid {
             return Err(SqlError::Tenant(tenant.to_string()));
         }
+        let cached = self.lock_sessions().get(&tenant.to_string());
+        if let Some(state) = cached {
+            return Ok(SessionContext::new_with_state(state));
+        }
+        let ctx = self.new_session(tenant)?;
+        self.lock_sessions()
+            .insert(tenant.to_string(), ctx.state(), 1);
+        Ok(ctx)
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_session(&self, tenant: &str) -> std::result::Result<SessionContext, SqlError> {
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, tenant)
             .with_create_default_catalog_and_schema(false)

@@ -7,15 +7,16 @@
 //! client can make collide on purpose; a shared dictionary would let such a
 //! collision name one tenant's frame in another tenant's flame graph.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use ember_engine::{DatasetKey, DatasetRef};
 
 use crate::lru::ByteLru;
 
-/// Node id -> (parent id, frame name).
-pub type StackNodes = HashMap<u64, (u64, Arc<str>)>;
+/// Node id -> (parent id, frame name). Hashed with foldhash: a flame graph
+/// looks up every node it draws here, and SipHash was most of that cost.
+pub type StackNodes = foldhash::HashMap<u64, (u64, Arc<str>)>;
 
 /// Bytes a node costs in the map (id, parent, name pointer, hashing slack).
 const NODE_BYTES: usize = 48;
@@ -26,7 +27,7 @@ const DATASET_BYTES: usize = 96;
 #[derive(Default)]
 pub struct Nodes {
     nodes: StackNodes,
-    names: HashSet<Arc<str>>,
+    names: foldhash::HashSet<Arc<str>>,
     loaded: HashSet<DatasetKey>,
     bytes: usize,
 }

@@ -274,7 +274,7 @@ async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() 
     );
     for order in [["team-a", "team-b"], ["team-b", "team-a"]] {
         // One block holding both tenants' dataset of service "api", on a
-        // fresh engine (fresh caches) per order.
+        // fresh engine (fresh caches and cached sessions) per order.
         let (_dir, engine) = engine_with(vec![[a.clone(), b.clone()].concat()], 1 << 30).await;
         for _warm in 0..2 {
             for tenant in order {

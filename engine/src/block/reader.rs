@@ -19,6 +19,11 @@ use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use super::meta::{BlockMeta, SectionMeta};
 use super::BlockError;
 
+/// A section up to this size whose footer is not cached yet is read whole,
+/// in one GET: reading its footer and then its columns would cost two or
+/// three round trips, each of which costs more than the bytes saved.
+const WHOLE_SECTION_BYTES: u64 = 1 << 20;
+
 /// A Parquet file that is a byte range of a block object. Offsets asked by
 /// the Parquet reader are relative to the section.
 #[derive(Clone)]
@@ -27,6 +32,8 @@ pub struct SectionReader {
     path: Path,
     offset: u64,
     size: u64,
+    /// The whole section, once read whole.
+    whole: Option<Bytes>,
 }
 
 impl SectionReader {
@@ -36,6 +43,7 @@ impl SectionReader {
             path: Path::from(path),
             offset: section.offset,
             size: section.size,
+            whole: None,
         }
     }
 
@@ -47,6 +55,12 @@ impl SectionReader {
             )));
         }
         Ok(self.offset + range.start..self.offset + range.end)
+    }
+
+    /// `range` within the section, as a range of `usize` for slicing.
+    fn relative(&self, range: Range<u64>) -> parquet::errors::Result<Range<usize>> {
+        self.absolute(range.clone())?;
+        Ok(range.start as usize..range.end as usize)
     }
 
     fn cache_key(&self) -> (String, u64) {
@@ -61,6 +75,9 @@ fn object_err(e: object_store::Error) -> ParquetError {
 impl AsyncFileReader for SectionReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
         async move {
+            if let Some(whole) = &self.whole {
+                return Ok(whole.slice(self.relative(range)?));
+            }
             let range = self.absolute(range)?;
             self.store
                 .get_range(&self.path, range)
@@ -75,6 +92,12 @@ impl AsyncFileReader for SectionReader {
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
         async move {
+            if let Some(whole) = &self.whole {
+                return ranges
+                    .into_iter()
+                    .map(|r| Ok(whole.slice(self.relative(r)?)))
+                    .collect();
+            }
             let ranges = ranges
                 .into_iter()
                 .map(|r| self.absolute(r))
@@ -97,10 +120,21 @@ impl AsyncFileReader for SectionReader {
                 return Ok(m);
             }
             let size = self.size;
-            let meta = ParquetMetaDataReader::new()
-                .with_prefetch_hint(Some(64 * 1024))
-                .load_and_finish(&mut *self, size)
-                .await?;
+            let meta = if size <= WHOLE_SECTION_BYTES {
+                let whole = self
+                    .store
+                    .get_range(&self.path, self.absolute(0..size)?)
+                    .await
+                    .map_err(object_err)?;
+                let meta = ParquetMetaDataReader::new().parse_and_finish(&whole)?;
+                self.whole = Some(whole);
+                meta
+            } else {
+                ParquetMetaDataReader::new()
+                    .with_prefetch_hint(Some(64 * 1024))
+                    .load_and_finish(&mut *self, size)
+                    .await?
+            };
             let meta = Arc::new(meta);
             footer_cache().insert(key, meta.clone());
             Ok(meta)
@@ -192,4 +226,76 @@ pub async fn read_footer(store: &dyn ObjectStore, path: &str) -> Result<BlockMet
     }
     let meta = BlockMeta::decode_from(&footer).map_err(|e| corrupt(e.to_string()))?;
     Ok(BlockMeta { size, ..meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use object_store::memory::InMemory;
+    use object_store::PutPayload;
+    use parquet::arrow::ArrowWriter;
+
+    /// An object holding 100 bytes of something else, then a Parquet file.
+    /// `path` differs per test: footers are cached process-wide by path.
+    async fn object_with_section(
+        path: &str,
+        rows: i64,
+    ) -> (Arc<dyn ObjectStore>, SectionMeta, RecordBatch) {
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from_iter_values(0..rows)) as _),
+            (
+                "name",
+                Arc::new(StringArray::from_iter_values(
+                    (0..rows).map(|i| format!("f{i}")),
+                )) as _,
+            ),
+        ])
+        .unwrap();
+        let mut file = vec![7u8; 100];
+        let mut writer = ArrowWriter::try_new(&mut file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let size = file.len() as u64 - 100;
+        store
+            .put(&Path::from(path), PutPayload::from(file))
+            .await
+            .unwrap();
+        let section = SectionMeta {
+            kind: "test".into(),
+            offset: 100,
+            size,
+            rows: rows as u64,
+        };
+        (store, section, batch)
+    }
+
+    #[tokio::test]
+    async fn a_small_section_is_read_with_one_get_then_from_memory() {
+        let (store, section, want) = object_with_section("one-get", 1000).await;
+        let mut reader = SectionReader::new(store.clone(), "one-get", &section);
+        reader.get_metadata(None).await.unwrap();
+        assert!(reader.whole.is_some(), "a small section is read whole");
+        // Gone from the store: every later read must come from memory.
+        store.delete(&Path::from("one-get")).await.unwrap();
+        let got: Vec<RecordBatch> = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .unwrap()
+            .build()
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(got, vec![want]);
+    }
+
+    #[tokio::test]
+    async fn reads_outside_the_section_are_refused() {
+        let (store, section, _) = object_with_section("outside", 10).await;
+        let mut reader = SectionReader::new(store, "outside", &section);
+        reader.get_metadata(None).await.unwrap();
+        assert!(reader.get_bytes(0..section.size + 1).await.is_err());
+        assert!(reader.get_bytes(0..section.size).await.is_ok());
+    }
 }
