@@ -111,7 +111,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function(format!("sql/{samples}-samples"), |b| {
         b.iter(|| {
             runtime.block_on(async {
-                let stream = engine.execute("bench", &sql).await.expect("plans");
+                let stream = engine
+                    .execute("bench", &sql, &ember_sql::Settings::default())
+                    .await
+                    .expect("plans");
                 let batches: Vec<_> = stream.try_collect().await.expect("runs");
                 assert!(batches[0].num_rows() > 1);
             })

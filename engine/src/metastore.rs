@@ -1057,6 +1057,13 @@ impl Metastore {
             .collect()
     }
 
+    /// Whether `id` is a block the index holds or one retired and not yet
+    /// deleted: an object under `blocks/` that is neither was never
+    /// committed.
+    pub fn knows_block(&self, id: &str) -> bool {
+        self.read_index().knows_block(id)
+    }
+
     pub fn tombstone_count(&self) -> usize {
         self.read_index().tombstones.len()
     }

@@ -24,7 +24,7 @@ use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::arrow::record_batch::RecordBatch;
 use ember_engine::{AuthError, Authenticator, TenantId};
-use ember_sql::{QueryEngine, TABLES};
+use ember_sql::{QueryEngine, Settings, TABLES};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
 use tonic::metadata::MetadataValue;
@@ -138,18 +138,32 @@ fn batch_stream(
 }
 
 impl EmberFlightSql {
-    async fn statement_schema(&self, tenant: &str, sql: &str) -> Result<Schema, Status> {
-        let df = self.engine.plan(tenant, sql).await.map_err(status)?;
+    async fn statement_schema(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+        sql: &str,
+    ) -> Result<Schema, Status> {
+        let df = self
+            .engine
+            .plan(tenant, sql, settings)
+            .await
+            .map_err(status)?;
         Ok(df.schema().as_arrow().clone())
     }
 
     async fn run(
         &self,
         tenant: &str,
+        settings: &Settings,
         sql: &str,
     ) -> Result<Response<BoxStream<arrow_flight::FlightData>>, Status> {
         let started = std::time::Instant::now();
-        let stream = self.engine.execute(tenant, sql).await.map_err(status)?;
+        let stream = self
+            .engine
+            .execute(tenant, sql, settings)
+            .await
+            .map_err(status)?;
         tracing::debug!(
             tenant,
             sql,
@@ -164,6 +178,12 @@ impl EmberFlightSql {
             .map_err(Status::from);
         Ok(Response::new(Box::pin(out)))
     }
+}
+
+/// The query settings a call's metadata asks for.
+fn settings<T>(req: &Request<T>) -> Result<Settings, Status> {
+    Settings::from_headers(|name| req.metadata().get(name).and_then(|v| v.to_str().ok()))
+        .map_err(Status::invalid_argument)
 }
 
 fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
@@ -210,7 +230,9 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
-        let schema = self.statement_schema(&tenant, &query.query).await?;
+        let schema = self
+            .statement_schema(&tenant, &settings(&request)?, &query.query)
+            .await?;
         let ticket = TicketStatementQuery {
             statement_handle: query.query.into_bytes().into(),
         };
@@ -227,8 +249,12 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
-        self.run(&tenant, handle_sql(&ticket.statement_handle)?)
-            .await
+        self.run(
+            &tenant,
+            &settings(&request)?,
+            handle_sql(&ticket.statement_handle)?,
+        )
+        .await
     }
 
     async fn do_action_create_prepared_statement(
@@ -237,7 +263,9 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let tenant = self.tenant(&request)?;
-        let schema = self.statement_schema(&tenant, &query.query).await?;
+        let schema = self
+            .statement_schema(&tenant, &settings(&request)?, &query.query)
+            .await?;
         let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e: datafusion::arrow::error::ArrowError| Status::internal(e.to_string()))?;
@@ -264,7 +292,11 @@ impl FlightSqlService for EmberFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
         let schema = self
-            .statement_schema(&tenant, handle_sql(&cmd.prepared_statement_handle)?)
+            .statement_schema(
+                &tenant,
+                &settings(&request)?,
+                handle_sql(&cmd.prepared_statement_handle)?,
+            )
             .await?;
         Ok(Response::new(flight_info(
             &schema,
@@ -279,8 +311,12 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
-        self.run(&tenant, handle_sql(&query.prepared_statement_handle)?)
-            .await
+        self.run(
+            &tenant,
+            &settings(&request)?,
+            handle_sql(&query.prepared_statement_handle)?,
+        )
+        .await
     }
 
     async fn get_flight_info_sql_info(

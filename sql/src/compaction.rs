@@ -81,11 +81,22 @@ pub enum CompactionError {
         path: String,
         source: object_store::Error,
     },
+    #[error("listing {prefix}: {source}")]
+    List {
+        prefix: String,
+        source: object_store::Error,
+    },
     #[error(transparent)]
     Metastore(#[from] MetastoreError),
     #[error("compaction job {job}: {reason}")]
     Invalid { job: String, reason: String },
 }
+
+/// How old an unknown object under `blocks/` must be before the sweeper
+/// deletes it: far beyond a lease (a worker that cannot commit within its
+/// lease loses the job), so that no output waiting for its commit is taken.
+const ORPHAN_MIN_AGE: Duration = Duration::from_secs(3600);
+const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The thresholds v2 ships with: L0 -> L1 at 20 blocks or 36 s, L1 -> L2
 /// at 10 blocks or 12 min, L2 -> L3 at 10 blocks or 3 h.
@@ -179,6 +190,7 @@ pub struct CompactionMetrics {
     pub samples_out: Counter,
     pub profiles_deduplicated: Counter,
     pub objects_deleted: Counter,
+    pub orphans_deleted: Counter,
     /// Jobs not committed, by `status` and `level`.
     pub jobs: Family<LabelSet, Gauge>,
     /// Blocks indexed, by `level`.
@@ -199,6 +211,7 @@ impl Default for CompactionMetrics {
             samples_out: Counter::default(),
             profiles_deduplicated: Counter::default(),
             objects_deleted: Counter::default(),
+            orphans_deleted: Counter::default(),
             jobs: Family::default(),
             blocks: Family::default(),
             tombstones: Gauge::default(),
@@ -251,6 +264,11 @@ impl CompactionMetrics {
                 "ember_compaction_objects_deleted",
                 "Retired block objects deleted",
                 &self.objects_deleted,
+            ),
+            (
+                "ember_compaction_orphans_deleted",
+                "Compaction outputs uploaded but never committed, deleted",
+                &self.orphans_deleted,
             ),
         ];
         for (name, help, c) in counters {
@@ -567,10 +585,56 @@ impl Compactor {
         Ok(n)
     }
 
+    /// Deletes outputs that a worker uploaded but never committed (it died
+    /// between upload and commit, or lost its lease) once they are
+    /// `min_age` old. A committed block is in the index, or tombstoned
+    /// until its object is gone; level-0 segments (`segments/`) are never
+    /// touched, a segment writer's dlq retry may still register them.
+    pub async fn sweep_orphans(&self, min_age: Duration) -> Result<usize, CompactionError> {
+        let cutoff = now_nanos().saturating_sub(min_age.as_nanos().min(i64::MAX as u128) as i64);
+        let mut listing = self.store.list(Some(&ObjectPath::from("blocks")));
+        let mut orphans = Vec::new();
+        while let Some(object) = listing.next().await {
+            let object = object.map_err(|source| CompactionError::List {
+                prefix: "blocks/".into(),
+                source,
+            })?;
+            let Some(id) = block_id_of(object.location.as_ref()) else {
+                continue;
+            };
+            let modified = object
+                .last_modified
+                .timestamp_nanos_opt()
+                .unwrap_or(i64::MAX);
+            if modified <= cutoff && !self.metastore.knows_block(id) {
+                orphans.push(object.location);
+            }
+        }
+        let mut deleted = 0;
+        for path in orphans {
+            match self.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    warn!(%path, "deleted a compaction output that was never committed");
+                    deleted += 1;
+                }
+                Err(e) => warn!(%path, error = %e, "deleting an orphan output failed"),
+            }
+        }
+        self.metrics.orphans_deleted.inc_by(deleted as u64);
+        Ok(deleted)
+    }
+
     pub async fn delete_forever(self: Arc<Self>) {
+        let mut last_sweep: Option<std::time::Instant> = None;
         loop {
             if let Err(e) = self.delete_due().await {
                 warn!(error = %e, "deleting retired blocks failed");
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() >= ORPHAN_SWEEP_INTERVAL) {
+                last_sweep = Some(std::time::Instant::now());
+                if let Err(e) = self.sweep_orphans(ORPHAN_MIN_AGE).await {
+                    warn!(error = %e, "sweeping orphan outputs failed");
+                }
             }
             tokio::time::sleep(self.config.poll.max(Duration::from_secs(1))).await;
         }
@@ -1202,5 +1266,13 @@ impl BlockFile {
             source: e.into_error(),
         })?;
         Ok((file, size))
+    }
+}
+
+/// `{id}` of `blocks/{shard}/{tenant}/{id}/block.bin`.
+fn block_id_of(path: &str) -> Option<&str> {
+    match path.split('/').collect::<Vec<_>>()[..] {
+        ["blocks", _, _, id, "block.bin"] => Some(id),
+        _ => None,
     }
 }

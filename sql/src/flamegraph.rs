@@ -40,6 +40,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::args;
 use crate::session::Storage;
+use crate::settings::Settings;
 use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
 use crate::stack_totals::DatasetTotals;
 use crate::tables::{section_scan, DatasetSource, Layout, SectionTable};
@@ -336,7 +337,7 @@ impl TableProvider for FlameGraphTable {
                 end: q.end,
                 service_names: q.selector.exact_services(),
                 profile_types: Some(vec![q.profile_type.clone()]),
-                skip_level0: false,
+                skip_level0: Settings::of(state).skip_level0,
             })
             .into_iter()
             .filter(|d| q.selector.may_match_service(&d.dataset.service_name))

@@ -51,7 +51,11 @@ pub fn flamegraph_args(data: &[u8]) {
     };
     let sql = format!("SELECT * FROM flamegraph({args})");
     h.runtime.block_on(async {
-        if let Ok(stream) = h.engine.execute("fuzz", &sql).await {
+        if let Ok(stream) = h
+            .engine
+            .execute("fuzz", &sql, &crate::Settings::default())
+            .await
+        {
             let _ = stream.try_collect::<Vec<_>>().await;
         }
     });

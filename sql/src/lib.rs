@@ -10,6 +10,7 @@ pub mod fuzzing;
 mod lru;
 mod pruning;
 mod session;
+pub mod settings;
 pub mod stack_dictionary;
 mod stack_totals;
 pub mod system;
@@ -17,6 +18,7 @@ mod tables;
 mod tenant_memory;
 
 pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
+pub use settings::Settings;
 pub use tables::TABLES;
 
 use thiserror::Error;

@@ -20,6 +20,7 @@ use url::Url;
 
 use crate::flamegraph::FlameGraphFunction;
 use crate::lru::ByteLru;
+use crate::settings::Settings;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
 use crate::system::{SystemTable, SystemTableProvider, SCHEMA as SYSTEM_SCHEMA};
@@ -181,19 +182,31 @@ impl QueryEngine {
 
     /// A session that sees only `tenant`'s data: catalog `ember`, schema
     /// named after the tenant, and the profile functions.
-    pub fn session(&self, tenant: &str) -> std::result::Result<SessionContext, SqlError> {
+    pub fn session(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+    ) -> std::result::Result<SessionContext, SqlError> {
         let valid = TenantId::parse(Some(tenant)).is_ok_and(|t| t.as_str() == tenant);
         if !valid {
             return Err(SqlError::Tenant(tenant.to_string()));
         }
         let cached = self.lock_sessions().get(&tenant.to_string());
-        if let Some(state) = cached {
-            return Ok(SessionContext::new_with_state(state));
-        }
-        let ctx = self.new_session(tenant)?;
-        self.lock_sessions()
-            .insert(tenant.to_string(), ctx.state(), 1);
-        Ok(ctx)
+        let mut state = match cached {
+            Some(state) => state,
+            None => {
+                let state = self.new_session(tenant)?.state();
+                self.lock_sessions()
+                    .insert(tenant.to_string(), state.clone(), 1);
+                state
+            }
+        };
+        state
+            .config_mut()
+            .options_mut()
+            .extensions
+            .insert(settings.clone());
+        Ok(SessionContext::new_with_state(state))
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
@@ -205,7 +218,8 @@ impl QueryEngine {
             .with_default_catalog_and_schema(CATALOG, tenant)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true)
-            .with_target_partitions(self.config.target_partitions);
+            .with_target_partitions(self.config.target_partitions)
+            .with_option_extension(Settings::default());
         let options = config.options_mut();
         // Grafana's Flight SQL data source reads Utf8, not Utf8View.
         options.sql_parser.map_string_types_to_utf8view = false;
@@ -252,8 +266,13 @@ impl QueryEngine {
 
     /// Plans a read-only statement: no DDL (so no external tables over local
     /// paths), no DML or COPY, no SET.
-    pub async fn plan(&self, tenant: &str, sql: &str) -> std::result::Result<DataFrame, SqlError> {
-        let ctx = self.session(tenant)?;
+    pub async fn plan(
+        &self,
+        tenant: &str,
+        sql: &str,
+        settings: &Settings,
+    ) -> std::result::Result<DataFrame, SqlError> {
+        let ctx = self.session(tenant, settings)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -266,11 +285,12 @@ impl QueryEngine {
         &self,
         tenant: &str,
         sql: &str,
+        settings: &Settings,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
         let deadline = tokio::time::Instant::now() + self.config.query_timeout;
         let timeout = self.config.query_timeout;
         let stream = tokio::time::timeout_at(deadline, async {
-            self.plan(tenant, sql)
+            self.plan(tenant, sql, settings)
                 .await?
                 .execute_stream()
                 .await

@@ -32,6 +32,7 @@ use object_store::ObjectStore;
 
 use crate::pruning::{scan_bounds, ScanBounds};
 use crate::session::Storage;
+use crate::settings::Settings;
 
 pub const TABLES: [Section; 3] = [Section::Samples, Section::Profiles, Section::Stacks];
 
@@ -88,7 +89,7 @@ impl SectionTable {
         self
     }
 
-    fn datasets(&self, bounds: &ScanBounds) -> Vec<DatasetRef> {
+    fn datasets(&self, bounds: &ScanBounds, settings: &Settings) -> Vec<DatasetRef> {
         match &self.source {
             DatasetSource::Fixed(d) => d.as_ref().clone(),
             DatasetSource::Tenant(tenant) => {
@@ -98,7 +99,7 @@ impl SectionTable {
                     end: bounds.end,
                     service_names: bounds.services.clone(),
                     profile_types: bounds.profile_types.clone(),
-                    skip_level0: false,
+                    skip_level0: settings.skip_level0,
                 };
                 // The stack tree has no time or type of its own.
                 if self.section == Section::Stacks {
@@ -247,7 +248,7 @@ impl TableProvider for SectionTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let datasets = self.datasets(&scan_bounds(filters));
+        let datasets = self.datasets(&scan_bounds(filters), &Settings::of(state));
         tracing::debug!(
             table = self.section.name(),
             datasets = datasets.len(),

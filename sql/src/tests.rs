@@ -16,7 +16,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use crate::{QueryEngine, QueryEngineConfig};
+use crate::{QueryEngine, QueryEngineConfig, Settings};
 
 fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
     let (_, bytes) = pprof_fixtures()
@@ -76,8 +76,17 @@ async fn engine_with_config(
 }
 
 async fn run(engine: &QueryEngine, tenant: &str, sql: &str) -> Vec<RecordBatch> {
+    run_with(engine, tenant, sql, &Settings::default()).await
+}
+
+async fn run_with(
+    engine: &QueryEngine,
+    tenant: &str,
+    sql: &str,
+    settings: &Settings,
+) -> Vec<RecordBatch> {
     engine
-        .execute(tenant, sql)
+        .execute(tenant, sql, settings)
         .await
         .unwrap()
         .try_collect()
@@ -208,7 +217,7 @@ async fn samples_table_prunes_and_sums() {
     );
     // Pushed-down filters reach the scan: the plan reads one dataset's file.
     let plan = engine
-        .plan("t", &format!("EXPLAIN {sql}"))
+        .plan("t", &format!("EXPLAIN {sql}"), &Settings::default())
         .await
         .unwrap()
         .collect()
@@ -230,7 +239,10 @@ async fn statements_that_touch_files_or_settings_are_refused() {
         "SET datafusion.execution.batch_size = 1",
         "SELECT * FROM '/etc/passwd'",
     ] {
-        assert!(engine.plan("t", sql).await.is_err(), "{sql} was accepted");
+        assert!(
+            engine.plan("t", sql, &Settings::default()).await.is_err(),
+            "{sql} was accepted"
+        );
     }
     assert!(!std::path::Path::new("/tmp/ember-should-not-exist.csv").exists());
 }
@@ -240,7 +252,7 @@ async fn a_query_over_the_memory_limit_fails_with_a_clear_error() {
     let (_dir, engine) =
         engine_with(vec![profiles("go-heap-large.pb.gz", "heap", "t")], 1 << 20).await;
     let sql = "SELECT count(DISTINCT s.stack_id * 1000 + g.value) FROM samples s CROSS JOIN generate_series(1, 1000) g";
-    let err = match engine.execute("t", sql).await {
+    let err = match engine.execute("t", sql, &Settings::default()).await {
         Ok(stream) => stream
             .try_collect::<Vec<_>>()
             .await
@@ -305,7 +317,7 @@ async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() 
 async fn sql_reaches_no_object_store_but_the_blocks() {
     use datafusion::execution::object_store::ObjectStoreUrl;
     let (_dir, engine) = engine_with(vec![tenant_profiles("go-cpu.pb.gz", "t")], 1 << 30).await;
-    let ctx = engine.session("t").unwrap();
+    let ctx = engine.session("t", &Settings::default()).unwrap();
     let rt = ctx.runtime_env();
     assert!(rt.object_store(ObjectStoreUrl::local_filesystem()).is_err());
     assert!(rt
@@ -321,7 +333,10 @@ async fn sql_reaches_no_object_store_but_the_blocks() {
         "DROP TABLE samples",
     ] {
         assert!(
-            engine.execute("t", sql).await.is_err(),
+            engine
+                .execute("t", sql, &Settings::default())
+                .await
+                .is_err(),
             "{sql} was accepted"
         );
     }
@@ -333,7 +348,7 @@ async fn tenant_ids_valid_for_push_are_valid_for_sql() {
         engine_with(vec![tenant_profiles("go-cpu.pb.gz", "acme.prod")], 1 << 30).await;
     let batches = run(&engine, "acme.prod", "SELECT count(*) FROM samples").await;
     assert!(batches[0].column(0).as_primitive::<Int64Type>().value(0) > 0);
-    assert!(engine.session("../x").is_err());
+    assert!(engine.session("../x", &Settings::default()).is_err());
 }
 
 #[tokio::test]
@@ -345,7 +360,7 @@ async fn a_query_past_its_timeout_fails_and_says_so() {
     let (_dir, engine) =
         engine_with_config(vec![profiles("go-heap-large.pb.gz", "heap", "t")], config).await;
     let sql = "SELECT count(DISTINCT s.stack_id * 100 + g.value) FROM samples s CROSS JOIN generate_series(1, 100) g";
-    let err = match engine.execute("t", sql).await {
+    let err = match engine.execute("t", sql, &Settings::default()).await {
         Ok(stream) => stream
             .try_collect::<Vec<_>>()
             .await
@@ -557,6 +572,118 @@ mod compaction {
             assert_eq!(rows[0].0, 2);
             assert!(rows[0].1.contains(&format!("/{tenant}/")), "{rows:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn skip_level0_leaves_out_what_is_not_compacted_yet() {
+        let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+        let a = tenant_profiles("go-cpu.pb.gz", "t");
+        let early = [at(&a, "p1", 0), at(&a, "p2", 10)];
+        let (dir, engine) = engine_with(early.to_vec(), 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let metastore = engine.metastore();
+        let compactor = Compactor::new(
+            store.clone(),
+            metastore.clone(),
+            CompactionConfig {
+                levels: rules(2),
+                delete_delay: Duration::ZERO,
+                ..CompactionConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(compact_all(&compactor).await > 0);
+        // A push that arrives after the compaction: level 0 until the next.
+        let late = at(&a, "p3", 20);
+        let block = write_block(&late, 0).unwrap();
+        store
+            .put(
+                &Path::from(block.meta.path.as_str()),
+                PutPayload::from(block.bytes),
+            )
+            .await
+            .unwrap();
+        metastore.apply(Command::add_block(block.meta)).unwrap();
+
+        let compacted: i64 = input_stacks(&early.concat(), ty).values().sum();
+        let recent: i64 = input_stacks(&late, ty).values().sum();
+        assert!(compacted > 0 && recent > 0);
+        let skip = Settings { skip_level0: true };
+        let flame = format!("SELECT * FROM flamegraph('{ty}', '{{}}', 0, 9999999999999)");
+        let sum = format!("SELECT sum(value) FROM samples WHERE profile_type = '{ty}'");
+        for (settings, want) in [(Settings::default(), compacted + recent), (skip, compacted)] {
+            let (total, _) = frame_stacks(&run_with(&engine, "t", &flame, &settings).await);
+            assert_eq!(total, want, "{settings:?}");
+            let sums = run_with(&engine, "t", &sum, &settings).await;
+            assert_eq!(
+                sums[0].column(0).as_primitive::<Int64Type>().value(0),
+                want,
+                "{settings:?}"
+            );
+        }
+        let shown = run_with(
+            &engine,
+            "t",
+            "SELECT value FROM information_schema.df_settings WHERE name = 'skip_level0'",
+            &Settings { skip_level0: true },
+        )
+        .await;
+        assert_eq!(shown[0].column(0).as_string::<i32>().value(0), "true");
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_deletes_only_outputs_never_committed() {
+        let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+        let a = tenant_profiles("go-cpu.pb.gz", "t");
+        let (dir, engine) = engine_with(vec![at(&a, "p1", 0), at(&a, "p2", 10)], 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let compactor = Compactor::new(
+            store.clone(),
+            engine.metastore(),
+            CompactionConfig {
+                levels: rules(2),
+                delete_delay: Duration::from_secs(3600),
+                ..CompactionConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(compact_all(&compactor).await > 0);
+        let before = answers(&engine, "t", ty).await;
+        // A worker that died between upload and commit left this behind; a
+        // segment whose metadata waits in the dlq looks just as unknown.
+        let orphan = Path::from("blocks/0/t/01JORPHAN0000000000000000/block.bin");
+        let pending = Path::from("segments/0/anonymous/01JPENDING000000000000000/block.bin");
+        for p in [&orphan, &pending] {
+            store.put(p, PutPayload::from_static(b"x")).await.unwrap();
+        }
+        let objects = |store: Arc<dyn ObjectStore>| async move {
+            let mut paths: Vec<String> = store
+                .list(None)
+                .map_ok(|o| o.location.to_string())
+                .try_collect()
+                .await
+                .unwrap();
+            paths.sort();
+            paths
+        };
+        let all = objects(store.clone()).await;
+        assert_eq!(
+            compactor
+                .sweep_orphans(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0,
+            "too young to be an orphan"
+        );
+        assert_eq!(compactor.sweep_orphans(Duration::ZERO).await.unwrap(), 1);
+        let left = objects(store.clone()).await;
+        let gone: Vec<&String> = all.iter().filter(|p| !left.contains(p)).collect();
+        assert_eq!(gone, vec![&orphan.to_string()]);
+        // Retired sources wait for their tombstones, the output is indexed.
+        assert!(left.contains(&pending.to_string()));
+        assert_eq!(answers(&engine, "t", ty).await, before);
     }
 
     #[tokio::test]
