@@ -97,10 +97,14 @@ class Ember:
     def alive(self):
         return self.proc.poll() is None
 
-    def sql(self, query, tenant=None):
-        kwargs = {}
+    def sql(self, query, tenant=None, headers=None):
+        """Runs a query through ADBC; `headers` go with every call."""
+        calls = dict(headers or {})
         if tenant:
-            kwargs["db_kwargs"] = {"adbc.flight.sql.rpc.call_header.x-scope-orgid": tenant}
+            calls["x-scope-orgid"] = tenant
+        kwargs = {}
+        if calls:
+            kwargs["db_kwargs"] = {f"adbc.flight.sql.rpc.call_header.{k}": v for k, v in calls.items()}
         with flightsql.connect(self.flight, autocommit=True, **kwargs) as conn:
             with conn.cursor() as cur:
                 cur.execute(query)

@@ -91,6 +91,26 @@ def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tm
     assert {t: answers(ember, t) for t in ["team-a", "team-b"]} == warm
 
 
+def test_skip_level0_header_leaves_out_what_is_not_compacted_yet(make_ember, tmp_path):
+    ember = make_ember(*FAST, data_dir=tmp_path)
+    for i in range(3):
+        push(ember, "t", f"p{i}")
+    wait_compacted(ember)
+    ember.stop()
+    # A push after the compaction stays at level 0 (no workers now).
+    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path)
+    push(ember, "t", "p3")
+    flame = f"SELECT * FROM flamegraph('{CPU}', '{{}}', 0, {FAR})"
+    everything, _, _ = flame_stacks(ember.sql(flame, tenant="t"))
+    compacted, _, _ = flame_stacks(ember.sql(flame, tenant="t", headers={"x-ember-skip-level0": "true"}))
+    # Four identical pushes, three of them compacted.
+    assert everything > 0 and compacted * 4 == everything * 3, (everything, compacted)
+    explicit, _, _ = flame_stacks(ember.sql(flame, tenant="t", headers={"x-ember-skip-level0": "false"}))
+    assert explicit == everything
+    with pytest.raises(Exception, match="x-ember-skip-level0 must be true or false"):
+        ember.sql(flame, tenant="t", headers={"x-ember-skip-level0": "sometimes"})
+
+
 @pytest.mark.parametrize("step", ["compaction_after_read", "compaction_after_upload",
                                   "compaction_before_commit", "compaction_after_commit"])
 def test_a_crash_at_each_compaction_step_loses_nothing_and_doubles_nothing(make_ember, tmp_path, step):
