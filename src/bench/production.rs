@@ -45,6 +45,11 @@ pub struct ProductionReport {
     pub compaction_cpu_seconds: f64,
     pub compaction_samples_in: f64,
     pub compaction_samples_per_cpu_second: f64,
+    /// The metastore file of the compacted run, sampled every second from
+    /// the first push to the drain: its largest size, and its size once the
+    /// pushes ended.
+    pub metastore_peak_bytes: u64,
+    pub metastore_after_pushes_bytes: u64,
     pub flame: Option<FlameQuery>,
     pub peers: Vec<PeerRun>,
 }
@@ -230,6 +235,35 @@ fn histogram_quantile(metrics: &std::collections::HashMap<String, f64>, name: &s
         .map_or(f64::NAN, |b| b.0)
 }
 
+/// Samples a file's size every second until stopped, then says the largest
+/// and the latest.
+struct FileSizes {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl FileSizes {
+    fn watch(path: std::path::PathBuf) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut peak, mut last) = (0, 0);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                last = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(last);
+                peak = peak.max(last);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            (peak, last)
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or((0, 0))
+    }
+}
+
 /// Waits until no level-0 block, no runnable job and no retired object
 /// waiting for deletion is left.
 async fn drain(server: &Server) -> anyhow::Result<()> {
@@ -309,7 +343,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
         "--compaction-delete-delay-seconds",
         "1",
     ];
+    let metastore_file = compacted_dir.join("metastore.redb");
+    let sizes = FileSizes::watch(metastore_file.clone());
     let (mut server, _) = ingest(&compacted_dir, &compacted_args, &g, clients).await?;
+    report.metastore_after_pushes_bytes = std::fs::metadata(&metastore_file).map_or(0, |m| m.len());
     let cpu0 = server.cpu_seconds()?;
     let samples0 = server
         .metrics()
@@ -320,6 +357,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
     let t = Instant::now();
     drain(&server).await?;
     report.drain_seconds = t.elapsed().as_secs_f64();
+    report.metastore_peak_bytes = sizes.stop().0;
     let m = server.metrics().await?;
     let lag = "ember_compaction_level0_lag_seconds";
     report.lag_p50_s = histogram_quantile(&m, lag, 0.5);
@@ -465,6 +503,14 @@ pub fn markdown(r: &ProductionReport) -> String {
         r.compaction_cpu_seconds,
         r.compaction_samples_in,
         r.compaction_samples_per_cpu_second / 1e3
+    );
+    let _ = writeln!(
+        s,
+        "Metastore file of the compacted run, sampled every second: {:.1} MB when the last push was acknowledged, {:.1} MB at its largest, {:.1} MB once drained (level 0 alone: {:.1} MB).\n",
+        r.metastore_after_pushes_bytes as f64 / 1e6,
+        r.metastore_peak_bytes as f64 / 1e6,
+        r.compacted.metastore_file_bytes as f64 / 1e6,
+        r.level0.metastore_file_bytes as f64 / 1e6
     );
     let _ = writeln!(
         s,
