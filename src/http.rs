@@ -1,5 +1,6 @@
 //! The HTTP surface: Pyroscope's push API (Connect unary, proto and JSON),
-//! the legacy `/ingest`, health and metrics.
+//! the legacy `/ingest`, Pyroscope's query API (`crate::querier`), health
+//! and metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use ember_engine::Authenticator;
 use ember_ingest::distributor::{BodyEncoding, Distributor};
 use ember_ingest::legacy::{multipart_profile, Format, IngestParams};
 use ember_ingest::IngestError;
+use ember_sql::QueryEngine;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::HttpMetrics;
@@ -22,6 +24,7 @@ use crate::metrics::HttpMetrics;
 #[derive(Clone)]
 pub struct AppState {
     pub distributor: Arc<Distributor>,
+    pub engine: Arc<QueryEngine>,
     pub auth: Arc<Authenticator>,
     pub metrics: HttpMetrics,
     pub registry: Arc<Registry>,
@@ -31,6 +34,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/push.v1.PusherService/Push", post(push))
         .route("/ingest", post(ingest))
+        .route(
+            "/querier.v1.QuerierService/{method}",
+            post(crate::querier::handle),
+        )
         .route("/ready", get(|| async { "ready\n" }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -39,10 +46,10 @@ pub fn router(state: AppState) -> Router {
 
 /// A refused request: the status and a Connect error body, whose `message`
 /// says why.
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl IntoResponse for ApiError {
@@ -92,13 +99,13 @@ fn now_nanos() -> i64 {
         .unwrap_or_default()
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// The request's tenant: its credentials' when authentication is on, else
 /// the one `X-Scope-OrgID` names.
-fn request_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, IngestError> {
+pub(crate) fn request_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, IngestError> {
     let tenant = state.auth.tenant(
         header_str(headers, "authorization"),
         header_str(headers, "x-scope-orgid"),

@@ -10,6 +10,7 @@ mod http;
 mod local_store;
 mod metrics;
 mod object_requests;
+mod querier;
 mod query;
 mod serve;
 mod tls;

@@ -219,6 +219,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?);
 
+    if let Err(e) = engine.warm_up().await {
+        tracing::warn!(error = %e, "query warm-up failed");
+    }
     let auth = Arc::new(authenticator(&args)?);
     let http_listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
@@ -230,6 +233,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let app = router(AppState {
         distributor,
+        engine: engine.clone(),
         auth: auth.clone(),
         metrics: http_metrics,
         registry: Arc::new(registry),

@@ -7,6 +7,7 @@ pub mod compaction;
 pub mod flamegraph;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod labels;
 mod lru;
 mod pruning;
 mod session;

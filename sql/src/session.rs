@@ -13,8 +13,8 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
-use ember_engine::{Metastore, TenantId};
-use futures::StreamExt;
+use ember_engine::{Metastore, TenantId, DEFAULT_TENANT};
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use url::Url;
 
@@ -278,6 +278,18 @@ impl QueryEngine {
             .with_allow_dml(false)
             .with_allow_statements(false);
         Ok(ctx.sql_with_options(sql, options).await?)
+    }
+
+    /// Plans and runs a flame graph over an empty range once, before the
+    /// server takes queries: otherwise the first query after a start pays
+    /// for paging in the query code and building the first session.
+    pub async fn warm_up(&self) -> std::result::Result<(), SqlError> {
+        let sql = "SELECT * FROM flamegraph('warm:up:a:b:c', '{}', 0, 1)";
+        self.execute(DEFAULT_TENANT, sql, &Settings::default())
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
     }
 
     /// Runs a statement; the stream fails once the query timeout passes.

@@ -314,6 +314,79 @@ async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() 
 }
 
 #[tokio::test]
+async fn label_calls_answer_from_the_index_what_sql_reads() {
+    use crate::labels::LabelQuery;
+    use ember_engine::selector::Selector;
+    let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+    let a = profiles("go-cpu.pb.gz", "api", "t");
+    let b = profiles("go-cpu-labels.pprof", "web", "t");
+    let other = profiles("go-cpu.pb.gz", "secret", "u");
+    let (_dir, engine) = engine_with(vec![[a, other].concat(), b], 1 << 30).await;
+    let q = |selector: Option<&str>| LabelQuery {
+        tenant: "t".into(),
+        selectors: selector
+            .map(|s| Selector::parse(s).unwrap())
+            .into_iter()
+            .collect(),
+        start: i64::MIN,
+        end: i64::MAX,
+    };
+    let column = |batches: Vec<RecordBatch>| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = b.column(0).as_string::<i32>();
+                (0..b.num_rows())
+                    .map(|i| c.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let services = column(
+        run(
+            &engine,
+            "t",
+            "SELECT DISTINCT service_name FROM profiles ORDER BY 1",
+        )
+        .await,
+    );
+    assert_eq!(engine.label_values("service_name", &q(None)), services);
+    assert_eq!(services, ["api", "web"]);
+    let types = column(
+        run(
+            &engine,
+            "t",
+            "SELECT DISTINCT profile_type FROM profiles ORDER BY 1",
+        )
+        .await,
+    );
+    assert_eq!(engine.profile_types("t", i64::MIN, i64::MAX), types);
+    assert!(types.iter().any(|t| t == ty));
+    let series = column(
+        run(
+            &engine,
+            "t",
+            &format!(
+                "SELECT DISTINCT labels FROM profiles WHERE service_name = 'web' AND profile_type = '{ty}' ORDER BY 1"
+            ),
+        )
+        .await,
+    );
+    let selector = format!("{{service_name=\"web\", __profile_type__=\"{ty}\"}}");
+    let got = engine.series_labels(&q(Some(&selector)));
+    assert_eq!(got.len(), series.len());
+    assert!(got
+        .iter()
+        .all(|l| l.contains(&("service_name".into(), "web".into()))));
+    assert!(engine
+        .label_names(&q(None))
+        .contains(&"__profile_type__".to_string()));
+    assert!(!engine
+        .label_values("service_name", &q(None))
+        .contains(&"secret".to_string()));
+}
+
+#[tokio::test]
 async fn sql_reaches_no_object_store_but_the_blocks() {
     use datafusion::execution::object_store::ObjectStoreUrl;
     let (_dir, engine) = engine_with(vec![tenant_profiles("go-cpu.pb.gz", "t")], 1 << 30).await;

@@ -130,6 +130,12 @@ fn write_dataset(
     })
 }
 
+/// Rows per row group of a level-0 section. A Parquet reader holds a whole
+/// row group's column chunks while it decodes them, and a compaction job
+/// reads its sources side by side: with the default (a million rows) a job
+/// over million-stack segments went past its memory budget.
+pub const ROW_GROUP_ROWS: usize = 32 * 1024;
+
 fn append_section(
     buf: &mut Vec<u8>,
     section: Section,
@@ -140,6 +146,7 @@ fn append_section(
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build();
     let encode = |source| BlockError::Encode {
         section: section.name(),
@@ -327,5 +334,47 @@ impl StackTree {
             Arc::new(name.finish()),
         ];
         RecordBatch::try_new(Section::Stacks.schema(), columns).map_err(arrow_err("stacks"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::file::metadata::ParquetMetaDataReader;
+
+    #[test]
+    fn large_sections_are_cut_into_bounded_row_groups() {
+        let n = 2 * ROW_GROUP_ROWS + 1000;
+        let profile = Profile {
+            tenant: "t".into(),
+            labels: vec![("service_name".into(), "api".into())],
+            profile_type: "cpu:cpu:nanoseconds:cpu:nanoseconds".into(),
+            time_nanos: 1,
+            duration_nanos: 0,
+            period: 0,
+            functions: (0..n).map(|i| format!("f{i}")).collect(),
+            samples: (0..n as u32)
+                .map(|i| crate::profile::Sample {
+                    stack: vec![i],
+                    value: 1,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let block = write_block(&[profile], 0).unwrap();
+        let dataset = &block.meta.datasets[0];
+        for section in [Section::Samples, Section::Stacks] {
+            let meta = dataset.section(section).unwrap();
+            let bytes = block
+                .bytes
+                .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
+            let footer = ParquetMetaDataReader::new()
+                .parse_and_finish(&bytes)
+                .unwrap();
+            let rows: Vec<i64> = footer.row_groups().iter().map(|g| g.num_rows()).collect();
+            assert_eq!(rows.iter().sum::<i64>(), meta.rows as i64, "{section:?}");
+            assert_eq!(rows.len(), 3, "{section:?}: {rows:?}");
+            assert!(rows.iter().all(|&r| r <= ROW_GROUP_ROWS as i64));
+        }
     }
 }

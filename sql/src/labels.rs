@@ -1,0 +1,144 @@
+//! Profile types, label names, label values and series of a tenant in a time
+//! range, answered from the metastore's index and the datasets' series
+//! lists: no section is read.
+//!
+//! A series is reported once per profile type of its dataset, with the
+//! labels Pyroscope derives from the type (`__profile_type__`, `__type__`,
+//! `__unit__`, `__period_type__`, `__period_unit__`, and `__name__` when the
+//! push had none), so that selectors on them work as they do in Pyroscope.
+//! The index keeps types per dataset, not per series: a dataset whose series
+//! push different types reports each series under each of them.
+
+use std::collections::BTreeSet;
+
+use ember_engine::metastore::BlockQuery;
+use ember_engine::profile::{normalise_labels, Labels, METRIC_NAME, PROFILE_TYPE};
+use ember_engine::selector::{parse_series, Selector};
+
+use crate::QueryEngine;
+
+/// The series a label query looks at.
+#[derive(Debug, Clone, Default)]
+pub struct LabelQuery {
+    pub tenant: String,
+    /// A series matches if any selector matches it (Pyroscope's `matchers`
+    /// are alternatives); no selector matches every series.
+    pub selectors: Vec<Selector>,
+    /// Nanoseconds since the epoch, inclusive.
+    pub start: i64,
+    pub end: i64,
+}
+
+impl QueryEngine {
+    /// The profile types with data in the range, sorted.
+    pub fn profile_types(&self, tenant: &str, start: i64, end: i64) -> Vec<String> {
+        let datasets = self.metastore().query(&BlockQuery {
+            tenant: tenant.to_string(),
+            start,
+            end,
+            ..BlockQuery::default()
+        });
+        let types: BTreeSet<&String> = datasets
+            .iter()
+            .flat_map(|d| d.dataset.profile_types.iter())
+            .collect();
+        types.into_iter().cloned().collect()
+    }
+
+    /// Every matching series, with its profile type's labels, sorted.
+    pub fn series_labels(&self, q: &LabelQuery) -> Vec<Labels> {
+        let datasets = self.metastore().query(&BlockQuery {
+            tenant: q.tenant.clone(),
+            start: q.start,
+            end: q.end,
+            ..BlockQuery::default()
+        });
+        let mut out: BTreeSet<Labels> = BTreeSet::new();
+        for d in &datasets {
+            for series in &d.dataset.series {
+                let Some(labels) = parse_series(series) else {
+                    continue;
+                };
+                for ty in &d.dataset.profile_types {
+                    let labels = with_profile_type(labels.clone(), ty);
+                    if q.selectors.is_empty() || q.selectors.iter().any(|s| s.matches(&labels)) {
+                        out.insert(labels);
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Names of the labels of matching series, sorted.
+    pub fn label_names(&self, q: &LabelQuery) -> Vec<String> {
+        let names: BTreeSet<String> = self
+            .series_labels(q)
+            .into_iter()
+            .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
+            .collect();
+        names.into_iter().collect()
+    }
+
+    /// Values of label `name` in matching series, sorted.
+    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
+        let values: BTreeSet<String> = self
+            .series_labels(q)
+            .into_iter()
+            .filter_map(|labels| {
+                labels
+                    .into_iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, value)| value)
+            })
+            .collect();
+        values.into_iter().collect()
+    }
+}
+
+/// `labels` with the labels Pyroscope derives from a profile type ID
+/// (`name:sample_type:sample_unit:period_type:period_unit`).
+fn with_profile_type(mut labels: Labels, profile_type: &str) -> Labels {
+    labels.push((PROFILE_TYPE.to_string(), profile_type.to_string()));
+    let parts: Vec<&str> = profile_type.split(':').collect();
+    if let [name, sample_type, sample_unit, period_type, period_unit] = parts[..] {
+        if !labels.iter().any(|(n, _)| n == METRIC_NAME) {
+            labels.push((METRIC_NAME.to_string(), name.to_string()));
+        }
+        for (n, v) in [
+            ("__type__", sample_type),
+            ("__unit__", sample_unit),
+            ("__period_type__", period_type),
+            ("__period_unit__", period_unit),
+        ] {
+            labels.push((n.to_string(), v.to_string()));
+        }
+    }
+    normalise_labels(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_type_adds_the_labels_pyroscope_derives_from_it() {
+        let labels = with_profile_type(
+            vec![("service_name".into(), "api".into())],
+            "process_cpu:cpu:nanoseconds:cpu:nanoseconds",
+        );
+        let get = |n: &str| labels.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("__profile_type__"),
+            Some("process_cpu:cpu:nanoseconds:cpu:nanoseconds")
+        );
+        assert_eq!(get("__name__"), Some("process_cpu"));
+        assert_eq!(get("__type__"), Some("cpu"));
+        assert_eq!(get("__period_unit__"), Some("nanoseconds"));
+        assert_eq!(get("service_name"), Some("api"));
+        let names: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "labels stay sorted by name");
+    }
+}

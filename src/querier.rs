@@ -1,0 +1,611 @@
+//! Pyroscope's query API, `querier.v1.QuerierService`, over Connect unary
+//! with binary protobuf: what Grafana's Pyroscope data source sends. Label
+//! calls are answered from the index (`ember_sql::labels`); flame graphs are
+//! planned as the SQL `flamegraph()` function, by the same engine.
+//!
+//! Messages keep the package, names and field numbers of Pyroscope's
+//! `api/querier/v1/querier.proto` and `api/types/v1/types.proto`.
+
+use std::collections::HashMap;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ember_engine::selector::Selector;
+use ember_sql::labels::LabelQuery;
+use ember_sql::Settings;
+use futures::TryStreamExt;
+use prost::Message;
+
+use crate::http::{header_str, request_tenant, ApiError, AppState};
+
+/// `types.v1` messages.
+pub mod types_v1 {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelPair {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ProfileType {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(string, tag = "4")]
+        pub sample_type: String,
+        #[prost(string, tag = "5")]
+        pub sample_unit: String,
+        #[prost(string, tag = "6")]
+        pub period_type: String,
+        #[prost(string, tag = "7")]
+        pub period_unit: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Labels {
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<LabelPair>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelValuesRequest {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, repeated, tag = "2")]
+        pub matchers: Vec<String>,
+        #[prost(int64, tag = "3")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelValuesResponse {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelNamesRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub matchers: Vec<String>,
+        #[prost(int64, tag = "2")]
+        pub start: i64,
+        #[prost(int64, tag = "3")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelNamesResponse {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+    }
+}
+
+/// `querier.v1` messages.
+pub mod querier_v1 {
+    use super::types_v1;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ProfileTypesRequest {
+        #[prost(int64, tag = "1")]
+        pub start: i64,
+        #[prost(int64, tag = "2")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ProfileTypesResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub profile_types: Vec<types_v1::ProfileType>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SeriesRequest {
+        #[prost(string, repeated, tag = "1")]
+        pub matchers: Vec<String>,
+        #[prost(string, repeated, tag = "2")]
+        pub label_names: Vec<String>,
+        #[prost(int64, tag = "3")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        pub end: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SeriesResponse {
+        #[prost(message, repeated, tag = "2")]
+        pub labels_set: Vec<types_v1::Labels>,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum ProfileFormat {
+        Unspecified = 0,
+        Flamegraph = 1,
+        Tree = 2,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectMergeStacktracesRequest {
+        #[prost(string, tag = "1")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "5")]
+        pub max_nodes: Option<i64>,
+        #[prost(enumeration = "ProfileFormat", tag = "6")]
+        pub format: i32,
+        /// `types.v1.StackTraceSelector`, kept as bytes: only its presence
+        /// matters until stack trace selectors are served.
+        #[prost(bytes = "vec", optional, tag = "7")]
+        pub stack_trace_selector: Option<Vec<u8>>,
+        #[prost(string, repeated, tag = "8")]
+        pub profile_id_selector: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectMergeStacktracesResponse {
+        #[prost(message, optional, tag = "1")]
+        pub flamegraph: Option<FlameGraph>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub tree: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FlameGraph {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+        #[prost(message, repeated, tag = "2")]
+        pub levels: Vec<Level>,
+        #[prost(int64, tag = "3")]
+        pub total: i64,
+        #[prost(int64, tag = "4")]
+        pub max_self: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Level {
+        #[prost(int64, repeated, tag = "1")]
+        pub values: Vec<i64>,
+    }
+}
+
+use querier_v1::*;
+use types_v1::*;
+
+/// Largest accepted query request body.
+const MAX_QUERY_REQUEST_BYTES: usize = 1 << 20;
+
+/// A Connect error: the status, the code and why.
+fn connect_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    connect_error(StatusCode::BAD_REQUEST, "invalid_argument", message)
+}
+
+fn unimplemented(message: impl Into<String>) -> ApiError {
+    connect_error(StatusCode::NOT_IMPLEMENTED, "unimplemented", message)
+}
+
+fn proto_response(message: &impl Message) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/proto")],
+        Bytes::from(message.encode_to_vec()),
+    )
+        .into_response()
+}
+
+/// `POST /querier.v1.QuerierService/{method}`.
+pub async fn handle(
+    State(state): State<AppState>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match call(&state, &method, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(method, error = %e.message, "query API request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn call(
+    state: &AppState,
+    method: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let tenant = request_tenant(state, headers)?;
+    let content_type = header_str(headers, "content-type").unwrap_or("application/proto");
+    if !content_type.starts_with("application/proto") {
+        return Err(connect_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unimplemented",
+            format!("content type {content_type:?}: the query API serves application/proto"),
+        ));
+    }
+    let body = read_request(headers, body).await?;
+    let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
+    match method {
+        "ProfileTypes" => {
+            let req = decode::<ProfileTypesRequest>(&body)?;
+            let (start, end) = range(req.start, req.end);
+            let profile_types = state
+                .engine
+                .profile_types(&tenant, start, end)
+                .iter()
+                .map(|id| profile_type(id))
+                .collect();
+            Ok(proto_response(&ProfileTypesResponse { profile_types }))
+        }
+        "LabelNames" => {
+            let req = decode::<LabelNamesRequest>(&body)?;
+            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            let names = state.engine.label_names(&q);
+            Ok(proto_response(&LabelNamesResponse { names }))
+        }
+        "LabelValues" => {
+            let req = decode::<LabelValuesRequest>(&body)?;
+            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            let names = state.engine.label_values(&req.name, &q);
+            Ok(proto_response(&LabelValuesResponse { names }))
+        }
+        "Series" => {
+            let req = decode::<SeriesRequest>(&body)?;
+            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            // Projected on `label_names`, distinct series can become one.
+            let sets: std::collections::BTreeSet<ember_engine::Labels> = state
+                .engine
+                .series_labels(&q)
+                .into_iter()
+                .map(|labels| {
+                    labels
+                        .into_iter()
+                        .filter(|(n, _)| req.label_names.is_empty() || req.label_names.contains(n))
+                        .collect()
+                })
+                .collect();
+            let labels_set = sets
+                .into_iter()
+                .map(|labels| Labels {
+                    labels: labels
+                        .into_iter()
+                        .map(|(name, value)| LabelPair { name, value })
+                        .collect(),
+                })
+                .collect();
+            Ok(proto_response(&SeriesResponse { labels_set }))
+        }
+        "SelectMergeStacktraces" => {
+            let req = decode::<SelectMergeStacktracesRequest>(&body)?;
+            let flamegraph = select_merge_stacktraces(state, &tenant, &settings, &req).await?;
+            Ok(proto_response(&SelectMergeStacktracesResponse {
+                flamegraph: Some(flamegraph),
+                tree: Vec::new(),
+            }))
+        }
+        other => Err(unimplemented(format!(
+            "querier.v1.QuerierService/{other} is not served"
+        ))),
+    }
+}
+
+async fn read_request(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let body = axum::body::to_bytes(body, MAX_QUERY_REQUEST_BYTES)
+        .await
+        .map_err(|e| {
+            connect_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "resource_exhausted",
+                format!("query request over {MAX_QUERY_REQUEST_BYTES} bytes: {e}"),
+            )
+        })?;
+    match header_str(headers, "content-encoding") {
+        None | Some("identity") => Ok(body),
+        Some("gzip") => {
+            let mut out = Vec::new();
+            let mut reader = std::io::Read::take(
+                flate2::read::GzDecoder::new(&body[..]),
+                MAX_QUERY_REQUEST_BYTES as u64 + 1,
+            );
+            std::io::Read::read_to_end(&mut reader, &mut out)
+                .map_err(|e| invalid(format!("gzip body: {e}")))?;
+            if out.len() > MAX_QUERY_REQUEST_BYTES {
+                return Err(invalid(format!(
+                    "query request over {MAX_QUERY_REQUEST_BYTES} bytes once decompressed"
+                )));
+            }
+            Ok(Bytes::from(out))
+        }
+        Some(other) => Err(unimplemented(format!("content encoding {other:?}"))),
+    }
+}
+
+fn decode<M: Message + Default>(body: &[u8]) -> Result<M, ApiError> {
+    M::decode(body).map_err(|e| invalid(format!("request body: {e}")))
+}
+
+/// Milliseconds (0: unbounded, as Pyroscope reads a missing range) to an
+/// inclusive range of nanoseconds.
+fn range(start_ms: i64, end_ms: i64) -> (i64, i64) {
+    let start = if start_ms <= 0 {
+        i64::MIN
+    } else {
+        start_ms.saturating_mul(1_000_000)
+    };
+    let end = if end_ms <= 0 {
+        i64::MAX
+    } else {
+        end_ms.saturating_mul(1_000_000)
+    };
+    (start, end)
+}
+
+fn label_query(
+    tenant: &str,
+    matchers: &[String],
+    start_ms: i64,
+    end_ms: i64,
+) -> Result<LabelQuery, ApiError> {
+    let selectors = matchers
+        .iter()
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| Selector::parse(m).map_err(|e| invalid(format!("matcher {m:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (start, end) = range(start_ms, end_ms);
+    Ok(LabelQuery {
+        tenant: tenant.to_string(),
+        selectors,
+        start,
+        end,
+    })
+}
+
+/// A profile type ID split into Pyroscope's message.
+fn profile_type(id: &str) -> ProfileType {
+    let parts: Vec<&str> = id.split(':').collect();
+    let part = |i: usize| parts.get(i).copied().unwrap_or_default().to_string();
+    ProfileType {
+        id: id.to_string(),
+        name: part(0),
+        sample_type: part(1),
+        sample_unit: part(2),
+        period_type: part(3),
+        period_unit: part(4),
+    }
+}
+
+/// A SQL string literal.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+async fn select_merge_stacktraces(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    req: &SelectMergeStacktracesRequest,
+) -> Result<FlameGraph, ApiError> {
+    if req.format == ProfileFormat::Tree as i32 {
+        return Err(unimplemented(
+            "format TREE is not served yet; ask for FLAMEGRAPH",
+        ));
+    }
+    if req.stack_trace_selector.is_some() || !req.profile_id_selector.is_empty() {
+        return Err(unimplemented(
+            "stack trace and profile id selectors are not served yet",
+        ));
+    }
+    let max_nodes = match req.max_nodes {
+        None | Some(0) => ember_sql::flamegraph::DEFAULT_MAX_NODES as i64,
+        Some(n) if n < 0 => return Err(invalid(format!("max_nodes {n} is negative"))),
+        Some(n) => n,
+    };
+    let selector = if req.label_selector.trim().is_empty() {
+        "{}"
+    } else {
+        req.label_selector.as_str()
+    };
+    let (start, end) = (
+        req.start.max(0),
+        if req.end <= 0 {
+            i64::MAX / 1_000_000
+        } else {
+            req.end
+        },
+    );
+    let sql = format!(
+        "SELECT * FROM flamegraph({}, {}, {start}, {end}, {max_nodes})",
+        quoted(&req.profile_type_id),
+        quoted(selector)
+    );
+    let batches: Vec<RecordBatch> = async {
+        state
+            .engine
+            .execute(tenant, &sql, settings)
+            .await?
+            .try_collect()
+            .await
+            .map_err(ember_sql::SqlError::from)
+    }
+    .await
+    .map_err(|e| query_error(&e))?;
+    flame_graph(&batches)
+        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+}
+
+/// A query error as Connect reports it: the client's mistakes are
+/// `invalid_argument`, exhausted memory `resource_exhausted`.
+fn query_error(e: &ember_sql::SqlError) -> ApiError {
+    let text = e.to_string();
+    if text.contains("Resources exhausted") {
+        connect_error(StatusCode::TOO_MANY_REQUESTS, "resource_exhausted", text)
+    } else if text.contains("timed out") || text.contains("timeout") {
+        connect_error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", text)
+    } else {
+        invalid(text)
+    }
+}
+
+/// Grafana's flame graph frame (`level`, `value`, `self`, `label`, depth
+/// first, children by name) as Pyroscope's `FlameGraph`: per level, four
+/// numbers per bar (x offset from the end of the previous bar on that
+/// level, total, self, index into `names`); level 0 is `[0, total, self, 0]`
+/// with `names[0] = "total"`.
+pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
+    let mut graph = FlameGraph::default();
+    let mut name_index: HashMap<String, i64> = HashMap::new();
+    // Per depth: where the last bar ended, and where the next child of the
+    // last bar at that depth starts.
+    let mut last_end: Vec<i64> = Vec::new();
+    let mut child_x: Vec<i64> = Vec::new();
+    for b in batches {
+        let column = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| format!("flame graph frame without {name}"))
+        };
+        let level = column("level")?.as_primitive::<Int64Type>();
+        let value = column("value")?.as_primitive::<Int64Type>();
+        let own = column("self")?.as_primitive::<Int64Type>();
+        let label = column("label")?.as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
+            if depth > graph.levels.len() || (depth == 0) != graph.levels.is_empty() {
+                return Err(format!(
+                    "row {i} at level {depth} is out of depth-first order"
+                ));
+            }
+            let x = if depth == 0 { 0 } else { child_x[depth - 1] };
+            if depth > 0 {
+                child_x[depth - 1] += value.value(i);
+            }
+            child_x.truncate(depth);
+            child_x.push(x);
+            if depth == graph.levels.len() {
+                graph.levels.push(Level::default());
+                last_end.push(0);
+            }
+            let next = name_index.len() as i64;
+            let name = *name_index
+                .entry(label.value(i).to_string())
+                .or_insert_with(|| {
+                    graph.names.push(label.value(i).to_string());
+                    next
+                });
+            graph.levels[depth].values.extend([
+                x - last_end[depth],
+                value.value(i),
+                own.value(i),
+                name,
+            ]);
+            last_end[depth] = x + value.value(i);
+            if depth == 0 {
+                graph.total = value.value(i);
+            }
+            graph.max_self = graph.max_self.max(own.value(i));
+        }
+    }
+    Ok(graph)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use std::sync::Arc;
+
+    fn frame(rows: &[(i64, i64, i64, &str)]) -> RecordBatch {
+        RecordBatch::try_from_iter([
+            (
+                "level",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as _,
+            ),
+            (
+                "value",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))) as _,
+            ),
+            (
+                "self",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))) as _,
+            ),
+            (
+                "label",
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))) as _,
+            ),
+        ])
+        .unwrap()
+    }
+
+    /// (x, total, self, name) of every bar, offsets decoded as Grafana does.
+    fn bars(g: &FlameGraph) -> Vec<Vec<(i64, i64, i64, String)>> {
+        g.levels
+            .iter()
+            .map(|l| {
+                let mut end = 0;
+                l.values
+                    .chunks(4)
+                    .map(|v| {
+                        let x = end + v[0];
+                        end = x + v[1];
+                        (x, v[1], v[2], g.names[v[3] as usize].clone())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_depth_first_frame_becomes_delta_encoded_levels() {
+        // total 11: gc 1; main 10 = a 5 (x 3, self 2) + b 5.
+        let g = flame_graph(&[frame(&[
+            (0, 11, 0, "total"),
+            (1, 1, 1, "gc"),
+            (1, 10, 0, "main"),
+            (2, 5, 2, "a"),
+            (3, 3, 3, "x"),
+            (2, 5, 5, "b"),
+        ])])
+        .unwrap();
+        assert_eq!(g.names[0], "total");
+        assert_eq!(g.levels[0].values, vec![0, 11, 0, 0]);
+        assert_eq!((g.total, g.max_self), (11, 5));
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            bars(&g),
+            vec![
+                vec![(0, 11, 0, s("total"))],
+                vec![(0, 1, 1, s("gc")), (1, 10, 0, s("main"))],
+                vec![(1, 5, 2, s("a")), (6, 5, 5, s("b"))],
+                vec![(1, 3, 3, s("x"))],
+            ]
+        );
+        // Offsets are relative to the previous bar's end on the level.
+        assert_eq!(g.levels[2].values, vec![1, 5, 2, 3, 0, 5, 5, 5]);
+    }
+
+    #[test]
+    fn a_frame_out_of_order_is_an_error() {
+        assert!(flame_graph(&[frame(&[(1, 1, 1, "a")])]).is_err());
+        assert!(flame_graph(&[frame(&[(0, 1, 0, "total"), (2, 1, 1, "a")])]).is_err());
+    }
+}
