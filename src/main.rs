@@ -42,7 +42,6 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     no_transparent_huge_pages();
-    return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
@@ -70,17 +69,4 @@ fn no_transparent_huge_pages() {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
-}
-
-/// `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys does
-/// not name it.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc returns freed pages to the kernel 10 ms after the fact by
-/// default, and under a compaction job's churn those pages piled up: a job
-/// budgeted at 256 MiB peaked at 424 MiB of RSS, 223 MiB with no delay.
-fn return_freed_memory_at_once() {
-    // SAFETY: sets one of the allocator's options, touching no memory of
-    // ours; mimalloc reads the option at every purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }
