@@ -83,6 +83,11 @@ pub struct BenchArgs {
     /// Minutes of current time the production-shaped run covers.
     #[arg(long, default_value_t = 60)]
     production_minutes: i64,
+    /// Compaction thresholds of the production-shaped run, as
+    /// `--compaction-levels` takes them (Pyroscope v2's by default; small
+    /// ones let a short run reach level 2 without waiting 12 min).
+    #[arg(long, default_value = "20:36,10:720,10:10800")]
+    production_compaction_levels: String,
     /// Only the production-shaped run (writes production.md/json).
     #[arg(long)]
     production_only: bool,

@@ -315,8 +315,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
         requests: g.requests.len(),
         simulated_minutes: args.production_minutes,
         pprof_gzip_bytes: g.pprof_gzip_bytes,
-        compaction_levels:
-            "20:36,10:720,10:10800 (the defaults); retired objects deleted after 1 s".into(),
+        compaction_levels: format!(
+            "{}; retired objects deleted after 1 s",
+            args.production_compaction_levels
+        ),
         ..ProductionReport::default()
     };
 
@@ -355,6 +357,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
         "1",
         "--compaction-delete-delay-seconds",
         "1",
+        "--compaction-levels",
+        args.production_compaction_levels.as_str(),
     ];
     let metastore_file = compacted_dir.join("metastore.redb");
     let sizes = FileSizes::watch(metastore_file.clone());

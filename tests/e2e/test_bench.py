@@ -18,6 +18,8 @@ def test_bench_small_run_is_consistent(tmp_path):
          "--repeats", "2", "--mixed-seconds", "2", "--lone-pushes", "3",
          "--metastore-blocks", "2000", "--python", sys.executable,
          "--production-series", "4", "--production-minutes", "2", "--compaction-jobs", "20000:500",
+         # Small thresholds: level 2 within seconds, not after the 12 min L1 age.
+         "--production-compaction-levels", "3:1,4:2",
          "--peers-script", str(ROOT / "benches" / "e2e" / "peers.py")],
         capture_output=True, text=True, timeout=900,
     )
