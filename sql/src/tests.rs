@@ -498,6 +498,21 @@ mod compaction {
         jobs
     }
 
+    /// A compactor with [`rules`]`(2)`, deleting retired objects after
+    /// `delete_delay`.
+    fn compactor(
+        store: Arc<dyn ObjectStore>,
+        metastore: Arc<Metastore>,
+        delete_delay: Duration,
+    ) -> Compactor {
+        let config = CompactionConfig {
+            levels: rules(2),
+            delete_delay,
+            ..CompactionConfig::default()
+        };
+        Compactor::new(store, metastore, config).unwrap()
+    }
+
     fn rules(max_blocks: u32) -> Vec<LevelRule> {
         vec![
             LevelRule {
@@ -575,16 +590,7 @@ mod compaction {
             "the retry counts twice before"
         );
 
-        let compactor = Compactor::new(
-            store.clone(),
-            metastore.clone(),
-            CompactionConfig {
-                levels: rules(2),
-                delete_delay: Duration::ZERO,
-                ..CompactionConfig::default()
-            },
-        )
-        .unwrap();
+        let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
         let jobs = compact_all(&compactor).await;
         assert!(jobs >= 4, "{jobs} jobs");
 
@@ -656,16 +662,7 @@ mod compaction {
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
         let metastore = engine.metastore();
-        let compactor = Compactor::new(
-            store.clone(),
-            metastore.clone(),
-            CompactionConfig {
-                levels: rules(2),
-                delete_delay: Duration::ZERO,
-                ..CompactionConfig::default()
-            },
-        )
-        .unwrap();
+        let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
         assert!(compact_all(&compactor).await > 0);
         // A push that arrives after the compaction: level 0 until the next.
         let late = at(&a, "p3", 20);
@@ -712,16 +709,7 @@ mod compaction {
         let (dir, engine) = engine_with(vec![at(&a, "p1", 0), at(&a, "p2", 10)], 1 << 30).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let compactor = Compactor::new(
-            store.clone(),
-            engine.metastore(),
-            CompactionConfig {
-                levels: rules(2),
-                delete_delay: Duration::from_secs(3600),
-                ..CompactionConfig::default()
-            },
-        )
-        .unwrap();
+        let compactor = compactor(store.clone(), engine.metastore(), Duration::from_secs(3600));
         assert!(compact_all(&compactor).await > 0);
         let before = answers(&engine, "t", ty).await;
         // A worker that died between upload and commit left this behind; a
