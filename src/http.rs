@@ -259,8 +259,27 @@ async fn ingest_inner(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    encoded_metrics(&state.registry)
+}
+
+/// The routes of a process that serves no API: health and metrics only
+/// (a compaction worker of its own).
+pub fn health_router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/ready", get(|| async { "ready\n" }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move { encoded_metrics(&registry) }
+            }),
+        )
+}
+
+fn encoded_metrics(registry: &Registry) -> Response {
     let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
     (

@@ -1,13 +1,10 @@
 //! `ember`: the one binary of every role.
 
-// glibc's malloc returns each freed large buffer to the kernel and faults it
-// in again on the next query; mimalloc keeps freed pages for reuse.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
+mod allocator;
 mod bench;
 mod http;
 mod local_store;
+mod metastore_rpc;
 mod metrics;
 mod object_requests;
 mod querier;
@@ -41,7 +38,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    no_transparent_huge_pages();
+    allocator::no_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
@@ -56,17 +53,5 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve::serve(*args)),
         Command::Query(args) => runtime.block_on(query::query(args)),
         Command::Bench(args) => runtime.block_on(bench::bench(*args)),
-    }
-}
-
-/// mimalloc asks for transparent huge pages, which the kernel zeroes 2 MiB at
-/// a time on first touch: the first flame graph after a start paid ~40 ms of
-/// page clearing for a few hundred KiB it used.
-fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no
-    // memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ember_engine::metastore::LevelRule;
+use ember_engine::metastore::{InProcess, MetastoreClient};
 use ember_engine::{Authenticator, Metastore};
 use ember_flight::EmberFlightSql;
 use ember_ingest::distributor::Distributor;
@@ -16,20 +17,38 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
-use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor, Retention};
+use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor, Lifecycle, Retention};
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
-use crate::http::{router, AppState};
+use crate::http::{health_router, router, AppState};
 use crate::local_store::SyncedLocalStore;
+use crate::metastore_rpc::RemoteMetastore;
 use crate::metrics::HttpMetrics;
 use crate::object_requests::{CountingStore, ObjectRequestMetrics};
 use crate::tls::{TlsFiles, TlsListener};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Roles this process runs, Pyroscope v2's names: `all`, or a comma
+    /// list of distributor, segment-writer, metastore, query-frontend,
+    /// query-backend, compaction-worker. A process without the metastore
+    /// reaches one through `--metastore-url`.
+    #[arg(long, default_value = "all", env = "EMBER_ROLES")]
+    roles: String,
+    /// Serve the metastore's commands to roles in other processes on this
+    /// address (requires `--cluster-token`). Keep it on an internal network.
+    #[arg(long, env = "EMBER_METASTORE_LISTEN_ADDR", requires = "cluster_token")]
+    metastore_listen_addr: Option<SocketAddr>,
+    /// The metastore's `--metastore-listen-addr`, as `http://host:port`, for
+    /// a process that runs no metastore (requires `--cluster-token`).
+    #[arg(long, env = "EMBER_METASTORE_URL", requires = "cluster_token")]
+    metastore_url: Option<String>,
+    /// Shared secret between the metastore and roles in other processes.
+    #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
     /// Holds the object store (`objects/`) and the metastore file.
     #[arg(long, default_value = "./data", env = "EMBER_DATA_DIR")]
     data_dir: PathBuf,
@@ -144,27 +163,17 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let objects = args.data_dir.join("objects");
-    std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
-    let objects = objects
-        .canonicalize()
-        .with_context(|| format!("resolving {}", objects.display()))?;
-    let mut local: Arc<dyn ObjectStore> = Arc::new(
-        SyncedLocalStore::new(objects.clone())
-            .with_context(|| format!("opening {}", objects.display()))?,
-    );
-    let faults = Arc::new(match &args.faults {
-        Some(spec) => Faults::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?,
-        None => Faults::default(),
-    });
-    if args.faults.is_some() {
-        tracing::warn!(spec = ?args.faults, "fault injection on: for tests only");
+    let roles = Roles::parse(&args.roles).map_err(|e| anyhow::anyhow!("--roles: {e}"))?;
+    if let Some(token) = &args.cluster_token {
+        anyhow::ensure!(
+            token.len() >= 16,
+            "--cluster-token: at least 16 characters (it guards every change to the index)"
+        );
     }
-    if faults.touches_store() {
-        local = Arc::new(FaultStore::new(local, faults.clone()));
+    if !roles.has(Role::Metastore) {
+        return serve_compaction_worker(args).await;
     }
-    let object_metrics = ObjectRequestMetrics::default();
-    let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
+    let (store, object_metrics, faults) = open_store(&args)?;
     let metastore_path = args.data_dir.join("metastore.redb");
     let metastore = Arc::new(
         Metastore::open(&metastore_path)
@@ -184,13 +193,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
     let limits = limits(&args)?;
-    start_compaction(
-        &args,
-        &limits,
-        store.clone(),
-        metastore.clone(),
-        &mut registry,
-    )?;
+    let compaction = compaction_config(&args, &limits)?;
+    start_lifecycle(&compaction, store.clone(), metastore.clone(), &mut registry);
+    if roles.has(Role::CompactionWorker) {
+        let workers = args.compaction_workers.unwrap_or_else(half_the_cpus);
+        let client = Arc::new(InProcess(metastore.clone()));
+        start_workers(
+            &args,
+            compaction,
+            store.clone(),
+            client,
+            workers,
+            &mut registry,
+        )?;
+    }
+    if let Some(addr) = args.metastore_listen_addr {
+        serve_metastore_commands(addr, metastore.clone(), &args).await?;
+    }
 
     let writer = Arc::new(SegmentWriter::start(
         SegmentConfig {
@@ -200,7 +219,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         Sink {
             store: store.clone(),
-            metastore: metastore.clone(),
+            metastore: Arc::new(InProcess(metastore.clone())),
             faults,
         },
         segment_metrics,
@@ -272,20 +291,107 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The planner and the deleter on the main runtime (they only apply
-/// metastore commands), and each worker on a thread of its own at a lower
-/// priority than ingest and queries.
-fn start_compaction(
+/// The object store every role of this process shares: the local
+/// directory `<data-dir>/objects`, counted, with test faults when asked.
+fn open_store(
     args: &ServeArgs,
-    limits: &Limits,
-    store: Arc<dyn ObjectStore>,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjectRequestMetrics, Arc<Faults>)> {
+    let objects = args.data_dir.join("objects");
+    std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
+    let objects = objects
+        .canonicalize()
+        .with_context(|| format!("resolving {}", objects.display()))?;
+    let mut local: Arc<dyn ObjectStore> = Arc::new(
+        SyncedLocalStore::new(objects.clone())
+            .with_context(|| format!("opening {}", objects.display()))?,
+    );
+    let faults = Arc::new(match &args.faults {
+        Some(spec) => Faults::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?,
+        None => Faults::default(),
+    });
+    if args.faults.is_some() {
+        tracing::warn!(spec = ?args.faults, "fault injection on: for tests only");
+    }
+    if faults.touches_store() {
+        local = Arc::new(FaultStore::new(local, faults.clone()));
+    }
+    let object_metrics = ObjectRequestMetrics::default();
+    let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
+    Ok((store, object_metrics, faults))
+}
+
+/// `--roles compaction-worker` without the metastore: workers that lease
+/// jobs from the metastore at `--metastore-url`, and health and metrics on
+/// `--http-addr`.
+async fn serve_compaction_worker(args: ServeArgs) -> anyhow::Result<()> {
+    let (Some(url), Some(token)) = (&args.metastore_url, &args.cluster_token) else {
+        anyhow::bail!(
+            "--roles {}: a process without the metastore reaches it through \
+             --metastore-url http://host:port and --cluster-token (the metastore's \
+             process serves them with --metastore-listen-addr)",
+            args.roles
+        );
+    };
+    // This process runs nothing but compaction jobs, so freed pages go back
+    // to the kernel at once: a job then stays within its memory budget in
+    // RSS too (see BENCHMARKS.md, job memory).
+    crate::allocator::return_freed_memory_at_once();
+    let (store, object_metrics, _faults) = open_store(&args)?;
+    let client = Arc::new(RemoteMetastore::new(url, token)?);
+    let mut registry = Registry::default();
+    object_metrics.register(&mut registry);
+    let limits = limits(&args)?;
+    let config = compaction_config(&args, &limits)?;
+    let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
+    anyhow::ensure!(
+        workers > 0,
+        "--compaction-workers 0 leaves this process nothing to do"
+    );
+    start_workers(&args, config, store, client, workers, &mut registry)?;
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    info!(http = %listener.local_addr()?, metastore = url, workers, "compaction worker serving");
+    axum::serve(listener, health_router(Arc::new(registry)))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
+    info!("ember stopped");
+    Ok(())
+}
+
+/// The metastore's commands for roles in other processes, on their own
+/// listener.
+async fn serve_metastore_commands(
+    addr: SocketAddr,
     metastore: Arc<Metastore>,
-    registry: &mut Registry,
+    args: &ServeArgs,
 ) -> anyhow::Result<()> {
+    let token = args
+        .cluster_token
+        .as_deref()
+        .context("--metastore-listen-addr needs --cluster-token")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
+    info!(addr = %listener.local_addr()?, "metastore commands served to other processes");
+    let app = crate::metastore_rpc::router(metastore, token);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+        {
+            tracing::error!(error = %e, "metastore command server stopped");
+        }
+    });
+    Ok(())
+}
+
+fn compaction_config(args: &ServeArgs, limits: &Limits) -> anyhow::Result<CompactionConfig> {
     let spill_dir = args.data_dir.join("compaction-tmp");
     std::fs::create_dir_all(&spill_dir)
         .with_context(|| format!("creating {}", spill_dir.display()))?;
-    let config = CompactionConfig {
+    Ok(CompactionConfig {
         levels: parse_levels(&args.compaction_levels)
             .map_err(|e| anyhow::anyhow!("--compaction-levels: {e}"))?,
         job_memory_limit: args.compaction_memory_limit,
@@ -303,7 +409,35 @@ fn start_compaction(
                 .collect(),
         },
         ..CompactionConfig::default()
-    };
+    })
+}
+
+/// The planner, retention and the deleter, beside the metastore on the
+/// main runtime (they only apply its commands and delete objects).
+fn start_lifecycle(
+    config: &CompactionConfig,
+    store: Arc<dyn ObjectStore>,
+    metastore: Arc<Metastore>,
+    registry: &mut Registry,
+) {
+    let lifecycle = Lifecycle::new(store, metastore, config.clone());
+    lifecycle.metrics.register(registry);
+    let lifecycle = Arc::new(lifecycle);
+    tokio::spawn(lifecycle.clone().plan_forever());
+    tokio::spawn(lifecycle.delete_forever());
+    info!(levels = ?config.levels.len(), "compaction planned");
+}
+
+/// Each worker on a thread of its own at a lower priority than ingest and
+/// queries.
+fn start_workers(
+    args: &ServeArgs,
+    config: CompactionConfig,
+    store: Arc<dyn ObjectStore>,
+    metastore: Arc<dyn MetastoreClient>,
+    workers: usize,
+    registry: &mut Registry,
+) -> anyhow::Result<()> {
     let mut compactor = Compactor::new(store, metastore, config)?;
     if let Some(step) = &args.compaction_crash_at {
         let at = CompactionStep::parse(step)
@@ -318,11 +452,6 @@ fn start_compaction(
     }
     compactor.metrics.register(registry);
     let compactor = Arc::new(compactor);
-    tokio::spawn(compactor.clone().plan_forever());
-    tokio::spawn(compactor.clone().delete_forever());
-    let workers = args.compaction_workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-    });
     for i in 0..workers {
         let compactor = compactor.clone();
         let name = format!("compaction-{i}");
@@ -340,8 +469,87 @@ fn start_compaction(
             })
             .context("starting a compaction worker")?;
     }
-    info!(workers, levels = %args.compaction_levels, "compaction on");
+    info!(workers, levels = %args.compaction_levels, "compaction workers on");
     Ok(())
+}
+
+fn all_the_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// In a process that also ingests and answers queries.
+fn half_the_cpus() -> usize {
+    (all_the_cpus() / 2).max(1)
+}
+
+/// One of Pyroscope v2's roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Distributor,
+    SegmentWriter,
+    Metastore,
+    QueryFrontend,
+    QueryBackend,
+    CompactionWorker,
+}
+
+const ROLES: [(&str, Role); 6] = [
+    ("distributor", Role::Distributor),
+    ("segment-writer", Role::SegmentWriter),
+    ("metastore", Role::Metastore),
+    ("query-frontend", Role::QueryFrontend),
+    ("query-backend", Role::QueryBackend),
+    ("compaction-worker", Role::CompactionWorker),
+];
+
+/// The roles of this process, checked to be a layout Ember can run.
+#[derive(Debug, PartialEq)]
+struct Roles(std::collections::BTreeSet<Role>);
+
+impl Roles {
+    fn parse(spec: &str) -> Result<Self, String> {
+        let mut roles = std::collections::BTreeSet::new();
+        for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if name == "all" {
+                roles.extend(ROLES.iter().map(|(_, r)| *r));
+                continue;
+            }
+            let role = ROLES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, r)| *r)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = ROLES.iter().map(|(n, _)| *n).collect();
+                    format!("unknown role {name:?}; roles are all, {}", known.join(", "))
+                })?;
+            roles.insert(role);
+        }
+        if roles.is_empty() {
+            return Err("name at least one role".into());
+        }
+        let roles = Self(roles);
+        let beside_metastore = [
+            Role::Distributor,
+            Role::SegmentWriter,
+            Role::QueryFrontend,
+            Role::QueryBackend,
+        ];
+        let metastore_process =
+            roles.has(Role::Metastore) && beside_metastore.iter().all(|r| roles.has(*r));
+        let worker_process = roles.0.len() == 1 && roles.has(Role::CompactionWorker);
+        if !metastore_process && !worker_process {
+            return Err(format!(
+                "{spec:?}: Ember runs the metastore with the distributor, segment writer \
+                 and query roles in one process (`all`, or all but compaction-worker), \
+                 and `compaction-worker` alone in as many other processes as you like"
+            ));
+        }
+        Ok(roles)
+    }
+
+    fn has(&self, role: Role) -> bool {
+        self.0.contains(&role)
+    }
 }
 
 /// `20:36,10:720` -> one rule per level: blocks per job, age in seconds.
@@ -446,4 +654,40 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_the_layouts_ember_runs() {
+        let all = Roles::parse("all").unwrap();
+        assert!(ROLES.iter().all(|(_, r)| all.has(*r)));
+        let no_worker =
+            Roles::parse("distributor, segment-writer,metastore,query-frontend,query-backend")
+                .unwrap();
+        assert!(!no_worker.has(Role::CompactionWorker));
+        assert!(no_worker.has(Role::Metastore));
+        let worker = Roles::parse("compaction-worker").unwrap();
+        assert!(worker.has(Role::CompactionWorker) && !worker.has(Role::Metastore));
+
+        let e = Roles::parse("compactor").unwrap_err();
+        assert!(
+            e.contains("unknown role \"compactor\"") && e.contains("compaction-worker"),
+            "{e}"
+        );
+        assert!(Roles::parse("").is_err());
+        for split in [
+            "metastore",
+            "distributor,segment-writer",
+            "compaction-worker,query-frontend",
+        ] {
+            let e = Roles::parse(split).unwrap_err();
+            assert!(
+                e.contains("alone in as many other processes"),
+                "{split}: {e}"
+            );
+        }
+    }
 }

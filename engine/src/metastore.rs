@@ -8,6 +8,7 @@
 //! leased, failed, committed by commands) and the tombstones of objects
 //! that a commit retired and that are deleted after a delay.
 
+mod client;
 mod jobs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -18,6 +19,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thiserror::Error;
 
+pub use client::{AddBlocks, AppliedReply, ErrorReply, InProcess, MetastoreClient};
 pub use jobs::{
     ApplyRetention, CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction,
     RemoveTombstones, RenewLease, TenantRetention, Tombstone, MAX_JOB_FAILURES,
@@ -56,6 +58,9 @@ pub enum MetastoreError {
     /// The job is gone or leased to someone else: the caller must stop.
     #[error("compaction job {job}: {reason}")]
     Lease { job: String, reason: String },
+    /// The metastore could not be reached or did not answer.
+    #[error("metastore unavailable: {0}")]
+    Unavailable(String),
 }
 
 fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ember_engine::block::{write_block, BlockMeta};
-use ember_engine::metastore::{partition_of, Command, Metastore};
+use ember_engine::metastore::{partition_of, Command, Metastore, MetastoreClient};
 use ember_engine::profile::Profile;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -143,7 +143,8 @@ pub struct SegmentWriter {
 #[derive(Clone)]
 pub struct Sink {
     pub store: Arc<dyn ObjectStore>,
-    pub metastore: Arc<Metastore>,
+    /// In this process, or the metastore's over the network.
+    pub metastore: Arc<dyn MetastoreClient>,
     /// Injected by tests only (`--faults`); none by default.
     pub faults: Arc<Faults>,
 }
@@ -355,13 +356,14 @@ impl ShardWorker {
         let delay = faults
             .roll(faults.metastore_delay_rate)
             .then_some(faults.metastore_delay);
+        // A task of its own: like a metastore across the network, it may
+        // still apply the command after this flush gave up waiting.
         let metastore = self.sink.metastore.clone();
-        let commands = metas.into_iter().map(Command::add_block).collect();
-        let apply = tokio::task::spawn_blocking(move || {
+        let apply = tokio::spawn(async move {
             if let Some(d) = delay {
-                std::thread::sleep(d);
+                tokio::time::sleep(d).await;
             }
-            metastore.apply_all(commands)
+            metastore.add_blocks(metas).await
         });
         match tokio::time::timeout(self.config.metadata_timeout, apply).await {
             Ok(Ok(Ok(()))) => Ok(()),

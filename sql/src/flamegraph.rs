@@ -468,7 +468,7 @@ fn samples_input(
     let filter = sample_filter(q, &datasets);
     let table = SectionTable::new(
         Section::Samples,
-        storage.clone(),
+        storage.store.clone(),
         DatasetSource::Fixed(Arc::new(datasets)),
     );
     let mut plan = LogicalPlanBuilder::scan("samples", provider_as_source(Arc::new(table)), None)?;

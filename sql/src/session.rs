@@ -104,19 +104,6 @@ pub(crate) struct Storage {
     pub totals: Arc<TotalsCache>,
 }
 
-impl Storage {
-    /// Storage for plans that only scan sections they are given (the
-    /// compaction worker): no caches.
-    pub fn for_scans(store: Arc<dyn ObjectStore>, metastore: Arc<Metastore>) -> Self {
-        Self {
-            store,
-            metastore,
-            stacks: Arc::new(StackDictionary::new(0)),
-            totals: Arc::new(TotalsCache::new(0)),
-        }
-    }
-}
-
 /// Tenants whose built session state is kept (an entry counts as one).
 const CACHED_SESSIONS: usize = 1024;
 
@@ -229,8 +216,11 @@ impl QueryEngine {
         for section in TABLES {
             let table = SectionTable::new(
                 section,
-                self.storage.clone(),
-                DatasetSource::Tenant(tenant.to_string()),
+                self.storage.store.clone(),
+                DatasetSource::Tenant {
+                    tenant: tenant.to_string(),
+                    metastore: self.storage.metastore.clone(),
+                },
             );
             schema.register_table(section.name().to_string(), Arc::new(table))?;
         }

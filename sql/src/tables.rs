@@ -27,11 +27,10 @@ use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
 use ember_engine::block::{Section, SectionMeta, SectionReader};
 use ember_engine::metastore::BlockQuery;
-use ember_engine::DatasetRef;
+use ember_engine::{DatasetRef, Metastore};
 use object_store::ObjectStore;
 
 use crate::pruning::{scan_bounds, ScanBounds};
-use crate::session::Storage;
 use crate::settings::Settings;
 
 pub const TABLES: [Section; 3] = [Section::Samples, Section::Profiles, Section::Stacks];
@@ -45,17 +44,29 @@ pub fn store_url() -> ObjectStoreUrl {
 }
 
 /// Which datasets a table reads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum DatasetSource {
     /// Whatever the metastore finds for this tenant and the scan's filters.
-    Tenant(String),
+    Tenant {
+        tenant: String,
+        metastore: Arc<Metastore>,
+    },
     /// Datasets already chosen (by a profile function).
     Fixed(Arc<Vec<DatasetRef>>),
 }
 
+impl fmt::Debug for DatasetSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatasetSource::Tenant { tenant, .. } => write!(f, "Tenant({tenant})"),
+            DatasetSource::Fixed(d) => write!(f, "Fixed({} datasets)", d.len()),
+        }
+    }
+}
+
 pub struct SectionTable {
     section: Section,
-    storage: Storage,
+    store: Arc<dyn ObjectStore>,
     source: DatasetSource,
     sorted: bool,
 }
@@ -72,10 +83,10 @@ impl fmt::Debug for SectionTable {
 }
 
 impl SectionTable {
-    pub fn new(section: Section, storage: Storage, source: DatasetSource) -> Self {
+    pub fn new(section: Section, store: Arc<dyn ObjectStore>, source: DatasetSource) -> Self {
         Self {
             section,
-            storage,
+            store,
             source,
             sorted: false,
         }
@@ -92,7 +103,7 @@ impl SectionTable {
     fn datasets(&self, bounds: &ScanBounds, settings: &Settings) -> Vec<DatasetRef> {
         match &self.source {
             DatasetSource::Fixed(d) => d.as_ref().clone(),
-            DatasetSource::Tenant(tenant) => {
+            DatasetSource::Tenant { tenant, metastore } => {
                 let mut q = BlockQuery {
                     tenant: tenant.clone(),
                     start: bounds.start,
@@ -107,7 +118,7 @@ impl SectionTable {
                     q.end = i64::MAX;
                     q.profile_types = None;
                 }
-                self.storage.metastore.query(&q)
+                metastore.query(&q)
             }
         }
     }
@@ -261,7 +272,7 @@ impl TableProvider for SectionTable {
         };
         section_scan(
             state,
-            self.storage.store.clone(),
+            self.store.clone(),
             self.section,
             &datasets,
             projection,

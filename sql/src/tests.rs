@@ -462,7 +462,8 @@ fn flamegraph_args_corpus_replays_without_panics() {
 
 mod compaction {
     use super::*;
-    use crate::compaction::{CompactionConfig, Compactor};
+    use crate::compaction::{CompactionConfig, Compactor, Lifecycle};
+    use ember_engine::metastore::InProcess;
     use ember_engine::metastore::{BlockQuery, LevelRule};
     use std::time::Duration;
 
@@ -481,12 +482,12 @@ mod compaction {
 
     /// Runs planner and workers until nothing is left to do, then deletes
     /// what was retired.
-    async fn compact_all(c: &Compactor) -> usize {
+    async fn compact_all(c: &Compaction) -> usize {
         let mut jobs = 0;
         loop {
-            let planned = c.plan_once().await.unwrap();
+            let planned = c.lifecycle.plan_once().await.unwrap();
             let mut worked = false;
-            while c.work_once("w").await.unwrap() {
+            while c.worker.work_once("w").await.unwrap() {
                 worked = true;
                 jobs += 1;
             }
@@ -494,8 +495,26 @@ mod compaction {
                 break;
             }
         }
-        c.delete_due().await.unwrap();
+        c.lifecycle.delete_due().await.unwrap();
         jobs
+    }
+
+    /// Both sides of compaction over one metastore: the lifecycle beside
+    /// it, a worker reaching it as any worker does, through a client.
+    struct Compaction {
+        lifecycle: Lifecycle,
+        worker: Compactor,
+    }
+
+    fn compaction(
+        store: Arc<dyn ObjectStore>,
+        metastore: Arc<Metastore>,
+        config: CompactionConfig,
+    ) -> Compaction {
+        Compaction {
+            lifecycle: Lifecycle::new(store.clone(), metastore.clone(), config.clone()),
+            worker: Compactor::new(store, Arc::new(InProcess(metastore)), config).unwrap(),
+        }
     }
 
     /// A compactor with [`rules`]`(2)`, deleting retired objects after
@@ -504,13 +523,13 @@ mod compaction {
         store: Arc<dyn ObjectStore>,
         metastore: Arc<Metastore>,
         delete_delay: Duration,
-    ) -> Compactor {
+    ) -> Compaction {
         let config = CompactionConfig {
             levels: rules(2),
             delete_delay,
             ..CompactionConfig::default()
         };
-        Compactor::new(store, metastore, config).unwrap()
+        compaction(store, metastore, config)
     }
 
     fn rules(max_blocks: u32) -> Vec<LevelRule> {
@@ -612,7 +631,7 @@ mod compaction {
             blocks.iter().all(|p| p.starts_with("blocks/")),
             "{blocks:?}"
         );
-        assert_eq!(compactor.metrics.profiles_deduplicated.get(), 2);
+        assert_eq!(compactor.worker.metrics.profiles_deduplicated.get(), 2);
 
         assert_eq!(answers(&engine, "team-b", ty).await, before_b);
         let (total, got) = frame_stacks(&run(&engine, "team-a", &flame).await);
@@ -732,13 +751,21 @@ mod compaction {
         let all = objects(store.clone()).await;
         assert_eq!(
             compactor
+                .lifecycle
                 .sweep_orphans(Duration::from_secs(3600))
                 .await
                 .unwrap(),
             0,
             "too young to be an orphan"
         );
-        assert_eq!(compactor.sweep_orphans(Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(
+            compactor
+                .lifecycle
+                .sweep_orphans(Duration::ZERO)
+                .await
+                .unwrap(),
+            1
+        );
         let left = objects(store.clone()).await;
         let gone: Vec<&String> = all.iter().filter(|p| !left.contains(p)).collect();
         assert_eq!(gone, vec![&orphan.to_string()]);
@@ -760,7 +787,7 @@ mod compaction {
         let before = answers(&engine, "t", ty).await;
         let spill = tempfile::tempdir().unwrap();
         // 6 x 41 k sample rows: about 32 MB decoded, twice the budget.
-        let compactor = Compactor::new(
+        let compactor = compaction(
             store,
             engine.metastore(),
             CompactionConfig {
@@ -770,8 +797,7 @@ mod compaction {
                 delete_delay: Duration::ZERO,
                 ..CompactionConfig::default()
             },
-        )
-        .unwrap();
+        );
         assert!(compact_all(&compactor).await >= 1);
         assert_eq!(engine.metastore().blocks("t").len(), 1);
         assert_eq!(answers(&engine, "t", ty).await, before);

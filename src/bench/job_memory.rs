@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ember_engine::block::write_block;
+use ember_engine::metastore::InProcess;
 use ember_engine::metastore::{
     command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction,
 };
@@ -146,8 +147,10 @@ pub async fn prepare(spec: &str, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Runs the prepared job in this (fresh) process and measures it: the
-/// peak RSS is the whole process's, runtime included.
+/// peak RSS is the whole process's, runtime included. The process is set
+/// up as a compaction-worker process is (freed pages returned at once).
 pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
+    crate::allocator::return_freed_memory_at_once();
     let prepared: Prepared = serde_json::from_slice(&std::fs::read(dir.join("prepared.json"))?)?;
     let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir)?);
     let metastore = Arc::new(Metastore::open(&dir.join("metastore.redb"))?);
@@ -166,7 +169,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
     anyhow::ensure!(planned == Applied::Planned(1), "planned {planned:?}");
     let compactor = Compactor::new(
         store,
-        metastore.clone(),
+        Arc::new(InProcess(metastore.clone())),
         CompactionConfig {
             levels,
             job_memory_limit: BUDGET,

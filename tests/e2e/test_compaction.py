@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import FIXTURES, Ember, flame_stacks
+from conftest import FIXTURES, Ember, flame_stacks, free_port
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -164,3 +164,95 @@ def test_retention_drops_a_tenants_old_partitions_and_keeps_the_others(make_embe
         time.sleep(0.2)
     assert ember.sql(count, tenant="keeper").to_pylist()[0]["n"] == kept
     assert ember.sql("SELECT count(*) AS n FROM system.blocks", tenant="short").to_pylist()[0]["n"] == 0
+
+
+TOKEN = "a-cluster-token-for-tests"
+
+
+def metastore_process(make_ember, data_dir, *extra):
+    """The metastore, ingest and query roles in one process, serving the
+    metastore's commands on a port of their own; no compaction worker."""
+    port = free_port()
+    ember = make_ember("--roles", "distributor,segment-writer,metastore,query-frontend,query-backend",
+                       "--metastore-listen-addr", f"127.0.0.1:{port}", "--cluster-token", TOKEN,
+                       *FAST, *extra, data_dir=data_dir)
+    return ember, f"http://127.0.0.1:{port}"
+
+
+def worker_process(data_dir, metastore_url, *extra, token=TOKEN):
+    return Ember(data_dir, ["--roles", "compaction-worker", "--metastore-url", metastore_url,
+                            "--cluster-token", token, *FAST, *extra])
+
+
+def test_a_compaction_worker_in_its_own_process_compacts_through_the_metastore(make_ember, tmp_path):
+    ember, url = metastore_process(make_ember, tmp_path)
+    for i in range(5):
+        for tenant in ["team-a", "team-b"]:
+            push(ember, tenant, f"p{i}")
+    before = {t: answers(ember, t) for t in ["team-a", "team-b"]}
+    time.sleep(2)  # past the level-0 age: only a worker is missing
+    assert set(metric_values(ember, "ember_blocks")) == {'{level="0"}'}
+
+    # A worker with the wrong token is refused and changes nothing.
+    intruder = worker_process(tmp_path, url, token="not-the-cluster-token").start()
+    try:
+        time.sleep(2)
+        assert set(metric_values(ember, "ember_blocks")) == {'{level="0"}'}
+        assert metric_values(intruder, "ember_compaction_jobs_committed_total")[""] == 0
+    finally:
+        intruder.stop()
+
+    worker = worker_process(tmp_path, url).start()
+    try:
+        wait_compacted(ember)
+        assert metric_values(worker, "ember_compaction_jobs_committed_total")[""] >= 2
+        assert "ember_blocks" not in requests.get(f"{worker.http}/metrics", timeout=10).text
+        assert {t: answers(ember, t) for t in ["team-a", "team-b"]} == {
+            # The retry-free pushes: compaction changes no answer.
+            t: before[t] for t in ["team-a", "team-b"]}
+    finally:
+        worker.stop()
+
+
+def test_a_worker_process_killed_mid_job_loses_nothing(make_ember, tmp_path):
+    ember, url = metastore_process(make_ember, tmp_path)
+    for i in range(4):
+        push(ember, "t", f"pod{i}")
+    want = {r["labels"]: r["v"] for r in ember.sql(
+        "SELECT labels, sum(value) AS v FROM samples GROUP BY 1", tenant="t").to_pylist()}
+    crashing = worker_process(tmp_path, url, "--compaction-crash-at", "compaction_after_upload")
+    try:
+        crashing.start()
+    except AssertionError:
+        pass  # crashed before it answered /ready
+    deadline = time.time() + 60
+    while crashing.alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not crashing.alive() and crashing.proc.returncode == -6
+    crashing.stop()
+    # The lease runs out and another worker process takes the job again.
+    worker = worker_process(tmp_path, url).start()
+    try:
+        wait_compacted(ember, timeout=120)
+        got = {r["labels"]: r["v"] for r in ember.sql(
+            "SELECT labels, sum(value) AS v FROM samples GROUP BY 1", tenant="t").to_pylist()}
+        assert got == want
+    finally:
+        worker.stop()
+
+
+def test_split_roles_are_refused_with_what_to_do(tmp_path):
+    import subprocess
+    from conftest import BIN
+    cases = [
+        (["--roles", "compaction-worker"], "--metastore-url"),
+        (["--roles", "metastore"], "all but compaction-worker"),
+        (["--roles", "compactor"], 'unknown role "compactor"'),
+        (["--metastore-listen-addr", "127.0.0.1:0", "--cluster-token", "short"], "at least 16 characters"),
+    ]
+    for args, reason in cases:
+        out = subprocess.run([str(BIN), "serve", "--data-dir", str(tmp_path), "--http-addr", "127.0.0.1:0",
+                              "--flight-addr", "127.0.0.1:0", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, args
+        assert reason in out.stderr, (args, out.stderr)

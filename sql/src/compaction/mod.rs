@@ -5,12 +5,21 @@
 //! memory pool (sorts spill to local disk), writes one block of the next
 //! level in the level-0 format, uploads it and commits. The commit swaps
 //! the sources for the output in the index and tombstones the retired
-//! objects, which [`Compactor::delete_forever`] removes after a delay so
+//! objects, which [`Lifecycle::delete_forever`] removes after a delay so
 //! that queries which found them first can finish.
+//!
+//! The worker ([`Compactor`]) reaches the metastore through a
+//! [`MetastoreClient`], so it runs in the metastore's process or in one of
+//! its own (`ember serve --roles compaction-worker`); the planner, the
+//! deleter and retention ([`Lifecycle`]) run beside the metastore.
 //!
 //! Retried pushes (at-least-once) are dropped here: a profile with the same
 //! type, series, time, total and sample count as one in an earlier source
 //! block is the same push stored twice.
+
+mod lifecycle;
+
+pub use lifecycle::{Lifecycle, LifecycleMetrics};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -38,22 +47,20 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use ember_engine::block::{block_path, read_section, Section, FORMAT_VERSION};
 use ember_engine::metastore::{
-    command::Kind, Applied, ApplyRetention, CommitJob, FailJob, Job, LeaseJob, LevelRule,
-    MetastoreError, PlanCompaction, RemoveTombstones, RenewLease, TenantRetention,
+    command::Kind, Applied, CommitJob, FailJob, Job, LeaseJob, LevelRule, MetastoreClient,
+    MetastoreError, RenewLease,
 };
-use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, Metastore, SectionMeta};
+use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, SectionMeta};
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::session::{BlockStoreOnly, Storage};
+use crate::session::BlockStoreOnly;
 use crate::tables::{DatasetSource, SectionTable};
 
 #[derive(Debug, Error)]
@@ -91,12 +98,6 @@ pub enum CompactionError {
     #[error("compaction job {job}: {reason}")]
     Invalid { job: String, reason: String },
 }
-
-/// How old an unknown object under `blocks/` must be before the sweeper
-/// deletes it: far beyond a lease (a worker that cannot commit within its
-/// lease loses the job), so that no output waiting for its commit is taken.
-const ORPHAN_MIN_AGE: Duration = Duration::from_secs(3600);
-const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The thresholds v2 ships with: L0 -> L1 at 20 blocks or 36 s, L1 -> L2
 /// at 10 blocks or 12 min, L2 -> L3 at 10 blocks or 3 h.
@@ -176,10 +177,9 @@ impl CompactionStep {
 
 pub type StepHook = Arc<dyn Fn(CompactionStep) + Send + Sync>;
 
-type LabelSet = Vec<(String, String)>;
-
-/// What an operator watches: job counts by state and level, blocks by
-/// level, bytes and samples in and out, the write-to-first-compaction lag.
+/// What a worker counts: jobs, bytes and samples in and out, the
+/// write-to-first-compaction lag. The index's side (jobs by state, blocks
+/// by level, deletions) is [`LifecycleMetrics`], kept where the metastore is.
 #[derive(Clone)]
 pub struct CompactionMetrics {
     pub jobs_committed: Counter,
@@ -189,14 +189,6 @@ pub struct CompactionMetrics {
     pub samples_in: Counter,
     pub samples_out: Counter,
     pub profiles_deduplicated: Counter,
-    pub objects_deleted: Counter,
-    pub orphans_deleted: Counter,
-    /// Jobs not committed, by `status` and `level`.
-    pub jobs: Family<LabelSet, Gauge>,
-    /// Blocks indexed, by `level`.
-    pub blocks: Family<LabelSet, Gauge>,
-    /// Retired objects waiting for their delete delay.
-    pub tombstones: Gauge,
     pub level0_lag_seconds: Histogram,
 }
 
@@ -210,11 +202,6 @@ impl Default for CompactionMetrics {
             samples_in: Counter::default(),
             samples_out: Counter::default(),
             profiles_deduplicated: Counter::default(),
-            objects_deleted: Counter::default(),
-            orphans_deleted: Counter::default(),
-            jobs: Family::default(),
-            blocks: Family::default(),
-            tombstones: Gauge::default(),
             level0_lag_seconds: Histogram::new([
                 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             ]),
@@ -260,66 +247,23 @@ impl CompactionMetrics {
                 "Profiles stored twice (retried pushes) dropped by compaction",
                 &self.profiles_deduplicated,
             ),
-            (
-                "ember_compaction_objects_deleted",
-                "Retired block objects deleted",
-                &self.objects_deleted,
-            ),
-            (
-                "ember_compaction_orphans_deleted",
-                "Compaction outputs uploaded but never committed, deleted",
-                &self.orphans_deleted,
-            ),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
         }
-        registry.register(
-            "ember_compaction_jobs",
-            "Compaction jobs not yet committed, by status and level",
-            self.jobs.clone(),
-        );
-        registry.register(
-            "ember_blocks",
-            "Blocks in the index, by compaction level",
-            self.blocks.clone(),
-        );
-        registry.register(
-            "ember_tombstones",
-            "Retired block objects waiting for their delete delay",
-            self.tombstones.clone(),
-        );
         registry.register(
             "ember_compaction_level0_lag_seconds",
             "Time from a level-0 block's write to its first compaction",
             self.level0_lag_seconds.clone(),
         );
     }
-
-    /// Sets the gauges from the metastore's state.
-    fn observe(&self, metastore: &Metastore) {
-        self.jobs.clear();
-        for ((status, level), n) in metastore.job_counts() {
-            self.jobs
-                .get_or_create(&vec![
-                    ("status".to_string(), status.name().to_string()),
-                    ("level".to_string(), level.to_string()),
-                ])
-                .set(n as i64);
-        }
-        self.tombstones.set(metastore.tombstone_count() as i64);
-        self.blocks.clear();
-        for (level, n) in metastore.blocks_by_level() {
-            self.blocks
-                .get_or_create(&vec![("level".to_string(), level.to_string())])
-                .set(n as i64);
-        }
-    }
 }
 
+/// A compaction worker: leases jobs from the metastore (in this process or
+/// over the network), merges them and commits the result.
 pub struct Compactor {
     store: Arc<dyn ObjectStore>,
-    metastore: Arc<Metastore>,
+    metastore: Arc<dyn MetastoreClient>,
     runtime: Arc<RuntimeEnv>,
     config: CompactionConfig,
     on_step: Option<StepHook>,
@@ -340,7 +284,7 @@ fn nanos(d: Duration) -> i64 {
 impl Compactor {
     pub fn new(
         store: Arc<dyn ObjectStore>,
-        metastore: Arc<Metastore>,
+        metastore: Arc<dyn MetastoreClient>,
         config: CompactionConfig,
     ) -> datafusion::error::Result<Self> {
         let mut runtime = RuntimeEnvBuilder::new()
@@ -371,73 +315,8 @@ impl Compactor {
         }
     }
 
-    /// Applies a command off the async executor (redb fsyncs).
     async fn apply(&self, kind: Kind) -> Result<Applied, MetastoreError> {
-        let metastore = self.metastore.clone();
-        tokio::task::spawn_blocking(move || metastore.apply(kind.into()))
-            .await
-            .map_err(|e| MetastoreError::InvalidCommand(format!("apply task: {e}")))?
-    }
-
-    /// Plans jobs for every queue that is ready; returns how many.
-    pub async fn plan_once(&self) -> Result<usize, MetastoreError> {
-        let cmd = PlanCompaction {
-            now: now_nanos(),
-            levels: self.config.levels.clone(),
-            max_jobs: self.config.max_jobs,
-        };
-        match self.apply(Kind::PlanCompaction(cmd)).await? {
-            Applied::Planned(n) => Ok(n),
-            _ => Ok(0),
-        }
-    }
-
-    /// Drops what is past its tenant's retention; returns how many
-    /// tenants' block parts went.
-    pub async fn apply_retention(&self) -> Result<usize, MetastoreError> {
-        let r = &self.config.retention;
-        if r.default.is_zero() && r.tenants.is_empty() {
-            return Ok(0);
-        }
-        let now = now_nanos();
-        let cmd = ApplyRetention {
-            now,
-            default_nanos: nanos(r.default),
-            tenants: r
-                .tenants
-                .iter()
-                .map(|(tenant, d)| TenantRetention {
-                    tenant: tenant.clone(),
-                    retention_nanos: nanos(*d),
-                })
-                .collect(),
-            delete_after: now.saturating_add(nanos(self.config.delete_delay)),
-        };
-        match self.apply(Kind::ApplyRetention(cmd)).await? {
-            Applied::Expired(n) => Ok(n),
-            _ => Ok(0),
-        }
-    }
-
-    pub async fn plan_forever(self: Arc<Self>) {
-        let mut last_retention: Option<std::time::Instant> = None;
-        loop {
-            if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                last_retention = Some(std::time::Instant::now());
-                match self.apply_retention().await {
-                    Ok(0) => {}
-                    Ok(n) => info!(parts = n, "blocks past their retention dropped"),
-                    Err(e) => warn!(error = %e, "retention failed"),
-                }
-            }
-            match self.plan_once().await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(jobs = n, "compaction planned"),
-                Err(e) => warn!(error = %e, "compaction planning failed"),
-            }
-            self.metrics.observe(&self.metastore);
-            tokio::time::sleep(self.config.poll).await;
-        }
+        self.metastore.apply(kind.into()).await
     }
 
     /// Leases one job and runs it to its commit; false when none waited.
@@ -565,81 +444,6 @@ impl Compactor {
         }
     }
 
-    /// Deletes objects whose tombstones are due, then forgets the tombstones.
-    pub async fn delete_due(&self) -> Result<usize, CompactionError> {
-        let due = self.metastore.due_tombstones(now_nanos());
-        if due.is_empty() {
-            return Ok(0);
-        }
-        let mut deleted = Vec::with_capacity(due.len());
-        for t in due {
-            match self.store.delete(&ObjectPath::from(t.path.as_str())).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted.push(t.path),
-                Err(e) => warn!(path = t.path, error = %e, "deleting a retired block failed"),
-            }
-        }
-        let n = deleted.len();
-        self.metrics.objects_deleted.inc_by(n as u64);
-        self.apply(Kind::RemoveTombstones(RemoveTombstones { paths: deleted }))
-            .await?;
-        Ok(n)
-    }
-
-    /// Deletes outputs that a worker uploaded but never committed (it died
-    /// between upload and commit, or lost its lease) once they are
-    /// `min_age` old. A committed block is in the index, or tombstoned
-    /// until its object is gone; level-0 segments (`segments/`) are never
-    /// touched, a segment writer's dlq retry may still register them.
-    pub async fn sweep_orphans(&self, min_age: Duration) -> Result<usize, CompactionError> {
-        let cutoff = now_nanos().saturating_sub(min_age.as_nanos().min(i64::MAX as u128) as i64);
-        let mut listing = self.store.list(Some(&ObjectPath::from("blocks")));
-        let mut orphans = Vec::new();
-        while let Some(object) = listing.next().await {
-            let object = object.map_err(|source| CompactionError::List {
-                prefix: "blocks/".into(),
-                source,
-            })?;
-            let Some(id) = block_id_of(object.location.as_ref()) else {
-                continue;
-            };
-            let modified = object
-                .last_modified
-                .timestamp_nanos_opt()
-                .unwrap_or(i64::MAX);
-            if modified <= cutoff && !self.metastore.knows_block(id) {
-                orphans.push(object.location);
-            }
-        }
-        let mut deleted = 0;
-        for path in orphans {
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                    warn!(%path, "deleted a compaction output that was never committed");
-                    deleted += 1;
-                }
-                Err(e) => warn!(%path, error = %e, "deleting an orphan output failed"),
-            }
-        }
-        self.metrics.orphans_deleted.inc_by(deleted as u64);
-        Ok(deleted)
-    }
-
-    pub async fn delete_forever(self: Arc<Self>) {
-        let mut last_sweep: Option<std::time::Instant> = None;
-        loop {
-            if let Err(e) = self.delete_due().await {
-                warn!(error = %e, "deleting retired blocks failed");
-            }
-            if last_sweep.is_none_or(|t| t.elapsed() >= ORPHAN_SWEEP_INTERVAL) {
-                last_sweep = Some(std::time::Instant::now());
-                if let Err(e) = self.sweep_orphans(ORPHAN_MIN_AGE).await {
-                    warn!(error = %e, "sweeping orphan outputs failed");
-                }
-            }
-            tokio::time::sleep(self.config.poll.max(Duration::from_secs(1))).await;
-        }
-    }
-
     /// Merges the job's sources into one uploaded block of the next level.
     pub async fn compact(&self, job: &Job) -> Result<Option<BlockMeta>, CompactionError> {
         let dir = match &self.config.spill_dir {
@@ -753,10 +557,6 @@ impl Compactor {
         SessionContext::new_with_config_rt(config, self.runtime.clone())
     }
 
-    fn storage(&self) -> Storage {
-        Storage::for_scans(self.store.clone(), self.metastore.clone())
-    }
-
     /// Merges one service's datasets into the four sections of one dataset.
     async fn merge_dataset(
         &self,
@@ -838,7 +638,7 @@ impl Compactor {
     ) -> datafusion::error::Result<LogicalPlanBuilder> {
         let table = SectionTable::new(
             section,
-            self.storage(),
+            self.store.clone(),
             DatasetSource::Fixed(Arc::new(datasets)),
         )
         .sorted();
@@ -1266,13 +1066,5 @@ impl BlockFile {
             source: e.into_error(),
         })?;
         Ok((file, size))
-    }
-}
-
-/// `{id}` of `blocks/{shard}/{tenant}/{id}/block.bin`.
-fn block_id_of(path: &str) -> Option<&str> {
-    match path.split('/').collect::<Vec<_>>()[..] {
-        ["blocks", _, _, id, "block.bin"] => Some(id),
-        _ => None,
     }
 }
