@@ -16,6 +16,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_engine::selector::Selector;
 use ember_sql::labels::LabelQuery;
+use ember_sql::selection::ProfileSelection;
+use ember_sql::series::{Aggregation, SeriesQuery};
 use ember_sql::Settings;
 use futures::TryStreamExt;
 use prost::Message;
@@ -52,6 +54,30 @@ pub mod types_v1 {
     pub struct Labels {
         #[prost(message, repeated, tag = "1")]
         pub labels: Vec<LabelPair>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Series {
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<LabelPair>,
+        #[prost(message, repeated, tag = "2")]
+        pub points: Vec<Point>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Point {
+        #[prost(double, tag = "1")]
+        pub value: f64,
+        /// Milliseconds since the epoch.
+        #[prost(int64, tag = "2")]
+        pub timestamp: i64,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum TimeSeriesAggregationType {
+        Sum = 0,
+        Average = 1,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -180,6 +206,61 @@ pub mod querier_v1 {
         #[prost(int64, repeated, tag = "1")]
         pub values: Vec<i64>,
     }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectMergeProfileRequest {
+        #[prost(string, tag = "1")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "5")]
+        pub max_nodes: Option<i64>,
+        /// `types.v1.StackTraceSelector`, kept as bytes (see above).
+        #[prost(bytes = "vec", optional, tag = "6")]
+        pub stack_trace_selector: Option<Vec<u8>>,
+        #[prost(string, repeated, tag = "7")]
+        pub profile_id_selector: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectSeriesRequest {
+        #[prost(string, tag = "1")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        pub label_selector: String,
+        #[prost(int64, tag = "3")]
+        pub start: i64,
+        #[prost(int64, tag = "4")]
+        pub end: i64,
+        #[prost(string, repeated, tag = "5")]
+        pub group_by: Vec<String>,
+        /// Seconds.
+        #[prost(double, tag = "6")]
+        pub step: f64,
+        #[prost(
+            enumeration = "types_v1::TimeSeriesAggregationType",
+            optional,
+            tag = "7"
+        )]
+        pub aggregation: Option<i32>,
+        #[prost(bytes = "vec", optional, tag = "8")]
+        pub stack_trace_selector: Option<Vec<u8>>,
+        #[prost(int64, optional, tag = "9")]
+        pub limit: Option<i64>,
+        /// `types.v1.ExemplarType`: exemplars are not returned yet.
+        #[prost(int32, tag = "10")]
+        pub exemplar_type: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectSeriesResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub series: Vec<types_v1::Series>,
+    }
 }
 
 use querier_v1::*;
@@ -304,6 +385,20 @@ async fn call(
                 tree: Vec::new(),
             }))
         }
+        "SelectMergeProfile" => {
+            let req = decode::<SelectMergeProfileRequest>(&body)?;
+            let profile = select_merge_profile(state, &tenant, &settings, &req).await?;
+            Ok((
+                [(header::CONTENT_TYPE, "application/proto")],
+                Bytes::from(profile),
+            )
+                .into_response())
+        }
+        "SelectSeries" => {
+            let req = decode::<SelectSeriesRequest>(&body)?;
+            let series = select_series(state, &tenant, &settings, req).await?;
+            Ok(proto_response(&SelectSeriesResponse { series }))
+        }
         other => Err(unimplemented(format!(
             "querier.v1.QuerierService/{other} is not served"
         ))),
@@ -416,42 +511,157 @@ async fn select_merge_stacktraces(
             "stack trace and profile id selectors are not served yet",
         ));
     }
-    let max_nodes = match req.max_nodes {
-        None | Some(0) => ember_sql::flamegraph::DEFAULT_MAX_NODES as i64,
-        Some(n) if n < 0 => return Err(invalid(format!("max_nodes {n} is negative"))),
-        Some(n) => n,
-    };
-    let selector = if req.label_selector.trim().is_empty() {
-        "{}"
-    } else {
-        req.label_selector.as_str()
-    };
-    let (start, end) = (
-        req.start.max(0),
-        if req.end <= 0 {
-            i64::MAX / 1_000_000
-        } else {
-            req.end
-        },
-    );
+    let max_nodes = max_nodes(req.max_nodes)?;
+    let (start, end) = time_range_ms(req.start, req.end);
     let sql = format!(
         "SELECT * FROM flamegraph({}, {}, {start}, {end}, {max_nodes})",
         quoted(&req.profile_type_id),
-        quoted(selector)
+        quoted(selector_or_all(&req.label_selector))
     );
-    let batches: Vec<RecordBatch> = async {
+    let batches = run_sql(state, tenant, settings, &sql).await?;
+    flame_graph(&batches)
+        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+}
+
+async fn run_sql(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, ApiError> {
+    async {
         state
             .engine
-            .execute(tenant, &sql, settings)
+            .execute(tenant, sql, settings)
             .await?
             .try_collect()
             .await
             .map_err(ember_sql::SqlError::from)
     }
     .await
-    .map_err(|e| query_error(&e))?;
-    flame_graph(&batches)
-        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+    .map_err(|e| query_error(&e))
+}
+
+/// `max_nodes` as Pyroscope reads it: absent or 0 is the default.
+fn max_nodes(requested: Option<i64>) -> Result<i64, ApiError> {
+    match requested {
+        None | Some(0) => Ok(ember_sql::flamegraph::DEFAULT_MAX_NODES as i64),
+        Some(n) if n < 0 => Err(invalid(format!("max_nodes {n} is negative"))),
+        Some(n) => Ok(n),
+    }
+}
+
+/// A request's `[start, end]` in epoch milliseconds, an end of 0 meaning
+/// no end.
+fn time_range_ms(start: i64, end: i64) -> (i64, i64) {
+    let end = if end <= 0 { i64::MAX / 1_000_000 } else { end };
+    (start.max(0), end)
+}
+
+fn selector_or_all(selector: &str) -> &str {
+    if selector.trim().is_empty() {
+        "{}"
+    } else {
+        selector
+    }
+}
+
+async fn select_merge_profile(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    req: &SelectMergeProfileRequest,
+) -> Result<Vec<u8>, ApiError> {
+    if req.stack_trace_selector.is_some() || !req.profile_id_selector.is_empty() {
+        return Err(unimplemented(
+            "stack trace and profile id selectors are not served yet",
+        ));
+    }
+    let max_nodes = max_nodes(req.max_nodes)?;
+    let (start, end) = time_range_ms(req.start, req.end);
+    let sql = format!(
+        "SELECT profile FROM pprof({}, {}, {start}, {end}, {max_nodes})",
+        quoted(&req.profile_type_id),
+        quoted(selector_or_all(&req.label_selector))
+    );
+    let batches = run_sql(state, tenant, settings, &sql).await?;
+    batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .map(|b| b.column(0).as_binary::<i32>().value(0).to_vec())
+        .ok_or_else(|| {
+            connect_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "pprof() returned no row",
+            )
+        })
+}
+
+async fn select_series(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    req: SelectSeriesRequest,
+) -> Result<Vec<Series>, ApiError> {
+    if req.stack_trace_selector.is_some() {
+        return Err(unimplemented("stack trace selectors are not served yet"));
+    }
+    if !(req.step.is_finite() && req.step > 0.0 && req.step < 1e10) {
+        return Err(invalid(format!(
+            "step {} must be a positive number of seconds",
+            req.step
+        )));
+    }
+    let selector = Selector::parse(selector_or_all(&req.label_selector))
+        .map_err(|e| invalid(format!("label_selector: {e}")))?;
+    let (start, end) = time_range_ms(req.start, req.end);
+    let aggregation = match req.aggregation {
+        None | Some(0) => Aggregation::Sum,
+        Some(1) => Aggregation::Average,
+        Some(other) => return Err(invalid(format!("aggregation {other} is unknown"))),
+    };
+    let limit = match req.limit {
+        None | Some(0) => None,
+        Some(n) => Some(usize::try_from(n).map_err(|_| invalid(format!("limit {n} is negative")))?),
+    };
+    let q = SeriesQuery {
+        selection: ProfileSelection {
+            tenant: tenant.to_string(),
+            profile_type: req.profile_type_id,
+            selector,
+            start: start.saturating_mul(1_000_000),
+            end: end.saturating_mul(1_000_000),
+        },
+        step_nanos: (req.step * 1e9).round() as i64,
+        group_by: req.group_by,
+        aggregation,
+        limit,
+    };
+    q.check().map_err(invalid)?;
+    let series = state
+        .engine
+        .select_series(&q, settings)
+        .await
+        .map_err(|e| query_error(&e))?;
+    Ok(series
+        .into_iter()
+        .map(|s| Series {
+            labels: s
+                .labels
+                .into_iter()
+                .map(|(name, value)| LabelPair { name, value })
+                .collect(),
+            points: s
+                .points
+                .into_iter()
+                .map(|p| Point {
+                    value: p.value,
+                    timestamp: p.time_ms,
+                })
+                .collect(),
+        })
+        .collect())
 }
 
 /// A query error as Connect reports it: the client's mistakes are

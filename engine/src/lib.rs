@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod block;
 pub mod metastore;
+pub mod pprof;
 pub mod profile;
 pub mod selector;
 pub mod stack;

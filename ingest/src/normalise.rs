@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
-use crate::pprof;
+use crate::pprof::{self, ProfileStrings};
 use crate::IngestError;
 
 /// Labels on pprof samples that identify a trace span, kept per sample

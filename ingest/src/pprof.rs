@@ -1,6 +1,5 @@
-//! pprof's `perftools.profiles.Profile` (profile.proto), field numbers as
-//! published. Strings are bytes here so that invalid UTF-8 from an agent is
-//! repaired instead of failing the whole profile.
+//! Reading pprof profiles as agents send them: gzip under a size limit,
+//! then profile.proto (the messages live in `ember_engine::pprof`).
 
 use std::io::Read;
 
@@ -9,131 +8,7 @@ use prost::Message;
 
 use crate::IngestError;
 
-#[derive(Clone, PartialEq, Message)]
-pub struct Profile {
-    #[prost(message, repeated, tag = "1")]
-    pub sample_type: Vec<ValueType>,
-    #[prost(message, repeated, tag = "2")]
-    pub sample: Vec<Sample>,
-    #[prost(message, repeated, tag = "3")]
-    pub mapping: Vec<Mapping>,
-    #[prost(message, repeated, tag = "4")]
-    pub location: Vec<Location>,
-    #[prost(message, repeated, tag = "5")]
-    pub function: Vec<Function>,
-    #[prost(bytes = "vec", repeated, tag = "6")]
-    pub string_table: Vec<Vec<u8>>,
-    #[prost(int64, tag = "7")]
-    pub drop_frames: i64,
-    #[prost(int64, tag = "8")]
-    pub keep_frames: i64,
-    #[prost(int64, tag = "9")]
-    pub time_nanos: i64,
-    #[prost(int64, tag = "10")]
-    pub duration_nanos: i64,
-    #[prost(message, optional, tag = "11")]
-    pub period_type: Option<ValueType>,
-    #[prost(int64, tag = "12")]
-    pub period: i64,
-    #[prost(int64, repeated, tag = "13")]
-    pub comment: Vec<i64>,
-    #[prost(int64, tag = "14")]
-    pub default_sample_type: i64,
-    #[prost(int64, tag = "15")]
-    pub doc_url: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ValueType {
-    #[prost(int64, tag = "1")]
-    pub r#type: i64,
-    #[prost(int64, tag = "2")]
-    pub unit: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Sample {
-    #[prost(uint64, repeated, tag = "1")]
-    pub location_id: Vec<u64>,
-    #[prost(int64, repeated, tag = "2")]
-    pub value: Vec<i64>,
-    #[prost(message, repeated, tag = "3")]
-    pub label: Vec<Label>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Label {
-    #[prost(int64, tag = "1")]
-    pub key: i64,
-    #[prost(int64, tag = "2")]
-    pub str: i64,
-    #[prost(int64, tag = "3")]
-    pub num: i64,
-    #[prost(int64, tag = "4")]
-    pub num_unit: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Mapping {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(uint64, tag = "2")]
-    pub memory_start: u64,
-    #[prost(uint64, tag = "3")]
-    pub memory_limit: u64,
-    #[prost(uint64, tag = "4")]
-    pub file_offset: u64,
-    #[prost(int64, tag = "5")]
-    pub filename: i64,
-    #[prost(int64, tag = "6")]
-    pub build_id: i64,
-    #[prost(bool, tag = "7")]
-    pub has_functions: bool,
-    #[prost(bool, tag = "8")]
-    pub has_filenames: bool,
-    #[prost(bool, tag = "9")]
-    pub has_line_numbers: bool,
-    #[prost(bool, tag = "10")]
-    pub has_inline_frames: bool,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Location {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(uint64, tag = "2")]
-    pub mapping_id: u64,
-    #[prost(uint64, tag = "3")]
-    pub address: u64,
-    #[prost(message, repeated, tag = "4")]
-    pub line: Vec<Line>,
-    #[prost(bool, tag = "5")]
-    pub is_folded: bool,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Line {
-    #[prost(uint64, tag = "1")]
-    pub function_id: u64,
-    #[prost(int64, tag = "2")]
-    pub line: i64,
-    #[prost(int64, tag = "3")]
-    pub column: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Function {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(int64, tag = "2")]
-    pub name: i64,
-    #[prost(int64, tag = "3")]
-    pub system_name: i64,
-    #[prost(int64, tag = "4")]
-    pub filename: i64,
-    #[prost(int64, tag = "5")]
-    pub start_line: i64,
-}
+pub use ember_engine::pprof::*;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -187,10 +62,15 @@ pub fn decode_sized(data: &[u8], limit: usize) -> Result<(Profile, usize), Inges
     Ok((profile, raw.len()))
 }
 
-impl Profile {
+/// The string table of a profile an agent sent.
+pub trait ProfileStrings {
     /// The string at `index`, or an error naming the field that pointed
     /// outside the string table.
-    pub fn string(&self, index: i64, field: &str) -> Result<String, IngestError> {
+    fn string(&self, index: i64, field: &str) -> Result<String, IngestError>;
+}
+
+impl ProfileStrings for Profile {
+    fn string(&self, index: i64, field: &str) -> Result<String, IngestError> {
         usize::try_from(index)
             .ok()
             .and_then(|i| self.string_table.get(i))

@@ -15,14 +15,13 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{plan_err, DataFusionError, ScalarValue};
+use datafusion::common::{plan_err, DataFusionError};
 use datafusion::datasource::provider_as_source;
 use datafusion::error::Result;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::TaskContext;
 use datafusion::functions_aggregate::expr_fn::sum;
-use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{col, lit, Expr, LogicalPlanBuilder, TableType};
+use datafusion::logical_expr::{col, Expr, LogicalPlanBuilder, TableType};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -32,13 +31,13 @@ use datafusion::physical_plan::{
     PlanProperties, SendableRecordBatchStream,
 };
 use ember_engine::block::Section;
-use ember_engine::metastore::BlockQuery;
 use ember_engine::selector::Selector;
 use ember_engine::stack::ROOT;
 use ember_engine::DatasetRef;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::args;
+use crate::selection::ProfileSelection;
 use crate::session::Storage;
 use crate::settings::Settings;
 use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
@@ -254,60 +253,59 @@ impl FlameGraphFunction {
 
 impl TableFunctionImpl for FlameGraphFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
-        let values = args::literals(NAME, args.exprs(), args.session())?;
-        if !(4..=5).contains(&values.len()) {
-            return plan_err!("{NAME}(profile_type, selector, start, end [, max_nodes]) takes 4 or 5 arguments, got {}", values.len());
-        }
-        let profile_type = args::string_arg(NAME, "profile_type", &values[0])?;
-        let selector_text = args::string_arg(NAME, "selector", &values[1])?;
-        let selector = Selector::parse(&selector_text)
-            .map_err(|e| DataFusionError::Plan(format!("{NAME}: {e}")))?;
-        let start = args::time_arg(NAME, "start", &values[2])?;
-        let end = args::time_arg(NAME, "end", &values[3])?;
-        let max_nodes = match values.get(4) {
-            Some(v) => args::count_arg(NAME, "max_nodes", v)?,
-            None => DEFAULT_MAX_NODES,
-        };
         Ok(Arc::new(FlameGraphTable {
             storage: self.storage.clone(),
-            query: FlameGraphQuery {
-                tenant: self.tenant.clone(),
-                profile_type,
-                selector,
-                start,
-                end,
-                max_nodes,
-            },
+            query: FlameGraphQuery::from_args(NAME, &args, &self.tenant)?,
         }))
     }
 }
 
 #[derive(Debug, Clone)]
-struct FlameGraphQuery {
-    tenant: String,
-    profile_type: String,
-    selector: Selector,
-    start: i64,
-    end: i64,
-    max_nodes: usize,
+pub(crate) struct FlameGraphQuery {
+    pub selection: ProfileSelection,
+    pub max_nodes: usize,
 }
 
-struct FlameGraphTable {
-    storage: Storage,
-    query: FlameGraphQuery,
+impl FlameGraphQuery {
+    /// `function(profile_type, selector, start, end [, max_nodes])`.
+    pub(crate) fn from_args(
+        function: &str,
+        args: &TableFunctionArgs,
+        tenant: &str,
+    ) -> Result<Self> {
+        let values = args::literals(function, args.exprs(), args.session())?;
+        if !(4..=5).contains(&values.len()) {
+            return plan_err!("{function}(profile_type, selector, start, end [, max_nodes]) takes 4 or 5 arguments, got {}", values.len());
+        }
+        let selector_text = args::string_arg(function, "selector", &values[1])?;
+        let selector = Selector::parse(&selector_text)
+            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        let max_nodes = match values.get(4) {
+            Some(v) => args::count_arg(function, "max_nodes", v)?,
+            None => DEFAULT_MAX_NODES,
+        };
+        Ok(Self {
+            selection: ProfileSelection {
+                tenant: tenant.to_string(),
+                profile_type: args::string_arg(function, "profile_type", &values[0])?,
+                selector,
+                start: args::time_arg(function, "start", &values[2])?,
+                end: args::time_arg(function, "end", &values[3])?,
+            },
+            max_nodes,
+        })
+    }
+}
+
+pub(crate) struct FlameGraphTable {
+    pub storage: Storage,
+    pub query: FlameGraphQuery,
 }
 
 impl fmt::Debug for FlameGraphTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "FlameGraphTable({:?})", self.query)
     }
-}
-
-fn utc_nanos(n: i64) -> Expr {
-    lit(ScalarValue::TimestampNanosecond(
-        Some(n),
-        Some("UTC".into()),
-    ))
 }
 
 #[async_trait]
@@ -328,26 +326,9 @@ impl TableProvider for FlameGraphTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let q = &self.query;
-        let datasets: Vec<_> = self
-            .storage
-            .metastore
-            .query(&BlockQuery {
-                tenant: q.tenant.clone(),
-                start: q.start,
-                end: q.end,
-                service_names: q.selector.exact_services(),
-                profile_types: Some(vec![q.profile_type.clone()]),
-                skip_level0: Settings::of(state).skip_level0,
-            })
-            .into_iter()
-            .filter(|d| q.selector.may_match_service(&d.dataset.service_name))
-            .filter(|d| {
-                d.dataset
-                    .series
-                    .iter()
-                    .any(|s| q.selector.matches_series(s))
-            })
-            .collect();
+        let datasets = q
+            .selection
+            .datasets(&self.storage.metastore, Settings::of(state).skip_level0);
         let (whole, partial): (Vec<DatasetRef>, Vec<DatasetRef>) =
             datasets.iter().cloned().partition(|d| reads_whole(q, d));
         // Taken whole, a compacted range needs no aggregate to plan or run.
@@ -362,7 +343,7 @@ impl TableProvider for FlameGraphTable {
                 .build()?;
             state.create_physical_plan(&plan).await?
         };
-        let tenant_nodes = self.storage.stacks.tenant(&q.tenant);
+        let tenant_nodes = self.storage.stacks.tenant(&q.selection.tenant);
         let missing = StackDictionary::missing(&tenant_nodes, &datasets);
         let stacks = section_scan(
             state,
@@ -376,12 +357,12 @@ impl TableProvider for FlameGraphTable {
         )?;
         Ok(Arc::new(FlameGraphExec {
             dictionary: self.storage.stacks.clone(),
-            tenant: q.tenant.clone(),
+            tenant: q.selection.tenant.clone(),
             tenant_nodes,
             missing: Arc::new(missing),
             whole: Arc::new(WholeDatasets {
                 storage: Some(self.storage.clone()),
-                profile_type: q.profile_type.clone(),
+                profile_type: q.selection.profile_type.clone(),
                 datasets: whole,
             }),
             ..FlameGraphExec::new(sums, stacks, q.max_nodes, projection.cloned())
@@ -450,6 +431,7 @@ impl WholeDatasets {
 /// A dataset that the query takes whole (its whole time range, every one of
 /// its series) is read from its per-stack totals, not its samples.
 fn reads_whole(q: &FlameGraphQuery, d: &DatasetRef) -> bool {
+    let q = &q.selection;
     d.dataset.section(Section::Totals).is_some()
         && d.dataset.min_time >= q.start
         && d.dataset.max_time <= q.end
@@ -465,7 +447,7 @@ fn samples_input(
     q: &FlameGraphQuery,
     datasets: Vec<DatasetRef>,
 ) -> Result<LogicalPlanBuilder> {
-    let filter = sample_filter(q, &datasets);
+    let filter = q.selection.row_filter(&datasets);
     let table = SectionTable::new(
         Section::Samples,
         storage.store.clone(),
@@ -476,41 +458,6 @@ fn samples_input(
         plan = plan.filter(filter)?;
     }
     plan.project(vec![col("stack_id"), col("value")])
-}
-
-/// The row filter the samples still need once the metastore has chosen the
-/// datasets: a condition that every chosen dataset meets whole is left out,
-/// so the common case (one service's type over its whole range) scans
-/// without filtering a row.
-fn sample_filter(q: &FlameGraphQuery, datasets: &[DatasetRef]) -> Option<Expr> {
-    let mut conditions = Vec::new();
-    if datasets
-        .iter()
-        .any(|d| d.dataset.profile_types.iter().any(|t| *t != q.profile_type))
-    {
-        conditions.push(col("profile_type").eq(lit(q.profile_type.clone())));
-    }
-    if datasets.iter().any(|d| d.dataset.min_time < q.start) {
-        conditions.push(col("time").gt_eq(utc_nanos(q.start)));
-    }
-    if datasets.iter().any(|d| d.dataset.max_time > q.end) {
-        conditions.push(col("time").lt_eq(utc_nanos(q.end)));
-    }
-    let mut all: Vec<&String> = datasets
-        .iter()
-        .flat_map(|d| d.dataset.series.iter())
-        .collect();
-    all.sort();
-    all.dedup();
-    let matching: Vec<Expr> = all
-        .iter()
-        .filter(|s| q.selector.matches_series(s))
-        .map(|s| lit(s.as_str()))
-        .collect();
-    if matching.len() < all.len() {
-        conditions.push(col("labels").in_list(matching, false));
-    }
-    conjunction(conditions)
 }
 
 /// Folds `(stack_id, value)` sums up the stack tree read from its second

@@ -20,6 +20,8 @@ use url::Url;
 
 use crate::flamegraph::FlameGraphFunction;
 use crate::lru::ByteLru;
+use crate::pprof::PprofFunction;
+use crate::series::SeriesFunction;
 use crate::settings::Settings;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
@@ -150,6 +152,14 @@ impl QueryEngine {
         self.storage.metastore.clone()
     }
 
+    pub(crate) fn store(&self) -> Arc<dyn ObjectStore> {
+        self.storage.store.clone()
+    }
+
+    pub(crate) fn query_timeout(&self) -> Duration {
+        self.config.query_timeout
+    }
+
     /// Bytes held by the caches shared across queries (stack dictionary
     /// and totals), for metrics.
     pub fn cache_bytes(&self) -> (usize, usize) {
@@ -244,6 +254,18 @@ impl QueryEngine {
             catalog.register_schema(SYSTEM_SCHEMA, Arc::new(system))?;
         }
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        ctx.register_udtf(
+            "pprof",
+            Arc::new(PprofFunction::new(self.storage.clone(), tenant.to_string())),
+        );
+        ctx.register_udtf(
+            "series",
+            Arc::new(SeriesFunction::new(
+                self.storage.store.clone(),
+                self.storage.metastore.clone(),
+                tenant.to_string(),
+            )),
+        );
         ctx.register_udtf(
             "flamegraph",
             Arc::new(FlameGraphFunction::new(

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
 use ember_engine::block::write_block;
 use ember_engine::metastore::{Command, Metastore};
@@ -196,6 +196,230 @@ async fn flamegraph_over_several_blocks_equals_the_input() {
     // Another tenant sees an empty graph.
     let (total, got) = frame_stacks(&run(&engine, "u", &sql).await);
     assert_eq!((total, got.len()), (0, 0));
+}
+
+/// Heap profiles of pods p1 and p2 at +0, +10, +20 s (p1) and +10 s (p2),
+/// in two blocks.
+async fn series_engine() -> (tempfile::TempDir, QueryEngine, Vec<Profile>) {
+    let first: Vec<Profile> = [
+        profiles_at("go-heap.pb.gz", "p1", 0),
+        profiles_at("go-heap.pb.gz", "p1", 10),
+    ]
+    .concat();
+    let second: Vec<Profile> = [
+        profiles_at("go-heap.pb.gz", "p1", 20),
+        profiles_at("go-heap.pb.gz", "p2", 10),
+    ]
+    .concat();
+    let all = [first.clone(), second.clone()].concat();
+    let (dir, engine) = engine_with(vec![first, second], 1 << 30).await;
+    (dir, engine, all)
+}
+
+/// When the heap fixture was recorded (its profiles carry their time).
+fn heap_base_nanos() -> i64 {
+    profiles("go-heap.pb.gz", "heap", "t")[0].time_nanos
+}
+
+fn total_of(profiles: &[Profile], ty: &str, pod: &str, seconds: i64) -> f64 {
+    let base = heap_base_nanos();
+    profiles
+        .iter()
+        .filter(|p| p.profile_type == ty && p.time_nanos == base + seconds * 1_000_000_000)
+        .filter(|p| p.labels.iter().any(|(n, v)| n == "pod" && v == pod))
+        .map(|p| p.total() as f64)
+        .sum()
+}
+
+#[tokio::test]
+async fn series_sum_each_step_of_each_group_as_the_input_does() {
+    use crate::selection::ProfileSelection;
+    use crate::series::{Aggregation, SeriesQuery};
+    use ember_engine::selector::Selector;
+    let (_dir, engine, input) = series_engine().await;
+    let ty = "fx:inuse_space:bytes:space:bytes";
+    let base_ms = heap_base_nanos() / 1_000_000;
+    let mut q = SeriesQuery {
+        selection: ProfileSelection {
+            tenant: "t".into(),
+            profile_type: ty.into(),
+            selector: Selector::parse(r#"{service_name="heap"}"#).unwrap(),
+            start: (base_ms - 5_000) * 1_000_000,
+            end: (base_ms + 60_000) * 1_000_000,
+        },
+        // Steps end at -5, +15, +35 s: +0 and +10 share the one ending +15.
+        step_nanos: 20_000_000_000,
+        group_by: vec!["pod".into()],
+        aggregation: Aggregation::Sum,
+        limit: None,
+    };
+    let series = engine
+        .select_series(&q, &Settings::default())
+        .await
+        .unwrap();
+    let pod = |v: &str| vec![("pod".to_string(), v.to_string())];
+    assert_eq!(series.len(), 2);
+    assert_eq!(series[0].labels, pod("p1"));
+    let points: Vec<(i64, f64)> = series[0]
+        .points
+        .iter()
+        .map(|p| (p.time_ms, p.value))
+        .collect();
+    let (t0, t10, t20) = (
+        total_of(&input, ty, "p1", 0),
+        total_of(&input, ty, "p1", 10),
+        total_of(&input, ty, "p1", 20),
+    );
+    assert!(t0 > 0.0);
+    assert_eq!(
+        points,
+        vec![(base_ms + 15_000, t0 + t10), (base_ms + 35_000, t20)]
+    );
+    assert_eq!(series[1].labels, pod("p2"));
+    let p2: Vec<(i64, f64)> = series[1]
+        .points
+        .iter()
+        .map(|p| (p.time_ms, p.value))
+        .collect();
+    assert_eq!(p2, vec![(base_ms + 15_000, total_of(&input, ty, "p2", 10))]);
+
+    // Average: the two p1 profiles of the first step, halved.
+    q.aggregation = Aggregation::Average;
+    let avg = engine
+        .select_series(&q, &Settings::default())
+        .await
+        .unwrap();
+    assert_eq!(avg[0].points[0].value, (t0 + t10) / 2.0);
+    // Ungrouped, limited, and another tenant's view.
+    q.aggregation = Aggregation::Sum;
+    q.group_by.clear();
+    let all = engine
+        .select_series(&q, &Settings::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].labels.is_empty());
+    assert_eq!(
+        all[0].points[0].value,
+        t0 + t10 + total_of(&input, ty, "p2", 10)
+    );
+    q.group_by = vec!["pod".into()];
+    q.limit = Some(1);
+    let top = engine
+        .select_series(&q, &Settings::default())
+        .await
+        .unwrap();
+    assert_eq!(top.len(), 1);
+    assert_eq!(top[0].labels, pod("p1"));
+    q.selection.tenant = "u".into();
+    assert!(engine
+        .select_series(&q, &Settings::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn series_function_is_the_wide_frame_of_the_same_series() {
+    let (_dir, engine, input) = series_engine().await;
+    let ty = "fx:inuse_space:bytes:space:bytes";
+    let base_ms = heap_base_nanos() / 1_000_000;
+    let sql = format!(
+        "SELECT * FROM series('{ty}', '{{service_name=\"heap\"}}', {}, {}, interval '20 second', 'pod')",
+        base_ms - 5_000,
+        base_ms + 60_000
+    );
+    let batches = run(&engine, "t", &sql).await;
+    let schema = batches[0].schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, vec!["time", r#"{pod="p1"}"#, r#"{pod="p2"}"#]);
+    let b = &batches[0];
+    let time = b
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+    assert_eq!(
+        time.values().to_vec(),
+        vec![base_ms + 15_000, base_ms + 35_000]
+    );
+    let p1 = b
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+    let p2 = b
+        .column(2)
+        .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+    assert_eq!(
+        p1.value(0),
+        total_of(&input, ty, "p1", 0) + total_of(&input, ty, "p1", 10)
+    );
+    assert_eq!(p2.value(0), total_of(&input, ty, "p2", 10));
+    assert!(p2.is_null(1), "p2 has no profile in the second step");
+    // Grafana's macros and bad steps.
+    let rfc3339 = |ms: i64| {
+        datafusion::arrow::temporal_conversions::timestamp_ms_to_datetime(ms)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string()
+    };
+    let grafana = format!(
+        "SELECT * FROM series('{ty}', '{{}}', cast('{}' as timestamp), cast('{}' as timestamp), interval '20 second')",
+        rfc3339(base_ms - 5_000),
+        rfc3339(base_ms + 60_000)
+    );
+    let b = run(&engine, "t", &grafana).await;
+    assert_eq!(b[0].schema().field(1).name(), "value");
+    let total: f64 = b[0]
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+        .iter()
+        .flatten()
+        .sum();
+    let want: f64 = input
+        .iter()
+        .filter(|p| p.profile_type == ty)
+        .map(|p| p.total() as f64)
+        .sum();
+    assert_eq!(total, want);
+    let tiny = format!("SELECT * FROM series('{ty}', '{{}}', 0, 9999999999999, 1)");
+    let e = engine
+        .execute("t", &tiny, &Settings::default())
+        .await
+        .err()
+        .expect("a one-second step over centuries is refused");
+    assert!(e.to_string().contains("widen the step"), "{e}");
+}
+
+#[tokio::test]
+async fn pprof_is_the_flame_graph_as_a_profile_of_the_input_stacks() {
+    use prost::Message;
+    let (_dir, engine, input) = series_engine().await;
+    let ty = "fx:inuse_space:bytes:space:bytes";
+    let args = format!("'{ty}', '{{pod=\"p1\"}}', 0, 9999999999999");
+    let batches = run(&engine, "t", &format!("SELECT profile FROM pprof({args})")).await;
+    let bytes = batches[0].column(0).as_binary::<i32>().value(0);
+    let p = ember_engine::pprof::Profile::decode(bytes).unwrap();
+    let name = |id: u64| {
+        let f = p.function.iter().find(|f| f.id == id).unwrap();
+        String::from_utf8(p.string_table[f.name as usize].clone()).unwrap()
+    };
+    let mut got: HashMap<String, i64> = HashMap::new();
+    for s in &p.sample {
+        let frames: Vec<String> = s.location_id.iter().rev().map(|id| name(*id)).collect();
+        *got.entry(frames.join(";")).or_default() += s.value[0];
+    }
+    let p1: Vec<Profile> = input
+        .iter()
+        .filter(|p| p.labels.iter().any(|(n, v)| n == "pod" && v == "p1"))
+        .cloned()
+        .collect();
+    let want = input_stacks(&p1, ty);
+    assert_eq!(got, want);
+    let sample_type = &p.sample_type[0];
+    assert_eq!(p.string_table[sample_type.r#type as usize], b"inuse_space");
+    assert_eq!(p.string_table[sample_type.unit as usize], b"bytes");
+    // The same engine as the flame graph: same total.
+    let (total, _) =
+        frame_stacks(&run(&engine, "t", &format!("SELECT * FROM flamegraph({args})")).await);
+    assert_eq!(total, want.values().sum::<i64>());
 }
 
 #[tokio::test]

@@ -170,3 +170,102 @@ def test_errors_are_connect_errors(ember):
     # A flame graph of a type nobody pushed is empty, not an error.
     r = call(ember, "SelectMergeStacktraces", s(1, "nothing:a:b:c:d") + s(2, "{}"))
     assert flame_graph(ok(r))[0] == 0
+
+
+def double(num, x):
+    import struct
+    return _key(num, 1) + struct.pack("<d", x)
+
+
+def series_response(buf):
+    """SelectSeriesResponse -> [({name: value}, [(timestamp ms, value)])]."""
+    import struct
+    out = []
+    for n, _, series in fields(buf):
+        if n != 1:
+            continue
+        labels, points = {}, []
+        for m, _, v in fields(series):
+            if m == 1:
+                pair = dict((k, x.decode()) for k, _, x in fields(v))
+                labels[pair[1]] = pair.get(2, "")
+            elif m == 2:
+                p = dict((k, x) for k, _, x in fields(v))
+                value = struct.unpack("<d", p.get(1, 0).to_bytes(8, "little"))[0]
+                points.append((signed(p.get(2, 0)), value))
+        out.append((labels, points))
+    return out
+
+
+def test_select_series_sums_profile_totals_per_step_and_group(ember):
+    for pod in ["p1", "p2"]:
+        push(ember, "t", "api", pod)
+    push(ember, "t", "api", "p1")  # a second p1 profile, same time
+    query = f"FROM profiles WHERE profile_type = '{CPU}' ORDER BY labels, time, total"
+    rows = ember.sql(f"SELECT labels, total {query}", tenant="t").to_pylist()
+    step = 15
+    nanos = ember.sql(f"SELECT arrow_cast(time, 'Int64') AS t {query}", tenant="t").column("t").to_pylist()
+    start_ms, end_ms = min(nanos) // 10**6 - 60_000, max(nanos) // 10**6 + 60_000
+    want = {}
+    for r, t_ns in zip(rows, nanos):
+        pod = "p1" if 'pod="p1"' in r["labels"] else "p2"
+        # A profile counts at the end of its step; steps are laid from start.
+        steps = -(-(t_ns - start_ms * 10**6) // (step * 10**9))
+        at = start_ms + steps * step * 1000
+        want.setdefault(pod, {}).setdefault(at, 0)
+        want[pod][at] += r["total"]
+    body = (s(1, CPU) + s(2, '{service_name="api"}') + i64(3, start_ms) + i64(4, end_ms)
+            + s(5, "pod") + double(6, step))
+    got = series_response(ok(call(ember, "SelectSeries", body)))
+    assert [labels for labels, _ in got] == [{"pod": "p1"}, {"pod": "p2"}]
+    for labels, points in got:
+        assert dict(points) == want[labels["pod"]]
+    assert got[0][1][0][1] == 2 * got[1][1][0][1] > 0
+    # Average (aggregation 1) halves p1's two profiles; limit keeps the top one.
+    avg = series_response(ok(call(ember, "SelectSeries", body + i64(7, 1))))
+    assert avg[0][1][0][1] == got[1][1][0][1]
+    top = series_response(ok(call(ember, "SelectSeries", body + i64(9, 1))))
+    assert [labels for labels, _ in top] == [{"pod": "p1"}]
+    # The SQL surface answers the same from the same engine, wide.
+    frame = ember.sql(f"SELECT * FROM series('{CPU}', '{{service_name=\"api\"}}', {start_ms}, {end_ms}, "
+                      f"interval '{step} second', 'pod')", tenant="t")
+    assert frame.column_names == ["time", '{pod="p1"}', '{pod="p2"}']
+    assert frame.column('{pod="p1"}').to_pylist() == [v for _, v in got[0][1]]
+    # A step that would make too many points, or none, is refused with why.
+    r = call(ember, "SelectSeries", s(1, CPU) + i64(3, 0) + i64(4, 2**62 // 10**6) + double(6, 1))
+    assert r.status_code == 400 and "widen the step" in r.json()["message"], r.text
+    r = call(ember, "SelectSeries", s(1, CPU) + i64(3, 0) + i64(4, 1000))
+    assert r.status_code == 400 and "step" in r.json()["message"], r.text
+    # Another tenant sees no series.
+    assert series_response(ok(call(ember, "SelectSeries", body, tenant="other"))) == []
+
+
+def test_select_merge_profile_is_a_pprof_of_the_flame_graph(ember):
+    from wire import folded, load_pprof, profile_types
+    for pod in ["p1", "p2"]:
+        push(ember, "t", "api", pod)
+    selector = '{service_name="api"}'
+    body = s(1, CPU) + s(2, selector) + i64(3, 0) + i64(4, 2**62 // 10**6) + i64(5, 100000)
+    raw = ok(call(ember, "SelectMergeProfile", body))
+    merged = load_pprof(raw)
+    assert [merged["strings"][t] for t in merged["sample_type"][0]] == ["cpu", "nanoseconds"]
+    got = folded(merged, 0)
+    want_total, want_stacks, _ = flame_stacks(ember.sql(
+        f"SELECT * FROM flamegraph('{CPU}', '{selector}', 0, 9999999999999, 100000)", tenant="t"))
+    assert got == want_stacks
+    # ... which is the input twice over (two pods pushed the same profile).
+    source = load_pprof(RAW)
+    index = profile_types(source, "process_cpu").index(CPU)
+    input_total = sum(folded(source, index).values())
+    assert sum(got.values()) == want_total == 2 * input_total
+    # max_nodes truncates as the flame graph does; the total stays.
+    small = load_pprof(ok(call(ember, "SelectMergeProfile", s(1, CPU) + s(2, selector) + i64(5, 8))))
+    _, want8, _ = flame_stacks(ember.sql(
+        f"SELECT * FROM flamegraph('{CPU}', '{selector}', 0, 9999999999999, 8)", tenant="t"))
+    assert folded(small, 0) == want8 != got
+    assert sum(want8.values()) == want_total and any(k.endswith("other") for k in want8)
+    # Through SQL, the same bytes' profile.
+    blob = ember.sql(f"SELECT profile FROM pprof('{CPU}', '{selector}', 0, 9999999999999, 100000)",
+                     tenant="t").column("profile")[0].as_py()
+    assert folded(load_pprof(blob), 0) == got
+    assert folded(load_pprof(ok(call(ember, "SelectMergeProfile", body, tenant="other"))), 0) == {}
