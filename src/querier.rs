@@ -73,6 +73,17 @@ pub mod types_v1 {
         pub timestamp: i64,
     }
 
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GetProfileStatsResponse {
+        #[prost(bool, tag = "1")]
+        pub data_ingested: bool,
+        /// Milliseconds since the epoch.
+        #[prost(int64, tag = "2")]
+        pub oldest_profile_time: i64,
+        #[prost(int64, tag = "3")]
+        pub newest_profile_time: i64,
+    }
+
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
     #[repr(i32)]
     pub enum TimeSeriesAggregationType {
@@ -398,6 +409,23 @@ async fn call(
             let req = decode::<SelectSeriesRequest>(&body)?;
             let series = select_series(state, &tenant, &settings, req).await?;
             Ok(proto_response(&SelectSeriesResponse { series }))
+        }
+        "GetProfileStats" => {
+            // The request (`types.v1.GetProfileStatsRequest`) has no fields.
+            let stats = match state.engine.profile_time_bounds(&tenant) {
+                Some((oldest, newest)) => GetProfileStatsResponse {
+                    data_ingested: true,
+                    oldest_profile_time: oldest / 1_000_000,
+                    newest_profile_time: newest / 1_000_000,
+                },
+                // Pyroscope's answer for a tenant without data.
+                None => GetProfileStatsResponse {
+                    data_ingested: false,
+                    oldest_profile_time: i64::MAX,
+                    newest_profile_time: i64::MIN,
+                },
+            };
+            Ok(proto_response(&stats))
         }
         other => Err(unimplemented(format!(
             "querier.v1.QuerierService/{other} is not served"

@@ -5,25 +5,30 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetSqlInfo, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
-    ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
 };
-use datafusion::arrow::datatypes::Schema;
-use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::scalar::ScalarValue;
 use ember_engine::{AuthError, Authenticator, TenantId};
+use ember_sql::system::{SystemTable, SCHEMA as SYSTEM_SCHEMA};
 use ember_sql::{QueryEngine, Settings, TABLES};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
@@ -33,6 +38,10 @@ use tonic::{Request, Response, Status, Streaming};
 pub use arrow_flight::flight_service_server::FlightServiceServer;
 
 const TENANT_HEADER: &str = "x-scope-orgid";
+/// The profile tables' type, as DataFusion's information_schema names it
+/// (and Grafana's Flight SQL data source filters on).
+const BASE_TABLE: &str = "BASE TABLE";
+const SYSTEM_TABLE: &str = "SYSTEM TABLE";
 
 pub struct EmberFlightSql {
     engine: Arc<QueryEngine>,
@@ -97,6 +106,10 @@ fn status(e: ember_sql::SqlError) -> Status {
     }
 }
 
+/// What GetSqlInfo answers. Grafana's Flight SQL data source asks for
+/// everything and reads the values of rows 17 to 21 by position as the SQL
+/// keywords and the numeric, string, system and date-time functions; rows
+/// are sorted by id, so exactly 17 ids below `SqlKeywords` (508) come first.
 fn sql_info() -> &'static SqlInfoData {
     static INFO: OnceLock<SqlInfoData> = OnceLock::new();
     INFO.get_or_init(|| {
@@ -105,9 +118,163 @@ fn sql_info() -> &'static SqlInfoData {
         b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
         b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
         b.append(SqlInfo::FlightSqlServerReadOnly, true);
+        b.append(SqlInfo::FlightSqlServerSql, true);
+        b.append(SqlInfo::FlightSqlServerSubstrait, false);
+        // SqlSupportedTransaction::None.
+        b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        b.append(SqlInfo::FlightSqlServerCancel, false);
+        b.append(SqlInfo::FlightSqlServerStatementTimeout, 0i32);
+        b.append(SqlInfo::FlightSqlServerTransactionTimeout, 0i32);
+        b.append(SqlInfo::SqlDdlCatalog, false);
+        b.append(SqlInfo::SqlDdlSchema, false);
+        b.append(SqlInfo::SqlDdlTable, false);
+        // SqlSupportedCaseSensitivity::Lowercase, as DataFusion folds names.
+        b.append(SqlInfo::SqlIdentifierCase, 2i32);
         b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+        // SqlSupportedCaseSensitivity::CaseSensitive.
+        b.append(SqlInfo::SqlQuotedIdentifierCase, 1i32);
+        b.append(SqlInfo::SqlAllTablesAreSelectable, true);
+        let f = FunctionLists::of_datafusion();
+        b.append(SqlInfo::SqlKeywords, f.keywords);
+        b.append(SqlInfo::SqlNumericFunctions, f.numeric);
+        b.append(SqlInfo::SqlStringFunctions, f.string);
+        b.append(SqlInfo::SqlSystemFunctions, f.system);
+        b.append(SqlInfo::SqlDatetimeFunctions, f.datetime);
         b.build().expect("static SQL info builds")
     })
+}
+
+/// The SQL editor's autocompletion lists, from DataFusion's own function
+/// registry (by each function's documentation section) and Ember's profile
+/// functions.
+struct FunctionLists {
+    keywords: Vec<String>,
+    numeric: Vec<String>,
+    string: Vec<String>,
+    system: Vec<String>,
+    datetime: Vec<String>,
+}
+
+impl FunctionLists {
+    fn of_datafusion() -> Self {
+        let state = datafusion::prelude::SessionContext::new().state();
+        let mut lists = Self {
+            keywords: datafusion::sql::sqlparser::keywords::ALL_KEYWORDS
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
+            numeric: Vec::new(),
+            string: Vec::new(),
+            system: ember_sql::PROFILE_FUNCTIONS
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
+            datetime: Vec::new(),
+        };
+        for (name, udf) in state.scalar_functions() {
+            let section = udf.documentation().map(|d| d.doc_section.label);
+            let list = match section {
+                Some("Math Functions") => &mut lists.numeric,
+                Some(
+                    "String Functions" | "Binary String Functions" | "Regular Expression Functions",
+                ) => &mut lists.string,
+                Some("Time and Date Functions") => &mut lists.datetime,
+                _ => &mut lists.system,
+            };
+            list.push(name.clone());
+        }
+        for list in [
+            &mut lists.numeric,
+            &mut lists.string,
+            &mut lists.system,
+            &mut lists.datetime,
+        ] {
+            list.sort();
+            list.dedup();
+        }
+        lists
+    }
+}
+
+/// A prepared statement's handle: the statement and, once a client bound
+/// them (DoPut), its parameters as one Arrow IPC row. Flight SQL lets DoPut
+/// hand back a new handle, so the server keeps no state per statement.
+#[derive(Clone, PartialEq, Message)]
+struct PreparedHandle {
+    #[prost(string, tag = "1")]
+    sql: String,
+    #[prost(bytes = "vec", tag = "2")]
+    parameters: Vec<u8>,
+}
+
+impl PreparedHandle {
+    fn decode_from(handle: &[u8]) -> Result<Self, Status> {
+        Self::decode(handle)
+            .map_err(|e| Status::invalid_argument(format!("prepared statement handle: {e}")))
+    }
+
+    /// The bound values, in placeholder order (`$1` first).
+    fn params(&self) -> Result<Vec<ScalarValue>, Status> {
+        if self.parameters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bad =
+            |e: String| Status::invalid_argument(format!("prepared statement parameters: {e}"));
+        let mut reader = StreamReader::try_new(std::io::Cursor::new(&self.parameters), None)
+            .map_err(|e| bad(e.to_string()))?;
+        let batch = reader
+            .next()
+            .ok_or_else(|| bad("no parameter row".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        one_row(&batch).map_err(bad)
+    }
+}
+
+/// The values of a parameter batch's single row.
+fn one_row(batch: &RecordBatch) -> Result<Vec<ScalarValue>, String> {
+    if batch.num_rows() != 1 {
+        return Err(format!(
+            "bind exactly one row of parameters, got {}",
+            batch.num_rows()
+        ));
+    }
+    batch
+        .columns()
+        .iter()
+        .map(|c| ScalarValue::try_from_array(c, 0).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// The parameters a statement's placeholders take, `$1` first, typed where
+/// DataFusion can tell (else Utf8, which it casts from).
+fn parameter_schema(df: &datafusion::dataframe::DataFrame) -> Result<Schema, Status> {
+    let types = df
+        .logical_plan()
+        .get_parameter_types()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut names: Vec<(usize, String)> = types
+        .keys()
+        .map(|k| {
+            (
+                k.trim_start_matches('$').parse().unwrap_or(usize::MAX),
+                k.clone(),
+            )
+        })
+        .collect();
+    names.sort();
+    Ok(Schema::new(
+        names
+            .into_iter()
+            .map(|(_, name)| {
+                let ty = types
+                    .get(&name)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or(DataType::Utf8);
+                Field::new(name, ty, true)
+            })
+            .collect::<Vec<_>>(),
+    ))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -157,11 +324,12 @@ impl EmberFlightSql {
         tenant: &str,
         settings: &Settings,
         sql: &str,
+        params: Vec<ScalarValue>,
     ) -> Result<Response<BoxStream<arrow_flight::FlightData>>, Status> {
         let started = std::time::Instant::now();
         let stream = self
             .engine
-            .execute(tenant, sql, settings)
+            .execute_with_params(tenant, sql, settings, params)
             .await
             .map_err(status)?;
         tracing::debug!(
@@ -253,6 +421,7 @@ impl FlightSqlService for EmberFlightSql {
             &tenant,
             &settings(&request)?,
             handle_sql(&ticket.statement_handle)?,
+            Vec::new(),
         )
         .await
     }
@@ -263,16 +432,27 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let tenant = self.tenant(&request)?;
-        let schema = self
-            .statement_schema(&tenant, &settings(&request)?, &query.query)
-            .await?;
-        let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
-            .try_into()
-            .map_err(|e: datafusion::arrow::error::ArrowError| Status::internal(e.to_string()))?;
+        let df = self
+            .engine
+            .plan(&tenant, &query.query, &settings(&request)?)
+            .await
+            .map_err(status)?;
+        let ipc = |schema: &Schema| -> Result<bytes::Bytes, Status> {
+            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+                .try_into()
+                .map_err(|e: datafusion::arrow::error::ArrowError| {
+                    Status::internal(e.to_string())
+                })?;
+            Ok(bytes)
+        };
+        let handle = PreparedHandle {
+            sql: query.query,
+            parameters: Vec::new(),
+        };
         Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: query.query.into_bytes().into(),
-            dataset_schema,
-            parameter_schema: Default::default(),
+            prepared_statement_handle: handle.encode_to_vec().into(),
+            dataset_schema: ipc(df.schema().as_arrow())?,
+            parameter_schema: ipc(&parameter_schema(&df)?)?,
         })
     }
 
@@ -291,15 +471,14 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
-        let schema = self
-            .statement_schema(
-                &tenant,
-                &settings(&request)?,
-                handle_sql(&cmd.prepared_statement_handle)?,
-            )
-            .await?;
+        let handle = PreparedHandle::decode_from(&cmd.prepared_statement_handle)?;
+        let df = self
+            .engine
+            .plan_with_params(&tenant, &handle.sql, &settings(&request)?, handle.params()?)
+            .await
+            .map_err(status)?;
         Ok(Response::new(flight_info(
-            &schema,
+            df.schema().as_arrow(),
             cmd,
             request.into_inner(),
         )?))
@@ -311,12 +490,51 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
-        self.run(
-            &tenant,
-            &settings(&request)?,
-            handle_sql(&query.prepared_statement_handle)?,
-        )
-        .await
+        let handle = PreparedHandle::decode_from(&query.prepared_statement_handle)?;
+        let params = handle.params()?;
+        self.run(&tenant, &settings(&request)?, &handle.sql, params)
+            .await
+    }
+
+    /// Binds parameters (one row) to a prepared statement: the answer is a
+    /// new handle that carries them.
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        self.tenant(&request)?;
+        let mut handle = PreparedHandle::decode_from(&query.prepared_statement_handle)?;
+        let stream = request.into_inner().map_err(FlightError::from);
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(stream)
+            .try_collect()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let Some(batch) = batches.into_iter().find(|b| b.num_rows() > 0) else {
+            return Err(Status::invalid_argument(
+                "bind exactly one row of parameters, got 0",
+            ));
+        };
+        if rows != 1 {
+            return Err(Status::invalid_argument(format!(
+                "bind exactly one row of parameters, got {rows}"
+            )));
+        }
+        one_row(&batch).map_err(Status::invalid_argument)?;
+        let mut ipc = Vec::new();
+        {
+            let mut writer = StreamWriter::try_new(&mut ipc, &batch.schema())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            writer
+                .write(&batch)
+                .and_then(|_| writer.finish())
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        handle.parameters = ipc;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle.encode_to_vec().into()),
+        })
     }
 
     async fn get_flight_info_sql_info(
@@ -417,11 +635,47 @@ impl FlightSqlService for EmberFlightSql {
                     ember_sql::CATALOG,
                     &tenant,
                     section.name(),
-                    "TABLE",
+                    BASE_TABLE,
                     section.schema().as_ref(),
                 )
                 .map_err(Status::from)?;
         }
+        for table in SystemTable::ALL {
+            builder
+                .append(
+                    ember_sql::CATALOG,
+                    SYSTEM_SCHEMA,
+                    table.name(),
+                    SYSTEM_TABLE,
+                    table.schema().as_ref(),
+                )
+                .map_err(Status::from)?;
+        }
+        let schema = builder.schema();
+        Ok(Response::new(batch_stream(schema, builder.build())))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut builder = query.into_builder();
+        builder.append(BASE_TABLE);
+        builder.append(SYSTEM_TABLE);
         let schema = builder.schema();
         Ok(Response::new(batch_stream(schema, builder.build())))
     }

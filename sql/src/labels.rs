@@ -80,6 +80,20 @@ impl QueryEngine {
         names.into_iter().collect()
     }
 
+    /// The oldest and newest profile time (nanoseconds) the tenant has
+    /// stored, if any: Pyroscope's `GetProfileStats`.
+    pub fn profile_time_bounds(&self, tenant: &str) -> Option<(i64, i64)> {
+        let datasets = self.metastore().query(&BlockQuery {
+            tenant: tenant.to_string(),
+            start: i64::MIN,
+            end: i64::MAX,
+            ..BlockQuery::default()
+        });
+        let oldest = datasets.iter().map(|d| d.dataset.min_time).min()?;
+        let newest = datasets.iter().map(|d| d.dataset.max_time).max()?;
+        Some((oldest, newest))
+    }
+
     /// Values of label `name` in matching series, sorted.
     pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
         let values: BTreeSet<String> = self

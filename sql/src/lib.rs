@@ -25,6 +25,9 @@ pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
 pub use settings::Settings;
 pub use tables::TABLES;
 
+/// Ember's table functions over profiles.
+pub const PROFILE_FUNCTIONS: [&str; 3] = ["flamegraph", "pprof", "series"];
+
 use thiserror::Error;
 
 #[derive(Debug, Error)]

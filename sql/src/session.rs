@@ -13,6 +13,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
 use ember_engine::{Metastore, TenantId, DEFAULT_TENANT};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
@@ -284,12 +285,30 @@ impl QueryEngine {
         sql: &str,
         settings: &Settings,
     ) -> std::result::Result<DataFrame, SqlError> {
+        self.plan_with_params(tenant, sql, settings, Vec::new())
+            .await
+    }
+
+    /// Plans a statement with its placeholders (`$1`...) bound to `params`
+    /// (none: placeholders stay unbound, as for a prepared statement's
+    /// schema).
+    pub async fn plan_with_params(
+        &self,
+        tenant: &str,
+        sql: &str,
+        settings: &Settings,
+        params: Vec<ScalarValue>,
+    ) -> std::result::Result<DataFrame, SqlError> {
         let ctx = self.session(tenant, settings)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        Ok(ctx.sql_with_options(sql, options).await?)
+        let df = ctx.sql_with_options(sql, options).await?;
+        if params.is_empty() {
+            return Ok(df);
+        }
+        Ok(df.with_param_values(params)?)
     }
 
     /// Plans and runs a flame graph over an empty range once, before the
@@ -311,10 +330,22 @@ impl QueryEngine {
         sql: &str,
         settings: &Settings,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
+        self.execute_with_params(tenant, sql, settings, Vec::new())
+            .await
+    }
+
+    /// Runs a statement with its placeholders bound to `params`.
+    pub async fn execute_with_params(
+        &self,
+        tenant: &str,
+        sql: &str,
+        settings: &Settings,
+        params: Vec<ScalarValue>,
+    ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
         let deadline = tokio::time::Instant::now() + self.config.query_timeout;
         let timeout = self.config.query_timeout;
         let stream = tokio::time::timeout_at(deadline, async {
-            self.plan(tenant, sql, settings)
+            self.plan_with_params(tenant, sql, settings, params)
                 .await?
                 .execute_stream()
                 .await

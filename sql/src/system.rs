@@ -35,7 +35,7 @@ impl SystemTable {
         }
     }
 
-    fn schema(self) -> SchemaRef {
+    pub fn schema(self) -> SchemaRef {
         static BLOCKS: OnceLock<SchemaRef> = OnceLock::new();
         static JOBS: OnceLock<SchemaRef> = OnceLock::new();
         let time = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));

@@ -269,3 +269,16 @@ def test_select_merge_profile_is_a_pprof_of_the_flame_graph(ember):
                      tenant="t").column("profile")[0].as_py()
     assert folded(load_pprof(blob), 0) == got
     assert folded(load_pprof(ok(call(ember, "SelectMergeProfile", body, tenant="other"))), 0) == {}
+
+
+def test_profile_stats_bound_what_the_tenant_stored(ember):
+    def stats(tenant):
+        return dict((n, signed(v)) for n, _, v in fields(ok(call(ember, "GetProfileStats", b"", tenant=tenant))))
+    assert stats("t").get(1, 0) == 0  # nothing ingested yet
+    push(ember, "t", "api", "p1")
+    got = stats("t")
+    times = ember.sql("SELECT min(arrow_cast(time, 'Int64')) AS lo, max(arrow_cast(time, 'Int64')) AS hi "
+                      "FROM profiles", tenant="t").to_pylist()[0]
+    assert got[1] == 1
+    assert (got[2], got[3]) == (times["lo"] // 10**6, times["hi"] // 10**6)
+    assert stats("other").get(1, 0) == 0
