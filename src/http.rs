@@ -38,6 +38,10 @@ pub fn router(state: AppState) -> Router {
             "/querier.v1.QuerierService/{method}",
             post(crate::querier::handle),
         )
+        .route("/pyroscope/render", get(crate::render::render))
+        .route("/pyroscope/render-diff", get(crate::render::render_diff))
+        .route("/pyroscope/label-values", get(crate::render::label_values))
+        .route("/pyroscope/labels", get(crate::render::labels))
         .route("/ready", get(|| async { "ready\n" }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))

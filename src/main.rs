@@ -9,6 +9,7 @@ mod metrics;
 mod object_requests;
 mod querier;
 mod query;
+mod render;
 mod serve;
 mod tls;
 

@@ -219,6 +219,36 @@ pub mod querier_v1 {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DiffRequest {
+        #[prost(message, optional, tag = "1")]
+        pub left: Option<SelectMergeStacktracesRequest>,
+        #[prost(message, optional, tag = "2")]
+        pub right: Option<SelectMergeStacktracesRequest>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DiffResponse {
+        #[prost(message, optional, tag = "1")]
+        pub flamegraph: Option<FlameGraphDiff>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FlameGraphDiff {
+        #[prost(string, repeated, tag = "1")]
+        pub names: Vec<String>,
+        #[prost(message, repeated, tag = "2")]
+        pub levels: Vec<Level>,
+        #[prost(int64, tag = "3")]
+        pub total: i64,
+        #[prost(int64, tag = "4")]
+        pub max_self: i64,
+        #[prost(int64, tag = "5")]
+        pub left_ticks: i64,
+        #[prost(int64, tag = "6")]
+        pub right_ticks: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct SelectMergeProfileRequest {
         #[prost(string, tag = "1")]
         pub profile_type_id: String,
@@ -289,7 +319,7 @@ fn connect_error(status: StatusCode, code: &'static str, message: impl Into<Stri
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     connect_error(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
@@ -410,6 +440,16 @@ async fn call(
             let series = select_series(state, &tenant, &settings, req).await?;
             Ok(proto_response(&SelectSeriesResponse { series }))
         }
+        "Diff" => {
+            let req = decode::<DiffRequest>(&body)?;
+            let (Some(left), Some(right)) = (req.left, req.right) else {
+                return Err(invalid("Diff needs both left and right"));
+            };
+            let flamegraph = diff(state, &tenant, &settings, &left, &right).await?;
+            Ok(proto_response(&DiffResponse {
+                flamegraph: Some(flamegraph),
+            }))
+        }
         "GetProfileStats" => {
             // The request (`types.v1.GetProfileStatsRequest`) has no fields.
             let stats = match state.engine.profile_time_bounds(&tenant) {
@@ -523,7 +563,7 @@ fn quoted(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-async fn select_merge_stacktraces(
+pub(crate) async fn select_merge_stacktraces(
     state: &AppState,
     tenant: &str,
     settings: &Settings,
@@ -551,7 +591,31 @@ async fn select_merge_stacktraces(
         .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
 }
 
-async fn run_sql(
+pub(crate) async fn diff(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    left: &SelectMergeStacktracesRequest,
+    right: &SelectMergeStacktracesRequest,
+) -> Result<FlameGraphDiff, ApiError> {
+    if left.profile_type_id != right.profile_type_id {
+        return Err(invalid("profile types must match"));
+    }
+    let max_nodes = max_nodes(left.max_nodes.or(right.max_nodes))?;
+    let (ls, le) = time_range_ms(left.start, left.end);
+    let (rs, re) = time_range_ms(right.start, right.end);
+    let sql = format!(
+        "SELECT * FROM diff_flamegraph({}, {}, {ls}, {le}, {}, {rs}, {re}, {max_nodes})",
+        quoted(&left.profile_type_id),
+        quoted(selector_or_all(&left.label_selector)),
+        quoted(selector_or_all(&right.label_selector)),
+    );
+    let batches = run_sql(state, tenant, settings, &sql).await?;
+    flame_graph_diff(&batches)
+        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+}
+
+pub(crate) async fn run_sql(
     state: &AppState,
     tenant: &str,
     settings: &Settings,
@@ -581,7 +645,7 @@ fn max_nodes(requested: Option<i64>) -> Result<i64, ApiError> {
 
 /// A request's `[start, end]` in epoch milliseconds, an end of 0 meaning
 /// no end.
-fn time_range_ms(start: i64, end: i64) -> (i64, i64) {
+pub(crate) fn time_range_ms(start: i64, end: i64) -> (i64, i64) {
     let end = if end <= 0 { i64::MAX / 1_000_000 } else { end };
     (start.max(0), end)
 }
@@ -626,7 +690,7 @@ async fn select_merge_profile(
         })
 }
 
-async fn select_series(
+pub(crate) async fn select_series(
     state: &AppState,
     tenant: &str,
     settings: &Settings,
@@ -705,65 +769,148 @@ fn query_error(e: &ember_sql::SqlError) -> ApiError {
     }
 }
 
-/// Grafana's flame graph frame (`level`, `value`, `self`, `label`, depth
-/// first, children by name) as Pyroscope's `FlameGraph`: per level, four
-/// numbers per bar (x offset from the end of the previous bar on that
-/// level, total, self, index into `names`); level 0 is `[0, total, self, 0]`
-/// with `names[0] = "total"`.
-pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
-    let mut graph = FlameGraph::default();
-    let mut name_index: HashMap<String, i64> = HashMap::new();
-    // Per depth: where the last bar ended, and where the next child of the
-    // last bar at that depth starts.
-    let mut last_end: Vec<i64> = Vec::new();
-    let mut child_x: Vec<i64> = Vec::new();
-    for b in batches {
-        let column = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| format!("flame graph frame without {name}"))
-        };
-        let level = column("level")?.as_primitive::<Int64Type>();
-        let value = column("value")?.as_primitive::<Int64Type>();
-        let own = column("self")?.as_primitive::<Int64Type>();
-        let label = column("label")?.as_string::<i32>();
-        for i in 0..b.num_rows() {
-            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
-            if depth > graph.levels.len() || (depth == 0) != graph.levels.is_empty() {
-                return Err(format!(
-                    "row {i} at level {depth} is out of depth-first order"
-                ));
-            }
-            let x = if depth == 0 { 0 } else { child_x[depth - 1] };
-            if depth > 0 {
-                child_x[depth - 1] += value.value(i);
-            }
-            child_x.truncate(depth);
-            child_x.push(x);
-            if depth == graph.levels.len() {
-                graph.levels.push(Level::default());
-                last_end.push(0);
-            }
-            let next = name_index.len() as i64;
-            let name = *name_index
-                .entry(label.value(i).to_string())
-                .or_insert_with(|| {
-                    graph.names.push(label.value(i).to_string());
-                    next
-                });
-            graph.levels[depth].values.extend([
-                x - last_end[depth],
-                value.value(i),
-                own.value(i),
-                name,
-            ]);
-            last_end[depth] = x + value.value(i);
-            if depth == 0 {
-                graph.total = value.value(i);
-            }
-            graph.max_self = graph.max_self.max(own.value(i));
+/// Depth-first flame graph rows laid out as Pyroscope's levels: per bar
+/// and per side (one, or left and right for a diff), the x offset from the
+/// end of the previous bar on that level, the total and the self value;
+/// then the index of the bar's name. Level 0 is the root, `names[0]` its
+/// name ("total").
+struct Levels<const SIDES: usize> {
+    names: Vec<String>,
+    name_index: HashMap<String, i64>,
+    levels: Vec<Level>,
+    /// Per depth and side: where the last bar ended.
+    last_end: Vec<[i64; SIDES]>,
+    /// Per depth and side: where the next child of the last bar there starts.
+    child_x: Vec<[i64; SIDES]>,
+    max_self: i64,
+}
+
+impl<const SIDES: usize> Levels<SIDES> {
+    fn new() -> Self {
+        Self {
+            names: Vec::new(),
+            name_index: HashMap::new(),
+            levels: Vec::new(),
+            last_end: Vec::new(),
+            child_x: Vec::new(),
+            max_self: 0,
         }
     }
-    Ok(graph)
+
+    /// Adds the next row: its depth, name and (total, self) per side.
+    fn push(&mut self, depth: usize, name: &str, sides: [(i64, i64); SIDES]) -> Result<(), String> {
+        if depth > self.levels.len() || (depth == 0) != self.levels.is_empty() {
+            return Err(format!(
+                "a row at level {depth} is out of depth-first order"
+            ));
+        }
+        let mut x = [0; SIDES];
+        if depth > 0 {
+            x = self.child_x[depth - 1];
+            for (side, (total, _)) in sides.iter().enumerate() {
+                self.child_x[depth - 1][side] += total;
+            }
+        }
+        self.child_x.truncate(depth);
+        self.child_x.push(x);
+        if depth == self.levels.len() {
+            self.levels.push(Level::default());
+            self.last_end.push([0; SIDES]);
+        }
+        let next = self.name_index.len() as i64;
+        let index = *self.name_index.entry(name.to_string()).or_insert_with(|| {
+            self.names.push(name.to_string());
+            next
+        });
+        let values = &mut self.levels[depth].values;
+        for (side, (total, own)) in sides.iter().enumerate() {
+            values.extend([x[side] - self.last_end[depth][side], *total, *own]);
+            self.last_end[depth][side] = x[side] + total;
+            self.max_self = self.max_self.max(*own);
+        }
+        values.push(index);
+        Ok(())
+    }
+}
+
+fn int_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::Int64Array, String> {
+    b.column_by_name(name)
+        .map(|c| c.as_primitive::<Int64Type>())
+        .ok_or_else(|| format!("flame graph frame without {name}"))
+}
+
+fn label_column(b: &RecordBatch) -> Result<&arrow::array::StringArray, String> {
+    b.column_by_name("label")
+        .map(|c| c.as_string::<i32>())
+        .ok_or_else(|| "flame graph frame without label".to_string())
+}
+
+/// Grafana's flame graph frame (`level`, `value`, `self`, `label`, depth
+/// first, children by name) as Pyroscope's `FlameGraph`: level 0 is
+/// `[0, total, self, 0]` with `names[0] = "total"`.
+pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
+    let mut levels = Levels::<1>::new();
+    let mut total = 0;
+    for b in batches {
+        let (level, value, own) = (
+            int_column(b, "level")?,
+            int_column(b, "value")?,
+            int_column(b, "self")?,
+        );
+        let label = label_column(b)?;
+        for i in 0..b.num_rows() {
+            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
+            if depth == 0 {
+                total = value.value(i);
+            }
+            levels.push(depth, label.value(i), [(value.value(i), own.value(i))])?;
+        }
+    }
+    Ok(FlameGraph {
+        names: levels.names,
+        levels: levels.levels,
+        total,
+        max_self: levels.max_self,
+    })
+}
+
+/// The diff frame (`value`/`self` left, `valueRight`/`selfRight`) as
+/// Pyroscope's `FlameGraphDiff`: seven numbers per bar, each side's x
+/// offsets delta encoded on their own.
+pub fn flame_graph_diff(batches: &[RecordBatch]) -> Result<FlameGraphDiff, String> {
+    let mut levels = Levels::<2>::new();
+    let (mut left_ticks, mut right_ticks) = (0, 0);
+    for b in batches {
+        let (level, value, own) = (
+            int_column(b, "level")?,
+            int_column(b, "value")?,
+            int_column(b, "self")?,
+        );
+        let (value_r, own_r) = (int_column(b, "valueRight")?, int_column(b, "selfRight")?);
+        let label = label_column(b)?;
+        for i in 0..b.num_rows() {
+            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
+            if depth == 0 {
+                (left_ticks, right_ticks) = (value.value(i), value_r.value(i));
+            }
+            levels.push(
+                depth,
+                label.value(i),
+                [
+                    (value.value(i), own.value(i)),
+                    (value_r.value(i), own_r.value(i)),
+                ],
+            )?;
+        }
+    }
+    Ok(FlameGraphDiff {
+        names: levels.names,
+        levels: levels.levels,
+        total: left_ticks + right_ticks,
+        max_self: levels.max_self,
+        left_ticks,
+        right_ticks,
+    })
 }
 
 #[cfg(test)]

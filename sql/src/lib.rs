@@ -4,6 +4,7 @@
 
 mod args;
 pub mod compaction;
+pub mod diff;
 pub mod flamegraph;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -26,7 +27,7 @@ pub use settings::Settings;
 pub use tables::TABLES;
 
 /// Ember's table functions over profiles.
-pub const PROFILE_FUNCTIONS: [&str; 3] = ["flamegraph", "pprof", "series"];
+pub const PROFILE_FUNCTIONS: [&str; 4] = ["diff_flamegraph", "flamegraph", "pprof", "series"];
 
 use thiserror::Error;
 

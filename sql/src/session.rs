@@ -19,6 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use url::Url;
 
+use crate::diff::DiffFunction;
 use crate::flamegraph::FlameGraphFunction;
 use crate::lru::ByteLru;
 use crate::pprof::PprofFunction;
@@ -255,6 +256,10 @@ impl QueryEngine {
             catalog.register_schema(SYSTEM_SCHEMA, Arc::new(system))?;
         }
         ctx.register_catalog(CATALOG, Arc::new(catalog));
+        ctx.register_udtf(
+            "diff_flamegraph",
+            Arc::new(DiffFunction::new(self.storage.clone(), tenant.to_string())),
+        );
         ctx.register_udtf(
             "pprof",
             Arc::new(PprofFunction::new(self.storage.clone(), tenant.to_string())),

@@ -282,3 +282,133 @@ def test_profile_stats_bound_what_the_tenant_stored(ember):
     assert got[1] == 1
     assert (got[2], got[3]) == (times["lo"] // 10**6, times["hi"] // 10**6)
     assert stats("other").get(1, 0) == 0
+
+
+OTHER = (FIXTURES / "pprof" / "go-cpu-exemplars.pb.gz").read_bytes()
+
+
+def side_stacks(levels, names, side):
+    """'a;b' -> self of one side of 7-number diff levels (side 0 or 1):
+    each side's x offsets are delta encoded on their own."""
+    bars = []
+    for depth, values in enumerate(levels):
+        end, row = 0, []
+        for i in range(0, len(values), 7):
+            off, total, own = values[i + 3 * side: i + 3 * side + 3]
+            x = end + off
+            end = x + total
+            name = names[values[i + 6]]
+            if depth == 0:
+                path = []
+            elif total == 0:
+                path = None
+            else:
+                parent = next(b for b in bars[depth - 1] if b[3] is not None and b[1] and b[0] <= x < b[0] + b[1])
+                path = parent[3] + [name]
+            row.append((x, total, own, path))
+        bars.append(row)
+    out = {}
+    for row in bars[1:]:
+        for _, _, own, path in row:
+            if own:
+                key = ";".join(path)
+                out[key] = out.get(key, 0) + own
+    return out
+
+
+def push_two_pods(ember):
+    push(ember, "t", "api", "p1")
+    labels = {"__name__": "process_cpu", "service_name": "api", "pod": "p2"}
+    assert ember.push_proto([(labels, [OTHER])], tenant="t").status_code == 200
+
+
+def sql_flame(ember, selector, max_nodes=100000):
+    return flame_stacks(ember.sql(
+        f"SELECT * FROM flamegraph('{CPU}', '{selector}', 0, 9999999999999, {max_nodes})", tenant="t"))
+
+
+def test_diff_puts_two_selections_side_by_side(ember):
+    push_two_pods(ember)
+    left = s(1, CPU) + s(2, '{pod="p1"}') + i64(5, 100000)
+    right = s(1, CPU) + s(2, '{pod="p2"}') + i64(5, 100000)
+    body = _bytes_field(1, left) + _bytes_field(2, right)
+    graph = next(v for n, _, v in fields(ok(call(ember, "Diff", body))) if n == 1)
+    names, levels, scalars = [], [], {}
+    for n, wt, v in fields(graph):
+        if n == 1:
+            names.append(v.decode())
+        elif n == 2:
+            values = []
+            for m, wt2, x in fields(v):
+                if m == 1:
+                    values += [signed(y) for y in repeated_varints(wt2, x)]
+            levels.append(values)
+        else:
+            scalars[n] = signed(v)
+    l_total, l_stacks, _ = sql_flame(ember, '{pod="p1"}')
+    r_total, r_stacks, _ = sql_flame(ember, '{pod="p2"}')
+    assert names[0] == "total" and l_stacks != r_stacks
+    assert (scalars[5], scalars[6], scalars[3]) == (l_total, r_total, l_total + r_total)
+    assert side_stacks(levels, names, 0) == l_stacks
+    assert side_stacks(levels, names, 1) == r_stacks
+    # The SQL frame Grafana's panel reads as a diff, from the same engine.
+    frame = ember.sql(f"SELECT * FROM diff_flamegraph('{CPU}', '{{pod=\"p1\"}}', 0, 9999999999999, "
+                      f"'{{pod=\"p2\"}}', 0, 9999999999999, 100000)", tenant="t")
+    assert frame.column_names == ["level", "label", "value", "self", "valueRight", "selfRight"]
+    assert sum(frame.column("self").to_pylist()) == l_total
+    assert sum(frame.column("selfRight").to_pylist()) == r_total
+    # Types must match.
+    other = s(1, "memory:alloc_space:bytes:space:bytes")
+    r = call(ember, "Diff", _bytes_field(1, left) + _bytes_field(2, other))
+    assert r.status_code == 400 and "profile types must match" in r.json()["message"]
+
+
+def test_render_api_answers_what_the_query_api_does(ember):
+    push_two_pods(ember)
+    nanos = ember.sql("SELECT arrow_cast(time, 'Int64') AS t FROM profiles", tenant="t").column("t").to_pylist()
+    frm, until = str(min(nanos) // 10**9 - 60), str(max(nanos) // 10**9 + 60)
+    headers = {"X-Scope-OrgID": "t"}
+    query = f'{CPU}{{service_name="api"}}'
+    r = requests.get(f"{ember.http}/pyroscope/render", headers=headers, timeout=30,
+                     params={"query": query, "from": frm, "until": until, "format": "json", "max-nodes": "100000"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    fb = doc["flamebearer"]
+    total, stacks, _ = sql_flame(ember, '{service_name="api"}')
+    assert fb["names"][0] == "total" and fb["numTicks"] == total
+    single = b"".join(_bytes_field(1, n.encode()) for n in fb["names"])
+    for level in fb["levels"]:
+        single += _bytes_field(2, _bytes_field(1, b"".join(_varint(v & (2**64 - 1)) for v in level)))
+    single += i64(3, fb["numTicks"]) + i64(4, fb["maxSelf"])
+    assert flame_graph(_bytes_field(1, single))[2] == stacks
+    assert doc["metadata"] == {"format": "single", "spyName": "", "sampleRate": 1000000000,
+                               "units": "samples", "name": "cpu"}
+    timeline = doc["timeline"]
+    step = max(15, (int(until) - int(frm)) // 1500)  # Pyroscope's: 1,500 points at most
+    assert timeline["durationDelta"] == step and sum(timeline["samples"]) == total
+    assert timeline["startTime"] % step == 0 and timeline["startTime"] <= int(frm)
+    grouped = requests.get(f"{ember.http}/pyroscope/render", headers=headers, timeout=30,
+                           params={"query": query, "from": frm, "until": until, "groupBy": "pod"}).json()
+    assert set(grouped["groups"]) == {"p1", "p2"}
+    assert sum(sum(g["samples"]) for g in grouped["groups"].values()) == total
+
+    diff = requests.get(f"{ember.http}/pyroscope/render-diff", headers=headers, timeout=30, params={
+        "leftQuery": f'{CPU}{{pod="p1"}}', "leftFrom": frm, "leftUntil": until,
+        "rightQuery": f'{CPU}{{pod="p2"}}', "rightFrom": frm, "rightUntil": until, "max-nodes": "100000"}).json()
+    assert diff["metadata"]["format"] == "double"
+    assert (diff["leftTicks"], diff["rightTicks"]) == (sql_flame(ember, '{pod="p1"}')[0], sql_flame(ember, '{pod="p2"}')[0])
+    assert side_stacks(diff["flamebearer"]["levels"], diff["flamebearer"]["names"], 1) == sql_flame(ember, '{pod="p2"}')[1]
+
+    values = lambda **p: requests.get(f"{ember.http}/pyroscope/label-values", headers=headers, params=p, timeout=30)
+    assert CPU in values(label="__name__").json()
+    assert values(label="pod").json() == ["p1", "p2"]
+    assert values(label="pod", query='{pod="p2"}').json() == ["p2"]
+    names = requests.get(f"{ember.http}/pyroscope/labels", headers=headers, timeout=30).json()
+    assert {"pod", "service_name"} <= set(names)
+    assert requests.get(f"{ember.http}/pyroscope/label-values", params={"label": "pod"},
+                        headers={"X-Scope-OrgID": "other"}, timeout=30).json() == []
+    # Bad input is a 400 with the reason.
+    for params, reason in [({}, '"query" is required'), ({"query": query, "from": "yesterday"}, "yesterday"),
+                           ({"query": '{service_name="api"}'}, "profile type")]:
+        r = requests.get(f"{ember.http}/pyroscope/render", headers=headers, params=params, timeout=30)
+        assert r.status_code == 400 and reason in r.json()["message"], r.text
