@@ -219,6 +219,32 @@ pub mod querier_v1 {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectMergeSpanProfileRequest {
+        #[prost(string, tag = "1")]
+        pub profile_type_id: String,
+        #[prost(string, tag = "2")]
+        pub label_selector: String,
+        #[prost(string, repeated, tag = "3")]
+        pub span_selector: Vec<String>,
+        #[prost(int64, tag = "4")]
+        pub start: i64,
+        #[prost(int64, tag = "5")]
+        pub end: i64,
+        #[prost(int64, optional, tag = "6")]
+        pub max_nodes: Option<i64>,
+        #[prost(enumeration = "ProfileFormat", tag = "7")]
+        pub format: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SelectMergeSpanProfileResponse {
+        #[prost(message, optional, tag = "1")]
+        pub flamegraph: Option<FlameGraph>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub tree: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct DiffRequest {
         #[prost(message, optional, tag = "1")]
         pub left: Option<SelectMergeStacktracesRequest>,
@@ -439,6 +465,32 @@ async fn call(
             let req = decode::<SelectSeriesRequest>(&body)?;
             let series = select_series(state, &tenant, &settings, req).await?;
             Ok(proto_response(&SelectSeriesResponse { series }))
+        }
+        "SelectMergeSpanProfile" => {
+            let req = decode::<SelectMergeSpanProfileRequest>(&body)?;
+            if req.format == ProfileFormat::Tree as i32 {
+                return Err(unimplemented(
+                    "format TREE is not served yet; ask for FLAMEGRAPH",
+                ));
+            }
+            let spans = req.span_selector.join(",");
+            ember_sql::flamegraph::parse_span_ids(&spans)
+                .map_err(|e| invalid(format!("span_selector: {e}")))?;
+            let max_nodes = max_nodes(req.max_nodes)?;
+            let (start, end) = time_range_ms(req.start, req.end);
+            let sql = format!(
+                "SELECT * FROM span_flamegraph({}, {}, {start}, {end}, {}, {max_nodes})",
+                quoted(&req.profile_type_id),
+                quoted(selector_or_all(&req.label_selector)),
+                quoted(&spans),
+            );
+            let batches = run_sql(state, &tenant, &settings, &sql).await?;
+            let flamegraph = flame_graph(&batches)
+                .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+            Ok(proto_response(&SelectMergeSpanProfileResponse {
+                flamegraph: Some(flamegraph),
+                tree: Vec::new(),
+            }))
         }
         "Diff" => {
             let req = decode::<DiffRequest>(&body)?;

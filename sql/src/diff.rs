@@ -210,6 +210,7 @@ impl TableFunctionImpl for DiffFunction {
                         end: args::time_arg(NAME, "end", &values[selector + 2])?,
                     },
                     max_nodes,
+                    spans: None,
                 },
             })
         };

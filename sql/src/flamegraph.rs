@@ -233,10 +233,17 @@ fn min_value(total: &[i64], max_nodes: usize) -> i64 {
     *nth
 }
 
-/// The table function, bound to the session's tenant.
+/// Most span ids one span flame graph may name.
+pub const MAX_SPAN_IDS: usize = 10_000;
+const SPAN_NAME: &str = "span_flamegraph";
+
+/// The table function, bound to the session's tenant: `flamegraph(...)`,
+/// or `span_flamegraph(...)`, which also takes the span ids (hex, comma
+/// separated) whose samples it keeps.
 pub struct FlameGraphFunction {
     storage: Storage,
     tenant: String,
+    of_spans: bool,
 }
 
 impl fmt::Debug for FlameGraphFunction {
@@ -247,15 +254,32 @@ impl fmt::Debug for FlameGraphFunction {
 
 impl FlameGraphFunction {
     pub(crate) fn new(storage: Storage, tenant: String) -> Self {
-        Self { storage, tenant }
+        Self {
+            storage,
+            tenant,
+            of_spans: false,
+        }
+    }
+
+    pub(crate) fn of_spans(storage: Storage, tenant: String) -> Self {
+        Self {
+            storage,
+            tenant,
+            of_spans: true,
+        }
     }
 }
 
 impl TableFunctionImpl for FlameGraphFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let query = if self.of_spans {
+            FlameGraphQuery::of_spans_from_args(&args, &self.tenant)?
+        } else {
+            FlameGraphQuery::from_args(NAME, &args, &self.tenant)?
+        };
         Ok(Arc::new(FlameGraphTable {
             storage: self.storage.clone(),
-            query: FlameGraphQuery::from_args(NAME, &args, &self.tenant)?,
+            query,
         }))
     }
 }
@@ -264,6 +288,8 @@ impl TableFunctionImpl for FlameGraphFunction {
 pub(crate) struct FlameGraphQuery {
     pub selection: ProfileSelection,
     pub max_nodes: usize,
+    /// Only the samples of these spans (None: every sample).
+    pub spans: Option<Vec<u64>>,
 }
 
 impl FlameGraphQuery {
@@ -293,8 +319,50 @@ impl FlameGraphQuery {
                 end: args::time_arg(function, "end", &values[3])?,
             },
             max_nodes,
+            spans: None,
         })
     }
+
+    /// `span_flamegraph(profile_type, selector, start, end, span_ids
+    /// [, max_nodes])`.
+    fn of_spans_from_args(args: &TableFunctionArgs, tenant: &str) -> Result<Self> {
+        let values = args::literals(SPAN_NAME, args.exprs(), args.session())?;
+        if !(5..=6).contains(&values.len()) {
+            return plan_err!("{SPAN_NAME}(profile_type, selector, start, end, span_ids [, max_nodes]) takes 5 or 6 arguments, got {}", values.len());
+        }
+        let spans = parse_span_ids(&args::string_arg(SPAN_NAME, "span_ids", &values[4])?)
+            .map_err(|e| DataFusionError::Plan(format!("{SPAN_NAME}: {e}")))?;
+        let mut rest = values;
+        rest.remove(4);
+        let exprs: Vec<Expr> = rest
+            .into_iter()
+            .map(datafusion::logical_expr::lit)
+            .collect();
+        let args = TableFunctionArgs::new(&exprs, args.session());
+        let mut q = Self::from_args(SPAN_NAME, &args, tenant)?;
+        q.spans = Some(spans);
+        Ok(q)
+    }
+}
+
+/// Span ids as Pyroscope's span selector gives them: 16 hex digits each.
+pub fn parse_span_ids(text: &str) -> std::result::Result<Vec<u64>, String> {
+    let ids: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if ids.len() > MAX_SPAN_IDS {
+        return Err(format!("{} span ids is over {MAX_SPAN_IDS}", ids.len()));
+    }
+    ids.iter()
+        .map(|id| {
+            if id.len() > 16 {
+                return Err(format!("span id {id:?} is longer than 16 hex digits"));
+            }
+            u64::from_str_radix(id, 16).map_err(|_| format!("span id {id:?} is not hex"))
+        })
+        .collect()
 }
 
 pub(crate) struct FlameGraphTable {
@@ -431,8 +499,10 @@ impl WholeDatasets {
 /// A dataset that the query takes whole (its whole time range, every one of
 /// its series) is read from its per-stack totals, not its samples.
 fn reads_whole(q: &FlameGraphQuery, d: &DatasetRef) -> bool {
+    let spans = &q.spans;
     let q = &q.selection;
-    d.dataset.section(Section::Totals).is_some()
+    spans.is_none()
+        && d.dataset.section(Section::Totals).is_some()
         && d.dataset.min_time >= q.start
         && d.dataset.max_time <= q.end
         && d.dataset
@@ -447,7 +517,18 @@ fn samples_input(
     q: &FlameGraphQuery,
     datasets: Vec<DatasetRef>,
 ) -> Result<LogicalPlanBuilder> {
-    let filter = q.selection.row_filter(&datasets);
+    let mut filter = q.selection.row_filter(&datasets);
+    if let Some(spans) = &q.spans {
+        let ids = spans
+            .iter()
+            .map(|id| datafusion::logical_expr::lit(*id))
+            .collect();
+        let of_spans = col("span_id").in_list(ids, false);
+        filter = Some(match filter {
+            Some(f) => f.and(of_spans),
+            None => of_spans,
+        });
+    }
     let table = SectionTable::new(
         Section::Samples,
         storage.store.clone(),

@@ -27,7 +27,13 @@ pub use settings::Settings;
 pub use tables::TABLES;
 
 /// Ember's table functions over profiles.
-pub const PROFILE_FUNCTIONS: [&str; 4] = ["diff_flamegraph", "flamegraph", "pprof", "series"];
+pub const PROFILE_FUNCTIONS: [&str; 5] = [
+    "diff_flamegraph",
+    "flamegraph",
+    "pprof",
+    "series",
+    "span_flamegraph",
+];
 
 use thiserror::Error;
 

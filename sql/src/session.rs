@@ -261,6 +261,13 @@ impl QueryEngine {
             Arc::new(DiffFunction::new(self.storage.clone(), tenant.to_string())),
         );
         ctx.register_udtf(
+            "span_flamegraph",
+            Arc::new(FlameGraphFunction::of_spans(
+                self.storage.clone(),
+                tenant.to_string(),
+            )),
+        );
+        ctx.register_udtf(
             "pprof",
             Arc::new(PprofFunction::new(self.storage.clone(), tenant.to_string())),
         );

@@ -412,3 +412,34 @@ def test_render_api_answers_what_the_query_api_does(ember):
                            ({"query": '{service_name="api"}'}, "profile type")]:
         r = requests.get(f"{ember.http}/pyroscope/render", headers=headers, params=params, timeout=30)
         assert r.status_code == 400 and reason in r.json()["message"], r.text
+
+
+def test_select_merge_span_profile_keeps_only_the_spans_samples(ember):
+    from wire import folded, load_pprof, profile_types
+    raw = (FIXTURES / "pprof" / "go-cpu-span-ids.pb.gz").read_bytes()
+    src = load_pprof(raw)
+    st = src["strings"]
+    spans = sorted({st[v] for smp in src["sample"] for k, v in smp["labels"] if st[k] == "span_id"})
+    assert spans
+    labels = {"__name__": "process_cpu", "service_name": "traced"}
+    assert ember.push_proto([(labels, [raw])], tenant="t").status_code == 200
+    ty = next(t for t in profile_types(src, "process_cpu") if ":cpu:" in t)
+    index = profile_types(src, "process_cpu").index(ty)
+
+    def span_graph(ids, tenant="t"):
+        body = s(1, ty) + s(2, '{service_name="traced"}') + b"".join(s(3, i) for i in ids)
+        body += i64(4, 0) + i64(5, 2**62 // 10**6) + i64(6, 100000)
+        return flame_graph(ok(call(ember, "SelectMergeSpanProfile", body, tenant=tenant)))
+
+    one = folded(src, index, {"span_id": spans[0]})
+    total, _, stacks = span_graph([spans[0]])
+    assert stacks == one and total == sum(one.values()) > 0
+    # A span nobody recorded adds nothing; samples outside the span are left out.
+    assert span_graph([spans[0], "abcdef0123456789"])[0] == total
+    assert span_graph(["abcdef0123456789"])[0] == 0
+    everything, _, _ = flame_stacks(ember.sql(
+        f"SELECT * FROM flamegraph('{ty}', '{{}}', 0, 9999999999999)", tenant="t"))
+    assert total < everything == sum(folded(src, index).values())
+    assert span_graph([spans[0]], tenant="other")[0] == 0
+    r = call(ember, "SelectMergeSpanProfile", s(1, ty) + s(3, "not-hex"))
+    assert r.status_code == 400 and "not hex" in r.json()["message"], r.text
