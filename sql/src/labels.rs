@@ -10,12 +10,23 @@
 //! push different types reports each series under each of them.
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{plan_err, DataFusionError};
+use datafusion::datasource::MemTable;
+use datafusion::error::Result;
 
 use ember_engine::metastore::BlockQuery;
 use ember_engine::profile::{normalise_labels, Labels, METRIC_NAME, PROFILE_TYPE};
 use ember_engine::selector::{parse_series, Selector};
 
-use crate::QueryEngine;
+use ember_engine::Metastore;
+
+use crate::{args, QueryEngine};
 
 /// The series a label query looks at.
 #[derive(Debug, Clone, Default)]
@@ -47,39 +58,53 @@ impl QueryEngine {
 
     /// Every matching series, with its profile type's labels, sorted.
     pub fn series_labels(&self, q: &LabelQuery) -> Vec<Labels> {
-        let datasets = self.metastore().query(&BlockQuery {
-            tenant: q.tenant.clone(),
-            start: q.start,
-            end: q.end,
-            ..BlockQuery::default()
-        });
-        let mut out: BTreeSet<Labels> = BTreeSet::new();
-        for d in &datasets {
-            for series in &d.dataset.series {
-                let Some(labels) = parse_series(series) else {
-                    continue;
-                };
-                for ty in &d.dataset.profile_types {
-                    let labels = with_profile_type(labels.clone(), ty);
-                    if q.selectors.is_empty() || q.selectors.iter().any(|s| s.matches(&labels)) {
-                        out.insert(labels);
-                    }
-                }
-            }
-        }
-        out.into_iter().collect()
+        series_labels(&self.metastore(), q)
     }
 
     /// Names of the labels of matching series, sorted.
     pub fn label_names(&self, q: &LabelQuery) -> Vec<String> {
-        let names: BTreeSet<String> = self
-            .series_labels(q)
-            .into_iter()
-            .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
-            .collect();
-        names.into_iter().collect()
+        label_names(&self.metastore(), q)
     }
 
+    /// Values of label `name` in matching series, sorted.
+    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
+        label_values(&self.metastore(), name, q)
+    }
+}
+
+fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
+    let datasets = metastore.query(&BlockQuery {
+        tenant: q.tenant.clone(),
+        start: q.start,
+        end: q.end,
+        ..BlockQuery::default()
+    });
+    let mut out: BTreeSet<Labels> = BTreeSet::new();
+    for d in &datasets {
+        for series in &d.dataset.series {
+            let Some(labels) = parse_series(series) else {
+                continue;
+            };
+            for ty in &d.dataset.profile_types {
+                let labels = with_profile_type(labels.clone(), ty);
+                if q.selectors.is_empty() || q.selectors.iter().any(|s| s.matches(&labels)) {
+                    out.insert(labels);
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
+    let names: BTreeSet<String> = series_labels(metastore, q)
+        .into_iter()
+        .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
+        .collect();
+    names.into_iter().collect()
+}
+
+impl QueryEngine {
     /// The oldest and newest profile time (nanoseconds) the tenant has
     /// stored, if any: Pyroscope's `GetProfileStats`.
     pub fn profile_time_bounds(&self, tenant: &str) -> Option<(i64, i64)> {
@@ -93,20 +118,95 @@ impl QueryEngine {
         let newest = datasets.iter().map(|d| d.dataset.max_time).max()?;
         Some((oldest, newest))
     }
+}
 
-    /// Values of label `name` in matching series, sorted.
-    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
-        let values: BTreeSet<String> = self
-            .series_labels(q)
-            .into_iter()
-            .filter_map(|labels| {
-                labels
-                    .into_iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, value)| value)
-            })
-            .collect();
-        values.into_iter().collect()
+fn label_values(metastore: &Metastore, name: &str, q: &LabelQuery) -> Vec<String> {
+    let values: BTreeSet<String> = series_labels(metastore, q)
+        .into_iter()
+        .filter_map(|labels| {
+            labels
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, value)| value)
+        })
+        .collect();
+    values.into_iter().collect()
+}
+
+/// `label_names(selector, start, end)` and `label_values(name, selector,
+/// start, end)` in SQL: one column (`name` or `value`) answered from the
+/// index, as the query API's LabelNames and LabelValues are.
+pub struct LabelFunction {
+    metastore: Arc<Metastore>,
+    tenant: String,
+    of_values: bool,
+}
+
+impl fmt::Debug for LabelFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "LabelFunction({}, values: {})",
+            self.tenant, self.of_values
+        )
+    }
+}
+
+impl LabelFunction {
+    pub(crate) fn names(metastore: Arc<Metastore>, tenant: String) -> Self {
+        Self {
+            metastore,
+            tenant,
+            of_values: false,
+        }
+    }
+
+    pub(crate) fn values(metastore: Arc<Metastore>, tenant: String) -> Self {
+        Self {
+            metastore,
+            tenant,
+            of_values: true,
+        }
+    }
+}
+
+impl TableFunctionImpl for LabelFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let (function, column, skip) = if self.of_values {
+            ("label_values", "value", 1)
+        } else {
+            ("label_names", "name", 0)
+        };
+        let values = args::literals(function, args.exprs(), args.session())?;
+        if values.len() != skip + 3 {
+            let signature = if self.of_values {
+                "label_values(name, selector, start, end)"
+            } else {
+                "label_names(selector, start, end)"
+            };
+            return plan_err!(
+                "{signature} takes {} arguments, got {}",
+                skip + 3,
+                values.len()
+            );
+        }
+        let selector = args::string_arg(function, "selector", &values[skip])?;
+        let q = LabelQuery {
+            tenant: self.tenant.clone(),
+            selectors: vec![Selector::parse(&selector)
+                .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?],
+            start: args::time_arg(function, "start", &values[skip + 1])?,
+            end: args::time_arg(function, "end", &values[skip + 2])?,
+        };
+        let list = if self.of_values {
+            let name = args::string_arg(function, "name", &values[0])?;
+            label_values(&self.metastore, &name, &q)
+        } else {
+            label_names(&self.metastore, &q)
+        };
+        let schema = Arc::new(Schema::new(vec![Field::new(column, DataType::Utf8, false)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(list))])?;
+        Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
     }
 }
 

@@ -27,9 +27,11 @@ pub use settings::Settings;
 pub use tables::TABLES;
 
 /// Ember's table functions over profiles.
-pub const PROFILE_FUNCTIONS: [&str; 5] = [
+pub const PROFILE_FUNCTIONS: [&str; 7] = [
     "diff_flamegraph",
     "flamegraph",
+    "label_names",
+    "label_values",
     "pprof",
     "series",
     "span_flamegraph",

@@ -21,6 +21,7 @@ use url::Url;
 
 use crate::diff::DiffFunction;
 use crate::flamegraph::FlameGraphFunction;
+use crate::labels::LabelFunction;
 use crate::lru::ByteLru;
 use crate::pprof::PprofFunction;
 use crate::series::SeriesFunction;
@@ -259,6 +260,20 @@ impl QueryEngine {
         ctx.register_udtf(
             "diff_flamegraph",
             Arc::new(DiffFunction::new(self.storage.clone(), tenant.to_string())),
+        );
+        ctx.register_udtf(
+            "label_names",
+            Arc::new(LabelFunction::names(
+                self.storage.metastore.clone(),
+                tenant.to_string(),
+            )),
+        );
+        ctx.register_udtf(
+            "label_values",
+            Arc::new(LabelFunction::values(
+                self.storage.metastore.clone(),
+                tenant.to_string(),
+            )),
         );
         ctx.register_udtf(
             "span_flamegraph",

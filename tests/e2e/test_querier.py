@@ -121,6 +121,12 @@ def test_label_calls_answer_what_sql_sees(ember):
     assert services == sql_services == ["api", "web"]
     pods = strings(ok(call(ember, "LabelValues", s(1, "pod") + s(2, '{service_name="web"}'))), 1)
     assert pods == ["p1"]
+    # The SQL functions answer from the same index.
+    sql_pods = ember.sql("SELECT value FROM label_values('pod', '{service_name=\"web\"}', 0, 9999999999999)",
+                         tenant="t").column("value").to_pylist()
+    assert sql_pods == pods
+    sql_names = ember.sql("SELECT name FROM label_names('{}', 0, 9999999999999)", tenant="t")
+    assert sql_names.column("name").to_pylist() == names
 
     series = label_sets(ok(call(ember, "Series", s(1, f'{{service_name="api", __profile_type__="{CPU}"}}'))))
     assert sorted(x["pod"] for x in series) == ["p1", "p2"]
