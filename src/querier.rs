@@ -446,11 +446,20 @@ async fn call(
         }
         "SelectMergeStacktraces" => {
             let req = decode::<SelectMergeStacktracesRequest>(&body)?;
-            let flamegraph = select_merge_stacktraces(state, &tenant, &settings, &req).await?;
-            Ok(proto_response(&SelectMergeStacktracesResponse {
-                flamegraph: Some(flamegraph),
-                tree: Vec::new(),
-            }))
+            let frame = flame_graph_frame(state, &tenant, &settings, &req).await?;
+            let internal = |e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+            let response = if req.format == ProfileFormat::Tree as i32 {
+                SelectMergeStacktracesResponse {
+                    flamegraph: None,
+                    tree: tree_bytes(&frame).map_err(internal)?,
+                }
+            } else {
+                SelectMergeStacktracesResponse {
+                    flamegraph: Some(flame_graph(&frame).map_err(internal)?),
+                    tree: Vec::new(),
+                }
+            };
+            Ok(proto_response(&response))
         }
         "SelectMergeProfile" => {
             let req = decode::<SelectMergeProfileRequest>(&body)?;
@@ -621,11 +630,18 @@ pub(crate) async fn select_merge_stacktraces(
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
 ) -> Result<FlameGraph, ApiError> {
-    if req.format == ProfileFormat::Tree as i32 {
-        return Err(unimplemented(
-            "format TREE is not served yet; ask for FLAMEGRAPH",
-        ));
-    }
+    let batches = flame_graph_frame(state, tenant, settings, req).await?;
+    flame_graph(&batches)
+        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+}
+
+/// The request's flame graph as the SQL frame (depth first).
+async fn flame_graph_frame(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    req: &SelectMergeStacktracesRequest,
+) -> Result<Vec<RecordBatch>, ApiError> {
     if req.stack_trace_selector.is_some() || !req.profile_id_selector.is_empty() {
         return Err(unimplemented(
             "stack trace and profile id selectors are not served yet",
@@ -638,9 +654,7 @@ pub(crate) async fn select_merge_stacktraces(
         quoted(&req.profile_type_id),
         quoted(selector_or_all(&req.label_selector))
     );
-    let batches = run_sql(state, tenant, settings, &sql).await?;
-    flame_graph(&batches)
-        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+    run_sql(state, tenant, settings, &sql).await
 }
 
 pub(crate) async fn diff(
@@ -926,6 +940,48 @@ pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
     })
 }
 
+/// The flame graph frame as Pyroscope's tree bytes (the `TREE` format):
+/// nodes in pre-order, each as varints `name length`, the name, `self`,
+/// `child count`, from a nameless root whose children are the frame's
+/// level-1 nodes.
+pub fn tree_bytes(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
+    let mut rows: Vec<(usize, String, i64)> = Vec::new();
+    for b in batches {
+        let (level, own) = (int_column(b, "level")?, int_column(b, "self")?);
+        let label = label_column(b)?;
+        for i in 0..b.num_rows() {
+            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
+            rows.push((depth, label.value(i).to_string(), own.value(i)));
+        }
+    }
+    // Children per row: the rows one level deeper before the next row at
+    // the same level or above.
+    let mut children = vec![0u64; rows.len()];
+    let mut open: Vec<usize> = Vec::new();
+    for (i, (depth, _, _)) in rows.iter().enumerate() {
+        if (*depth == 0) != (i == 0) || *depth > open.len() {
+            return Err(format!(
+                "a row at level {depth} is out of depth-first order"
+            ));
+        }
+        open.truncate(*depth);
+        if let Some(&parent) = open.last() {
+            children[parent] += 1;
+        }
+        open.push(i);
+    }
+    let mut out = Vec::new();
+    for (i, (depth, name, own)) in rows.iter().enumerate() {
+        let name = if *depth == 0 { "" } else { name.as_str() };
+        let own = if *depth == 0 { 0 } else { *own };
+        prost::encoding::encode_varint(name.len() as u64, &mut out);
+        out.extend_from_slice(name.as_bytes());
+        prost::encoding::encode_varint(own.max(0) as u64, &mut out);
+        prost::encoding::encode_varint(children[i], &mut out);
+    }
+    Ok(out)
+}
+
 /// The diff frame (`value`/`self` left, `valueRight`/`selfRight`) as
 /// Pyroscope's `FlameGraphDiff`: seven numbers per bar, each side's x
 /// offsets delta encoded on their own.
@@ -1038,6 +1094,58 @@ mod tests {
         );
         // Offsets are relative to the previous bar's end on the level.
         assert_eq!(g.levels[2].values, vec![1, 5, 2, 3, 0, 5, 5, 5]);
+    }
+
+    /// Reads tree bytes back as Pyroscope's `UnmarshalTree` does: a stack
+    /// of parents, each pushed once per child. Returns `a;b` -> self.
+    fn read_tree(b: &[u8]) -> std::collections::BTreeMap<String, i64> {
+        let mut buf = b;
+        let mut parents: Vec<Vec<String>> = vec![Vec::new()];
+        let mut first = true;
+        let mut out = std::collections::BTreeMap::new();
+        while let Some(parent) = parents.pop() {
+            let len = prost::encoding::decode_varint(&mut buf).unwrap() as usize;
+            let name = String::from_utf8(buf[..len].to_vec()).unwrap();
+            buf = &buf[len..];
+            let own = prost::encoding::decode_varint(&mut buf).unwrap() as i64;
+            let kids = prost::encoding::decode_varint(&mut buf).unwrap();
+            let mut path = parent.clone();
+            if !first {
+                path.push(name);
+            }
+            first = false;
+            if own > 0 {
+                *out.entry(path.join(";")).or_default() += own;
+            }
+            for _ in 0..kids {
+                parents.push(path.clone());
+            }
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn tree_bytes_read_back_as_pyroscope_reads_them() {
+        let bytes = tree_bytes(&[frame(&[
+            (0, 11, 0, "total"),
+            (1, 1, 1, "gc"),
+            (1, 10, 0, "main"),
+            (2, 5, 2, "a"),
+            (3, 3, 3, "x"),
+            (2, 5, 5, "b"),
+        ])])
+        .unwrap();
+        // The nameless root with its two children comes first.
+        assert_eq!(&bytes[..3], &[0, 0, 2]);
+        let got = read_tree(&bytes);
+        let want: std::collections::BTreeMap<String, i64> =
+            [("gc", 1), ("main;a", 2), ("main;a;x", 3), ("main;b", 5)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(got, want);
+        assert!(tree_bytes(&[frame(&[(0, 1, 0, "total"), (2, 1, 1, "a")])]).is_err());
     }
 
     #[test]

@@ -169,8 +169,6 @@ def test_errors_are_connect_errors(ember):
     assert "matcher" in r.json()["message"]
     r = call(ember, "SelectMergeStacktraces", b"\xff\xff\xff")
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
-    r = call(ember, "SelectMergeStacktraces", s(1, CPU) + i64(6, 2))
-    assert r.status_code == 501 and "TREE" in r.json()["message"]
     r = call(ember, "LabelNames", b"", **{"Content-Type": "application/json"})
     assert r.status_code == 415 and r.json()["code"] == "unimplemented"
     # A flame graph of a type nobody pushed is empty, not an error.
@@ -449,3 +447,30 @@ def test_select_merge_span_profile_keeps_only_the_spans_samples(ember):
     assert span_graph([spans[0]], tenant="other")[0] == 0
     r = call(ember, "SelectMergeSpanProfile", s(1, ty) + s(3, "not-hex"))
     assert r.status_code == 400 and "not hex" in r.json()["message"], r.text
+
+
+def tree_stacks(buf):
+    """Pyroscope tree bytes -> 'a;b' -> self, read as UnmarshalTree does."""
+    from wire import varint
+    i, parents, out, first = 0, [[]], {}, True
+    while parents:
+        parent = parents.pop()
+        n, i = varint(buf, i)
+        name, i = buf[i:i + n].decode(), i + n
+        own, i = varint(buf, i)
+        kids, i = varint(buf, i)
+        path = parent if first else parent + [name]
+        first = False
+        if own:
+            out[";".join(path)] = out.get(";".join(path), 0) + own
+        parents += [path] * kids
+    assert i == len(buf)
+    return out
+
+
+def test_tree_format_holds_the_flame_graph_stacks(ember):
+    push(ember, "t", "api", "p1")
+    body = s(1, CPU) + s(2, '{service_name="api"}') + i64(5, 100000) + i64(6, 2)
+    tree = next(v for n, _, v in fields(ok(call(ember, "SelectMergeStacktraces", body))) if n == 2)
+    _, want, _ = sql_flame(ember, '{service_name="api"}')
+    assert tree_stacks(tree) == want
