@@ -2,7 +2,9 @@
 
 mod allocator;
 mod bench;
+mod cli;
 mod http;
+mod http_client;
 mod local_store;
 mod metastore_rpc;
 mod metrics;
@@ -33,6 +35,10 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run SQL against a running Ember over Flight SQL and print the result.
     Query(query::QueryArgs),
+    /// Push profile files (pprof, folded) or directories of them.
+    Ingest(cli::IngestArgs),
+    /// Print a flame graph's top nodes, or write it as an SVG.
+    Flamegraph(cli::FlameGraphArgs),
     /// The end-to-end benchmark against a server it starts, and the peers
     /// (DuckDB, chDB, DataFusion) on the same data. See BENCHMARKS.md.
     Bench(Box<bench::BenchArgs>),
@@ -53,6 +59,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::serve(*args)),
         Command::Query(args) => runtime.block_on(query::query(args)),
+        Command::Ingest(args) => runtime.block_on(cli::ingest(args)),
+        Command::Flamegraph(args) => runtime.block_on(cli::flamegraph(args)),
         Command::Bench(args) => runtime.block_on(bench::bench(*args)),
     }
 }

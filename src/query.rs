@@ -21,13 +21,15 @@ pub struct QueryArgs {
     /// Tenant (sent as `x-scope-orgid`).
     #[arg(long, default_value = "anonymous", env = "EMBER_TENANT")]
     tenant: String,
+    /// How to print the result.
+    #[arg(long, value_enum, default_value_t = crate::cli::OutputFormat::Table)]
+    format: crate::cli::OutputFormat,
 }
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.flight_url, &args.tenant).await?;
     let batches = run_sql(&mut client, &args.sql).await?;
-    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
-    Ok(())
+    crate::cli::print_batches(&batches, args.format)
 }
 
 /// A Flight SQL client for one tenant.

@@ -4,7 +4,6 @@
 //! writes `report.json`, `report.md` and PNG charts.
 
 mod export;
-mod http;
 mod ingest;
 mod job_memory;
 mod lookup;

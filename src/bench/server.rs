@@ -65,7 +65,7 @@ impl Server {
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let client = super::http::Client::new();
+        let client = crate::http_client::Client::new();
         while Instant::now() < deadline {
             if let Ok((200, _)) = client.get(&format!("{}/ready", self.http)).await {
                 if tokio::net::TcpStream::connect(self.flight.trim_start_matches("http://"))
@@ -124,7 +124,7 @@ impl Server {
 
     /// The server's Prometheus metrics, summed over label sets.
     pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
-        let (status, body) = super::http::Client::new()
+        let (status, body) = crate::http_client::Client::new()
             .get(&format!("{}/metrics", self.http))
             .await?;
         anyhow::ensure!(status == 200, "GET /metrics: {status}");
@@ -133,7 +133,7 @@ impl Server {
 
     pub async fn is_healthy(&self) -> bool {
         matches!(
-            super::http::Client::new()
+            crate::http_client::Client::new()
                 .get(&format!("{}/healthz", self.http))
                 .await,
             Ok((200, _))

@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 client with pooled keep-alive connections, as agents use.
+//! A small HTTP/1.1 client with pooled keep-alive connections, as agents
+//! use: the benchmark's load and `ember ingest`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -40,10 +41,24 @@ impl Client {
         content_type: &str,
         body: Bytes,
     ) -> anyhow::Result<(u16, Bytes)> {
-        let req = http::Request::post(url)
+        self.post_with(url, tenant, content_type, None, body).await
+    }
+
+    /// A POST with an optional `Content-Encoding`.
+    pub async fn post_with(
+        &self,
+        url: &str,
+        tenant: &str,
+        content_type: &str,
+        content_encoding: Option<&str>,
+        body: Bytes,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let mut req = http::Request::post(url)
             .header("x-scope-orgid", tenant)
-            .header("content-type", content_type)
-            .body(Full::new(body))?;
-        self.send(req).await
+            .header("content-type", content_type);
+        if let Some(encoding) = content_encoding {
+            req = req.header("content-encoding", encoding);
+        }
+        self.send(req.body(Full::new(body))?).await
     }
 }
