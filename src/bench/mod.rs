@@ -675,12 +675,20 @@ fn human(n: u64) -> String {
     }
 }
 
-/// A time series and a series listing for the busiest service.
+/// A time series, a series listing and the other profile functions for
+/// the busiest service: `pprof()` is SelectMergeProfile's engine path,
+/// `series()` SelectSeries' and `label_values()` LabelValues'.
 fn other_queries(flame: &[FlameQuery]) -> Vec<(String, String)> {
-    let Some(q) = flame.iter().find(|q| q.service_name.is_some()) else {
+    let Some(q) = flame.iter().rev().find(|q| q.service_name.is_some()) else {
         return Vec::new();
     };
     let service = q.service_name.clone().unwrap_or_default();
+    let args = format!(
+        "'{}', '{{service_name=\"{service}\"}}', {}, {}",
+        q.profile_type,
+        q.start_ns / 1_000_000,
+        q.end_ns / 1_000_000
+    );
     vec![
         (
             format!("{service}, time series (1 min steps)"),
@@ -693,6 +701,18 @@ fn other_queries(flame: &[FlameQuery]) -> Vec<(String, String)> {
         (
             "series of every service (label sets)".to_string(),
             "SELECT DISTINCT service_name, labels FROM profiles".to_string(),
+        ),
+        (
+            format!("{}: pprof() (SelectMergeProfile)", q.name),
+            format!("SELECT profile FROM pprof({args})"),
+        ),
+        (
+            format!("{}: series() by pod, 15 s steps (SelectSeries)", q.name),
+            format!("SELECT * FROM series({args}, 15, 'pod')"),
+        ),
+        (
+            "label_values('service_name') (LabelValues)".to_string(),
+            "SELECT value FROM label_values('service_name', '{}', 0, 9999999999999)".to_string(),
         ),
     ]
 }
