@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Int64Type};
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use bytes::Bytes;
+use ember_sql::flamegraph::for_each_frame_row;
 use prost::Message;
 
 use crate::http_client::Client;
@@ -481,26 +482,11 @@ pub async fn flamegraph(args: FlameGraphArgs) -> anyhow::Result<()> {
 /// (level, total, self, label) of the flame graph frame, depth first.
 fn frame_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<(usize, i64, i64, String)>> {
     let mut rows = Vec::new();
-    for b in batches {
-        let col = |name: &str| {
-            b.column_by_name(name)
-                .with_context(|| format!("flame graph frame without {name}"))
-        };
-        let (level, value, own) = (
-            col("level")?.as_primitive::<Int64Type>(),
-            col("value")?.as_primitive::<Int64Type>(),
-            col("self")?.as_primitive::<Int64Type>(),
-        );
-        let label = col("label")?.as_string::<i32>();
-        for i in 0..b.num_rows() {
-            rows.push((
-                level.value(i) as usize,
-                value.value(i),
-                own.value(i),
-                label.value(i).to_string(),
-            ));
-        }
-    }
+    for_each_frame_row(batches, |row| {
+        rows.push((row.depth, row.total, row.own, row.label.to_string()));
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(rows)
 }
 

@@ -15,6 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_engine::selector::Selector;
+use ember_sql::flamegraph::for_each_frame_row;
 use ember_sql::labels::LabelQuery;
 use ember_sql::selection::ProfileSelection;
 use ember_sql::series::{Aggregation, SeriesQuery};
@@ -917,21 +918,12 @@ fn label_column(b: &RecordBatch) -> Result<&arrow::array::StringArray, String> {
 pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
     let mut levels = Levels::<1>::new();
     let mut total = 0;
-    for b in batches {
-        let (level, value, own) = (
-            int_column(b, "level")?,
-            int_column(b, "value")?,
-            int_column(b, "self")?,
-        );
-        let label = label_column(b)?;
-        for i in 0..b.num_rows() {
-            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
-            if depth == 0 {
-                total = value.value(i);
-            }
-            levels.push(depth, label.value(i), [(value.value(i), own.value(i))])?;
+    for_each_frame_row(batches, |row| {
+        if row.depth == 0 {
+            total = row.total;
         }
-    }
+        levels.push(row.depth, row.label, [(row.total, row.own)])
+    })?;
     Ok(FlameGraph {
         names: levels.names,
         levels: levels.levels,
@@ -946,24 +938,15 @@ pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
 /// level-1 nodes.
 pub fn tree_bytes(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
     let mut rows: Vec<(usize, String, i64)> = Vec::new();
-    for b in batches {
-        let (level, own) = (int_column(b, "level")?, int_column(b, "self")?);
-        let label = label_column(b)?;
-        for i in 0..b.num_rows() {
-            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
-            rows.push((depth, label.value(i).to_string(), own.value(i)));
-        }
-    }
+    for_each_frame_row(batches, |row| {
+        rows.push((row.depth, row.label.to_string(), row.own));
+        Ok(())
+    })?;
     // Children per row: the rows one level deeper before the next row at
     // the same level or above.
     let mut children = vec![0u64; rows.len()];
     let mut open: Vec<usize> = Vec::new();
     for (i, (depth, _, _)) in rows.iter().enumerate() {
-        if (*depth == 0) != (i == 0) || *depth > open.len() {
-            return Err(format!(
-                "a row at level {depth} is out of depth-first order"
-            ));
-        }
         open.truncate(*depth);
         if let Some(&parent) = open.last() {
             children[parent] += 1;

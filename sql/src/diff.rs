@@ -13,8 +13,8 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{AsArray, Int64Builder, RecordBatch, StringBuilder};
-use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{Int64Builder, RecordBatch, StringBuilder};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{plan_err, DataFusionError};
 use datafusion::datasource::memory::MemorySourceConfig;
@@ -24,7 +24,7 @@ use datafusion::physical_plan::{collect, ExecutionPlan};
 use ember_engine::selector::Selector;
 
 use crate::args;
-use crate::flamegraph::{FlameGraphQuery, FlameGraphTable, DEFAULT_MAX_NODES};
+use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable, DEFAULT_MAX_NODES};
 use crate::selection::ProfileSelection;
 use crate::session::Storage;
 
@@ -79,38 +79,22 @@ impl DiffTree {
     /// first) as one side.
     fn add(&mut self, batches: &[RecordBatch], side: Side) -> std::result::Result<(), String> {
         let mut path: Vec<usize> = Vec::new();
-        for b in batches {
-            let column = |name: &str| {
-                b.column_by_name(name)
-                    .ok_or_else(|| format!("flame graph frame without {name}"))
+        for_each_frame_row(batches, |row| {
+            path.truncate(row.depth);
+            let node = match path.last() {
+                None => 0,
+                Some(&parent) => self.child(parent, row.label),
             };
-            let level = column("level")?.as_primitive::<Int64Type>();
-            let value = column("value")?.as_primitive::<Int64Type>();
-            let own = column("self")?.as_primitive::<Int64Type>();
-            let label = column("label")?.as_string::<i32>();
-            for i in 0..b.num_rows() {
-                let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
-                if depth > path.len() || (depth == 0) != path.is_empty() {
-                    return Err(format!(
-                        "row {i} at level {depth} is out of depth-first order"
-                    ));
-                }
-                path.truncate(depth);
-                let node = match path.last() {
-                    None => 0,
-                    Some(&parent) => self.child(parent, label.value(i)),
-                };
-                path.push(node);
-                let n = &mut self.nodes[node];
-                let slot = match side {
-                    Side::Left => &mut n.left,
-                    Side::Right => &mut n.right,
-                };
-                slot.0 += value.value(i);
-                slot.1 += own.value(i);
-            }
-        }
-        Ok(())
+            path.push(node);
+            let n = &mut self.nodes[node];
+            let slot = match side {
+                Side::Left => &mut n.left,
+                Side::Right => &mut n.right,
+            };
+            slot.0 += row.total;
+            slot.1 += row.own;
+            Ok(())
+        })
     }
 
     fn child(&mut self, parent: usize, name: &str) -> usize {
@@ -272,29 +256,10 @@ impl TableProvider for DiffTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Int64Array, StringArray};
 
-    fn frame(rows: &[(i64, i64, i64, &str)]) -> RecordBatch {
-        RecordBatch::try_from_iter(vec![
-            (
-                "level",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as _,
-            ),
-            (
-                "value",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))) as _,
-            ),
-            (
-                "self",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))) as _,
-            ),
-            (
-                "label",
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))) as _,
-            ),
-        ])
-        .unwrap()
-    }
+    use crate::flamegraph::frame_of as frame;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::Int64Type;
 
     #[test]
     fn nodes_of_either_side_merge_on_their_path() {

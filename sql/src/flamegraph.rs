@@ -52,6 +52,81 @@ pub type StackValues = foldhash::HashMap<u64, i64>;
 const MAX_DEPTH: usize = 1 << 16;
 const NAME: &str = "flamegraph";
 
+/// One row of a flame graph frame.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRow<'a> {
+    pub depth: usize,
+    pub total: i64,
+    pub own: i64,
+    pub label: &'a str,
+}
+
+/// Calls `f` on each row of a flame graph frame (`level`, `value`, `self`,
+/// `label`), checked to be depth first from one root at level 0: the one
+/// reader of the frame for every layout built from it (pprof, diff, the
+/// query API's levels and tree bytes, the CLI).
+pub fn for_each_frame_row(
+    batches: &[RecordBatch],
+    mut f: impl FnMut(FrameRow<'_>) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    let mut previous: Option<usize> = None;
+    for b in batches {
+        let column = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| format!("flame graph frame without {name}"))
+        };
+        let level = column("level")?.as_primitive::<Int64Type>();
+        let value = column("value")?.as_primitive::<Int64Type>();
+        let own = column("self")?.as_primitive::<Int64Type>();
+        let label = column("label")?.as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
+            let in_order = match previous {
+                None => depth == 0,
+                Some(p) => depth >= 1 && depth <= p + 1,
+            };
+            if !in_order {
+                return Err(format!(
+                    "a row at level {depth} is out of depth-first order"
+                ));
+            }
+            previous = Some(depth);
+            f(FrameRow {
+                depth,
+                total: value.value(i),
+                own: own.value(i),
+                label: label.value(i),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A frame of `(level, value, self, label)` rows, for tests.
+#[cfg(test)]
+pub(crate) fn frame_of(rows: &[(i64, i64, i64, &str)]) -> RecordBatch {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    RecordBatch::try_from_iter(vec![
+        (
+            "level",
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as _,
+        ),
+        (
+            "value",
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))) as _,
+        ),
+        (
+            "self",
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))) as _,
+        ),
+        (
+            "label",
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))) as _,
+        ),
+    ])
+    .expect("a test frame builds")
+}
+
 /// The frame Grafana's flame graph panel reads.
 pub fn flame_graph_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();

@@ -12,8 +12,8 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{AsArray, BinaryArray, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{BinaryArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::DataFusionError;
 use datafusion::datasource::memory::MemorySourceConfig;
@@ -23,7 +23,7 @@ use datafusion::physical_plan::{collect, ExecutionPlan};
 use ember_engine::pprof::{Function, Line, Location, Profile, Sample, ValueType};
 use prost::Message;
 
-use crate::flamegraph::{FlameGraphQuery, FlameGraphTable};
+use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable};
 use crate::session::Storage;
 
 const NAME: &str = "pprof";
@@ -99,57 +99,39 @@ pub fn profile_of_flame_graph(
     // One function and one location per distinct frame name.
     let mut location_of: HashMap<String, u64> = HashMap::new();
     let mut path: Vec<u64> = Vec::new();
-    let mut seen_root = false;
-    for b in batches {
-        let column = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| format!("flame graph frame without {name}"))
-        };
-        let level = column("level")?.as_primitive::<Int64Type>();
-        let own = column("self")?.as_primitive::<Int64Type>();
-        let label = column("label")?.as_string::<i32>();
-        for i in 0..b.num_rows() {
-            let depth = usize::try_from(level.value(i)).map_err(|e| e.to_string())?;
-            if depth == 0 {
-                seen_root = true;
-            } else if !seen_root || depth > path.len() + 1 {
-                return Err(format!(
-                    "row {i} at level {depth} is out of depth-first order"
-                ));
-            } else {
-                path.truncate(depth - 1);
-                let name = label.value(i);
-                let next_id = location_of.len() as u64 + 1;
-                let id = *location_of.entry(name.to_string()).or_insert(next_id);
-                if id == next_id {
-                    let function_name = strings.id(name);
-                    profile.function.push(Function {
-                        id,
-                        name: function_name,
-                        system_name: function_name,
-                        ..Function::default()
-                    });
-                    profile.location.push(Location {
-                        id,
-                        line: vec![Line {
-                            function_id: id,
-                            ..Line::default()
-                        }],
-                        ..Location::default()
-                    });
-                }
-                path.push(id);
-            }
-            let value = own.value(i);
-            if value != 0 {
-                profile.sample.push(Sample {
-                    location_id: path.iter().rev().copied().collect(),
-                    value: vec![value],
-                    label: Vec::new(),
+    for_each_frame_row(batches, |row| {
+        if row.depth > 0 {
+            path.truncate(row.depth - 1);
+            let next_id = location_of.len() as u64 + 1;
+            let id = *location_of.entry(row.label.to_string()).or_insert(next_id);
+            if id == next_id {
+                let function_name = strings.id(row.label);
+                profile.function.push(Function {
+                    id,
+                    name: function_name,
+                    system_name: function_name,
+                    ..Function::default()
+                });
+                profile.location.push(Location {
+                    id,
+                    line: vec![Line {
+                        function_id: id,
+                        ..Line::default()
+                    }],
+                    ..Location::default()
                 });
             }
+            path.push(id);
         }
-    }
+        if row.own != 0 {
+            profile.sample.push(Sample {
+                location_id: path.iter().rev().copied().collect(),
+                value: vec![row.own],
+                label: Vec::new(),
+            });
+        }
+        Ok(())
+    })?;
     profile.string_table = strings.table;
     Ok(profile)
 }
@@ -228,29 +210,8 @@ impl TableProvider for PprofTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Int64Array, StringArray};
 
-    fn frame(rows: &[(i64, i64, i64, &str)]) -> RecordBatch {
-        RecordBatch::try_from_iter(vec![
-            (
-                "level",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as _,
-            ),
-            (
-                "value",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))) as _,
-            ),
-            (
-                "self",
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))) as _,
-            ),
-            (
-                "label",
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))) as _,
-            ),
-        ])
-        .unwrap()
-    }
+    use crate::flamegraph::frame_of as frame;
 
     /// `a;b;c` -> value, read back from the profile.
     fn stacks(p: &Profile) -> Vec<(String, i64)> {
