@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
 
 /// A refused request: the status and a Connect error body, whose `message`
 /// says why.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,

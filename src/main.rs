@@ -3,6 +3,7 @@
 mod allocator;
 mod bench;
 mod cli;
+mod grpc;
 mod http;
 mod http_client;
 mod local_store;

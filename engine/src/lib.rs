@@ -7,6 +7,7 @@ pub mod block;
 pub mod metastore;
 pub mod pprof;
 pub mod profile;
+pub mod protojson;
 pub mod selector;
 pub mod stack;
 pub mod tenant;

@@ -1,11 +1,14 @@
 //! pprof's `perftools.profiles.Profile` (profile.proto), field numbers as
 //! published: what agents push and what `SelectMergeProfile` returns.
 //! Strings are bytes here so that invalid UTF-8 from an agent is repaired
-//! instead of failing the whole profile.
+//! instead of failing the whole profile. The messages also serialise as
+//! proto3 JSON (`crate::protojson`), for a `SelectMergeProfile` asked for
+//! as `application/json`.
 
 use prost::Message;
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Profile {
     #[prost(message, repeated, tag = "1")]
     pub sample_type: Vec<ValueType>,
@@ -18,6 +21,7 @@ pub struct Profile {
     #[prost(message, repeated, tag = "5")]
     pub function: Vec<Function>,
     #[prost(bytes = "vec", repeated, tag = "6")]
+    #[serde(serialize_with = "crate::protojson::lossy_strings::serialize")]
     pub string_table: Vec<Vec<u8>>,
     #[prost(int64, tag = "7")]
     pub drop_frames: i64,
@@ -39,7 +43,8 @@ pub struct Profile {
     pub doc_url: i64,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ValueType {
     #[prost(int64, tag = "1")]
     pub r#type: i64,
@@ -47,7 +52,8 @@ pub struct ValueType {
     pub unit: i64,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Sample {
     #[prost(uint64, repeated, tag = "1")]
     pub location_id: Vec<u64>,
@@ -57,7 +63,8 @@ pub struct Sample {
     pub label: Vec<Label>,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Label {
     #[prost(int64, tag = "1")]
     pub key: i64,
@@ -69,7 +76,8 @@ pub struct Label {
     pub num_unit: i64,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Mapping {
     #[prost(uint64, tag = "1")]
     pub id: u64,
@@ -93,7 +101,8 @@ pub struct Mapping {
     pub has_inline_frames: bool,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Location {
     #[prost(uint64, tag = "1")]
     pub id: u64,
@@ -107,7 +116,8 @@ pub struct Location {
     pub is_folded: bool,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Line {
     #[prost(uint64, tag = "1")]
     pub function_id: u64,
@@ -117,7 +127,8 @@ pub struct Line {
     pub column: i64,
 }
 
-#[derive(Clone, PartialEq, Message)]
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Function {
     #[prost(uint64, tag = "1")]
     pub id: u64,

@@ -169,7 +169,7 @@ def test_errors_are_connect_errors(ember):
     assert "matcher" in r.json()["message"]
     r = call(ember, "SelectMergeStacktraces", b"\xff\xff\xff")
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
-    r = call(ember, "LabelNames", b"", **{"Content-Type": "application/json"})
+    r = call(ember, "LabelNames", b"", **{"Content-Type": "text/plain"})
     assert r.status_code == 415 and r.json()["code"] == "unimplemented"
     # A flame graph of a type nobody pushed is empty, not an error.
     r = call(ember, "SelectMergeStacktraces", s(1, "nothing:a:b:c:d") + s(2, "{}"))

@@ -22,314 +22,13 @@ use ember_sql::series::{Aggregation, SeriesQuery};
 use ember_sql::Settings;
 use futures::TryStreamExt;
 use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::http::{header_str, request_tenant, ApiError, AppState};
 
-/// `types.v1` messages.
-pub mod types_v1 {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelPair {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ProfileType {
-        #[prost(string, tag = "1")]
-        pub id: String,
-        #[prost(string, tag = "2")]
-        pub name: String,
-        #[prost(string, tag = "4")]
-        pub sample_type: String,
-        #[prost(string, tag = "5")]
-        pub sample_unit: String,
-        #[prost(string, tag = "6")]
-        pub period_type: String,
-        #[prost(string, tag = "7")]
-        pub period_unit: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Labels {
-        #[prost(message, repeated, tag = "1")]
-        pub labels: Vec<LabelPair>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Series {
-        #[prost(message, repeated, tag = "1")]
-        pub labels: Vec<LabelPair>,
-        #[prost(message, repeated, tag = "2")]
-        pub points: Vec<Point>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Point {
-        #[prost(double, tag = "1")]
-        pub value: f64,
-        /// Milliseconds since the epoch.
-        #[prost(int64, tag = "2")]
-        pub timestamp: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct GetProfileStatsResponse {
-        #[prost(bool, tag = "1")]
-        pub data_ingested: bool,
-        /// Milliseconds since the epoch.
-        #[prost(int64, tag = "2")]
-        pub oldest_profile_time: i64,
-        #[prost(int64, tag = "3")]
-        pub newest_profile_time: i64,
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum TimeSeriesAggregationType {
-        Sum = 0,
-        Average = 1,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelValuesRequest {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, repeated, tag = "2")]
-        pub matchers: Vec<String>,
-        #[prost(int64, tag = "3")]
-        pub start: i64,
-        #[prost(int64, tag = "4")]
-        pub end: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelValuesResponse {
-        #[prost(string, repeated, tag = "1")]
-        pub names: Vec<String>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelNamesRequest {
-        #[prost(string, repeated, tag = "1")]
-        pub matchers: Vec<String>,
-        #[prost(int64, tag = "2")]
-        pub start: i64,
-        #[prost(int64, tag = "3")]
-        pub end: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelNamesResponse {
-        #[prost(string, repeated, tag = "1")]
-        pub names: Vec<String>,
-    }
-}
-
-/// `querier.v1` messages.
-pub mod querier_v1 {
-    use super::types_v1;
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ProfileTypesRequest {
-        #[prost(int64, tag = "1")]
-        pub start: i64,
-        #[prost(int64, tag = "2")]
-        pub end: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ProfileTypesResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub profile_types: Vec<types_v1::ProfileType>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SeriesRequest {
-        #[prost(string, repeated, tag = "1")]
-        pub matchers: Vec<String>,
-        #[prost(string, repeated, tag = "2")]
-        pub label_names: Vec<String>,
-        #[prost(int64, tag = "3")]
-        pub start: i64,
-        #[prost(int64, tag = "4")]
-        pub end: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SeriesResponse {
-        #[prost(message, repeated, tag = "2")]
-        pub labels_set: Vec<types_v1::Labels>,
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum ProfileFormat {
-        Unspecified = 0,
-        Flamegraph = 1,
-        Tree = 2,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectMergeStacktracesRequest {
-        #[prost(string, tag = "1")]
-        pub profile_type_id: String,
-        #[prost(string, tag = "2")]
-        pub label_selector: String,
-        #[prost(int64, tag = "3")]
-        pub start: i64,
-        #[prost(int64, tag = "4")]
-        pub end: i64,
-        #[prost(int64, optional, tag = "5")]
-        pub max_nodes: Option<i64>,
-        #[prost(enumeration = "ProfileFormat", tag = "6")]
-        pub format: i32,
-        /// `types.v1.StackTraceSelector`, kept as bytes: only its presence
-        /// matters until stack trace selectors are served.
-        #[prost(bytes = "vec", optional, tag = "7")]
-        pub stack_trace_selector: Option<Vec<u8>>,
-        #[prost(string, repeated, tag = "8")]
-        pub profile_id_selector: Vec<String>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectMergeStacktracesResponse {
-        #[prost(message, optional, tag = "1")]
-        pub flamegraph: Option<FlameGraph>,
-        #[prost(bytes = "vec", tag = "2")]
-        pub tree: Vec<u8>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct FlameGraph {
-        #[prost(string, repeated, tag = "1")]
-        pub names: Vec<String>,
-        #[prost(message, repeated, tag = "2")]
-        pub levels: Vec<Level>,
-        #[prost(int64, tag = "3")]
-        pub total: i64,
-        #[prost(int64, tag = "4")]
-        pub max_self: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Level {
-        #[prost(int64, repeated, tag = "1")]
-        pub values: Vec<i64>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectMergeSpanProfileRequest {
-        #[prost(string, tag = "1")]
-        pub profile_type_id: String,
-        #[prost(string, tag = "2")]
-        pub label_selector: String,
-        #[prost(string, repeated, tag = "3")]
-        pub span_selector: Vec<String>,
-        #[prost(int64, tag = "4")]
-        pub start: i64,
-        #[prost(int64, tag = "5")]
-        pub end: i64,
-        #[prost(int64, optional, tag = "6")]
-        pub max_nodes: Option<i64>,
-        #[prost(enumeration = "ProfileFormat", tag = "7")]
-        pub format: i32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectMergeSpanProfileResponse {
-        #[prost(message, optional, tag = "1")]
-        pub flamegraph: Option<FlameGraph>,
-        #[prost(bytes = "vec", tag = "2")]
-        pub tree: Vec<u8>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DiffRequest {
-        #[prost(message, optional, tag = "1")]
-        pub left: Option<SelectMergeStacktracesRequest>,
-        #[prost(message, optional, tag = "2")]
-        pub right: Option<SelectMergeStacktracesRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DiffResponse {
-        #[prost(message, optional, tag = "1")]
-        pub flamegraph: Option<FlameGraphDiff>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct FlameGraphDiff {
-        #[prost(string, repeated, tag = "1")]
-        pub names: Vec<String>,
-        #[prost(message, repeated, tag = "2")]
-        pub levels: Vec<Level>,
-        #[prost(int64, tag = "3")]
-        pub total: i64,
-        #[prost(int64, tag = "4")]
-        pub max_self: i64,
-        #[prost(int64, tag = "5")]
-        pub left_ticks: i64,
-        #[prost(int64, tag = "6")]
-        pub right_ticks: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectMergeProfileRequest {
-        #[prost(string, tag = "1")]
-        pub profile_type_id: String,
-        #[prost(string, tag = "2")]
-        pub label_selector: String,
-        #[prost(int64, tag = "3")]
-        pub start: i64,
-        #[prost(int64, tag = "4")]
-        pub end: i64,
-        #[prost(int64, optional, tag = "5")]
-        pub max_nodes: Option<i64>,
-        /// `types.v1.StackTraceSelector`, kept as bytes (see above).
-        #[prost(bytes = "vec", optional, tag = "6")]
-        pub stack_trace_selector: Option<Vec<u8>>,
-        #[prost(string, repeated, tag = "7")]
-        pub profile_id_selector: Vec<String>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectSeriesRequest {
-        #[prost(string, tag = "1")]
-        pub profile_type_id: String,
-        #[prost(string, tag = "2")]
-        pub label_selector: String,
-        #[prost(int64, tag = "3")]
-        pub start: i64,
-        #[prost(int64, tag = "4")]
-        pub end: i64,
-        #[prost(string, repeated, tag = "5")]
-        pub group_by: Vec<String>,
-        /// Seconds.
-        #[prost(double, tag = "6")]
-        pub step: f64,
-        #[prost(
-            enumeration = "types_v1::TimeSeriesAggregationType",
-            optional,
-            tag = "7"
-        )]
-        pub aggregation: Option<i32>,
-        #[prost(bytes = "vec", optional, tag = "8")]
-        pub stack_trace_selector: Option<Vec<u8>>,
-        #[prost(int64, optional, tag = "9")]
-        pub limit: Option<i64>,
-        /// `types.v1.ExemplarType`: exemplars are not returned yet.
-        #[prost(int32, tag = "10")]
-        pub exemplar_type: i32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SelectSeriesResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub series: Vec<types_v1::Series>,
-    }
-}
+mod messages;
+pub use messages::{querier_v1, types_v1};
 
 use querier_v1::*;
 use types_v1::*;
@@ -354,74 +53,146 @@ fn unimplemented(message: impl Into<String>) -> ApiError {
     connect_error(StatusCode::NOT_IMPLEMENTED, "unimplemented", message)
 }
 
-fn proto_response(message: &impl Message) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/proto")],
-        Bytes::from(message.encode_to_vec()),
-    )
-        .into_response()
+/// How a call's messages are encoded: binary protobuf (Grafana, gRPC) or
+/// proto3 JSON (Connect clients that send `application/json`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Codec {
+    Proto,
+    Json,
 }
 
-/// `POST /querier.v1.QuerierService/{method}`.
+impl Codec {
+    /// The codec a Connect request's content type asks for.
+    fn of_connect(headers: &HeaderMap) -> Result<Codec, ApiError> {
+        match header_str(headers, "content-type").unwrap_or("application/proto") {
+            t if t.starts_with("application/proto") => Ok(Codec::Proto),
+            t if t.starts_with("application/json") => Ok(Codec::Json),
+            other => Err(connect_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unimplemented",
+                format!(
+                    "content type {other:?}: the query API serves application/proto and application/json"
+                ),
+            )),
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Codec::Proto => "application/proto",
+            Codec::Json => "application/json",
+        }
+    }
+
+    fn decode<M: Message + Default + DeserializeOwned>(self, body: &[u8]) -> Result<M, ApiError> {
+        match self {
+            Codec::Proto => M::decode(body).map_err(|e| invalid(format!("request body: {e}"))),
+            Codec::Json => ember_engine::protojson::from_json(body)
+                .map_err(|e| invalid(format!("request body: {e}"))),
+        }
+    }
+
+    fn encode<M: Message + Serialize>(self, message: &M) -> Result<Bytes, ApiError> {
+        match self {
+            Codec::Proto => Ok(Bytes::from(message.encode_to_vec())),
+            Codec::Json => ember_engine::protojson::to_json(message)
+                .map(Bytes::from)
+                .map_err(|e| {
+                    connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                }),
+        }
+    }
+
+    /// A `google.v1.Profile` that is already protobuf.
+    fn encode_profile(self, profile: Vec<u8>) -> Result<Bytes, ApiError> {
+        match self {
+            Codec::Proto => Ok(Bytes::from(profile)),
+            Codec::Json => {
+                let profile = ember_engine::pprof::Profile::decode(&profile[..]).map_err(|e| {
+                    connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+                self.encode(&profile)
+            }
+        }
+    }
+}
+
+/// `POST /querier.v1.QuerierService/{method}`, over Connect or gRPC.
 pub async fn handle(
     State(state): State<AppState>,
     Path(method): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match call(&state, &method, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::info!(method, error = %e.message, "query API request refused");
-            e.into_response()
+    let grpc = crate::grpc::is_grpc(&headers);
+    let result = async {
+        let tenant = request_tenant(&state, &headers)?;
+        let settings =
+            Settings::from_headers(|name| header_str(&headers, name)).map_err(invalid)?;
+        let (codec, message) = if grpc {
+            let message =
+                crate::grpc::request_message(&headers, body, MAX_QUERY_REQUEST_BYTES).await?;
+            (Codec::Proto, message)
+        } else {
+            (
+                Codec::of_connect(&headers)?,
+                read_request(&headers, body).await?,
+            )
+        };
+        let reply = call(&state, &method, &tenant, &settings, codec, &message).await?;
+        Ok::<_, ApiError>((codec, reply))
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::info!(method, grpc, error = %e.message, "query API request refused");
+    }
+    if grpc {
+        return crate::grpc::response(result.map(|(_, reply)| reply));
+    }
+    match result {
+        Ok((codec, reply)) => {
+            ([(header::CONTENT_TYPE, codec.content_type())], reply).into_response()
         }
+        Err(e) => e.into_response(),
     }
 }
 
+/// The encoded reply of one query API method.
 async fn call(
     state: &AppState,
     method: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let tenant = request_tenant(state, headers)?;
-    let content_type = header_str(headers, "content-type").unwrap_or("application/proto");
-    if !content_type.starts_with("application/proto") {
-        return Err(connect_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unimplemented",
-            format!("content type {content_type:?}: the query API serves application/proto"),
-        ));
-    }
-    let body = read_request(headers, body).await?;
-    let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
+    tenant: &str,
+    settings: &Settings,
+    codec: Codec,
+    body: &[u8],
+) -> Result<Bytes, ApiError> {
     match method {
         "ProfileTypes" => {
-            let req = decode::<ProfileTypesRequest>(&body)?;
+            let req = codec.decode::<ProfileTypesRequest>(body)?;
             let (start, end) = range(req.start, req.end);
             let profile_types = state
                 .engine
-                .profile_types(&tenant, start, end)
+                .profile_types(tenant, start, end)
                 .iter()
                 .map(|id| profile_type(id))
                 .collect();
-            Ok(proto_response(&ProfileTypesResponse { profile_types }))
+            codec.encode(&ProfileTypesResponse { profile_types })
         }
         "LabelNames" => {
-            let req = decode::<LabelNamesRequest>(&body)?;
-            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            let req = codec.decode::<LabelNamesRequest>(body)?;
+            let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             let names = state.engine.label_names(&q);
-            Ok(proto_response(&LabelNamesResponse { names }))
+            codec.encode(&LabelNamesResponse { names })
         }
         "LabelValues" => {
-            let req = decode::<LabelValuesRequest>(&body)?;
-            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            let req = codec.decode::<LabelValuesRequest>(body)?;
+            let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             let names = state.engine.label_values(&req.name, &q);
-            Ok(proto_response(&LabelValuesResponse { names }))
+            codec.encode(&LabelValuesResponse { names })
         }
         "Series" => {
-            let req = decode::<SeriesRequest>(&body)?;
-            let q = label_query(&tenant, &req.matchers, req.start, req.end)?;
+            let req = codec.decode::<SeriesRequest>(body)?;
+            let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             // Projected on `label_names`, distinct series can become one.
             let sets: std::collections::BTreeSet<ember_engine::Labels> = state
                 .engine
@@ -443,11 +214,11 @@ async fn call(
                         .collect(),
                 })
                 .collect();
-            Ok(proto_response(&SeriesResponse { labels_set }))
+            codec.encode(&SeriesResponse { labels_set })
         }
         "SelectMergeStacktraces" => {
-            let req = decode::<SelectMergeStacktracesRequest>(&body)?;
-            let frame = flame_graph_frame(state, &tenant, &settings, &req).await?;
+            let req = codec.decode::<SelectMergeStacktracesRequest>(body)?;
+            let frame = flame_graph_frame(state, tenant, settings, &req).await?;
             let internal = |e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
             let response = if req.format == ProfileFormat::Tree as i32 {
                 SelectMergeStacktracesResponse {
@@ -460,24 +231,20 @@ async fn call(
                     tree: Vec::new(),
                 }
             };
-            Ok(proto_response(&response))
+            codec.encode(&response)
         }
         "SelectMergeProfile" => {
-            let req = decode::<SelectMergeProfileRequest>(&body)?;
-            let profile = select_merge_profile(state, &tenant, &settings, &req).await?;
-            Ok((
-                [(header::CONTENT_TYPE, "application/proto")],
-                Bytes::from(profile),
-            )
-                .into_response())
+            let req = codec.decode::<SelectMergeProfileRequest>(body)?;
+            let profile = select_merge_profile(state, tenant, settings, &req).await?;
+            codec.encode_profile(profile)
         }
         "SelectSeries" => {
-            let req = decode::<SelectSeriesRequest>(&body)?;
-            let series = select_series(state, &tenant, &settings, req).await?;
-            Ok(proto_response(&SelectSeriesResponse { series }))
+            let req = codec.decode::<SelectSeriesRequest>(body)?;
+            let series = select_series(state, tenant, settings, req).await?;
+            codec.encode(&SelectSeriesResponse { series })
         }
         "SelectMergeSpanProfile" => {
-            let req = decode::<SelectMergeSpanProfileRequest>(&body)?;
+            let req = codec.decode::<SelectMergeSpanProfileRequest>(body)?;
             if req.format == ProfileFormat::Tree as i32 {
                 return Err(unimplemented(
                     "format TREE is not served yet; ask for FLAMEGRAPH",
@@ -494,27 +261,27 @@ async fn call(
                 quoted(selector_or_all(&req.label_selector)),
                 quoted(&spans),
             );
-            let batches = run_sql(state, &tenant, &settings, &sql).await?;
+            let batches = run_sql(state, tenant, settings, &sql).await?;
             let flamegraph = flame_graph(&batches)
                 .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
-            Ok(proto_response(&SelectMergeSpanProfileResponse {
+            codec.encode(&SelectMergeSpanProfileResponse {
                 flamegraph: Some(flamegraph),
                 tree: Vec::new(),
-            }))
+            })
         }
         "Diff" => {
-            let req = decode::<DiffRequest>(&body)?;
+            let req = codec.decode::<DiffRequest>(body)?;
             let (Some(left), Some(right)) = (req.left, req.right) else {
                 return Err(invalid("Diff needs both left and right"));
             };
-            let flamegraph = diff(state, &tenant, &settings, &left, &right).await?;
-            Ok(proto_response(&DiffResponse {
+            let flamegraph = diff(state, tenant, settings, &left, &right).await?;
+            codec.encode(&DiffResponse {
                 flamegraph: Some(flamegraph),
-            }))
+            })
         }
         "GetProfileStats" => {
             // The request (`types.v1.GetProfileStatsRequest`) has no fields.
-            let stats = match state.engine.profile_time_bounds(&tenant) {
+            let stats = match state.engine.profile_time_bounds(tenant) {
                 Some((oldest, newest)) => GetProfileStatsResponse {
                     data_ingested: true,
                     oldest_profile_time: oldest / 1_000_000,
@@ -527,7 +294,7 @@ async fn call(
                     newest_profile_time: i64::MIN,
                 },
             };
-            Ok(proto_response(&stats))
+            codec.encode(&stats)
         }
         other => Err(unimplemented(format!(
             "querier.v1.QuerierService/{other} is not served"
@@ -564,10 +331,6 @@ async fn read_request(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError
         }
         Some(other) => Err(unimplemented(format!("content encoding {other:?}"))),
     }
-}
-
-fn decode<M: Message + Default>(body: &[u8]) -> Result<M, ApiError> {
-    M::decode(body).map_err(|e| invalid(format!("request body: {e}")))
 }
 
 /// Milliseconds (0: unbounded, as Pyroscope reads a missing range) to an
