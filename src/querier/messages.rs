@@ -203,6 +203,13 @@ pub mod querier_v1 {
         pub stack_trace_selector: Option<Vec<u8>>,
         #[prost(string, repeated, tag = "8")]
         pub profile_id_selector: Vec<String>,
+        /// Trace IDs: Ember stores span IDs only, so a request with trace
+        /// IDs is refused rather than answered unfiltered.
+        #[prost(string, repeated, tag = "10")]
+        pub trace_id_selector: Vec<String>,
+        /// Span IDs (16 hex digits), as `SelectMergeSpanProfile` takes them.
+        #[prost(string, repeated, tag = "11")]
+        pub span_selector: Vec<String>,
     }
 
     #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -328,6 +335,8 @@ pub mod querier_v1 {
         pub stack_trace_selector: Option<Vec<u8>>,
         #[prost(string, repeated, tag = "7")]
         pub profile_id_selector: Vec<String>,
+        #[prost(string, repeated, tag = "8")]
+        pub trace_id_selector: Vec<String>,
     }
 
     #[derive(Clone, PartialEq, prost::Message, Deserialize)]

@@ -218,20 +218,8 @@ async fn call(
         }
         "SelectMergeStacktraces" => {
             let req = codec.decode::<SelectMergeStacktracesRequest>(body)?;
-            let frame = flame_graph_frame(state, tenant, settings, &req).await?;
-            let internal = |e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
-            let response = if req.format == ProfileFormat::Tree as i32 {
-                SelectMergeStacktracesResponse {
-                    flamegraph: None,
-                    tree: tree_bytes(&frame).map_err(internal)?,
-                }
-            } else {
-                SelectMergeStacktracesResponse {
-                    flamegraph: Some(flame_graph(&frame).map_err(internal)?),
-                    tree: Vec::new(),
-                }
-            };
-            codec.encode(&response)
+            let (flamegraph, tree) = stacktraces(state, tenant, settings, &req).await?;
+            codec.encode(&SelectMergeStacktracesResponse { flamegraph, tree })
         }
         "SelectMergeProfile" => {
             let req = codec.decode::<SelectMergeProfileRequest>(body)?;
@@ -245,29 +233,23 @@ async fn call(
         }
         "SelectMergeSpanProfile" => {
             let req = codec.decode::<SelectMergeSpanProfileRequest>(body)?;
-            if req.format == ProfileFormat::Tree as i32 {
-                return Err(unimplemented(
-                    "format TREE is not served yet; ask for FLAMEGRAPH",
+            if req.span_selector.is_empty() {
+                return Err(invalid(
+                    "span_selector is empty: give the span IDs to merge",
                 ));
             }
-            let spans = req.span_selector.join(",");
-            ember_sql::flamegraph::parse_span_ids(&spans)
-                .map_err(|e| invalid(format!("span_selector: {e}")))?;
-            let max_nodes = max_nodes(req.max_nodes)?;
-            let (start, end) = time_range_ms(req.start, req.end);
-            let sql = format!(
-                "SELECT * FROM span_flamegraph({}, {}, {start}, {end}, {}, {max_nodes})",
-                quoted(&req.profile_type_id),
-                quoted(selector_or_all(&req.label_selector)),
-                quoted(&spans),
-            );
-            let batches = run_sql(state, tenant, settings, &sql).await?;
-            let flamegraph = flame_graph(&batches)
-                .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
-            codec.encode(&SelectMergeSpanProfileResponse {
-                flamegraph: Some(flamegraph),
-                tree: Vec::new(),
-            })
+            let req = SelectMergeStacktracesRequest {
+                profile_type_id: req.profile_type_id,
+                label_selector: req.label_selector,
+                start: req.start,
+                end: req.end,
+                max_nodes: req.max_nodes,
+                format: req.format,
+                span_selector: req.span_selector,
+                ..Default::default()
+            };
+            let (flamegraph, tree) = stacktraces(state, tenant, settings, &req).await?;
+            codec.encode(&SelectMergeSpanProfileResponse { flamegraph, tree })
         }
         "Diff" => {
             let req = codec.decode::<DiffRequest>(body)?;
@@ -399,25 +381,54 @@ pub(crate) async fn select_merge_stacktraces(
         .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
 }
 
-/// The request's flame graph as the SQL frame (depth first).
+/// The merged stacks in the format asked for: a flame graph, or the tree
+/// bytes when the format is `TREE`.
+async fn stacktraces(
+    state: &AppState,
+    tenant: &str,
+    settings: &Settings,
+    req: &SelectMergeStacktracesRequest,
+) -> Result<(Option<FlameGraph>, Vec<u8>), ApiError> {
+    let frame = flame_graph_frame(state, tenant, settings, req).await?;
+    let internal = |e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    if req.format == ProfileFormat::Tree as i32 {
+        Ok((None, tree_bytes(&frame).map_err(internal)?))
+    } else {
+        Ok((Some(flame_graph(&frame).map_err(internal)?), Vec::new()))
+    }
+}
+
+/// The request's flame graph as the SQL frame (depth first): `flamegraph()`,
+/// or `span_flamegraph()` when the request selects spans.
 async fn flame_graph_frame(
     state: &AppState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
 ) -> Result<Vec<RecordBatch>, ApiError> {
-    if req.stack_trace_selector.is_some() || !req.profile_id_selector.is_empty() {
+    if req.stack_trace_selector.is_some()
+        || !req.profile_id_selector.is_empty()
+        || !req.trace_id_selector.is_empty()
+    {
         return Err(unimplemented(
-            "stack trace and profile id selectors are not served yet",
+            "stack trace, profile id and trace id selectors are not served yet",
         ));
     }
     let max_nodes = max_nodes(req.max_nodes)?;
     let (start, end) = time_range_ms(req.start, req.end);
-    let sql = format!(
-        "SELECT * FROM flamegraph({}, {}, {start}, {end}, {max_nodes})",
-        quoted(&req.profile_type_id),
-        quoted(selector_or_all(&req.label_selector))
-    );
+    let profile_type = quoted(&req.profile_type_id);
+    let selector = quoted(selector_or_all(&req.label_selector));
+    let sql = if req.span_selector.is_empty() {
+        format!("SELECT * FROM flamegraph({profile_type}, {selector}, {start}, {end}, {max_nodes})")
+    } else {
+        let spans = req.span_selector.join(",");
+        ember_sql::flamegraph::parse_span_ids(&spans)
+            .map_err(|e| invalid(format!("span_selector: {e}")))?;
+        format!(
+            "SELECT * FROM span_flamegraph({profile_type}, {selector}, {start}, {end}, {}, {max_nodes})",
+            quoted(&spans)
+        )
+    };
     run_sql(state, tenant, settings, &sql).await
 }
 
@@ -494,9 +505,12 @@ async fn select_merge_profile(
     settings: &Settings,
     req: &SelectMergeProfileRequest,
 ) -> Result<Vec<u8>, ApiError> {
-    if req.stack_trace_selector.is_some() || !req.profile_id_selector.is_empty() {
+    if req.stack_trace_selector.is_some()
+        || !req.profile_id_selector.is_empty()
+        || !req.trace_id_selector.is_empty()
+    {
         return Err(unimplemented(
-            "stack trace and profile id selectors are not served yet",
+            "stack trace, profile id and trace id selectors are not served yet",
         ));
     }
     let max_nodes = max_nodes(req.max_nodes)?;

@@ -447,6 +447,16 @@ def test_select_merge_span_profile_keeps_only_the_spans_samples(ember):
     assert span_graph([spans[0]], tenant="other")[0] == 0
     r = call(ember, "SelectMergeSpanProfile", s(1, ty) + s(3, "not-hex"))
     assert r.status_code == 400 and "not hex" in r.json()["message"], r.text
+    # The TREE format holds the same stacks.
+    body = s(1, ty) + s(2, '{service_name="traced"}') + s(3, spans[0]) + i64(6, 100000) + i64(7, 2)
+    tree = next(v for n, _, v in fields(ok(call(ember, "SelectMergeSpanProfile", body))) if n == 2)
+    assert tree_stacks(tree) == one
+    # Newer clients put the spans in SelectMergeStacktraces (field 11).
+    body = s(1, ty) + s(2, '{service_name="traced"}') + i64(5, 100000) + s(11, spans[0])
+    assert flame_graph(ok(call(ember, "SelectMergeStacktraces", body)))[:3:2] == (total, stacks)
+    # Trace IDs are not stored: refused, never answered unfiltered.
+    r = call(ember, "SelectMergeStacktraces", s(1, ty) + s(10, "4bf92f3577b34da6a3ce929d0e0e4736"))
+    assert r.status_code == 501 and r.json()["code"] == "unimplemented", r.text
 
 
 def tree_stacks(buf):
