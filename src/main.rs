@@ -1,22 +1,7 @@
 //! `ember`: the one binary of every role.
 
-mod allocator;
-mod bench;
-mod cli;
-mod grpc;
-mod http;
-mod http_client;
-mod local_store;
-mod metastore_rpc;
-mod metrics;
-mod object_requests;
-mod querier;
-mod query;
-mod render;
-mod serve;
-mod tls;
-
 use clap::{Parser, Subcommand};
+use ember::{allocator, cli, query, serve};
 
 #[derive(Parser)]
 #[command(
@@ -40,9 +25,6 @@ enum Command {
     Ingest(cli::IngestArgs),
     /// Print a flame graph's top nodes, or write it as an SVG.
     Flamegraph(cli::FlameGraphArgs),
-    /// The end-to-end benchmark against a server it starts, and the peers
-    /// (DuckDB, chDB, DataFusion) on the same data. See BENCHMARKS.md.
-    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +44,5 @@ fn main() -> anyhow::Result<()> {
         Command::Query(args) => runtime.block_on(query::query(args)),
         Command::Ingest(args) => runtime.block_on(cli::ingest(args)),
         Command::Flamegraph(args) => runtime.block_on(cli::flamegraph(args)),
-        Command::Bench(args) => runtime.block_on(bench::bench(*args)),
     }
 }

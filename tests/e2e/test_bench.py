@@ -1,4 +1,4 @@
-"""`ember bench` end to end on a small workload: it must push, query and run
+"""`ember-bench` end to end on a small workload: it must push, query and run
 the peers on the same data, and every figure it reports must agree with the
 others (stored totals, flame graph roots, peer totals)."""
 
@@ -13,10 +13,11 @@ from conftest import BIN, FIXTURES, ROOT
 def test_bench_small_run_is_consistent(tmp_path):
     out = tmp_path / "bench"
     run = subprocess.run(
-        [str(BIN), "bench", "--out", str(out), "--fixtures", str(FIXTURES),
+        [str(BIN.with_name("ember-bench")), "--ember", str(BIN), "--out", str(out), "--fixtures", str(FIXTURES),
          "--samples", "150000", "--scales", "10000,30000", "--clients", "8",
          "--repeats", "2", "--mixed-seconds", "2", "--lone-pushes", "3",
          "--metastore-blocks", "2000", "--python", sys.executable,
+         "--label-series", "3000",
          "--production-series", "4", "--production-minutes", "2", "--compaction-jobs", "20000:500",
          # Small thresholds: level 2 within seconds, not after the 12 min L1 age.
          "--production-compaction-levels", "3:1,4:2",
@@ -67,6 +68,20 @@ def test_bench_small_run_is_consistent(tmp_path):
     assert {p["engine"] for p in prod["peers"]} >= {"duckdb", "chdb", "datafusion"}
     [job] = report["compaction_jobs"]
     assert job["samples"] == 20000 and job["peak_rss_bytes"] > 0 and job["output_bytes"] > 0
-    assert "## Peers on the same data" in (out / "report.md").read_text()
+    # Pyroscope's query API over each flame graph range: totals are checked
+    # by the bench against the stored ones, and reported.
+    for q in flame.values():
+        if q["service_name"] is None:
+            for method in ["SelectMergeStacktraces", "SelectMergeProfile", "SelectSeries by service"]:
+                run = next(r for r in report["queries"] if r["name"] == f"{q['name']}: {method}")
+                assert run["root_total"] == q["total"] and run["rows"] > 0, run
+                assert run["sql"].startswith("POST /querier.v1.QuerierService/")
+    labels = {r["name"]: r for r in report["label_queries"]}
+    assert labels["LabelValues pod over 3000 series"]["rows"] == 3000
+    assert labels["LabelValues service_name over 3000 series"]["rows"] == 100
+    assert labels["LabelValues pod of one service over 3000 series"]["rows"] == 30
+    assert labels["Series of one service over 3000 series"]["rows"] >= 30
+    markdown = (out / "report.md").read_text()
+    assert "## Peers on the same data" in markdown and "## Label calls over many series" in markdown
     if pathlib.Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists():
         assert (out / "charts" / "flamegraph_scaling.png").stat().st_size > 1000

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::workload::Request;
-use crate::http_client::Client;
+use ember::http_client::Client;
 
 pub const PUSH_PATH: &str = "/push.v1.PusherService/Push";
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::peers::PeerRun;
+use super::queries::QueryRun;
 use super::Report;
 
 pub fn write(out: &Path, report: &Report) -> anyhow::Result<()> {
@@ -51,6 +52,30 @@ fn peer<'a>(
         .peers
         .iter()
         .find(|p| p.engine == engine && p.shape == shape && p.kind == kind && p.query == query)
+}
+
+fn query_table(s: &mut String, queries: &[QueryRun]) {
+    let _ = writeln!(
+        s,
+        "| query | samples | cold ms | warm ms | rows | GETs cold / warm | MB read cold | peak memory MB |\n|---|---|---|---|---|---|---|---|"
+    );
+    for q in queries {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.0} / {:.0} | {:.1} | {} |",
+            q.name,
+            q.samples,
+            ms(q.cold_ms),
+            ms(q.warm_median_ms),
+            q.rows,
+            q.cold_gets,
+            q.warm_gets,
+            q.cold_read_bytes / 1e6,
+            q.peak_memory_bytes
+                .map(|b| format!("{:.1}", b as f64 / 1e6))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
 }
 
 fn markdown(r: &Report) -> String {
@@ -120,27 +145,17 @@ fn markdown(r: &Report) -> String {
         st.export_normalised_bytes as f64 / 1e6,
         st.export_denormalised_bytes as f64 / 1e6
     );
-    let _ = writeln!(s, "## Queries (Ember over Flight SQL)\n");
     let _ = writeln!(
         s,
-        "| query | samples | cold ms | warm ms | rows | GETs cold / warm | MB read cold | peak memory MB |\n|---|---|---|---|---|---|---|---|"
+        "## Queries (Ember over Flight SQL, and Pyroscope's query API over Connect)\n"
     );
-    for q in &r.queries {
+    query_table(&mut s, &r.queries);
+    if !r.label_queries.is_empty() {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.0} / {:.0} | {:.1} | {} |",
-            q.name,
-            q.samples,
-            ms(q.cold_ms),
-            ms(q.warm_median_ms),
-            q.rows,
-            q.cold_gets,
-            q.warm_gets,
-            q.cold_read_bytes / 1e6,
-            q.peak_memory_bytes
-                .map(|b| format!("{:.1}", b as f64 / 1e6))
-                .unwrap_or_else(|| "n/a".into())
+            "\n## Label calls over many series (Pyroscope's query API)\n"
         );
+        query_table(&mut s, &r.label_queries);
     }
     let _ = writeln!(
         s,
@@ -162,6 +177,11 @@ fn markdown(r: &Report) -> String {
         "| query | Ember (tree included) | DuckDB GROUP BY (normalised) | DuckDB GROUP BY (denormalised) | DuckDB + tree | chDB GROUP BY (normalised) | chDB GROUP BY (denormalised) | chDB + tree | DataFusion GROUP BY |\n|---|---|---|---|---|---|---|---|---|"
     );
     for q in r.queries.iter().filter(|q| q.root_total.is_some()) {
+        // A query API call is compared on the range of its flame query.
+        let range = q.name.split(": ").next().unwrap_or(&q.name);
+        if peer(r, "duckdb", "normalised", "group_by", range).is_none() {
+            continue;
+        }
         let ember = q.warm_median_ms;
         let cell = |p: Option<&PeerRun>| match p {
             Some(p) => format!("{} ({:.2}x)", ms(p.median_ms), p.median_ms / ember),
@@ -172,13 +192,13 @@ fn markdown(r: &Report) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             q.name,
             ms(ember),
-            cell(peer(r, "duckdb", "normalised", "group_by", &q.name)),
-            cell(peer(r, "duckdb", "denormalised", "group_by", &q.name)),
-            cell(peer(r, "duckdb", "normalised", "tree", &q.name)),
-            cell(peer(r, "chdb", "normalised", "group_by", &q.name)),
-            cell(peer(r, "chdb", "denormalised", "group_by", &q.name)),
-            cell(peer(r, "chdb", "normalised", "tree", &q.name)),
-            cell(peer(r, "datafusion", "normalised", "group_by", &q.name)),
+            cell(peer(r, "duckdb", "normalised", "group_by", range)),
+            cell(peer(r, "duckdb", "denormalised", "group_by", range)),
+            cell(peer(r, "duckdb", "normalised", "tree", range)),
+            cell(peer(r, "chdb", "normalised", "group_by", range)),
+            cell(peer(r, "chdb", "denormalised", "group_by", range)),
+            cell(peer(r, "chdb", "normalised", "tree", range)),
+            cell(peer(r, "datafusion", "normalised", "group_by", range)),
         );
     }
     let m = &r.mixed;

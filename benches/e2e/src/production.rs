@@ -192,7 +192,8 @@ async fn state(
     let metrics = server.metrics().await?;
     let objects = data_dir.join("objects");
     let object_bytes = server::dir_bytes(&objects);
-    let flame = queries::measure(server, &query.name, &query.sql(), query.samples, repeats).await?;
+    let call = queries::Call::Sql(query.sql());
+    let flame = queries::measure(server, &query.name, &call, query.samples, repeats).await?;
     anyhow::ensure!(
         flame.root_total == Some(query.total),
         "{}: flame graph root {:?}, stored total {}",

@@ -1,11 +1,14 @@
-//! `ember bench`: the end-to-end benchmark. Generates a workload from the
-//! recorded profiles, pushes it through a real server, queries it over
-//! Flight SQL, runs the same aggregation in the peers on the same data, and
-//! writes `report.json`, `report.md` and PNG charts.
+//! `ember-bench`: the end-to-end benchmark. Generates a workload from the
+//! recorded profiles, pushes it through a real `ember serve` it starts,
+//! queries it over Flight SQL and the Pyroscope query API, runs the same
+//! aggregation in the peers on the same data, and writes `report.json`,
+//! `report.md` and PNG charts. A crate of its own so that the server binary
+//! carries none of its plotting, fonts or peers.
 
 mod export;
 mod ingest;
 mod job_memory;
+mod labels;
 mod lookup;
 mod peers;
 mod production;
@@ -27,11 +30,18 @@ use serde::Serialize;
 use tracing::info;
 
 use ingest::Latency;
-use queries::{FlameQuery, QueryRun, TENANT};
+use queries::{Call, FlameQuery, QueryRun, TENANT};
 use server::Server;
 
-#[derive(clap::Args, Debug, Clone)]
+/// The end-to-end benchmark against a server it starts, and the peers
+/// (DuckDB, chDB, DataFusion) on the same data. See BENCHMARKS.md.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "ember-bench")]
 pub struct BenchArgs {
+    /// The `ember` binary to benchmark (by default the one built beside
+    /// this benchmark).
+    #[arg(long, env = "EMBER_BIN")]
+    ember: Option<PathBuf>,
     /// Where the data, the Parquet export and the report go (emptied first).
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -75,6 +85,10 @@ pub struct BenchArgs {
     /// Lone-client pushes for the idle ack latency.
     #[arg(long, default_value_t = 40)]
     lone_pushes: usize,
+    /// Series of the label calls' tenant (LabelValues over this many
+    /// series); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    label_series: usize,
     /// Series of the production-shaped run (one agent each, one profile
     /// per request); 0 skips it.
     #[arg(long, default_value_t = 32)]
@@ -120,6 +134,7 @@ pub struct Report {
     pub mixed: MixedReport,
     pub memory_limit: MemoryLimitReport,
     pub metastore: Vec<lookup::LookupRun>,
+    pub label_queries: Vec<QueryRun>,
     pub production: Option<production::ProductionReport>,
     pub compaction_jobs: Vec<job_memory::JobMemoryRun>,
     pub checks: Vec<String>,
@@ -184,6 +199,35 @@ pub struct MemoryLimitReport {
     pub small_query_after: bool,
 }
 
+fn main() -> anyhow::Result<()> {
+    ember::allocator::no_transparent_huge_pages();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = <BenchArgs as clap::Parser>::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench(args))
+}
+
+/// The `ember` binary the benchmark starts.
+fn ember_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    let path = match &args.ember {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("ember"),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no ember binary at {}: build it (cargo build --release --bin ember) or pass --ember",
+        path.display()
+    );
+    Ok(path)
+}
+
 pub(crate) const SHARDS: u32 = 4;
 pub(crate) const FLUSH_MS: u64 = 500;
 
@@ -197,6 +241,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&run)?);
         return Ok(());
     }
+    server::use_binary(ember_binary(&args)?);
     let started = Instant::now();
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
@@ -320,7 +365,14 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let flame = flame_queries(&server, &truth, &args.scales).await?;
     report.flame_queries = flame.clone();
     for q in &flame {
-        let run = queries::measure(&mut server, &q.name, &q.sql(), q.samples, args.repeats).await?;
+        let run = queries::measure(
+            &mut server,
+            &q.name,
+            &Call::Sql(q.sql()),
+            q.samples,
+            args.repeats,
+        )
+        .await?;
         match run.root_total {
             Some(t) if t == q.total => report.checks.push(format!(
                 "{}: flame graph root {t} equals the stored total",
@@ -335,9 +387,20 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         report.queries.push(run);
     }
     for (name, sql) in other_queries(&flame) {
+        let call = Call::Sql(sql);
         report
             .queries
-            .push(queries::measure(&mut server, &name, &sql, 0, args.repeats).await?);
+            .push(queries::measure(&mut server, &name, &call, 0, args.repeats).await?);
+    }
+    for (name, call, q) in query_api_calls(&flame) {
+        let run = queries::measure(&mut server, &name, &call, q.samples, args.repeats).await?;
+        match run.root_total {
+            Some(t) if t == q.total => report
+                .checks
+                .push(format!("{name}: total {t} equals the stored total")),
+            other => anyhow::bail!("{name}: total {other:?}, stored total {}", q.total),
+        }
+        report.queries.push(run);
     }
 
     info!("peers: DataFusion");
@@ -387,6 +450,20 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     for &blocks in &args.metastore_blocks {
         info!("metastore lookup over {blocks} blocks");
         report.metastore.push(lookup::run(blocks, 1000)?);
+    }
+
+    if args.label_series > 0 {
+        info!("label calls over {} series", args.label_series);
+        let dir = args.out.join("labels");
+        std::fs::create_dir_all(&dir)?;
+        let mut server = Server::start(&dir, &server_args).await?;
+        let templates = workload::load_templates(&args.fixtures)?;
+        let template = templates.first().context("no template profile")?;
+        let (runs, checks) =
+            labels::run(&mut server, template, args.label_series, args.repeats).await?;
+        server.stop()?;
+        report.label_queries = runs;
+        report.checks.extend(checks);
     }
 
     if args.production_series > 0 {
@@ -717,6 +794,33 @@ fn other_queries(flame: &[FlameQuery]) -> Vec<(String, String)> {
     ]
 }
 
+/// Grafana's calls through Pyroscope's query API (Connect, protobuf) over
+/// the flame graph ranges of each size: the flame graph and the merged
+/// profile with Grafana's default `max_nodes`, and the time series by
+/// service at Grafana's resolution. Each total must be the stored one.
+fn query_api_calls(flame: &[FlameQuery]) -> Vec<(String, Call, &FlameQuery)> {
+    const GRAFANA_MAX_NODES: i64 = 16_384;
+    let mut calls = Vec::new();
+    for q in flame.iter().filter(|q| q.service_name.is_none()) {
+        calls.push((
+            format!("{}: SelectMergeStacktraces", q.name),
+            Call::select_merge_stacktraces(q, GRAFANA_MAX_NODES),
+            q,
+        ));
+        calls.push((
+            format!("{}: SelectMergeProfile", q.name),
+            Call::select_merge_profile(q, GRAFANA_MAX_NODES),
+            q,
+        ));
+        calls.push((
+            format!("{}: SelectSeries by service", q.name),
+            Call::select_series(q, "service_name"),
+            q,
+        ));
+    }
+    calls
+}
+
 /// Ingest latency of a steady load alone, then with a loop of the heaviest
 /// flame graph running beside it.
 async fn mixed(
@@ -747,11 +851,11 @@ async fn mixed(
         let (stop, flight, sql) = (stop.clone(), server.flight.clone(), heavy.clone());
         tokio::spawn(async move {
             let mut runs = 0usize;
-            let Ok(mut client) = crate::query::connect(&flight, TENANT).await else {
+            let Ok(mut client) = ember::query::connect(&flight, TENANT).await else {
                 return runs;
             };
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if crate::query::run_sql(&mut client, &sql).await.is_ok() {
+                if ember::query::run_sql(&mut client, &sql).await.is_ok() {
                     runs += 1;
                 }
             }

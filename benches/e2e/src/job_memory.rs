@@ -150,7 +150,7 @@ pub async fn prepare(spec: &str, dir: &Path) -> anyhow::Result<()> {
 /// peak RSS is the whole process's, runtime included. The process is set
 /// up as a compaction-worker process is (freed pages returned at once).
 pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
-    crate::allocator::return_freed_memory_at_once();
+    ember::allocator::return_freed_memory_at_once();
     let prepared: Prepared = serde_json::from_slice(&std::fs::read(dir.join("prepared.json"))?)?;
     let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir)?);
     let metastore = Arc::new(Metastore::open(&dir.join("metastore.redb"))?);
@@ -195,7 +195,6 @@ pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
 
 fn child(exe: &Path, args: &[&str], dir: &Path) -> anyhow::Result<Vec<u8>> {
     let output = std::process::Command::new(exe)
-        .arg("bench")
         .args(args)
         .arg("--out")
         .arg(dir)

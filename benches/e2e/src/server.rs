@@ -17,6 +17,13 @@ pub struct Server {
     extra: Vec<String>,
 }
 
+/// The `ember` binary every server of this run starts, chosen once.
+static EMBER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+pub fn use_binary(path: std::path::PathBuf) {
+    let _ = EMBER.set(path);
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -24,7 +31,7 @@ fn free_port() -> anyhow::Result<u16> {
 impl Server {
     pub async fn start(data_dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let (http_port, flight_port) = (free_port()?, free_port()?);
-        let exe = std::env::current_exe().context("locating the ember binary")?;
+        let exe = EMBER.get().context("the ember binary is not chosen yet")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -65,7 +72,7 @@ impl Server {
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let client = crate::http_client::Client::new();
+        let client = ember::http_client::Client::new();
         while Instant::now() < deadline {
             if let Ok((200, _)) = client.get(&format!("{}/ready", self.http)).await {
                 if tokio::net::TcpStream::connect(self.flight.trim_start_matches("http://"))
@@ -124,7 +131,7 @@ impl Server {
 
     /// The server's Prometheus metrics, summed over label sets.
     pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
-        let (status, body) = crate::http_client::Client::new()
+        let (status, body) = ember::http_client::Client::new()
             .get(&format!("{}/metrics", self.http))
             .await?;
         anyhow::ensure!(status == 200, "GET /metrics: {status}");
@@ -133,7 +140,7 @@ impl Server {
 
     pub async fn is_healthy(&self) -> bool {
         matches!(
-            crate::http_client::Client::new()
+            ember::http_client::Client::new()
                 .get(&format!("{}/healthz", self.http))
                 .await,
             Ok((200, _))

@@ -248,6 +248,16 @@ pub fn vary(
     })
 }
 
+/// The template's first sample alone, at `time_nanos`: the smallest real
+/// profile, for runs whose cost is the number of series, not samples.
+pub fn one_sample(template: &Template, time_nanos: i64) -> pprof::Profile {
+    pruned(pprof::Profile {
+        sample: template.profile.sample.iter().take(1).cloned().collect(),
+        time_nanos,
+        ..template.profile.clone()
+    })
+}
+
 /// One push request of the workload, encoded as a client sends it.
 #[derive(Clone)]
 pub struct Request {

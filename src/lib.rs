@@ -1,0 +1,18 @@
+//! Ember's server, CLI and the clients they share. The `ember` binary
+//! (`main.rs`) is the command line over this library; the benchmark
+//! harness (`benches/e2e`) starts that binary and reuses the clients.
+
+pub mod allocator;
+pub mod cli;
+mod grpc;
+mod http;
+pub mod http_client;
+mod local_store;
+mod metastore_rpc;
+mod metrics;
+mod object_requests;
+pub mod querier;
+pub mod query;
+mod render;
+pub mod serve;
+mod tls;
