@@ -24,6 +24,21 @@ pub async fn request_message(
     body: Body,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
+    let (compressed, message) = request_frame(headers, body, limit).await?;
+    if compressed {
+        gunzip(&message, limit).map(Bytes::from)
+    } else {
+        Ok(message)
+    }
+}
+
+/// The one message of a unary gRPC request as sent, and whether it is
+/// gzip-compressed (for callers that bound decompression themselves).
+pub async fn request_frame(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(bool, Bytes), ApiError> {
     let content_type = header_str(headers, "content-type").unwrap_or_default();
     if !matches!(content_type, "application/grpc" | "application/grpc+proto") {
         return Err(status(
@@ -39,11 +54,9 @@ pub async fn request_message(
         )
     })?;
     let (compressed, message) = unframe(&body)?;
-    if !compressed {
-        return Ok(message);
-    }
     match header_str(headers, "grpc-encoding") {
-        Some("gzip") => gunzip(&message, limit).map(Bytes::from),
+        _ if !compressed => Ok((false, message)),
+        Some("gzip") => Ok((true, message)),
         other => Err(status(
             "unimplemented",
             format!("message compression {other:?}: send gzip or no compression"),

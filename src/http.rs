@@ -136,10 +136,25 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
     })
 }
 
+/// `push.v1.PusherService/Push` over Connect (protobuf or JSON) or gRPC.
 async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
+    if crate::grpc::is_grpc(&headers) {
+        let result = push_grpc(&state, &headers, body).await;
+        return finish(
+            &state,
+            "push",
+            started,
+            result.map(|()| false),
+            true,
+            |_| {
+                // `push.v1.PushResponse` has no fields.
+                crate::grpc::response(Ok(Bytes::new()))
+            },
+        );
+    }
     let result = push_inner(&state, &headers, body).await;
-    finish(&state, "push", started, result, |json| {
+    finish(&state, "push", started, result, false, |json| {
         if json {
             ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
         } else {
@@ -148,11 +163,14 @@ async fn push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> 
     })
 }
 
+/// Counts and times a push and answers it: `ok` on success, else the
+/// error as the request's protocol carries it.
 fn finish(
     state: &AppState,
     api: &str,
     started: Instant,
     result: Result<bool, IngestError>,
+    grpc: bool,
     ok: impl FnOnce(bool) -> Response,
 ) -> Response {
     state
@@ -176,9 +194,41 @@ fn finish(
             } else {
                 tracing::warn!(api, error = %e, "push failed");
             }
-            ApiError::from(e).into_response()
+            if grpc {
+                crate::grpc::response(Err(ApiError::from(e)))
+            } else {
+                ApiError::from(e).into_response()
+            }
         }
     }
+}
+
+/// A gRPC push: the framed `PushRequest`, its gzip (when the message is
+/// compressed) inflated under the same bound as a Connect body's.
+async fn push_grpc(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(), IngestError> {
+    let max_request_bytes = state.distributor.limits().max_request_bytes;
+    let tenant = request_tenant(state, headers)?;
+    let (gzip, message) = crate::grpc::request_frame(headers, body, max_request_bytes)
+        .await
+        .map_err(|e| match e.code {
+            "resource_exhausted" => IngestError::TooLarge {
+                size: max_request_bytes + 1,
+                limit: max_request_bytes,
+            },
+            _ => IngestError::Unsupported(e.message),
+        })?;
+    state.metrics.push_bytes.inc_by(message.len() as u64);
+    let (profiles, _inflight) = state
+        .distributor
+        .decode_push(
+            message,
+            BodyEncoding { json: false, gzip },
+            &tenant,
+            now_nanos(),
+        )
+        .await?;
+    state.metrics.profiles.inc_by(profiles.len() as u64);
+    state.distributor.push(profiles).await
 }
 
 /// Returns whether the request was JSON, to answer in kind.
@@ -227,9 +277,14 @@ async fn ingest(
 ) -> Response {
     let started = Instant::now();
     let result = ingest_inner(&state, &query, &headers, body).await;
-    finish(&state, "ingest", started, result.map(|_| false), |_| {
-        StatusCode::OK.into_response()
-    })
+    finish(
+        &state,
+        "ingest",
+        started,
+        result.map(|_| false),
+        false,
+        |_| StatusCode::OK.into_response(),
+    )
 }
 
 async fn ingest_inner(
