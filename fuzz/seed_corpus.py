@@ -75,4 +75,27 @@ for name, body in {
     "empty": b"",
 }.items():
     put("ingest_multipart", name, body)
+otlp = (FIXTURES / "otlp" / "otel-ebpf-profile.pb.bin").read_bytes()
+for name, body in {
+    "ebpf": otlp,
+    "ebpf.gz": gzip.compress(otlp),
+    "truncated": otlp[: len(otlp) // 3],
+    "empty": b"",
+}.items():
+    put("otlp_proto", name, body)
+otlp_json = (FIXTURES / "otlp" / "otel-ebpf-profile.pb.json").read_bytes()
+small = json.loads(otlp_json)
+small["resourceProfiles"] = small["resourceProfiles"][:3]
+for name, body in {
+    "ebpf-3.json": json.dumps(small).encode(),
+    "snake-case.json": json.dumps({"resource_profiles": [{"scope_profiles": [{"profiles": [
+        {"sample_type": {"type_strindex": 1, "unit_strindex": 2},
+         "samples": [{"stack_index": 1, "values": ["5"]}]}]}]}],
+        "dictionary": {"string_table": ["", "cpu", "nanoseconds", "main"],
+                       "function_table": [{}, {"name_strindex": 3}],
+                       "location_table": [{}, {"lines": [{"function_index": 1}]}],
+                       "stack_table": [{}, {"location_indices": [1]}]}}).encode(),
+    "bad-index.json": b'{"resourceProfiles":[{"scopeProfiles":[{"profiles":[{"samples":[{"stackIndex":7}]}]}]}],"dictionary":{}}',
+}.items():
+    put("otlp_json", name, body)
 print("corpus:", {d.name: len(list(d.iterdir())) for d in sorted(CORPUS.iterdir())})

@@ -34,6 +34,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/push.v1.PusherService/Push", post(push))
         .route("/ingest", post(ingest))
+        .route("/v1development/profiles", post(otlp_export))
+        .route(
+            "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export",
+            post(otlp_export),
+        )
         .route(
             "/querier.v1.QuerierService/{method}",
             post(crate::querier::handle),
@@ -208,15 +213,7 @@ fn finish(
 async fn push_grpc(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(), IngestError> {
     let max_request_bytes = state.distributor.limits().max_request_bytes;
     let tenant = request_tenant(state, headers)?;
-    let (gzip, message) = crate::grpc::request_frame(headers, body, max_request_bytes)
-        .await
-        .map_err(|e| match e.code {
-            "resource_exhausted" => IngestError::TooLarge {
-                size: max_request_bytes + 1,
-                limit: max_request_bytes,
-            },
-            _ => IngestError::Unsupported(e.message),
-        })?;
+    let (gzip, message) = grpc_message(headers, body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(message.len() as u64);
     let (profiles, _inflight) = state
         .distributor
@@ -267,6 +264,92 @@ async fn push_inner(
     state.metrics.profiles.inc_by(profiles.len() as u64);
     state.distributor.push(profiles).await?;
     Ok(json)
+}
+
+/// OTLP profiles: `POST /v1development/profiles` (protobuf or JSON,
+/// optionally gzip), and `ProfilesService/Export` over gRPC.
+async fn otlp_export(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let grpc = crate::grpc::is_grpc(&headers);
+    let result = otlp_inner(&state, &headers, body, grpc).await;
+    finish(&state, "otlp", started, result, grpc, |json| {
+        // An empty `ExportProfilesServiceResponse`: nothing was rejected.
+        if grpc {
+            crate::grpc::response(Ok(Bytes::new()))
+        } else if json {
+            ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+        } else {
+            (
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                Bytes::new(),
+            )
+                .into_response()
+        }
+    })
+}
+
+/// Returns whether the request was JSON, to answer in kind.
+async fn otlp_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    grpc: bool,
+) -> Result<bool, IngestError> {
+    let max_request_bytes = state.distributor.limits().max_request_bytes;
+    let tenant = request_tenant(state, headers)?;
+    let (body, encoding) = if grpc {
+        let (gzip, message) = grpc_message(headers, body, max_request_bytes).await?;
+        (message, BodyEncoding { json: false, gzip })
+    } else {
+        let content_type = header_str(headers, "content-type").unwrap_or_default();
+        let json = match content_type.split(';').next().unwrap_or_default().trim() {
+            "application/x-protobuf" | "application/protobuf" => false,
+            "application/json" => true,
+            other => {
+                return Err(IngestError::Unsupported(format!(
+                    "content type {other:?}: OTLP profiles are application/x-protobuf or application/json"
+                )))
+            }
+        };
+        let gzip = match header_str(headers, "content-encoding") {
+            None | Some("identity") => false,
+            Some(e) if e.eq_ignore_ascii_case("gzip") => true,
+            Some(other) => {
+                return Err(IngestError::Unsupported(format!(
+                    "content encoding {other:?}"
+                )))
+            }
+        };
+        (
+            read_body(body, max_request_bytes).await?,
+            BodyEncoding { json, gzip },
+        )
+    };
+    state.metrics.push_bytes.inc_by(body.len() as u64);
+    let (profiles, _inflight) = state
+        .distributor
+        .decode_otlp(body, encoding, &tenant, now_nanos())
+        .await?;
+    state.metrics.profiles.inc_by(profiles.len() as u64);
+    state.distributor.push(profiles).await?;
+    Ok(encoding.json)
+}
+
+/// A gRPC request's message as sent, and whether it is gzip-compressed.
+async fn grpc_message(
+    headers: &HeaderMap,
+    body: Body,
+    max_request_bytes: usize,
+) -> Result<(bool, Bytes), IngestError> {
+    crate::grpc::request_frame(headers, body, max_request_bytes)
+        .await
+        .map_err(|e| match e.code {
+            "resource_exhausted" => IngestError::TooLarge {
+                size: max_request_bytes + 1,
+                limit: max_request_bytes,
+            },
+            _ => IngestError::Unsupported(e.message),
+        })
 }
 
 async fn ingest(

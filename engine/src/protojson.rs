@@ -11,8 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-/// Largest nesting a request may have: query requests are a few levels deep.
-const MAX_DEPTH: usize = 16;
+/// Largest nesting a request may have: requests are a few levels deep
+/// (OTLP attributes nest a level or two more).
+const MAX_DEPTH: usize = 32;
 
 /// A message as proto3 JSON. Every integer becomes a string: the messages
 /// this serialises carry no 32-bit integers (enums are written by name),
@@ -105,6 +106,54 @@ pub mod int64 {
                 .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an int64"))),
             other => Err(serde::de::Error::custom(format!("{other} is not an int64"))),
         }
+    }
+}
+
+/// Any integer field (int32, int64, uint64, fixed64): a JSON number or a
+/// string holding one.
+pub fn int<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    integer(Value::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// A repeated integer field.
+pub fn ints<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    Vec::<Value>::deserialize(d)?
+        .into_iter()
+        .map(integer)
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
+fn integer<T: TryFrom<i64> + TryFrom<u64>>(v: Value) -> Result<T, String> {
+    let out_of_range = |v: &dyn std::fmt::Display| format!("{v} is out of range");
+    match v {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                T::try_from(i).map_err(|_| out_of_range(&n))
+            } else if let Some(u) = n.as_u64() {
+                T::try_from(u).map_err(|_| out_of_range(&n))
+            } else {
+                Err(format!("{n} is not an integer"))
+            }
+        }
+        Value::String(s) => {
+            if let Ok(i) = s.parse::<i64>() {
+                T::try_from(i).map_err(|_| out_of_range(&s))
+            } else if let Ok(u) = s.parse::<u64>() {
+                T::try_from(u).map_err(|_| out_of_range(&s))
+            } else {
+                Err(format!("{s:?} is not an integer"))
+            }
+        }
+        other => Err(format!("{other} is not an integer")),
     }
 }
 
@@ -221,6 +270,30 @@ mod tests {
         assert_eq!(json["values"], serde_json::json!(["1", "-2"]));
         assert_eq!(json["ratio"], serde_json::json!(2.0));
         assert_eq!(json["tree"], "/w==");
+    }
+
+    #[test]
+    fn integers_of_any_width_from_numbers_or_strings() {
+        #[derive(Deserialize, Default)]
+        #[serde(default, rename_all = "camelCase")]
+        struct M {
+            #[serde(deserialize_with = "int")]
+            time_unix_nano: u64,
+            #[serde(deserialize_with = "int")]
+            index: i32,
+            #[serde(deserialize_with = "ints")]
+            values: Vec<i64>,
+        }
+        let m: M = from_json(
+            br#"{"time_unix_nano":"18446744073709551615","index":3,"values":["1",-2,3]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.time_unix_nano, m.index, m.values),
+            (u64::MAX, 3, vec![1, -2, 3])
+        );
+        let err = from_json::<M>(br#"{"index":"99999999999"}"#).err().unwrap();
+        assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]

@@ -93,6 +93,26 @@ fn push_request(
     Ok(out)
 }
 
+/// Normalised profiles of an OTLP profiles export body.
+pub fn otlp_body(
+    limits: &Limits,
+    body: &[u8],
+    encoding: BodyEncoding,
+    tenant: &str,
+    now_nanos: i64,
+) -> Result<Vec<Profile>, IngestError> {
+    let inflated;
+    let body = if encoding.gzip {
+        inflated = pprof::gunzip(body, limits.max_decompressed_bytes, "request body")?;
+        inflated.as_slice()
+    } else {
+        body
+    };
+    let profiles = crate::otlp::export_body(limits, body, encoding.json, tenant, now_nanos)?;
+    check_times(&profiles, &limits.for_tenant(tenant), now_nanos)?;
+    Ok(profiles)
+}
+
 /// Normalised profiles of a legacy `/ingest` body (already un-multiparted).
 pub fn ingest_body(
     limits_all: &Limits,

@@ -82,6 +82,23 @@ impl Distributor {
         .await
     }
 
+    /// Decodes an OTLP profiles export body, off the async executor,
+    /// holding its share of the in-flight budget.
+    pub async fn decode_otlp(
+        self: &Arc<Self>,
+        body: Bytes,
+        encoding: BodyEncoding,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        let this = self.clone();
+        let tenant = tenant.to_string();
+        self.decode_off_executor(body.len(), move || {
+            decode::otlp_body(&this.limits, &body, encoding, &tenant, now_nanos)
+        })
+        .await
+    }
+
     /// Decodes a legacy `/ingest` body (already un-multiparted), off the
     /// async executor, holding its share of the in-flight budget.
     pub async fn decode_ingest(

@@ -17,7 +17,7 @@ use crate::pprof;
 pub type Target = fn(&[u8]);
 
 /// The targets, by corpus directory name.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("pprof", pprof_profile),
     ("push_proto", push_proto),
     ("push_json", push_json),
@@ -25,6 +25,8 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("ingest_query", ingest_query),
     ("selector", selector),
     ("ingest_multipart", ingest_multipart),
+    ("otlp_proto", otlp_proto),
+    ("otlp_json", otlp_json),
 ];
 
 const NOW: i64 = 1_800_000_000_000_000_000;
@@ -76,6 +78,24 @@ fn push(data: &[u8], json: bool) {
     let l = limits();
     let gzip = data.starts_with(&[0x1f, 0x8b]);
     if let Ok(profiles) = decode::push_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
+        check_bounds(&profiles, &l.defaults);
+    }
+}
+
+/// An OTLP profiles export body (protobuf).
+pub fn otlp_proto(data: &[u8]) {
+    otlp(data, false)
+}
+
+/// An OTLP profiles export body in proto3 JSON.
+pub fn otlp_json(data: &[u8]) {
+    otlp(data, true)
+}
+
+fn otlp(data: &[u8], json: bool) {
+    let l = limits();
+    let gzip = data.starts_with(&[0x1f, 0x8b]);
+    if let Ok(profiles) = decode::otlp_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
         check_bounds(&profiles, &l.defaults);
     }
 }

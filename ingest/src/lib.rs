@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod legacy;
 pub mod limits;
 pub mod normalise;
+pub mod otlp;
 pub mod pprof;
 pub mod push;
 pub mod segment;
