@@ -98,4 +98,12 @@ for name, body in {
     "bad-index.json": b'{"resourceProfiles":[{"scopeProfiles":[{"profiles":[{"samples":[{"stackIndex":7}]}]}]}],"dictionary":{}}',
 }.items():
     put("otlp_json", name, body)
+jfr = gzip.decompress((FIXTURES / "jfr" / "kafka-cpu.jfr.gz").read_bytes())
+for name, body in {
+    "kafka-cpu.jfr.gz": (FIXTURES / "jfr" / "kafka-cpu.jfr.gz").read_bytes(),
+    "header": jfr[:68],
+    "half": jfr[: len(jfr) // 2],
+    "two-chunks": jfr + jfr,
+}.items():
+    put("ingest_jfr", name, body)
 print("corpus:", {d.name: len(list(d.iterdir())) for d in sorted(CORPUS.iterdir())})

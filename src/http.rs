@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use ember_engine::Authenticator;
 use ember_ingest::distributor::{BodyEncoding, Distributor};
-use ember_ingest::legacy::{multipart_profile, Format, IngestParams};
+use ember_ingest::legacy::{multipart_fields, multipart_profile, Format, IngestParams};
 use ember_ingest::IngestError;
 use ember_sql::QueryEngine;
 use prometheus_client::registry::Registry;
@@ -384,7 +384,27 @@ async fn ingest_inner(
         .to_string();
     let body = read_body(body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(body.len() as u64);
-    let (format, body) = if content_type.starts_with("multipart/form-data") {
+    let multipart = content_type.starts_with("multipart/form-data");
+    if query.get("format").is_some_and(|f| f == "jfr") {
+        // pyroscope-java: the recording alone, or multipart with its
+        // context labels beside it.
+        let (recording, labels) = if multipart {
+            let mut parts = multipart_fields(&content_type, body, &["jfr", "labels"]).await?;
+            let recording = parts.remove("jfr").ok_or_else(|| {
+                IngestError::Invalid("multipart body has no \"jfr\" field".into())
+            })?;
+            (recording, parts.remove("labels"))
+        } else {
+            (body, None)
+        };
+        let (profiles, _inflight) = state
+            .distributor
+            .decode_jfr(params, recording, labels, &tenant, now_nanos())
+            .await?;
+        state.metrics.profiles.inc_by(profiles.len() as u64);
+        return state.distributor.push(profiles).await;
+    }
+    let (format, body) = if multipart {
         (Format::Pprof, multipart_profile(&content_type, body).await?)
     } else {
         let format = Format::parse(query.get("format").map(String::as_str).or(

@@ -93,6 +93,60 @@ fn push_request(
     Ok(out)
 }
 
+/// Normalised profiles of a JFR recording and its optional context labels
+/// (`LabelsSnapshot`), each gzipped or not.
+pub fn jfr_body(
+    limits_all: &Limits,
+    params: &IngestParams,
+    recording: &[u8],
+    labels: Option<&[u8]>,
+    tenant: &str,
+    now_nanos: i64,
+) -> Result<Vec<Profile>, IngestError> {
+    let limits = limits_all.for_tenant(tenant);
+    let max = match limits.max_profile_size_bytes {
+        0 => limits_all.max_decompressed_bytes,
+        n => n.min(limits_all.max_decompressed_bytes),
+    };
+    let recording = pprof::maybe_gunzip(recording, max, "JFR recording")?;
+    if recording.len() > max {
+        return Err(IngestError::TooLarge {
+            size: recording.len(),
+            limit: max,
+        });
+    }
+    let snapshot = match labels {
+        Some(b) => {
+            let b = pprof::maybe_gunzip(b, max, "JFR labels")?;
+            <crate::jfr::LabelsSnapshot as prost::Message>::decode(&b[..]).map_err(|e| {
+                IngestError::Decode {
+                    what: "JFR labels",
+                    reason: e.to_string(),
+                }
+            })?
+        }
+        None => Default::default(),
+    };
+    // Pyroscope's period: a CPU or wall sample is worth 1/sampleRate s.
+    let period = 1_000_000_000 / i64::from(params.sample_rate.unwrap_or(100));
+    let read = crate::jfr::read(&recording, period)?;
+    let time_nanos = params.from_nanos.unwrap_or(now_nanos);
+    let duration_nanos = match (params.from_nanos, params.until_nanos) {
+        (Some(from), Some(until)) if until > from => until - from,
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    for (metric, mut profile) in read.profiles {
+        crate::jfr::label_samples(&mut profile, &snapshot);
+        profile.time_nanos = time_nanos;
+        profile.duration_nanos = duration_nanos;
+        let dest = params.jfr_destination(tenant, now_nanos, metric, &read.event, &limits)?;
+        out.extend(normalise(&profile, &dest)?);
+    }
+    check_times(&out, &limits, now_nanos)?;
+    Ok(out)
+}
+
 /// Normalised profiles of an OTLP profiles export body.
 pub fn otlp_body(
     limits: &Limits,
@@ -134,6 +188,7 @@ pub fn ingest_body(
             }
             profiles
         }
+        Format::Jfr => jfr_body(limits_all, params, &body, None, tenant, now_nanos)?,
         Format::Folded | Format::Lines => {
             let dest = params.destination(tenant, now_nanos, true, &limits)?;
             legacy::parse_folded(&body, format, params, &dest)?

@@ -82,6 +82,32 @@ impl Distributor {
         .await
     }
 
+    /// Decodes a JFR recording and its optional context labels, off the
+    /// async executor, holding their share of the in-flight budget.
+    pub async fn decode_jfr(
+        self: &Arc<Self>,
+        params: IngestParams,
+        recording: Bytes,
+        labels: Option<Bytes>,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        let this = self.clone();
+        let tenant = tenant.to_string();
+        let size = recording.len() + labels.as_ref().map_or(0, |l| l.len());
+        self.decode_off_executor(size, move || {
+            decode::jfr_body(
+                &this.limits,
+                &params,
+                &recording,
+                labels.as_deref(),
+                &tenant,
+                now_nanos,
+            )
+        })
+        .await
+    }
+
     /// Decodes an OTLP profiles export body, off the async executor,
     /// holding its share of the in-flight budget.
     pub async fn decode_otlp(

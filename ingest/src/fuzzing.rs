@@ -17,7 +17,7 @@ use crate::pprof;
 pub type Target = fn(&[u8]);
 
 /// The targets, by corpus directory name.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("pprof", pprof_profile),
     ("push_proto", push_proto),
     ("push_json", push_json),
@@ -27,6 +27,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("ingest_multipart", ingest_multipart),
     ("otlp_proto", otlp_proto),
     ("otlp_json", otlp_json),
+    ("ingest_jfr", ingest_jfr),
 ];
 
 const NOW: i64 = 1_800_000_000_000_000_000;
@@ -96,6 +97,18 @@ fn otlp(data: &[u8], json: bool) {
     let l = limits();
     let gzip = data.starts_with(&[0x1f, 0x8b]);
     if let Ok(profiles) = decode::otlp_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
+        check_bounds(&profiles, &l.defaults);
+    }
+}
+
+/// A JFR recording as `/ingest?format=jfr` takes it.
+pub fn ingest_jfr(data: &[u8]) {
+    let l = limits();
+    let query = HashMap::from([("name".to_string(), "fuzz".to_string())]);
+    let Ok(params) = IngestParams::from_query(&query) else {
+        return;
+    };
+    if let Ok(profiles) = decode::jfr_body(&l, &params, data, None, "fuzz", NOW) {
         check_bounds(&profiles, &l.defaults);
     }
 }

@@ -15,6 +15,18 @@ use crate::IngestError;
 /// pprof (a `profile` part, and optionally `prev_profile` and
 /// `sample_type_config`, which Ember does not need).
 pub async fn multipart_profile(content_type: &str, body: Bytes) -> Result<Bytes, IngestError> {
+    multipart_fields(content_type, body, &["profile"])
+        .await?
+        .remove("profile")
+        .ok_or_else(|| IngestError::Invalid("multipart body has no \"profile\" field".into()))
+}
+
+/// The named fields of a multipart body; other fields are skipped.
+pub async fn multipart_fields(
+    content_type: &str,
+    body: Bytes,
+    wanted: &[&str],
+) -> Result<HashMap<String, Bytes>, IngestError> {
     let bad = |reason: String| IngestError::Decode {
         what: "multipart body",
         reason,
@@ -28,18 +40,22 @@ pub async fn multipart_profile(content_type: &str, body: Bytes) -> Result<Bytes,
     );
     let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
     let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
+    let mut out = HashMap::new();
     while let Some(field) = multipart
         .next_field()
         .await
         .map_err(|e| bad(e.to_string()))?
     {
-        if field.name() == Some("profile") {
-            return field.bytes().await.map_err(|e| bad(e.to_string()));
-        }
+        let Some(name) = field
+            .name()
+            .filter(|n| wanted.contains(n))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        out.insert(name, field.bytes().await.map_err(|e| bad(e.to_string()))?);
     }
-    Err(IngestError::Invalid(
-        "multipart body has no \"profile\" field".into(),
-    ))
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +65,8 @@ pub enum Format {
     Folded,
     /// One stack per line, `a;b;c`, each worth 1.
     Lines,
+    /// A Java Flight Recorder recording (`crate::jfr`).
+    Jfr,
 }
 
 impl Format {
@@ -57,8 +75,9 @@ impl Format {
             "pprof" => Ok(Format::Pprof),
             "folded" | "" => Ok(Format::Folded),
             "lines" => Ok(Format::Lines),
+            "jfr" => Ok(Format::Jfr),
             other => Err(IngestError::Unsupported(format!(
-                "format {other:?}: use pprof, folded or lines"
+                "format {other:?}: use pprof, jfr, folded or lines"
             ))),
         }
     }
@@ -67,6 +86,8 @@ impl Format {
 /// What the query string of `/ingest` says.
 #[derive(Debug, Clone)]
 pub struct IngestParams {
+    /// The application name as given, before any `{tags}`.
+    pub app: String,
     pub service: String,
     /// The part after the last '.' of the app name: `cpu`, `alloc_objects`...
     pub kind: String,
@@ -75,6 +96,7 @@ pub struct IngestParams {
     pub until_nanos: Option<i64>,
     pub sample_rate: Option<u32>,
     pub units: Option<String>,
+    pub spy_name: Option<String>,
 }
 
 impl IngestParams {
@@ -107,6 +129,7 @@ impl IngestParams {
             })
             .transpose()?;
         Ok(Self {
+            app: app.to_string(),
             service,
             kind,
             tags,
@@ -114,6 +137,7 @@ impl IngestParams {
             until_nanos: time("until")?,
             sample_rate,
             units: q.get("units").cloned().filter(|u| !u.is_empty()),
+            spy_name: q.get("spyName").cloned().filter(|u| !u.is_empty()),
         })
     }
 
@@ -131,6 +155,45 @@ impl IngestParams {
         if with_name {
             labels.push((METRIC_NAME.into(), self.metric_name().into()));
         }
+        Ok(Destination {
+            tenant: tenant.to_string(),
+            labels: validate_labels(labels)?,
+            received_at_nanos,
+            limits: *limits,
+        })
+    }
+
+    /// Series labels of one profile of a JFR recording, as Pyroscope sets
+    /// them: the whole application name is the service (or `app_name` when
+    /// the tags name a service), the agent, the profiler's event and the
+    /// profile's `__name__`.
+    pub fn jfr_destination(
+        &self,
+        tenant: &str,
+        received_at_nanos: i64,
+        metric: &str,
+        event: &str,
+        limits: &ProfileLimits,
+    ) -> Result<Destination, IngestError> {
+        let mut labels: Labels = self
+            .tags
+            .iter()
+            .filter(|(k, _)| !k.starts_with("__") || k == "__session_id__")
+            .cloned()
+            .collect();
+        let app_label = if labels.iter().any(|(k, _)| k == SERVICE_NAME) {
+            "app_name"
+        } else {
+            SERVICE_NAME
+        };
+        labels.retain(|(k, _)| k != app_label);
+        labels.push((app_label.into(), self.app.clone()));
+        let spy = self.spy_name.as_deref().unwrap_or("unknown");
+        labels.push(("pyroscope_spy".into(), spy.into()));
+        if !event.is_empty() {
+            labels.push(("jfr_event".into(), event.into()));
+        }
+        labels.push((METRIC_NAME.into(), metric.into()));
         Ok(Destination {
             tenant: tenant.to_string(),
             labels: validate_labels(labels)?,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod jfr;
 pub mod legacy;
 pub mod limits;
 pub mod normalise;
