@@ -125,7 +125,8 @@ fn write_json_lines(out: &mut impl Write, batches: &[RecordBatch]) -> anyhow::Re
 #[derive(clap::Args, Debug)]
 pub struct IngestArgs {
     /// Profile files, or directories of them: pprof (`.pb.gz`, `.pprof`,
-    /// `.pb`) or folded stacks (`.folded`, `.txt`: `a;b;c 42` per line).
+    /// `.pb`), JFR recordings (`.jfr`, `.jfr.gz`) or folded stacks
+    /// (`.folded`, `.txt`: `a;b;c 42` per line).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     /// The service the profiles belong to (its `service_name`).
@@ -152,6 +153,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum FileKind {
     Pprof,
+    Jfr,
     Folded,
 }
 
@@ -162,6 +164,8 @@ fn kind_of(path: &Path) -> Option<FileKind> {
         .any(|e| name.ends_with(e))
     {
         Some(FileKind::Pprof)
+    } else if name.ends_with(".jfr") || name.ends_with(".jfr.gz") {
+        Some(FileKind::Jfr)
     } else if [".folded", ".txt", ".collapsed"]
         .iter()
         .any(|e| name.ends_with(e))
@@ -215,7 +219,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     } = files_of(&args.paths)?;
     for path in &skipped {
         eprintln!(
-            "skipped {} (not .pb.gz, .pprof, .pb, .folded or .txt)",
+            "skipped {} (not .pb.gz, .pprof, .pb, .jfr, .jfr.gz, .folded or .txt)",
             path.display()
         );
     }
@@ -231,7 +235,8 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let size = data.len() as u64;
         let result = match kind {
             FileKind::Pprof => push_pprof(&client, base, &args, data).await,
-            FileKind::Folded => push_folded(&client, base, &args, data).await,
+            FileKind::Jfr => push_legacy(&client, base, &args, "jfr", data).await,
+            FileKind::Folded => push_legacy(&client, base, &args, "folded", data).await,
         };
         match result {
             Ok(()) => {
@@ -293,10 +298,12 @@ async fn push_pprof(
     refused_unless_ok(status, &reply)
 }
 
-async fn push_folded(
+/// A push to `/ingest` (folded stacks, JFR), labels in the name.
+async fn push_legacy(
     client: &Client,
     base: &str,
     args: &IngestArgs,
+    format: &str,
     data: Vec<u8>,
 ) -> anyhow::Result<()> {
     let tags: Vec<String> = args
@@ -305,9 +312,13 @@ async fn push_folded(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let name = format!("{}{{{}}}", args.service, tags.join(","));
-    let url = format!("{base}/ingest?format=folded&name={}", url_escape(&name));
+    let url = format!("{base}/ingest?format={format}&name={}", url_escape(&name));
+    let content_type = match format {
+        "folded" => "text/plain",
+        _ => "application/octet-stream",
+    };
     let (status, reply) = client
-        .post(&url, &args.tenant, "text/plain", Bytes::from(data))
+        .post(&url, &args.tenant, content_type, Bytes::from(data))
         .await?;
     refused_unless_ok(status, &reply)
 }
@@ -598,6 +609,7 @@ mod tests {
     fn files_and_selectors_read_as_a_user_writes_them() {
         assert_eq!(kind_of(Path::new("a/cpu.pb.gz")), Some(FileKind::Pprof));
         assert_eq!(kind_of(Path::new("x.folded")), Some(FileKind::Folded));
+        assert_eq!(kind_of(Path::new("app.JFR.gz")), Some(FileKind::Jfr));
         assert_eq!(kind_of(Path::new("notes.md")), None);
         assert_eq!(
             selector_with_service("{env=\"prod\"}", Some("api")).unwrap(),

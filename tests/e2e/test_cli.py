@@ -73,3 +73,14 @@ def test_ingest_reports_refused_files_and_fails(ember, tmp_path):
     assert "refused" in out.stderr and "broken.pb.gz" in out.stderr and "HTTP 400" in out.stderr
     out = ember_cli(ember, "ingest", "--service", "api", "--label", "oops", str(bad), check=False)
     assert out.returncode != 0 and "key=value" in out.stderr
+
+
+def test_ingest_pushes_jfr_recordings(ember, tmp_path):
+    jfr = tmp_path / "kafka-cpu.jfr.gz"
+    shutil.copy(FIXTURES / "jfr" / "kafka-cpu.jfr.gz", jfr)
+    out = ember_cli(ember, "ingest", "--service", "kafka", "--label", "env=ci", str(jfr))
+    assert "pushed 1 of 1 files" in out.stderr
+    want = folded(load_pprof((FIXTURES / "jfr" / "kafka-cpu.expected.process_cpu.pb.gz").read_bytes()), 0)
+    total, stacks, _ = flame_stacks(ember.sql(
+        f"SELECT * FROM flamegraph('{CPU}', '{{service_name=\"kafka\", env=\"ci\"}}', 0, {FAR})", tenant="cli"))
+    assert stacks == want and total == sum(want.values())
