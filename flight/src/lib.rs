@@ -2,6 +2,9 @@
 //! `x-scope-orgid` metadata of every call (`anonymous` when absent); a
 //! ticket carries only the statement, so a tenant is never taken from one.
 
+mod cancel;
+mod xdbc;
+
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -12,16 +15,18 @@ use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
-    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
-    TicketStatementQuery,
+    ActionCancelQueryRequest, ActionCancelQueryResult, ActionClosePreparedStatementRequest,
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any, Command,
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, CommandGetXdbcTypeInfo, CommandPreparedStatementQuery, CommandStatementQuery,
+    DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
-    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
-    IpcMessage, SchemaAsIpc, Ticket,
+    Action, ActionType, CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus,
+    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
+    SchemaAsIpc, Ticket,
 };
+use cancel::{until_cancelled, Cancellations};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
@@ -46,11 +51,31 @@ const SYSTEM_TABLE: &str = "SYSTEM TABLE";
 pub struct EmberFlightSql {
     engine: Arc<QueryEngine>,
     auth: Arc<Authenticator>,
+    cancellations: Arc<Cancellations>,
 }
 
+const CANCEL_FLIGHT_INFO: &str = "CancelFlightInfo";
+
 impl EmberFlightSql {
+    /// Cancels the queries of a FlightInfo's tickets.
+    fn cancel(&self, tenant: &str, info: &FlightInfo) -> CancelStatus {
+        let ids = query_ids(info);
+        for id in &ids {
+            self.cancellations.cancel(tenant, id);
+        }
+        if ids.is_empty() {
+            CancelStatus::NotCancellable
+        } else {
+            CancelStatus::Cancelled
+        }
+    }
+
     pub fn new(engine: Arc<QueryEngine>, auth: Arc<Authenticator>) -> Self {
-        Self { engine, auth }
+        Self {
+            engine,
+            auth,
+            cancellations: Arc::default(),
+        }
     }
 
     /// The call's tenant: from its bearer token when authentication is on,
@@ -122,7 +147,7 @@ fn sql_info() -> &'static SqlInfoData {
         b.append(SqlInfo::FlightSqlServerSubstrait, false);
         // SqlSupportedTransaction::None.
         b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
-        b.append(SqlInfo::FlightSqlServerCancel, false);
+        b.append(SqlInfo::FlightSqlServerCancel, true);
         b.append(SqlInfo::FlightSqlServerStatementTimeout, 0i32);
         b.append(SqlInfo::FlightSqlServerTransactionTimeout, 0i32);
         b.append(SqlInfo::SqlDdlCatalog, false);
@@ -205,6 +230,51 @@ struct PreparedHandle {
     sql: String,
     #[prost(bytes = "vec", tag = "2")]
     parameters: Vec<u8>,
+    /// Set in the handle of each FlightInfo: what cancelling it names.
+    #[prost(string, tag = "3")]
+    query_id: String,
+}
+
+/// A statement's ticket: its SQL and the query id that cancels it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StatementHandle {
+    #[prost(string, tag = "1")]
+    sql: String,
+    #[prost(string, tag = "2")]
+    query_id: String,
+}
+
+impl StatementHandle {
+    fn decode_from(handle: &[u8]) -> Result<Self, Status> {
+        Self::decode(handle).map_err(|e| Status::invalid_argument(format!("statement handle: {e}")))
+    }
+}
+
+/// A fresh id for a query's ticket.
+fn query_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// The query ids a FlightInfo's tickets carry.
+fn query_ids(info: &FlightInfo) -> Vec<String> {
+    info.endpoint
+        .iter()
+        .filter_map(|e| e.ticket.as_ref())
+        .filter_map(|t| Any::decode(&*t.ticket).ok())
+        .filter_map(|any| Command::try_from(any).ok())
+        .filter_map(|command| match command {
+            Command::TicketStatementQuery(t) => StatementHandle::decode(&*t.statement_handle)
+                .ok()
+                .map(|h| h.query_id),
+            Command::CommandPreparedStatementQuery(c) => {
+                PreparedHandle::decode(&*c.prepared_statement_handle)
+                    .ok()
+                    .map(|h| h.query_id)
+            }
+            _ => None,
+        })
+        .filter(|id| !id.is_empty())
+        .collect()
 }
 
 impl PreparedHandle {
@@ -325,7 +395,9 @@ impl EmberFlightSql {
         settings: &Settings,
         sql: &str,
         params: Vec<ScalarValue>,
+        query_id: &str,
     ) -> Result<Response<BoxStream<arrow_flight::FlightData>>, Status> {
+        let running = self.cancellations.start(tenant, query_id)?;
         let started = std::time::Instant::now();
         let stream = self
             .engine
@@ -344,7 +416,7 @@ impl EmberFlightSql {
             .with_schema(schema)
             .build(batches)
             .map_err(Status::from);
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(Box::pin(until_cancelled(out, running))))
     }
 }
 
@@ -352,11 +424,6 @@ impl EmberFlightSql {
 fn settings<T>(req: &Request<T>) -> Result<Settings, Status> {
     Settings::from_headers(|name| req.metadata().get(name).and_then(|v| v.to_str().ok()))
         .map_err(Status::invalid_argument)
-}
-
-fn handle_sql(handle: &[u8]) -> Result<&str, Status> {
-    std::str::from_utf8(handle)
-        .map_err(|_| Status::invalid_argument("statement handle is not UTF-8"))
 }
 
 #[tonic::async_trait]
@@ -401,8 +468,12 @@ impl FlightSqlService for EmberFlightSql {
         let schema = self
             .statement_schema(&tenant, &settings(&request)?, &query.query)
             .await?;
+        let handle = StatementHandle {
+            sql: query.query,
+            query_id: query_id(),
+        };
         let ticket = TicketStatementQuery {
-            statement_handle: query.query.into_bytes().into(),
+            statement_handle: handle.encode_to_vec().into(),
         };
         Ok(Response::new(flight_info(
             &schema,
@@ -417,11 +488,13 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
+        let handle = StatementHandle::decode_from(&ticket.statement_handle)?;
         self.run(
             &tenant,
             &settings(&request)?,
-            handle_sql(&ticket.statement_handle)?,
+            &handle.sql,
             Vec::new(),
+            &handle.query_id,
         )
         .await
     }
@@ -448,6 +521,7 @@ impl FlightSqlService for EmberFlightSql {
         let handle = PreparedHandle {
             sql: query.query,
             parameters: Vec::new(),
+            query_id: String::new(),
         };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.encode_to_vec().into(),
@@ -471,12 +545,16 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
-        let handle = PreparedHandle::decode_from(&cmd.prepared_statement_handle)?;
+        let mut handle = PreparedHandle::decode_from(&cmd.prepared_statement_handle)?;
         let df = self
             .engine
             .plan_with_params(&tenant, &handle.sql, &settings(&request)?, handle.params()?)
             .await
             .map_err(status)?;
+        handle.query_id = query_id();
+        let cmd = CommandPreparedStatementQuery {
+            prepared_statement_handle: handle.encode_to_vec().into(),
+        };
         Ok(Response::new(flight_info(
             df.schema().as_arrow(),
             cmd,
@@ -492,8 +570,14 @@ impl FlightSqlService for EmberFlightSql {
         let tenant = self.tenant(&request)?;
         let handle = PreparedHandle::decode_from(&query.prepared_statement_handle)?;
         let params = handle.params()?;
-        self.run(&tenant, &settings(&request)?, &handle.sql, params)
-            .await
+        self.run(
+            &tenant,
+            &settings(&request)?,
+            &handle.sql,
+            params,
+            &handle.query_id,
+        )
+        .await
     }
 
     /// Binds parameters (one row) to a prepared statement: the answer is a
@@ -532,9 +616,89 @@ impl FlightSqlService for EmberFlightSql {
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
         handle.parameters = ipc;
+        handle.query_id.clear();
         Ok(DoPutPreparedStatementResult {
             prepared_statement_handle: Some(handle.encode_to_vec().into()),
         })
+    }
+
+    async fn get_flight_info_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.tenant(&request)?;
+        let schema = query.into_builder(xdbc::types()?).schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            query,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_xdbc_type_info(
+        &self,
+        query: CommandGetXdbcTypeInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.tenant(&request)?;
+        let builder = query.into_builder(xdbc::types()?);
+        let schema = builder.schema();
+        Ok(Response::new(batch_stream(
+            schema,
+            builder.build(),
+        )))
+    }
+
+    /// `CancelQuery`, the older form of `CancelFlightInfo`.
+    async fn do_action_cancel_query(
+        &self,
+        query: ActionCancelQueryRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCancelQueryResult, Status> {
+        let tenant = self.tenant(&request)?;
+        let info = FlightInfo::decode(query.info)
+            .map_err(|e| Status::invalid_argument(format!("CancelQuery info: {e}")))?;
+        // `ActionCancelQueryResult.CancelResult` (not exported by arrow-flight).
+        const CANCELLED: i32 = 1;
+        const NOT_CANCELLABLE: i32 = 3;
+        let result = match self.cancel(&tenant, &info) {
+            CancelStatus::Cancelled => CANCELLED,
+            _ => NOT_CANCELLABLE,
+        };
+        Ok(ActionCancelQueryResult { result })
+    }
+
+    /// `CancelFlightInfo` (a Flight action, not a Flight SQL command).
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        if request.get_ref().r#type != CANCEL_FLIGHT_INFO {
+            return Err(Status::invalid_argument(format!(
+                "unknown action {:?}",
+                request.get_ref().r#type
+            )));
+        }
+        let tenant = self.tenant(&request)?;
+        let info = CancelFlightInfoRequest::decode(request.into_inner().body)
+            .map_err(|e| Status::invalid_argument(format!("CancelFlightInfo request: {e}")))?
+            .info
+            .ok_or_else(|| Status::invalid_argument("CancelFlightInfo without a FlightInfo"))?;
+        let result = CancelFlightInfoResult::new(self.cancel(&tenant, &info));
+        let body = arrow_flight::Result {
+            body: result.encode_to_vec().into(),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(body)]))))
+    }
+
+    async fn list_custom_actions(&self) -> Option<Vec<Result<ActionType, Status>>> {
+        Some(vec![Ok(ActionType {
+            r#type: CANCEL_FLIGHT_INFO.into(),
+            description:
+                "Cancel the query of a FlightInfo: it stops, or is refused if not fetched yet"
+                    .into(),
+        })])
     }
 
     async fn get_flight_info_sql_info(

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.flight as pf
 
 from conftest import FIXTURES
-from wire import _bytes_field, _key, _varint, flight_sql_command
+from wire import _bytes_field, _key, _varint, fields, flight_sql_command
 
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
 
@@ -87,3 +87,63 @@ def test_prepared_statements_take_bound_parameters(ember):
                 want = cur.fetch_arrow_table().to_pylist()
                 assert got == want
                 assert (got[0]["n"] > 0) == (service != "none")
+
+
+def test_xdbc_type_info_lists_types_that_sql_takes(ember):
+    table = fetch(ember, command("CommandGetXdbcTypeInfo"))
+    names = table.column("type_name").to_pylist()
+    assert {"BOOLEAN", "BIGINT", "DOUBLE", "VARCHAR", "TIMESTAMP", "DATE"} <= set(names)
+    # Filtered by data type (BIGINT is -5 in the XDBC numbering).
+    only = fetch(ember, command("CommandGetXdbcTypeInfo", _key(1, 0) + _varint(-5 & (2**64 - 1))))
+    assert only.column("type_name").to_pylist() == ["BIGINT"]
+    # Every listed type is one the SQL dialect casts to.
+    for name in names:
+        if name != "INTERVAL":
+            assert ember.sql(f"SELECT CAST(NULL AS {name}) AS x", tenant="t").num_rows == 1, name
+
+
+def cancel(client, info, options):
+    """CancelFlightInfo with the FlightInfo: the CancelStatus number."""
+    body = _bytes_field(1, info.serialize())
+    [result] = list(client.do_action(pf.Action("CancelFlightInfo", body), options))
+    return dict((n, v) for n, _, v in fields(result.body.to_pybytes())).get(1, 0)
+
+
+def test_cancel_flight_info_stops_a_query_and_refuses_its_ticket(ember):
+    import time
+    client = pf.FlightClient(ember.flight)
+    options = pf.FlightCallOptions(headers=[(b"x-scope-orgid", b"t")])
+    other = pf.FlightCallOptions(headers=[(b"x-scope-orgid", b"u")])
+
+    def info_of(sql):
+        return client.get_flight_info(pf.FlightDescriptor.for_command(flight_sql_command(sql)), options)
+
+    # Cancelled before it is fetched: its ticket is refused; another
+    # FlightInfo of the same SQL is a query of its own, and answers.
+    info = info_of("SELECT 1 AS x")
+    assert cancel(client, info, options) == 1  # CANCEL_STATUS_CANCELLED
+    try:
+        client.do_get(info.endpoints[0].ticket, options).read_all()
+        raise AssertionError("a cancelled ticket was served")
+    except pf.FlightCancelledError:
+        pass
+    assert client.do_get(info_of("SELECT 1 AS x").endpoints[0].ticket, options).read_all().num_rows == 1
+
+    # Cancelled while it streams: the stream ends with CANCELLED. Another
+    # tenant's cancel of the same FlightInfo changes nothing.
+    info = info_of("SELECT * FROM generate_series(1, 100000000000)")
+    reader = client.do_get(info.endpoints[0].ticket, options)
+    reader.read_chunk()
+    cancel(client, info, other)
+    for _ in range(20):
+        reader.read_chunk()
+    assert cancel(client, info, options) == 1
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            reader.read_chunk()
+        raise AssertionError("the cancelled query kept streaming")
+    except pf.FlightCancelledError:
+        pass
+    # The server goes on answering.
+    assert ember.sql("SELECT 2 AS y", tenant="t").column("y").to_pylist() == [2]
