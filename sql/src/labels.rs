@@ -72,35 +72,117 @@ impl QueryEngine {
     }
 }
 
-fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
+/// One series under one of its dataset's profile types: its own labels and
+/// those Pyroscope derives from the type, read without building the set
+/// (a label call over 100 k series would otherwise allocate a million
+/// strings to answer with a few).
+struct Typed<'a> {
+    labels: &'a Labels,
+    profile_type: &'a str,
+    /// `name:sample_type:sample_unit:period_type:period_unit`.
+    parts: Option<[&'a str; 5]>,
+}
+
+/// The labels derived from a profile type's parts 1 to 4.
+const DERIVED: [&str; 4] = ["__type__", "__unit__", "__period_type__", "__period_unit__"];
+
+impl<'a> Typed<'a> {
+    fn new(labels: &'a Labels, profile_type: &'a str) -> Self {
+        let parts: Vec<&str> = profile_type.split(':').collect();
+        Typed {
+            labels,
+            profile_type,
+            parts: parts.try_into().ok(),
+        }
+    }
+
+    /// A label's value, as `with_profile_type` would set it: the type's
+    /// labels win over the series' own, except `__name__`.
+    fn get(&self, name: &str) -> Option<&'a str> {
+        if name == PROFILE_TYPE {
+            return Some(self.profile_type);
+        }
+        if let Some(parts) = self.parts {
+            if let Some(i) = DERIVED.iter().position(|d| *d == name) {
+                return Some(parts[i + 1]);
+            }
+            if name == METRIC_NAME {
+                return self.own(name).or(Some(parts[0]));
+            }
+        }
+        self.own(name)
+    }
+
+    fn own(&self, name: &str) -> Option<&'a str> {
+        self.labels
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn matches(&self, selectors: &[Selector]) -> bool {
+        selectors.is_empty()
+            || selectors
+                .iter()
+                .any(|s| s.matchers.iter().all(|m| m.matches(self.get(&m.name))))
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        let derived: &[&str] = if self.parts.is_some() {
+            &[METRIC_NAME, DERIVED[0], DERIVED[1], DERIVED[2], DERIVED[3]]
+        } else {
+            &[]
+        };
+        self.labels
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .chain([PROFILE_TYPE])
+            .chain(derived.iter().copied())
+    }
+}
+
+/// Calls `f` with each series of the range under each profile type of its
+/// dataset that the query's selectors match.
+fn each_matching(metastore: &Metastore, q: &LabelQuery, mut f: impl FnMut(&Typed)) {
     let datasets = metastore.query(&BlockQuery {
         tenant: q.tenant.clone(),
         start: q.start,
         end: q.end,
         ..BlockQuery::default()
     });
-    let mut out: BTreeSet<Labels> = BTreeSet::new();
     for d in &datasets {
         for series in &d.dataset.series {
             let Some(labels) = parse_series(series) else {
                 continue;
             };
             for ty in &d.dataset.profile_types {
-                let labels = with_profile_type(labels.clone(), ty);
-                if q.selectors.is_empty() || q.selectors.iter().any(|s| s.matches(&labels)) {
-                    out.insert(labels);
+                let typed = Typed::new(&labels, ty);
+                if typed.matches(&q.selectors) {
+                    f(&typed);
                 }
             }
         }
     }
+}
+
+fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
+    let mut out: BTreeSet<Labels> = BTreeSet::new();
+    each_matching(metastore, q, |t| {
+        out.insert(with_profile_type(t.labels.clone(), t.profile_type));
+    });
     out.into_iter().collect()
 }
 
 fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
-    let names: BTreeSet<String> = series_labels(metastore, q)
-        .into_iter()
-        .flat_map(|labels| labels.into_iter().map(|(name, _)| name))
-        .collect();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    each_matching(metastore, q, |t| {
+        for name in t.names() {
+            if !names.contains(name) {
+                names.insert(name.to_string());
+            }
+        }
+    });
     names.into_iter().collect()
 }
 
@@ -121,15 +203,14 @@ impl QueryEngine {
 }
 
 fn label_values(metastore: &Metastore, name: &str, q: &LabelQuery) -> Vec<String> {
-    let values: BTreeSet<String> = series_labels(metastore, q)
-        .into_iter()
-        .filter_map(|labels| {
-            labels
-                .into_iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, value)| value)
-        })
-        .collect();
+    let mut values: BTreeSet<String> = BTreeSet::new();
+    each_matching(metastore, q, |t| {
+        if let Some(v) = t.get(name) {
+            if !values.contains(v) {
+                values.insert(v.to_string());
+            }
+        }
+    });
     values.into_iter().collect()
 }
 
@@ -254,5 +335,58 @@ mod tests {
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(names, sorted, "labels stay sorted by name");
+    }
+
+    /// The lookups label calls make answer what the built label set says,
+    /// for names, values and selectors, own labels and derived ones.
+    #[test]
+    fn typed_lookups_agree_with_the_built_label_set() {
+        let series: Vec<Labels> = vec![
+            vec![
+                ("service_name".into(), "api".into()),
+                ("pod".into(), "p1".into()),
+            ],
+            vec![
+                ("__name__".into(), "custom".into()),
+                ("service_name".into(), "web".into()),
+            ],
+            vec![("__type__".into(), "mine".into()), ("a".into(), "".into())],
+        ];
+        let types = [
+            "process_cpu:cpu:nanoseconds:cpu:nanoseconds",
+            "off_cpu:off_cpu:nanoseconds::",
+            "odd",
+        ];
+        let selectors: Vec<Selector> = [
+            "{}",
+            r#"{service_name="api"}"#,
+            r#"{__name__="process_cpu"}"#,
+            r#"{__name__="custom", __period_type__=""}"#,
+            r#"{__type__=~"c.*", pod!="p2"}"#,
+            r#"{__profile_type__="odd"}"#,
+            r#"{missing=""}"#,
+        ]
+        .iter()
+        .map(|s| Selector::parse(s).unwrap())
+        .collect();
+        for labels in &series {
+            for ty in types {
+                let built = with_profile_type(labels.clone(), ty);
+                let typed = Typed::new(labels, ty);
+                let mut names: Vec<&str> = typed.names().collect();
+                names.sort();
+                names.dedup();
+                let built_names: Vec<&str> = built.iter().map(|(k, _)| k.as_str()).collect();
+                assert_eq!(names, built_names, "{labels:?} {ty}");
+                for (k, v) in &built {
+                    assert_eq!(typed.get(k), Some(v.as_str()), "{k} of {labels:?} {ty}");
+                }
+                assert_eq!(typed.get("missing"), None);
+                for s in &selectors {
+                    let one = std::slice::from_ref(s);
+                    assert_eq!(typed.matches(one), s.matches(&built), "{s:?} on {built:?}");
+                }
+            }
+        }
     }
 }
