@@ -644,10 +644,7 @@ impl FlightSqlService for EmberFlightSql {
         self.tenant(&request)?;
         let builder = query.into_builder(xdbc::types()?);
         let schema = builder.schema();
-        Ok(Response::new(batch_stream(
-            schema,
-            builder.build(),
-        )))
+        Ok(Response::new(batch_stream(schema, builder.build())))
     }
 
     /// `CancelQuery`, the older form of `CancelFlightInfo`.

@@ -215,7 +215,8 @@ fn child(exe: &Path, args: &[&str], dir: &Path) -> anyhow::Result<Vec<u8>> {
 pub fn run_all(out: &Path, specs: &[String]) -> anyhow::Result<Vec<JobMemoryRun>> {
     let exe = std::env::current_exe()?;
     let mut runs = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
+    // `--compaction-jobs ''` asks for none.
+    for (i, spec) in specs.iter().filter(|s| !s.is_empty()).enumerate() {
         tracing::info!("compaction job {spec} (samples:stacks): writing its sources");
         let dir = out.join(format!("job-memory-{i}"));
         child(&exe, &["--compaction-job-prepare", spec], &dir)?;

@@ -112,6 +112,10 @@ pub struct BenchArgs {
         default_value = "500000:10000,5000000:10000,50000000:10000,5000000:1000000"
     )]
     compaction_jobs: Vec<String>,
+    /// Only the label calls over `--label-series` series (writes
+    /// labels.md).
+    #[arg(long)]
+    labels_only: bool,
     /// Only the compaction job measurements (writes compaction_jobs.md).
     #[arg(long)]
     compaction_jobs_only: bool,
@@ -258,6 +262,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ..Report::default()
     };
 
+    if args.labels_only {
+        let runs = label_calls(&args, &mut report).await?;
+        std::fs::write(args.out.join("labels.md"), report::label_table(&runs))?;
+        info!(
+            "label calls measured: {}",
+            args.out.join("labels.md").display()
+        );
+        return Ok(());
+    }
     if args.compaction_jobs_only {
         let runs = job_memory::run_all(&args.out, &args.compaction_jobs)?;
         std::fs::write(
@@ -287,12 +300,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     let data_dir = args.out.join("data");
     std::fs::create_dir_all(&data_dir)?;
-    let server_args = vec![
-        "--shards".to_string(),
-        SHARDS.to_string(),
-        "--flush-interval-ms".to_string(),
-        FLUSH_MS.to_string(),
-    ];
+    let server_args = server_args();
     let mut server = Server::start(&data_dir, &server_args).await?;
 
     info!("lone client: {} pushes", args.lone_pushes);
@@ -453,17 +461,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     if args.label_series > 0 {
-        info!("label calls over {} series", args.label_series);
-        let dir = args.out.join("labels");
-        std::fs::create_dir_all(&dir)?;
-        let mut server = Server::start(&dir, &server_args).await?;
-        let templates = workload::load_templates(&args.fixtures)?;
-        let template = templates.first().context("no template profile")?;
-        let (runs, checks) =
-            labels::run(&mut server, template, args.label_series, args.repeats).await?;
-        server.stop()?;
-        report.label_queries = runs;
-        report.checks.extend(checks);
+        report.label_queries = label_calls(&args, &mut report).await?;
     }
 
     if args.production_series > 0 {
@@ -477,6 +475,33 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         args.out.join("report.md").display()
     );
     Ok(())
+}
+
+/// How the benchmark's servers run: 4 shards, a 500 ms flush window.
+fn server_args() -> Vec<String> {
+    vec![
+        "--shards".to_string(),
+        SHARDS.to_string(),
+        "--flush-interval-ms".to_string(),
+        FLUSH_MS.to_string(),
+    ]
+}
+
+/// The label calls over a tenant of `--label-series` series, on a server
+/// of their own.
+async fn label_calls(args: &BenchArgs, report: &mut Report) -> anyhow::Result<Vec<QueryRun>> {
+    info!("label calls over {} series", args.label_series);
+    let dir = args.out.join("labels");
+    std::fs::create_dir_all(&dir)?;
+    let server_args = server_args();
+    let mut server = Server::start(&dir, &server_args).await?;
+    let templates = workload::load_templates(&args.fixtures)?;
+    let template = templates.first().context("no template profile")?;
+    let (runs, checks) =
+        labels::run(&mut server, template, args.label_series, args.repeats).await?;
+    server.stop()?;
+    report.checks.extend(checks);
+    Ok(runs)
 }
 
 fn machine() -> String {

@@ -54,6 +54,13 @@ fn peer<'a>(
         .find(|p| p.engine == engine && p.shape == shape && p.kind == kind && p.query == query)
 }
 
+/// The label calls alone, as `--labels-only` writes them.
+pub fn label_table(runs: &[QueryRun]) -> String {
+    let mut s = String::new();
+    query_table(&mut s, runs);
+    s
+}
+
 fn query_table(s: &mut String, queries: &[QueryRun]) {
     let _ = writeln!(
         s,
