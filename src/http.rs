@@ -123,6 +123,18 @@ pub(crate) fn request_tenant(state: &AppState, headers: &HeaderMap) -> Result<St
     Ok(tenant.into_string())
 }
 
+/// Whether a push body is gzipped, as its `Content-Encoding` says.
+fn gzip_body(headers: &HeaderMap) -> Result<bool, IngestError> {
+    match header_str(headers, "content-encoding") {
+        None => Ok(false),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(false),
+        Some(e) if e.eq_ignore_ascii_case("gzip") => Ok(true),
+        Some(other) => Err(IngestError::Unsupported(format!(
+            "content encoding {other:?}"
+        ))),
+    }
+}
+
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, IngestError> {
     to_bytes(body, limit).await.map_err(|e| {
         // axum reports an over-limit body as a length-limit error.
@@ -246,15 +258,7 @@ async fn push_inner(
             "content type {content_type:?}: use application/proto or application/json"
         )));
     }
-    let gzip = match header_str(headers, "content-encoding") {
-        None | Some("identity") => false,
-        Some("gzip") => true,
-        Some(other) => {
-            return Err(IngestError::Unsupported(format!(
-                "content encoding {other:?}"
-            )))
-        }
-    };
+    let gzip = gzip_body(headers)?;
     let body = read_body(body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(body.len() as u64);
     let (profiles, _inflight) = state
@@ -311,15 +315,7 @@ async fn otlp_inner(
                 )))
             }
         };
-        let gzip = match header_str(headers, "content-encoding") {
-            None | Some("identity") => false,
-            Some(e) if e.eq_ignore_ascii_case("gzip") => true,
-            Some(other) => {
-                return Err(IngestError::Unsupported(format!(
-                    "content encoding {other:?}"
-                )))
-            }
-        };
+        let gzip = gzip_body(headers)?;
         (
             read_body(body, max_request_bytes).await?,
             BodyEncoding { json, gzip },

@@ -398,6 +398,21 @@ async fn stacktraces(
     }
 }
 
+/// Refuses the selectors Ember does not serve yet, rather than answering as
+/// if they were absent.
+fn unserved_selectors(
+    stack_trace: bool,
+    profile_ids: &[String],
+    trace_ids: &[String],
+) -> Result<(), ApiError> {
+    if stack_trace || !profile_ids.is_empty() || !trace_ids.is_empty() {
+        return Err(unimplemented(
+            "stack trace, profile id and trace id selectors are not served yet",
+        ));
+    }
+    Ok(())
+}
+
 /// The request's flame graph as the SQL frame (depth first): `flamegraph()`,
 /// or `span_flamegraph()` when the request selects spans.
 async fn flame_graph_frame(
@@ -406,14 +421,11 @@ async fn flame_graph_frame(
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
 ) -> Result<Vec<RecordBatch>, ApiError> {
-    if req.stack_trace_selector.is_some()
-        || !req.profile_id_selector.is_empty()
-        || !req.trace_id_selector.is_empty()
-    {
-        return Err(unimplemented(
-            "stack trace, profile id and trace id selectors are not served yet",
-        ));
-    }
+    unserved_selectors(
+        req.stack_trace_selector.is_some(),
+        &req.profile_id_selector,
+        &req.trace_id_selector,
+    )?;
     let max_nodes = max_nodes(req.max_nodes)?;
     let (start, end) = time_range_ms(req.start, req.end);
     let profile_type = quoted(&req.profile_type_id);
@@ -505,14 +517,11 @@ async fn select_merge_profile(
     settings: &Settings,
     req: &SelectMergeProfileRequest,
 ) -> Result<Vec<u8>, ApiError> {
-    if req.stack_trace_selector.is_some()
-        || !req.profile_id_selector.is_empty()
-        || !req.trace_id_selector.is_empty()
-    {
-        return Err(unimplemented(
-            "stack trace, profile id and trace id selectors are not served yet",
-        ));
-    }
+    unserved_selectors(
+        req.stack_trace_selector.is_some(),
+        &req.profile_id_selector,
+        &req.trace_id_selector,
+    )?;
     let max_nodes = max_nodes(req.max_nodes)?;
     let (start, end) = time_range_ms(req.start, req.end);
     let sql = format!(
