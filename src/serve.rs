@@ -203,6 +203,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             compaction,
             store.clone(),
             client,
+            Some(metastore.activity()),
             workers,
             &mut registry,
         )?;
@@ -347,7 +348,7 @@ async fn serve_compaction_worker(args: ServeArgs) -> anyhow::Result<()> {
         workers > 0,
         "--compaction-workers 0 leaves this process nothing to do"
     );
-    start_workers(&args, config, store, client, workers, &mut registry)?;
+    start_workers(&args, config, store, client, None, workers, &mut registry)?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -435,10 +436,14 @@ fn start_workers(
     config: CompactionConfig,
     store: Arc<dyn ObjectStore>,
     metastore: Arc<dyn MetastoreClient>,
+    activity: Option<tokio::sync::watch::Receiver<u64>>,
     workers: usize,
     registry: &mut Registry,
 ) -> anyhow::Result<()> {
     let mut compactor = Compactor::new(store, metastore, config)?;
+    if let Some(activity) = activity {
+        compactor = compactor.with_wake(activity);
+    }
     if let Some(step) = &args.compaction_crash_at {
         let at = CompactionStep::parse(step)
             .ok_or_else(|| anyhow::anyhow!("--compaction-crash-at: unknown step {step:?}"))?;

@@ -473,6 +473,10 @@ pub struct Metastore {
     /// Serialises commands, so that the check for blocks already indexed
     /// and the write that follows are one step.
     apply_lock: std::sync::Mutex<()>,
+    /// Counts the commands that can make work for the planner or the
+    /// workers (blocks added, jobs planned, committed or failed), so that
+    /// they start at once instead of at their next poll.
+    activity: tokio::sync::watch::Sender<u64>,
 }
 
 /// Start of the 6 h partition holding `nanos`.
@@ -618,6 +622,7 @@ impl Metastore {
             db,
             index: RwLock::new(Index::default()),
             apply_lock: std::sync::Mutex::new(()),
+            activity: tokio::sync::watch::Sender::new(0),
         };
         store.reload_index()?;
         Ok(store)
@@ -680,16 +685,26 @@ impl Metastore {
             .kind
             .ok_or_else(|| MetastoreError::InvalidCommand("empty command".into()))?;
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        match kind {
+        let applied = match kind {
             Kind::AddBlock(meta) => self.add_blocks(vec![meta]).map(|_| Applied::Done),
             Kind::PlanCompaction(c) => self.plan_compaction(c).map(Applied::Planned),
-            Kind::LeaseJob(c) => self.lease_job(c).map(Applied::Leased),
-            Kind::RenewLease(c) => self.renew_lease(c).map(|_| Applied::Done),
+            Kind::LeaseJob(c) => return self.lease_job(c).map(Applied::Leased),
+            Kind::RenewLease(c) => return self.renew_lease(c).map(|_| Applied::Done),
             Kind::FailJob(c) => self.fail_job(c).map(|_| Applied::Done),
             Kind::CommitJob(c) => self.commit_job(c).map(|_| Applied::Done),
-            Kind::RemoveTombstones(c) => self.remove_tombstones(c).map(|_| Applied::Done),
+            Kind::RemoveTombstones(c) => return self.remove_tombstones(c).map(|_| Applied::Done),
             Kind::ApplyRetention(c) => self.apply_retention(c).map(Applied::Expired),
+        }?;
+        if !matches!(applied, Applied::Planned(0) | Applied::Expired(0)) {
+            self.activity.send_modify(|n| *n += 1);
         }
+        Ok(applied)
+    }
+
+    /// Changes whenever a command may have made work for the planner or the
+    /// workers of this process.
+    pub fn activity(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.activity.subscribe()
     }
 
     /// Applies `AddBlock` commands in one durable transaction: all or none.
@@ -707,7 +722,9 @@ impl Metastore {
             }
         }
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.add_blocks(blocks)
+        self.add_blocks(blocks)?;
+        self.activity.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     fn add_blocks(&self, mut blocks: Vec<BlockMeta>) -> Result<(), MetastoreError> {
@@ -1458,6 +1475,35 @@ mod tests {
         assert_eq!(plan(&m, 0, 3), 0);
         // D alone goes once it has aged (its id is no ULID: its time counts).
         assert_eq!(plan(&m, 7 * HOUR + 1000 * HOUR, 3), 1);
+    }
+
+    #[test]
+    fn activity_changes_when_work_may_wait_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        let mut activity = m.activity();
+        assert!(!activity.has_changed().unwrap());
+        for id in ["A", "B"] {
+            m.apply(Command::add_block(block(
+                id,
+                vec![dataset("t", "api", HOUR, HOUR)],
+            )))
+            .unwrap();
+        }
+        assert!(activity.has_changed().unwrap(), "blocks added");
+        activity.mark_unchanged();
+        // A plan that finds nothing ready, and a lease that finds nothing,
+        // must not wake the planner and the workers into a loop.
+        assert_eq!(plan(&m, 0, 3), 0);
+        assert!(lease(&m, "w", 0).is_none());
+        assert!(!activity.has_changed().unwrap());
+        assert_eq!(plan(&m, 0, 2), 1);
+        assert!(activity.has_changed().unwrap(), "job planned");
+        activity.mark_unchanged();
+        let job = lease(&m, "w", 0).unwrap();
+        assert!(!activity.has_changed().unwrap());
+        commit(&m, &job, Some(output("O", "t", 1))).unwrap();
+        assert!(activity.has_changed().unwrap(), "job committed");
     }
 
     #[test]

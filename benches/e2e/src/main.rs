@@ -824,7 +824,7 @@ fn other_queries(flame: &[FlameQuery]) -> Vec<(String, String)> {
 /// profile with Grafana's default `max_nodes`, and the time series by
 /// service at Grafana's resolution. Each total must be the stored one.
 fn query_api_calls(flame: &[FlameQuery]) -> Vec<(String, Call, &FlameQuery)> {
-    const GRAFANA_MAX_NODES: i64 = 16_384;
+    use queries::GRAFANA_MAX_NODES;
     let mut calls = Vec::new();
     for q in flame.iter().filter(|q| q.service_name.is_none()) {
         calls.push((

@@ -21,6 +21,9 @@ use ember::query::{connect, run_sql};
 
 pub const TENANT: &str = "bench";
 
+/// The `max_nodes` Grafana's Pyroscope data source asks for by default.
+pub const GRAFANA_MAX_NODES: i64 = 16_384;
+
 /// A flame graph query, also run by the peers.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlameQuery {

@@ -162,6 +162,7 @@ impl Lifecycle {
     }
 
     pub async fn plan_forever(self: Arc<Self>) {
+        let mut wake = Some(self.metastore.activity());
         let mut last_retention: Option<std::time::Instant> = None;
         loop {
             if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
@@ -178,7 +179,7 @@ impl Lifecycle {
                 Err(e) => warn!(error = %e, "compaction planning failed"),
             }
             self.metrics.observe(&self.metastore);
-            tokio::time::sleep(self.config.poll).await;
+            super::idle(&mut wake, self.config.poll).await;
         }
     }
 
