@@ -205,7 +205,11 @@ def test_a_compaction_worker_in_its_own_process_compacts_through_the_metastore(m
     worker = worker_process(tmp_path, url).start()
     try:
         wait_compacted(ember)
-        assert metric_values(worker, "ember_compaction_jobs_committed_total")[""] >= 2
+        committed = metric_values(worker, "ember_compaction_jobs_committed_total")[""]
+        assert committed >= 2
+        # Worker memory: the pool's size now, and its peak during every job.
+        assert metric_values(worker, "ember_compaction_job_peak_memory_bytes_count")[""] >= committed
+        assert "" in metric_values(worker, "ember_compaction_memory_reserved_bytes")
         assert "ember_blocks" not in requests.get(f"{worker.http}/metrics", timeout=10).text
         assert {t: answers(ember, t) for t in ["team-a", "team-b"]} == {
             # The retry-free pushes: compaction changes no answer.

@@ -308,8 +308,8 @@ async fn drain(server: &Server) -> anyhow::Result<(f64, f64)> {
                 k.starts_with("ember_compaction_jobs{")
                     && (k.contains("pending") || k.contains("running"))
             })
-            .map(|(_, v)| v)
-            .sum();
+            // Not `sum()`: an empty f64 sum is -0, printed "-0 jobs".
+            .fold(0.0, |n, (_, v)| n + v);
         let tombstones = m.get("ember_tombstones").copied().unwrap_or(0.0);
         if level0 == 0.0 && level1 == 0.0 && runnable == 0.0 && tombstones == 0.0 {
             let done = started.elapsed().as_secs_f64();

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -56,6 +57,7 @@ use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use thiserror::Error;
@@ -191,6 +193,10 @@ pub struct CompactionMetrics {
     pub samples_out: Counter,
     pub profiles_deduplicated: Counter,
     pub level0_lag_seconds: Histogram,
+    /// What the workers' memory pool holds now, and its largest size
+    /// during each job (the pool is the workers' budget).
+    pub memory_reserved_bytes: Gauge,
+    pub job_peak_memory_bytes: Histogram,
 }
 
 impl Default for CompactionMetrics {
@@ -208,6 +214,15 @@ impl Default for CompactionMetrics {
                 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0,
                 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
             ]),
+            memory_reserved_bytes: Gauge::default(),
+            // 1 MiB to 16 GiB.
+            job_peak_memory_bytes: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(
+                    1024.0 * 1024.0,
+                    2.0,
+                    15,
+                ),
+            ),
         }
     }
 }
@@ -258,6 +273,16 @@ impl CompactionMetrics {
             "ember_compaction_level0_lag_seconds",
             "Time from a level-0 block's write to its first compaction",
             self.level0_lag_seconds.clone(),
+        );
+        registry.register(
+            "ember_compaction_memory_reserved_bytes",
+            "Memory the compaction workers' pool holds now",
+            self.memory_reserved_bytes.clone(),
+        );
+        registry.register(
+            "ember_compaction_job_peak_memory_bytes",
+            "Largest size of the workers' memory pool during each job",
+            self.job_peak_memory_bytes.clone(),
         );
     }
 }
@@ -379,10 +404,15 @@ impl Compactor {
     /// reported to the metastore, which retries it or sets it aside.
     async fn run_job(&self, job: Job) -> Result<(), CompactionError> {
         let started = std::time::Instant::now();
+        let peak = AtomicU64::new(0);
         let merged = tokio::select! {
             r = self.compact(&job) => r,
             lost = self.keep_lease(&job) => Err(lost),
+            never = self.sample_memory(&peak) => match never {},
         };
+        self.metrics
+            .job_peak_memory_bytes
+            .observe(peak.load(Ordering::Relaxed) as f64);
         let output = match merged {
             Ok(output) => output,
             Err(e) => {
@@ -453,6 +483,17 @@ impl Compactor {
                     m.level0_lag_seconds.observe(lag as f64 / 1000.0);
                 }
             }
+        }
+    }
+
+    /// Samples the workers' memory pool every 100 ms into the gauge and
+    /// `peak`, until dropped with its job.
+    async fn sample_memory(&self, peak: &AtomicU64) -> std::convert::Infallible {
+        loop {
+            let held = self.runtime.memory_pool.reserved() as u64;
+            peak.fetch_max(held, Ordering::Relaxed);
+            self.metrics.memory_reserved_bytes.set(held as i64);
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
