@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ember_engine::Authenticator;
-use ember_ingest::distributor::{BodyEncoding, Distributor};
+use ember_ingest::distributor::{BodyEncoding, Distributor, RequestBody};
 use ember_ingest::legacy::{multipart_fields, multipart_profile, Format, IngestParams};
 use ember_ingest::IngestError;
 use ember_sql::QueryEngine;
@@ -227,17 +227,16 @@ async fn push_grpc(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     let tenant = request_tenant(state, headers)?;
     let (gzip, message) = grpc_message(headers, body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(message.len() as u64);
-    let (profiles, _inflight) = state
-        .distributor
-        .decode_push(
-            message,
-            BodyEncoding { json: false, gzip },
-            &tenant,
-            now_nanos(),
-        )
-        .await?;
-    state.metrics.profiles.inc_by(profiles.len() as u64);
-    state.distributor.push(profiles).await
+    let encoding = BodyEncoding { json: false, gzip };
+    decode_and_push(
+        state,
+        RequestBody::Push {
+            body: message,
+            encoding,
+        },
+        &tenant,
+    )
+    .await
 }
 
 /// Returns whether the request was JSON, to answer in kind.
@@ -261,12 +260,8 @@ async fn push_inner(
     let gzip = gzip_body(headers)?;
     let body = read_body(body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(body.len() as u64);
-    let (profiles, _inflight) = state
-        .distributor
-        .decode_push(body, BodyEncoding { json, gzip }, &tenant, now_nanos())
-        .await?;
-    state.metrics.profiles.inc_by(profiles.len() as u64);
-    state.distributor.push(profiles).await?;
+    let encoding = BodyEncoding { json, gzip };
+    decode_and_push(state, RequestBody::Push { body, encoding }, &tenant).await?;
     Ok(json)
 }
 
@@ -322,12 +317,7 @@ async fn otlp_inner(
         )
     };
     state.metrics.push_bytes.inc_by(body.len() as u64);
-    let (profiles, _inflight) = state
-        .distributor
-        .decode_otlp(body, encoding, &tenant, now_nanos())
-        .await?;
-    state.metrics.profiles.inc_by(profiles.len() as u64);
-    state.distributor.push(profiles).await?;
+    decode_and_push(state, RequestBody::Otlp { body, encoding }, &tenant).await?;
     Ok(encoding.json)
 }
 
@@ -393,12 +383,12 @@ async fn ingest_inner(
         } else {
             (body, None)
         };
-        let (profiles, _inflight) = state
-            .distributor
-            .decode_jfr(params, recording, labels, &tenant, now_nanos())
-            .await?;
-        state.metrics.profiles.inc_by(profiles.len() as u64);
-        return state.distributor.push(profiles).await;
+        let body = RequestBody::Jfr {
+            params,
+            recording,
+            labels,
+        };
+        return decode_and_push(state, body, &tenant).await;
     }
     let (format, body) = if multipart {
         (Format::Pprof, multipart_profile(&content_type, body).await?)
@@ -409,10 +399,22 @@ async fn ingest_inner(
         ))?;
         (format, body)
     };
-    let (profiles, _inflight) = state
-        .distributor
-        .decode_ingest(params, format, body, &tenant, now_nanos())
-        .await?;
+    let body = RequestBody::Ingest {
+        params,
+        format,
+        body,
+    };
+    decode_and_push(state, body, &tenant).await
+}
+
+/// Decodes a request and returns once its profiles are durable; the
+/// request's share of the in-flight budget is held until then.
+async fn decode_and_push(
+    state: &AppState,
+    body: RequestBody,
+    tenant: &str,
+) -> Result<(), IngestError> {
+    let (profiles, _inflight) = state.distributor.decode(body, tenant, now_nanos()).await?;
     state.metrics.profiles.inc_by(profiles.len() as u64);
     state.distributor.push(profiles).await
 }

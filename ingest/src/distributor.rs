@@ -45,6 +45,61 @@ pub fn shard_for(tenant: &str, service: &str, shards: u32) -> u32 {
     jump_hash(key, shards.max(1))
 }
 
+/// A request's body as it came in, in one of the formats Ember takes.
+pub enum RequestBody {
+    /// `push.v1.PushRequest`.
+    Push { body: Bytes, encoding: BodyEncoding },
+    /// An OTLP profiles export.
+    Otlp { body: Bytes, encoding: BodyEncoding },
+    /// A JFR recording and its optional context labels.
+    Jfr {
+        params: IngestParams,
+        recording: Bytes,
+        labels: Option<Bytes>,
+    },
+    /// A legacy `/ingest` body (already un-multiparted).
+    Ingest {
+        params: IngestParams,
+        format: Format,
+        body: Bytes,
+    },
+}
+
+impl RequestBody {
+    /// Bytes as received, what the in-flight budget is first reserved for.
+    fn len(&self) -> usize {
+        match self {
+            RequestBody::Push { body, .. }
+            | RequestBody::Otlp { body, .. }
+            | RequestBody::Ingest { body, .. } => body.len(),
+            RequestBody::Jfr {
+                recording, labels, ..
+            } => recording.len() + labels.as_ref().map_or(0, |l| l.len()),
+        }
+    }
+
+    fn decode(self, limits: &Limits, tenant: &str, now: i64) -> Result<Vec<Profile>, IngestError> {
+        match self {
+            RequestBody::Push { body, encoding } => {
+                decode::push_body(limits, &body, encoding, tenant, now)
+            }
+            RequestBody::Otlp { body, encoding } => {
+                decode::otlp_body(limits, &body, encoding, tenant, now)
+            }
+            RequestBody::Jfr {
+                params,
+                recording,
+                labels,
+            } => decode::jfr_body(limits, &params, &recording, labels.as_deref(), tenant, now),
+            RequestBody::Ingest {
+                params,
+                format,
+                body,
+            } => decode::ingest_body(limits, &params, format, &body, tenant, now),
+        }
+    }
+}
+
 impl Distributor {
     pub fn new(writer: Arc<SegmentWriter>, limits: Limits, max_inflight_bytes: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -64,81 +119,19 @@ impl Distributor {
         &self.inflight
     }
 
-    /// Decodes a `push.v1.PushRequest` body into normalised profiles, off
-    /// the async executor. The returned permit holds the request's share of
-    /// the in-flight budget: keep it until the request is answered.
-    pub async fn decode_push(
+    /// Decodes a request body into normalised profiles, off the async
+    /// executor. The returned permit holds the request's share of the
+    /// in-flight budget: keep it until the request is answered.
+    pub async fn decode(
         self: &Arc<Self>,
-        body: Bytes,
-        encoding: BodyEncoding,
+        body: RequestBody,
         tenant: &str,
         now_nanos: i64,
     ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
         let this = self.clone();
         let tenant = tenant.to_string();
         self.decode_off_executor(body.len(), move || {
-            decode::push_body(&this.limits, &body, encoding, &tenant, now_nanos)
-        })
-        .await
-    }
-
-    /// Decodes a JFR recording and its optional context labels, off the
-    /// async executor, holding their share of the in-flight budget.
-    pub async fn decode_jfr(
-        self: &Arc<Self>,
-        params: IngestParams,
-        recording: Bytes,
-        labels: Option<Bytes>,
-        tenant: &str,
-        now_nanos: i64,
-    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
-        let this = self.clone();
-        let tenant = tenant.to_string();
-        let size = recording.len() + labels.as_ref().map_or(0, |l| l.len());
-        self.decode_off_executor(size, move || {
-            decode::jfr_body(
-                &this.limits,
-                &params,
-                &recording,
-                labels.as_deref(),
-                &tenant,
-                now_nanos,
-            )
-        })
-        .await
-    }
-
-    /// Decodes an OTLP profiles export body, off the async executor,
-    /// holding its share of the in-flight budget.
-    pub async fn decode_otlp(
-        self: &Arc<Self>,
-        body: Bytes,
-        encoding: BodyEncoding,
-        tenant: &str,
-        now_nanos: i64,
-    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
-        let this = self.clone();
-        let tenant = tenant.to_string();
-        self.decode_off_executor(body.len(), move || {
-            decode::otlp_body(&this.limits, &body, encoding, &tenant, now_nanos)
-        })
-        .await
-    }
-
-    /// Decodes a legacy `/ingest` body (already un-multiparted), off the
-    /// async executor, holding its share of the in-flight budget.
-    pub async fn decode_ingest(
-        self: &Arc<Self>,
-        params: IngestParams,
-        format: Format,
-        body: Bytes,
-        tenant: &str,
-        now_nanos: i64,
-    ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
-        let this = self.clone();
-        let tenant = tenant.to_string();
-        self.decode_off_executor(body.len(), move || {
-            decode::ingest_body(&this.limits, &params, format, &body, &tenant, now_nanos)
+            body.decode(&this.limits, &tenant, now_nanos)
         })
         .await
     }
