@@ -501,7 +501,7 @@ pub fn markdown(r: &ProductionReport) -> String {
     if let (Some(x), Some(y)) = (&a.flame, &b.flame) {
         row(
             &mut s,
-            "hour flame graph, cold (after restart)",
+            "hour flame graph, cold (median of runs each after a restart)",
             format!(
                 "{:.0} ms, {} GETs, {:.1} MB",
                 x.cold_ms,

@@ -1,8 +1,8 @@
 //! The query suite against Ember over Flight SQL and Pyroscope's query
 //! API (Connect, binary protobuf, as Grafana sends it): flame graphs at
-//! growing sizes, time series and label calls, each cold (first run after a
-//! server start) and warm, with the object-store requests and the memory
-//! each one costs.
+//! growing sizes, time series and label calls, each cold (the median of
+//! first runs after server starts) and warm, with the object-store requests
+//! and the memory each one costs.
 
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,9 @@ pub struct QueryRun {
     pub name: String,
     pub sql: String,
     pub samples: u64,
+    /// Median of the cold runs, each right after a restart.
     pub cold_ms: f64,
+    pub cold_runs_ms: Vec<f64>,
     pub warm_median_ms: f64,
     pub warm_min_ms: f64,
     pub rows: usize,
@@ -269,7 +271,9 @@ fn read_bytes(m: &std::collections::HashMap<String, f64>) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One query: cold on a freshly started server, then `repeats` warm runs.
+/// One query: cold on a freshly started server `repeats` times (a single
+/// cold sample varied as much as the figure between restarts), then
+/// `repeats` warm runs on the last of them.
 pub async fn measure(
     server: &mut Server,
     name: &str,
@@ -279,8 +283,13 @@ pub async fn measure(
 ) -> anyhow::Result<QueryRun> {
     server.restart().await?;
     let before = server.metrics().await?;
-    let (cold, answer) = timed(server, call).await?;
+    let (first_cold, answer) = timed(server, call).await?;
     let after = server.metrics().await?;
+    let mut cold = vec![first_cold.as_secs_f64() * 1e3];
+    for _ in 1..repeats {
+        server.restart().await?;
+        cold.push(timed(server, call).await?.0.as_secs_f64() * 1e3);
+    }
     let mut warm = Vec::new();
     for _ in 0..repeats.saturating_sub(1) {
         warm.push(timed(server, call).await?.0.as_secs_f64() * 1e3);
@@ -300,7 +309,8 @@ pub async fn measure(
         name: name.to_string(),
         sql: call.describe(),
         samples,
-        cold_ms: cold.as_secs_f64() * 1e3,
+        cold_ms: median(cold.clone()),
+        cold_runs_ms: cold,
         warm_median_ms: median(warm.clone()),
         warm_min_ms: warm.iter().copied().fold(f64::INFINITY, f64::min),
         rows: answer.rows,
