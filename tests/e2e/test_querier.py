@@ -9,7 +9,7 @@ import gzip
 import requests
 
 from conftest import FIXTURES, flame_stacks
-from wire import _bytes_field, _key, _varint, fields, repeated_varints, signed
+from wire import _bytes_field, _key, _varint, fields, flame_graph_levels, repeated_varints, signed
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -54,21 +54,7 @@ def flame_graph(buf):
     decoding the levels as Grafana does: each bar's x is its offset plus the
     end of the previous bar on its level; a bar's parent is the bar above it
     whose range holds its x."""
-    graph = next(v for n, _, v in fields(buf) if n == 1)
-    names, levels, total, max_self = [], [], 0, 0
-    for n, wt, v in fields(graph):
-        if n == 1:
-            names.append(v.decode())
-        elif n == 2:
-            values = []
-            for m, wt2, x in fields(v):
-                if m == 1:
-                    values += [signed(y) for y in repeated_varints(wt2, x)]
-            levels.append(values)
-        elif n == 3:
-            total = signed(v)
-        elif n == 4:
-            max_self = signed(v)
+    names, levels, total, max_self = flame_graph_levels(buf)
     assert names[0] == "total" and levels[0][:2] == [0, total] and levels[0][3] == 0
     bars = []  # per level: [(x, total, self, path)]
     for depth, values in enumerate(levels):

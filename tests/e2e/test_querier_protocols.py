@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from test_querier import CPU, call, flame_graph, i64, ok, push, s
-from wire import fields, load_pprof, folded, signed, repeated_varints
+from wire import fields, flame_graph_levels, load_pprof, folded
 
 SELECTOR = '{service_name="api"}'
 END_MS = 2**62 // 10**6
@@ -28,31 +28,11 @@ def ok_json(r):
     return r.json()
 
 
-def proto_levels(buf):
-    """SelectMergeStacktracesResponse bytes -> (names, levels, total, max_self)."""
-    graph = next(v for n, _, v in fields(buf) if n == 1)
-    names, levels, total, max_self = [], [], 0, 0
-    for n, wt, v in fields(graph):
-        if n == 1:
-            names.append(v.decode())
-        elif n == 2:
-            values = []
-            for m, wt2, x in fields(v):
-                if m == 1:
-                    values += [signed(y) for y in repeated_varints(wt2, x)]
-            levels.append(values)
-        elif n == 3:
-            total = signed(v)
-        elif n == 4:
-            max_self = signed(v)
-    return names, levels, total, max_self
-
-
 def test_json_flame_graph_is_the_protobuf_one(ember):
     for pod in ["p1", "p2"]:
         push(ember, "t", "api", pod)
     body = s(1, CPU) + s(2, SELECTOR) + i64(3, 0) + i64(4, END_MS) + i64(5, 100000)
-    names, levels, total, max_self = proto_levels(ok(call(ember, "SelectMergeStacktraces", body)))
+    names, levels, total, max_self = flame_graph_levels(ok(call(ember, "SelectMergeStacktraces", body)))
     assert total > 0
     # Pyroscope's JSON names (profileTypeID), 64-bit integers as strings or
     # numbers, and proto field names are all accepted.

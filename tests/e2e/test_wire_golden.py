@@ -17,8 +17,7 @@ import requests
 from conftest import FIXTURES
 from test_grafana_flightsql import command
 from test_querier import CPU, call, double, i64, ok, s, series_response
-from test_querier_protocols import proto_levels
-from wire import fields, signed
+from wire import fields, flame_graph_levels, signed
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -49,7 +48,7 @@ def test_query_api_shapes(ember):
     push(ember)
     oldest, newest = stats(ember)
     body = s(1, CPU) + s(2, SELECTOR) + i64(3, oldest - 60_000) + i64(4, newest + 60_000)
-    names, levels, total, max_self = proto_levels(ok(call(ember, "SelectMergeStacktraces", body + i64(5, 40),
+    names, levels, total, max_self = flame_graph_levels(ok(call(ember, "SelectMergeStacktraces", body + i64(5, 40),
                                                           tenant="g")))
     check("select_merge_stacktraces_flamegraph", {"names": names, "levels": levels, "total": total,
                                                   "max_self": max_self})

@@ -49,6 +49,27 @@ def repeated_varints(wt, v):
     return out
 
 
+def flame_graph_levels(buf):
+    """SelectMergeStacktracesResponse bytes -> (names, levels, total, max_self)
+    of its querier.v1.FlameGraph, levels as sent (4 ints per bar)."""
+    graph = next(v for n, _, v in fields(buf) if n == 1)
+    names, levels, total, max_self = [], [], 0, 0
+    for n, wt, v in fields(graph):
+        if n == 1:
+            names.append(v.decode())
+        elif n == 2:
+            values = []
+            for m, wt2, x in fields(v):
+                if m == 1:
+                    values += [signed(y) for y in repeated_varints(wt2, x)]
+            levels.append(values)
+        elif n == 3:
+            total = signed(v)
+        elif n == 4:
+            max_self = signed(v)
+    return names, levels, total, max_self
+
+
 def load_pprof(raw):
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
