@@ -9,7 +9,7 @@ import gzip
 import requests
 
 from conftest import FIXTURES, flame_stacks
-from wire import _bytes_field, _key, _varint, fields, flame_graph_levels, repeated_varints, signed
+from wire import _bytes_field, _key, _varint, fields, flame_graph_levels, graph_fields, signed
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -323,18 +323,7 @@ def test_diff_puts_two_selections_side_by_side(ember):
     right = s(1, CPU) + s(2, '{pod="p2"}') + i64(5, 100000)
     body = _bytes_field(1, left) + _bytes_field(2, right)
     graph = next(v for n, _, v in fields(ok(call(ember, "Diff", body))) if n == 1)
-    names, levels, scalars = [], [], {}
-    for n, wt, v in fields(graph):
-        if n == 1:
-            names.append(v.decode())
-        elif n == 2:
-            values = []
-            for m, wt2, x in fields(v):
-                if m == 1:
-                    values += [signed(y) for y in repeated_varints(wt2, x)]
-            levels.append(values)
-        else:
-            scalars[n] = signed(v)
+    names, levels, scalars = graph_fields(graph)
     l_total, l_stacks, _ = sql_flame(ember, '{pod="p1"}')
     r_total, r_stacks, _ = sql_flame(ember, '{pod="p2"}')
     assert names[0] == "total" and l_stacks != r_stacks

@@ -49,11 +49,10 @@ def repeated_varints(wt, v):
     return out
 
 
-def flame_graph_levels(buf):
-    """SelectMergeStacktracesResponse bytes -> (names, levels, total, max_self)
-    of its querier.v1.FlameGraph, levels as sent (4 ints per bar)."""
-    graph = next(v for n, _, v in fields(buf) if n == 1)
-    names, levels, total, max_self = [], [], 0, 0
+def graph_fields(graph):
+    """A querier.v1 FlameGraph or FlameGraphDiff message -> (names, levels,
+    {field number: value} of its integer fields), levels as sent."""
+    names, levels, scalars = [], [], {}
     for n, wt, v in fields(graph):
         if n == 1:
             names.append(v.decode())
@@ -63,11 +62,17 @@ def flame_graph_levels(buf):
                 if m == 1:
                     values += [signed(y) for y in repeated_varints(wt2, x)]
             levels.append(values)
-        elif n == 3:
-            total = signed(v)
-        elif n == 4:
-            max_self = signed(v)
-    return names, levels, total, max_self
+        else:
+            scalars[n] = signed(v)
+    return names, levels, scalars
+
+
+def flame_graph_levels(buf):
+    """SelectMergeStacktracesResponse bytes -> (names, levels, total, max_self)
+    of its querier.v1.FlameGraph, levels as sent (4 ints per bar)."""
+    graph = next(v for n, _, v in fields(buf) if n == 1)
+    names, levels, scalars = graph_fields(graph)
+    return names, levels, scalars.get(3, 0), scalars.get(4, 0)
 
 
 def load_pprof(raw):
