@@ -685,17 +685,22 @@ impl Metastore {
             .kind
             .ok_or_else(|| MetastoreError::InvalidCommand("empty command".into()))?;
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Leases, renewals and deletions make no work for anyone.
+        let may_make_work = !matches!(
+            kind,
+            Kind::LeaseJob(_) | Kind::RenewLease(_) | Kind::RemoveTombstones(_)
+        );
         let applied = match kind {
             Kind::AddBlock(meta) => self.add_blocks(vec![meta]).map(|_| Applied::Done),
             Kind::PlanCompaction(c) => self.plan_compaction(c).map(Applied::Planned),
-            Kind::LeaseJob(c) => return self.lease_job(c).map(Applied::Leased),
-            Kind::RenewLease(c) => return self.renew_lease(c).map(|_| Applied::Done),
+            Kind::LeaseJob(c) => self.lease_job(c).map(Applied::Leased),
+            Kind::RenewLease(c) => self.renew_lease(c).map(|_| Applied::Done),
             Kind::FailJob(c) => self.fail_job(c).map(|_| Applied::Done),
             Kind::CommitJob(c) => self.commit_job(c).map(|_| Applied::Done),
-            Kind::RemoveTombstones(c) => return self.remove_tombstones(c).map(|_| Applied::Done),
+            Kind::RemoveTombstones(c) => self.remove_tombstones(c).map(|_| Applied::Done),
             Kind::ApplyRetention(c) => self.apply_retention(c).map(Applied::Expired),
         }?;
-        if !matches!(applied, Applied::Planned(0) | Applied::Expired(0)) {
+        if may_make_work && !matches!(applied, Applied::Planned(0) | Applied::Expired(0)) {
             self.activity.send_modify(|n| *n += 1);
         }
         Ok(applied)
