@@ -65,9 +65,9 @@ pub struct FrameRow<'a> {
 /// `label`), checked to be depth first from one root at level 0: the one
 /// reader of the frame for every layout built from it (pprof, diff, the
 /// query API's levels and tree bytes, the CLI).
-pub fn for_each_frame_row(
-    batches: &[RecordBatch],
-    mut f: impl FnMut(FrameRow<'_>) -> std::result::Result<(), String>,
+pub fn for_each_frame_row<'a>(
+    batches: &'a [RecordBatch],
+    mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
 ) -> std::result::Result<(), String> {
     let mut previous: Option<usize> = None;
     for b in batches {
@@ -162,11 +162,15 @@ impl<'a> DenseTree<'a> {
             total: Vec::new(),
         };
         let node_of = node;
-        let mut chain: Vec<(u64, u64, &'a str)> = Vec::new();
+        // The new nodes of a leaf's stack, leaf first, up to a known one.
+        let mut chain: Vec<(u64, &'a str)> = Vec::new();
         for (&leaf, &v) in values {
             chain.clear();
             let mut node = leaf;
-            while !index.contains_key(&node) {
+            let known = loop {
+                if let Some(&i) = index.get(&node) {
+                    break i;
+                }
                 let Some((parent, name)) = node_of(node) else {
                     return Err(DataFusionError::Execution(format!(
                         "stack node {node:#x} missing from the stack tree"
@@ -177,17 +181,20 @@ impl<'a> DenseTree<'a> {
                         "stack deeper than 65536 frames: a cycle in the stack tree".into(),
                     ));
                 }
-                chain.push((node, parent, name));
+                chain.push((node, name));
                 node = parent;
-            }
-            for &(id, parent, name) in chain.iter().rev() {
+            };
+            // Each new node's parent is the one numbered just before it.
+            let mut at = known;
+            for &(id, name) in chain.iter().rev() {
                 let i = tree.names.len() as u32;
                 index.insert(id, i);
-                tree.parent.push(index[&parent]);
+                tree.parent.push(at);
                 tree.names.push(name);
                 tree.own.push(0);
+                at = i;
             }
-            let own = &mut tree.own[index[&leaf] as usize];
+            let own = &mut tree.own[at as usize];
             *own = own.saturating_add(v);
         }
         tree.total = tree.own.clone();

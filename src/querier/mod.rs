@@ -6,8 +6,6 @@
 //! Messages keep the package, names and field numbers of Pyroscope's
 //! `api/querier/v1/querier.proto` and `api/types/v1/types.proto`.
 
-use std::collections::HashMap;
-
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use axum::body::{Body, Bytes};
@@ -627,9 +625,10 @@ fn query_error(e: &ember_sql::SqlError) -> ApiError {
 /// end of the previous bar on that level, the total and the self value;
 /// then the index of the bar's name. Level 0 is the root, `names[0]` its
 /// name ("total").
-struct Levels<const SIDES: usize> {
+struct Levels<'a, const SIDES: usize> {
     names: Vec<String>,
-    name_index: HashMap<String, i64>,
+    /// Borrowed from the frame: a name costs an allocation once, not per bar.
+    name_index: foldhash::HashMap<&'a str, i64>,
     levels: Vec<Level>,
     /// Per depth and side: where the last bar ended.
     last_end: Vec<[i64; SIDES]>,
@@ -638,11 +637,11 @@ struct Levels<const SIDES: usize> {
     max_self: i64,
 }
 
-impl<const SIDES: usize> Levels<SIDES> {
+impl<'a, const SIDES: usize> Levels<'a, SIDES> {
     fn new() -> Self {
         Self {
             names: Vec::new(),
-            name_index: HashMap::new(),
+            name_index: foldhash::HashMap::default(),
             levels: Vec::new(),
             last_end: Vec::new(),
             child_x: Vec::new(),
@@ -651,7 +650,12 @@ impl<const SIDES: usize> Levels<SIDES> {
     }
 
     /// Adds the next row: its depth, name and (total, self) per side.
-    fn push(&mut self, depth: usize, name: &str, sides: [(i64, i64); SIDES]) -> Result<(), String> {
+    fn push(
+        &mut self,
+        depth: usize,
+        name: &'a str,
+        sides: [(i64, i64); SIDES],
+    ) -> Result<(), String> {
         if depth > self.levels.len() || (depth == 0) != self.levels.is_empty() {
             return Err(format!(
                 "a row at level {depth} is out of depth-first order"
@@ -671,7 +675,7 @@ impl<const SIDES: usize> Levels<SIDES> {
             self.last_end.push([0; SIDES]);
         }
         let next = self.name_index.len() as i64;
-        let index = *self.name_index.entry(name.to_string()).or_insert_with(|| {
+        let index = *self.name_index.entry(name).or_insert_with(|| {
             self.names.push(name.to_string());
             next
         });
@@ -723,9 +727,9 @@ pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
 /// `child count`, from a nameless root whose children are the frame's
 /// level-1 nodes.
 pub fn tree_bytes(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
-    let mut rows: Vec<(usize, String, i64)> = Vec::new();
+    let mut rows: Vec<(usize, &str, i64)> = Vec::new();
     for_each_frame_row(batches, |row| {
-        rows.push((row.depth, row.label.to_string(), row.own));
+        rows.push((row.depth, row.label, row.own));
         Ok(())
     })?;
     // Children per row: the rows one level deeper before the next row at
@@ -741,7 +745,7 @@ pub fn tree_bytes(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
     }
     let mut out = Vec::new();
     for (i, (depth, name, own)) in rows.iter().enumerate() {
-        let name = if *depth == 0 { "" } else { name.as_str() };
+        let name = if *depth == 0 { "" } else { name };
         let own = if *depth == 0 { 0 } else { *own };
         prost::encoding::encode_varint(name.len() as u64, &mut out);
         out.extend_from_slice(name.as_bytes());
