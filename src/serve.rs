@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// the process; beyond it pushes get 429 with Retry-After.
     #[arg(long, default_value_t = 512 << 20)]
     max_inflight_bytes: usize,
+    /// Longest a push waits for a decoder before it is refused with 429
+    /// and Retry-After: backpressure, so that the requests the server does
+    /// take are acknowledged within the flush interval plus their decoding.
+    #[arg(long, default_value_t = 100)]
+    max_push_queue_ms: u64,
     /// Largest profile after decompression.
     #[arg(long, default_value_t = ProfileLimits::default().max_profile_size_bytes)]
     max_profile_size_bytes: usize,
@@ -225,7 +230,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         segment_metrics,
     ));
-    let distributor = Arc::new(Distributor::new(writer, limits, args.max_inflight_bytes));
+    let distributor = Arc::new(Distributor::new(
+        writer,
+        limits,
+        args.max_inflight_bytes,
+        Duration::from_millis(args.max_push_queue_ms),
+    ));
     let engine = Arc::new(QueryEngine::new(
         store,
         metastore,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ember_engine::profile::Profile;
@@ -26,6 +27,10 @@ pub struct Distributor {
     /// Decoding runs on blocking threads; this many at once, so a burst of
     /// large requests queues instead of inflating all at the same time.
     decoders: Arc<Semaphore>,
+    /// Longest a request waits for a decoder before it is refused (429):
+    /// past it the server is taking requests faster than it can decode
+    /// them, and a longer queue would only delay every acknowledgement.
+    max_queue_wait: Duration,
 }
 
 /// Jump consistent hash (Lamping & Veach): moves few keys when shards change.
@@ -101,13 +106,19 @@ impl RequestBody {
 }
 
 impl Distributor {
-    pub fn new(writer: Arc<SegmentWriter>, limits: Limits, max_inflight_bytes: usize) -> Self {
+    pub fn new(
+        writer: Arc<SegmentWriter>,
+        limits: Limits,
+        max_inflight_bytes: usize,
+        max_queue_wait: Duration,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             writer,
             limits,
             inflight: InflightBytes::new(max_inflight_bytes),
             decoders: Arc::new(Semaphore::new(cores)),
+            max_queue_wait,
         }
     }
 
@@ -147,10 +158,14 @@ impl Distributor {
             .inflight
             .reserve(body_len.saturating_mul(4).max(64 << 10))?;
         let reserved = permit.num_permits() * 1024;
-        let _decoder = self
-            .decoders
-            .acquire()
+        let _decoder = tokio::time::timeout(self.max_queue_wait, self.decoders.acquire())
             .await
+            .map_err(|_| {
+                IngestError::Overloaded(format!(
+                    "every decoder stayed busy for {} ms: the server is at capacity; retry after the Retry-After delay",
+                    self.max_queue_wait.as_millis()
+                ))
+            })?
             .map_err(|_| IngestError::ShuttingDown)?;
         let profiles = tokio::task::spawn_blocking(decode)
             .await

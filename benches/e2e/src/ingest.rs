@@ -42,27 +42,90 @@ impl Latency {
     }
 }
 
+/// What a set of pushes saw.
+#[derive(Default)]
 pub struct PushOutcome {
+    /// Each acknowledged push's accepted attempt, sent to acknowledged.
     pub latencies: Vec<Duration>,
+    /// Each acknowledged push from its first attempt, refusals included.
+    pub with_retries: Vec<Duration>,
+    /// Attempts refused with 429 (and retried).
+    pub refusals: usize,
     pub failures: Vec<String>,
     pub elapsed: Duration,
 }
 
-async fn push_one(
-    client: &Client,
-    url: &str,
-    tenant: &str,
-    r: &Request,
-) -> Result<Duration, String> {
-    let t = Instant::now();
-    match client
-        .post(url, tenant, "application/proto", r.body.clone())
-        .await
-    {
-        Ok((200, _)) => Ok(t.elapsed()),
-        Ok((status, body)) => Err(format!("{status}: {}", String::from_utf8_lossy(&body))),
-        Err(e) => Err(e.to_string()),
+impl PushOutcome {
+    fn record(&mut self, pushed: Result<Pushed, String>) {
+        match pushed {
+            Ok(p) => {
+                self.latencies.push(p.ack);
+                self.with_retries.push(p.whole);
+                self.refusals += p.refusals;
+            }
+            Err(e) => self.failures.push(e),
+        }
     }
+
+    fn merge(&mut self, other: PushOutcome) {
+        self.latencies.extend(other.latencies);
+        self.with_retries.extend(other.with_retries);
+        self.refusals += other.refusals;
+        self.failures.extend(other.failures);
+    }
+
+    /// The outcomes of pushing tasks, merged.
+    async fn of_tasks(tasks: Vec<tokio::task::JoinHandle<PushOutcome>>, start: Instant) -> Self {
+        let mut outcome = PushOutcome::default();
+        for t in tasks {
+            match t.await {
+                Ok(o) => outcome.merge(o),
+                Err(e) => outcome.failures.push(format!("pushing task: {e}")),
+            }
+        }
+        outcome.elapsed = start.elapsed();
+        outcome
+    }
+}
+
+/// One acknowledged push.
+struct Pushed {
+    ack: Duration,
+    whole: Duration,
+    refusals: usize,
+}
+
+/// Attempts at one push before it counts as failed: the server refuses
+/// (429) only while it is at capacity, so a retry soon finds room.
+const MAX_ATTEMPTS: usize = 30;
+/// The server's Retry-After.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Pushes `r` until it is acknowledged, waiting out each 429 as Alloy's
+/// pyroscope.write does.
+async fn push_one(client: &Client, url: &str, tenant: &str, r: &Request) -> Result<Pushed, String> {
+    let first = Instant::now();
+    for refusals in 0..MAX_ATTEMPTS {
+        let t = Instant::now();
+        match client
+            .post(url, tenant, "application/proto", r.body.clone())
+            .await
+        {
+            Ok((200, _)) => {
+                return Ok(Pushed {
+                    ack: t.elapsed(),
+                    whole: first.elapsed(),
+                    refusals,
+                })
+            }
+            Ok((429, _)) => tokio::time::sleep(RETRY_AFTER).await,
+            Ok((status, body)) => {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("refused {MAX_ATTEMPTS} times in a row"))
 }
 
 /// Every request once, by `clients` concurrent clients taking them in order.
@@ -100,32 +163,17 @@ pub async fn push_all(
             done.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = Vec::new();
+            let mut outcome = PushOutcome::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(r) = requests.get(i) else { break };
-                match push_one(&client, &url, &tenant, r).await {
-                    Ok(d) => latencies.push(d),
-                    Err(e) => failures.push(e),
-                }
+                outcome.record(push_one(&client, &url, &tenant, r).await);
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            (latencies, failures)
+            outcome
         }));
     }
-    let mut outcome = PushOutcome {
-        latencies: Vec::new(),
-        failures: Vec::new(),
-        elapsed: Duration::ZERO,
-    };
-    for t in tasks {
-        if let Ok((l, f)) = t.await {
-            outcome.latencies.extend(l);
-            outcome.failures.extend(f);
-        }
-    }
-    outcome.elapsed = start.elapsed();
+    let outcome = PushOutcome::of_tasks(tasks, start).await;
     progress.abort();
     outcome
 }
@@ -141,17 +189,10 @@ pub async fn push_lone(
     let url = format!("{base}{PUSH_PATH}");
     let client = Client::new();
     let start = Instant::now();
-    let mut outcome = PushOutcome {
-        latencies: Vec::new(),
-        failures: Vec::new(),
-        elapsed: Duration::ZERO,
-    };
+    let mut outcome = PushOutcome::default();
     for r in requests {
         tokio::time::sleep(gap).await;
-        match push_one(&client, &url, tenant, r).await {
-            Ok(d) => outcome.latencies.push(d),
-            Err(e) => outcome.failures.push(e),
-        }
+        outcome.record(push_one(&client, &url, tenant, r).await);
     }
     outcome.elapsed = start.elapsed();
     outcome
@@ -183,35 +224,20 @@ pub async fn push_steady(
             // Agents are spread over the period, not in lockstep.
             tokio::time::sleep(period * c as u32 / clients.max(1) as u32).await;
             let mut ticker = tokio::time::interval(period);
-            let (mut latencies, mut failures) = (Vec::new(), Vec::new());
+            let mut outcome = PushOutcome::default();
             let mut i = c;
             while !stop.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 let Some(r) = requests.get(i % requests.len().max(1)) else {
                     break;
                 };
-                match push_one(&client, &url, &tenant, r).await {
-                    Ok(d) => latencies.push(d),
-                    Err(e) => failures.push(e),
-                }
+                outcome.record(push_one(&client, &url, &tenant, r).await);
                 i += clients;
             }
-            (latencies, failures)
+            outcome
         }));
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut outcome = PushOutcome {
-        latencies: Vec::new(),
-        failures: Vec::new(),
-        elapsed: Duration::ZERO,
-    };
-    for t in tasks {
-        if let Ok((l, f)) = t.await {
-            outcome.latencies.extend(l);
-            outcome.failures.extend(f);
-        }
-    }
-    outcome.elapsed = start.elapsed();
-    outcome
+    PushOutcome::of_tasks(tasks, start).await
 }

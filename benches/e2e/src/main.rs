@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// Only the compaction job measurements (writes compaction_jobs.md).
     #[arg(long)]
     compaction_jobs_only: bool,
+    /// Only the ingest and storage figures of the default run (writes
+    /// report.md/json without queries or peers).
+    #[arg(long)]
+    ingest_only: bool,
     #[arg(long, hide = true)]
     compaction_job_prepare: Option<String>,
     #[arg(long, hide = true)]
@@ -168,7 +172,12 @@ pub struct IngestReport {
     pub samples_per_cpu_second: f64,
     pub mb_per_second: f64,
     pub failures: usize,
+    /// Attempts refused with 429 under full load (each retried).
+    pub refusals: usize,
+    /// Under full load: the accepted attempt, sent to acknowledged.
     pub under_load: Latency,
+    /// Under full load: from a push's first attempt to its acknowledgement.
+    pub under_load_with_retries: Latency,
     pub lone: Latency,
     pub flushes: f64,
     pub puts: f64,
@@ -349,7 +358,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         samples_per_cpu_second: w.stored_samples as f64 / (cpu1 - cpu0).max(1e-9),
         mb_per_second: w.request_bytes as f64 / secs / 1e6,
         failures: load.failures.len(),
+        refusals: load.refusals,
         under_load: Latency::of(load.latencies),
+        under_load_with_retries: Latency::of(load.with_retries),
         flushes: delta("ember_segment_flushes_total"),
         puts: delta("ember_object_store_requests_total{operation=\"put\"}"),
         puts_per_second_per_shard: delta("ember_object_store_requests_total{operation=\"put\"}")
@@ -370,6 +381,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         export_denormalised_bytes: server::dir_bytes(&generated.paths.denormalised_dir),
     };
 
+    if args.ingest_only {
+        report::write(&args.out, &report)?;
+        info!("ingest measured: {}", args.out.join("report.md").display());
+        return Ok(());
+    }
     let flame = flame_queries(&server, &truth, &args.scales).await?;
     report.flame_queries = flame.clone();
     for q in &flame {

@@ -125,6 +125,18 @@ fn markdown(r: &Report) -> String {
             ),
         ),
         (
+            "refused with 429 and retried (attempts) under full load",
+            format!("{}", i.refusals),
+        ),
+        (
+            "first attempt to ack, p50 / p99 under full load",
+            format!(
+                "{} / {} ms",
+                ms(i.under_load_with_retries.p50_ms),
+                ms(i.under_load_with_retries.p99_ms)
+            ),
+        ),
+        (
             "ack p50 / p99 lone client, idle server",
             format!("{} / {} ms", ms(i.lone.p50_ms), ms(i.lone.p99_ms)),
         ),
