@@ -8,8 +8,6 @@ use arrow::array::{
 };
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use ulid::Ulid;
 
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
@@ -130,12 +128,6 @@ fn write_dataset(
     })
 }
 
-/// Rows per row group of a level-0 section. A Parquet reader holds a whole
-/// row group's column chunks while it decodes them, and a compaction job
-/// reads its sources side by side: with the default (a million rows) a job
-/// over million-stack segments went past its memory budget.
-pub const ROW_GROUP_ROWS: usize = 32 * 1024;
-
 fn append_section(
     buf: &mut Vec<u8>,
     section: Section,
@@ -143,11 +135,7 @@ fn append_section(
 ) -> Result<SectionMeta, BlockError> {
     let offset = buf.len() as u64;
     let rows = batch.num_rows() as u64;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .build();
+    let props = section.writer_properties(0);
     let encode = |source| BlockError::Encode {
         section: section.name(),
         source,
@@ -340,11 +328,12 @@ impl StackTree {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::schema::row_group_rows;
     use parquet::file::metadata::ParquetMetaDataReader;
 
     #[test]
     fn large_sections_are_cut_into_bounded_row_groups() {
-        let n = 2 * ROW_GROUP_ROWS + 1000;
+        let n = 2 * row_group_rows(0) + 1000;
         let profile = Profile {
             tenant: "t".into(),
             labels: vec![("service_name".into(), "api".into())],
@@ -374,7 +363,13 @@ mod tests {
             let rows: Vec<i64> = footer.row_groups().iter().map(|g| g.num_rows()).collect();
             assert_eq!(rows.iter().sum::<i64>(), meta.rows as i64, "{section:?}");
             assert_eq!(rows.len(), 3, "{section:?}: {rows:?}");
-            assert!(rows.iter().all(|&r| r <= ROW_GROUP_ROWS as i64));
+            assert!(rows.iter().all(|&r| r <= row_group_rows(0) as i64));
+            // Level 0 is LZ4 throughout: compaction opens every column chunk.
+            for group in footer.row_groups() {
+                for column in group.columns() {
+                    assert_eq!(column.compression(), parquet::basic::Compression::LZ4_RAW);
+                }
+            }
         }
     }
 }

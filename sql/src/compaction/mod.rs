@@ -42,8 +42,6 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::utils::disjunction;
 use datafusion::logical_expr::{col, lit, Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -527,7 +525,7 @@ impl Compactor {
             source,
         };
         let file = tempfile::tempfile_in(&dir).map_err(io)?;
-        let mut out = BlockFile::new(file, &job.id);
+        let mut out = BlockFile::new(file, &job.id, job.level + 1);
         let mut datasets = Vec::new();
         for (service, sources) in sources_by_service(job) {
             if let Some(d) = self
@@ -1001,14 +999,17 @@ struct BlockFile {
     file: BufWriter<File>,
     offset: u64,
     job: String,
+    /// The output block's level, which decides how its sections are encoded.
+    level: u32,
 }
 
 impl BlockFile {
-    fn new(file: File, job: &str) -> Self {
+    fn new(file: File, job: &str, level: u32) -> Self {
         Self {
             file: BufWriter::with_capacity(1 << 20, file),
             offset: 0,
             job: job.to_string(),
+            level,
         }
     }
 
@@ -1024,11 +1025,7 @@ impl BlockFile {
         &mut self,
         section: Section,
     ) -> Result<ArrowWriter<&mut BufWriter<File>>, CompactionError> {
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_statistics_enabled(EnabledStatistics::Page)
-            .set_max_row_group_row_count(Some(256 * 1024))
-            .build();
+        let props = section.writer_properties(self.level);
         let err = self.parquet_err();
         ArrowWriter::try_new(&mut self.file, section.schema(), Some(props)).map_err(err)
     }
