@@ -200,7 +200,47 @@ fn span_id(value: &str) -> Option<u64> {
 /// One series' samples of one sample type, keyed for summing by the
 /// sample's location ids: the stack is built once per distinct key, not
 /// once per sample.
-type SeriesSamples<'p> = foldhash::HashMap<(&'p [u64], Option<u64>), i64>;
+/// (stack index in [`DistinctStacks`], span) -> value, per sample type.
+type SeriesSamples = foldhash::HashMap<(u32, Option<u64>), i64>;
+
+/// The distinct stacks of a profile's samples, each built once whatever the
+/// number of sample types and label sets that use it.
+#[derive(Default)]
+struct DistinctStacks<'p> {
+    by_locations: foldhash::HashMap<&'p [u64], u32>,
+    /// Different location lists can make the same stack: one index for both.
+    by_frames: foldhash::HashMap<Vec<u32>, u32>,
+}
+
+impl<'p> DistinctStacks<'p> {
+    fn index(&mut self, symbols: &Symbols, locations: &'p [u64]) -> Result<u32, IngestError> {
+        if let Some(&i) = self.by_locations.get(locations) {
+            return Ok(i);
+        }
+        let next = self.by_frames.len() as u32;
+        let i = *self
+            .by_frames
+            .entry(symbols.stack(locations)?)
+            .or_insert(next);
+        self.by_locations.insert(locations, i);
+        Ok(i)
+    }
+
+    /// The stacks by index, and each one's position in sorted order.
+    fn into_frames_and_ranks(self) -> (Vec<Vec<u32>>, Vec<u32>) {
+        let mut frames = vec![Vec::new(); self.by_frames.len()];
+        for (stack, i) in self.by_frames {
+            frames[i as usize] = stack;
+        }
+        let mut order: Vec<u32> = (0..frames.len() as u32).collect();
+        order.sort_unstable_by(|a, b| frames[*a as usize].cmp(&frames[*b as usize]));
+        let mut rank = vec![0u32; frames.len()];
+        for (r, i) in order.into_iter().enumerate() {
+            rank[i as usize] = r as u32;
+        }
+        (frames, rank)
+    }
+}
 
 pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>, IngestError> {
     if p.sample_type.is_empty() {
@@ -226,6 +266,7 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     }
     // sample label set -> per sample type -> (stack, span) -> value
     let mut series: HashMap<Labels, Vec<SeriesSamples>> = HashMap::new();
+    let mut stacks = DistinctStacks::default();
     for s in &p.sample {
         if s.value.len() != types.len() {
             return Err(IngestError::Invalid(format!(
@@ -253,11 +294,12 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
             }
         }
         let labels = normalise_labels(labels);
+        let stack = stacks.index(&symbols, &s.location_id)?;
         let per_type = series
             .entry(labels)
             .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
         for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v > 0) {
-            let slot = per_type[i].entry((&s.location_id, span)).or_insert(0);
+            let slot = per_type[i].entry((stack, span)).or_insert(0);
             *slot = slot.saturating_add(*v);
         }
     }
@@ -266,25 +308,23 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     } else {
         dest.received_at_nanos
     };
+    let (frames, rank) = stacks.into_frames_and_ranks();
     let functions: Arc<[String]> = symbols.names.clone().into();
     let mut out = Vec::new();
     for (sample_labels, per_type) in series {
         let labels = series_labels(&dest.labels, sample_labels)?;
         for (i, samples) in per_type.into_iter().enumerate() {
-            // Different location ids can make the same stack: merge them.
-            let mut by_stack: foldhash::HashMap<(Vec<u32>, Option<u64>), i64> =
-                foldhash::HashMap::default();
-            for ((locations, span), v) in samples {
-                let slot = by_stack
-                    .entry((symbols.stack(locations)?, span))
-                    .or_insert(0);
-                *slot = slot.saturating_add(v);
-            }
-            let mut samples: Vec<Sample> = by_stack
+            // Sorted by stack, as the block writer walks them.
+            let mut rows: Vec<(u32, Option<u64>, u32, i64)> = samples
                 .into_iter()
                 .filter(|(_, v)| *v != 0)
-                .map(|((stack, span_id), value)| Sample {
-                    stack,
+                .map(|((stack, span), v)| (rank[stack as usize], span, stack, v))
+                .collect();
+            rows.sort_unstable();
+            let samples: Vec<Sample> = rows
+                .into_iter()
+                .map(|(_, span_id, stack, value)| Sample {
+                    stack: frames[stack as usize].clone(),
                     value,
                     span_id,
                 })
@@ -292,7 +332,6 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
             if samples.is_empty() {
                 continue;
             }
-            samples.sort_by(|a, b| a.stack.cmp(&b.stack).then(a.span_id.cmp(&b.span_id)));
             out.push(Profile {
                 tenant: dest.tenant.clone(),
                 labels: labels.clone(),
@@ -507,6 +546,52 @@ mod tests {
         assert!(out
             .iter()
             .all(|p| p.time_nanos == 42 && p.service_name() == "api"));
+    }
+
+    /// Two locations of one function (two call sites' addresses) make one
+    /// stack, summed; every type's samples come sorted by stack.
+    #[test]
+    fn location_lists_making_one_stack_are_summed_and_stacks_come_sorted() {
+        let mut p = sample_profile();
+        // Location 13 is `leaf` again, at another address.
+        let mut again = p.location[1].clone();
+        again.id = 13;
+        again.address = 0x99;
+        p.location.push(again);
+        p.sample = [
+            (vec![13, 10], vec![5, 50]),
+            (vec![12], vec![7, 70]),
+            (vec![11, 10], vec![2, 20]),
+            (vec![10], vec![1, 10]),
+        ]
+        .into_iter()
+        .map(|(location_id, value)| pprof::Sample {
+            location_id,
+            value,
+            label: vec![],
+        })
+        .collect();
+        let out = normalise(&p, &dest()).unwrap();
+        assert_eq!(out.len(), 2);
+        for profile in &out {
+            let m = if profile.profile_type.starts_with("process_cpu:cpu") {
+                10
+            } else {
+                1
+            };
+            let mut got = stacks(profile);
+            got.sort();
+            assert_eq!(
+                got,
+                vec![
+                    ("0xabc".to_string(), 7 * m, None),
+                    ("main;work".to_string(), m, None),
+                    ("main;work;leaf".to_string(), 7 * m, None),
+                ]
+            );
+            let frames: Vec<&Vec<u32>> = profile.samples.iter().map(|s| &s.stack).collect();
+            assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
+        }
     }
 
     #[test]

@@ -159,12 +159,23 @@ mod tests {
             s.writer_properties(level)
                 .compression(&parquet::schema::types::ColumnPath::from("time"))
         };
-        for s in [Section::Profiles, Section::Samples, Section::Stacks, Section::Totals] {
+        for s in [
+            Section::Profiles,
+            Section::Samples,
+            Section::Stacks,
+            Section::Totals,
+        ] {
             assert_eq!(codec(s, 0), Compression::LZ4_RAW, "{s:?}");
         }
         for level in [1, 2, 3] {
-            assert!(matches!(codec(Section::Samples, level), Compression::ZSTD(_)));
-            assert!(matches!(codec(Section::Profiles, level), Compression::ZSTD(_)));
+            assert!(matches!(
+                codec(Section::Samples, level),
+                Compression::ZSTD(_)
+            ));
+            assert!(matches!(
+                codec(Section::Profiles, level),
+                Compression::ZSTD(_)
+            ));
             assert_eq!(codec(Section::Stacks, level), Compression::LZ4_RAW);
             assert_eq!(codec(Section::Totals, level), Compression::LZ4_RAW);
         }

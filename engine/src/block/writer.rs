@@ -195,7 +195,7 @@ type Totals<'a> = HashMap<&'a str, foldhash::HashMap<u64, i64>>;
 fn samples_batch<'a>(
     service: &str,
     profiles: &[&'a Profile],
-    stacks: &mut StackTree,
+    stacks: &mut StackTree<'a>,
     totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
     let n: usize = profiles.iter().map(|p| p.samples.len()).sum();
@@ -206,20 +206,12 @@ fn samples_batch<'a>(
     let mut stack_id = UInt64Builder::with_capacity(n);
     let mut value = Int64Builder::with_capacity(n);
     let mut span_id = UInt64Builder::with_capacity(n);
-    let mut memo = NodeMemo::default();
     for p in profiles {
         let series = labels_to_string(&p.labels);
-        memo.clear();
         let mut rows: Vec<(u64, i64, Option<u64>)> = p
             .samples
             .iter()
-            .map(|s| {
-                (
-                    stacks.insert(&p.functions, &s.stack, &mut memo),
-                    s.value,
-                    s.span_id,
-                )
-            })
+            .map(|s| (stacks.insert(&p.functions, &s.stack), s.value, s.span_id))
             .collect();
         rows.sort_unstable();
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
@@ -271,38 +263,73 @@ fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
     RecordBatch::try_new(Section::Totals.schema(), columns).map_err(arrow_err("totals"))
 }
 
-/// (parent id, function index in one profile) -> node id: the stacks of a
-/// profile share their prefixes, so most frames need no name hashing.
+/// (parent id, function index) -> node id, for the profiles that share one
+/// function table (the sample types and label sets of one pprof): they
+/// share their stacks, so a frame is named and hashed once per pprof.
 type NodeMemo = foldhash::HashMap<(u64, u32), u64>;
 
-/// The nodes of every stack of a dataset, keyed by their global id.
+/// The last stack inserted for one function table, root first, with the
+/// node id of each of its prefixes. A profile's stacks come sorted, and a
+/// sorted stack's longest prefix shared with any earlier one is the one it
+/// shares with the stack just before it: only the frames after that prefix
+/// cost a lookup.
 #[derive(Default)]
-struct StackTree {
-    nodes: foldhash::HashMap<u64, (u64, String)>,
+struct LastStack {
+    frames: Vec<u32>,
+    ids: Vec<u64>,
 }
 
-impl StackTree {
+/// What a function table's stacks have in common.
+#[derive(Default)]
+struct TableMemo {
+    nodes: NodeMemo,
+    last: LastStack,
+}
+
+/// The nodes of every stack of a dataset, keyed by their global id, named
+/// by the profiles' own strings.
+#[derive(Default)]
+struct StackTree<'a> {
+    nodes: foldhash::HashMap<u64, (u64, &'a str)>,
+    /// Per function table, by its address (the profiles outlive the tree).
+    memos: foldhash::HashMap<usize, TableMemo>,
+}
+
+impl<'a> StackTree<'a> {
     /// Adds every node of a root-first stack and returns the leaf's id.
-    fn insert(&mut self, functions: &[String], stack: &[u32], memo: &mut NodeMemo) -> u64 {
-        let mut parent = stack::ROOT;
-        for &f in stack {
-            if let Some(&id) = memo.get(&(parent, f)) {
-                parent = id;
-                continue;
-            }
-            let name = functions.get(f as usize).map(String::as_str).unwrap_or("");
-            let id = stack::node_id(parent, name);
-            self.nodes
-                .entry(id)
-                .or_insert_with(|| (parent, name.to_string()));
-            memo.insert((parent, f), id);
+    fn insert(&mut self, functions: &'a Arc<[String]>, stack: &[u32]) -> u64 {
+        let table = Arc::as_ptr(functions) as *const String as usize;
+        let memo = self.memos.entry(table).or_default();
+        let last = &mut memo.last;
+        let shared = last
+            .frames
+            .iter()
+            .zip(stack)
+            .take_while(|(a, b)| a == b)
+            .count();
+        last.frames.truncate(shared);
+        last.ids.truncate(shared);
+        let mut parent = last.ids.last().copied().unwrap_or(stack::ROOT);
+        for &f in &stack[shared..] {
+            let id = match memo.nodes.get(&(parent, f)) {
+                Some(&id) => id,
+                None => {
+                    let name = functions.get(f as usize).map_or("", String::as_str);
+                    let id = stack::node_id(parent, name);
+                    self.nodes.entry(id).or_insert((parent, name));
+                    memo.nodes.insert((parent, f), id);
+                    id
+                }
+            };
+            memo.last.frames.push(f);
+            memo.last.ids.push(id);
             parent = id;
         }
         parent
     }
 
     fn into_batch(self) -> Result<RecordBatch, BlockError> {
-        let mut nodes: Vec<(u64, u64, String)> = self
+        let mut nodes: Vec<(u64, u64, &str)> = self
             .nodes
             .into_iter()
             .map(|(id, (p, n))| (id, p, n))
@@ -371,5 +398,103 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn section_batches(block: &EncodedBlock, section: Section) -> Vec<RecordBatch> {
+        let meta = block.meta.datasets[0].section(section).unwrap();
+        let bytes = block
+            .bytes
+            .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Stacks given in any order, by profiles that share a function table
+    /// or not, get the nodes that their paths' names make.
+    #[test]
+    fn stack_nodes_are_the_paths_of_every_stack_whatever_their_order() {
+        use arrow::array::AsArray;
+        use arrow::datatypes::UInt64Type;
+        let shared: Arc<[String]> = ["main", "a", "b", "c", "d"].map(String::from).into();
+        // The same indices mean other names in another table.
+        let other: Arc<[String]> = ["main", "d", "c", "b", "a"].map(String::from).into();
+        let profile = |ty: &str, functions: &Arc<[String]>, stacks: &[&[u32]]| Profile {
+            tenant: "t".into(),
+            labels: vec![("service_name".into(), "api".into())],
+            profile_type: ty.into(),
+            time_nanos: 1,
+            duration_nanos: 0,
+            period: 0,
+            functions: functions.clone(),
+            samples: stacks
+                .iter()
+                .map(|st| crate::profile::Sample {
+                    stack: st.to_vec(),
+                    value: 1,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let stacks: &[&[u32]] = &[
+            &[0, 1, 2],
+            &[0, 1, 3],
+            &[0, 4],
+            &[0, 1],
+            &[0, 1, 2, 3],
+            &[0, 2],
+        ];
+        let unsorted: &[&[u32]] = &[&[0, 4, 1], &[0, 1, 2], &[0, 4], &[0, 1, 2, 3]];
+        let profiles = vec![
+            profile("a:a:a:a:a", &shared, stacks),
+            profile("b:b:b:b:b", &shared, unsorted),
+            profile("c:c:c:c:c", &other, stacks),
+        ];
+        let mut want = std::collections::BTreeMap::new();
+        for p in &profiles {
+            for s in &p.samples {
+                let mut parent = stack::ROOT;
+                for &f in &s.stack {
+                    let name = p.functions[f as usize].clone();
+                    let id = stack::node_id(parent, &name);
+                    want.insert(id, (parent, name));
+                    parent = id;
+                }
+            }
+        }
+        let block = write_block(&profiles, 0).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for b in section_batches(&block, Section::Stacks) {
+            let ids = b.column(0).as_primitive::<UInt64Type>();
+            let parents = b.column(1).as_primitive::<UInt64Type>();
+            let names = b.column(2).as_string::<i32>();
+            for i in 0..b.num_rows() {
+                got.insert(ids.value(i), (parents.value(i), names.value(i).to_string()));
+            }
+        }
+        assert_eq!(got, want);
+        // Every sample points at its own leaf.
+        let leaves: std::collections::BTreeSet<u64> = section_batches(&block, Section::Samples)
+            .iter()
+            .flat_map(|b| {
+                let col = b
+                    .column_by_name("stack_id")
+                    .unwrap()
+                    .as_primitive::<UInt64Type>();
+                col.values().to_vec()
+            })
+            .collect();
+        let leaf = |f: &[String], st: &[u32]| {
+            st.iter()
+                .fold(stack::ROOT, |p, &i| stack::node_id(p, &f[i as usize]))
+        };
+        let mut want_leaves = std::collections::BTreeSet::new();
+        for p in &profiles {
+            for s in &p.samples {
+                want_leaves.insert(leaf(&p.functions, &s.stack));
+            }
+        }
+        assert_eq!(leaves, want_leaves);
     }
 }
