@@ -291,10 +291,6 @@ struct TableMemo {
 #[derive(Default)]
 struct StackTree<'a> {
     nodes: foldhash::HashMap<u64, (u64, &'a str)>,
-    /// (parent id, name) -> node id across the dataset's function tables:
-    /// a node id is an FNV hash of the name, byte by byte, which cost more
-    /// than this lookup for the frames that every pprof of a service has.
-    by_name: foldhash::HashMap<(u64, &'a str), u64>,
     /// Per function table, by its address (the profiles outlive the tree).
     memos: foldhash::HashMap<usize, TableMemo>,
 }
@@ -319,15 +315,8 @@ impl<'a> StackTree<'a> {
                 Some(&id) => id,
                 None => {
                     let name = functions.get(f as usize).map_or("", String::as_str);
-                    let id = match self.by_name.get(&(parent, name)) {
-                        Some(&id) => id,
-                        None => {
-                            let id = stack::node_id(parent, name);
-                            self.by_name.insert((parent, name), id);
-                            self.nodes.entry(id).or_insert((parent, name));
-                            id
-                        }
-                    };
+                    let id = stack::node_id(parent, name);
+                    self.nodes.entry(id).or_insert((parent, name));
                     memo.nodes.insert((parent, f), id);
                     id
                 }
