@@ -197,10 +197,8 @@ fn span_id(value: &str) -> Option<u64> {
     u64::from_str_radix(value, 16).ok()
 }
 
-/// One series' samples of one sample type, keyed for summing by the
-/// sample's location ids: the stack is built once per distinct key, not
-/// once per sample.
-/// (stack index in [`DistinctStacks`], span) -> value, per sample type.
+/// One series' samples of one sample type, summed by (stack index in
+/// [`DistinctStacks`], span).
 type SeriesSamples = foldhash::HashMap<(u32, Option<u64>), i64>;
 
 /// The distinct stacks of a profile's samples, each built once whatever the

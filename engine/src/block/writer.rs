@@ -300,16 +300,16 @@ impl<'a> StackTree<'a> {
     fn insert(&mut self, functions: &'a Arc<[String]>, stack: &[u32]) -> u64 {
         let table = Arc::as_ptr(functions) as *const String as usize;
         let memo = self.memos.entry(table).or_default();
-        let last = &mut memo.last;
-        let shared = last
+        let shared = memo
+            .last
             .frames
             .iter()
             .zip(stack)
             .take_while(|(a, b)| a == b)
             .count();
-        last.frames.truncate(shared);
-        last.ids.truncate(shared);
-        let mut parent = last.ids.last().copied().unwrap_or(stack::ROOT);
+        memo.last.frames.truncate(shared);
+        memo.last.ids.truncate(shared);
+        let mut parent = memo.last.ids.last().copied().unwrap_or(stack::ROOT);
         for &f in &stack[shared..] {
             let id = match memo.nodes.get(&(parent, f)) {
                 Some(&id) => id,
