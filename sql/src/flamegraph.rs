@@ -40,9 +40,9 @@ use crate::args;
 use crate::selection::ProfileSelection;
 use crate::session::Storage;
 use crate::settings::Settings;
-use crate::stack_dictionary::{self, Nodes, StackDictionary, TenantNodes};
+use crate::stack_dictionary::{self, read_stacks_section, Nodes, StackDictionary, TenantNodes};
 use crate::stack_totals::DatasetTotals;
-use crate::tables::{section_scan, DatasetSource, Layout, SectionTable};
+use crate::tables::{DatasetSource, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;
 /// Summed value per leaf stack id.
@@ -495,28 +495,20 @@ impl TableProvider for FlameGraphTable {
         };
         let tenant_nodes = self.storage.stacks.tenant(&q.selection.tenant);
         let missing = StackDictionary::missing(&tenant_nodes, &datasets);
-        let stacks = section_scan(
-            state,
-            self.storage.store.clone(),
-            Section::Stacks,
-            &missing,
-            None,
-            &[],
-            None,
-            Layout::Spread,
-        )?;
-        Ok(Arc::new(FlameGraphExec {
-            dictionary: self.storage.stacks.clone(),
+        let reads = DirectReads {
+            storage: self.storage.clone(),
             tenant: q.selection.tenant.clone(),
             tenant_nodes,
-            missing: Arc::new(missing),
-            whole: Arc::new(WholeDatasets {
-                storage: Some(self.storage.clone()),
-                profile_type: q.selection.profile_type.clone(),
-                datasets: whole,
-            }),
-            ..FlameGraphExec::new(sums, stacks, q.max_nodes, projection.cloned())
-        }))
+            missing,
+            profile_type: q.selection.profile_type.clone(),
+            whole,
+        };
+        Ok(Arc::new(FlameGraphExec::new(
+            sums,
+            Arc::new(reads),
+            q.max_nodes,
+            projection.cloned(),
+        )))
     }
 }
 
@@ -528,27 +520,57 @@ fn sums_schema() -> SchemaRef {
     ]))
 }
 
-/// The datasets a flame graph takes whole, read from their totals.
-#[derive(Default)]
-struct WholeDatasets {
-    storage: Option<Storage>,
+/// What a flame graph reads straight from its sections rather than through
+/// a DataFusion scan: the stack nodes of the datasets its tenant's
+/// dictionary lacks, and the cached totals of the datasets it takes whole.
+struct DirectReads {
+    storage: Storage,
+    /// The query's tenant and its dictionary, held from planning on.
+    tenant: String,
+    tenant_nodes: TenantNodes,
+    /// The datasets whose stack nodes are not in the dictionary.
+    missing: Vec<DatasetRef>,
     profile_type: String,
-    datasets: Vec<DatasetRef>,
+    /// The datasets taken whole.
+    whole: Vec<DatasetRef>,
 }
 
-impl WholeDatasets {
+/// Stacks sections read at once: reads overlap, and a backlog of thousands
+/// of level-0 datasets is never in memory at once.
+const STACKS_READS_IN_FLIGHT: usize = 8;
+
+impl DirectReads {
+    /// The stack nodes of the missing datasets, read from their stacks
+    /// sections. Level-0 blocks repeat the nodes of their profiles: only
+    /// nodes not seen yet in this query cost memory, so a flame graph over a
+    /// thousand blocks of one service costs its distinct stacks once.
+    async fn stack_nodes(&self, grow: &mut impl FnMut(usize) -> Result<()>) -> Result<Nodes> {
+        let mut nodes = Nodes::default();
+        let reads = self.missing.iter().cloned().map(|d| {
+            let store = self.storage.store.clone();
+            async move { read_stacks_section(store, &d).await }
+        });
+        let mut sections = futures::stream::iter(reads).buffered(STACKS_READS_IN_FLIGHT);
+        while let Some(batches) = sections.next().await {
+            for batch in batches? {
+                let before = nodes.bytes();
+                nodes.insert_batch(&batch)?;
+                grow(nodes.bytes() - before)?;
+            }
+        }
+        Ok(nodes)
+    }
+
     /// Adds every whole dataset's totals of the profile type to `values`.
     async fn add_totals(
         &self,
         values: &mut StackValues,
         grow: &mut impl FnMut(usize) -> Result<()>,
     ) -> Result<()> {
-        let Some(storage) = &self.storage else {
-            return Ok(());
-        };
+        let storage = &self.storage;
         // 32 datasets at a time: reads in parallel, and a backlog of
         // thousands of level-0 datasets never holds all their totals at once.
-        for chunk in self.datasets.chunks(32) {
+        for chunk in self.whole.chunks(32) {
             // Owned futures: a stream borrowing `self` would not be `Send`.
             let reads = chunk.iter().cloned().map(|d| {
                 let storage = storage.clone();
@@ -623,19 +645,12 @@ fn samples_input(
     plan.project(vec![col("stack_id"), col("value")])
 }
 
-/// Folds `(stack_id, value)` sums up the stack tree read from its second
-/// child and emits the flame graph frame in one partition.
+/// Folds the `(stack_id, value)` sums of its child and the totals of the
+/// datasets taken whole up the stack tree, and emits the flame graph frame
+/// in one partition.
 pub struct FlameGraphExec {
     sums: Arc<dyn ExecutionPlan>,
-    /// The stacks sections of the datasets missing from the dictionary.
-    stacks: Arc<dyn ExecutionPlan>,
-    dictionary: Arc<StackDictionary>,
-    /// The query's tenant and its dictionary, held from planning on.
-    tenant: String,
-    tenant_nodes: TenantNodes,
-    missing: Arc<Vec<DatasetRef>>,
-    /// Datasets taken whole: their cached totals are merged into the sums.
-    whole: Arc<WholeDatasets>,
+    reads: Arc<DirectReads>,
     max_nodes: usize,
     projection: Option<Vec<usize>>,
     schema: SchemaRef,
@@ -643,9 +658,9 @@ pub struct FlameGraphExec {
 }
 
 impl FlameGraphExec {
-    pub fn new(
+    fn new(
         sums: Arc<dyn ExecutionPlan>,
-        stacks: Arc<dyn ExecutionPlan>,
+        reads: Arc<DirectReads>,
         max_nodes: usize,
         projection: Option<Vec<usize>>,
     ) -> Self {
@@ -662,12 +677,7 @@ impl FlameGraphExec {
         ));
         Self {
             sums,
-            stacks,
-            dictionary: Arc::new(StackDictionary::new(0)),
-            tenant: String::new(),
-            tenant_nodes: TenantNodes::default(),
-            missing: Arc::new(Vec::new()),
-            whole: Arc::new(WholeDatasets::default()),
+            reads,
             max_nodes,
             projection,
             schema,
@@ -686,30 +696,6 @@ impl DisplayAs for FlameGraphExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "FlameGraphExec: max_nodes={}", self.max_nodes)
     }
-}
-
-async fn read_stack_nodes(
-    plan: Arc<dyn ExecutionPlan>,
-    ctx: Arc<TaskContext>,
-    grow: &mut impl FnMut(usize) -> Result<()>,
-) -> Result<Nodes> {
-    let mut nodes = Nodes::default();
-    let mut stream = execute_stream(plan, ctx)?;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let ids = batch.column(0).as_primitive::<UInt64Type>();
-        let parents = batch.column(1).as_primitive::<UInt64Type>();
-        let labels = batch.column(2).as_string::<i32>();
-        // Level-0 blocks repeat the nodes of their profiles: only nodes not
-        // seen yet in this query cost memory, so a flame graph over a
-        // thousand blocks of one service costs its distinct stacks once.
-        let before = nodes.bytes();
-        for i in 0..batch.num_rows() {
-            nodes.insert(ids.value(i), parents.value(i), labels.value(i));
-        }
-        grow(nodes.bytes() - before)?;
-    }
-    Ok(nodes)
 }
 
 async fn read_sums(
@@ -744,7 +730,7 @@ impl ExecutionPlan for FlameGraphExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.sums, &self.stacks]
+        vec![&self.sums]
     }
 
     fn apply_expressions(
@@ -758,17 +744,15 @@ impl ExecutionPlan for FlameGraphExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [sums, stacks]: [Arc<dyn ExecutionPlan>; 2] = children
+        let [sums]: [Arc<dyn ExecutionPlan>; 1] = children
             .try_into()
-            .map_err(|_| DataFusionError::Internal("FlameGraphExec takes two children".into()))?;
-        Ok(Arc::new(FlameGraphExec {
-            dictionary: self.dictionary.clone(),
-            tenant: self.tenant.clone(),
-            tenant_nodes: self.tenant_nodes.clone(),
-            missing: self.missing.clone(),
-            whole: self.whole.clone(),
-            ..FlameGraphExec::new(sums, stacks, self.max_nodes, self.projection.clone())
-        }))
+            .map_err(|_| DataFusionError::Internal("FlameGraphExec takes one child".into()))?;
+        Ok(Arc::new(FlameGraphExec::new(
+            sums,
+            self.reads.clone(),
+            self.max_nodes,
+            self.projection.clone(),
+        )))
     }
 
     fn execute(
@@ -781,31 +765,29 @@ impl ExecutionPlan for FlameGraphExec {
                 "FlameGraphExec has one partition, not {partition}"
             )));
         }
-        let (sums, stacks, max_nodes, projection) = (
+        let (sums, reads, max_nodes, projection) = (
             self.sums.clone(),
-            self.stacks.clone(),
+            self.reads.clone(),
             self.max_nodes,
             self.projection.clone(),
-        );
-        let (dictionary, tenant, tenant_nodes, missing, whole) = (
-            self.dictionary.clone(),
-            self.tenant.clone(),
-            self.tenant_nodes.clone(),
-            self.missing.clone(),
-            self.whole.clone(),
         );
         let fut = async move {
             let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
             let mut grow = |bytes: usize| reservation.try_grow(bytes);
-            let read = read_stack_nodes(stacks, context.clone(), &mut grow).await?;
+            let read = reads.stack_nodes(&mut grow).await?;
             // Kept nodes are the dictionary's memory, not this query's.
-            let local = dictionary.offer(&tenant, &tenant_nodes, &missing, read);
+            let local = reads.storage.stacks.offer(
+                &reads.tenant,
+                &reads.tenant_nodes,
+                &reads.missing,
+                read,
+            );
             if local.is_none() {
                 reservation.free();
             }
             let mut values = read_sums(sums, context, &mut grow).await?;
-            whole.add_totals(&mut values, &mut grow).await?;
-            let global = stack_dictionary::read(&tenant_nodes);
+            reads.add_totals(&mut values, &mut grow).await?;
+            let global = stack_dictionary::read(&reads.tenant_nodes);
             let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
                 Some(n) => Some(n),
                 None => global.get(id),

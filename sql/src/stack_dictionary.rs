@@ -8,9 +8,14 @@
 //! collision name one tenant's frame in another tenant's flame graph.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, UInt64Type};
+use datafusion::error::{DataFusionError, Result};
+use ember_engine::block::{read_section_as, Section};
 use ember_engine::{DatasetKey, DatasetRef};
+use object_store::ObjectStore;
 
 use crate::lru::ByteLru;
 
@@ -66,6 +71,61 @@ impl Nodes {
             self.nodes.insert(id, (parent, name));
             self.bytes += NODE_BYTES;
         }
+    }
+
+    /// Inserts the nodes of a stacks section batch read by
+    /// [`read_stacks_section`]: each distinct name is hashed once per batch,
+    /// not once per node.
+    pub fn insert_batch(&mut self, batch: &RecordBatch) -> Result<()> {
+        let column = |i: usize| {
+            batch.columns().get(i).ok_or_else(|| {
+                DataFusionError::Internal(format!("stacks batch without column {i}"))
+            })
+        };
+        let ids = column(0)?.as_primitive_opt::<UInt64Type>();
+        let parents = column(1)?.as_primitive_opt::<UInt64Type>();
+        let names = column(2)?.as_dictionary_opt::<Int32Type>();
+        let (Some(ids), Some(parents), Some(names)) = (ids, parents, names) else {
+            return Err(DataFusionError::Internal(
+                "stacks batch is not (u64, u64, dictionary of names)".into(),
+            ));
+        };
+        let Some(values) = names.values().as_string_opt::<i32>() else {
+            return Err(DataFusionError::Internal(
+                "stack names are not a dictionary of strings".into(),
+            ));
+        };
+        // Interned on first use: a dictionary may hold names no row uses.
+        let mut interned: Vec<Option<Arc<str>>> = vec![None; values.len()];
+        for ((id, parent), key) in ids
+            .values()
+            .iter()
+            .zip(parents.values())
+            .zip(names.keys().values())
+        {
+            if self.nodes.contains_key(id) {
+                continue;
+            }
+            let slot = usize::try_from(*key)
+                .ok()
+                .and_then(|k| interned.get_mut(k))
+                .ok_or_else(|| {
+                    DataFusionError::Internal(format!(
+                        "stack name key {key} outside its dictionary"
+                    ))
+                })?;
+            let name = match slot {
+                Some(n) => n.clone(),
+                None => {
+                    let n = self.name(values.value(*key as usize));
+                    *slot = Some(n.clone());
+                    n
+                }
+            };
+            self.nodes.insert(*id, (*parent, name));
+            self.bytes += NODE_BYTES;
+        }
+        Ok(())
     }
 
     /// The datasets whose nodes are not here.
@@ -185,4 +245,32 @@ impl StackDictionary {
 
 pub fn read(nodes: &TenantNodes) -> RwLockReadGuard<'_, Nodes> {
     nodes.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The stacks section as the dictionary reads it: names as a dictionary, so
+/// a name repeated by many nodes is decoded and interned once.
+fn stacks_read_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        let names = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        Arc::new(Schema::new(vec![
+            Field::new("stack_id", DataType::UInt64, false),
+            Field::new("parent_id", DataType::UInt64, false),
+            Field::new("name", names, false),
+        ]))
+    })
+    .clone()
+}
+
+/// The dataset's stacks section, for [`Nodes::insert_batch`].
+pub async fn read_stacks_section(
+    store: Arc<dyn ObjectStore>,
+    d: &DatasetRef,
+) -> Result<Vec<RecordBatch>> {
+    let Some(section) = d.dataset.section(Section::Stacks) else {
+        return Ok(Vec::new());
+    };
+    read_section_as(store, &d.path, section, Some(stacks_read_schema()))
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))
 }

@@ -3,12 +3,14 @@
 //! its totals section instead of scanning it (or its samples) again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type,
+};
 use datafusion::error::{DataFusionError, Result};
-use ember_engine::block::{read_section, Section};
+use ember_engine::block::{read_section_as, Section};
 use ember_engine::{DatasetKey, DatasetRef};
 use object_store::ObjectStore;
 
@@ -60,26 +62,74 @@ impl TotalsCache {
         let section = d.dataset.section(Section::Totals).ok_or_else(|| {
             DataFusionError::Internal(format!("dataset in {} has no totals", d.path))
         })?;
-        let batches = read_section(store, &d.path, section)
+        let batches = read_section_as(store, &d.path, section, Some(totals_read_schema()))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let mut totals = DatasetTotals::new();
         for b in &batches {
-            let types = b.column(0).as_string::<i32>();
-            let ids = b.column(1).as_primitive::<UInt64Type>();
-            let values = b.column(2).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                let t = types.value(i);
-                let list = match totals.get_mut(t) {
-                    Some(l) => l,
-                    None => totals.entry(t.to_string()).or_default(),
-                };
-                list.push((ids.value(i), values.value(i)));
-            }
+            add_batch(&mut totals, b)?;
         }
         let totals = Arc::new(totals);
         let bytes = bytes_of(&totals);
         self.lock().insert(key, totals.clone(), bytes);
         Ok(totals)
     }
+}
+
+/// The totals section as the cache reads it: the profile type, the same on
+/// every row of a run, as a dictionary.
+fn totals_read_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        let types = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        Arc::new(Schema::new(vec![
+            Field::new("profile_type", types, false),
+            Field::new("stack_id", DataType::UInt64, false),
+            Field::new("value", DataType::Int64, false),
+        ]))
+    })
+    .clone()
+}
+
+/// Adds a batch of the totals section to `totals`, one map lookup per run
+/// of rows of one profile type (the section is sorted by type).
+fn add_batch(totals: &mut DatasetTotals, b: &RecordBatch) -> Result<()> {
+    let wrong = || DataFusionError::Internal("totals batch is not (dictionary, u64, i64)".into());
+    let types = b
+        .column(0)
+        .as_dictionary_opt::<Int32Type>()
+        .ok_or_else(wrong)?;
+    let names = types.values().as_string_opt::<i32>().ok_or_else(wrong)?;
+    let ids = b
+        .column(1)
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(wrong)?;
+    let values = b
+        .column(2)
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(wrong)?;
+    let keys = types.keys().values();
+    let mut start = 0;
+    while start < keys.len() {
+        let key = keys[start];
+        let end = keys[start..]
+            .iter()
+            .position(|k| *k != key)
+            .map_or(keys.len(), |n| start + n);
+        let name = usize::try_from(key)
+            .ok()
+            .filter(|k| *k < names.len())
+            .map(|k| names.value(k))
+            .ok_or_else(wrong)?;
+        let list = match totals.get_mut(name) {
+            Some(l) => l,
+            None => totals.entry(name.to_string()).or_default(),
+        };
+        let pairs = ids.values()[start..end]
+            .iter()
+            .zip(&values.values()[start..end]);
+        list.extend(pairs.map(|(id, v)| (*id, *v)));
+        start = end;
+    }
+    Ok(())
 }

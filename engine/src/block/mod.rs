@@ -12,7 +12,7 @@ mod schema;
 mod writer;
 
 pub use meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
-pub use reader::{read_footer, read_section, SectionReader};
+pub use reader::{read_footer, read_section, read_section_as, SectionReader};
 pub use schema::{profiles_schema, samples_schema, stacks_schema, Section};
 pub use writer::{block_path, write_block, EncodedBlock};
 

@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, TryStreamExt};
@@ -180,18 +181,39 @@ pub async fn read_section(
     path: &str,
     section: &SectionMeta,
 ) -> Result<Vec<RecordBatch>, BlockError> {
+    read_section_as(store, path, section, None).await
+}
+
+/// Reads a whole section into memory, its columns decoded as the Arrow types
+/// of `schema` when given: a repeated string column read as a dictionary
+/// costs its distinct values once instead of one copy per row.
+pub async fn read_section_as(
+    store: Arc<dyn ObjectStore>,
+    path: &str,
+    section: &SectionMeta,
+    schema: Option<SchemaRef>,
+) -> Result<Vec<RecordBatch>, BlockError> {
     let decode = |source| BlockError::Decode {
         path: path.to_string(),
         source,
     };
     let reader = SectionReader::new(store, path, section);
-    let stream = ParquetRecordBatchStreamBuilder::new(reader)
+    let mut options = ArrowReaderOptions::new();
+    if let Some(schema) = schema {
+        options = options.with_schema(schema);
+    }
+    let stream = ParquetRecordBatchStreamBuilder::new_with_options(reader, options)
         .await
         .map_err(decode)?
+        .with_batch_size(SECTION_BATCH_ROWS)
         .build()
         .map_err(decode)?;
     stream.try_collect().await.map_err(decode)
 }
+
+/// Rows per batch of a section read whole: the section is in memory
+/// anyway, and fewer batches mean fewer dictionaries to walk.
+const SECTION_BATCH_ROWS: usize = 64 * 1024;
 
 /// Reads and checks the metadata footer of a block object.
 pub async fn read_footer(store: &dyn ObjectStore, path: &str) -> Result<BlockMeta, BlockError> {
