@@ -128,6 +128,20 @@ impl Nodes {
         Ok(())
     }
 
+    /// Adds `other`'s nodes. Into an empty dictionary (a tenant's first
+    /// query after a start) they move whole instead of being hashed again.
+    fn merge(&mut self, other: Nodes) {
+        if self.nodes.is_empty() {
+            self.nodes = other.nodes;
+            self.names = other.names;
+            self.bytes += other.bytes;
+            return;
+        }
+        for (id, (parent, name)) in other.nodes {
+            self.insert(id, parent, &name);
+        }
+    }
+
     /// The datasets whose nodes are not here.
     fn missing(&self, datasets: &[DatasetRef]) -> Vec<DatasetRef> {
         datasets
@@ -234,9 +248,7 @@ impl StackDictionary {
                 return Some(read_nodes);
             }
         }
-        for (id, (parent, name)) in read_nodes.nodes {
-            nodes.insert(id, parent, &name);
-        }
+        nodes.merge(read_nodes);
         nodes.bytes += new_datasets.len() * DATASET_BYTES;
         nodes.loaded.extend(new_datasets);
         None
@@ -273,4 +285,75 @@ pub async fn read_stacks_section(
     read_section_as(store, &d.path, section, Some(stacks_read_schema()))
         .await
         .map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{DictionaryArray, StringArray, UInt64Array};
+
+    fn batch(names: Arc<dyn Array>) -> RecordBatch {
+        RecordBatch::try_from_iter([
+            (
+                "stack_id",
+                Arc::new(UInt64Array::from(vec![1, 2, 3, 1])) as _,
+            ),
+            (
+                "parent_id",
+                Arc::new(UInt64Array::from(vec![0, 1, 2, 0])) as _,
+            ),
+            ("name", names),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_nodes_interns_each_used_name_once() {
+        let names: DictionaryArray<Int32Type> =
+            vec!["main", "work", "main", "again"].into_iter().collect();
+        // Keys 0, 1, 0, 2: "again" is only on the repeated node 1.
+        let mut nodes = Nodes::default();
+        nodes.insert_batch(&batch(Arc::new(names))).unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes.get(1), Some((0, "main")));
+        assert_eq!(nodes.get(2), Some((1, "work")));
+        assert_eq!(nodes.get(3), Some((2, "main")));
+        let main = |id| nodes.get(id).unwrap().1.as_ptr();
+        assert_eq!(main(1), main(3), "one name, one copy");
+        // Three nodes, and the names "main" and "work": the first node with
+        // an id wins, so "again" was never interned.
+        assert_eq!(nodes.bytes(), 3 * NODE_BYTES + 2 * NAME_BYTES + 8);
+    }
+
+    #[test]
+    fn merging_moves_into_an_empty_dictionary_and_adds_to_a_full_one() {
+        let read = || {
+            let mut n = Nodes::default();
+            n.insert(1, 0, "main");
+            n.insert(2, 1, "work");
+            n
+        };
+        let mut empty = Nodes::default();
+        empty.merge(read());
+        assert_eq!((empty.len(), empty.bytes()), (2, read().bytes()));
+        assert_eq!(empty.get(2), Some((1, "work")));
+
+        let mut full = Nodes::default();
+        full.insert(1, 0, "main");
+        full.insert(7, 0, "gc");
+        let before = full.bytes();
+        full.merge(read());
+        assert_eq!(full.len(), 3);
+        assert_eq!(full.get(2), Some((1, "work")));
+        assert_eq!(full.get(7), Some((0, "gc")));
+        // Only node 2 and the name "work" are new.
+        assert_eq!(full.bytes(), before + NODE_BYTES + NAME_BYTES + 4);
+    }
+
+    #[test]
+    fn a_batch_with_names_not_as_a_dictionary_is_an_error() {
+        let names = StringArray::from(vec!["a", "b", "c", "a"]);
+        let err = Nodes::default().insert_batch(&batch(Arc::new(names)));
+        assert!(err.is_err());
+    }
 }

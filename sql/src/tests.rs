@@ -231,6 +231,89 @@ fn total_of(profiles: &[Profile], ty: &str, pod: &str, seconds: i64) -> f64 {
         .sum()
 }
 
+/// The flame graph reads stacks and totals sections with their repeated
+/// strings as dictionaries: what it gets must be what the plain read holds.
+#[tokio::test]
+async fn sections_read_with_dictionaries_hold_what_the_plain_read_holds() {
+    use crate::stack_dictionary::{read_stacks_section, Nodes};
+    use crate::stack_totals::{DatasetTotals, TotalsCache};
+    use datafusion::arrow::datatypes::UInt64Type;
+    use ember_engine::block::{read_section, Section};
+    use ember_engine::metastore::BlockQuery;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let metastore = Metastore::open(&dir.path().join("m.redb")).unwrap();
+    for profiles in [
+        profiles("go-heap-large.pb.gz", "heap", "t"),
+        profiles("go-cpu-deep-stacks.pb.gz", "cpu", "t"),
+    ] {
+        let block = write_block(&profiles, 0).unwrap();
+        let path = Path::from(block.meta.path.as_str());
+        store
+            .put(&path, PutPayload::from(block.bytes))
+            .await
+            .unwrap();
+        metastore.apply(Command::add_block(block.meta)).unwrap();
+    }
+    let datasets = metastore.query(&BlockQuery {
+        tenant: "t".into(),
+        start: i64::MIN,
+        end: i64::MAX,
+        service_names: None,
+        profile_types: None,
+        skip_level0: false,
+    });
+    assert_eq!(datasets.len(), 2);
+    for d in &datasets {
+        let section = |s| d.dataset.section(s).unwrap();
+        let mut want = Nodes::default();
+        let mut ids = Vec::new();
+        for b in read_section(store.clone(), &d.path, section(Section::Stacks))
+            .await
+            .unwrap()
+        {
+            let names = b.column(2).as_string::<i32>();
+            for i in 0..b.num_rows() {
+                let id = b.column(0).as_primitive::<UInt64Type>().value(i);
+                let parent = b.column(1).as_primitive::<UInt64Type>().value(i);
+                want.insert(id, parent, names.value(i));
+                ids.push(id);
+            }
+        }
+        let mut got = Nodes::default();
+        for b in read_stacks_section(store.clone(), d).await.unwrap() {
+            got.insert_batch(&b).unwrap();
+        }
+        assert!(want.len() > 100, "{} nodes", want.len());
+        assert_eq!((got.len(), got.bytes()), (want.len(), want.bytes()));
+        for id in ids {
+            assert_eq!(got.get(id), want.get(id));
+        }
+
+        let mut want = DatasetTotals::new();
+        for b in read_section(store.clone(), &d.path, section(Section::Totals))
+            .await
+            .unwrap()
+        {
+            let types = b.column(0).as_string::<i32>();
+            for i in 0..b.num_rows() {
+                want.entry(types.value(i).to_string()).or_default().push((
+                    b.column(1).as_primitive::<UInt64Type>().value(i),
+                    b.column(2).as_primitive::<Int64Type>().value(i),
+                ));
+            }
+        }
+        let got = TotalsCache::new(1 << 30)
+            .totals(store.clone(), d)
+            .await
+            .unwrap();
+        assert!(!want.is_empty());
+        assert_eq!(*got, want);
+    }
+}
+
 #[tokio::test]
 async fn series_sum_each_step_of_each_group_as_the_input_does() {
     use crate::selection::ProfileSelection;
