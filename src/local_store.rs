@@ -109,6 +109,12 @@ fn small_plain_range(o: &GetOptions) -> Option<Range<u64>> {
     }
 }
 
+#[cfg(not(unix))]
+fn read_range_here(_: &std::path::Path, _: &Path, _: Range<u64>) -> std::io::Result<GetResult> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(unix)]
 fn read_range_here(
     root: &std::path::Path,
     location: &Path,
