@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, UInt64Type};
+use datafusion::arrow::datatypes::{Int32Type, SchemaRef, UInt64Type};
 use datafusion::error::{DataFusionError, Result};
 use ember_engine::block::{read_section_as, Section};
 use ember_engine::{DatasetKey, DatasetRef};
@@ -263,15 +263,8 @@ pub fn read(nodes: &TenantNodes) -> RwLockReadGuard<'_, Nodes> {
 /// a name repeated by many nodes is decoded and interned once.
 fn stacks_read_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
-    S.get_or_init(|| {
-        let names = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
-        Arc::new(Schema::new(vec![
-            Field::new("stack_id", DataType::UInt64, false),
-            Field::new("parent_id", DataType::UInt64, false),
-            Field::new("name", names, false),
-        ]))
-    })
-    .clone()
+    S.get_or_init(|| Section::Stacks.schema_with_dictionary("name"))
+        .clone()
 }
 
 /// The dataset's stacks section, for [`Nodes::insert_batch`].

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{
-    DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type,
-};
+use datafusion::arrow::datatypes::{Int32Type, Int64Type, SchemaRef, UInt64Type};
 use datafusion::error::{DataFusionError, Result};
 use ember_engine::block::{read_section_as, Section};
 use ember_engine::{DatasetKey, DatasetRef};
@@ -80,15 +78,8 @@ impl TotalsCache {
 /// every row of a run, as a dictionary.
 fn totals_read_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
-    S.get_or_init(|| {
-        let types = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
-        Arc::new(Schema::new(vec![
-            Field::new("profile_type", types, false),
-            Field::new("stack_id", DataType::UInt64, false),
-            Field::new("value", DataType::Int64, false),
-        ]))
-    })
-    .clone()
+    S.get_or_init(|| Section::Totals.schema_with_dictionary("profile_type"))
+        .clone()
 }
 
 /// Adds a batch of the totals section to `totals`, one map lookup per run

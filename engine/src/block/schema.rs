@@ -59,6 +59,24 @@ impl Section {
             .build()
     }
 
+    /// The section's schema with the string column `column` read as a
+    /// dictionary (a hint for `read_section_as`): for columns that repeat a
+    /// few distinct strings over many rows.
+    pub fn schema_with_dictionary(self, column: &str) -> SchemaRef {
+        let schema = self.schema();
+        let fields: Vec<Field> = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8 if f.name() == column => f.as_ref().clone().with_data_type(
+                    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                ),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
     pub fn schema(self) -> SchemaRef {
         match self {
             Section::Profiles => profiles_schema(),
