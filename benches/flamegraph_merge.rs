@@ -11,7 +11,7 @@ use ember_engine::stack::{node_id, ROOT};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof;
+use ember_ingest::pprof::{self, FlatProfile};
 use ember_sql::flamegraph::{build_flame_graph, StackValues};
 use ember_sql::stack_dictionary::Nodes;
 use ember_sql::{QueryEngine, QueryEngineConfig};
@@ -43,7 +43,7 @@ fn heap_profiles(copies: usize) -> Vec<Profile> {
             limits: Default::default(),
         };
         out.extend(
-            normalise(&p, &dest)
+            normalise(&FlatProfile::of(&p), &dest)
                 .expect("normalises")
                 .into_iter()
                 .filter(|p| p.profile_type == TYPE),

@@ -28,7 +28,8 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(samples as u64));
         group.bench_function(format!("decode+normalise/{name}"), |b| {
             b.iter(|| {
-                let p = pprof::decode(&bytes, 64 << 20).expect("decodes");
+                let raw = pprof::maybe_gunzip(&bytes, 64 << 20, "pprof").expect("gunzips");
+                let p = pprof::FlatProfile::decode(&raw).expect("decodes");
                 normalise(&p, &dest).expect("normalises")
             })
         });

@@ -7,7 +7,7 @@ use ember_engine::block::write_block;
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof;
+use ember_ingest::pprof::{self, FlatProfile};
 
 fn segment_profiles() -> Vec<Profile> {
     let mut out = Vec::new();
@@ -31,7 +31,7 @@ fn segment_profiles() -> Vec<Profile> {
                 received_at_nanos: 1,
                 limits: Default::default(),
             };
-            out.extend(normalise(&p, &dest).expect("normalises"));
+            out.extend(normalise(&FlatProfile::of(&p), &dest).expect("normalises"));
         }
     }
     out

@@ -6,8 +6,9 @@ use ember_engine::profile::Profile;
 use crate::legacy::{self, Format, IngestParams};
 use crate::limits::{Limits, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination};
+use crate::pprof::{self, FlatProfile};
 use crate::push::PushRequest;
-use crate::{pprof, IngestError};
+use crate::IngestError;
 
 /// How a request body is encoded, as its headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +85,9 @@ fn push_request(
         };
         for sample in &series.samples {
             let max = limits.max_profile_size_bytes.min(budget.left);
-            let (profile, size) = pprof::decode_sized(&sample.raw_profile, max)?;
-            budget.take(size)?;
-            out.extend(normalise(&profile, &dest)?);
+            let raw = pprof::maybe_gunzip(&sample.raw_profile, max, "pprof profile")?;
+            budget.take(raw.len())?;
+            out.extend(normalise(&FlatProfile::decode(&raw)?, &dest)?);
         }
     }
     check_times(&out, &limits, now_nanos)?;
@@ -141,7 +142,7 @@ pub fn jfr_body(
         profile.time_nanos = time_nanos;
         profile.duration_nanos = duration_nanos;
         let dest = params.jfr_destination(tenant, now_nanos, metric, &read.event, &limits)?;
-        out.extend(normalise(&profile, &dest)?);
+        out.extend(normalise(&FlatProfile::of(&profile), &dest)?);
     }
     check_times(&out, &limits, now_nanos)?;
     Ok(out)
@@ -181,7 +182,8 @@ pub fn ingest_body(
     let profiles = match format {
         Format::Pprof => {
             let dest = params.destination(tenant, now_nanos, false, &limits)?;
-            let profile = pprof::decode(&body, limits.max_profile_size_bytes)?;
+            let raw = pprof::maybe_gunzip(&body, limits.max_profile_size_bytes, "pprof profile")?;
+            let profile = FlatProfile::decode(&raw)?;
             let mut profiles = normalise(&profile, &dest)?;
             if let Some(from) = params.from_nanos.filter(|_| profile.time_nanos == 0) {
                 profiles.iter_mut().for_each(|p| p.time_nanos = from);

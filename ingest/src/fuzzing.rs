@@ -48,7 +48,11 @@ fn limits() -> Limits {
 /// A pprof profile, gzipped or not, normalised.
 pub fn pprof_profile(data: &[u8]) {
     let l = limits();
-    let Ok(profile) = pprof::decode(data, l.defaults.max_profile_size_bytes) else {
+    let Ok(raw) = pprof::maybe_gunzip(data, l.defaults.max_profile_size_bytes, "pprof profile")
+    else {
+        return;
+    };
+    let Ok(profile) = pprof::FlatProfile::decode(&raw) else {
         return;
     };
     let Ok(labels) = validate_labels(vec![("service_name".into(), "fuzz".into())]) else {

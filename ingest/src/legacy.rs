@@ -311,7 +311,7 @@ pub fn parse_folded(
                 break;
             }
             let id = *index.entry(frame).or_insert_with(|| {
-                names.push(limits.truncate_symbol(frame.to_string()));
+                names.push(limits.truncate_symbol(frame.into()).into_owned());
                 (names.len() - 1) as u32
             });
             ids.push(id);

@@ -2,6 +2,7 @@
 //! (`validation.*`), with per-tenant overrides. Every number here bounds
 //! memory or time that a client's input would otherwise decide.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -102,17 +103,24 @@ impl ProfileLimits {
         Ok(())
     }
 
-    /// Cuts a symbol name to the limit, at a character boundary.
-    pub fn truncate_symbol(&self, mut name: String) -> String {
+    /// Cuts a symbol name to the limit, at a character boundary (a name
+    /// within it is not copied).
+    pub fn truncate_symbol<'a>(&self, name: Cow<'a, str>) -> Cow<'a, str> {
         let max = self.max_profile_symbol_value_length.max(1);
-        if name.len() > max {
-            let mut end = max;
-            while !name.is_char_boundary(end) {
-                end -= 1;
-            }
-            name.truncate(end);
+        if name.len() <= max {
+            return name;
         }
-        name
+        let mut end = max;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        match name {
+            Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
+            Cow::Owned(mut s) => {
+                s.truncate(end);
+                Cow::Owned(s)
+            }
+        }
     }
 
     /// Frames a stack deeper than the limit keeps before the

@@ -3,13 +3,14 @@
 //! sample labels, missing timestamps set to the receive time, zero values
 //! dropped, samples sharing a stack summed, inlined frames split.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
-use crate::pprof::{self, ProfileStrings};
+use crate::pprof::{FlatFunction, FlatProfile};
 use crate::IngestError;
 
 /// Labels on pprof samples that identify a trace span, kept per sample
@@ -80,12 +81,20 @@ fn id_or_position(id: u64, index: usize) -> u64 {
     }
 }
 
+/// A string of the profile as text: agents' strings are bytes, and invalid
+/// UTF-8 is repaired rather than failing the whole profile.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}
+
 /// Interns function names and the frames of each location.
 struct Symbols {
     names: Vec<String>,
-    index: HashMap<String, u32>,
-    /// location id -> function indices, leaf first (inlined frames split).
-    locations: foldhash::HashMap<u64, Vec<u32>>,
+    index: foldhash::HashMap<String, u32>,
+    /// location id -> where its function indices are in `frames`.
+    locations: foldhash::HashMap<u64, (u32, u32)>,
+    /// Function indices of every location, leaf first (inlined frames split).
+    frames: Vec<u32>,
     /// Index of [`TRUNCATED_FRAME`], interned up front.
     truncated: u32,
     /// Frames a stack keeps before the truncation frame.
@@ -93,54 +102,82 @@ struct Symbols {
 }
 
 impl Symbols {
-    fn intern(&mut self, name: String) -> u32 {
-        if let Some(&i) = self.index.get(&name) {
+    fn intern(&mut self, name: Cow<'_, str>) -> u32 {
+        if let Some(&i) = self.index.get(name.as_ref()) {
             return i;
         }
         let i = self.names.len() as u32;
+        let name = name.into_owned();
         self.index.insert(name.clone(), i);
         self.names.push(name);
         i
     }
 
-    fn build(p: &pprof::Profile, limits: &ProfileLimits) -> Result<Self, IngestError> {
-        let mut functions = HashMap::with_capacity(p.function.len());
-        for (i, f) in p.function.iter().enumerate() {
-            let mut name = p.string(f.name, "function.name")?;
-            if name.is_empty() {
-                name = p.string(f.system_name, "function.system_name")?;
-            }
-            functions.insert(id_or_position(f.id, i), limits.truncate_symbol(name));
+    fn intern_function(
+        &mut self,
+        p: &FlatProfile,
+        f: &FlatFunction,
+        limits: &ProfileLimits,
+    ) -> Result<u32, IngestError> {
+        let mut name = p.string(f.name, "function.name")?;
+        if name.is_empty() {
+            name = p.string(f.system_name, "function.system_name")?;
         }
+        Ok(self.intern(limits.truncate_symbol(text(name))))
+    }
+
+    fn build(p: &FlatProfile, limits: &ProfileLimits) -> Result<Self, IngestError> {
         let mut s = Symbols {
             names: Vec::new(),
-            index: HashMap::new(),
+            index: Default::default(),
             locations: foldhash::HashMap::with_capacity_and_hasher(
-                p.location.len(),
+                p.locations.len(),
                 Default::default(),
             ),
+            frames: Vec::with_capacity(p.locations.len()),
             truncated: 0,
             max_depth: limits.kept_depth(),
         };
-        s.truncated = s.intern(TRUNCATED_FRAME.to_string());
-        for (i, loc) in p.location.iter().enumerate() {
-            let mut frames = Vec::with_capacity(loc.line.len().max(1));
-            for line in &loc.line {
-                let name = functions.get(&line.function_id).cloned().ok_or_else(|| {
+        s.truncated = s.intern(TRUNCATED_FRAME.into());
+        // function id -> position; names are interned when a location
+        // first uses them, so functions no sample reaches cost nothing.
+        let functions: foldhash::HashMap<u64, usize> = p
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (id_or_position(f.id, i), i))
+            .collect();
+        let mut interned = vec![u32::MAX; p.functions.len()];
+        for (i, loc) in p.locations.iter().enumerate() {
+            let start = s.frames.len() as u32;
+            for function_id in p.line_functions(loc) {
+                let &at = functions.get(function_id).ok_or_else(|| {
                     IngestError::Invalid(format!(
-                        "location {} refers to unknown function {}",
-                        loc.id, line.function_id
+                        "location {} refers to unknown function {function_id}",
+                        loc.id
                     ))
                 })?;
-                frames.push(s.intern(name));
+                if interned[at] == u32::MAX {
+                    interned[at] = s.intern_function(p, &p.functions[at], limits)?;
+                }
+                s.frames.push(interned[at]);
             }
-            if frames.is_empty() {
+            if s.frames.len() as u32 == start {
                 // No symbols: the address is all there is, as in pprof's own output.
-                frames.push(s.intern(format!("0x{:x}", loc.address)));
+                let index = s.intern(format!("0x{:x}", loc.address).into());
+                s.frames.push(index);
             }
-            s.locations.insert(id_or_position(loc.id, i), frames);
+            s.locations
+                .insert(id_or_position(loc.id, i), (start, s.frames.len() as u32));
         }
         Ok(s)
+    }
+
+    fn frames_of(&self, location_id: u64) -> Result<&[u32], IngestError> {
+        let &(start, end) = self.locations.get(&location_id).ok_or_else(|| {
+            IngestError::Invalid(format!("sample refers to unknown location {location_id}"))
+        })?;
+        Ok(&self.frames[start as usize..end as usize])
     }
 
     /// Root-first stack of a sample. A stack deeper than the limit keeps
@@ -150,17 +187,14 @@ impl Symbols {
     fn stack(&self, location_ids: &[u64]) -> Result<Vec<u32>, IngestError> {
         let mut frames_total = 0usize;
         for id in location_ids {
-            let frames = self.locations.get(id).ok_or_else(|| {
-                IngestError::Invalid(format!("sample refers to unknown location {id}"))
-            })?;
-            frames_total += frames.len();
+            frames_total += self.frames_of(*id)?.len();
         }
         // A stack at the limit is kept whole; a deeper one keeps one frame
         // less than the limit, then the truncation frame.
         let truncate = frames_total > self.max_depth + 1;
         let mut stack = Vec::with_capacity(frames_total.min(self.max_depth + 1));
         for id in location_ids.iter().rev() {
-            for &f in self.locations[id].iter().rev() {
+            for &f in self.frames_of(*id)?.iter().rev() {
                 if truncate && stack.len() == self.max_depth {
                     stack.push(self.truncated);
                     return Ok(stack);
@@ -172,15 +206,10 @@ impl Symbols {
     }
 }
 
-fn profile_type_name(dest: &Labels, p: &pprof::Profile, sample_type: &str) -> String {
+fn profile_type_name(dest: &Labels, period_type: &str, sample_type: &str) -> String {
     if let Some((_, v)) = dest.iter().find(|(k, _)| k == METRIC_NAME) {
         return v.clone();
     }
-    let period_type = p
-        .period_type
-        .as_ref()
-        .and_then(|t| p.string(t.r#type, "").ok())
-        .unwrap_or_default();
     if period_type == "cpu" || sample_type == "cpu" {
         "process_cpu".into()
     } else if period_type == "space"
@@ -193,13 +222,18 @@ fn profile_type_name(dest: &Labels, p: &pprof::Profile, sample_type: &str) -> St
     }
 }
 
-fn span_id(value: &str) -> Option<u64> {
-    u64::from_str_radix(value, 16).ok()
+fn span_id(value: &[u8]) -> Option<u64> {
+    u64::from_str_radix(std::str::from_utf8(value).ok()?, 16).ok()
 }
 
 /// One series' samples of one sample type, summed by (stack index in
 /// [`DistinctStacks`], span).
 type SeriesSamples = foldhash::HashMap<(u32, Option<u64>), i64>;
+
+/// A sample's labels as the profile's own bytes, sorted by name with the
+/// last of a repeated name kept: one series per distinct set, before any
+/// string is copied.
+type RawLabels<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The distinct stacks of a profile's samples, each built once whatever the
 /// number of sample types and label sets that use it.
@@ -240,63 +274,71 @@ impl<'p> DistinctStacks<'p> {
     }
 }
 
-pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>, IngestError> {
-    if p.sample_type.is_empty() {
+/// The profile type IDs of a profile's sample types, in order.
+fn profile_types(p: &FlatProfile, dest: &Destination) -> Result<Vec<String>, IngestError> {
+    let period_type = p.period_type.clone().unwrap_or_default();
+    let period = (
+        text(p.string(period_type.r#type, "period_type.type")?),
+        text(p.string(period_type.unit, "period_type.unit")?),
+    );
+    p.sample_types
+        .iter()
+        .map(|t| {
+            let ty = text(p.string(t.r#type, "sample_type.type")?);
+            let unit = text(p.string(t.unit, "sample_type.unit")?);
+            let name = profile_type_name(&dest.labels, &period.0, &ty);
+            Ok(format!("{name}:{ty}:{unit}:{}:{}", period.0, period.1))
+        })
+        .collect()
+}
+
+pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, IngestError> {
+    if p.sample_types.is_empty() {
         return Err(IngestError::Invalid("profile has no sample types".into()));
     }
     let limits = &dest.limits;
-    limits.check_samples(p.sample.len())?;
+    limits.check_samples(p.samples.len())?;
     let symbols = Symbols::build(p, limits)?;
-    let period_type = p.period_type.clone().unwrap_or_default();
-    let period_names = (
-        p.string(period_type.r#type, "period_type.type")?,
-        p.string(period_type.unit, "period_type.unit")?,
-    );
-    let mut types = Vec::with_capacity(p.sample_type.len());
-    for t in &p.sample_type {
-        let ty = p.string(t.r#type, "sample_type.type")?;
-        let unit = p.string(t.unit, "sample_type.unit")?;
-        let name = profile_type_name(&dest.labels, p, &ty);
-        types.push(format!(
-            "{name}:{ty}:{unit}:{}:{}",
-            period_names.0, period_names.1
-        ));
-    }
+    let types = profile_types(p, dest)?;
     // sample label set -> per sample type -> (stack, span) -> value
-    let mut series: HashMap<Labels, Vec<SeriesSamples>> = HashMap::new();
+    let mut series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>> = Default::default();
     let mut stacks = DistinctStacks::default();
-    for s in &p.sample {
-        if s.value.len() != types.len() {
+    for s in &p.samples {
+        let values = p.values(s);
+        if values.len() != types.len() {
             return Err(IngestError::Invalid(format!(
                 "sample has {} values for {} sample types",
-                s.value.len(),
+                values.len(),
                 types.len()
             )));
         }
         // Negative values come from real agents (a delta profile across a
         // restart, old Go unwinding bugs): like Pyroscope, drop them rather
         // than refuse the push, so flame graph totals never go negative.
-        if s.value.iter().all(|v| *v <= 0) {
+        if values.iter().all(|v| *v <= 0) {
             continue;
         }
-        limits.check_sample_labels(s.label.len())?;
-        let mut labels = Labels::new();
+        let sample_labels = p.labels(s);
+        limits.check_sample_labels(sample_labels.len())?;
+        let mut labels = RawLabels::new();
         let mut span = None;
-        for l in s.label.iter().filter(|l| l.str != 0) {
+        for l in sample_labels.iter().filter(|l| l.str != 0) {
             let key = p.string(l.key, "label.key")?;
             let value = p.string(l.str, "label.str")?;
-            if SPAN_LABELS.contains(&key.as_str()) {
-                span = span_id(&value);
+            if SPAN_LABELS.iter().any(|s| s.as_bytes() == key) {
+                span = span_id(value);
             } else {
                 labels.push((key, value));
             }
         }
-        let labels = normalise_labels(labels);
-        let stack = stacks.index(&symbols, &s.location_id)?;
+        labels.reverse();
+        labels.sort_by(|a, b| a.0.cmp(b.0));
+        labels.dedup_by(|a, b| a.0 == b.0);
+        let stack = stacks.index(&symbols, p.location_ids(s))?;
         let per_type = series
             .entry(labels)
             .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
-        for (i, v) in s.value.iter().enumerate().filter(|(_, v)| **v > 0) {
+        for (i, v) in values.iter().enumerate().filter(|(_, v)| **v > 0) {
             let slot = per_type[i].entry((stack, span)).or_insert(0);
             *slot = slot.saturating_add(*v);
         }
@@ -307,10 +349,9 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
         dest.received_at_nanos
     };
     let (frames, rank) = stacks.into_frames_and_ranks();
-    let functions: Arc<[String]> = symbols.names.clone().into();
+    let functions: Arc<[String]> = symbols.names.into();
     let mut out = Vec::new();
-    for (sample_labels, per_type) in series {
-        let labels = series_labels(&dest.labels, sample_labels)?;
+    for (labels, per_type) in by_series_labels(series, &dest.labels)? {
         for (i, samples) in per_type.into_iter().enumerate() {
             // Sorted by stack, as the block writer walks them.
             let mut rows: Vec<(u32, Option<u64>, u32, i64)> = samples
@@ -346,6 +387,37 @@ pub fn normalise(p: &pprof::Profile, dest: &Destination) -> Result<Vec<Profile>,
     Ok(out)
 }
 
+/// The samples of each series by its full labels. Label sets whose bytes
+/// differ can be one series once repaired as text or joined with the
+/// request's labels; their samples are summed.
+fn by_series_labels(
+    series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>>,
+    request: &Labels,
+) -> Result<HashMap<Labels, Vec<SeriesSamples>>, IngestError> {
+    let mut out: HashMap<Labels, Vec<SeriesSamples>> = HashMap::with_capacity(series.len());
+    for (raw, per_type) in series {
+        let sample = raw
+            .into_iter()
+            .map(|(k, v)| (text(k).into_owned(), text(v).into_owned()))
+            .collect();
+        let labels = series_labels(request, normalise_labels(sample))?;
+        match out.entry(labels) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(per_type);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                for (into, from) in e.get_mut().iter_mut().zip(per_type) {
+                    for (key, v) in from {
+                        let slot = into.entry(key).or_insert(0);
+                        *slot = slot.saturating_add(v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Request labels plus sample labels; a sample label never replaces the
 /// service or the profile name that the request set.
 fn series_labels(request: &Labels, sample: Labels) -> Result<Labels, IngestError> {
@@ -363,6 +435,7 @@ fn series_labels(request: &Labels, sample: Labels) -> Result<Labels, IngestError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pprof;
 
     fn strings(s: &[&str]) -> Vec<Vec<u8>> {
         s.iter().map(|s| s.as_bytes().to_vec()).collect()
@@ -518,7 +591,7 @@ mod tests {
 
     #[test]
     fn splits_types_and_label_sets_sums_and_drops_zeros() {
-        let out = normalise(&sample_profile(), &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
         let find = |ty: &str, handler: Option<&str>| {
             out.iter()
                 .find(|p| {
@@ -569,7 +642,7 @@ mod tests {
             label: vec![],
         })
         .collect();
-        let out = normalise(&p, &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
         assert_eq!(out.len(), 2);
         for profile in &out {
             let m = if profile.profile_type.starts_with("process_cpu:cpu") {
@@ -597,7 +670,7 @@ mod tests {
         let mut p = sample_profile();
         // Sample 1 (handler=a) becomes (-2, 20), sample 0 stays (1, 10).
         p.sample[1].value[0] = -2;
-        let out = normalise(&p, &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
         let a = out
             .iter()
             .find(|q| {
@@ -611,7 +684,7 @@ mod tests {
         for s in &mut p.sample {
             s.value.iter_mut().for_each(|v| *v = -(*v).abs() - 1);
         }
-        assert!(normalise(&p, &dest()).unwrap().is_empty());
+        assert!(normalise(&FlatProfile::of(&p), &dest()).unwrap().is_empty());
     }
 
     #[test]
@@ -619,19 +692,19 @@ mod tests {
         let mut p = sample_profile();
         p.sample[0].location_id.push(99);
         assert!(matches!(
-            normalise(&p, &dest()),
+            normalise(&FlatProfile::of(&p), &dest()),
             Err(IngestError::Invalid(_))
         ));
         let mut p = sample_profile();
         p.function[0].name = 1000;
         assert!(matches!(
-            normalise(&p, &dest()),
+            normalise(&FlatProfile::of(&p), &dest()),
             Err(IngestError::Invalid(_))
         ));
         let mut p = sample_profile();
         p.sample[0].value.pop();
         assert!(matches!(
-            normalise(&p, &dest()),
+            normalise(&FlatProfile::of(&p), &dest()),
             Err(IngestError::Invalid(_))
         ));
     }
@@ -675,7 +748,7 @@ mod tests {
 
     #[test]
     fn deep_stacks_keep_their_root_and_end_in_a_truncation_frame() {
-        let out = normalise(&deep_profile(200_000, 0), &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&deep_profile(200_000, 0)), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
         assert_eq!(s.value, 7);
@@ -688,7 +761,7 @@ mod tests {
         assert_eq!(names[998], "f199001");
         assert_eq!(names[999], TRUNCATED_FRAME);
         // A stack at the limit is untouched.
-        let out = normalise(&deep_profile(1000, 0), &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&deep_profile(1000, 0)), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
         assert_eq!(out[0].functions[s.stack[999] as usize], "f000000");
@@ -700,20 +773,22 @@ mod tests {
 
     #[test]
     fn long_symbols_are_truncated_and_limits_refuse_with_their_names() {
-        let out = normalise(&deep_profile(2, 100_000), &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&deep_profile(2, 100_000)), &dest()).unwrap();
         assert!(out[0].functions.iter().all(|f| f.len() <= 65535));
         let mut d = dest();
         d.limits.max_profile_stacktrace_samples = 3;
         let mut p = sample_profile();
         p.sample.push(p.sample[0].clone());
-        let err = normalise(&p, &d).unwrap_err().to_string();
+        let err = normalise(&FlatProfile::of(&p), &d).unwrap_err().to_string();
         assert!(
             err.contains("6 samples, over max_profile_stacktrace_samples (3)"),
             "{err}"
         );
         let mut d = dest();
         d.limits.max_profile_stacktrace_sample_labels = 1;
-        let err = normalise(&sample_profile(), &d).unwrap_err().to_string();
+        let err = normalise(&FlatProfile::of(&sample_profile()), &d)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("max_profile_stacktrace_sample_labels (1)"),
             "{err}"
@@ -722,7 +797,7 @@ mod tests {
 
     #[test]
     fn one_function_table_is_shared_by_every_profile_of_a_pprof() {
-        let out = normalise(&sample_profile(), &dest()).unwrap();
+        let out = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
         assert!(out.len() > 1);
         assert!(out
             .iter()

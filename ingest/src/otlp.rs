@@ -18,6 +18,7 @@ use crate::limits::{Limits, ProfileLimits};
 use ember_engine::Labels;
 
 use crate::normalise::{normalise, validate_labels, Destination, DEFAULT_SERVICE};
+use crate::pprof::FlatProfile;
 use crate::IngestError;
 
 /// The wire messages (field numbers of opentelemetry-proto v1.10.0), in
@@ -372,7 +373,7 @@ pub fn export_body(
             received_at_nanos: now_nanos,
             limits,
         };
-        out.extend(normalise(&profile, &dest)?);
+        out.extend(normalise(&FlatProfile::of(&profile), &dest)?);
     }
     Ok(out)
 }

@@ -47,39 +47,580 @@ pub fn gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec<u8>, 
     Ok(out)
 }
 
-/// Decodes a pprof profile, gzipped or not.
+/// Decodes a pprof profile, gzipped or not, into prost's owned messages:
+/// for building and re-encoding profiles. The push paths read profiles with
+/// [`FlatProfile::decode`] instead.
 pub fn decode(data: &[u8], limit: usize) -> Result<Profile, IngestError> {
-    decode_sized(data, limit).map(|(p, _)| p)
-}
-
-/// Decodes a pprof profile, gzipped or not, with its decompressed size.
-pub fn decode_sized(data: &[u8], limit: usize) -> Result<(Profile, usize), IngestError> {
     let raw = maybe_gunzip(data, limit, "pprof profile")?;
-    let profile = Profile::decode(raw.as_slice()).map_err(|e| IngestError::Decode {
+    Profile::decode(raw.as_slice()).map_err(|e| IngestError::Decode {
         what: "pprof profile",
         reason: e.to_string(),
-    })?;
-    Ok((profile, raw.len()))
+    })
 }
 
-/// The string table of a profile an agent sent.
-pub trait ProfileStrings {
+/// A sample of a [`FlatProfile`]: where its location ids, values and
+/// labels are in the profile's flat arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlatSample {
+    locations: (u32, u32),
+    values: (u32, u32),
+    labels: (u32, u32),
+}
+
+/// A sample label's string-table indices; numeric labels keep `str` at 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlatLabel {
+    pub key: i64,
+    pub str: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlatLocation {
+    pub id: u64,
+    pub address: u64,
+    /// The function ids of its lines, innermost first, in
+    /// [`FlatProfile::line_functions`].
+    lines: (u32, u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlatFunction {
+    pub id: u64,
+    pub name: i64,
+    pub system_name: i64,
+}
+
+/// What Ember reads of a pprof profile, with its strings borrowed from the
+/// decoded bytes and its samples' location ids, values and labels in three
+/// flat arrays. prost's messages allocate a `Vec` per sample field and a
+/// copy per string, which was a third of the server's CPU under full load;
+/// this reads the same fields with a handful of allocations per profile.
+/// Mappings, file names and line numbers are skipped: Ember stores stacks
+/// of function names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FlatProfile<'a> {
+    pub strings: Vec<&'a [u8]>,
+    pub sample_types: Vec<ValueType>,
+    pub period_type: Option<ValueType>,
+    pub period: i64,
+    pub time_nanos: i64,
+    pub duration_nanos: i64,
+    pub samples: Vec<FlatSample>,
+    pub locations: Vec<FlatLocation>,
+    pub functions: Vec<FlatFunction>,
+    sample_locations: Vec<u64>,
+    sample_values: Vec<i64>,
+    sample_labels: Vec<FlatLabel>,
+    line_functions: Vec<u64>,
+}
+
+impl<'a> FlatProfile<'a> {
+    /// Reads an encoded (not gzipped) profile.proto message.
+    pub fn decode(data: &'a [u8]) -> Result<Self, IngestError> {
+        if u32::try_from(data.len()).is_err() {
+            return Err(wire_error(format!(
+                "{} bytes are more than a profile can hold",
+                data.len()
+            )));
+        }
+        let mut p = FlatProfile::default();
+        let mut r = Wire::new(data);
+        while let Some((field, wire)) = r.key()? {
+            match field {
+                1 => p
+                    .sample_types
+                    .push(value_type(r.message(wire)?, ValueType::default())?),
+                2 => p.read_sample(r.message(wire)?)?,
+                4 => p.read_location(r.message(wire)?)?,
+                5 => p.functions.push(function(r.message(wire)?)?),
+                6 => p.strings.push(r.message(wire)?),
+                9 => p.time_nanos = r.scalar(wire)? as i64,
+                10 => p.duration_nanos = r.scalar(wire)? as i64,
+                // A message field seen twice merges, as protobuf says.
+                11 => {
+                    let merged = value_type(r.message(wire)?, p.period_type.unwrap_or_default())?;
+                    p.period_type = Some(merged);
+                }
+                12 => p.period = r.scalar(wire)? as i64,
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(p)
+    }
+
+    /// The same view of a profile already decoded into prost's messages
+    /// (what the OTLP and JFR paths build).
+    pub fn of(p: &'a Profile) -> Self {
+        let mut flat = FlatProfile {
+            strings: p.string_table.iter().map(Vec::as_slice).collect(),
+            sample_types: p.sample_type.clone(),
+            period_type: p.period_type.clone(),
+            period: p.period,
+            time_nanos: p.time_nanos,
+            duration_nanos: p.duration_nanos,
+            functions: p
+                .function
+                .iter()
+                .map(|f| FlatFunction {
+                    id: f.id,
+                    name: f.name,
+                    system_name: f.system_name,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for s in &p.sample {
+            let locations = span(&mut flat.sample_locations, s.location_id.iter().copied());
+            let values = span(&mut flat.sample_values, s.value.iter().copied());
+            let labels = span(
+                &mut flat.sample_labels,
+                s.label.iter().map(|l| FlatLabel {
+                    key: l.key,
+                    str: l.str,
+                }),
+            );
+            flat.samples.push(FlatSample {
+                locations,
+                values,
+                labels,
+            });
+        }
+        for l in &p.location {
+            let lines = span(
+                &mut flat.line_functions,
+                l.line.iter().map(|x| x.function_id),
+            );
+            flat.locations.push(FlatLocation {
+                id: l.id,
+                address: l.address,
+                lines,
+            });
+        }
+        flat
+    }
+
+    pub fn location_ids(&self, s: &FlatSample) -> &[u64] {
+        &self.sample_locations[range(s.locations)]
+    }
+
+    pub fn values(&self, s: &FlatSample) -> &[i64] {
+        &self.sample_values[range(s.values)]
+    }
+
+    pub fn labels(&self, s: &FlatSample) -> &[FlatLabel] {
+        &self.sample_labels[range(s.labels)]
+    }
+
+    /// The function ids of a location's lines, innermost first.
+    pub fn line_functions(&self, l: &FlatLocation) -> &[u64] {
+        &self.line_functions[range(l.lines)]
+    }
+
     /// The string at `index`, or an error naming the field that pointed
     /// outside the string table.
-    fn string(&self, index: i64, field: &str) -> Result<String, IngestError>;
-}
-
-impl ProfileStrings for Profile {
-    fn string(&self, index: i64, field: &str) -> Result<String, IngestError> {
+    pub fn string(&self, index: i64, field: &str) -> Result<&'a [u8], IngestError> {
         usize::try_from(index)
             .ok()
-            .and_then(|i| self.string_table.get(i))
-            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .and_then(|i| self.strings.get(i).copied())
             .ok_or_else(|| {
                 IngestError::Invalid(format!(
                     "{field} points at string {index} of a table of {}",
-                    self.string_table.len()
+                    self.strings.len()
                 ))
             })
+    }
+
+    fn read_sample(&mut self, data: &'a [u8]) -> Result<(), IngestError> {
+        let start = (
+            self.sample_locations.len(),
+            self.sample_values.len(),
+            self.sample_labels.len(),
+        );
+        let mut r = Wire::new(data);
+        while let Some((field, wire)) = r.key()? {
+            match field {
+                1 => r.repeated(wire, &mut self.sample_locations, |v| v)?,
+                2 => r.repeated(wire, &mut self.sample_values, |v| v as i64)?,
+                3 => self.sample_labels.push(label(r.message(wire)?)?),
+                _ => r.skip(wire)?,
+            }
+        }
+        self.samples.push(FlatSample {
+            locations: (start.0 as u32, self.sample_locations.len() as u32),
+            values: (start.1 as u32, self.sample_values.len() as u32),
+            labels: (start.2 as u32, self.sample_labels.len() as u32),
+        });
+        Ok(())
+    }
+
+    fn read_location(&mut self, data: &'a [u8]) -> Result<(), IngestError> {
+        let start = self.line_functions.len();
+        let mut location = FlatLocation::default();
+        let mut r = Wire::new(data);
+        while let Some((field, wire)) = r.key()? {
+            match field {
+                1 => location.id = r.scalar(wire)?,
+                3 => location.address = r.scalar(wire)?,
+                4 => {
+                    let function_id = line_function(r.message(wire)?)?;
+                    self.line_functions.push(function_id);
+                }
+                _ => r.skip(wire)?,
+            }
+        }
+        location.lines = (start as u32, self.line_functions.len() as u32);
+        self.locations.push(location);
+        Ok(())
+    }
+}
+
+fn range((start, end): (u32, u32)) -> std::ops::Range<usize> {
+    start as usize..end as usize
+}
+
+/// Appends `items` and returns where they are.
+fn span<T>(to: &mut Vec<T>, items: impl Iterator<Item = T>) -> (u32, u32) {
+    let start = to.len() as u32;
+    to.extend(items);
+    (start, to.len() as u32)
+}
+
+fn value_type(data: &[u8], mut v: ValueType) -> Result<ValueType, IngestError> {
+    let mut r = Wire::new(data);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => v.r#type = r.scalar(wire)? as i64,
+            2 => v.unit = r.scalar(wire)? as i64,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(v)
+}
+
+fn label(data: &[u8]) -> Result<FlatLabel, IngestError> {
+    let mut l = FlatLabel::default();
+    let mut r = Wire::new(data);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => l.key = r.scalar(wire)? as i64,
+            2 => l.str = r.scalar(wire)? as i64,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(l)
+}
+
+fn line_function(data: &[u8]) -> Result<u64, IngestError> {
+    let mut function_id = 0;
+    let mut r = Wire::new(data);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => function_id = r.scalar(wire)?,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(function_id)
+}
+
+fn function(data: &[u8]) -> Result<FlatFunction, IngestError> {
+    let mut f = FlatFunction::default();
+    let mut r = Wire::new(data);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => f.id = r.scalar(wire)?,
+            2 => f.name = r.scalar(wire)? as i64,
+            3 => f.system_name = r.scalar(wire)? as i64,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(f)
+}
+
+fn wire_error(reason: String) -> IngestError {
+    IngestError::Decode {
+        what: "pprof profile",
+        reason,
+    }
+}
+
+const WIRE_VARINT: u8 = 0;
+const WIRE_FIXED64: u8 = 1;
+const WIRE_LEN: u8 = 2;
+const WIRE_FIXED32: u8 = 5;
+
+/// The protobuf wire format, read in place.
+struct Wire<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Wire<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Wire { data, at: 0 }
+    }
+
+    /// The next field number and wire type, or `None` at the end.
+    fn key(&mut self) -> Result<Option<(u64, u8)>, IngestError> {
+        if self.at == self.data.len() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err(wire_error("field number 0".into()));
+        }
+        Ok(Some((field, (key & 7) as u8)))
+    }
+
+    fn varint(&mut self) -> Result<u64, IngestError> {
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let Some(&byte) = self.data.get(self.at) else {
+                return Err(wire_error("the message ends inside a varint".into()));
+            };
+            self.at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(wire_error("a varint longer than 10 bytes".into()))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], IngestError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.data.len())
+            .ok_or_else(|| {
+                wire_error(format!(
+                    "a field of {n} bytes runs past the end of its message"
+                ))
+            })?;
+        let bytes = &self.data[self.at..end];
+        self.at = end;
+        Ok(bytes)
+    }
+
+    /// A varint field's value.
+    fn scalar(&mut self, wire: u8) -> Result<u64, IngestError> {
+        match wire {
+            WIRE_VARINT => self.varint(),
+            _ => Err(wire_error(format!(
+                "wire type {wire} where a varint belongs"
+            ))),
+        }
+    }
+
+    /// A length-delimited field: an embedded message, string or bytes.
+    fn message(&mut self, wire: u8) -> Result<&'a [u8], IngestError> {
+        match wire {
+            WIRE_LEN => {
+                let n = self.varint()?;
+                self.take(usize::try_from(n).unwrap_or(usize::MAX))
+            }
+            _ => Err(wire_error(format!(
+                "wire type {wire} where a length-delimited field belongs"
+            ))),
+        }
+    }
+
+    /// A repeated varint field, packed or one value per key.
+    fn repeated<T>(
+        &mut self,
+        wire: u8,
+        to: &mut Vec<T>,
+        of: fn(u64) -> T,
+    ) -> Result<(), IngestError> {
+        if wire == WIRE_VARINT {
+            to.push(of(self.varint()?));
+            return Ok(());
+        }
+        let mut packed = Wire::new(self.message(wire)?);
+        while packed.at < packed.data.len() {
+            to.push(of(packed.varint()?));
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, wire: u8) -> Result<(), IngestError> {
+        match wire {
+            WIRE_VARINT => self.varint().map(drop),
+            WIRE_FIXED64 => self.take(8).map(drop),
+            WIRE_LEN => self.message(wire).map(drop),
+            WIRE_FIXED32 => self.take(4).map(drop),
+            _ => Err(wire_error(format!("unsupported wire type {wire}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(field: u64, wire: u8, out: &mut Vec<u8>) {
+        varint((field << 3) | u64::from(wire), out);
+    }
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn small_profile() -> Profile {
+        Profile {
+            string_table: ["", "cpu", "ns", "main", "work", "k", "v"]
+                .map(|s| s.as_bytes().to_vec())
+                .to_vec(),
+            sample_type: vec![ValueType { r#type: 1, unit: 2 }],
+            period_type: Some(ValueType { r#type: 1, unit: 2 }),
+            period: 10,
+            time_nanos: 7,
+            duration_nanos: 9,
+            function: vec![
+                Function {
+                    id: 1,
+                    name: 3,
+                    ..Default::default()
+                },
+                Function {
+                    id: 2,
+                    name: 4,
+                    ..Default::default()
+                },
+            ],
+            location: vec![Location {
+                id: 5,
+                address: 0x40,
+                line: vec![
+                    Line {
+                        function_id: 2,
+                        line: 12,
+                        ..Default::default()
+                    },
+                    Line {
+                        function_id: 1,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            sample: vec![Sample {
+                location_id: vec![5, 5],
+                value: vec![-3, 1 << 40],
+                label: vec![Label {
+                    key: 5,
+                    str: 6,
+                    ..Default::default()
+                }],
+            }],
+            mapping: vec![Mapping {
+                id: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Every prefix of an encoded profile is read as prost reads it: an
+    /// error where prost fails, the same fields where it succeeds.
+    #[test]
+    fn every_prefix_reads_as_prost_reads_it() {
+        let bytes = small_profile().encode_to_vec();
+        for cut in 0..=bytes.len() {
+            let prefix = &bytes[..cut];
+            match (FlatProfile::decode(prefix), Profile::decode(prefix)) {
+                (Ok(flat), Ok(p)) => assert_eq!(flat, FlatProfile::of(&p), "cut {cut}"),
+                (Err(_), Err(_)) => {}
+                (flat, p) => panic!("cut {cut}: {flat:?} but prost {p:?}"),
+            }
+        }
+        let whole = FlatProfile::decode(&bytes).unwrap();
+        let s = &whole.samples[0];
+        assert_eq!(whole.location_ids(s), &[5, 5]);
+        assert_eq!(whole.values(s), &[-3, 1 << 40]);
+        assert_eq!(whole.labels(s), &[FlatLabel { key: 5, str: 6 }]);
+        assert_eq!(whole.line_functions(&whole.locations[0]), &[2, 1]);
+        assert_eq!(whole.string(4, "f").unwrap(), b"work");
+        assert!(whole
+            .string(7, "function.name")
+            .unwrap_err()
+            .to_string()
+            .contains("function.name"));
+    }
+
+    /// Repeated numbers one per key (as proto2 writers send them) read as
+    /// the packed form does; unknown fields are skipped; a message field
+    /// seen twice merges.
+    #[test]
+    fn unpacked_numbers_unknown_fields_and_split_messages_read_as_protobuf_says() {
+        let mut sample = Vec::new();
+        for id in [5u64, 6] {
+            key(1, WIRE_VARINT, &mut sample);
+            varint(id, &mut sample);
+        }
+        key(2, WIRE_VARINT, &mut sample);
+        varint(-1i64 as u64, &mut sample);
+        key(9, WIRE_FIXED64, &mut sample);
+        sample.extend_from_slice(&[0; 8]);
+        key(10, WIRE_FIXED32, &mut sample);
+        sample.extend_from_slice(&[0; 4]);
+        let mut profile = Vec::new();
+        key(2, WIRE_LEN, &mut profile);
+        varint(sample.len() as u64, &mut profile);
+        profile.extend_from_slice(&sample);
+        for (field, value) in [(1u64, 3u64), (2, 4)] {
+            let mut period_type = Vec::new();
+            key(field, WIRE_VARINT, &mut period_type);
+            varint(value, &mut period_type);
+            key(11, WIRE_LEN, &mut profile);
+            varint(period_type.len() as u64, &mut profile);
+            profile.extend_from_slice(&period_type);
+        }
+        let flat = FlatProfile::decode(&profile).unwrap();
+        assert_eq!(
+            flat,
+            FlatProfile::of(&Profile::decode(profile.as_slice()).unwrap())
+        );
+        assert_eq!(flat.location_ids(&flat.samples[0]), &[5, 6]);
+        assert_eq!(flat.values(&flat.samples[0]), &[-1]);
+        assert_eq!(flat.period_type, Some(ValueType { r#type: 3, unit: 4 }));
+    }
+
+    #[test]
+    fn malformed_wire_data_is_a_decode_error_that_says_why() {
+        let cases: [(&[u8], &str); 4] = [
+            // time_nanos (a varint) sent as a length-delimited field
+            (&[9 << 3 | 2, 1, 0], "wire type 2 where a varint belongs"),
+            // a string of 5 bytes with 1 left
+            (&[6 << 3 | 2, 5, b'a'], "runs past the end"),
+            (
+                &[
+                    9 << 3,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    0xff,
+                    1,
+                ],
+                "longer than 10 bytes",
+            ),
+            // a start-group key
+            (&[7 << 3 | 3], "unsupported wire type 3"),
+        ];
+        for (bytes, want) in cases {
+            let err = FlatProfile::decode(bytes).unwrap_err();
+            assert!(matches!(err, IngestError::Decode { .. }), "{err}");
+            assert!(err.to_string().contains(want), "{err}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::normalise::{normalise, validate_labels, Destination};
-use crate::pprof;
+use crate::pprof::{self, FlatProfile};
 
 fn dest(service: &str) -> Destination {
     Destination {
@@ -49,7 +49,11 @@ fn every_fixture_decodes_and_normalising_keeps_totals() {
     assert!(fixtures.len() >= 20);
     for (name, bytes) in fixtures {
         let p = pprof::decode(&bytes, 64 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let profiles = normalise(&p, &dest("s")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let raw = pprof::maybe_gunzip(&bytes, 64 << 20, "t").unwrap();
+        let flat = FlatProfile::decode(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Read in place, the profile holds what prost's messages hold.
+        assert_eq!(flat, FlatProfile::of(&p), "{name}");
+        let profiles = normalise(&flat, &dest("s")).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!profiles.is_empty(), "{name}: no profiles");
         let by_type = totals_by_type(&profiles);
         let raw: i64 = raw_totals(&p).into_iter().sum();
@@ -79,7 +83,7 @@ fn truncated_and_bomb_inputs_are_errors() {
     let raw = pprof::maybe_gunzip(&bytes, 1 << 20, "t").unwrap();
     for cut in [1, raw.len() / 3, raw.len() - 1] {
         // Either a decode error or a profile that fails validation; never a panic.
-        if let Ok(p) = pprof::decode(&raw[..cut], 1 << 20) {
+        if let Ok(p) = FlatProfile::decode(&raw[..cut]) {
             let _ = normalise(&p, &dest("s"));
         }
     }
@@ -104,7 +108,8 @@ async fn block_round_trips_through_the_object_store_and_metastore() {
         .into_iter()
         .filter(|(n, _)| n.starts_with("go-cpu"))
     {
-        let p = pprof::decode(&bytes, 64 << 20).unwrap();
+        let raw = pprof::maybe_gunzip(&bytes, 64 << 20, "t").unwrap();
+        let p = FlatProfile::decode(&raw).unwrap();
         profiles.extend(normalise(&p, &dest(&name)).unwrap());
     }
     // One flush: the fixtures were recorded years apart, a segment is not.

@@ -10,7 +10,7 @@ use ember_engine::metastore::{Command, Metastore};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof;
+use ember_ingest::pprof::{self, FlatProfile};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -34,7 +34,7 @@ fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
         received_at_nanos: 1_700_000_000_000_000_000,
         limits: Default::default(),
     };
-    normalise(&p, &dest).unwrap()
+    normalise(&FlatProfile::of(&p), &dest).unwrap()
 }
 
 async fn engine_with(

@@ -26,6 +26,7 @@ use anyhow::Context;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int64Type, TimestampNanosecondType, UInt64Type};
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
+use ember_ingest::pprof::FlatProfile;
 use serde::Serialize;
 use tracing::info;
 
@@ -582,7 +583,7 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
                 received_at_nanos: p.time_nanos,
                 limits: Default::default(),
             };
-            for n in normalise(p, &dest)? {
+            for n in normalise(&FlatProfile::of(p), &dest)? {
                 let e = exported
                     .entry((n.service_name().to_string(), n.profile_type.clone()))
                     .or_default();

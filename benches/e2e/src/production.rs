@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
+use ember_ingest::pprof::FlatProfile;
 use serde::Serialize;
 use tracing::info;
 
@@ -105,7 +106,7 @@ fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
                 received_at_nanos: p.time_nanos,
                 limits: Default::default(),
             };
-            for n in normalise(p, &dest)? {
+            for n in normalise(&FlatProfile::of(p), &dest)? {
                 exporter.add(&n)?;
             }
         }
