@@ -87,12 +87,57 @@ fn text(bytes: &[u8]) -> Cow<'_, str> {
     String::from_utf8_lossy(bytes)
 }
 
+/// Where each location's frames are, by location id: a table indexed by id
+/// when the ids are small (profilers number locations 1..n), else a hash
+/// map. Every frame of every sample is one lookup here.
+enum LocationFrames {
+    Dense(Vec<(u32, u32)>),
+    Sparse(foldhash::HashMap<u64, (u32, u32)>),
+}
+
+const NO_FRAMES: (u32, u32) = (u32::MAX, u32::MAX);
+
+impl LocationFrames {
+    fn for_ids(ids: impl ExactSizeIterator<Item = u64> + Clone) -> Self {
+        let n = ids.len();
+        match ids.clone().max() {
+            Some(max) if max <= 2 * n as u64 + 1024 => {
+                LocationFrames::Dense(vec![NO_FRAMES; max as usize + 1])
+            }
+            _ => LocationFrames::Sparse(foldhash::HashMap::with_capacity_and_hasher(
+                n,
+                Default::default(),
+            )),
+        }
+    }
+
+    fn insert(&mut self, id: u64, frames: (u32, u32)) {
+        match self {
+            // for_ids sized the table for every id.
+            LocationFrames::Dense(table) => table[id as usize] = frames,
+            LocationFrames::Sparse(map) => {
+                map.insert(id, frames);
+            }
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<(u32, u32)> {
+        match self {
+            LocationFrames::Dense(table) => usize::try_from(id)
+                .ok()
+                .and_then(|i| table.get(i).copied())
+                .filter(|f| *f != NO_FRAMES),
+            LocationFrames::Sparse(map) => map.get(&id).copied(),
+        }
+    }
+}
+
 /// Interns function names and the frames of each location.
 struct Symbols {
     names: Vec<String>,
     index: foldhash::HashMap<String, u32>,
     /// location id -> where its function indices are in `frames`.
-    locations: foldhash::HashMap<u64, (u32, u32)>,
+    locations: LocationFrames,
     /// Function indices of every location, leaf first (inlined frames split).
     frames: Vec<u32>,
     /// Index of [`TRUNCATED_FRAME`], interned up front.
@@ -130,9 +175,11 @@ impl Symbols {
         let mut s = Symbols {
             names: Vec::new(),
             index: Default::default(),
-            locations: foldhash::HashMap::with_capacity_and_hasher(
-                p.locations.len(),
-                Default::default(),
+            locations: LocationFrames::for_ids(
+                p.locations
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| id_or_position(l.id, i)),
             ),
             frames: Vec::with_capacity(p.locations.len()),
             truncated: 0,
@@ -174,7 +221,7 @@ impl Symbols {
     }
 
     fn frames_of(&self, location_id: u64) -> Result<&[u32], IngestError> {
-        let &(start, end) = self.locations.get(&location_id).ok_or_else(|| {
+        let (start, end) = self.locations.get(location_id).ok_or_else(|| {
             IngestError::Invalid(format!("sample refers to unknown location {location_id}"))
         })?;
         Ok(&self.frames[start as usize..end as usize])
@@ -237,7 +284,6 @@ type RawLabels<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The distinct stacks of a profile's samples, each built once whatever the
 /// number of sample types and label sets that use it.
-#[derive(Default)]
 struct DistinctStacks<'p> {
     by_locations: foldhash::HashMap<&'p [u64], u32>,
     /// Different location lists can make the same stack: one index for both.
@@ -245,6 +291,14 @@ struct DistinctStacks<'p> {
 }
 
 impl<'p> DistinctStacks<'p> {
+    /// Sized for every sample having its own stack, as most do.
+    fn with_capacity(samples: usize) -> Self {
+        DistinctStacks {
+            by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
+            by_frames: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
+        }
+    }
+
     fn index(&mut self, symbols: &Symbols, locations: &'p [u64]) -> Result<u32, IngestError> {
         if let Some(&i) = self.by_locations.get(locations) {
             return Ok(i);
@@ -302,7 +356,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     let types = profile_types(p, dest)?;
     // sample label set -> per sample type -> (stack, span) -> value
     let mut series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>> = Default::default();
-    let mut stacks = DistinctStacks::default();
+    let mut stacks = DistinctStacks::with_capacity(p.samples.len());
     for s in &p.samples {
         let values = p.values(s);
         if values.len() != types.len() {

@@ -360,6 +360,7 @@ impl<'a> Wire<'a> {
     }
 
     /// The next field number and wire type, or `None` at the end.
+    #[inline]
     fn key(&mut self) -> Result<Option<(u64, u8)>, IngestError> {
         if self.at == self.data.len() {
             return Ok(None);
@@ -372,7 +373,19 @@ impl<'a> Wire<'a> {
         Ok(Some((field, (key & 7) as u8)))
     }
 
+    /// Most varints of a profile (ids, indices, small values) are one byte.
+    #[inline]
     fn varint(&mut self) -> Result<u64, IngestError> {
+        match self.data.get(self.at) {
+            Some(&byte) if byte < 0x80 => {
+                self.at += 1;
+                Ok(u64::from(byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> Result<u64, IngestError> {
         let mut value = 0u64;
         for shift in (0..70).step_by(7) {
             let Some(&byte) = self.data.get(self.at) else {
@@ -403,6 +416,7 @@ impl<'a> Wire<'a> {
     }
 
     /// A varint field's value.
+    #[inline]
     fn scalar(&mut self, wire: u8) -> Result<u64, IngestError> {
         match wire {
             WIRE_VARINT => self.varint(),
