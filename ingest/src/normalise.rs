@@ -763,6 +763,31 @@ mod tests {
         ));
     }
 
+    /// Location ids far apart (an address as id, as some profilers use)
+    /// are found by hash instead of by table: the same profiles, the same
+    /// refusal of an id no location has.
+    #[test]
+    fn locations_with_large_ids_normalise_as_small_ones_do() {
+        let far = |id: u64| id * 1_000_000_007;
+        let mut p = sample_profile();
+        for l in &mut p.location {
+            l.id = far(l.id);
+        }
+        for s in &mut p.sample {
+            s.location_id.iter_mut().for_each(|id| *id = far(*id));
+        }
+        let near = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
+        assert_eq!(normalise(&FlatProfile::of(&p), &dest()).unwrap(), near);
+        p.sample[0].location_id.push(12);
+        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        assert!(err.to_string().contains("unknown location 12"), "{err}");
+        // In the table's range but never defined.
+        let mut p = sample_profile();
+        p.sample[0].location_id.push(3);
+        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        assert!(err.to_string().contains("unknown location 3"), "{err}");
+    }
+
     /// A profile with one sample whose stack is `depth` distinct frames.
     fn deep_profile(depth: usize, name_len: usize) -> pprof::Profile {
         let mut strings = vec![String::new(), "cpu".into(), "nanoseconds".into()];
