@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ember_engine::block::write_block;
+use ember_engine::block::{write_block, StackNodes};
 use ember_engine::metastore::{Command, Metastore};
 use ember_engine::stack::{node_id, ROOT};
 use ember_engine::testing::pprof_fixtures;
@@ -58,7 +58,7 @@ fn tree_of(profiles: &[Profile]) -> (Nodes, StackValues) {
     for p in profiles {
         for s in &p.samples {
             let mut parent = ROOT;
-            for f in &s.stack {
+            for f in s.stack.iter() {
                 let name = p.functions[*f as usize].as_str();
                 let id = node_id(parent, name);
                 nodes.insert(id, parent, name);
@@ -90,7 +90,8 @@ fn bench(c: &mut Criterion) {
     let samples: usize = all.iter().map(|p| p.samples.len()).sum();
     runtime.block_on(async {
         for (shard, chunk) in all.chunks(10).enumerate() {
-            let block = write_block(chunk, shard as u32).expect("block");
+            let block =
+                write_block(chunk, shard as u32, &mut StackNodes::default()).expect("block");
             store
                 .put(
                     &Path::from(block.meta.path.as_str()),

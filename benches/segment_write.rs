@@ -3,7 +3,7 @@
 //! `cargo bench -p ember-ingest --bench segment_write`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ember_engine::block::write_block;
+use ember_engine::block::{write_block, StackNodes};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
@@ -42,8 +42,14 @@ fn bench(c: &mut Criterion) {
     let samples: usize = profiles.iter().map(|p| p.samples.len()).sum();
     let mut group = c.benchmark_group("segment");
     group.throughput(Throughput::Elements(samples as u64));
-    group.bench_function("write_block/64_profiles", |b| {
-        b.iter(|| write_block(&profiles, 0).expect("encodes"))
+    // Every node hashed: a writer's first block, or a cache just dropped.
+    group.bench_function("write_block/64_profiles/cold", |b| {
+        b.iter(|| write_block(&profiles, 0, &mut StackNodes::default()).expect("encodes"))
+    });
+    // The steady state: the services' frames were seen in earlier blocks.
+    let mut nodes = StackNodes::default();
+    group.bench_function("write_block/64_profiles/warm", |b| {
+        b.iter(|| write_block(&profiles, 0, &mut nodes).expect("encodes"))
     });
     group.finish();
 }

@@ -27,10 +27,12 @@ pub struct Profile {
     pub samples: Vec<Sample>,
 }
 
-/// One stack and its value. Stacks are root first.
+/// One stack and its value. Stacks are root first, and shared: the
+/// profiles that one pprof makes (a profile per sample type and label set)
+/// point at one copy of each stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    pub stack: Vec<u32>,
+    pub stack: Arc<[u32]>,
     pub value: i64,
     pub span_id: Option<u64>,
 }

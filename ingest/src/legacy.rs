@@ -329,7 +329,7 @@ pub fn parse_folded(
         .into_iter()
         .filter(|(_, v)| *v != 0)
         .map(|(stack, value)| Sample {
-            stack,
+            stack: stack.into(),
             value,
             span_id: None,
         })
@@ -421,7 +421,7 @@ mod tests {
             p.samples,
             vec![Sample {
                 // 0 is the truncation frame.
-                stack: vec![1, 2],
+                stack: vec![1, 2].into(),
                 value: 2,
                 span_id: None
             }]

@@ -313,10 +313,10 @@ impl<'p> DistinctStacks<'p> {
     }
 
     /// The stacks by index, and each one's position in sorted order.
-    fn into_frames_and_ranks(self) -> (Vec<Vec<u32>>, Vec<u32>) {
-        let mut frames = vec![Vec::new(); self.by_frames.len()];
+    fn into_frames_and_ranks(self) -> (Vec<Arc<[u32]>>, Vec<u32>) {
+        let mut frames: Vec<Arc<[u32]>> = vec![Arc::from([]); self.by_frames.len()];
         for (stack, i) in self.by_frames {
-            frames[i as usize] = stack;
+            frames[i as usize] = stack.into();
         }
         let mut order: Vec<u32> = (0..frames.len() as u32).collect();
         order.sort_unstable_by(|a, b| frames[*a as usize].cmp(&frames[*b as usize]));
@@ -714,7 +714,7 @@ mod tests {
                     ("main;work;leaf".to_string(), 7 * m, None),
                 ]
             );
-            let frames: Vec<&Vec<u32>> = profile.samples.iter().map(|s| &s.stack).collect();
+            let frames: Vec<&Arc<[u32]>> = profile.samples.iter().map(|s| &s.stack).collect();
             assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
         }
     }

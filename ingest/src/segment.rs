@@ -8,11 +8,11 @@
 //! or until `max_segment_bytes` is reached. One task per shard, so never
 //! two flushes of a shard in flight. An idle shard acks in one PUT's time.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ember_engine::block::{write_block, BlockMeta};
+use ember_engine::block::{write_block, BlockMeta, StackNodes};
 use ember_engine::metastore::{partition_of, Command, Metastore, MetastoreClient};
 use ember_engine::profile::Profile;
 use object_store::path::Path;
@@ -156,6 +156,7 @@ impl SegmentWriter {
                 let (tx, rx) = mpsc::channel(1024);
                 let worker = ShardWorker {
                     shard,
+                    nodes: Default::default(),
                     config: config.clone(),
                     sink: sink.clone(),
                     metrics: metrics.clone(),
@@ -191,6 +192,9 @@ impl SegmentWriter {
 
 struct ShardWorker {
     shard: u32,
+    /// Stack node ids of the datasets this shard writes (a dataset always
+    /// goes to the same shard), kept across flushes.
+    nodes: Arc<Mutex<StackNodes>>,
     config: SegmentConfig,
     sink: Sink,
     metrics: SegmentMetrics,
@@ -283,10 +287,18 @@ impl ShardWorker {
     /// metadata is safe in `dlq/`).
     async fn write(&self, profiles: Vec<Profile>) -> Result<Vec<BlockMeta>, IngestError> {
         let shard = self.shard;
+        let nodes = self.nodes.clone();
         let blocks = tokio::task::spawn_blocking(move || {
+            // A flush that panicked may have left the cache half-updated:
+            // start it over rather than trust it.
+            let mut nodes = nodes.lock().unwrap_or_else(|poisoned| {
+                let mut nodes = poisoned.into_inner();
+                *nodes = StackNodes::default();
+                nodes
+            });
             by_partition(profiles)
                 .iter()
-                .map(|p| write_block(p, shard))
+                .map(|p| write_block(p, shard, &mut nodes))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ember_engine::block::{read_footer, read_section, write_block, Section};
+use ember_engine::block::{read_footer, read_section, write_block, Section, StackNodes};
 use ember_engine::metastore::{BlockQuery, Command, Metastore};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
@@ -117,7 +117,7 @@ async fn block_round_trips_through_the_object_store_and_metastore() {
         p.time_nanos = 1_700_000_000_000_000_000;
     }
     let want_total: i64 = profiles.iter().map(Profile::total).sum();
-    let block = write_block(&profiles, 3).unwrap();
+    let block = write_block(&profiles, 3, &mut StackNodes::default()).unwrap();
     store
         .put(
             &Path::from(block.meta.path.as_str()),

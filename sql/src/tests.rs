@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
-use ember_engine::block::write_block;
+use ember_engine::block::{write_block, StackNodes};
 use ember_engine::metastore::{Command, Metastore};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
@@ -61,7 +61,7 @@ async fn engine_with_config(
     let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
     // One shard, as one service's pushes always land on one.
     for profiles in &blocks {
-        let block = write_block(profiles, 0).unwrap();
+        let block = write_block(profiles, 0, &mut StackNodes::default()).unwrap();
         store
             .put(
                 &Path::from(block.meta.path.as_str()),
@@ -249,7 +249,7 @@ async fn sections_read_with_dictionaries_hold_what_the_plain_read_holds() {
         profiles("go-heap-large.pb.gz", "heap", "t"),
         profiles("go-cpu-deep-stacks.pb.gz", "cpu", "t"),
     ] {
-        let block = write_block(&profiles, 0).unwrap();
+        let block = write_block(&profiles, 0, &mut StackNodes::default()).unwrap();
         let path = Path::from(block.meta.path.as_str());
         store
             .put(&path, PutPayload::from(block.bytes))
@@ -992,7 +992,7 @@ mod compaction {
         assert!(compact_all(&compactor).await > 0);
         // A push that arrives after the compaction: level 0 until the next.
         let late = at(&a, "p3", 20);
-        let block = write_block(&late, 0).unwrap();
+        let block = write_block(&late, 0, &mut StackNodes::default()).unwrap();
         store
             .put(
                 &Path::from(block.meta.path.as_str()),

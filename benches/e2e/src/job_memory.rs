@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use ember_engine::block::write_block;
+use ember_engine::block::{write_block, StackNodes};
 use ember_engine::metastore::InProcess;
 use ember_engine::metastore::{
     command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction,
@@ -71,7 +71,7 @@ fn source_profiles(
                     let mut stack: Vec<u32> = (0..(DEPTH as u32 / 2)).collect();
                     stack.push(DEPTH as u32 + leaf as u32);
                     Sample {
-                        stack,
+                        stack: stack.into(),
                         value: 1 + (rng.next_u64() % 1000) as i64,
                         span_id: None,
                     }
@@ -127,7 +127,7 @@ pub async fn prepare(spec: &str, dir: &Path) -> anyhow::Result<()> {
     let mut source_bytes = 0;
     for b in 0..SOURCES {
         let profiles = source_profiles(b, samples, distinct, &functions, &mut rng);
-        let block = write_block(&profiles, 0)?;
+        let block = write_block(&profiles, 0, &mut StackNodes::default())?;
         source_bytes += block.bytes.len() as u64;
         store
             .put(

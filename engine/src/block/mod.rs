@@ -14,7 +14,7 @@ mod writer;
 pub use meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 pub use reader::{read_footer, read_section, read_section_as, SectionReader};
 pub use schema::{profiles_schema, samples_schema, stacks_schema, Section};
-pub use writer::{block_path, write_block, EncodedBlock};
+pub use writer::{block_path, write_block, EncodedBlock, StackNodes, STACK_NODES_BYTES};
 
 use thiserror::Error;
 

@@ -32,8 +32,13 @@ pub fn block_path(level: u32, shard: u32, tenant: &str, id: &str) -> String {
     }
 }
 
-/// Encodes profiles (of any tenants and services) as one level-0 block.
-pub fn write_block(profiles: &[Profile], shard: u32) -> Result<EncodedBlock, BlockError> {
+/// Encodes profiles (of any tenants and services) as one level-0 block,
+/// with the node ids `nodes` holds and adding those it computes.
+pub fn write_block(
+    profiles: &[Profile],
+    shard: u32,
+    nodes: &mut StackNodes,
+) -> Result<EncodedBlock, BlockError> {
     if profiles.is_empty() {
         return Err(BlockError::Empty);
     }
@@ -55,8 +60,15 @@ pub fn write_block(profiles: &[Profile], shard: u32) -> Result<EncodedBlock, Blo
                 p.time_nanos,
             )
         });
-        metas.push(write_dataset(&mut buf, tenant, service, &dataset)?);
+        let stacks = nodes.tree(tenant, service);
+        metas.push(write_dataset(
+            &mut buf,
+            stacks,
+            (tenant, service),
+            &dataset,
+        )?);
     }
+    nodes.evict_if_full();
     let meta = BlockMeta {
         format_version: FORMAT_VERSION,
         path: block_path(0, shard, "anonymous", &id),
@@ -85,11 +97,10 @@ fn append_footer(buf: &mut Vec<u8>, meta: &BlockMeta) {
 
 fn write_dataset(
     buf: &mut Vec<u8>,
-    tenant: &str,
-    service: &str,
+    mut stacks: StackTree,
+    (tenant, service): (&str, &str),
     profiles: &[&Profile],
 ) -> Result<DatasetMeta, BlockError> {
-    let mut stacks = StackTree::default();
     let mut totals = Totals::new();
     let samples = samples_batch(service, profiles, &mut stacks, &mut totals)?;
     let mut series: Vec<String> = profiles
@@ -195,7 +206,7 @@ type Totals<'a> = HashMap<&'a str, foldhash::HashMap<u64, i64>>;
 fn samples_batch<'a>(
     service: &str,
     profiles: &[&'a Profile],
-    stacks: &mut StackTree<'a>,
+    stacks: &mut StackTree,
     totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
     let n: usize = profiles.iter().map(|p| p.samples.len()).sum();
@@ -263,10 +274,104 @@ fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
     RecordBatch::try_new(Section::Totals.schema(), columns).map_err(arrow_err("totals"))
 }
 
-/// (parent id, function index) -> node id, for the profiles that share one
-/// function table (the sample types and label sets of one pprof): they
-/// share their stacks, so a frame is named and hashed once per pprof.
-type NodeMemo = foldhash::HashMap<(u64, u32), u64>;
+/// Stack node ids a segment writer has computed, kept across the blocks it
+/// writes: a node id is an FNV hash of its parent's id and its name, and
+/// the agents of a service send the same frames every 10-15 s, so each
+/// frame is hashed once while it stays cached instead of once per profile.
+/// Kept per dataset (tenant, service): ids depend only on the path, but one
+/// tenant's names never sit in another's map. Bounded: past `limit_bytes`
+/// the whole cache is dropped after the block that filled it.
+pub struct StackNodes {
+    datasets: HashMap<(String, String), DatasetNodes>,
+    /// Numbers each dataset write, so a cached node knows whether the
+    /// block being written holds it yet.
+    writes: u32,
+    bytes: usize,
+    limit_bytes: usize,
+}
+
+/// The default bound of a [`StackNodes`], about 300 k nodes.
+pub const STACK_NODES_BYTES: usize = 16 << 20;
+
+impl Default for StackNodes {
+    fn default() -> Self {
+        StackNodes::with_limit(STACK_NODES_BYTES)
+    }
+}
+
+impl StackNodes {
+    pub fn with_limit(limit_bytes: usize) -> Self {
+        StackNodes {
+            datasets: HashMap::new(),
+            writes: 0,
+            bytes: 0,
+            limit_bytes,
+        }
+    }
+
+    /// Approximate bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn tree(&mut self, tenant: &str, service: &str) -> StackTree<'_> {
+        // Starting over when the counter wraps keeps "written by this
+        // write" exact.
+        self.writes = match self.writes.checked_add(1) {
+            Some(w) => w,
+            None => {
+                self.datasets.clear();
+                self.bytes = 0;
+                1
+            }
+        };
+        let key = (tenant.to_string(), service.to_string());
+        StackTree {
+            dataset: self.datasets.entry(key).or_default(),
+            bytes: &mut self.bytes,
+            write: self.writes,
+            tables: Default::default(),
+            written: Vec::new(),
+        }
+    }
+
+    fn evict_if_full(&mut self) {
+        if self.bytes > self.limit_bytes {
+            self.datasets.clear();
+            self.bytes = 0;
+        }
+    }
+}
+
+/// One dataset's cached names and nodes.
+#[derive(Default)]
+struct DatasetNodes {
+    /// name number -> name
+    names: Vec<Arc<str>>,
+    numbers: foldhash::HashMap<Arc<str>, u32>,
+    /// (parent id, name number) -> node
+    nodes: foldhash::HashMap<(u64, u32), CachedNode>,
+}
+
+struct CachedNode {
+    id: u64,
+    /// The last dataset write whose stacks section holds this node.
+    written: u32,
+}
+
+impl DatasetNodes {
+    fn number(&mut self, name: &str, bytes: &mut usize) -> u32 {
+        if let Some(&n) = self.numbers.get(name) {
+            return n;
+        }
+        let n = self.names.len() as u32;
+        let name: Arc<str> = name.into();
+        *bytes += name.len() + 48;
+        self.names.push(name.clone());
+        self.numbers.insert(name, n);
+        n
+    }
+}
 
 /// The last stack inserted for one function table, root first, with the
 /// node id of each of its prefixes. A profile's stacks come sorted, and a
@@ -279,27 +384,34 @@ struct LastStack {
     ids: Vec<u64>,
 }
 
-/// What a function table's stacks have in common.
+/// What the stacks of one function table (the profiles of one pprof) share.
 #[derive(Default)]
 struct TableMemo {
-    nodes: NodeMemo,
+    /// function index -> the dataset's name number, or `u32::MAX` if not
+    /// looked up yet.
+    numbers: Vec<u32>,
     last: LastStack,
 }
 
-/// The nodes of every stack of a dataset, keyed by their global id, named
-/// by the profiles' own strings.
-#[derive(Default)]
-struct StackTree<'a> {
-    nodes: foldhash::HashMap<u64, (u64, &'a str)>,
+/// The nodes of every stack of one dataset write.
+struct StackTree<'c> {
+    dataset: &'c mut DatasetNodes,
+    bytes: &'c mut usize,
+    write: u32,
     /// Per function table, by its address (the profiles outlive the tree).
-    memos: foldhash::HashMap<usize, TableMemo>,
+    tables: foldhash::HashMap<usize, TableMemo>,
+    /// (id, parent id, name number) of each node this write holds.
+    written: Vec<(u64, u64, u32)>,
 }
 
-impl<'a> StackTree<'a> {
+impl StackTree<'_> {
     /// Adds every node of a root-first stack and returns the leaf's id.
-    fn insert(&mut self, functions: &'a Arc<[String]>, stack: &[u32]) -> u64 {
+    fn insert(&mut self, functions: &Arc<[String]>, stack: &[u32]) -> u64 {
         let table = Arc::as_ptr(functions) as *const String as usize;
-        let memo = self.memos.entry(table).or_default();
+        let memo = self.tables.entry(table).or_default();
+        if memo.numbers.len() < functions.len() {
+            memo.numbers.resize(functions.len(), u32::MAX);
+        }
         let shared = memo
             .last
             .frames
@@ -311,13 +423,34 @@ impl<'a> StackTree<'a> {
         memo.last.ids.truncate(shared);
         let mut parent = memo.last.ids.last().copied().unwrap_or(stack::ROOT);
         for &f in &stack[shared..] {
-            let id = match memo.nodes.get(&(parent, f)) {
-                Some(&id) => id,
-                None => {
-                    let name = functions.get(f as usize).map_or("", String::as_str);
-                    let id = stack::node_id(parent, name);
-                    self.nodes.entry(id).or_insert((parent, name));
-                    memo.nodes.insert((parent, f), id);
+            let name = match memo.numbers.get(f as usize) {
+                Some(&n) if n != u32::MAX => n,
+                known => {
+                    let text = functions.get(f as usize).map_or("", String::as_str);
+                    let n = self.dataset.number(text, self.bytes);
+                    if known.is_some() {
+                        memo.numbers[f as usize] = n;
+                    }
+                    n
+                }
+            };
+            let id = match self.dataset.nodes.entry((parent, name)) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    let node = e.into_mut();
+                    if node.written != self.write {
+                        node.written = self.write;
+                        self.written.push((node.id, parent, name));
+                    }
+                    node.id
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let id = stack::node_id(parent, &self.dataset.names[name as usize]);
+                    e.insert(CachedNode {
+                        id,
+                        written: self.write,
+                    });
+                    *self.bytes += 40;
+                    self.written.push((id, parent, name));
                     id
                 }
             };
@@ -329,19 +462,17 @@ impl<'a> StackTree<'a> {
     }
 
     fn into_batch(self) -> Result<RecordBatch, BlockError> {
-        let mut nodes: Vec<(u64, u64, &str)> = self
-            .nodes
-            .into_iter()
-            .map(|(id, (p, n))| (id, p, n))
-            .collect();
+        let mut nodes = self.written;
         nodes.sort_unstable_by_key(|n| n.0);
+        // Two paths whose ids collide are one node, as the readers see it.
+        nodes.dedup_by_key(|n| n.0);
         let mut id = UInt64Builder::with_capacity(nodes.len());
         let mut parent = UInt64Builder::with_capacity(nodes.len());
         let mut name = StringBuilder::new();
         for (i, p, n) in nodes {
             id.append_value(i);
             parent.append_value(p);
-            name.append_value(n);
+            name.append_value(&self.dataset.names[n as usize]);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(id.finish()),
@@ -371,13 +502,13 @@ mod tests {
             functions: (0..n).map(|i| format!("f{i}")).collect(),
             samples: (0..n as u32)
                 .map(|i| crate::profile::Sample {
-                    stack: vec![i],
+                    stack: vec![i].into(),
                     value: 1,
                     span_id: None,
                 })
                 .collect(),
         };
-        let block = write_block(&[profile], 0).unwrap();
+        let block = write_block(&[profile], 0, &mut StackNodes::default()).unwrap();
         let dataset = &block.meta.datasets[0];
         for section in [Section::Samples, Section::Stacks] {
             let meta = dataset.section(section).unwrap();
@@ -401,7 +532,11 @@ mod tests {
     }
 
     fn section_batches(block: &EncodedBlock, section: Section) -> Vec<RecordBatch> {
-        let meta = block.meta.datasets[0].section(section).unwrap();
+        dataset_batches(block, 0, section)
+    }
+
+    fn dataset_batches(block: &EncodedBlock, dataset: usize, section: Section) -> Vec<RecordBatch> {
+        let meta = block.meta.datasets[dataset].section(section).unwrap();
         let bytes = block
             .bytes
             .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
@@ -431,7 +566,7 @@ mod tests {
             samples: stacks
                 .iter()
                 .map(|st| crate::profile::Sample {
-                    stack: st.to_vec(),
+                    stack: st.to_vec().into(),
                     value: 1,
                     span_id: None,
                 })
@@ -455,7 +590,7 @@ mod tests {
         for p in &profiles {
             for s in &p.samples {
                 let mut parent = stack::ROOT;
-                for &f in &s.stack {
+                for &f in s.stack.iter() {
                     let name = p.functions[f as usize].clone();
                     let id = stack::node_id(parent, &name);
                     want.insert(id, (parent, name));
@@ -463,7 +598,7 @@ mod tests {
                 }
             }
         }
-        let block = write_block(&profiles, 0).unwrap();
+        let block = write_block(&profiles, 0, &mut StackNodes::default()).unwrap();
         let mut got = std::collections::BTreeMap::new();
         for b in section_batches(&block, Section::Stacks) {
             let ids = b.column(0).as_primitive::<UInt64Type>();
@@ -496,5 +631,127 @@ mod tests {
             }
         }
         assert_eq!(leaves, want_leaves);
+    }
+
+    /// A dataset's stack nodes as (id, parent, name), and its samples as
+    /// (series, stack id, value) in the order written.
+    type Rows = (
+        std::collections::BTreeSet<(u64, u64, String)>,
+        Vec<(String, u64, i64)>,
+    );
+
+    fn dataset_rows(block: &EncodedBlock, dataset: usize) -> Rows {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{Int64Type, UInt64Type};
+        let mut nodes = std::collections::BTreeSet::new();
+        for b in dataset_batches(block, dataset, Section::Stacks) {
+            let ids = b.column(0).as_primitive::<UInt64Type>();
+            let parents = b.column(1).as_primitive::<UInt64Type>();
+            let names = b.column(2).as_string::<i32>();
+            for i in 0..b.num_rows() {
+                nodes.insert((ids.value(i), parents.value(i), names.value(i).to_string()));
+            }
+        }
+        let mut samples = Vec::new();
+        for b in dataset_batches(block, dataset, Section::Samples) {
+            let series = b.column_by_name("labels").unwrap().as_string::<i32>();
+            let ids = b
+                .column_by_name("stack_id")
+                .unwrap()
+                .as_primitive::<UInt64Type>();
+            let values = b
+                .column_by_name("value")
+                .unwrap()
+                .as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                samples.push((series.value(i).to_string(), ids.value(i), values.value(i)));
+            }
+        }
+        (nodes, samples)
+    }
+
+    /// Profiles of two tenants sharing a service name: each tenant's
+    /// functions are its own, and one profile per pprof (function table).
+    fn tenants_profiles(round: u32) -> Vec<Profile> {
+        let mut out = Vec::new();
+        for (tenant, names) in [
+            ("acme", ["main", "serve", "parse", "acme_secret"]),
+            ("globex", ["main", "serve", "render", "globex_secret"]),
+        ] {
+            for pod in 0..3u32 {
+                let functions: Arc<[String]> = names.map(String::from).into();
+                let stacks: Vec<Vec<u32>> = vec![
+                    vec![0, 1],
+                    vec![0, 1, 2],
+                    vec![0, 1, 2, 3],
+                    vec![0, (round + pod) % 4],
+                ];
+                out.push(Profile {
+                    tenant: tenant.into(),
+                    labels: vec![
+                        ("pod".into(), format!("p{pod}")),
+                        ("service_name".into(), "api".into()),
+                    ],
+                    profile_type: "cpu:cpu:nanoseconds:cpu:nanoseconds".into(),
+                    time_nanos: i64::from(round),
+                    duration_nanos: 0,
+                    period: 0,
+                    functions,
+                    samples: stacks
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, st)| crate::profile::Sample {
+                            stack: st.into(),
+                            value: i as i64 + 1,
+                            span_id: None,
+                        })
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Blocks written with node ids cached from earlier blocks hold what
+    /// blocks written from nothing hold, dataset by dataset, also when the
+    /// cache is dropped after every block; and a tenant's stacks section
+    /// never holds a node of another tenant that shares its service name.
+    #[test]
+    fn cached_node_ids_write_the_blocks_a_fresh_writer_writes_and_stay_per_tenant() {
+        let mut warm = StackNodes::default();
+        let mut tiny = StackNodes::with_limit(1);
+        for round in 0..4 {
+            let profiles = tenants_profiles(round);
+            let fresh = write_block(&profiles, 0, &mut StackNodes::default()).unwrap();
+            let warm_block = write_block(&profiles, 0, &mut warm).unwrap();
+            let tiny_block = write_block(&profiles, 0, &mut tiny).unwrap();
+            assert_eq!(tiny.bytes(), 0, "a cache past its limit is dropped");
+            assert_eq!(fresh.meta.datasets.len(), 2);
+            for d in 0..2 {
+                let want = dataset_rows(&fresh, d);
+                assert_eq!(
+                    dataset_rows(&warm_block, d),
+                    want,
+                    "round {round} dataset {d}"
+                );
+                assert_eq!(
+                    dataset_rows(&tiny_block, d),
+                    want,
+                    "round {round} dataset {d}"
+                );
+                let tenant = &fresh.meta.datasets[d].tenant;
+                let other = if tenant == "acme" {
+                    "globex_secret"
+                } else {
+                    "acme_secret"
+                };
+                assert!(want.0.iter().all(|(_, _, name)| name != other), "{tenant}");
+                assert!(want
+                    .0
+                    .iter()
+                    .any(|(_, _, name)| name.starts_with(tenant.as_str())));
+            }
+        }
+        assert!(warm.bytes() > 0);
     }
 }
