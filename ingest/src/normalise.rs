@@ -133,9 +133,11 @@ impl LocationFrames {
 }
 
 /// Interns function names and the frames of each location.
-struct Symbols {
+struct Symbols<'a> {
     names: Vec<String>,
-    index: foldhash::HashMap<String, u32>,
+    /// Keyed by the profile's own bytes where they are valid UTF-8, so a
+    /// name is copied once, into `names`.
+    index: foldhash::HashMap<Cow<'a, str>, u32>,
     /// location id -> where its function indices are in `frames`.
     locations: LocationFrames,
     /// Function indices of every location, leaf first (inlined frames split).
@@ -146,21 +148,20 @@ struct Symbols {
     max_depth: usize,
 }
 
-impl Symbols {
-    fn intern(&mut self, name: Cow<'_, str>) -> u32 {
+impl<'a> Symbols<'a> {
+    fn intern(&mut self, name: Cow<'a, str>) -> u32 {
         if let Some(&i) = self.index.get(name.as_ref()) {
             return i;
         }
         let i = self.names.len() as u32;
-        let name = name.into_owned();
-        self.index.insert(name.clone(), i);
-        self.names.push(name);
+        self.names.push(name.to_string());
+        self.index.insert(name, i);
         i
     }
 
     fn intern_function(
         &mut self,
-        p: &FlatProfile,
+        p: &FlatProfile<'a>,
         f: &FlatFunction,
         limits: &ProfileLimits,
     ) -> Result<u32, IngestError> {
@@ -171,7 +172,7 @@ impl Symbols {
         Ok(self.intern(limits.truncate_symbol(text(name))))
     }
 
-    fn build(p: &FlatProfile, limits: &ProfileLimits) -> Result<Self, IngestError> {
+    fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
         let mut s = Symbols {
             names: Vec::new(),
             index: Default::default(),

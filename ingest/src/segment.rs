@@ -18,6 +18,7 @@ use ember_engine::profile::Profile;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
@@ -60,6 +61,7 @@ pub struct SegmentMetrics {
     pub dlq_writes: Counter,
     pub dlq_recovered: Counter,
     pub dlq_quarantined: Counter,
+    pub stack_node_bytes: Gauge,
 }
 
 impl Default for SegmentMetrics {
@@ -76,6 +78,7 @@ impl Default for SegmentMetrics {
             dlq_writes: Counter::default(),
             dlq_recovered: Counter::default(),
             dlq_quarantined: Counter::default(),
+            stack_node_bytes: Gauge::default(),
         }
     }
 }
@@ -121,6 +124,11 @@ impl SegmentMetrics {
             "ember_dlq_recovered",
             "dlq/ entries whose blocks were registered by recovery",
             self.dlq_recovered.clone(),
+        );
+        r.register(
+            "ember_segment_stack_node_bytes",
+            "Bytes of stack node ids the shards keep across flushes",
+            self.stack_node_bytes.clone(),
         );
         r.register(
             "ember_dlq_quarantined",
@@ -190,11 +198,18 @@ impl SegmentWriter {
     }
 }
 
+/// A shard's stack node cache, and how much of it the gauge counts.
+#[derive(Default)]
+struct ShardNodes {
+    cache: StackNodes,
+    counted: usize,
+}
+
 struct ShardWorker {
     shard: u32,
     /// Stack node ids of the datasets this shard writes (a dataset always
     /// goes to the same shard), kept across flushes.
-    nodes: Arc<Mutex<StackNodes>>,
+    nodes: Arc<Mutex<ShardNodes>>,
     config: SegmentConfig,
     sink: Sink,
     metrics: SegmentMetrics,
@@ -288,18 +303,23 @@ impl ShardWorker {
     async fn write(&self, profiles: Vec<Profile>) -> Result<Vec<BlockMeta>, IngestError> {
         let shard = self.shard;
         let nodes = self.nodes.clone();
+        let node_bytes = self.metrics.stack_node_bytes.clone();
         let blocks = tokio::task::spawn_blocking(move || {
             // A flush that panicked may have left the cache half-updated:
             // start it over rather than trust it.
             let mut nodes = nodes.lock().unwrap_or_else(|poisoned| {
                 let mut nodes = poisoned.into_inner();
-                *nodes = StackNodes::default();
+                nodes.cache = StackNodes::default();
                 nodes
             });
-            by_partition(profiles)
+            let blocks = by_partition(profiles)
                 .iter()
-                .map(|p| write_block(p, shard, &mut nodes))
-                .collect::<Result<Vec<_>, _>>()
+                .map(|p| write_block(p, shard, &mut nodes.cache))
+                .collect::<Result<Vec<_>, _>>();
+            let now = nodes.cache.bytes();
+            node_bytes.inc_by(now as i64 - nodes.counted as i64);
+            nodes.counted = now;
+            blocks
         })
         .await
         .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?

@@ -243,6 +243,9 @@ def test_bad_input_gets_clear_errors_and_harms_nothing(make_ember):
     assert any(line.startswith('ember_push_errors_total{reason="decode"} ') for line in metrics)
     flushes = [line for line in metrics if line.startswith("ember_segment_flushes_total ")]
     assert flushes and float(flushes[0].split()[1]) >= 1
+    # The shards keep the stack node ids of what they wrote.
+    node_bytes = [line for line in metrics if line.startswith("ember_segment_stack_node_bytes ")]
+    assert node_bytes and float(node_bytes[0].split()[1]) > 0
 
 
 def test_cli_query_prints_the_flamegraph(ember):

@@ -43,22 +43,25 @@ pub fn write_block(
         return Err(BlockError::Empty);
     }
     let id = Ulid::new().to_string();
-    let mut datasets: BTreeMap<(&str, &str), Vec<&Profile>> = BTreeMap::new();
+    let mut datasets: BTreeMap<(&str, &str), Vec<Series>> = BTreeMap::new();
     for p in profiles {
         datasets
             .entry((p.tenant.as_str(), p.service_name()))
             .or_default()
-            .push(p);
+            .push(Series {
+                labels: labels_to_string(&p.labels),
+                profile: p,
+            });
     }
     let mut buf = Vec::new();
     let mut metas = Vec::with_capacity(datasets.len());
     for ((tenant, service), mut dataset) in datasets {
-        dataset.sort_by_cached_key(|p| {
-            (
-                p.profile_type.clone(),
-                labels_to_string(&p.labels),
-                p.time_nanos,
-            )
+        dataset.sort_unstable_by(|a, b| {
+            (&a.profile.profile_type, &a.labels, a.profile.time_nanos).cmp(&(
+                &b.profile.profile_type,
+                &b.labels,
+                b.profile.time_nanos,
+            ))
         });
         let stacks = nodes.tree(tenant, service);
         metas.push(write_dataset(
@@ -91,6 +94,13 @@ pub fn write_block(
     })
 }
 
+/// A profile and its series' labels printed once (`labels_to_string`),
+/// for the sort and the sections that store them.
+struct Series<'a> {
+    labels: String,
+    profile: &'a Profile,
+}
+
 fn append_footer(buf: &mut Vec<u8>, meta: &BlockMeta) {
     buf.extend_from_slice(&meta.encode_framed());
 }
@@ -99,21 +109,19 @@ fn write_dataset(
     buf: &mut Vec<u8>,
     mut stacks: StackTree,
     (tenant, service): (&str, &str),
-    profiles: &[&Profile],
+    dataset: &[Series],
 ) -> Result<DatasetMeta, BlockError> {
     let mut totals = Totals::new();
-    let samples = samples_batch(service, profiles, &mut stacks, &mut totals)?;
-    let mut series: Vec<String> = profiles
-        .iter()
-        .map(|p| labels_to_string(&p.labels))
-        .collect();
+    let samples = samples_batch(service, dataset, &mut stacks, &mut totals)?;
+    let profiles: Vec<&Profile> = dataset.iter().map(|s| s.profile).collect();
+    let mut series: Vec<String> = dataset.iter().map(|s| s.labels.clone()).collect();
     series.sort();
     series.dedup();
     let mut profile_types: Vec<String> = profiles.iter().map(|p| p.profile_type.clone()).collect();
     profile_types.sort();
     profile_types.dedup();
     let sections = vec![
-        append_section(buf, Section::Profiles, profiles_batch(service, profiles)?)?,
+        append_section(buf, Section::Profiles, profiles_batch(service, dataset)?)?,
         append_section(buf, Section::Samples, samples)?,
         append_section(buf, Section::Stacks, stacks.into_batch()?)?,
         append_section(buf, Section::Totals, totals_batch(totals)?)?,
@@ -167,8 +175,8 @@ fn arrow_err(section: &'static str) -> impl Fn(arrow::error::ArrowError) -> Bloc
     move |source| BlockError::Arrow { section, source }
 }
 
-fn profiles_batch(service: &str, profiles: &[&Profile]) -> Result<RecordBatch, BlockError> {
-    let n = profiles.len();
+fn profiles_batch(service: &str, dataset: &[Series]) -> Result<RecordBatch, BlockError> {
+    let n = dataset.len();
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut service_name = StringBuilder::new();
     let mut profile_type = StringBuilder::new();
@@ -177,11 +185,15 @@ fn profiles_batch(service: &str, profiles: &[&Profile]) -> Result<RecordBatch, B
     let mut period = Int64Builder::with_capacity(n);
     let mut samples = UInt64Builder::with_capacity(n);
     let mut total = Int64Builder::with_capacity(n);
-    for p in profiles {
+    for Series {
+        labels: series,
+        profile: p,
+    } in dataset
+    {
         time.append_value(p.time_nanos);
         service_name.append_value(service);
         profile_type.append_value(&p.profile_type);
-        labels.append_value(labels_to_string(&p.labels));
+        labels.append_value(series);
         duration.append_value(p.duration_nanos);
         period.append_value(p.period);
         samples.append_value(p.samples.len() as u64);
@@ -205,20 +217,30 @@ type Totals<'a> = HashMap<&'a str, foldhash::HashMap<u64, i64>>;
 
 fn samples_batch<'a>(
     service: &str,
-    profiles: &[&'a Profile],
+    dataset: &[Series<'a>],
     stacks: &mut StackTree,
     totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
-    let n: usize = profiles.iter().map(|p| p.samples.len()).sum();
+    let n: usize = dataset.iter().map(|s| s.profile.samples.len()).sum();
+    // Each string column repeats one value per profile on every row.
+    let bytes = |len: fn(&Series) -> usize| -> usize {
+        dataset
+            .iter()
+            .map(|s| len(s) * s.profile.samples.len())
+            .sum()
+    };
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut service_name = StringBuilder::new();
-    let mut profile_type = StringBuilder::new();
-    let mut labels = StringBuilder::new();
+    let mut service_name = StringBuilder::with_capacity(n, service.len() * n);
+    let mut profile_type = StringBuilder::with_capacity(n, bytes(|s| s.profile.profile_type.len()));
+    let mut labels = StringBuilder::with_capacity(n, bytes(|s| s.labels.len()));
     let mut stack_id = UInt64Builder::with_capacity(n);
     let mut value = Int64Builder::with_capacity(n);
     let mut span_id = UInt64Builder::with_capacity(n);
-    for p in profiles {
-        let series = labels_to_string(&p.labels);
+    for Series {
+        labels: series,
+        profile: p,
+    } in dataset
+    {
         let mut rows: Vec<(u64, i64, Option<u64>)> = p
             .samples
             .iter()
@@ -234,7 +256,7 @@ fn samples_batch<'a>(
             time.append_value(p.time_nanos);
             service_name.append_value(service);
             profile_type.append_value(&p.profile_type);
-            labels.append_value(&series);
+            labels.append_value(series);
             stack_id.append_value(id);
             value.append_value(v);
             span_id.append_option(span);
