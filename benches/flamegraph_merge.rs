@@ -59,7 +59,7 @@ fn tree_of(profiles: &[Profile]) -> (Nodes, StackValues) {
         for s in &p.samples {
             let mut parent = ROOT;
             for f in s.stack.iter() {
-                let name = p.functions[*f as usize].as_str();
+                let name = p.functions.get(*f as usize).unwrap_or("");
                 let id = node_id(parent, name);
                 nodes.insert(id, parent, name);
                 parent = id;

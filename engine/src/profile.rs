@@ -23,8 +23,63 @@ pub struct Profile {
     pub period: i64,
     /// Function names that the samples' stacks point into, shared by the
     /// profiles (sample types, label sets) decoded from one pprof.
-    pub functions: Arc<[String]>,
+    pub functions: Arc<Functions>,
     pub samples: Vec<Sample>,
+}
+
+/// A profile's function names in one buffer: one allocation per pprof
+/// instead of one per name (a push of a few thousand frames otherwise
+/// allocates, and the segment writer's thread frees, a string each).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Functions {
+    text: String,
+    /// Where each name ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl Functions {
+    /// Appends a name and returns its index.
+    pub fn push(&mut self, name: &str) -> u32 {
+        self.text.push_str(name);
+        self.ends.push(self.text.len());
+        (self.ends.len() - 1) as u32
+    }
+
+    pub fn get(&self, index: usize) -> Option<&str> {
+        let end = *self.ends.get(index)?;
+        let start = match index {
+            0 => 0,
+            i => self.ends[i - 1],
+        };
+        self.text.get(start..end)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        self.text.len() + self.ends.len() * std::mem::size_of::<usize>()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Functions {
+    fn from_iter<I: IntoIterator<Item = S>>(names: I) -> Self {
+        let mut functions = Functions::default();
+        for name in names {
+            functions.push(name.as_ref());
+        }
+        functions
+    }
 }
 
 /// One stack and its value. Stacks are root first, and shared: the
@@ -52,7 +107,7 @@ impl Profile {
     /// Approximate in-memory size, used to bound open segments.
     pub fn size_bytes(&self) -> usize {
         let labels: usize = self.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let functions: usize = self.functions.iter().map(|f| f.len() + 24).sum();
+        let functions = self.functions.size_bytes();
         let samples: usize = self.samples.iter().map(|s| s.stack.len() * 4 + 40).sum();
         labels + functions + samples + 128
     }
@@ -100,6 +155,20 @@ pub fn normalise_labels(mut labels: Labels) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn functions_hold_each_name_at_its_index() {
+        let names = ["main", "", "é/ü::x", "main"];
+        let mut f: Functions = names.iter().collect();
+        assert_eq!(f.len(), 4);
+        assert_eq!(f.iter().collect::<Vec<_>>(), names);
+        assert_eq!(f.get(1), Some(""));
+        assert_eq!(f.get(2), Some("é/ü::x"));
+        assert_eq!(f.get(4), None);
+        assert_eq!(f.push("leaf"), 4);
+        assert_eq!(f.get(4), Some("leaf"));
+        assert!(Functions::default().is_empty());
+    }
 
     #[test]
     fn labels_print_sorted_and_escaped() {

@@ -1133,7 +1133,7 @@ mod tests {
                 let path: Vec<&str> = s
                     .stack
                     .iter()
-                    .map(|&f| p.functions[f as usize].as_str())
+                    .map(|&f| p.functions.get(f as usize).unwrap())
                     .collect();
                 *out.entry((p.profile_type.clone(), path.join(";")))
                     .or_default() += s.value;

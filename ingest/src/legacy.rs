@@ -2,6 +2,7 @@
 //! `?name=app.cpu{k=v}&from=&until=&format=pprof|folded|lines&sampleRate=&spyName=&units=&aggregationType=`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -351,7 +352,7 @@ pub fn parse_folded(
         time_nanos: from,
         duration_nanos: until.saturating_sub(from).max(0),
         period,
-        functions: names.into(),
+        functions: Arc::new(names.into_iter().collect()),
         samples,
     }))
 }

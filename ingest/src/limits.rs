@@ -243,7 +243,7 @@ impl InflightBytes {
         let n = u32::try_from(bytes.div_ceil(PERMIT_BYTES).max(1)).unwrap_or(u32::MAX);
         self.permits.clone().try_acquire_many_owned(n).map_err(|_| {
             IngestError::Overloaded(format!(
-                "{bytes} more bytes would pass the {} bytes of requests in flight; retry shortly",
+                "{bytes} more bytes would pass the {} bytes of requests in flight: the server is at capacity; retry after the Retry-After delay",
                 self.max_bytes
             ))
         })

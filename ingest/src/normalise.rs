@@ -7,7 +7,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
+use ember_engine::profile::{
+    normalise_labels, Functions, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME,
+};
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::pprof::{FlatFunction, FlatProfile};
@@ -134,7 +136,7 @@ impl LocationFrames {
 
 /// Interns function names and the frames of each location.
 struct Symbols<'a> {
-    names: Vec<String>,
+    names: Functions,
     /// Keyed by the profile's own bytes where they are valid UTF-8, so a
     /// name is copied once, into `names`.
     index: foldhash::HashMap<Cow<'a, str>, u32>,
@@ -153,8 +155,7 @@ impl<'a> Symbols<'a> {
         if let Some(&i) = self.index.get(name.as_ref()) {
             return i;
         }
-        let i = self.names.len() as u32;
-        self.names.push(name.to_string());
+        let i = self.names.push(&name);
         self.index.insert(name, i);
         i
     }
@@ -174,7 +175,7 @@ impl<'a> Symbols<'a> {
 
     fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
         let mut s = Symbols {
-            names: Vec::new(),
+            names: Functions::default(),
             index: Default::default(),
             locations: LocationFrames::for_ids(
                 p.locations
@@ -404,7 +405,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
         dest.received_at_nanos
     };
     let (frames, rank) = stacks.into_frames_and_ranks();
-    let functions: Arc<[String]> = symbols.names.into();
+    let functions = Arc::new(symbols.names);
     let mut out = Vec::new();
     for (labels, per_type) in by_series_labels(series, &dest.labels)? {
         for (i, samples) in per_type.into_iter().enumerate() {
@@ -637,7 +638,7 @@ mod tests {
                 let names: Vec<&str> = s
                     .stack
                     .iter()
-                    .map(|i| p.functions[*i as usize].as_str())
+                    .map(|i| p.functions.get(*i as usize).unwrap())
                     .collect();
                 (names.join(";"), s.value, s.span_id)
             })
@@ -835,7 +836,7 @@ mod tests {
         let names: Vec<&str> = s
             .stack
             .iter()
-            .map(|i| out[0].functions[*i as usize].as_str())
+            .map(|i| out[0].functions.get(*i as usize).unwrap())
             .collect();
         assert_eq!(names[0], "f199999");
         assert_eq!(names[998], "f199001");
@@ -844,11 +845,11 @@ mod tests {
         let out = normalise(&FlatProfile::of(&deep_profile(1000, 0)), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
-        assert_eq!(out[0].functions[s.stack[999] as usize], "f000000");
+        assert_eq!(out[0].functions.get(s.stack[999] as usize), Some("f000000"));
         assert!(!s
             .stack
             .iter()
-            .any(|i| out[0].functions[*i as usize] == TRUNCATED_FRAME));
+            .any(|i| out[0].functions.get(*i as usize) == Some(TRUNCATED_FRAME)));
     }
 
     #[test]

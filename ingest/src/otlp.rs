@@ -849,7 +849,7 @@ mod tests {
         let l = limits();
         let profiles =
             export_body(&l, &fixture("otel-ebpf-profile.pb.bin"), false, "t", 1).unwrap();
-        let names: Vec<&String> = profiles.iter().flat_map(|p| p.functions.iter()).collect();
+        let names: Vec<&str> = profiles.iter().flat_map(|p| p.functions.iter()).collect();
         assert!(
             names.iter().any(|n| n.contains("!0x")),
             "no unsymbolised frame"

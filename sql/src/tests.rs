@@ -102,7 +102,7 @@ fn input_stacks(profiles: &[Profile], ty: &str) -> HashMap<String, i64> {
             let names: Vec<&str> = s
                 .stack
                 .iter()
-                .map(|f| p.functions[*f as usize].as_str())
+                .map(|f| p.functions.get(*f as usize).unwrap())
                 .collect();
             *out.entry(names.join(";")).or_default() += s.value;
         }

@@ -201,12 +201,7 @@ impl Exporter {
             let frames: Vec<&str> = s
                 .stack
                 .iter()
-                .map(|f| {
-                    p.functions
-                        .get(*f as usize)
-                        .map(String::as_str)
-                        .unwrap_or("")
-                })
+                .map(|f| p.functions.get(*f as usize).unwrap_or(""))
                 .collect();
             let id = frames
                 .iter()

@@ -15,6 +15,7 @@ use ember_engine::metastore::InProcess;
 use ember_engine::metastore::{
     command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction,
 };
+use ember_engine::profile::Functions;
 use ember_engine::{Profile, Sample};
 use ember_sql::compaction::{CompactionConfig, Compactor};
 use object_store::local::LocalFileSystem;
@@ -55,7 +56,7 @@ fn source_profiles(
     block: usize,
     samples: u64,
     distinct: u64,
-    functions: &Arc<[String]>,
+    functions: &Arc<Functions>,
     rng: &mut Rng,
 ) -> Vec<Profile> {
     let per_block = samples / SOURCES as u64;
@@ -122,7 +123,7 @@ pub async fn prepare(spec: &str, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let store = LocalFileSystem::new_with_prefix(dir)?;
     let metastore = Metastore::open(&dir.join("metastore.redb"))?;
-    let functions: Arc<[String]> = functions(distinct).into();
+    let functions: Arc<Functions> = Arc::new(functions(distinct).into_iter().collect());
     let mut rng = Rng::new(11);
     let mut source_bytes = 0;
     for b in 0..SOURCES {

@@ -13,7 +13,7 @@ use ulid::Ulid;
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 use super::schema::Section;
 use super::BlockError;
-use crate::profile::{labels_to_string, Profile};
+use crate::profile::{labels_to_string, Functions, Profile};
 use crate::stack;
 
 /// A block ready to upload: its bytes and the metadata to index.
@@ -428,8 +428,8 @@ struct StackTree<'c> {
 
 impl StackTree<'_> {
     /// Adds every node of a root-first stack and returns the leaf's id.
-    fn insert(&mut self, functions: &Arc<[String]>, stack: &[u32]) -> u64 {
-        let table = Arc::as_ptr(functions) as *const String as usize;
+    fn insert(&mut self, functions: &Arc<Functions>, stack: &[u32]) -> u64 {
+        let table = Arc::as_ptr(functions) as usize;
         let memo = self.tables.entry(table).or_default();
         if memo.numbers.len() < functions.len() {
             memo.numbers.resize(functions.len(), u32::MAX);
@@ -448,7 +448,7 @@ impl StackTree<'_> {
             let name = match memo.numbers.get(f as usize) {
                 Some(&n) if n != u32::MAX => n,
                 known => {
-                    let text = functions.get(f as usize).map_or("", String::as_str);
+                    let text = functions.get(f as usize).unwrap_or("");
                     let n = self.dataset.number(text, self.bytes);
                     if known.is_some() {
                         memo.numbers[f as usize] = n;
@@ -521,7 +521,7 @@ mod tests {
             time_nanos: 1,
             duration_nanos: 0,
             period: 0,
-            functions: (0..n).map(|i| format!("f{i}")).collect(),
+            functions: Arc::new((0..n).map(|i| format!("f{i}")).collect()),
             samples: (0..n as u32)
                 .map(|i| crate::profile::Sample {
                     stack: vec![i].into(),
@@ -574,10 +574,10 @@ mod tests {
     fn stack_nodes_are_the_paths_of_every_stack_whatever_their_order() {
         use arrow::array::AsArray;
         use arrow::datatypes::UInt64Type;
-        let shared: Arc<[String]> = ["main", "a", "b", "c", "d"].map(String::from).into();
+        let shared: Arc<Functions> = Arc::new(["main", "a", "b", "c", "d"].into_iter().collect());
         // The same indices mean other names in another table.
-        let other: Arc<[String]> = ["main", "d", "c", "b", "a"].map(String::from).into();
-        let profile = |ty: &str, functions: &Arc<[String]>, stacks: &[&[u32]]| Profile {
+        let other: Arc<Functions> = Arc::new(["main", "d", "c", "b", "a"].into_iter().collect());
+        let profile = |ty: &str, functions: &Arc<Functions>, stacks: &[&[u32]]| Profile {
             tenant: "t".into(),
             labels: vec![("service_name".into(), "api".into())],
             profile_type: ty.into(),
@@ -613,7 +613,7 @@ mod tests {
             for s in &p.samples {
                 let mut parent = stack::ROOT;
                 for &f in s.stack.iter() {
-                    let name = p.functions[f as usize].clone();
+                    let name = p.functions.get(f as usize).unwrap().to_string();
                     let id = stack::node_id(parent, &name);
                     want.insert(id, (parent, name));
                     parent = id;
@@ -642,9 +642,10 @@ mod tests {
                 col.values().to_vec()
             })
             .collect();
-        let leaf = |f: &[String], st: &[u32]| {
-            st.iter()
-                .fold(stack::ROOT, |p, &i| stack::node_id(p, &f[i as usize]))
+        let leaf = |f: &Functions, st: &[u32]| {
+            st.iter().fold(stack::ROOT, |p, &i| {
+                stack::node_id(p, f.get(i as usize).unwrap())
+            })
         };
         let mut want_leaves = std::collections::BTreeSet::new();
         for p in &profiles {
@@ -701,7 +702,7 @@ mod tests {
             ("globex", ["main", "serve", "render", "globex_secret"]),
         ] {
             for pod in 0..3u32 {
-                let functions: Arc<[String]> = names.map(String::from).into();
+                let functions: Arc<Functions> = Arc::new(names.into_iter().collect());
                 let stacks: Vec<Vec<u32>> = vec![
                     vec![0, 1],
                     vec![0, 1, 2],
