@@ -142,6 +142,9 @@ impl<'a> FlatProfile<'a> {
                     p.period_type = Some(merged);
                 }
                 12 => p.period = r.scalar(wire)? as i64,
+                3 => mapping(r.message(wire)?)?,
+                7 | 8 | 14 | 15 => r.scalar(wire).map(drop)?,
+                13 => r.numbers(wire)?,
                 _ => r.skip(wire)?,
             }
         }
@@ -265,6 +268,7 @@ impl<'a> FlatProfile<'a> {
                     let function_id = line_function(r.message(wire)?)?;
                     self.line_functions.push(function_id);
                 }
+                2 | 5 => r.scalar(wire).map(drop)?,
                 _ => r.skip(wire)?,
             }
         }
@@ -304,6 +308,7 @@ fn label(data: &[u8]) -> Result<FlatLabel, IngestError> {
         match field {
             1 => l.key = r.scalar(wire)? as i64,
             2 => l.str = r.scalar(wire)? as i64,
+            3 | 4 => r.scalar(wire).map(drop)?,
             _ => r.skip(wire)?,
         }
     }
@@ -316,6 +321,7 @@ fn line_function(data: &[u8]) -> Result<u64, IngestError> {
     while let Some((field, wire)) = r.key()? {
         match field {
             1 => function_id = r.scalar(wire)?,
+            2 | 3 => r.scalar(wire).map(drop)?,
             _ => r.skip(wire)?,
         }
     }
@@ -330,10 +336,24 @@ fn function(data: &[u8]) -> Result<FlatFunction, IngestError> {
             1 => f.id = r.scalar(wire)?,
             2 => f.name = r.scalar(wire)? as i64,
             3 => f.system_name = r.scalar(wire)? as i64,
+            4 | 5 => r.scalar(wire).map(drop)?,
             _ => r.skip(wire)?,
         }
     }
     Ok(f)
+}
+
+/// A mapping is not kept, but its fields are checked as a protobuf reader
+/// checks them: every known one is a varint.
+fn mapping(data: &[u8]) -> Result<(), IngestError> {
+    let mut r = Wire::new(data);
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1..=10 => r.scalar(wire).map(drop)?,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(())
 }
 
 fn wire_error(reason: String) -> IngestError {
@@ -453,6 +473,18 @@ impl<'a> Wire<'a> {
         let mut packed = Wire::new(self.message(wire)?);
         while packed.at < packed.data.len() {
             to.push(of(packed.varint()?));
+        }
+        Ok(())
+    }
+
+    /// A repeated varint field that is checked but not kept.
+    fn numbers(&mut self, wire: u8) -> Result<(), IngestError> {
+        if wire == WIRE_VARINT {
+            return self.varint().map(drop);
+        }
+        let mut packed = Wire::new(self.message(wire)?);
+        while packed.at < packed.data.len() {
+            packed.varint()?;
         }
         Ok(())
     }
@@ -604,6 +636,63 @@ mod tests {
         assert_eq!(flat.period_type, Some(ValueType { r#type: 3, unit: 4 }));
     }
 
+    /// A known field with another wire type than its own is an error, as
+    /// prost makes it, in every message Ember reads, also the ones it
+    /// skips; and a message nested thousands deep costs no recursion.
+    #[test]
+    fn known_fields_with_the_wrong_wire_type_are_errors_as_in_prost() {
+        let len_field = |field: u64, inner: &[u8]| {
+            let mut out = Vec::new();
+            key(field, WIRE_LEN, &mut out);
+            varint(inner.len() as u64, &mut out);
+            out.extend_from_slice(inner);
+            out
+        };
+        // (field of Profile holding the message, field inside it)
+        let nested_cases: [(u64, Option<u64>, u64); 9] = [
+            (2, Some(3), 3), // Sample.label.num
+            (2, Some(3), 4), // Sample.label.num_unit
+            (3, None, 5),    // Mapping.filename
+            (4, None, 2),    // Location.mapping_id
+            (4, None, 5),    // Location.is_folded
+            (4, Some(4), 2), // Location.line.line
+            (5, None, 4),    // Function.filename
+            (5, None, 5),    // Function.start_line
+            (2, Some(3), 1), // Sample.label.key
+        ];
+        for (outer, middle, field) in nested_cases {
+            let wrong = len_field(field, &[0]);
+            let inner = match middle {
+                Some(m) => len_field(m, &wrong),
+                None => wrong,
+            };
+            let profile = len_field(outer, &inner);
+            assert!(
+                Profile::decode(profile.as_slice()).is_err(),
+                "{outer}/{middle:?}/{field}"
+            );
+            let err = FlatProfile::decode(&profile).unwrap_err();
+            assert!(err.to_string().contains("where a varint belongs"), "{err}");
+        }
+        for field in [7u64, 8, 14, 15] {
+            let profile = len_field(field, &[0]);
+            assert!(Profile::decode(profile.as_slice()).is_err());
+            assert!(FlatProfile::decode(&profile).is_err(), "{field}");
+        }
+        // comment (13) packed, with a varint cut short
+        let profile = len_field(13, &[0x80]);
+        assert!(Profile::decode(profile.as_slice()).is_err());
+        assert!(FlatProfile::decode(&profile).is_err());
+        // Labels nested 5,000 deep in the label's num field.
+        let mut inner = Vec::new();
+        for _ in 0..5000 {
+            inner = len_field(3, &inner);
+        }
+        let profile = len_field(2, &inner);
+        let err = FlatProfile::decode(&profile).unwrap_err();
+        assert!(matches!(err, IngestError::Decode { .. }), "{err}");
+    }
+
     #[test]
     fn malformed_wire_data_is_a_decode_error_that_says_why() {
         let cases: [(&[u8], &str); 4] = [
@@ -628,8 +717,8 @@ mod tests {
                 ],
                 "longer than 10 bytes",
             ),
-            // a start-group key
-            (&[7 << 3 | 3], "unsupported wire type 3"),
+            // a start-group key of an unknown field (16)
+            (&[0x83, 0x01], "unsupported wire type 3"),
         ];
         for (bytes, want) in cases {
             let err = FlatProfile::decode(bytes).unwrap_err();
