@@ -15,7 +15,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{plan_err, DataFusionError};
+use datafusion::common::{plan_err, DataFusionError, ScalarValue};
 use datafusion::datasource::provider_as_source;
 use datafusion::error::Result;
 use datafusion::execution::memory_pool::MemoryConsumer;
@@ -59,12 +59,37 @@ pub struct FrameRow<'a> {
     pub total: i64,
     pub own: i64,
     pub label: &'a str,
+    /// The label's number, first seen first, when the rows come straight
+    /// from the tree (a frame read back has only the text).
+    pub name: Option<u32>,
+}
+
+/// Flame graph rows, depth first from one root at level 0: the frame as
+/// SQL returns it, or the tree the frame is built from (the query API lays
+/// out its answer from the tree, without the frame in between).
+#[derive(Clone, Copy)]
+pub enum Frame<'a> {
+    Batches(&'a [RecordBatch]),
+    Tree(&'a FlameTree<'a>),
+}
+
+impl<'a> Frame<'a> {
+    /// Calls `f` on each row: the one reader of flame graph rows for every
+    /// layout built from them (pprof, diff, the query API's levels and tree
+    /// bytes, the CLI).
+    pub fn for_each_row(
+        self,
+        f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
+        match self {
+            Frame::Batches(batches) => for_each_frame_row(batches, f),
+            Frame::Tree(tree) => tree.for_each_row(f),
+        }
+    }
 }
 
 /// Calls `f` on each row of a flame graph frame (`level`, `value`, `self`,
-/// `label`), checked to be depth first from one root at level 0: the one
-/// reader of the frame for every layout built from it (pprof, diff, the
-/// query API's levels and tree bytes, the CLI).
+/// `label`), checked to be depth first from one root at level 0.
 pub fn for_each_frame_row<'a>(
     batches: &'a [RecordBatch],
     mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
@@ -96,6 +121,7 @@ pub fn for_each_frame_row<'a>(
                 total: value.value(i),
                 own: own.value(i),
                 label: label.value(i),
+                name: None,
             })?;
         }
     }
@@ -248,61 +274,139 @@ impl Children {
     }
 }
 
-/// Folds per-stack values up the tree and lays the nodes out depth-first,
+/// Numbers labels in the order first seen. The tree's names are interned
+/// by the stack dictionary (one copy per distinct name), so a name is
+/// found by its address; its text is hashed only for an address not seen
+/// yet, which keeps two copies of one name (a query's own nodes beside the
+/// dictionary's) one number.
+#[derive(Default)]
+struct NameNumbers<'a> {
+    by_address: foldhash::HashMap<(usize, usize), u32>,
+    by_text: foldhash::HashMap<&'a str, u32>,
+}
+
+impl<'a> NameNumbers<'a> {
+    fn number(&mut self, name: &'a str) -> u32 {
+        let address = (name.as_ptr() as usize, name.len());
+        if let Some(&n) = self.by_address.get(&address) {
+            return n;
+        }
+        let next = self.by_text.len() as u32;
+        let n = *self.by_text.entry(name).or_insert(next);
+        self.by_address.insert(address, n);
+        n
+    }
+}
+
+/// Per-stack values folded up the tree, ready to be laid out depth-first,
 /// children by name, nodes smaller than the `max_nodes`-th largest folded
 /// into one `other` child per parent (as Pyroscope truncates).
+pub struct FlameTree<'a> {
+    tree: DenseTree<'a>,
+    children: Children,
+    threshold: i64,
+    max_nodes: usize,
+}
+
+impl<'a> FlameTree<'a> {
+    pub fn build(
+        node: impl Fn(u64) -> Option<(u64, &'a str)>,
+        values: &StackValues,
+        max_nodes: usize,
+    ) -> Result<Self> {
+        let tree = DenseTree::build(node, values)?;
+        let threshold = min_value(&tree.total, max_nodes);
+        let children = tree.children();
+        Ok(Self {
+            tree,
+            children,
+            threshold,
+            max_nodes,
+        })
+    }
+
+    /// Calls `f` on each row, depth first, children by name.
+    pub fn for_each_row(
+        &self,
+        mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
+        let tree = &self.tree;
+        let mut names = NameNumbers::default();
+        // (node, level, value of an `other` entry when node is None)
+        let mut todo: Vec<(Option<u32>, usize, i64)> = vec![(Some(0), 0, 0)];
+        while let Some((node, depth, other_value)) = todo.pop() {
+            let Some(i) = node else {
+                f(FrameRow {
+                    depth,
+                    total: other_value,
+                    own: other_value,
+                    label: "other",
+                    name: Some(names.number("other")),
+                })?;
+                continue;
+            };
+            let i = i as usize;
+            let label = tree.names[i];
+            f(FrameRow {
+                depth,
+                total: tree.total[i],
+                own: tree.own[i],
+                label,
+                name: Some(names.number(label)),
+            })?;
+            let kids = self.children.of(i);
+            let other = kids
+                .iter()
+                .map(|&k| tree.total[k as usize])
+                .filter(|&t| t < self.threshold)
+                .fold(0i64, i64::saturating_add);
+            if other > 0 {
+                todo.push((None, depth + 1, other));
+            }
+            // Pushed in reverse so that they pop in name order.
+            for &k in kids.iter().rev() {
+                if tree.total[k as usize] >= self.threshold {
+                    todo.push((Some(k), depth + 1, 0));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows as the frame SQL returns (`level`, `value`, `self`, `label`).
+    pub fn frame(&self) -> Result<RecordBatch> {
+        let names = &self.tree.names;
+        let rows = names.len().min(self.max_nodes.saturating_mul(2));
+        let label_bytes = names.iter().map(|n| n.len()).sum::<usize>();
+        let mut level = Int64Builder::with_capacity(rows);
+        let mut value = Int64Builder::with_capacity(rows);
+        let mut self_ = Int64Builder::with_capacity(rows);
+        let mut label = StringBuilder::with_capacity(rows, label_bytes);
+        self.for_each_row(|row| {
+            level.append_value(row.depth as i64);
+            value.append_value(row.total);
+            self_.append_value(row.own);
+            label.append_value(row.label);
+            Ok(())
+        })
+        .map_err(DataFusionError::Execution)?;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(level.finish()),
+            Arc::new(value.finish()),
+            Arc::new(self_.finish()),
+            Arc::new(label.finish()),
+        ];
+        Ok(RecordBatch::try_new(flame_graph_schema(), columns)?)
+    }
+}
+
+/// The flame graph frame of per-stack values.
 pub fn build_flame_graph<'a>(
     node: impl Fn(u64) -> Option<(u64, &'a str)>,
     values: &StackValues,
     max_nodes: usize,
 ) -> Result<RecordBatch> {
-    let tree = DenseTree::build(node, values)?;
-    let threshold = min_value(&tree.total, max_nodes);
-    let children = tree.children();
-    let rows = tree.names.len().min(max_nodes.saturating_mul(2));
-    let label_bytes = tree.names.iter().map(|n| n.len()).sum::<usize>();
-    let mut level = Int64Builder::with_capacity(rows);
-    let mut value = Int64Builder::with_capacity(rows);
-    let mut self_ = Int64Builder::with_capacity(rows);
-    let mut label = StringBuilder::with_capacity(rows, label_bytes);
-    // (node, level, value of an `other` entry when node is None)
-    let mut todo: Vec<(Option<u32>, i64, i64)> = vec![(Some(0), 0, 0)];
-    while let Some((node, depth, other_value)) = todo.pop() {
-        let Some(i) = node else {
-            level.append_value(depth);
-            value.append_value(other_value);
-            self_.append_value(other_value);
-            label.append_value("other");
-            continue;
-        };
-        let i = i as usize;
-        level.append_value(depth);
-        value.append_value(tree.total[i]);
-        self_.append_value(tree.own[i]);
-        label.append_value(tree.names[i]);
-        let kids = children.of(i);
-        let other = kids
-            .iter()
-            .map(|&k| tree.total[k as usize])
-            .filter(|&t| t < threshold)
-            .fold(0i64, i64::saturating_add);
-        if other > 0 {
-            todo.push((None, depth + 1, other));
-        }
-        // Pushed in reverse so that they pop in name order.
-        for &k in kids.iter().rev() {
-            if tree.total[k as usize] >= threshold {
-                todo.push((Some(k), depth + 1, 0));
-            }
-        }
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(level.finish()),
-        Arc::new(value.finish()),
-        Arc::new(self_.finish()),
-        Arc::new(label.finish()),
-    ];
-    Ok(RecordBatch::try_new(flame_graph_schema(), columns)?)
+    FlameTree::build(node, values, max_nodes)?.frame()
 }
 
 /// The total of the `max_nodes`-th largest node: smaller nodes are folded.
@@ -366,6 +470,20 @@ impl TableFunctionImpl for FlameGraphFunction {
     }
 }
 
+/// The arguments of `flamegraph()`, or of `span_flamegraph()` when it
+/// names spans, for a caller that runs a flame graph without SQL around it.
+#[derive(Debug, Clone)]
+pub struct FlameGraphCall {
+    pub profile_type: String,
+    pub selector: String,
+    /// Epoch milliseconds.
+    pub start: i64,
+    pub end: i64,
+    pub max_nodes: i64,
+    /// Span ids, hex, comma separated.
+    pub spans: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct FlameGraphQuery {
     pub selection: ProfileSelection,
@@ -375,6 +493,36 @@ pub(crate) struct FlameGraphQuery {
 }
 
 impl FlameGraphQuery {
+    /// The query of a call, checked as the SQL function checks its
+    /// arguments.
+    pub(crate) fn of_call(
+        call: FlameGraphCall,
+        session: &dyn Session,
+        tenant: &str,
+    ) -> Result<Self> {
+        let mut values = vec![
+            ScalarValue::from(call.profile_type),
+            ScalarValue::from(call.selector),
+            ScalarValue::Int64(Some(call.start)),
+            ScalarValue::Int64(Some(call.end)),
+            ScalarValue::Int64(Some(call.max_nodes)),
+        ];
+        let of_spans = call.spans.is_some();
+        if let Some(spans) = call.spans {
+            values.insert(4, ScalarValue::from(spans));
+        }
+        let exprs: Vec<Expr> = values
+            .into_iter()
+            .map(datafusion::logical_expr::lit)
+            .collect();
+        let args = TableFunctionArgs::new(&exprs, session);
+        if of_spans {
+            Self::of_spans_from_args(&args, tenant)
+        } else {
+            Self::from_args(NAME, &args, tenant)
+        }
+    }
+
     /// `function(profile_type, selector, start, end [, max_nodes])`.
     pub(crate) fn from_args(
         function: &str,
@@ -475,6 +623,18 @@ impl TableProvider for FlameGraphTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(self.plan(state, projection.cloned()).await?))
+    }
+}
+
+impl FlameGraphTable {
+    /// The plan of the flame graph: the datasets the metastore picks, those
+    /// taken in part summed by stack through a DataFusion aggregate.
+    pub(crate) async fn plan(
+        &self,
+        state: &dyn Session,
+        projection: Option<Vec<usize>>,
+    ) -> Result<FlameGraphExec> {
         let q = &self.query;
         let datasets = q
             .selection
@@ -503,12 +663,12 @@ impl TableProvider for FlameGraphTable {
             profile_type: q.selection.profile_type.clone(),
             whole,
         };
-        Ok(Arc::new(FlameGraphExec::new(
+        Ok(FlameGraphExec::new(
             sums,
             Arc::new(reads),
             q.max_nodes,
-            projection.cloned(),
-        )))
+            projection,
+        ))
     }
 }
 
@@ -686,6 +846,49 @@ impl FlameGraphExec {
     }
 }
 
+impl FlameGraphExec {
+    /// Runs the plan and hands its tree to `f`: the frame for SQL, or the
+    /// query API's own layout.
+    pub(crate) async fn run<R>(
+        &self,
+        context: Arc<TaskContext>,
+        f: impl FnOnce(&FlameTree<'_>) -> R + Send,
+    ) -> Result<R> {
+        let (sums, reads) = (self.sums.clone(), self.reads.clone());
+        Self::fold(sums, reads, self.max_nodes, context, |tree| Ok(f(tree))).await
+    }
+
+    /// Folds the sums of `sums` and the totals `reads` finds into the tree.
+    async fn fold<R>(
+        sums: Arc<dyn ExecutionPlan>,
+        reads: Arc<DirectReads>,
+        max_nodes: usize,
+        context: Arc<TaskContext>,
+        f: impl FnOnce(&FlameTree<'_>) -> Result<R> + Send,
+    ) -> Result<R> {
+        let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
+        let mut grow = |bytes: usize| reservation.try_grow(bytes);
+        let read = reads.stack_nodes(&mut grow).await?;
+        // Kept nodes are the dictionary's memory, not this query's.
+        let local =
+            reads
+                .storage
+                .stacks
+                .offer(&reads.tenant, &reads.tenant_nodes, &reads.missing, read);
+        if local.is_none() {
+            reservation.free();
+        }
+        let mut values = read_sums(sums, context, &mut grow).await?;
+        reads.add_totals(&mut values, &mut grow).await?;
+        let global = stack_dictionary::read(&reads.tenant_nodes);
+        let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
+            Some(n) => Some(n),
+            None => global.get(id),
+        };
+        f(&FlameTree::build(node, &values, max_nodes)?)
+    }
+}
+
 impl fmt::Debug for FlameGraphExec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "FlameGraphExec(max_nodes={})", self.max_nodes)
@@ -772,30 +975,10 @@ impl ExecutionPlan for FlameGraphExec {
             self.projection.clone(),
         );
         let fut = async move {
-            let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
-            let mut grow = |bytes: usize| reservation.try_grow(bytes);
-            let read = reads.stack_nodes(&mut grow).await?;
-            // Kept nodes are the dictionary's memory, not this query's.
-            let local = reads.storage.stacks.offer(
-                &reads.tenant,
-                &reads.tenant_nodes,
-                &reads.missing,
-                read,
-            );
-            if local.is_none() {
-                reservation.free();
-            }
-            let mut values = read_sums(sums, context, &mut grow).await?;
-            reads.add_totals(&mut values, &mut grow).await?;
-            let global = stack_dictionary::read(&reads.tenant_nodes);
-            let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
-                Some(n) => Some(n),
-                None => global.get(id),
-            };
-            let batch = build_flame_graph(node, &values, max_nodes)?;
+            let frame = Self::fold(sums, reads, max_nodes, context, |tree| tree.frame()).await?;
             match projection {
-                Some(p) => Ok(batch.project(&p)?),
-                None => Ok(batch),
+                Some(p) => Ok(frame.project(&p)?),
+                None => Ok(frame),
             }
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -886,6 +1069,44 @@ mod tests {
         let main = got.iter().find(|r| r.3 == "main").unwrap();
         assert_eq!(main.1, i64::MAX);
         assert!(got.iter().all(|r| r.1 >= 0 && r.2 >= 0));
+    }
+
+    #[test]
+    fn tree_rows_are_the_frame_with_names_numbered_first_seen() {
+        // Two dictionaries holding their own copies of the names, as a
+        // query's own nodes sit beside its tenant's: one name, one number.
+        let (global, mut values) = tree(&[("main;a;x", 3), ("main;b", 5), ("gc;other", 2)]);
+        let (local, more) = tree(&[("main;b;a", 4), ("main;s1", 1), ("main;s2", 1)]);
+        values.extend(more);
+        let node = |id| local.get(id).or_else(|| global.get(id));
+        let tree = FlameTree::build(node, &values, 8).unwrap();
+        let mut rows = Vec::new();
+        tree.for_each_row(|r| {
+            rows.push((r.depth as i64, r.total, r.own, r.label.to_string(), r.name));
+            Ok(())
+        })
+        .unwrap();
+        let frame: Vec<_> = rows.iter().map(|r| (r.0, r.1, r.2, r.3.clone())).collect();
+        assert_eq!(frame, self::rows(&tree.frame().unwrap()));
+        let labels: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+        // s1 and s2 fold into `other`, which the real `gc;other` shares.
+        assert_eq!(
+            labels,
+            ["total", "gc", "other", "main", "a", "x", "b", "a", "other"]
+        );
+        let mut first_seen: Vec<&str> = Vec::new();
+        for (.., label, name) in &rows {
+            let n = name.expect("tree rows carry numbers") as usize;
+            if n == first_seen.len() {
+                first_seen.push(label);
+            }
+            assert_eq!(
+                first_seen.get(n),
+                Some(&label.as_str()),
+                "{label} is number {n}"
+            );
+        }
+        assert_eq!(first_seen, ["total", "gc", "other", "main", "a", "x", "b"]);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::diff::DiffFunction;
-use crate::flamegraph::FlameGraphFunction;
+use crate::flamegraph::{
+    FlameGraphCall, FlameGraphFunction, FlameGraphQuery, FlameGraphTable, Frame,
+};
 use crate::labels::LabelFunction;
 use crate::lru::ByteLru;
 use crate::pprof::PprofFunction;
@@ -187,6 +189,16 @@ impl QueryEngine {
         tenant: &str,
         settings: &Settings,
     ) -> std::result::Result<SessionContext, SqlError> {
+        Ok(SessionContext::new_with_state(
+            self.session_state(tenant, settings)?,
+        ))
+    }
+
+    fn session_state(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+    ) -> std::result::Result<SessionState, SqlError> {
         let valid = TenantId::parse(Some(tenant)).is_ok_and(|t| t.as_str() == tenant);
         if !valid {
             return Err(SqlError::Tenant(tenant.to_string()));
@@ -206,7 +218,7 @@ impl QueryEngine {
             .options_mut()
             .extensions
             .insert(settings.clone());
-        Ok(SessionContext::new_with_state(state))
+        Ok(state)
     }
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
@@ -348,6 +360,34 @@ impl QueryEngine {
             .try_collect::<Vec<_>>()
             .await?;
         Ok(())
+    }
+
+    /// Runs a flame graph as `flamegraph()` (or `span_flamegraph()`) does,
+    /// handing its rows to `f` straight from the tree: the query API's path,
+    /// which needs neither SQL's parsing and planning nor the frame.
+    pub async fn flame_graph<R: Send>(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+        call: FlameGraphCall,
+        f: impl FnOnce(Frame<'_>) -> R + Send,
+    ) -> std::result::Result<R, SqlError> {
+        let state = self.session_state(tenant, settings)?;
+        let run = async {
+            let query = FlameGraphQuery::of_call(call, &state, tenant)?;
+            let table = FlameGraphTable {
+                storage: self.storage.clone(),
+                query,
+            };
+            let plan = table.plan(&state, None).await?;
+            plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
+                .await
+        };
+        let timeout = self.config.query_timeout;
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| SqlError::Timeout(timeout))?
+            .map_err(SqlError::from)
     }
 
     /// Runs a statement; the stream fails once the query timeout passes.

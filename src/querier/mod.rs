@@ -1,7 +1,8 @@
 //! Pyroscope's query API, `querier.v1.QuerierService`, over Connect unary
 //! with binary protobuf: what Grafana's Pyroscope data source sends. Label
-//! calls are answered from the index (`ember_sql::labels`); flame graphs are
-//! planned as the SQL `flamegraph()` function, by the same engine.
+//! calls are answered from the index (`ember_sql::labels`); flame graphs run
+//! as the SQL `flamegraph()` function does, by the same engine, but without
+//! SQL's parsing and planning or the frame between the tree and the answer.
 //!
 //! Messages keep the package, names and field numbers of Pyroscope's
 //! `api/querier/v1/querier.proto` and `api/types/v1/types.proto`.
@@ -13,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ember_engine::selector::Selector;
-use ember_sql::flamegraph::for_each_frame_row;
+use ember_sql::flamegraph::{FlameGraphCall, Frame};
 use ember_sql::labels::LabelQuery;
 use ember_sql::selection::ProfileSelection;
 use ember_sql::series::{Aggregation, SeriesQuery};
@@ -374,9 +375,7 @@ pub(crate) async fn select_merge_stacktraces(
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
 ) -> Result<FlameGraph, ApiError> {
-    let batches = flame_graph_frame(state, tenant, settings, req).await?;
-    flame_graph(&batches)
-        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
+    with_flame_graph(state, tenant, settings, req, flame_graph).await
 }
 
 /// The merged stacks in the format asked for: a flame graph, or the tree
@@ -387,12 +386,12 @@ async fn stacktraces(
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
 ) -> Result<(Option<FlameGraph>, Vec<u8>), ApiError> {
-    let frame = flame_graph_frame(state, tenant, settings, req).await?;
-    let internal = |e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     if req.format == ProfileFormat::Tree as i32 {
-        Ok((None, tree_bytes(&frame).map_err(internal)?))
+        let tree = with_flame_graph(state, tenant, settings, req, tree_bytes).await?;
+        Ok((None, tree))
     } else {
-        Ok((Some(flame_graph(&frame).map_err(internal)?), Vec::new()))
+        let graph = with_flame_graph(state, tenant, settings, req, flame_graph).await?;
+        Ok((Some(graph), Vec::new()))
     }
 }
 
@@ -411,14 +410,16 @@ fn unserved_selectors(
     Ok(())
 }
 
-/// The request's flame graph as the SQL frame (depth first): `flamegraph()`,
-/// or `span_flamegraph()` when the request selects spans.
-async fn flame_graph_frame(
+/// The request's flame graph laid out by `layout`: run as `flamegraph()`,
+/// or `span_flamegraph()` when the request selects spans, with the same
+/// checks, but without SQL around it.
+async fn with_flame_graph<R: Send>(
     state: &AppState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
-) -> Result<Vec<RecordBatch>, ApiError> {
+    layout: impl FnOnce(Frame<'_>) -> Result<R, String> + Send,
+) -> Result<R, ApiError> {
     unserved_selectors(
         req.stack_trace_selector.is_some(),
         &req.profile_id_selector,
@@ -426,20 +427,28 @@ async fn flame_graph_frame(
     )?;
     let max_nodes = max_nodes(req.max_nodes)?;
     let (start, end) = time_range_ms(req.start, req.end);
-    let profile_type = quoted(&req.profile_type_id);
-    let selector = quoted(selector_or_all(&req.label_selector));
-    let sql = if req.span_selector.is_empty() {
-        format!("SELECT * FROM flamegraph({profile_type}, {selector}, {start}, {end}, {max_nodes})")
+    let spans = if req.span_selector.is_empty() {
+        None
     } else {
         let spans = req.span_selector.join(",");
         ember_sql::flamegraph::parse_span_ids(&spans)
             .map_err(|e| invalid(format!("span_selector: {e}")))?;
-        format!(
-            "SELECT * FROM span_flamegraph({profile_type}, {selector}, {start}, {end}, {}, {max_nodes})",
-            quoted(&spans)
-        )
+        Some(spans)
     };
-    run_sql(state, tenant, settings, &sql).await
+    let call = FlameGraphCall {
+        profile_type: req.profile_type_id.clone(),
+        selector: selector_or_all(&req.label_selector).to_string(),
+        start,
+        end,
+        max_nodes,
+        spans,
+    };
+    state
+        .engine
+        .flame_graph(tenant, settings, call, layout)
+        .await
+        .map_err(|e| query_error(&e))?
+        .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
 }
 
 pub(crate) async fn diff(
@@ -629,6 +638,9 @@ struct Levels<'a, const SIDES: usize> {
     names: Vec<String>,
     /// Borrowed from the frame: a name costs an allocation once, not per bar.
     name_index: foldhash::HashMap<&'a str, i64>,
+    /// By the number the tree gave the name, when the rows come from it:
+    /// no name is hashed again.
+    by_number: Vec<Option<i64>>,
     levels: Vec<Level>,
     /// Per depth and side: where the last bar ended.
     last_end: Vec<[i64; SIDES]>,
@@ -642,6 +654,7 @@ impl<'a, const SIDES: usize> Levels<'a, SIDES> {
         Self {
             names: Vec::new(),
             name_index: foldhash::HashMap::default(),
+            by_number: Vec::new(),
             levels: Vec::new(),
             last_end: Vec::new(),
             child_x: Vec::new(),
@@ -649,13 +662,29 @@ impl<'a, const SIDES: usize> Levels<'a, SIDES> {
         }
     }
 
-    /// Adds the next row: its depth, name and (total, self) per side.
-    fn push(
-        &mut self,
-        depth: usize,
-        name: &'a str,
-        sides: [(i64, i64); SIDES],
-    ) -> Result<(), String> {
+    /// The index of `name` in `names`, numbered in the order first seen;
+    /// `number` is the tree's own number for it, if the row has one.
+    fn name(&mut self, name: &'a str, number: Option<u32>) -> i64 {
+        let slot = number.map(|n| n as usize);
+        if let Some(Some(index)) = slot.and_then(|n| self.by_number.get(n)) {
+            return *index;
+        }
+        let next = self.names.len() as i64;
+        let index = *self.name_index.entry(name).or_insert_with(|| {
+            self.names.push(name.to_string());
+            next
+        });
+        if let Some(n) = slot {
+            if self.by_number.len() <= n {
+                self.by_number.resize(n + 1, None);
+            }
+            self.by_number[n] = Some(index);
+        }
+        index
+    }
+
+    /// Adds the next row: its depth, name index and (total, self) per side.
+    fn push(&mut self, depth: usize, index: i64, sides: [(i64, i64); SIDES]) -> Result<(), String> {
         if depth > self.levels.len() || (depth == 0) != self.levels.is_empty() {
             return Err(format!(
                 "a row at level {depth} is out of depth-first order"
@@ -674,11 +703,6 @@ impl<'a, const SIDES: usize> Levels<'a, SIDES> {
             self.levels.push(Level::default());
             self.last_end.push([0; SIDES]);
         }
-        let next = self.name_index.len() as i64;
-        let index = *self.name_index.entry(name).or_insert_with(|| {
-            self.names.push(name.to_string());
-            next
-        });
         let values = &mut self.levels[depth].values;
         for (side, (total, own)) in sides.iter().enumerate() {
             values.extend([x[side] - self.last_end[depth][side], *total, *own]);
@@ -705,14 +729,15 @@ fn label_column(b: &RecordBatch) -> Result<&arrow::array::StringArray, String> {
 /// Grafana's flame graph frame (`level`, `value`, `self`, `label`, depth
 /// first, children by name) as Pyroscope's `FlameGraph`: level 0 is
 /// `[0, total, self, 0]` with `names[0] = "total"`.
-pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
+pub fn flame_graph(frame: Frame<'_>) -> Result<FlameGraph, String> {
     let mut levels = Levels::<1>::new();
     let mut total = 0;
-    for_each_frame_row(batches, |row| {
+    frame.for_each_row(|row| {
         if row.depth == 0 {
             total = row.total;
         }
-        levels.push(row.depth, row.label, [(row.total, row.own)])
+        let name = levels.name(row.label, row.name);
+        levels.push(row.depth, name, [(row.total, row.own)])
     })?;
     Ok(FlameGraph {
         names: levels.names,
@@ -726,9 +751,9 @@ pub fn flame_graph(batches: &[RecordBatch]) -> Result<FlameGraph, String> {
 /// nodes in pre-order, each as varints `name length`, the name, `self`,
 /// `child count`, from a nameless root whose children are the frame's
 /// level-1 nodes.
-pub fn tree_bytes(batches: &[RecordBatch]) -> Result<Vec<u8>, String> {
+pub fn tree_bytes(frame: Frame<'_>) -> Result<Vec<u8>, String> {
     let mut rows: Vec<(usize, &str, i64)> = Vec::new();
-    for_each_frame_row(batches, |row| {
+    frame.for_each_row(|row| {
         rows.push((row.depth, row.label, row.own));
         Ok(())
     })?;
@@ -774,9 +799,10 @@ pub fn flame_graph_diff(batches: &[RecordBatch]) -> Result<FlameGraphDiff, Strin
             if depth == 0 {
                 (left_ticks, right_ticks) = (value.value(i), value_r.value(i));
             }
+            let name = levels.name(label.value(i), None);
             levels.push(
                 depth,
-                label.value(i),
+                name,
                 [
                     (value.value(i), own.value(i)),
                     (value_r.value(i), own_r.value(i)),
@@ -843,14 +869,14 @@ mod tests {
     #[test]
     fn a_depth_first_frame_becomes_delta_encoded_levels() {
         // total 11: gc 1; main 10 = a 5 (x 3, self 2) + b 5.
-        let g = flame_graph(&[frame(&[
+        let g = flame_graph(Frame::Batches(&[frame(&[
             (0, 11, 0, "total"),
             (1, 1, 1, "gc"),
             (1, 10, 0, "main"),
             (2, 5, 2, "a"),
             (3, 3, 3, "x"),
             (2, 5, 5, "b"),
-        ])])
+        ])]))
         .unwrap();
         assert_eq!(g.names[0], "total");
         assert_eq!(g.levels[0].values, vec![0, 11, 0, 0]);
@@ -867,6 +893,59 @@ mod tests {
         );
         // Offsets are relative to the previous bar's end on the level.
         assert_eq!(g.levels[2].values, vec![1, 5, 2, 3, 0, 5, 5, 5]);
+    }
+
+    #[test]
+    fn the_tree_lays_out_as_its_frame_does_for_every_fixture() {
+        use ember_engine::stack::{node_id, ROOT};
+        use ember_ingest::normalise::{normalise, validate_labels, Destination};
+        use ember_ingest::pprof::FlatProfile;
+        use ember_sql::flamegraph::{FlameTree, StackValues};
+        use ember_sql::stack_dictionary::Nodes;
+
+        let dest = Destination {
+            tenant: "t".into(),
+            labels: validate_labels(vec![("service_name".into(), "svc".into())]).unwrap(),
+            received_at_nanos: 1_700_000_000_000_000_000,
+            limits: Default::default(),
+        };
+        let mut checked = 0;
+        for (name, bytes) in ember_engine::testing::pprof_fixtures() {
+            let Ok(raw) = ember_ingest::pprof::maybe_gunzip(&bytes, 64 << 20, "pprof") else {
+                continue;
+            };
+            let Ok(flat) = FlatProfile::decode(&raw) else {
+                continue;
+            };
+            for p in normalise(&flat, &dest).unwrap() {
+                let (mut nodes, mut values) = (Nodes::default(), StackValues::default());
+                for s in &p.samples {
+                    let mut parent = ROOT;
+                    for f in s.stack.iter() {
+                        let f = p.functions.get(*f as usize).unwrap_or("");
+                        let id = node_id(parent, f);
+                        nodes.insert(id, parent, f);
+                        parent = id;
+                    }
+                    *values.entry(parent).or_default() += s.value;
+                }
+                // Small enough that the larger fixtures fold into `other`.
+                let tree = FlameTree::build(|id| nodes.get(id), &values, 512).unwrap();
+                let frame = [tree.frame().unwrap()];
+                assert_eq!(
+                    flame_graph(Frame::Tree(&tree)).unwrap(),
+                    flame_graph(Frame::Batches(&frame)).unwrap(),
+                    "{name} {}",
+                    p.profile_type
+                );
+                assert_eq!(
+                    tree_bytes(Frame::Tree(&tree)).unwrap(),
+                    tree_bytes(Frame::Batches(&frame)).unwrap()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 10, "only {checked} fixture profiles checked");
     }
 
     /// Reads tree bytes back as Pyroscope's `UnmarshalTree` does: a stack
@@ -900,14 +979,14 @@ mod tests {
 
     #[test]
     fn tree_bytes_read_back_as_pyroscope_reads_them() {
-        let bytes = tree_bytes(&[frame(&[
+        let bytes = tree_bytes(Frame::Batches(&[frame(&[
             (0, 11, 0, "total"),
             (1, 1, 1, "gc"),
             (1, 10, 0, "main"),
             (2, 5, 2, "a"),
             (3, 3, 3, "x"),
             (2, 5, 5, "b"),
-        ])])
+        ])]))
         .unwrap();
         // The nameless root with its two children comes first.
         assert_eq!(&bytes[..3], &[0, 0, 2]);
@@ -918,12 +997,20 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
         assert_eq!(got, want);
-        assert!(tree_bytes(&[frame(&[(0, 1, 0, "total"), (2, 1, 1, "a")])]).is_err());
+        assert!(tree_bytes(Frame::Batches(&[frame(&[
+            (0, 1, 0, "total"),
+            (2, 1, 1, "a")
+        ])]))
+        .is_err());
     }
 
     #[test]
     fn a_frame_out_of_order_is_an_error() {
-        assert!(flame_graph(&[frame(&[(1, 1, 1, "a")])]).is_err());
-        assert!(flame_graph(&[frame(&[(0, 1, 0, "total"), (2, 1, 1, "a")])]).is_err());
+        assert!(flame_graph(Frame::Batches(&[frame(&[(1, 1, 1, "a")])])).is_err());
+        assert!(flame_graph(Frame::Batches(&[frame(&[
+            (0, 1, 0, "total"),
+            (2, 1, 1, "a")
+        ])]))
+        .is_err());
     }
 }
