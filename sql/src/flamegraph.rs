@@ -325,13 +325,25 @@ impl<'a> FlameTree<'a> {
         })
     }
 
-    /// Calls `f` on each row, depth first, children by name.
+    /// Calls `f` on each row, depth first, children by name, each name
+    /// numbered in the order first seen.
     pub fn for_each_row(
         &self,
         mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
-        let tree = &self.tree;
         let mut names = NameNumbers::default();
+        self.walk(|mut row| {
+            row.name = Some(names.number(row.label));
+            f(row)
+        })
+    }
+
+    /// The rows depth first, children by name, without name numbers.
+    fn walk<E>(
+        &self,
+        mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let tree = &self.tree;
         // (node, level, value of an `other` entry when node is None)
         let mut todo: Vec<(Option<u32>, usize, i64)> = vec![(Some(0), 0, 0)];
         while let Some((node, depth, other_value)) = todo.pop() {
@@ -341,18 +353,17 @@ impl<'a> FlameTree<'a> {
                     total: other_value,
                     own: other_value,
                     label: "other",
-                    name: Some(names.number("other")),
+                    name: None,
                 })?;
                 continue;
             };
             let i = i as usize;
-            let label = tree.names[i];
             f(FrameRow {
                 depth,
                 total: tree.total[i],
                 own: tree.own[i],
-                label,
-                name: Some(names.number(label)),
+                label: tree.names[i],
+                name: None,
             })?;
             let kids = self.children.of(i);
             let other = kids
@@ -382,14 +393,14 @@ impl<'a> FlameTree<'a> {
         let mut value = Int64Builder::with_capacity(rows);
         let mut self_ = Int64Builder::with_capacity(rows);
         let mut label = StringBuilder::with_capacity(rows, label_bytes);
-        self.for_each_row(|row| {
+        self.walk(|row| {
             level.append_value(row.depth as i64);
             value.append_value(row.total);
             self_.append_value(row.own);
             label.append_value(row.label);
-            Ok(())
+            Ok::<(), std::convert::Infallible>(())
         })
-        .map_err(DataFusionError::Execution)?;
+        .unwrap_or_else(|never| match never {});
         let columns: Vec<ArrayRef> = vec![
             Arc::new(level.finish()),
             Arc::new(value.finish()),
