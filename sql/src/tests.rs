@@ -16,6 +16,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use crate::flamegraph::{FlameGraphCall, Frame};
 use crate::{QueryEngine, QueryEngineConfig, Settings};
 
 fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
@@ -112,27 +113,28 @@ fn input_stacks(profiles: &[Profile], ty: &str) -> HashMap<String, i64> {
 
 /// 'a;b;c' -> self value, from the depth-first frame.
 fn frame_stacks(batches: &[RecordBatch]) -> (i64, HashMap<String, i64>) {
+    rows_stacks(Frame::Batches(batches))
+}
+
+/// The root's total and `a;b;c` -> self of flame graph rows.
+fn rows_stacks(frame: Frame<'_>) -> (i64, HashMap<String, i64>) {
     let mut path: Vec<String> = Vec::new();
     let mut out = HashMap::new();
     let mut total = None;
-    for b in batches {
-        let level = b.column(0).as_primitive::<Int64Type>();
-        let value = b.column(1).as_primitive::<Int64Type>();
-        let own = b.column(2).as_primitive::<Int64Type>();
-        let label = b.column(3).as_string::<i32>();
-        for i in 0..b.num_rows() {
-            let l = level.value(i) as usize;
-            if l == 0 {
-                total = Some(value.value(i));
-                continue;
+    frame
+        .for_each_row(|row| {
+            if row.depth == 0 {
+                total = Some(row.total);
+                return Ok(());
             }
-            path.truncate(l - 1);
-            path.push(label.value(i).to_string());
-            if own.value(i) != 0 {
-                *out.entry(path.join(";")).or_default() += own.value(i);
+            path.truncate(row.depth - 1);
+            path.push(row.label.to_string());
+            if row.own != 0 {
+                *out.entry(path.join(";")).or_default() += row.own;
             }
-        }
-    }
+            Ok(())
+        })
+        .unwrap();
     (total.unwrap(), out)
 }
 
@@ -598,8 +600,22 @@ async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() 
         for _warm in 0..2 {
             for tenant in order {
                 let want = if tenant == "team-a" { &want_a } else { &want_b };
+                // The query API's path first: it runs the plan without SQL.
+                let call = FlameGraphCall {
+                    profile_type: ty.to_string(),
+                    selector: "{service_name=\"api\"}".to_string(),
+                    start: 0,
+                    end: 9999999999999,
+                    max_nodes: 1000000,
+                    spans: None,
+                };
+                let direct = engine
+                    .flame_graph(tenant, &Settings::default(), call, rows_stacks)
+                    .await
+                    .unwrap();
                 let (total, got) = frame_stacks(&run(&engine, tenant, &sql).await);
                 assert_eq!(&got, want, "{tenant} after {order:?}");
+                assert_eq!(direct, (total, got), "{tenant} after {order:?}");
                 assert_eq!(
                     total,
                     want.values().sum::<i64>(),

@@ -155,6 +155,10 @@ def test_errors_are_connect_errors(ember):
     assert "matcher" in r.json()["message"]
     r = call(ember, "SelectMergeStacktraces", b"\xff\xff\xff")
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
+    # The flame graph's arguments are checked as flamegraph() checks them.
+    r = call(ember, "SelectMergeStacktraces", s(1, "a:b:c:d:e") + s(2, "{service_name="))
+    assert r.status_code == 400 and r.json()["code"] == "invalid_argument", r.text
+    assert "flamegraph" in r.json()["message"], r.text
     r = call(ember, "LabelNames", b"", **{"Content-Type": "text/plain"})
     assert r.status_code == 415 and r.json()["code"] == "unimplemented"
     # A flame graph of a type nobody pushed is empty, not an error.
