@@ -74,9 +74,7 @@ pub enum Frame<'a> {
 }
 
 impl<'a> Frame<'a> {
-    /// Calls `f` on each row: the one reader of flame graph rows for every
-    /// layout built from them (pprof, diff, the query API's levels and tree
-    /// bytes, the CLI).
+    /// Calls `f` on each row.
     pub fn for_each_row(
         self,
         f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
@@ -89,7 +87,9 @@ impl<'a> Frame<'a> {
 }
 
 /// Calls `f` on each row of a flame graph frame (`level`, `value`, `self`,
-/// `label`), checked to be depth first from one root at level 0.
+/// `label`), checked to be depth first from one root at level 0: the one
+/// reader of the frame for every layout built from it (pprof, diff, the
+/// query API's levels and tree bytes, the CLI).
 pub fn for_each_frame_row<'a>(
     batches: &'a [RecordBatch],
     mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
@@ -278,7 +278,9 @@ impl Children {
 /// by the stack dictionary (one copy per distinct name), so a name is
 /// found by its address; its text is hashed only for an address not seen
 /// yet, which keeps two copies of one name (a query's own nodes beside the
-/// dictionary's) one number.
+/// dictionary's) one number. An address cannot be reused during a walk:
+/// the tree borrows every name from nodes (the query's own, the
+/// dictionary's under its read guard, or static) that outlive it.
 #[derive(Default)]
 struct NameNumbers<'a> {
     by_address: foldhash::HashMap<(usize, usize), u32>,
@@ -858,8 +860,8 @@ impl FlameGraphExec {
 }
 
 impl FlameGraphExec {
-    /// Runs the plan and hands its tree to `f`: the frame for SQL, or the
-    /// query API's own layout.
+    /// Runs the plan and hands its tree to `f` (the query API's layout;
+    /// SQL's `execute` builds the frame from the same fold).
     pub(crate) async fn run<R>(
         &self,
         context: Arc<TaskContext>,
@@ -891,6 +893,9 @@ impl FlameGraphExec {
         }
         let mut values = read_sums(sums, context, &mut grow).await?;
         reads.add_totals(&mut values, &mut grow).await?;
+        // The read guard covers the layout `f` too, since the tree borrows
+        // the dictionary's names: a few milliseconds for the largest answers,
+        // during which another query's `offer` waits to add its nodes.
         let global = stack_dictionary::read(&reads.tenant_nodes);
         let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
             Some(n) => Some(n),

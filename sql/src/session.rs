@@ -350,16 +350,25 @@ impl QueryEngine {
         Ok(df.with_param_values(params)?)
     }
 
-    /// Plans and runs a flame graph over an empty range once, before the
-    /// server takes queries: otherwise the first query after a start pays
-    /// for paging in the query code and building the first session.
+    /// Runs a flame graph over an empty range once, through SQL and through
+    /// the query API's path, before the server takes queries: otherwise the first
+    /// query after a start pays for paging in the code and building the first session.
     pub async fn warm_up(&self) -> std::result::Result<(), SqlError> {
         let sql = "SELECT * FROM flamegraph('warm:up:a:b:c', '{}', 0, 1)";
         self.execute(DEFAULT_TENANT, sql, &Settings::default())
             .await?
             .try_collect::<Vec<_>>()
             .await?;
-        Ok(())
+        let call = FlameGraphCall {
+            profile_type: "warm:up:a:b:c".into(),
+            selector: "{}".into(),
+            start: 0,
+            end: 1,
+            max_nodes: 1,
+            spans: None,
+        };
+        self.flame_graph(DEFAULT_TENANT, &Settings::default(), call, |_| ())
+            .await
     }
 
     /// Runs a flame graph as `flamegraph()` (or `span_flamegraph()`) does,
@@ -383,11 +392,17 @@ impl QueryEngine {
             plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
                 .await
         };
-        let timeout = self.config.query_timeout;
-        tokio::time::timeout(timeout, run)
+        let timeout = self.query_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = tokio::time::timeout_at(deadline, run)
             .await
-            .map_err(|_| SqlError::Timeout(timeout))?
-            .map_err(SqlError::from)
+            .map_err(|_| SqlError::Timeout(timeout))??;
+        // The fold is CPU-bound and never yields: a tree that took past the
+        // deadline is a timeout, as SQL's stream reports it.
+        if tokio::time::Instant::now() > deadline {
+            return Err(SqlError::Timeout(timeout));
+        }
+        Ok(answer)
     }
 
     /// Runs a statement; the stream fails once the query timeout passes.

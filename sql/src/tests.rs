@@ -610,12 +610,35 @@ async fn tenants_sharing_a_service_and_a_block_see_only_their_own_flame_graph() 
                     spans: None,
                 };
                 let direct = engine
-                    .flame_graph(tenant, &Settings::default(), call, rows_stacks)
+                    .flame_graph(tenant, &Settings::default(), call.clone(), rows_stacks)
                     .await
                     .unwrap();
                 let (total, got) = frame_stacks(&run(&engine, tenant, &sql).await);
                 assert_eq!(&got, want, "{tenant} after {order:?}");
                 assert_eq!(direct, (total, got), "{tenant} after {order:?}");
+                // Truncated, row for row, `other` rows included.
+                let small = FlameGraphCall {
+                    max_nodes: 16,
+                    ..call.clone()
+                };
+                let rows = |frame: Frame<'_>| {
+                    let mut rows = Vec::new();
+                    frame
+                        .for_each_row(|r| {
+                            rows.push((r.depth, r.total, r.own, r.label.to_string()));
+                            Ok(())
+                        })
+                        .map(|()| rows)
+                };
+                let direct = engine
+                    .flame_graph(tenant, &Settings::default(), small, rows)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let sql16 = sql.replace(", 1000000)", ", 16)");
+                let frame = run(&engine, tenant, &sql16).await;
+                assert_eq!(direct, rows(Frame::Batches(&frame)).unwrap());
+                assert!(direct.iter().any(|r| r.3 == "other"), "{direct:?}");
                 assert_eq!(
                     total,
                     want.values().sum::<i64>(),

@@ -638,9 +638,6 @@ struct Levels<'a, const SIDES: usize> {
     names: Vec<String>,
     /// Borrowed from the frame: a name costs an allocation once, not per bar.
     name_index: foldhash::HashMap<&'a str, i64>,
-    /// By the number the tree gave the name, when the rows come from it:
-    /// no name is hashed again.
-    by_number: Vec<Option<i64>>,
     levels: Vec<Level>,
     /// Per depth and side: where the last bar ended.
     last_end: Vec<[i64; SIDES]>,
@@ -654,7 +651,6 @@ impl<'a, const SIDES: usize> Levels<'a, SIDES> {
         Self {
             names: Vec::new(),
             name_index: foldhash::HashMap::default(),
-            by_number: Vec::new(),
             levels: Vec::new(),
             last_end: Vec::new(),
             child_x: Vec::new(),
@@ -662,25 +658,23 @@ impl<'a, const SIDES: usize> Levels<'a, SIDES> {
         }
     }
 
-    /// The index of `name` in `names`, numbered in the order first seen;
-    /// `number` is the tree's own number for it, if the row has one.
-    fn name(&mut self, name: &'a str, number: Option<u32>) -> i64 {
-        let slot = number.map(|n| n as usize);
-        if let Some(Some(index)) = slot.and_then(|n| self.by_number.get(n)) {
-            return *index;
-        }
-        let next = self.names.len() as i64;
-        let index = *self.name_index.entry(name).or_insert_with(|| {
-            self.names.push(name.to_string());
-            next
-        });
-        if let Some(n) = slot {
-            if self.by_number.len() <= n {
-                self.by_number.resize(n + 1, None);
+    /// The index of `name` in `names`, numbered in the order first seen.
+    /// Rows from the tree carry that number already (the tree numbers names
+    /// in the same order), so only a frame's labels are hashed here.
+    fn name(&mut self, name: &'a str, number: Option<u32>) -> Result<i64, String> {
+        let next = self.names.len();
+        match number.map(|n| n as usize) {
+            Some(n) if n < next => Ok(n as i64),
+            Some(n) if n == next => {
+                self.names.push(name.to_string());
+                Ok(n as i64)
             }
-            self.by_number[n] = Some(index);
+            Some(n) => Err(format!("name number {n} skips past {next}")),
+            None => Ok(*self.name_index.entry(name).or_insert_with(|| {
+                self.names.push(name.to_string());
+                next as i64
+            })),
         }
-        index
     }
 
     /// Adds the next row: its depth, name index and (total, self) per side.
@@ -736,7 +730,7 @@ pub fn flame_graph(frame: Frame<'_>) -> Result<FlameGraph, String> {
         if row.depth == 0 {
             total = row.total;
         }
-        let name = levels.name(row.label, row.name);
+        let name = levels.name(row.label, row.name)?;
         levels.push(row.depth, name, [(row.total, row.own)])
     })?;
     Ok(FlameGraph {
@@ -799,7 +793,7 @@ pub fn flame_graph_diff(batches: &[RecordBatch]) -> Result<FlameGraphDiff, Strin
             if depth == 0 {
                 (left_ticks, right_ticks) = (value.value(i), value_r.value(i));
             }
-            let name = levels.name(label.value(i), None);
+            let name = levels.name(label.value(i), None)?;
             levels.push(
                 depth,
                 name,
