@@ -207,11 +207,15 @@ impl Default for CompactionMetrics {
             samples_in: Counter::default(),
             samples_out: Counter::default(),
             profiles_deduplicated: Counter::default(),
-            // Fine below 10 s, where the flat-out goal (5 s) lies.
-            level0_lag_seconds: Histogram::new([
-                0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0,
-                20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
-            ]),
+            // 0.1 s steps to 12 s: with 500 ms flushes and batches of 20,
+            // level-0 lags fall on a 0.5 s grid plus the job's own delay,
+            // and coarser buckets (0.5 s before) could not tell that delay,
+            // or the 5 s goal, from the grid.
+            level0_lag_seconds: Histogram::new(
+                (1..=120)
+                    .map(|i| f64::from(i) / 10.0)
+                    .chain([15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0]),
+            ),
             memory_reserved_bytes: Gauge::default(),
             // 1 MiB to 16 GiB.
             job_peak_memory_bytes: Histogram::new(
