@@ -7,13 +7,12 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_engine::block::{write_block, StackNodes};
 use ember_engine::metastore::{Command, Metastore};
-use ember_engine::stack::{node_id, ROOT};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
 use ember_ingest::pprof::{self, FlatProfile};
-use ember_sql::flamegraph::{build_flame_graph, StackValues};
-use ember_sql::stack_dictionary::Nodes;
+use ember_sql::flamegraph::build_flame_graph;
+use ember_sql::testing::stack_tree;
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
@@ -52,27 +51,9 @@ fn heap_profiles(copies: usize) -> Vec<Profile> {
     out
 }
 
-fn tree_of(profiles: &[Profile]) -> (Nodes, StackValues) {
-    let mut nodes = Nodes::default();
-    let mut values = StackValues::default();
-    for p in profiles {
-        for s in &p.samples {
-            let mut parent = ROOT;
-            for f in s.stack.iter() {
-                let name = p.functions.get(*f as usize).unwrap_or("");
-                let id = node_id(parent, name);
-                nodes.insert(id, parent, name);
-                parent = id;
-            }
-            *values.entry(parent).or_default() += s.value;
-        }
-    }
-    (nodes, values)
-}
-
 fn bench(c: &mut Criterion) {
     let profiles = heap_profiles(1);
-    let (nodes, values) = tree_of(&profiles);
+    let (nodes, values) = stack_tree(&profiles);
     assert!(values.len() > 1000, "the bench needs the fixture's stacks");
     let mut group = c.benchmark_group("flamegraph");
     group.throughput(Throughput::Elements(values.len() as u64));

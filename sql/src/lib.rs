@@ -23,6 +23,36 @@ mod tables;
 mod tenant_memory;
 
 pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
+
+/// Support for tests and benchmarks across the workspace.
+#[doc(hidden)]
+pub mod testing {
+    use ember_engine::stack::{node_id, ROOT};
+    use ember_engine::Profile;
+
+    use crate::flamegraph::StackValues;
+    use crate::stack_dictionary::Nodes;
+
+    /// The stack nodes of `profiles` and their leaves' summed values, as a
+    /// flame graph reads them from the blocks the profiles would make.
+    pub fn stack_tree(profiles: &[Profile]) -> (Nodes, StackValues) {
+        let mut nodes = Nodes::default();
+        let mut values = StackValues::default();
+        for p in profiles {
+            for s in &p.samples {
+                let mut parent = ROOT;
+                for f in s.stack.iter() {
+                    let name = p.functions.get(*f as usize).unwrap_or("");
+                    let id = node_id(parent, name);
+                    nodes.insert(id, parent, name);
+                    parent = id;
+                }
+                *values.entry(parent).or_default() += s.value;
+            }
+        }
+        (nodes, values)
+    }
+}
 pub use settings::Settings;
 pub use tables::TABLES;
 

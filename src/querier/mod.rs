@@ -891,11 +891,10 @@ mod tests {
 
     #[test]
     fn the_tree_lays_out_as_its_frame_does_for_every_fixture() {
-        use ember_engine::stack::{node_id, ROOT};
         use ember_ingest::normalise::{normalise, validate_labels, Destination};
         use ember_ingest::pprof::FlatProfile;
-        use ember_sql::flamegraph::{FlameTree, StackValues};
-        use ember_sql::stack_dictionary::Nodes;
+        use ember_sql::flamegraph::FlameTree;
+        use ember_sql::testing::stack_tree;
 
         let dest = Destination {
             tenant: "t".into(),
@@ -912,17 +911,7 @@ mod tests {
                 continue;
             };
             for p in normalise(&flat, &dest).unwrap() {
-                let (mut nodes, mut values) = (Nodes::default(), StackValues::default());
-                for s in &p.samples {
-                    let mut parent = ROOT;
-                    for f in s.stack.iter() {
-                        let f = p.functions.get(*f as usize).unwrap_or("");
-                        let id = node_id(parent, f);
-                        nodes.insert(id, parent, f);
-                        parent = id;
-                    }
-                    *values.entry(parent).or_default() += s.value;
-                }
+                let (nodes, values) = stack_tree(std::slice::from_ref(&p));
                 // Small enough that the larger fixtures fold into `other`.
                 let tree = FlameTree::build(|id| nodes.get(id), &values, 512).unwrap();
                 let frame = [tree.frame().unwrap()];
