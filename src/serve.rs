@@ -17,7 +17,9 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
-use ember_sql::compaction::{CompactionConfig, CompactionStep, Compactor, Lifecycle, Retention};
+use ember_sql::compaction::{
+    CompactionConfig, CompactionMetrics, CompactionStep, Compactor, Lifecycle, Retention,
+};
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
@@ -144,8 +146,8 @@ pub struct ServeArgs {
     /// could not take when it was written).
     #[arg(long, default_value_t = 10)]
     dlq_retry_seconds: u64,
-    /// Compaction workers run by this process, at low priority (0: none;
-    /// default: half the CPUs, at least one).
+    /// Compaction workers run by this process, at low priority, each with
+    /// its own `--compaction-memory-limit` (0: none; default: one per CPU).
     #[arg(long)]
     compaction_workers: Option<usize>,
     /// Memory one compaction job may hold; beyond it, sorts spill to
@@ -201,7 +203,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let compaction = compaction_config(&args, &limits)?;
     start_lifecycle(&compaction, store.clone(), metastore.clone(), &mut registry);
     if roles.has(Role::CompactionWorker) {
-        let workers = args.compaction_workers.unwrap_or_else(half_the_cpus);
+        let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
         let client = Arc::new(InProcess(metastore.clone()));
         start_workers(
             &args,
@@ -450,25 +452,33 @@ fn start_workers(
     workers: usize,
     registry: &mut Registry,
 ) -> anyhow::Result<()> {
-    let mut compactor = Compactor::new(store, metastore, config)?;
-    if let Some(activity) = activity {
-        compactor = compactor.with_wake(activity);
-    }
-    if let Some(step) = &args.compaction_crash_at {
-        let at = CompactionStep::parse(step)
-            .ok_or_else(|| anyhow::anyhow!("--compaction-crash-at: unknown step {step:?}"))?;
-        tracing::warn!(step, "compaction crash point armed: for tests only");
-        compactor = compactor.with_step_hook(Arc::new(move |s| {
-            if s == at {
-                tracing::error!(step = ?s, "crashing at compaction step (test fault)");
-                std::process::abort();
-            }
-        }));
-    }
-    compactor.metrics.register(registry);
-    let compactor = Arc::new(compactor);
+    let crash_at = match &args.compaction_crash_at {
+        Some(step) => {
+            let at = CompactionStep::parse(step)
+                .ok_or_else(|| anyhow::anyhow!("--compaction-crash-at: unknown step {step:?}"))?;
+            tracing::warn!(step, "compaction crash point armed: for tests only");
+            Some(at)
+        }
+        None => None,
+    };
+    let metrics = CompactionMetrics::default();
+    metrics.register(registry);
     for i in 0..workers {
-        let compactor = compactor.clone();
+        // Each worker has its own memory pool: the budget is per job.
+        let mut compactor = Compactor::new(store.clone(), metastore.clone(), config.clone())?
+            .with_metrics(metrics.clone());
+        if let Some(activity) = &activity {
+            compactor = compactor.with_wake(activity.clone());
+        }
+        if let Some(at) = crash_at {
+            compactor = compactor.with_step_hook(Arc::new(move |s| {
+                if s == at {
+                    tracing::error!(step = ?s, "crashing at compaction step (test fault)");
+                    std::process::abort();
+                }
+            }));
+        }
+        let compactor = Arc::new(compactor);
         let name = format!("compaction-{i}");
         std::thread::Builder::new()
             .name(name.clone())
@@ -488,13 +498,11 @@ fn start_workers(
     Ok(())
 }
 
+/// Workers run at low priority, so in a process that also ingests and
+/// answers queries they take what those leave: one per CPU lets the shards'
+/// level-0 jobs, which become due together, run side by side.
 fn all_the_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// In a process that also ingests and answers queries.
-fn half_the_cpus() -> usize {
-    (all_the_cpus() / 2).max(1)
 }
 
 /// One of Pyroscope v2's roles.

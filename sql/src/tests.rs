@@ -1121,6 +1121,53 @@ mod compaction {
     }
 
     #[tokio::test]
+    async fn sources_within_a_quarter_of_the_budget_are_fetched_whole_and_larger_ones_read_in_place(
+    ) {
+        let heap = profiles("go-heap-large.pb.gz", "api", "t");
+        let blocks: Vec<Vec<Profile>> = (0..3)
+            .map(|i| at(&heap, &format!("p{i}"), i * 10))
+            .collect();
+        let (dir, engine) = engine_with(blocks, 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let job = ember_engine::metastore::Job {
+            id: "j".into(),
+            tenant: "t".into(),
+            sources: engine.metastore().blocks("t"),
+            ..Default::default()
+        };
+        assert_eq!(job.sources.len(), 3);
+        let bytes = job.source_bytes() as usize;
+        let with_budget = |job_memory_limit| {
+            let config = CompactionConfig {
+                job_memory_limit,
+                ..CompactionConfig::default()
+            };
+            Compactor::new(
+                store.clone(),
+                Arc::new(InProcess(engine.metastore())),
+                config,
+            )
+            .unwrap()
+        };
+        let (roomy, tight) = (with_budget(bytes * 4), with_budget(bytes * 4 - 4));
+        let (in_memory, held) = roomy.source_reads(&job).await.unwrap();
+        assert_eq!(held.as_ref().map(|h| h.size()), Some(bytes));
+        let (in_place, none) = tight.source_reads(&job).await.unwrap();
+        assert!(none.is_none());
+        // Once gone from the store, the sources are still in the fetched copy.
+        for b in &job.sources {
+            store.delete(&Path::from(b.path.as_str())).await.unwrap();
+        }
+        for b in &job.sources {
+            let location = Path::from(b.path.as_str());
+            let got = in_memory.get(&location).await.unwrap().bytes().await;
+            assert_eq!(got.unwrap().len() as u64, b.size);
+            assert!(in_place.get(&location).await.is_err());
+        }
+    }
+
+    #[tokio::test]
     async fn a_job_larger_than_its_memory_budget_completes_and_changes_nothing() {
         let ty = "fx:inuse_space:bytes:space:bytes";
         let heap = profiles("go-heap-large.pb.gz", "api", "t");

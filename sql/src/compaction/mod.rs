@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -37,7 +37,7 @@ use datafusion::arrow::compute::{concat_batches, filter_record_batch, lexsort_to
 use datafusion::arrow::compute::{SortColumn, SortOptions};
 use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType, UInt64Type};
 use datafusion::datasource::provider_as_source;
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::utils::disjunction;
 use datafusion::logical_expr::{col, lit, Expr, LogicalPlan, LogicalPlanBuilder};
@@ -51,7 +51,8 @@ use ember_engine::metastore::{
     MetastoreError, RenewLease,
 };
 use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, SectionMeta};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
+use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use prometheus_client::metrics::counter::Counter;
@@ -83,6 +84,12 @@ pub enum CompactionError {
         job: String,
         source: datafusion::parquet::errors::ParquetError,
     },
+    #[error("compaction job {job}: fetching {path}: {source}")]
+    Download {
+        job: String,
+        path: String,
+        source: object_store::Error,
+    },
     #[error("compaction job {job}: uploading {path}: {source}")]
     Upload {
         job: String,
@@ -109,6 +116,9 @@ pub fn default_levels() -> Vec<LevelRule> {
     };
     vec![rule(20, 36), rule(10, 12 * 60), rule(10, 3 * 3600)]
 }
+
+/// Source blocks a job fetches at once when it reads them whole.
+const SOURCE_FETCHES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct CompactionConfig {
@@ -191,8 +201,8 @@ pub struct CompactionMetrics {
     pub samples_out: Counter,
     pub profiles_deduplicated: Counter,
     pub level0_lag_seconds: Histogram,
-    /// What the workers' memory pool holds now, and its largest size
-    /// during each job (the pool is the workers' budget).
+    /// What the workers' memory pools hold now (each worker has its own,
+    /// the job's budget), and a pool's largest size during each job.
     pub memory_reserved_bytes: Gauge,
     pub job_peak_memory_bytes: Histogram,
 }
@@ -278,12 +288,12 @@ impl CompactionMetrics {
         );
         registry.register(
             "ember_compaction_memory_reserved_bytes",
-            "Memory the compaction workers' pool holds now",
+            "Memory the compaction workers' pools hold now",
             self.memory_reserved_bytes.clone(),
         );
         registry.register(
             "ember_compaction_job_peak_memory_bytes",
-            "Largest size of the workers' memory pool during each job",
+            "Largest size of a worker's memory pool during each job",
             self.job_peak_memory_bytes.clone(),
         );
     }
@@ -360,6 +370,12 @@ impl Compactor {
         self
     }
 
+    /// Reports into `metrics`, shared by the process's workers.
+    pub fn with_metrics(mut self, metrics: CompactionMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Calls `hook` at each [`CompactionStep`] (fault injection in tests).
     pub fn with_step_hook(mut self, hook: StepHook) -> Self {
         self.on_step = Some(hook);
@@ -407,11 +423,15 @@ impl Compactor {
     async fn run_job(&self, job: Job) -> Result<(), CompactionError> {
         let started = std::time::Instant::now();
         let peak = AtomicU64::new(0);
+        let shown = AtomicI64::new(0);
         let merged = tokio::select! {
             r = self.compact(&job) => r,
             lost = self.keep_lease(&job) => Err(lost),
-            never = self.sample_memory(&peak) => match never {},
+            never = self.sample_memory(&peak, &shown) => match never {},
         };
+        self.metrics
+            .memory_reserved_bytes
+            .dec_by(shown.load(Ordering::Relaxed));
         self.metrics
             .job_peak_memory_bytes
             .observe(peak.load(Ordering::Relaxed) as f64);
@@ -488,13 +508,16 @@ impl Compactor {
         }
     }
 
-    /// Samples the workers' memory pool every 100 ms into the gauge and
-    /// `peak`, until dropped with its job.
-    async fn sample_memory(&self, peak: &AtomicU64) -> std::convert::Infallible {
+    /// Samples this worker's memory pool every 100 ms into `peak` and into
+    /// the gauge, which sums the workers' pools (`shown` is this worker's
+    /// part of it), until dropped with its job.
+    async fn sample_memory(&self, peak: &AtomicU64, shown: &AtomicI64) -> std::convert::Infallible {
         loop {
-            let held = self.runtime.memory_pool.reserved() as u64;
-            peak.fetch_max(held, Ordering::Relaxed);
-            self.metrics.memory_reserved_bytes.set(held as i64);
+            let held = self.runtime.memory_pool.reserved();
+            peak.fetch_max(held as u64, Ordering::Relaxed);
+            let held = i64::try_from(held).unwrap_or(i64::MAX);
+            let before = shown.swap(held, Ordering::Relaxed);
+            self.metrics.memory_reserved_bytes.inc_by(held - before);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -530,10 +553,11 @@ impl Compactor {
         };
         let file = tempfile::tempfile_in(&dir).map_err(io)?;
         let mut out = BlockFile::new(file, &job.id, job.level + 1);
+        let (reads, _held) = self.source_reads(job).await?;
         let mut datasets = Vec::new();
         for (service, sources) in sources_by_service(job) {
             if let Some(d) = self
-                .merge_dataset(job, &service, &sources, &mut out)
+                .merge_dataset(job, &reads, &service, &sources, &mut out)
                 .await?
             {
                 datasets.push(d);
@@ -569,6 +593,52 @@ impl Compactor {
         self.upload(job, &meta.path, file, size).await?;
         self.step(CompactionStep::AfterUpload);
         Ok(Some(meta))
+    }
+
+    /// Where the job reads its sources from. Sources that fit in a quarter
+    /// of the job's memory (level 0's, always at v2's thresholds) are
+    /// fetched whole, one GET each, side by side, and read from memory:
+    /// read in place, every dataset's every section would cost its own
+    /// ranged reads (footer, metadata, pages), a few hundred small requests
+    /// for a level-0 job. The reservation holds their memory in the job's
+    /// pool until the job ends.
+    pub(crate) async fn source_reads(
+        &self,
+        job: &Job,
+    ) -> Result<(Arc<dyn ObjectStore>, Option<MemoryReservation>), CompactionError> {
+        let bytes = job.source_bytes() as usize;
+        let held = MemoryConsumer::new(format!("compaction sources of {}", job.id))
+            .register(&self.runtime.memory_pool);
+        if bytes > self.config.job_memory_limit / 4 || held.try_grow(bytes).is_err() {
+            return Ok((self.store.clone(), None));
+        }
+        let fetched = futures::stream::iter(&job.sources)
+            .map(|block| async move {
+                let location = ObjectPath::from(block.path.as_str());
+                let download_err = |source| CompactionError::Download {
+                    job: job.id.clone(),
+                    path: block.path.clone(),
+                    source,
+                };
+                let got = self.store.get(&location).await.map_err(download_err)?;
+                let bytes = got.bytes().await.map_err(download_err)?;
+                Ok::<_, CompactionError>((location, bytes))
+            })
+            .buffer_unordered(SOURCE_FETCHES)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let memory = InMemory::new();
+        for (location, bytes) in fetched {
+            memory
+                .put(&location, PutPayload::from(bytes))
+                .await
+                .map_err(|source| CompactionError::Download {
+                    job: job.id.clone(),
+                    path: location.to_string(),
+                    source,
+                })?;
+        }
+        Ok((Arc::new(memory), Some(held)))
     }
 
     async fn upload(
@@ -635,6 +705,7 @@ impl Compactor {
     async fn merge_dataset(
         &self,
         job: &Job,
+        reads: &Arc<dyn ObjectStore>,
         service: &str,
         sources: &[DatasetRef],
         out: &mut BlockFile,
@@ -643,13 +714,13 @@ impl Compactor {
             job: job.id.clone(),
             source,
         };
-        let profiles = self.merged_profiles(job, sources).await?;
+        let profiles = self.merged_profiles(job, reads, sources).await?;
         if profiles.batch.num_rows() == 0 {
             return Ok(None);
         }
         let ctx = self.session();
         let samples = self
-            .samples_plan(sources, &profiles.dropped)
+            .samples_plan(reads, sources, &profiles.dropped)
             .map_err(plan_err)?;
         // Every source is sorted by the section's order, so these sorts
         // plan as streaming merges of the sources (no sort, no spill).
@@ -658,7 +729,7 @@ impl Compactor {
             .and_then(|b| b.build())
             .map_err(plan_err)?;
         let totals_input = if profiles.dropped.iter().all(Vec::is_empty) {
-            self.scan(Section::Totals, sources.to_vec())
+            self.scan(reads, Section::Totals, sources.to_vec())
                 .and_then(|b| b.build())
                 .map_err(plan_err)?
         } else {
@@ -671,7 +742,7 @@ impl Compactor {
             .and_then(|b| b.build())
             .map_err(plan_err)?;
         let stacks = self
-            .scan(Section::Stacks, sources.to_vec())
+            .scan(reads, Section::Stacks, sources.to_vec())
             .and_then(|b| b.sort(sort_exprs(Section::Stacks)))
             .and_then(|b| b.build())
             .map_err(plan_err)?;
@@ -707,12 +778,13 @@ impl Compactor {
 
     fn scan(
         &self,
+        reads: &Arc<dyn ObjectStore>,
         section: Section,
         datasets: Vec<DatasetRef>,
     ) -> datafusion::error::Result<LogicalPlanBuilder> {
         let table = SectionTable::new(
             section,
-            self.store.clone(),
+            reads.clone(),
             DatasetSource::Fixed(Arc::new(datasets)),
         )
         .sorted();
@@ -724,6 +796,7 @@ impl Compactor {
     /// source in its own, filtered.
     fn samples_plan(
         &self,
+        reads: &Arc<dyn ObjectStore>,
         sources: &[DatasetRef],
         dropped: &[Vec<ProfileKey>],
     ) -> datafusion::error::Result<LogicalPlan> {
@@ -735,7 +808,7 @@ impl Compactor {
             .collect();
         let mut plan: Option<LogicalPlanBuilder> = None;
         if !clean.is_empty() {
-            plan = Some(self.scan(Section::Samples, clean)?);
+            plan = Some(self.scan(reads, Section::Samples, clean)?);
         }
         for (source, keys) in sources.iter().zip(dropped) {
             if keys.is_empty() {
@@ -752,7 +825,7 @@ impl Compactor {
             }))
             .unwrap_or(lit(false));
             let scan = self
-                .scan(Section::Samples, vec![source.clone()])?
+                .scan(reads, Section::Samples, vec![source.clone()])?
                 .filter(Expr::Not(Box::new(is_dropped)))?
                 .build()?;
             plan = Some(match plan {
@@ -762,7 +835,7 @@ impl Compactor {
         }
         match plan {
             Some(p) => p.build(),
-            None => self.scan(Section::Samples, Vec::new())?.build(),
+            None => self.scan(reads, Section::Samples, Vec::new())?.build(),
         }
     }
 
@@ -771,6 +844,7 @@ impl Compactor {
     async fn merged_profiles(
         &self,
         job: &Job,
+        reads: &Arc<dyn ObjectStore>,
         sources: &[DatasetRef],
     ) -> Result<MergedProfiles, CompactionError> {
         let block_err = |source| CompactionError::Block {
@@ -784,7 +858,7 @@ impl Compactor {
             let Some(section) = d.dataset.section(Section::Profiles) else {
                 continue;
             };
-            let batches = read_section(self.store.clone(), &d.path, section)
+            let batches = read_section(reads.clone(), &d.path, section)
                 .await
                 .map_err(block_err)?;
             for b in batches {
