@@ -339,8 +339,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
         simulated_minutes: args.production_minutes,
         pprof_gzip_bytes: g.pprof_gzip_bytes,
         compaction_levels: format!(
-            "{}; retired objects deleted after 1 s",
-            args.production_compaction_levels
+            "{}; {} compaction workers; retired objects deleted after 1 s",
+            args.production_compaction_levels,
+            args.production_compaction_workers
+                .map_or("the server's default number of".to_string(), |n| n
+                    .to_string())
         ),
         ..ProductionReport::default()
     };
@@ -375,14 +378,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
     let compacted_dir = out.join("compacted");
     // Retired objects go 1 s after their commit (15 min by default), so
     // that the objects counted are the compacted ones alone.
-    let compacted_args = [
-        "--compaction-workers",
-        "1",
+    let workers = args.production_compaction_workers.map(|n| n.to_string());
+    let mut compacted_args = vec![
         "--compaction-delete-delay-seconds",
         "1",
         "--compaction-levels",
         args.production_compaction_levels.as_str(),
     ];
+    if let Some(n) = &workers {
+        compacted_args.extend(["--compaction-workers", n.as_str()]);
+    }
     let metastore_file = compacted_dir.join("metastore.redb");
     let sizes = FileSizes::watch(metastore_file.clone());
     let (mut server, _) = ingest(&compacted_dir, &compacted_args, &g, clients).await?;
