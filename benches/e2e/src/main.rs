@@ -102,8 +102,8 @@ pub struct BenchArgs {
     /// ones let a short run reach level 2 without waiting 12 min).
     #[arg(long, default_value = "20:36,10:720,10:10800")]
     production_compaction_levels: String,
-    /// Compaction workers of the production-shaped run's server (its
-    /// default, from the CPU count, when not given).
+    /// Compaction workers of the production-shaped run's server (one per
+    /// CPU, as `ember serve` has by default, when not given).
     #[arg(long)]
     production_compaction_workers: Option<usize>,
     /// Only the production-shaped run (writes production.md/json).

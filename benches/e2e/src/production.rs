@@ -122,6 +122,13 @@ fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
     })
 }
 
+/// The server's default (one per CPU) unless given: the harness's
+/// servers otherwise start without workers.
+fn compaction_workers(args: &BenchArgs) -> usize {
+    args.production_compaction_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn server_args(extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--shards".to_string(),
@@ -341,9 +348,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
         compaction_levels: format!(
             "{}; {} compaction workers; retired objects deleted after 1 s",
             args.production_compaction_levels,
-            args.production_compaction_workers
-                .map_or("the server's default number of".to_string(), |n| n
-                    .to_string())
+            compaction_workers(args)
         ),
         ..ProductionReport::default()
     };
@@ -378,16 +383,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ProductionReport> {
     let compacted_dir = out.join("compacted");
     // Retired objects go 1 s after their commit (15 min by default), so
     // that the objects counted are the compacted ones alone.
-    let workers = args.production_compaction_workers.map(|n| n.to_string());
-    let mut compacted_args = vec![
+    let workers = compaction_workers(args).to_string();
+    let compacted_args = [
+        "--compaction-workers",
+        workers.as_str(),
         "--compaction-delete-delay-seconds",
         "1",
         "--compaction-levels",
         args.production_compaction_levels.as_str(),
     ];
-    if let Some(n) = &workers {
-        compacted_args.extend(["--compaction-workers", n.as_str()]);
-    }
     let metastore_file = compacted_dir.join("metastore.redb");
     let sizes = FileSizes::watch(metastore_file.clone());
     let (mut server, _) = ingest(&compacted_dir, &compacted_args, &g, clients).await?;
