@@ -1120,16 +1120,23 @@ mod compaction {
         assert_eq!(answers(&engine, "t", ty).await, before);
     }
 
-    #[tokio::test]
-    async fn sources_within_a_quarter_of_the_budget_are_fetched_whole_and_larger_ones_read_in_place(
-    ) {
+    /// Tenant `t`'s service `api`: `n` level-0 blocks of the large Go heap
+    /// profile, 10 s apart, and the store they are in.
+    async fn heap_blocks(n: i64) -> (tempfile::TempDir, QueryEngine, Arc<dyn ObjectStore>) {
         let heap = profiles("go-heap-large.pb.gz", "api", "t");
-        let blocks: Vec<Vec<Profile>> = (0..3)
+        let blocks: Vec<Vec<Profile>> = (0..n)
             .map(|i| at(&heap, &format!("p{i}"), i * 10))
             .collect();
         let (dir, engine) = engine_with(blocks, 1 << 30).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        (dir, engine, store)
+    }
+
+    #[tokio::test]
+    async fn sources_within_a_quarter_of_the_budget_are_fetched_whole_and_larger_ones_read_in_place(
+    ) {
+        let (_dir, engine, store) = heap_blocks(3).await;
         let job = ember_engine::metastore::Job {
             id: "j".into(),
             tenant: "t".into(),
@@ -1170,13 +1177,7 @@ mod compaction {
     #[tokio::test]
     async fn a_job_larger_than_its_memory_budget_completes_and_changes_nothing() {
         let ty = "fx:inuse_space:bytes:space:bytes";
-        let heap = profiles("go-heap-large.pb.gz", "api", "t");
-        let blocks: Vec<Vec<Profile>> = (0..6)
-            .map(|i| at(&heap, &format!("p{i}"), i * 10))
-            .collect();
-        let (dir, engine) = engine_with(blocks, 1 << 30).await;
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let (_dir, engine, store) = heap_blocks(6).await;
         let before = answers(&engine, "t", ty).await;
         let spill = tempfile::tempdir().unwrap();
         // 6 x 41 k sample rows: about 32 MB decoded, twice the budget.

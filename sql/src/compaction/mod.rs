@@ -607,37 +607,43 @@ impl Compactor {
         job: &Job,
     ) -> Result<(Arc<dyn ObjectStore>, Option<MemoryReservation>), CompactionError> {
         let bytes = job.source_bytes() as usize;
-        let held = MemoryConsumer::new(format!("compaction sources of {}", job.id))
-            .register(&self.runtime.memory_pool);
-        if bytes > self.config.job_memory_limit / 4 || held.try_grow(bytes).is_err() {
+        if bytes > self.config.job_memory_limit / 4 {
             return Ok((self.store.clone(), None));
         }
-        let fetched = futures::stream::iter(&job.sources)
+        let held = MemoryConsumer::new(format!("compaction sources of {}", job.id))
+            .register(&self.runtime.memory_pool);
+        if held.try_grow(bytes).is_err() {
+            return Ok((self.store.clone(), None));
+        }
+        let memory = InMemory::new();
+        let download_err = |path: &str| {
+            let path = path.to_string();
+            move |source| CompactionError::Download {
+                job: job.id.clone(),
+                path,
+                source,
+            }
+        };
+        futures::stream::iter(&job.sources)
             .map(|block| async move {
                 let location = ObjectPath::from(block.path.as_str());
-                let download_err = |source| CompactionError::Download {
-                    job: job.id.clone(),
-                    path: block.path.clone(),
-                    source,
+                let fetch = async {
+                    let got = self.store.get(&location).await?;
+                    got.bytes().await
                 };
-                let got = self.store.get(&location).await.map_err(download_err)?;
-                let bytes = got.bytes().await.map_err(download_err)?;
+                let bytes = fetch.await.map_err(download_err(&block.path))?;
                 Ok::<_, CompactionError>((location, bytes))
             })
             .buffer_unordered(SOURCE_FETCHES)
-            .try_collect::<Vec<_>>()
+            .try_for_each(|(location, bytes)| {
+                let memory = &memory;
+                async move {
+                    let kept = memory.put(&location, PutPayload::from(bytes)).await;
+                    kept.map_err(download_err(location.as_ref()))?;
+                    Ok::<(), CompactionError>(())
+                }
+            })
             .await?;
-        let memory = InMemory::new();
-        for (location, bytes) in fetched {
-            memory
-                .put(&location, PutPayload::from(bytes))
-                .await
-                .map_err(|source| CompactionError::Download {
-                    job: job.id.clone(),
-                    path: location.to_string(),
-                    source,
-                })?;
-        }
         Ok((Arc::new(memory), Some(held)))
     }
 
