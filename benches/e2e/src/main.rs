@@ -106,6 +106,12 @@ pub struct BenchArgs {
     /// CPU, as `ember serve` has by default, when not given).
     #[arg(long)]
     production_compaction_workers: Option<usize>,
+    /// Minutes of the production-shaped run's agents pushing at their own
+    /// pace (one profile per series every `--interval-s`, in real time) on
+    /// a fresh server, for the write-to-first-compaction lag at the
+    /// production rate; 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    production_paced_minutes: u64,
     /// Only the production-shaped run (writes production.md/json).
     #[arg(long)]
     production_only: bool,
