@@ -180,6 +180,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !roles.has(Role::Metastore) {
         return serve_compaction_worker(args).await;
     }
+    crate::allocator::reuse_freed_memory_for_a_second();
     let (store, object_metrics, faults) = open_store(&args)?;
     let metastore_path = args.data_dir.join("metastore.redb");
     let metastore = Arc::new(

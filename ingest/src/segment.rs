@@ -218,10 +218,13 @@ struct ShardWorker {
 impl ShardWorker {
     async fn run(self, mut rx: mpsc::Receiver<Pending>) {
         let mut last_flush: Option<Instant> = None;
+        let mut first_flush = Some(Instant::now() + self.phase());
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             let mut size: usize = batch[0].profiles.iter().map(Profile::size_bytes).sum();
-            let deadline = last_flush.map(|t| t + self.config.min_flush_interval);
+            let deadline = last_flush
+                .map(|t| t + self.config.min_flush_interval)
+                .or(first_flush.take());
             // Group commit: gather what arrives until the cap allows a flush.
             loop {
                 while size < self.config.max_segment_bytes {
@@ -253,6 +256,16 @@ impl ShardWorker {
             last_flush = Some(Instant::now());
             self.flush(batch).await;
         }
+    }
+
+    /// How far into the flush interval this shard's first flush may come.
+    /// Shards started together and kept busy would otherwise flush in step
+    /// for as long as the process runs, so their level-0 compaction queues
+    /// fill in step and their jobs fall due at the same moment, each
+    /// waiting for the others' workers. Spread over the interval, a level-0
+    /// job starts as its batch completes.
+    fn phase(&self) -> Duration {
+        self.config.min_flush_interval * self.shard / self.config.shards.max(1)
     }
 
     async fn flush(&self, batch: Vec<Pending>) {

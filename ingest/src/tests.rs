@@ -211,3 +211,60 @@ fn fuzz_corpora_replay_without_panics() {
     }
     assert!(replayed >= 40, "{replayed}");
 }
+
+/// Shards started together flush out of step: shard `i` of `n` flushes no
+/// sooner than `i / n` of the interval after the start, so busy shards'
+/// level-0 queues do not fill (and fall due for compaction) together.
+#[tokio::test]
+async fn shards_started_together_flush_out_of_step() {
+    use crate::segment::{SegmentConfig, SegmentMetrics, SegmentWriter, Sink};
+    use ember_engine::metastore::InProcess;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let metastore = Arc::new(Metastore::open(&dir.path().join("metastore.redb")).unwrap());
+    let (name, bytes) = pprof_fixtures()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("go-cpu"))
+        .unwrap();
+    let raw = pprof::maybe_gunzip(&bytes, 64 << 20, "t").unwrap();
+    let profiles = normalise(&FlatProfile::decode(&raw).unwrap(), &dest(&name)).unwrap();
+
+    let interval = Duration::from_millis(400);
+    let started = Instant::now();
+    let writer = SegmentWriter::start(
+        SegmentConfig {
+            shards: 2,
+            min_flush_interval: interval,
+            ..SegmentConfig::default()
+        },
+        Sink {
+            store,
+            metastore: Arc::new(InProcess(metastore.clone())),
+            faults: Default::default(),
+        },
+        SegmentMetrics::default(),
+    );
+    let acked_after = |shard: u32| {
+        let writer = &writer;
+        let profiles = profiles.clone();
+        async move {
+            writer.append(shard, profiles).await.unwrap();
+            started.elapsed()
+        }
+    };
+    let (_, second) = tokio::join!(acked_after(0), acked_after(1));
+    assert!(
+        second >= interval / 2,
+        "shard 1 of 2 flushed {second:?} after the start, before half the interval"
+    );
+    let mut shards: Vec<u32> = metastore.blocks("t").iter().map(|b| b.shard).collect();
+    shards.sort();
+    assert_eq!(
+        shards,
+        vec![0, 1],
+        "each shard's profiles are one registered block"
+    );
+}
