@@ -241,6 +241,7 @@ mod tests {
             worker: "w".into(),
             now: 0,
             lease_nanos: 1,
+            max_level: None,
         };
         let applied = remote.apply(Kind::LeaseJob(lease).into()).await.unwrap();
         assert_eq!(applied, Applied::Leased(None));

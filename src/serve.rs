@@ -443,7 +443,10 @@ fn start_lifecycle(
 }
 
 /// Each worker on a thread of its own at a lower priority than ingest and
-/// queries.
+/// queries. With more than one, the first takes only level-0 jobs: the
+/// write-to-first-compaction lag then never includes a higher level's merge
+/// (shards' level-1 jobs fall due in the same round and would hold every
+/// worker for several times a level-0 job).
 fn start_workers(
     args: &ServeArgs,
     config: CompactionConfig,
@@ -470,6 +473,9 @@ fn start_workers(
             .with_metrics(metrics.clone());
         if let Some(activity) = &activity {
             compactor = compactor.with_wake(activity.clone());
+        }
+        if i == 0 && workers > 1 {
+            compactor = compactor.for_level0_only();
         }
         if let Some(at) = crash_at {
             compactor = compactor.with_step_hook(Arc::new(move |s| {

@@ -799,32 +799,28 @@ impl Metastore {
             let mut waiting = Vec::new();
             for job in index.jobs.values() {
                 match job.status() {
-                    JobStatus::Pending => waiting.push(job),
+                    JobStatus::Pending => waiting.push(job.clone()),
                     JobStatus::Running if job.lease_expires <= cmd.now => {
+                        // Waiting again (counted once, whoever leases it).
                         let mut j = job.clone();
                         j.failures += 1;
                         j.last_error = format!("lease of worker {:?} expired", j.worker);
-                        if j.failures >= MAX_JOB_FAILURES {
-                            j.status = JobStatus::Failed as u32;
-                            changed.push(j);
+                        j.worker.clear();
+                        j.status = if j.failures >= MAX_JOB_FAILURES {
+                            JobStatus::Failed as u32
                         } else {
-                            waiting.push(job);
-                            changed.push(j);
-                        }
+                            waiting.push(j.clone());
+                            JobStatus::Pending as u32
+                        };
+                        changed.push(j);
                     }
                     _ => {}
                 }
             }
             let chosen = waiting
                 .into_iter()
-                .min_by_key(|j| (j.source_bytes(), j.created, j.id.clone()))
-                .map(|j| {
-                    changed
-                        .iter()
-                        .find(|c| c.id == j.id)
-                        .cloned()
-                        .unwrap_or_else(|| j.clone())
-                });
+                .filter(|j| cmd.max_level.is_none_or(|max| j.level <= max))
+                .min_by_key(|j| (j.source_bytes(), j.created, j.id.clone()));
             (changed, chosen)
         };
         if changed.is_empty() && chosen.is_none() {
@@ -1401,10 +1397,15 @@ mod tests {
     }
 
     fn lease(m: &Metastore, worker: &str, now: i64) -> Option<Job> {
+        lease_up_to(m, worker, now, None)
+    }
+
+    fn lease_up_to(m: &Metastore, worker: &str, now: i64, max_level: Option<u32>) -> Option<Job> {
         let cmd = LeaseJob {
             worker: worker.into(),
             now,
             lease_nanos: 15_000_000_000,
+            max_level,
         };
         match m.apply(command::Kind::LeaseJob(cmd).into()).unwrap() {
             Applied::Leased(j) => j,
@@ -1621,6 +1622,35 @@ mod tests {
         // Set aside, its blocks are not planned again, and queries still read them.
         assert_eq!(plan(&m, 0, 2), 0);
         assert_eq!(m.query(&tenant_query("t")).len(), 2);
+    }
+
+    #[test]
+    fn a_level0_worker_leaves_higher_levels_and_an_expired_lease_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+        // The level-1 job is the smaller: any worker would take it first.
+        for (id, level, size) in [("A", 0, 5), ("B", 0, 5), ("C", 1, 1), ("D", 1, 1)] {
+            m.apply(Command::add_block(BlockMeta {
+                compaction_level: level,
+                size,
+                ..block(id, vec![dataset("t", "api", HOUR, HOUR)])
+            }))
+            .unwrap();
+        }
+        assert_eq!(plan(&m, 0, 2), 2);
+        let l0 = lease_up_to(&m, "lane", 0, Some(0)).unwrap();
+        assert_eq!(l0.level, 0);
+        assert!(lease_up_to(&m, "lane", 0, Some(0)).is_none());
+        let l1 = lease(&m, "any", 0).unwrap();
+        assert_eq!(l1.level, 1);
+        // Both leases expire. The level-1 job is counted failed once,
+        // however many leases find it expired before a worker takes it.
+        let again = lease_up_to(&m, "lane", 16_000_000_000, Some(0)).unwrap();
+        assert_eq!((again.level, again.failures), (0, 1));
+        assert!(lease_up_to(&m, "lane", 17_000_000_000, Some(0)).is_none());
+        assert!(lease_up_to(&m, "lane", 18_000_000_000, Some(0)).is_none());
+        let l1 = lease(&m, "any", 19_000_000_000).unwrap();
+        assert_eq!((l1.level, l1.failures), (1, 1));
     }
 
     #[test]

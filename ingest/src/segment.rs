@@ -217,14 +217,14 @@ struct ShardWorker {
 
 impl ShardWorker {
     async fn run(self, mut rx: mpsc::Receiver<Pending>) {
-        let mut last_flush: Option<Instant> = None;
-        let mut first_flush = Some(Instant::now() + self.phase());
+        let interval = self.config.min_flush_interval;
+        // As if the last flush came `phase` less than an interval before the
+        // start, so the first one waits out this shard's phase.
+        let mut last_flush = Instant::now().checked_sub(interval.saturating_sub(self.phase()));
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             let mut size: usize = batch[0].profiles.iter().map(Profile::size_bytes).sum();
-            let deadline = last_flush
-                .map(|t| t + self.config.min_flush_interval)
-                .or(first_flush.take());
+            let deadline = last_flush.map(|t| t + interval);
             // Group commit: gather what arrives until the cap allows a flush.
             loop {
                 while size < self.config.max_segment_bytes {

@@ -129,6 +129,10 @@ pub struct LeaseJob {
     pub now: i64,
     #[prost(int64, tag = "3")]
     pub lease_nanos: i64,
+    /// Only jobs of this level or below: a worker kept for level 0, so a
+    /// batch's first compaction never queues behind merges of older data.
+    #[prost(uint32, optional, tag = "4")]
+    pub max_level: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, Message)]

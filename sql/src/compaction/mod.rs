@@ -309,6 +309,8 @@ pub struct Compactor {
     on_step: Option<StepHook>,
     /// The in-process metastore's activity, when it is in this process.
     wake: Option<watch::Receiver<u64>>,
+    /// The highest level this worker takes jobs of (all when unset).
+    max_level: Option<u32>,
     pub metrics: CompactionMetrics,
 }
 
@@ -360,6 +362,7 @@ impl Compactor {
             config,
             on_step: None,
             wake: None,
+            max_level: None,
             metrics: CompactionMetrics::default(),
         })
     }
@@ -367,6 +370,14 @@ impl Compactor {
     /// Starts a job as soon as the metastore of this process plans it.
     pub fn with_wake(mut self, activity: watch::Receiver<u64>) -> Self {
         self.wake = Some(activity);
+        self
+    }
+
+    /// Takes only jobs of level 0: kept free for them, a batch's first
+    /// compaction starts as the batch completes instead of queuing behind
+    /// a merge of older data (a level-1 job takes several times as long).
+    pub fn for_level0_only(mut self) -> Self {
+        self.max_level = Some(0);
         self
     }
 
@@ -398,6 +409,7 @@ impl Compactor {
             worker: worker.to_string(),
             now: now_nanos(),
             lease_nanos: nanos(self.config.lease),
+            max_level: self.max_level,
         };
         let Applied::Leased(Some(job)) = self.apply(Kind::LeaseJob(lease)).await? else {
             return Ok(false);
