@@ -72,10 +72,20 @@ def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tm
     assert level0 >= 5
     ember.stop()
 
-    ember = make_ember(*FAST, data_dir=tmp_path)
+    # Two workers: the first takes only level-0 jobs, so the level-1 jobs
+    # that reach level 2 are the other's.
+    ember = make_ember("--compaction-workers", "2", *FAST, data_dir=tmp_path)
     blocks = wait_compacted(ember)
     assert sum(blocks.values()) <= 2, blocks  # one block per tenant at the top
     assert metric_values(ember, "ember_compaction_profiles_deduplicated_total")[""] >= 1
+    # One lag per source block of each level-0 job, one batch delay per job:
+    # the delay runs from the job's newest block, so it is at most its lags.
+    lag = {k: metric_values(ember, f"ember_compaction_level0_lag_seconds_{k}")[""] for k in ["count", "sum"]}
+    delay = {k: metric_values(ember, f"ember_compaction_level0_batch_delay_seconds_{k}")[""]
+             for k in ["count", "sum"]}
+    assert lag["count"] >= level0, lag
+    assert 2 <= delay["count"] < lag["count"], (delay, lag)
+    assert 0 < delay["sum"] <= lag["sum"], (delay, lag)
     # team-b's answers are unchanged. team-a pushed the same five profiles
     # plus a retry of p1's: before, the retry counted twice; now team-a's
     # answers are exactly team-b's.

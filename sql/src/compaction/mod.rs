@@ -201,6 +201,10 @@ pub struct CompactionMetrics {
     pub samples_out: Counter,
     pub profiles_deduplicated: Counter,
     pub level0_lag_seconds: Histogram,
+    /// From a level-0 job's newest source block to its commit: the lag's
+    /// part that is not its batch filling (for a full batch, the job's own
+    /// delay; for one that went on age, that age).
+    pub level0_batch_delay_seconds: Histogram,
     /// What the workers' memory pools hold now (each worker has its own,
     /// the job's budget), and a pool's largest size during each job.
     pub memory_reserved_bytes: Gauge,
@@ -225,6 +229,13 @@ impl Default for CompactionMetrics {
                 (1..=120)
                     .map(|i| f64::from(i) / 10.0)
                     .chain([15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0]),
+            ),
+            level0_batch_delay_seconds: Histogram::new(
+                [
+                    0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+                ]
+                .into_iter()
+                .chain([0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]),
             ),
             memory_reserved_bytes: Gauge::default(),
             // 1 MiB to 16 GiB.
@@ -285,6 +296,11 @@ impl CompactionMetrics {
             "ember_compaction_level0_lag_seconds",
             "Time from a level-0 block's write to its first compaction",
             self.level0_lag_seconds.clone(),
+        );
+        registry.register(
+            "ember_compaction_level0_batch_delay_seconds",
+            "Time from a level-0 job's newest source block to its commit",
+            self.level0_batch_delay_seconds.clone(),
         );
         registry.register(
             "ember_compaction_memory_reserved_bytes",
@@ -511,11 +527,19 @@ impl Compactor {
         m.samples_out.inc_by(samples_out);
         if job.level == 0 {
             let now_ms = (now_nanos() / 1_000_000) as u64;
-            for src in &job.sources {
-                if let Ok(id) = ulid::Ulid::from_string(&src.id) {
-                    let lag = now_ms.saturating_sub(id.timestamp_ms());
-                    m.level0_lag_seconds.observe(lag as f64 / 1000.0);
-                }
+            let written: Vec<u64> = job
+                .sources
+                .iter()
+                .filter_map(|src| ulid::Ulid::from_string(&src.id).ok())
+                .map(|id| id.timestamp_ms())
+                .collect();
+            for &at in &written {
+                let lag = now_ms.saturating_sub(at);
+                m.level0_lag_seconds.observe(lag as f64 / 1000.0);
+            }
+            if let Some(&newest) = written.iter().max() {
+                let delay = now_ms.saturating_sub(newest);
+                m.level0_batch_delay_seconds.observe(delay as f64 / 1000.0);
             }
         }
     }
