@@ -795,11 +795,12 @@ impl Metastore {
     fn lease_job(&self, cmd: LeaseJob) -> Result<Option<Job>, MetastoreError> {
         let (mut changed, chosen) = {
             let index = self.read_index();
-            let mut changed = Vec::new();
-            let mut waiting = Vec::new();
+            let mut changed: Vec<Job> = Vec::new();
+            // References, not copies: a job holds its sources' metadata.
+            let mut waiting: Vec<&Job> = Vec::new();
             for job in index.jobs.values() {
                 match job.status() {
-                    JobStatus::Pending => waiting.push(job.clone()),
+                    JobStatus::Pending => waiting.push(job),
                     JobStatus::Running if job.lease_expires <= cmd.now => {
                         // Waiting again (counted once, whoever leases it).
                         let mut j = job.clone();
@@ -809,7 +810,7 @@ impl Metastore {
                         j.status = if j.failures >= MAX_JOB_FAILURES {
                             JobStatus::Failed as u32
                         } else {
-                            waiting.push(j.clone());
+                            waiting.push(job);
                             JobStatus::Pending as u32
                         };
                         changed.push(j);
@@ -820,7 +821,12 @@ impl Metastore {
             let chosen = waiting
                 .into_iter()
                 .filter(|j| cmd.max_level.is_none_or(|max| j.level <= max))
-                .min_by_key(|j| (j.source_bytes(), j.created, j.id.clone()));
+                .min_by_key(|j| (j.source_bytes(), j.created, &j.id))
+                .map(|j| match changed.iter().position(|c| c.id == j.id) {
+                    // An expired lease: its updated copy, counted failure and all.
+                    Some(i) => changed.swap_remove(i),
+                    None => j.clone(),
+                });
             (changed, chosen)
         };
         if changed.is_empty() && chosen.is_none() {
@@ -835,10 +841,7 @@ impl Metastore {
             j.lease_expires = cmd.now.saturating_add(cmd.lease_nanos);
             j
         });
-        if let Some(j) = &leased {
-            changed.retain(|c| c.id != j.id);
-            changed.push(j.clone());
-        }
+        changed.extend(leased.clone());
         for job in &changed {
             put_job(&tx, job)?;
         }

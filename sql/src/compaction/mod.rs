@@ -230,13 +230,10 @@ impl Default for CompactionMetrics {
                     .map(|i| f64::from(i) / 10.0)
                     .chain([15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0]),
             ),
-            level0_batch_delay_seconds: Histogram::new(
-                [
-                    0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
-                ]
-                .into_iter()
-                .chain([0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]),
-            ),
+            level0_batch_delay_seconds: Histogram::new([
+                0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0,
+                5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
             memory_reserved_bytes: Gauge::default(),
             // 1 MiB to 16 GiB.
             job_peak_memory_bytes: Histogram::new(
@@ -527,17 +524,17 @@ impl Compactor {
         m.samples_out.inc_by(samples_out);
         if job.level == 0 {
             let now_ms = (now_nanos() / 1_000_000) as u64;
-            let written: Vec<u64> = job
-                .sources
-                .iter()
-                .filter_map(|src| ulid::Ulid::from_string(&src.id).ok())
-                .map(|id| id.timestamp_ms())
-                .collect();
-            for &at in &written {
+            let mut newest = None;
+            for src in &job.sources {
+                let Ok(id) = ulid::Ulid::from_string(&src.id) else {
+                    continue;
+                };
+                let at = id.timestamp_ms();
                 let lag = now_ms.saturating_sub(at);
                 m.level0_lag_seconds.observe(lag as f64 / 1000.0);
+                newest = newest.max(Some(at));
             }
-            if let Some(&newest) = written.iter().max() {
+            if let Some(newest) = newest {
                 let delay = now_ms.saturating_sub(newest);
                 m.level0_batch_delay_seconds.observe(delay as f64 / 1000.0);
             }
