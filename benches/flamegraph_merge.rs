@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("flamegraph");
     group.throughput(Throughput::Elements(values.len() as u64));
     group.bench_function("fold/go-heap-large", |b| {
-        b.iter(|| build_flame_graph(|id| nodes.get(id), &values, 16384).expect("builds"))
+        b.iter(|| build_flame_graph(&[&nodes], &values, 16384).expect("builds"))
     });
 
     // The whole SQL plan: 40 profiles in 4 blocks.

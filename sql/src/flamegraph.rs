@@ -168,7 +168,8 @@ pub fn flame_graph_schema() -> SchemaRef {
 }
 
 /// The nodes that carry value, numbered so that a parent's index is below
-/// its children's: one hash lookup per node, then dense arrays.
+/// its children's: one hash lookup per leaf and per node drawn, then dense
+/// arrays.
 struct DenseTree<'a> {
     names: Vec<&'a str>,
     parent: Vec<u32>,
@@ -177,7 +178,12 @@ struct DenseTree<'a> {
 }
 
 impl<'a> DenseTree<'a> {
-    fn build(node: impl Fn(u64) -> Option<(u64, &'a str)>, values: &StackValues) -> Result<Self> {
+    /// The tree of `values`' leaves, each looked up in `sources` in order.
+    /// A node's ancestors are in the source that holds it (a stacks section
+    /// holds whole paths), so a walk up a stack stays in one source; nodes
+    /// are told apart by id, so one node in two sources is one node here.
+    fn build(sources: &[&'a Nodes], values: &StackValues) -> Result<Self> {
+        // Node id -> this tree's index.
         let mut index: foldhash::HashMap<u64, u32> =
             foldhash::HashMap::with_capacity_and_hasher(values.len() * 4, Default::default());
         index.insert(ROOT, 0);
@@ -187,34 +193,38 @@ impl<'a> DenseTree<'a> {
             own: vec![0],
             total: Vec::new(),
         };
-        let node_of = node;
+        let missing = |id: u64| {
+            DataFusionError::Execution(format!("stack node {id:#x} missing from the stack tree"))
+        };
         // The new nodes of a leaf's stack, leaf first, up to a known one.
         let mut chain: Vec<(u64, &'a str)> = Vec::new();
         for (&leaf, &v) in values {
+            let Some((nodes, mut slot)) = sources.iter().find_map(|n| Some((*n, n.slot(leaf)?)))
+            else {
+                return Err(missing(leaf));
+            };
             chain.clear();
-            let mut node = leaf;
             let known = loop {
-                if let Some(&i) = index.get(&node) {
+                let id = nodes.id(slot);
+                if let Some(&i) = index.get(&id) {
                     break i;
                 }
-                let Some((parent, name)) = node_of(node) else {
-                    return Err(DataFusionError::Execution(format!(
-                        "stack node {node:#x} missing from the stack tree"
-                    )));
+                let Some((parent, name)) = nodes.parent_and_name(slot) else {
+                    return Err(missing(leaf));
                 };
                 if chain.len() > MAX_DEPTH {
                     return Err(DataFusionError::Execution(
                         "stack deeper than 65536 frames: a cycle in the stack tree".into(),
                     ));
                 }
-                chain.push((node, name));
-                node = parent;
+                chain.push((id, name));
+                slot = parent;
             };
             // Each new node's parent is the one numbered just before it.
             let mut at = known;
-            for &(id, name) in chain.iter().rev() {
+            for &(k, name) in chain.iter().rev() {
                 let i = tree.names.len() as u32;
-                index.insert(id, i);
+                index.insert(k, i);
                 tree.parent.push(at);
                 tree.names.push(name);
                 tree.own.push(0);
@@ -311,12 +321,8 @@ pub struct FlameTree<'a> {
 }
 
 impl<'a> FlameTree<'a> {
-    pub fn build(
-        node: impl Fn(u64) -> Option<(u64, &'a str)>,
-        values: &StackValues,
-        max_nodes: usize,
-    ) -> Result<Self> {
-        let tree = DenseTree::build(node, values)?;
+    pub fn build(sources: &[&'a Nodes], values: &StackValues, max_nodes: usize) -> Result<Self> {
+        let tree = DenseTree::build(sources, values)?;
         let threshold = min_value(&tree.total, max_nodes);
         let children = tree.children();
         Ok(Self {
@@ -414,12 +420,12 @@ impl<'a> FlameTree<'a> {
 }
 
 /// The flame graph frame of per-stack values.
-pub fn build_flame_graph<'a>(
-    node: impl Fn(u64) -> Option<(u64, &'a str)>,
+pub fn build_flame_graph(
+    sources: &[&Nodes],
     values: &StackValues,
     max_nodes: usize,
 ) -> Result<RecordBatch> {
-    FlameTree::build(node, values, max_nodes)?.frame()
+    FlameTree::build(sources, values, max_nodes)?.frame()
 }
 
 /// The total of the `max_nodes`-th largest node: smaller nodes are folded.
@@ -897,11 +903,8 @@ impl FlameGraphExec {
         // the dictionary's names: a few milliseconds for the largest answers,
         // during which another query's `offer` waits to add its nodes.
         let global = stack_dictionary::read(&reads.tenant_nodes);
-        let node = |id| match local.as_ref().and_then(|l| l.get(id)) {
-            Some(n) => Some(n),
-            None => global.get(id),
-        };
-        f(&FlameTree::build(node, &values, max_nodes)?)
+        let sources: Vec<&Nodes> = local.iter().chain([&*global]).collect();
+        f(&FlameTree::build(&sources, &values, max_nodes)?)
     }
 }
 
@@ -1045,7 +1048,7 @@ mod tests {
     #[test]
     fn folds_values_up_depth_first() {
         let (nodes, values) = tree(&[("main;a;x", 3), ("main;a", 2), ("main;b", 5), ("gc", 1)]);
-        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 100).unwrap());
+        let got = rows(&build_flame_graph(&[&nodes], &values, 100).unwrap());
         let want = vec![
             (0, 11, 0, "total"),
             (1, 1, 1, "gc"),
@@ -1070,7 +1073,7 @@ mod tests {
             ("main;mid", 50),
         ]);
         // total, main, big, mid kept: the 4th largest is 50.
-        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 4).unwrap());
+        let got = rows(&build_flame_graph(&[&nodes], &values, 4).unwrap());
         let labels: Vec<&str> = got.iter().map(|r| r.3.as_str()).collect();
         assert_eq!(labels, ["total", "main", "big", "mid", "other"]);
         assert_eq!(got[4], (2, 3, 3, "other".to_string()));
@@ -1080,7 +1083,7 @@ mod tests {
     #[test]
     fn sums_near_the_limit_saturate_instead_of_wrapping() {
         let (nodes, values) = tree(&[("main;a", i64::MAX - 1), ("main;b", 5), ("gc", i64::MAX)]);
-        let got = rows(&build_flame_graph(|id| nodes.get(id), &values, 100).unwrap());
+        let got = rows(&build_flame_graph(&[&nodes], &values, 100).unwrap());
         assert_eq!(got[0], (0, i64::MAX, 0, "total".to_string()));
         let main = got.iter().find(|r| r.3 == "main").unwrap();
         assert_eq!(main.1, i64::MAX);
@@ -1094,8 +1097,7 @@ mod tests {
         let (global, mut values) = tree(&[("main;a;x", 3), ("main;b", 5), ("gc;other", 2)]);
         let (local, more) = tree(&[("main;b;a", 4), ("main;s1", 1), ("main;s2", 1)]);
         values.extend(more);
-        let node = |id| local.get(id).or_else(|| global.get(id));
-        let tree = FlameTree::build(node, &values, 8).unwrap();
+        let tree = FlameTree::build(&[&local, &global], &values, 8).unwrap();
         let mut rows = Vec::new();
         tree.for_each_row(|r| {
             rows.push((r.depth as i64, r.total, r.own, r.label.to_string(), r.name));
@@ -1129,6 +1131,12 @@ mod tests {
     fn missing_node_is_an_error_not_a_panic() {
         let (nodes, _) = tree(&[("a;b", 1)]);
         let values = StackValues::from_iter([(12345u64, 1i64)]);
-        assert!(build_flame_graph(|id| nodes.get(id), &values, 10).is_err());
+        assert!(build_flame_graph(&[&nodes], &values, 10).is_err());
+        // A node whose parent was never named.
+        let mut orphan = Nodes::default();
+        orphan.insert(5, 4, "orphan");
+        let values = StackValues::from_iter([(5u64, 1i64)]);
+        let err = build_flame_graph(&[&orphan], &values, 10).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }

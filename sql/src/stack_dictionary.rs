@@ -14,40 +14,100 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Int32Type, SchemaRef, UInt64Type};
 use datafusion::error::{DataFusionError, Result};
 use ember_engine::block::{read_section_as, Section};
+use ember_engine::stack::ROOT;
 use ember_engine::{DatasetKey, DatasetRef};
 use object_store::ObjectStore;
 
 use crate::lru::ByteLru;
 
-/// Node id -> (parent id, frame name). Hashed with foldhash: a flame graph
-/// looks up every node it draws here, and SipHash was most of that cost.
-pub type StackNodes = foldhash::HashMap<u64, (u64, Arc<str>)>;
-
-/// Bytes a node costs in the map (id, parent, name pointer, hashing slack).
+/// Bytes a node costs (its id, slot, and the id's index entry with
+/// hashing slack).
 const NODE_BYTES: usize = 48;
 /// Bytes a distinct name costs besides its text.
 const NAME_BYTES: usize = 40;
 const DATASET_BYTES: usize = 96;
 
-#[derive(Default)]
+/// The name of a slot whose node is not known yet (only named as a parent).
+const UNNAMED: u32 = u32::MAX;
+
+/// A node by slot: its parent's slot and its name's index. A flame graph
+/// hashes a leaf's id once, then walks up the stack by array index.
+#[derive(Clone, Copy)]
+struct Slot {
+    id: u64,
+    parent: u32,
+    name: u32,
+}
+
+/// Stack nodes by id, each in a dense slot; slot 0 is the root. Names are
+/// interned: one copy of each distinct name.
 pub struct Nodes {
-    nodes: StackNodes,
-    names: foldhash::HashSet<Arc<str>>,
+    /// Node id -> slot. Hashed with foldhash: a flame graph looks up every
+    /// leaf here, and SipHash was most of that cost.
+    slot_of: foldhash::HashMap<u64, u32>,
+    slots: Vec<Slot>,
+    names: Vec<Arc<str>>,
+    name_of: foldhash::HashMap<Arc<str>, u32>,
+    known: usize,
     loaded: HashSet<DatasetKey>,
     bytes: usize,
 }
 
+impl Default for Nodes {
+    fn default() -> Self {
+        let mut slot_of = foldhash::HashMap::default();
+        slot_of.insert(ROOT, ROOT_SLOT);
+        Self {
+            slot_of,
+            slots: vec![Slot {
+                id: ROOT,
+                parent: ROOT_SLOT,
+                name: UNNAMED,
+            }],
+            names: Vec::new(),
+            name_of: Default::default(),
+            known: 0,
+            loaded: HashSet::new(),
+            bytes: 0,
+        }
+    }
+}
+
+/// The root's slot in every dictionary.
+pub const ROOT_SLOT: u32 = 0;
+
 impl Nodes {
+    /// A node's parent id and name.
     pub fn get(&self, id: u64) -> Option<(u64, &str)> {
-        self.nodes.get(&id).map(|(p, n)| (*p, n.as_ref()))
+        let (parent, name) = self.parent_and_name(*self.slot_of.get(&id)?)?;
+        Some((self.slots[parent as usize].id, name))
     }
 
+    /// The slot of the node `id` (known or only named as a parent).
+    pub fn slot(&self, id: u64) -> Option<u32> {
+        self.slot_of.get(&id).copied()
+    }
+
+    /// The parent's slot and the name of the node in `slot`; `None` when
+    /// the node is only known as a parent, or `slot` is out of range.
+    pub fn parent_and_name(&self, slot: u32) -> Option<(u32, &str)> {
+        let s = self.slots.get(slot as usize)?;
+        let name = self.names.get(s.name as usize)?;
+        Some((s.parent, name))
+    }
+
+    /// The id of the node in `slot` (the root's for a slot out of range).
+    pub fn id(&self, slot: u32) -> u64 {
+        self.slots.get(slot as usize).map_or(ROOT, |s| s.id)
+    }
+
+    /// Nodes known by name (not counting those only named as parents).
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.known
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.known == 0
     }
 
     /// Approximate memory held.
@@ -55,21 +115,54 @@ impl Nodes {
         self.bytes
     }
 
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return n.clone();
+    fn name(&mut self, name: &str) -> u32 {
+        if let Some(&n) = self.name_of.get(name) {
+            return n;
         }
-        let n: Arc<str> = Arc::from(name);
-        self.names.insert(n.clone());
+        let n = self.names.len() as u32;
+        let text: Arc<str> = Arc::from(name);
+        self.names.push(text.clone());
+        self.name_of.insert(text, n);
         self.bytes += NAME_BYTES + name.len();
         n
     }
 
-    pub fn insert(&mut self, id: u64, parent: u64, name: &str) {
-        if !self.nodes.contains_key(&id) {
-            let name = self.name(name);
-            self.nodes.insert(id, (parent, name));
+    /// The slot of `id`, made (unnamed) if it has none.
+    fn slot_or_new(&mut self, id: u64) -> u32 {
+        let next = self.slots.len() as u32;
+        let slot = *self.slot_of.entry(id).or_insert(next);
+        if slot == next {
+            self.slots.push(Slot {
+                id,
+                parent: ROOT_SLOT,
+                name: UNNAMED,
+            });
             self.bytes += NODE_BYTES;
+        }
+        slot
+    }
+
+    fn is_named(&self, id: u64) -> bool {
+        self.slot(id)
+            .is_some_and(|s| self.slots[s as usize].name != UNNAMED)
+    }
+
+    /// Names the node in `slot` (a no-op if it is named already).
+    fn name_slot(&mut self, slot: u32, parent: u64, name: u32) {
+        if self.slots[slot as usize].name != UNNAMED {
+            return;
+        }
+        let parent = self.slot_or_new(parent);
+        let s = &mut self.slots[slot as usize];
+        (s.parent, s.name) = (parent, name);
+        self.known += 1;
+    }
+
+    pub fn insert(&mut self, id: u64, parent: u64, name: &str) {
+        if !self.is_named(id) {
+            let slot = self.slot_or_new(id);
+            let name = self.name(name);
+            self.name_slot(slot, parent, name);
         }
     }
 
@@ -95,15 +188,21 @@ impl Nodes {
                 "stack names are not a dictionary of strings".into(),
             ));
         };
+        // Slots are u32: a dictionary this large is far past any memory budget.
+        if self.slots.len() + 2 * ids.len() >= UNNAMED as usize {
+            return Err(DataFusionError::ResourcesExhausted(
+                "more than 2^31 stack nodes".into(),
+            ));
+        }
         // Interned on first use: a dictionary may hold names no row uses.
-        let mut interned: Vec<Option<Arc<str>>> = vec![None; values.len()];
+        let mut interned: Vec<Option<u32>> = vec![None; values.len()];
         for ((id, parent), key) in ids
             .values()
             .iter()
             .zip(parents.values())
             .zip(names.keys().values())
         {
-            if self.nodes.contains_key(id) {
+            if self.is_named(*id) {
                 continue;
             }
             let slot = usize::try_from(*key)
@@ -115,15 +214,15 @@ impl Nodes {
                     ))
                 })?;
             let name = match slot {
-                Some(n) => n.clone(),
+                Some(n) => *n,
                 None => {
                     let n = self.name(values.value(*key as usize));
-                    *slot = Some(n.clone());
+                    *slot = Some(n);
                     n
                 }
             };
-            self.nodes.insert(*id, (*parent, name));
-            self.bytes += NODE_BYTES;
+            let slot = self.slot_or_new(*id);
+            self.name_slot(slot, *parent, name);
         }
         Ok(())
     }
@@ -131,14 +230,18 @@ impl Nodes {
     /// Adds `other`'s nodes. Into an empty dictionary (a tenant's first
     /// query after a start) they move whole instead of being hashed again.
     fn merge(&mut self, other: Nodes) {
-        if self.nodes.is_empty() {
-            self.nodes = other.nodes;
-            self.names = other.names;
-            self.bytes += other.bytes;
+        if self.slots.len() == 1 {
+            let (loaded, bytes) = (std::mem::take(&mut self.loaded), self.bytes);
+            *self = other;
+            self.loaded.extend(loaded);
+            self.bytes += bytes;
             return;
         }
-        for (id, (parent, name)) in other.nodes {
-            self.insert(id, parent, &name);
+        for s in &other.slots {
+            let Some(name) = other.names.get(s.name as usize) else {
+                continue;
+            };
+            self.insert(s.id, other.id(s.parent), name);
         }
     }
 
@@ -154,14 +257,14 @@ impl Nodes {
     /// Bytes that merging `other` would add (an upper bound).
     fn added_bytes(&self, other: &Nodes, datasets: usize) -> usize {
         let new_nodes = other
-            .nodes
-            .keys()
-            .filter(|id| !self.nodes.contains_key(id))
+            .slots
+            .iter()
+            .filter(|s| !self.slot_of.contains_key(&s.id))
             .count();
         let new_names: usize = other
             .names
             .iter()
-            .filter(|n| !self.names.contains(*n))
+            .filter(|n| !self.name_of.contains_key(*n))
             .map(|n| NAME_BYTES + n.len())
             .sum();
         new_nodes * NODE_BYTES + new_names + datasets * DATASET_BYTES
@@ -341,6 +444,24 @@ mod tests {
         assert_eq!(full.get(7), Some((0, "gc")));
         // Only node 2 and the name "work" are new.
         assert_eq!(full.bytes(), before + NODE_BYTES + NAME_BYTES + 4);
+    }
+
+    #[test]
+    fn a_node_named_before_its_parent_finds_it_once_it_comes() {
+        let mut nodes = Nodes::default();
+        nodes.insert(2, 1, "work");
+        assert_eq!(
+            (nodes.len(), nodes.get(2), nodes.get(1)),
+            (1, Some((1, "work")), None)
+        );
+        nodes.insert(1, 0, "main");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes.get(1), Some((0, "main")));
+        let work = nodes.slot(2).unwrap();
+        let (parent, _) = nodes.parent_and_name(work).unwrap();
+        assert_eq!(nodes.id(parent), 1);
+        // Node 1's slot was made when node 2 named it: two nodes, two slots.
+        assert_eq!(nodes.bytes(), 2 * NODE_BYTES + 2 * NAME_BYTES + 8);
     }
 
     #[test]

@@ -102,6 +102,19 @@ impl Codec {
         }
     }
 
+    /// A flame graph answer (`SelectMergeStacktracesResponse`, or
+    /// `SelectMergeSpanProfileResponse`: the same fields).
+    fn encode_flame_graph(
+        self,
+        flamegraph: Option<FlameGraph>,
+        tree: Vec<u8>,
+    ) -> Result<Bytes, ApiError> {
+        match (self, flamegraph) {
+            (Codec::Proto, Some(g)) if tree.is_empty() => Ok(Bytes::from(g.response_bytes())),
+            (_, flamegraph) => self.encode(&SelectMergeStacktracesResponse { flamegraph, tree }),
+        }
+    }
+
     /// A `google.v1.Profile` that is already protobuf.
     fn encode_profile(self, profile: Vec<u8>) -> Result<Bytes, ApiError> {
         match self {
@@ -218,7 +231,7 @@ async fn call(
         "SelectMergeStacktraces" => {
             let req = codec.decode::<SelectMergeStacktracesRequest>(body)?;
             let (flamegraph, tree) = stacktraces(state, tenant, settings, &req).await?;
-            codec.encode(&SelectMergeStacktracesResponse { flamegraph, tree })
+            codec.encode_flame_graph(flamegraph, tree)
         }
         "SelectMergeProfile" => {
             let req = codec.decode::<SelectMergeProfileRequest>(body)?;
@@ -248,7 +261,7 @@ async fn call(
                 ..Default::default()
             };
             let (flamegraph, tree) = stacktraces(state, tenant, settings, &req).await?;
-            codec.encode(&SelectMergeSpanProfileResponse { flamegraph, tree })
+            codec.encode_flame_graph(flamegraph, tree)
         }
         "Diff" => {
             let req = codec.decode::<DiffRequest>(body)?;
@@ -913,7 +926,7 @@ mod tests {
             for p in normalise(&flat, &dest).unwrap() {
                 let (nodes, values) = stack_tree(std::slice::from_ref(&p));
                 // Small enough that the larger fixtures fold into `other`.
-                let tree = FlameTree::build(|id| nodes.get(id), &values, 512).unwrap();
+                let tree = FlameTree::build(&[&nodes], &values, 512).unwrap();
                 let frame = [tree.frame().unwrap()];
                 assert_eq!(
                     flame_graph(Frame::Tree(&tree)).unwrap(),
@@ -925,10 +938,46 @@ mod tests {
                     tree_bytes(Frame::Tree(&tree)).unwrap(),
                     tree_bytes(Frame::Batches(&frame)).unwrap()
                 );
+                let g = flame_graph(Frame::Tree(&tree)).unwrap();
+                assert_eq!(g.response_bytes(), response(g.clone()), "{name}");
                 checked += 1;
             }
         }
         assert!(checked > 10, "only {checked} fixture profiles checked");
+    }
+
+    /// What prost writes for the flame graph answer.
+    fn response(g: FlameGraph) -> Vec<u8> {
+        let response = SelectMergeStacktracesResponse {
+            flamegraph: Some(g),
+            tree: Vec::new(),
+        };
+        response.encode_to_vec()
+    }
+
+    #[test]
+    fn a_flame_graph_answer_encodes_as_prost_does_with_empty_parts() {
+        let mut g = FlameGraph {
+            names: vec!["total".into(), String::new()],
+            levels: vec![
+                Level {
+                    values: vec![0, 300, -1, 0],
+                },
+                Level::default(),
+                Level {
+                    values: vec![i64::MIN, i64::MAX, 0, 1],
+                },
+            ],
+            total: 300,
+            max_self: -1,
+        };
+        assert_eq!(g.response_bytes(), response(g.clone()));
+        (g.total, g.max_self) = (0, 0);
+        assert_eq!(g.response_bytes(), response(g.clone()));
+        assert_eq!(
+            FlameGraph::default().response_bytes(),
+            response(FlameGraph::default())
+        );
     }
 
     /// Reads tree bytes back as Pyroscope's `UnmarshalTree` does: a stack
