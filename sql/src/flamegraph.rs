@@ -188,7 +188,7 @@ impl<'a> DenseTree<'a> {
             foldhash::HashMap::with_capacity_and_hasher(values.len() * 4, Default::default());
         index.insert(ROOT, 0);
         let mut tree = DenseTree {
-            names: vec!["total"],
+            names: vec![ADDED_LABELS[0]],
             parent: vec![0],
             own: vec![0],
             total: Vec::new(),
@@ -286,35 +286,59 @@ impl Children {
 
 /// Numbers labels in the order first seen. The tree's names are interned
 /// by the stack dictionary (one copy per distinct name), so a name is
-/// found by its address; its text is hashed only for an address not seen
-/// yet, which keeps two copies of one name (a query's own nodes beside the
-/// dictionary's) one number. An address cannot be reused during a walk:
-/// the tree borrows every name from nodes (the query's own, the
-/// dictionary's under its read guard, or static) that outlive it.
-#[derive(Default)]
+/// found by its address. Its text is hashed only for an address not seen
+/// yet, and only where two copies of one name can meet: when the tree
+/// drew from two dictionaries (a query's own nodes beside its tenant's),
+/// and for the labels the tree adds itself. An address cannot be reused
+/// during a walk: the tree borrows every name from nodes (the query's own,
+/// the dictionary's under its read guard, or static) that outlive it.
 struct NameNumbers<'a> {
     by_address: foldhash::HashMap<(usize, usize), u32>,
     by_text: foldhash::HashMap<&'a str, u32>,
+    /// All names come from one dictionary.
+    interned: bool,
+    next: u32,
 }
 
 impl<'a> NameNumbers<'a> {
+    fn new(interned: bool, names: usize) -> Self {
+        Self {
+            by_address: foldhash::HashMap::with_capacity_and_hasher(names, Default::default()),
+            by_text: Default::default(),
+            interned,
+            next: 0,
+        }
+    }
+
     fn number(&mut self, name: &'a str) -> u32 {
         let address = (name.as_ptr() as usize, name.len());
         if let Some(&n) = self.by_address.get(&address) {
             return n;
         }
-        let next = self.by_text.len() as u32;
-        let n = *self.by_text.entry(name).or_insert(next);
+        let next = self.next;
+        let n = if self.interned && !ADDED_LABELS.contains(&name) {
+            next
+        } else {
+            *self.by_text.entry(name).or_insert(next)
+        };
+        if n == next {
+            self.next += 1;
+        }
         self.by_address.insert(address, n);
         n
     }
 }
+
+/// The labels the tree adds: the root, and the fold of small nodes.
+const ADDED_LABELS: [&str; 2] = ["total", "other"];
 
 /// Per-stack values folded up the tree, ready to be laid out depth-first,
 /// children by name, nodes smaller than the `max_nodes`-th largest folded
 /// into one `other` child per parent (as Pyroscope truncates).
 pub struct FlameTree<'a> {
     tree: DenseTree<'a>,
+    /// Drawn from one dictionary: its names are one copy each.
+    interned: bool,
     children: Children,
     threshold: i64,
     max_nodes: usize,
@@ -327,6 +351,7 @@ impl<'a> FlameTree<'a> {
         let children = tree.children();
         Ok(Self {
             tree,
+            interned: sources.len() == 1,
             children,
             threshold,
             max_nodes,
@@ -339,7 +364,8 @@ impl<'a> FlameTree<'a> {
         &self,
         mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
-        let mut names = NameNumbers::default();
+        let rows = self.tree.names.len().min(self.max_nodes.saturating_mul(2));
+        let mut names = NameNumbers::new(self.interned, rows);
         self.walk(|mut row| {
             row.name = Some(names.number(row.label));
             f(row)
@@ -360,7 +386,7 @@ impl<'a> FlameTree<'a> {
                     depth,
                     total: other_value,
                     own: other_value,
-                    label: "other",
+                    label: ADDED_LABELS[1],
                     name: None,
                 })?;
                 continue;
@@ -1090,14 +1116,9 @@ mod tests {
         assert!(got.iter().all(|r| r.1 >= 0 && r.2 >= 0));
     }
 
-    #[test]
-    fn tree_rows_are_the_frame_with_names_numbered_first_seen() {
-        // Two dictionaries holding their own copies of the names, as a
-        // query's own nodes sit beside its tenant's: one name, one number.
-        let (global, mut values) = tree(&[("main;a;x", 3), ("main;b", 5), ("gc;other", 2)]);
-        let (local, more) = tree(&[("main;b;a", 4), ("main;s1", 1), ("main;s2", 1)]);
-        values.extend(more);
-        let tree = FlameTree::build(&[&local, &global], &values, 8).unwrap();
+    /// The tree's rows, checked against its frame, and each name number
+    /// checked to stand for one label, numbered in the order first seen.
+    fn numbered_rows(tree: &FlameTree<'_>) -> (Vec<String>, Vec<String>) {
         let mut rows = Vec::new();
         tree.for_each_row(|r| {
             rows.push((r.depth as i64, r.total, r.own, r.label.to_string(), r.name));
@@ -1106,25 +1127,52 @@ mod tests {
         .unwrap();
         let frame: Vec<_> = rows.iter().map(|r| (r.0, r.1, r.2, r.3.clone())).collect();
         assert_eq!(frame, self::rows(&tree.frame().unwrap()));
-        let labels: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+        let mut first_seen: Vec<String> = Vec::new();
+        for (.., label, name) in &rows {
+            let n = name.expect("tree rows carry numbers") as usize;
+            if n == first_seen.len() {
+                first_seen.push(label.clone());
+            }
+            assert_eq!(first_seen.get(n), Some(label), "{label} is number {n}");
+        }
+        let labels = rows.into_iter().map(|r| r.3).collect();
+        (labels, first_seen)
+    }
+
+    #[test]
+    fn tree_rows_are_the_frame_with_names_numbered_first_seen() {
+        // Two dictionaries holding their own copies of the names, as a
+        // query's own nodes sit beside its tenant's: one name, one number.
+        let (global, mut values) = tree(&[("main;a;x", 3), ("main;b", 5), ("gc;other", 2)]);
+        let (local, more) = tree(&[("main;b;a", 4), ("main;s1", 1), ("main;s2", 1)]);
+        values.extend(more);
+        let tree = FlameTree::build(&[&local, &global], &values, 8).unwrap();
+        let (labels, first_seen) = numbered_rows(&tree);
         // s1 and s2 fold into `other`, which the real `gc;other` shares.
         assert_eq!(
             labels,
             ["total", "gc", "other", "main", "a", "x", "b", "a", "other"]
         );
-        let mut first_seen: Vec<&str> = Vec::new();
-        for (.., label, name) in &rows {
-            let n = name.expect("tree rows carry numbers") as usize;
-            if n == first_seen.len() {
-                first_seen.push(label);
-            }
-            assert_eq!(
-                first_seen.get(n),
-                Some(&label.as_str()),
-                "{label} is number {n}"
-            );
-        }
         assert_eq!(first_seen, ["total", "gc", "other", "main", "a", "x", "b"]);
+    }
+
+    #[test]
+    fn one_dictionary_numbers_its_names_and_the_added_labels_once() {
+        // Real frames named like the labels the tree adds share their number.
+        let (nodes, values) = tree(&[
+            ("total;other", 6),
+            ("main;a", 5),
+            ("main;b;a", 4),
+            ("main;s1", 1),
+            ("main;s2", 1),
+        ]);
+        let tree = FlameTree::build(&[&nodes], &values, 7).unwrap();
+        let (labels, first_seen) = numbered_rows(&tree);
+        assert_eq!(
+            labels,
+            ["total", "main", "a", "b", "a", "other", "total", "other"]
+        );
+        assert_eq!(first_seen, ["total", "main", "a", "b", "other"]);
     }
 
     #[test]
