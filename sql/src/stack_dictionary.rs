@@ -23,8 +23,9 @@ use crate::lru::ByteLru;
 /// Bytes a node costs (its id, slot, and the id's index entry with
 /// hashing slack).
 const NODE_BYTES: usize = 48;
-/// Bytes a distinct name costs besides its text.
-const NAME_BYTES: usize = 40;
+/// Bytes a distinct name costs besides its text (its shared header, its
+/// place in the list and in the index).
+const NAME_BYTES: usize = 64;
 const DATASET_BYTES: usize = 96;
 
 /// The name of a slot whose node is not known yet (only named as a parent).
