@@ -11,7 +11,7 @@ use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
 use ember_ingest::pprof::{self, FlatProfile};
-use ember_sql::flamegraph::build_flame_graph;
+use ember_sql::flamegraph::{build_flame_graph, NodeSources};
 use ember_sql::testing::stack_tree;
 use ember_sql::{QueryEngine, QueryEngineConfig};
 use futures::TryStreamExt;
@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("flamegraph");
     group.throughput(Throughput::Elements(values.len() as u64));
     group.bench_function("fold/go-heap-large", |b| {
-        b.iter(|| build_flame_graph(&[&nodes], &values, 16384).expect("builds"))
+        b.iter(|| build_flame_graph(NodeSources::of(&nodes), &values, 16384).expect("builds"))
     });
 
     // The whole SQL plan: 40 profiles in 4 blocks.

@@ -32,7 +32,6 @@ use datafusion::physical_plan::{
 };
 use ember_engine::block::Section;
 use ember_engine::selector::Selector;
-use ember_engine::stack::ROOT;
 use ember_engine::DatasetRef;
 use futures::{StreamExt, TryStreamExt};
 
@@ -40,7 +39,9 @@ use crate::args;
 use crate::selection::ProfileSelection;
 use crate::session::Storage;
 use crate::settings::Settings;
-use crate::stack_dictionary::{self, read_stacks_section, Nodes, StackDictionary, TenantNodes};
+use crate::stack_dictionary::{
+    self, read_stacks_section, Nodes, StackDictionary, TenantNodes, ROOT_SLOT,
+};
 use crate::stack_totals::DatasetTotals;
 use crate::tables::{DatasetSource, SectionTable};
 
@@ -167,49 +168,161 @@ pub fn flame_graph_schema() -> SchemaRef {
     .clone()
 }
 
+/// Where a flame graph finds its stack nodes: the tenant's dictionary, and
+/// the query's own nodes when the dictionary had no room for them. A node
+/// in both is one node, and a name in both one name: each has one key,
+/// the dictionary's slot or name index, else its own offset past them.
+#[derive(Clone, Copy)]
+pub struct NodeSources<'a> {
+    pub dictionary: &'a Nodes,
+    pub own: Option<&'a Nodes>,
+}
+
+impl<'a> NodeSources<'a> {
+    pub fn of(dictionary: &'a Nodes) -> Self {
+        Self {
+            dictionary,
+            own: None,
+        }
+    }
+
+    /// Keys of nodes are below this.
+    fn node_keys(&self) -> usize {
+        self.dictionary.slots() + self.own.map_or(0, Nodes::slots)
+    }
+
+    /// Keys of names are below this.
+    fn name_keys(&self) -> usize {
+        self.dictionary.names() + self.own.map_or(0, Nodes::names)
+    }
+
+    /// The nodes holding `leaf`, and its slot there.
+    fn find(&self, leaf: u64) -> Option<(&'a Nodes, u32)> {
+        let in_dictionary = self.dictionary.slot(leaf).map(|s| (self.dictionary, s));
+        in_dictionary.or_else(|| self.own.and_then(|o| Some((o, o.slot(leaf)?))))
+    }
+
+    fn is_dictionary(&self, nodes: &Nodes) -> bool {
+        std::ptr::eq(nodes, self.dictionary)
+    }
+
+    fn node_key(&self, nodes: &Nodes, slot: u32) -> usize {
+        if self.is_dictionary(nodes) {
+            return slot as usize;
+        }
+        match self.dictionary.slot(nodes.id(slot)) {
+            Some(s) => s as usize,
+            None => self.dictionary.slots() + slot as usize,
+        }
+    }
+
+    fn name_key(&self, nodes: &Nodes, name: u32, text: &str) -> usize {
+        if self.is_dictionary(nodes) {
+            return name as usize;
+        }
+        match self.dictionary.name_index(text) {
+            Some(n) => n as usize,
+            None => self.dictionary.names() + name as usize,
+        }
+    }
+}
+
+/// A number per key, for keys below a known bound: an array while the
+/// bound is within a small multiple of the keys expected (an index the
+/// size of a large dictionary would cost more to clear than hashing the few
+/// keys a small query uses), a hash map beyond.
+enum KeyNumbers {
+    Dense(Vec<u32>),
+    Sparse(foldhash::HashMap<usize, u32>),
+}
+
+impl KeyNumbers {
+    const NONE: u32 = u32::MAX;
+
+    fn new(bound: usize, expected: usize) -> Self {
+        if bound <= expected.max(4096).saturating_mul(16) {
+            KeyNumbers::Dense(vec![Self::NONE; bound])
+        } else {
+            KeyNumbers::Sparse(foldhash::HashMap::with_capacity_and_hasher(
+                expected,
+                Default::default(),
+            ))
+        }
+    }
+
+    fn get(&self, key: usize) -> Option<u32> {
+        match self {
+            KeyNumbers::Dense(v) => v.get(key).copied().filter(|&n| n != Self::NONE),
+            KeyNumbers::Sparse(m) => m.get(&key).copied(),
+        }
+    }
+
+    fn insert(&mut self, key: usize, number: u32) {
+        match self {
+            KeyNumbers::Dense(v) => {
+                if let Some(n) = v.get_mut(key) {
+                    *n = number;
+                }
+            }
+            KeyNumbers::Sparse(m) => {
+                m.insert(key, number);
+            }
+        }
+    }
+}
+
+/// The key of a label the tree adds itself (the root, `other`).
+const ADDED: usize = usize::MAX;
+
 /// The nodes that carry value, numbered so that a parent's index is below
-/// its children's: one hash lookup per leaf and per node drawn, then dense
-/// arrays.
+/// its children's: a dictionary lookup per leaf, then slots up its stack,
+/// then dense arrays.
 struct DenseTree<'a> {
     names: Vec<&'a str>,
+    /// Each node's name key (see [`NodeSources`]).
+    name_keys: Vec<usize>,
     parent: Vec<u32>,
     own: Vec<i64>,
     total: Vec<i64>,
 }
 
 impl<'a> DenseTree<'a> {
-    /// The tree of `values`' leaves, each looked up in `sources` in order.
-    /// A node's ancestors are in the source that holds it (a stacks section
-    /// holds whole paths), so a walk up a stack stays in one source; nodes
-    /// are told apart by id, so one node in two sources is one node here.
-    fn build(sources: &[&'a Nodes], values: &StackValues) -> Result<Self> {
-        // Node id -> this tree's index.
-        let mut index: foldhash::HashMap<u64, u32> =
-            foldhash::HashMap::with_capacity_and_hasher(values.len() * 4, Default::default());
-        index.insert(ROOT, 0);
+    /// The tree of `values`' leaves. A node's ancestors are in the nodes
+    /// that hold it (a stacks section holds whole paths), so a walk up a
+    /// stack stays in one source.
+    fn build(sources: NodeSources<'a>, values: &StackValues) -> Result<Self> {
+        let expected = values.len().saturating_mul(2);
+        // Node key -> this tree's index.
+        let mut index = KeyNumbers::new(sources.node_keys(), expected);
+        index.insert(ROOT_SLOT as usize, 0);
         let mut tree = DenseTree {
-            names: vec![ADDED_LABELS[0]],
-            parent: vec![0],
-            own: vec![0],
+            names: Vec::with_capacity(expected),
+            name_keys: Vec::with_capacity(expected),
+            parent: Vec::with_capacity(expected),
+            own: Vec::with_capacity(expected),
             total: Vec::new(),
         };
+        tree.names.push(ADDED_LABELS[0]);
+        tree.name_keys.push(ADDED);
+        tree.parent.push(0);
+        tree.own.push(0);
         let missing = |id: u64| {
             DataFusionError::Execution(format!("stack node {id:#x} missing from the stack tree"))
         };
-        // The new nodes of a leaf's stack, leaf first, up to a known one.
-        let mut chain: Vec<(u64, &'a str)> = Vec::new();
+        // The new nodes of a leaf's stack, leaf first, up to a known one:
+        // (node key, name key, name).
+        let mut chain: Vec<(usize, usize, &'a str)> = Vec::new();
         for (&leaf, &v) in values {
-            let Some((nodes, mut slot)) = sources.iter().find_map(|n| Some((*n, n.slot(leaf)?)))
-            else {
+            let Some((nodes, mut slot)) = sources.find(leaf) else {
                 return Err(missing(leaf));
             };
             chain.clear();
             let known = loop {
-                let id = nodes.id(slot);
-                if let Some(&i) = index.get(&id) {
+                let key = sources.node_key(nodes, slot);
+                if let Some(i) = index.get(key) {
                     break i;
                 }
-                let Some((parent, name)) = nodes.parent_and_name(slot) else {
+                let Some((parent, name, text)) = nodes.node(slot) else {
                     return Err(missing(leaf));
                 };
                 if chain.len() > MAX_DEPTH {
@@ -217,16 +330,17 @@ impl<'a> DenseTree<'a> {
                         "stack deeper than 65536 frames: a cycle in the stack tree".into(),
                     ));
                 }
-                chain.push((id, name));
+                chain.push((key, sources.name_key(nodes, name, text), text));
                 slot = parent;
             };
             // Each new node's parent is the one numbered just before it.
             let mut at = known;
-            for &(k, name) in chain.iter().rev() {
+            for &(key, name_key, name) in chain.iter().rev() {
                 let i = tree.names.len() as u32;
-                index.insert(k, i);
+                index.insert(key, i);
                 tree.parent.push(at);
                 tree.names.push(name);
+                tree.name_keys.push(name_key);
                 tree.own.push(0);
                 at = i;
             }
@@ -284,47 +398,40 @@ impl Children {
     }
 }
 
-/// Numbers labels in the order first seen. The tree's names are interned
-/// by the stack dictionary (one copy per distinct name), so a name is
-/// found by its address. Its text is hashed only for an address not seen
-/// yet, and only where two copies of one name can meet: when the tree
-/// drew from two dictionaries (a query's own nodes beside its tenant's),
-/// and for the labels the tree adds itself. An address cannot be reused
-/// during a walk: the tree borrows every name from nodes (the query's own,
-/// the dictionary's under its read guard, or static) that outlive it.
-struct NameNumbers<'a> {
-    by_address: foldhash::HashMap<(usize, usize), u32>,
-    by_text: foldhash::HashMap<&'a str, u32>,
-    /// All names come from one dictionary.
-    interned: bool,
+/// Numbers labels in the order first seen, by name key (see
+/// [`NodeSources`]: one key per distinct name). Only the labels the tree
+/// adds itself (`total`, `other`), and names that read the same, are
+/// matched by text.
+struct NameNumbers {
+    by_key: KeyNumbers,
+    added: [Option<u32>; 2],
     next: u32,
 }
 
-impl<'a> NameNumbers<'a> {
-    fn new(interned: bool, names: usize) -> Self {
+impl NameNumbers {
+    fn new(keys: usize, rows: usize) -> Self {
         Self {
-            by_address: foldhash::HashMap::with_capacity_and_hasher(names, Default::default()),
-            by_text: Default::default(),
-            interned,
+            by_key: KeyNumbers::new(keys, rows),
+            added: [None; 2],
             next: 0,
         }
     }
 
-    fn number(&mut self, name: &'a str) -> u32 {
-        let address = (name.as_ptr() as usize, name.len());
-        if let Some(&n) = self.by_address.get(&address) {
+    fn number(&mut self, key: usize, label: &str) -> u32 {
+        if let Some(n) = self.by_key.get(key) {
             return n;
         }
         let next = self.next;
-        let n = if self.interned && !ADDED_LABELS.contains(&name) {
-            next
-        } else {
-            *self.by_text.entry(name).or_insert(next)
+        let n = match ADDED_LABELS.iter().position(|a| *a == label) {
+            Some(a) => *self.added[a].get_or_insert(next),
+            None => next,
         };
         if n == next {
             self.next += 1;
         }
-        self.by_address.insert(address, n);
+        if key != ADDED {
+            self.by_key.insert(key, n);
+        }
         n
     }
 }
@@ -337,21 +444,21 @@ const ADDED_LABELS: [&str; 2] = ["total", "other"];
 /// into one `other` child per parent (as Pyroscope truncates).
 pub struct FlameTree<'a> {
     tree: DenseTree<'a>,
-    /// Drawn from one dictionary: its names are one copy each.
-    interned: bool,
+    /// Name keys are below this.
+    name_keys: usize,
     children: Children,
     threshold: i64,
     max_nodes: usize,
 }
 
 impl<'a> FlameTree<'a> {
-    pub fn build(sources: &[&'a Nodes], values: &StackValues, max_nodes: usize) -> Result<Self> {
+    pub fn build(sources: NodeSources<'a>, values: &StackValues, max_nodes: usize) -> Result<Self> {
         let tree = DenseTree::build(sources, values)?;
         let threshold = min_value(&tree.total, max_nodes);
         let children = tree.children();
         Ok(Self {
             tree,
-            interned: sources.len() == 1,
+            name_keys: sources.name_keys(),
             children,
             threshold,
             max_nodes,
@@ -365,40 +472,44 @@ impl<'a> FlameTree<'a> {
         mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), String>,
     ) -> std::result::Result<(), String> {
         let rows = self.tree.names.len().min(self.max_nodes.saturating_mul(2));
-        let mut names = NameNumbers::new(self.interned, rows);
-        self.walk(|mut row| {
-            row.name = Some(names.number(row.label));
+        let mut names = NameNumbers::new(self.name_keys, rows);
+        self.walk(|mut row, node| {
+            let key = node.map_or(ADDED, |i| self.tree.name_keys[i]);
+            row.name = Some(names.number(key, row.label));
             f(row)
         })
     }
 
-    /// The rows depth first, children by name, without name numbers.
+    /// The rows depth first, children by name, without name numbers, each
+    /// with its node (none for an `other` row).
     fn walk<E>(
         &self,
-        mut f: impl FnMut(FrameRow<'a>) -> std::result::Result<(), E>,
+        mut f: impl FnMut(FrameRow<'a>, Option<usize>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         let tree = &self.tree;
         // (node, level, value of an `other` entry when node is None)
         let mut todo: Vec<(Option<u32>, usize, i64)> = vec![(Some(0), 0, 0)];
         while let Some((node, depth, other_value)) = todo.pop() {
             let Some(i) = node else {
-                f(FrameRow {
+                let row = FrameRow {
                     depth,
                     total: other_value,
                     own: other_value,
                     label: ADDED_LABELS[1],
                     name: None,
-                })?;
+                };
+                f(row, None)?;
                 continue;
             };
             let i = i as usize;
-            f(FrameRow {
+            let row = FrameRow {
                 depth,
                 total: tree.total[i],
                 own: tree.own[i],
                 label: tree.names[i],
                 name: None,
-            })?;
+            };
+            f(row, Some(i))?;
             let kids = self.children.of(i);
             let other = kids
                 .iter()
@@ -427,7 +538,7 @@ impl<'a> FlameTree<'a> {
         let mut value = Int64Builder::with_capacity(rows);
         let mut self_ = Int64Builder::with_capacity(rows);
         let mut label = StringBuilder::with_capacity(rows, label_bytes);
-        self.walk(|row| {
+        self.walk(|row, _| {
             level.append_value(row.depth as i64);
             value.append_value(row.total);
             self_.append_value(row.own);
@@ -447,7 +558,7 @@ impl<'a> FlameTree<'a> {
 
 /// The flame graph frame of per-stack values.
 pub fn build_flame_graph(
-    sources: &[&Nodes],
+    sources: NodeSources<'_>,
     values: &StackValues,
     max_nodes: usize,
 ) -> Result<RecordBatch> {
@@ -929,8 +1040,11 @@ impl FlameGraphExec {
         // the dictionary's names: a few milliseconds for the largest answers,
         // during which another query's `offer` waits to add its nodes.
         let global = stack_dictionary::read(&reads.tenant_nodes);
-        let sources: Vec<&Nodes> = local.iter().chain([&*global]).collect();
-        f(&FlameTree::build(&sources, &values, max_nodes)?)
+        let sources = NodeSources {
+            dictionary: &global,
+            own: local.as_ref(),
+        };
+        f(&FlameTree::build(sources, &values, max_nodes)?)
     }
 }
 
@@ -1036,7 +1150,7 @@ impl ExecutionPlan for FlameGraphExec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_engine::stack::node_id;
+    use ember_engine::stack::{node_id, ROOT};
 
     /// Nodes and leaf values of `stacks` (`a;b;c` -> value).
     fn tree(stacks: &[(&str, i64)]) -> (Nodes, StackValues) {
@@ -1074,7 +1188,7 @@ mod tests {
     #[test]
     fn folds_values_up_depth_first() {
         let (nodes, values) = tree(&[("main;a;x", 3), ("main;a", 2), ("main;b", 5), ("gc", 1)]);
-        let got = rows(&build_flame_graph(&[&nodes], &values, 100).unwrap());
+        let got = rows(&build_flame_graph(NodeSources::of(&nodes), &values, 100).unwrap());
         let want = vec![
             (0, 11, 0, "total"),
             (1, 1, 1, "gc"),
@@ -1099,7 +1213,7 @@ mod tests {
             ("main;mid", 50),
         ]);
         // total, main, big, mid kept: the 4th largest is 50.
-        let got = rows(&build_flame_graph(&[&nodes], &values, 4).unwrap());
+        let got = rows(&build_flame_graph(NodeSources::of(&nodes), &values, 4).unwrap());
         let labels: Vec<&str> = got.iter().map(|r| r.3.as_str()).collect();
         assert_eq!(labels, ["total", "main", "big", "mid", "other"]);
         assert_eq!(got[4], (2, 3, 3, "other".to_string()));
@@ -1109,7 +1223,7 @@ mod tests {
     #[test]
     fn sums_near_the_limit_saturate_instead_of_wrapping() {
         let (nodes, values) = tree(&[("main;a", i64::MAX - 1), ("main;b", 5), ("gc", i64::MAX)]);
-        let got = rows(&build_flame_graph(&[&nodes], &values, 100).unwrap());
+        let got = rows(&build_flame_graph(NodeSources::of(&nodes), &values, 100).unwrap());
         assert_eq!(got[0], (0, i64::MAX, 0, "total".to_string()));
         let main = got.iter().find(|r| r.3 == "main").unwrap();
         assert_eq!(main.1, i64::MAX);
@@ -1146,7 +1260,11 @@ mod tests {
         let (global, mut values) = tree(&[("main;a;x", 3), ("main;b", 5), ("gc;other", 2)]);
         let (local, more) = tree(&[("main;b;a", 4), ("main;s1", 1), ("main;s2", 1)]);
         values.extend(more);
-        let tree = FlameTree::build(&[&local, &global], &values, 8).unwrap();
+        let sources = NodeSources {
+            dictionary: &global,
+            own: Some(&local),
+        };
+        let tree = FlameTree::build(sources, &values, 8).unwrap();
         let (labels, first_seen) = numbered_rows(&tree);
         // s1 and s2 fold into `other`, which the real `gc;other` shares.
         assert_eq!(
@@ -1166,7 +1284,7 @@ mod tests {
             ("main;s1", 1),
             ("main;s2", 1),
         ]);
-        let tree = FlameTree::build(&[&nodes], &values, 7).unwrap();
+        let tree = FlameTree::build(NodeSources::of(&nodes), &values, 7).unwrap();
         let (labels, first_seen) = numbered_rows(&tree);
         assert_eq!(
             labels,
@@ -1176,15 +1294,33 @@ mod tests {
     }
 
     #[test]
+    fn a_small_query_over_a_large_dictionary_draws_the_same_tree() {
+        // Past 16 x 4096 slots and names, the tree's indices are hashed
+        // rather than arrays the dictionary's size.
+        let stacks = [("main;a;x", 3), ("main;b", 5), ("gc;other", 2)];
+        let (small, values) = tree(&stacks);
+        let (mut large, _) = tree(&stacks);
+        for i in 0..70_000 {
+            let name = format!("unused{i}");
+            large.insert(node_id(ROOT, &name), ROOT, &name);
+        }
+        let (want, want_names) =
+            numbered_rows(&FlameTree::build(NodeSources::of(&small), &values, 8).unwrap());
+        let (got, got_names) =
+            numbered_rows(&FlameTree::build(NodeSources::of(&large), &values, 8).unwrap());
+        assert_eq!((got, got_names), (want, want_names));
+    }
+
+    #[test]
     fn missing_node_is_an_error_not_a_panic() {
         let (nodes, _) = tree(&[("a;b", 1)]);
         let values = StackValues::from_iter([(12345u64, 1i64)]);
-        assert!(build_flame_graph(&[&nodes], &values, 10).is_err());
+        assert!(build_flame_graph(NodeSources::of(&nodes), &values, 10).is_err());
         // A node whose parent was never named.
         let mut orphan = Nodes::default();
         orphan.insert(5, 4, "orphan");
         let values = StackValues::from_iter([(5u64, 1i64)]);
-        let err = build_flame_graph(&[&orphan], &values, 10).unwrap_err();
+        let err = build_flame_graph(NodeSources::of(&orphan), &values, 10).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
     }
 }

@@ -80,7 +80,7 @@ pub const ROOT_SLOT: u32 = 0;
 impl Nodes {
     /// A node's parent id and name.
     pub fn get(&self, id: u64) -> Option<(u64, &str)> {
-        let (parent, name) = self.parent_and_name(*self.slot_of.get(&id)?)?;
+        let (parent, _, name) = self.node(*self.slot_of.get(&id)?)?;
         Some((self.slots[parent as usize].id, name))
     }
 
@@ -89,12 +89,28 @@ impl Nodes {
         self.slot_of.get(&id).copied()
     }
 
-    /// The parent's slot and the name of the node in `slot`; `None` when
-    /// the node is only known as a parent, or `slot` is out of range.
-    pub fn parent_and_name(&self, slot: u32) -> Option<(u32, &str)> {
+    /// The node in `slot`: its parent's slot, its name's index and its
+    /// name; `None` when the node is only known as a parent, or `slot` is
+    /// out of range.
+    pub fn node(&self, slot: u32) -> Option<(u32, u32, &str)> {
         let s = self.slots.get(slot as usize)?;
         let name = self.names.get(s.name as usize)?;
-        Some((s.parent, name))
+        Some((s.parent, s.name, name))
+    }
+
+    /// Slots are below this.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Name indices are below this.
+    pub fn names(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The index of the name `text`.
+    pub fn name_index(&self, text: &str) -> Option<u32> {
+        self.name_of.get(text).copied()
     }
 
     /// The id of the node in `slot` (the root's for a slot out of range).
@@ -459,7 +475,7 @@ mod tests {
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes.get(1), Some((0, "main")));
         let work = nodes.slot(2).unwrap();
-        let (parent, _) = nodes.parent_and_name(work).unwrap();
+        let (parent, _, _) = nodes.node(work).unwrap();
         assert_eq!(nodes.id(parent), 1);
         // Node 1's slot was made when node 2 named it: two nodes, two slots.
         assert_eq!(nodes.bytes(), 2 * NODE_BYTES + 2 * NAME_BYTES + 8);

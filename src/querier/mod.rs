@@ -906,7 +906,7 @@ mod tests {
     fn the_tree_lays_out_as_its_frame_does_for_every_fixture() {
         use ember_ingest::normalise::{normalise, validate_labels, Destination};
         use ember_ingest::pprof::FlatProfile;
-        use ember_sql::flamegraph::FlameTree;
+        use ember_sql::flamegraph::{FlameTree, NodeSources};
         use ember_sql::testing::stack_tree;
 
         let dest = Destination {
@@ -926,7 +926,7 @@ mod tests {
             for p in normalise(&flat, &dest).unwrap() {
                 let (nodes, values) = stack_tree(std::slice::from_ref(&p));
                 // Small enough that the larger fixtures fold into `other`.
-                let tree = FlameTree::build(&[&nodes], &values, 512).unwrap();
+                let tree = FlameTree::build(NodeSources::of(&nodes), &values, 512).unwrap();
                 let frame = [tree.frame().unwrap()];
                 assert_eq!(
                     flame_graph(Frame::Tree(&tree)).unwrap(),
