@@ -3,8 +3,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_engine::testing::pprof_fixtures;
+use ember_ingest::decode::{push_body, BodyEncoding};
+use ember_ingest::limits::Limits;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
 use ember_ingest::pprof;
+use ember_ingest::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+use prost::Message;
 
 fn bench(c: &mut Criterion) {
     let dest = Destination {
@@ -34,6 +38,49 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+    push_request(c);
+}
+
+/// A push as the bench harness's agents send it: one series per recorded
+/// profile an agent would send every 10 s (at most 300 KB gzipped, at
+/// least 20 samples), each a gzipped pprof, decoded as the distributor
+/// does (gunzip, read, normalise, limits).
+fn push_request(c: &mut Criterion) {
+    let mut series = Vec::new();
+    let mut samples = 0usize;
+    for (name, bytes) in pprof_fixtures() {
+        let Ok(p) = pprof::decode(&bytes, 64 << 20) else {
+            continue;
+        };
+        if bytes.len() > 300 << 10 || p.sample.len() < 20 || !bytes.starts_with(&[0x1f, 0x8b]) {
+            continue;
+        }
+        samples += p.sample.len() * p.sample_type.len();
+        series.push(RawProfileSeries {
+            labels: vec![LabelPair {
+                name: "service_name".into(),
+                value: name,
+            }],
+            samples: vec![RawSample {
+                raw_profile: bytes,
+                id: String::new(),
+            }],
+        });
+    }
+    let body = PushRequest { series }.encode_to_vec();
+    let mut limits = Limits::default();
+    limits.defaults.reject_older_than_seconds = 0;
+    limits.defaults.reject_newer_than_seconds = 0;
+    let encoding = BodyEncoding {
+        json: false,
+        gzip: false,
+    };
+    let mut group = c.benchmark_group("push");
+    group.throughput(Throughput::Elements(samples as u64));
+    group.bench_function("decode/recorded-agent-profiles", |b| {
+        b.iter(|| push_body(&limits, &body, encoding, "bench", 1).expect("decodes"))
+    });
     group.finish();
 }
 

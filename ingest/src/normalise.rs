@@ -86,7 +86,12 @@ fn id_or_position(id: u64, index: usize) -> u64 {
 /// A string of the profile as text: agents' strings are bytes, and invalid
 /// UTF-8 is repaired rather than failing the whole profile.
 fn text(bytes: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    // `from_utf8` checks ASCII a word at a time; the lossy reader walks
+    // every name byte by byte, and names are almost always valid.
+    match std::str::from_utf8(bytes) {
+        Ok(valid) => Cow::Borrowed(valid),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// Where each location's frames are, by location id: a table indexed by id
@@ -275,21 +280,21 @@ fn span_id(value: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(value).ok()?, 16).ok()
 }
 
-/// One series' samples of one sample type, summed by (stack index in
-/// [`DistinctStacks`], span).
-type SeriesSamples = foldhash::HashMap<(u32, Option<u64>), i64>;
+/// One series' samples of one sample type as (stack index in
+/// [`DistinctStacks`], span, value), summed by stack and span once sorted.
+type SeriesSamples = Vec<(u32, Option<u64>, i64)>;
 
 /// A sample's labels as the profile's own bytes, sorted by name with the
 /// last of a repeated name kept: one series per distinct set, before any
 /// string is copied.
 type RawLabels<'a> = Vec<(&'a [u8], &'a [u8])>;
 
-/// The distinct stacks of a profile's samples, each built once whatever the
-/// number of sample types and label sets that use it.
+/// The stacks of a profile's samples, each built once per distinct
+/// location list whatever the number of sample types and label sets that
+/// use it.
 struct DistinctStacks<'p> {
     by_locations: foldhash::HashMap<&'p [u64], u32>,
-    /// Different location lists can make the same stack: one index for both.
-    by_frames: foldhash::HashMap<Vec<u32>, u32>,
+    stacks: Vec<Vec<u32>>,
 }
 
 impl<'p> DistinctStacks<'p> {
@@ -297,7 +302,7 @@ impl<'p> DistinctStacks<'p> {
     fn with_capacity(samples: usize) -> Self {
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
-            by_frames: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
+            stacks: Vec::with_capacity(samples),
         }
     }
 
@@ -305,26 +310,37 @@ impl<'p> DistinctStacks<'p> {
         if let Some(&i) = self.by_locations.get(locations) {
             return Ok(i);
         }
-        let next = self.by_frames.len() as u32;
-        let i = *self
-            .by_frames
-            .entry(symbols.stack(locations)?)
-            .or_insert(next);
+        let i = self.stacks.len() as u32;
+        self.stacks.push(symbols.stack(locations)?);
         self.by_locations.insert(locations, i);
         Ok(i)
     }
 
-    /// The stacks by index, and each one's position in sorted order.
+    /// The stacks by index, and each one's rank in sorted order. Different
+    /// location lists can make the same stack (inlining, or a profiler
+    /// that repeats locations): they share one rank and one copy, so
+    /// sorting by rank brings the samples to merge together without
+    /// hashing whole stacks.
     fn into_frames_and_ranks(self) -> (Vec<Arc<[u32]>>, Vec<u32>) {
-        let mut frames: Vec<Arc<[u32]>> = vec![Arc::from([]); self.by_frames.len()];
-        for (stack, i) in self.by_frames {
-            frames[i as usize] = stack.into();
-        }
-        let mut order: Vec<u32> = (0..frames.len() as u32).collect();
-        order.sort_unstable_by(|a, b| frames[*a as usize].cmp(&frames[*b as usize]));
-        let mut rank = vec![0u32; frames.len()];
-        for (r, i) in order.into_iter().enumerate() {
-            rank[i as usize] = r as u32;
+        let stacks = self.stacks;
+        let mut order: Vec<u32> = (0..stacks.len() as u32).collect();
+        order.sort_unstable_by(|a, b| stacks[*a as usize].cmp(&stacks[*b as usize]));
+        let mut rank = vec![0u32; stacks.len()];
+        let mut frames: Vec<Arc<[u32]>> = vec![Arc::from([]); stacks.len()];
+        let mut previous: Option<u32> = None;
+        let mut r = 0u32;
+        for i in order {
+            match previous {
+                Some(p) if stacks[p as usize] == stacks[i as usize] => {
+                    frames[i as usize] = frames[p as usize].clone();
+                }
+                _ => {
+                    r += u32::from(previous.is_some());
+                    frames[i as usize] = Arc::from(stacks[i as usize].as_slice());
+                    previous = Some(i);
+                }
+            }
+            rank[i as usize] = r;
         }
         (frames, rank)
     }
@@ -395,8 +411,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
             .entry(labels)
             .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
         for (i, v) in values.iter().enumerate().filter(|(_, v)| **v > 0) {
-            let slot = per_type[i].entry((stack, span)).or_insert(0);
-            *slot = slot.saturating_add(*v);
+            per_type[i].push((stack, span, *v));
         }
     }
     let time_nanos = if p.time_nanos > 0 {
@@ -409,21 +424,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     let mut out = Vec::new();
     for (labels, per_type) in by_series_labels(series, &dest.labels)? {
         for (i, samples) in per_type.into_iter().enumerate() {
-            // Sorted by stack, as the block writer walks them.
-            let mut rows: Vec<(u32, Option<u64>, u32, i64)> = samples
-                .into_iter()
-                .filter(|(_, v)| *v != 0)
-                .map(|((stack, span), v)| (rank[stack as usize], span, stack, v))
-                .collect();
-            rows.sort_unstable();
-            let samples: Vec<Sample> = rows
-                .into_iter()
-                .map(|(_, span_id, stack, value)| Sample {
-                    stack: frames[stack as usize].clone(),
-                    value,
-                    span_id,
-                })
-                .collect();
+            let samples = summed_by_stack(samples, &frames, &rank);
             if samples.is_empty() {
                 continue;
             }
@@ -441,6 +442,27 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     }
     out.sort_by(|a, b| (&a.profile_type, &a.labels).cmp(&(&b.profile_type, &b.labels)));
     Ok(out)
+}
+
+/// A series' samples of one type sorted by stack, as the block writer walks
+/// them, those of one stack and span summed into one.
+fn summed_by_stack(mut rows: SeriesSamples, frames: &[Arc<[u32]>], rank: &[u32]) -> Vec<Sample> {
+    rows.sort_unstable_by_key(|&(stack, span, _)| (rank[stack as usize], span));
+    let mut samples: Vec<Sample> = Vec::with_capacity(rows.len());
+    let mut last: Option<(u32, Option<u64>)> = None;
+    for (stack, span_id, value) in rows {
+        let key = (rank[stack as usize], span_id);
+        match samples.last_mut() {
+            Some(s) if last == Some(key) => s.value = s.value.saturating_add(value),
+            _ => samples.push(Sample {
+                stack: frames[stack as usize].clone(),
+                value,
+                span_id,
+            }),
+        }
+        last = Some(key);
+    }
+    samples
 }
 
 /// The samples of each series by its full labels. Label sets whose bytes
@@ -463,10 +485,7 @@ fn by_series_labels(
             }
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 for (into, from) in e.get_mut().iter_mut().zip(per_type) {
-                    for (key, v) in from {
-                        let slot = into.entry(key).or_insert(0);
-                        *slot = slot.saturating_add(v);
-                    }
+                    into.extend(from);
                 }
             }
         }
