@@ -272,10 +272,13 @@ impl<'a> FlatProfile<'a> {
             samples: Vec::with_capacity(samples),
             locations: Vec::with_capacity(locations),
             functions: Vec::with_capacity(count[5]),
-            // Every varint takes at least a byte, so a sample's bytes bound
-            // its location ids; most samples carry one value per type.
+            // Every varint takes at least a byte, so the samples' bytes
+            // bound their location ids and values: room is never more than
+            // the input asks for, whatever counts it claims.
             sample_locations: Vec::with_capacity(bytes[2]),
-            sample_values: Vec::with_capacity(samples * count[1].max(1)),
+            sample_values: Vec::with_capacity(
+                bytes[2].min(samples.saturating_mul(count[1].max(1))),
+            ),
             line_functions: Vec::with_capacity(locations),
             ..Default::default()
         })
@@ -855,6 +858,29 @@ mod tests {
             assert!(matches!(err, IngestError::Decode { .. }), "{err}");
             assert!(err.to_string().contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn arrays_are_sized_within_what_the_input_holds() {
+        // Many sample types times many samples would claim a vast array
+        // of values; the room taken stays within the bytes sent.
+        let mut data = Vec::new();
+        for _ in 0..20_000 {
+            key(1, WIRE_LEN, &mut data);
+            varint(0, &mut data);
+        }
+        for _ in 0..20_000 {
+            key(2, WIRE_LEN, &mut data);
+            varint(0, &mut data);
+        }
+        let p = FlatProfile::decode(&data).unwrap();
+        assert_eq!((p.sample_types.len(), p.samples.len()), (20_000, 20_000));
+        assert!(
+            p.sample_values.capacity() <= data.len(),
+            "{}",
+            p.sample_values.capacity()
+        );
+        assert!(p.sample_locations.capacity() <= data.len());
     }
 
     fn gzip_with(builder: flate2::GzBuilder, data: &[u8]) -> Vec<u8> {
