@@ -883,6 +883,70 @@ mod tests {
         assert!(p.sample_locations.capacity() <= data.len());
     }
 
+    #[test]
+    fn a_stream_cannot_reach_into_the_last_one_inflated_on_its_thread() {
+        // The per-thread inflater's window still holds the last profile it
+        // inflated (another tenant's, perhaps). A stream whose matches
+        // point before its own start must not be filled from it.
+        let secret: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let first = gzip_with(flate2::GzBuilder::new(), &secret);
+        assert_eq!(gunzip(&first, 1 << 20, "t").unwrap(), secret);
+        // One fixed-Huffman block (RFC 1951, 3.2.6): copy 258 bytes from
+        // 4,096 back, then end. Were the old window readable, this would
+        // inflate to the secret's first 258 bytes and match the trailer.
+        let mut bits = Bits::default();
+        bits.push(1, 1); // last block
+        bits.push(1, 2); // fixed codes
+        bits.code(0b1100_0101, 8); // length 258 (code 285)
+        bits.code(23, 5); // distance 3,073..=4,096
+        bits.push(4096 - 3073, 10);
+        bits.code(0, 7); // end of block
+        let leaked = &secret[..258];
+        let mut forged = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+        forged.extend_from_slice(&bits.bytes);
+        forged.extend_from_slice(&crc32fast::hash(leaked).to_le_bytes());
+        forged.extend_from_slice(&(leaked.len() as u32).to_le_bytes());
+        // zlib-rs inflates matches from before the stream's start as zeros:
+        // never the previous stream's bytes.
+        let mut out = Vec::with_capacity(1024);
+        let inflated = INFLATER.with_borrow_mut(|inflater| {
+            inflater.reset(false);
+            inflate(inflater, &forged[10..], &mut out, 1024)
+        });
+        assert!(inflated.is_err() || out != leaked);
+        let err = gunzip(&forged, 1 << 20, "t").unwrap_err();
+        assert!(matches!(err, IngestError::Decompress { .. }), "{err}");
+    }
+
+    /// Deflate's bit order: fields least significant bit first, Huffman
+    /// codes most significant bit first.
+    #[derive(Default)]
+    struct Bits {
+        bytes: Vec<u8>,
+        used: u32,
+    }
+
+    impl Bits {
+        fn push(&mut self, value: u32, n: u32) {
+            for i in 0..n {
+                if self.used.is_multiple_of(8) {
+                    self.bytes.push(0);
+                }
+                let bit = ((value >> i) & 1) as u8;
+                *self.bytes.last_mut().unwrap() |= bit << (self.used % 8);
+                self.used += 1;
+            }
+        }
+
+        fn code(&mut self, code: u32, n: u32) {
+            for i in (0..n).rev() {
+                self.push((code >> i) & 1, 1);
+            }
+        }
+    }
+
     fn gzip_with(builder: flate2::GzBuilder, data: &[u8]) -> Vec<u8> {
         use std::io::Write;
         let mut e = builder.write(Vec::new(), flate2::Compression::default());
