@@ -38,6 +38,14 @@ pub struct Functions {
 }
 
 impl Functions {
+    /// Room for `names` names of `bytes` bytes in all.
+    pub fn with_capacity(names: usize, bytes: usize) -> Self {
+        Functions {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(names),
+        }
+    }
+
     /// Appends a name and returns its index.
     pub fn push(&mut self, name: &str) -> u32 {
         self.text.push_str(name);
@@ -66,9 +74,9 @@ impl Functions {
         (0..self.len()).filter_map(|i| self.get(i))
     }
 
-    /// Bytes held.
+    /// Bytes held, with the room reserved for more.
     pub fn size_bytes(&self) -> usize {
-        self.text.len() + self.ends.len() * std::mem::size_of::<usize>()
+        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 }
 

@@ -139,6 +139,28 @@ impl LocationFrames {
     }
 }
 
+/// Room for the names interning copies: every function's name (or system
+/// name where it has none), but never more than the string table holds,
+/// as functions sharing one long name would otherwise claim it each time.
+fn name_bytes(p: &FlatProfile) -> usize {
+    let len = |i: i64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| p.strings.get(i))
+            .map_or(0, |s| s.len())
+    };
+    let names: usize = p
+        .functions
+        .iter()
+        .map(|f| match len(f.name) {
+            0 => len(f.system_name),
+            n => n,
+        })
+        .fold(0usize, usize::saturating_add);
+    let table: usize = p.strings.iter().map(|s| s.len()).sum();
+    names.min(table) + TRUNCATED_FRAME.len()
+}
+
 /// Interns function names and the frames of each location.
 struct Symbols<'a> {
     names: Functions,
@@ -180,8 +202,12 @@ impl<'a> Symbols<'a> {
 
     fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
         let mut s = Symbols {
-            names: Functions::default(),
-            index: Default::default(),
+            names: Functions::with_capacity(p.functions.len() + 1, name_bytes(p)),
+            // Growing would hash every name again at each doubling.
+            index: foldhash::HashMap::with_capacity_and_hasher(
+                p.functions.len() + 1,
+                Default::default(),
+            ),
             locations: LocationFrames::for_ids(
                 p.locations
                     .iter()
@@ -234,11 +260,12 @@ impl<'a> Symbols<'a> {
         Ok(&self.frames[start as usize..end as usize])
     }
 
-    /// Root-first stack of a sample. A stack deeper than the limit keeps
-    /// its root-most frames and ends in the truncation frame, so a flame
-    /// graph still shows where the deep stack came from; building stops at
-    /// the limit, so a hostile stack costs no more than a legal one.
-    fn stack(&self, location_ids: &[u64]) -> Result<Vec<u32>, IngestError> {
+    /// Appends the root-first stack of a sample to `out`. A stack deeper
+    /// than the limit keeps its root-most frames and ends in the truncation
+    /// frame, so a flame graph still shows where the deep stack came from;
+    /// building stops at the limit, so a hostile stack costs no more than a
+    /// legal one.
+    fn append_stack(&self, location_ids: &[u64], out: &mut Vec<u32>) -> Result<(), IngestError> {
         let mut frames_total = 0usize;
         for id in location_ids {
             frames_total += self.frames_of(*id)?.len();
@@ -246,17 +273,18 @@ impl<'a> Symbols<'a> {
         // A stack at the limit is kept whole; a deeper one keeps one frame
         // less than the limit, then the truncation frame.
         let truncate = frames_total > self.max_depth + 1;
-        let mut stack = Vec::with_capacity(frames_total.min(self.max_depth + 1));
+        let start = out.len();
+        out.reserve(frames_total.min(self.max_depth + 1));
         for id in location_ids.iter().rev() {
             for &f in self.frames_of(*id)?.iter().rev() {
-                if truncate && stack.len() == self.max_depth {
-                    stack.push(self.truncated);
-                    return Ok(stack);
+                if truncate && out.len() - start == self.max_depth {
+                    out.push(self.truncated);
+                    return Ok(());
                 }
-                stack.push(f);
+                out.push(f);
             }
         }
-        Ok(stack)
+        Ok(())
     }
 }
 
@@ -291,10 +319,20 @@ type RawLabels<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The stacks of a profile's samples, each built once per distinct
 /// location list whatever the number of sample types and label sets that
-/// use it.
+/// use it, side by side in one buffer.
 struct DistinctStacks<'p> {
     by_locations: foldhash::HashMap<&'p [u64], u32>,
-    stacks: Vec<Vec<u32>>,
+    frames: Vec<u32>,
+    /// Where each stack ends in `frames`.
+    ends: Vec<u32>,
+}
+
+/// The distinct stacks of a profile in sorted order, and each location
+/// list's stack in that order: sorting samples by rank brings those to
+/// merge together without hashing whole stacks.
+struct RankedStacks {
+    by_rank: Vec<Arc<[u32]>>,
+    rank: Vec<u32>,
 }
 
 impl<'p> DistinctStacks<'p> {
@@ -302,7 +340,8 @@ impl<'p> DistinctStacks<'p> {
     fn with_capacity(samples: usize) -> Self {
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
-            stacks: Vec::with_capacity(samples),
+            frames: Vec::new(),
+            ends: Vec::with_capacity(samples),
         }
     }
 
@@ -310,39 +349,37 @@ impl<'p> DistinctStacks<'p> {
         if let Some(&i) = self.by_locations.get(locations) {
             return Ok(i);
         }
-        let i = self.stacks.len() as u32;
-        self.stacks.push(symbols.stack(locations)?);
+        let i = self.ends.len() as u32;
+        symbols.append_stack(locations, &mut self.frames)?;
+        self.ends.push(self.frames.len() as u32);
         self.by_locations.insert(locations, i);
         Ok(i)
     }
 
-    /// The stacks by index, and each one's rank in sorted order. Different
-    /// location lists can make the same stack (inlining, or a profiler
-    /// that repeats locations): they share one rank and one copy, so
-    /// sorting by rank brings the samples to merge together without
-    /// hashing whole stacks.
-    fn into_frames_and_ranks(self) -> (Vec<Arc<[u32]>>, Vec<u32>) {
-        let stacks = self.stacks;
-        let mut order: Vec<u32> = (0..stacks.len() as u32).collect();
-        order.sort_unstable_by(|a, b| stacks[*a as usize].cmp(&stacks[*b as usize]));
-        let mut rank = vec![0u32; stacks.len()];
-        let mut frames: Vec<Arc<[u32]>> = vec![Arc::from([]); stacks.len()];
-        let mut previous: Option<u32> = None;
-        let mut r = 0u32;
+    fn stack(&self, i: u32) -> &[u32] {
+        let start = match i {
+            0 => 0,
+            i => self.ends[i as usize - 1],
+        };
+        &self.frames[start as usize..self.ends[i as usize] as usize]
+    }
+
+    /// Different location lists can make the same stack (inlining, or a
+    /// profiler that repeats locations): they share one rank and one copy.
+    fn into_ranked(self) -> RankedStacks {
+        let n = self.ends.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
+        let mut rank = vec![0u32; n];
+        let mut by_rank: Vec<Arc<[u32]>> = Vec::with_capacity(n);
         for i in order {
-            match previous {
-                Some(p) if stacks[p as usize] == stacks[i as usize] => {
-                    frames[i as usize] = frames[p as usize].clone();
-                }
-                _ => {
-                    r += u32::from(previous.is_some());
-                    frames[i as usize] = Arc::from(stacks[i as usize].as_slice());
-                    previous = Some(i);
-                }
+            let stack = self.stack(i);
+            if by_rank.last().is_none_or(|last| **last != *stack) {
+                by_rank.push(Arc::from(stack));
             }
-            rank[i as usize] = r;
+            rank[i as usize] = by_rank.len() as u32 - 1;
         }
-        (frames, rank)
+        RankedStacks { by_rank, rank }
     }
 }
 
@@ -419,12 +456,12 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     } else {
         dest.received_at_nanos
     };
-    let (frames, rank) = stacks.into_frames_and_ranks();
+    let stacks = stacks.into_ranked();
     let functions = Arc::new(symbols.names);
     let mut out = Vec::new();
     for (labels, per_type) in by_series_labels(series, &dest.labels)? {
         for (i, samples) in per_type.into_iter().enumerate() {
-            let samples = summed_by_stack(samples, &frames, &rank);
+            let samples = summed_by_stack(samples, &stacks);
             if samples.is_empty() {
                 continue;
             }
@@ -446,16 +483,19 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
 
 /// A series' samples of one type sorted by stack, as the block writer walks
 /// them, those of one stack and span summed into one.
-fn summed_by_stack(mut rows: SeriesSamples, frames: &[Arc<[u32]>], rank: &[u32]) -> Vec<Sample> {
-    rows.sort_unstable_by_key(|&(stack, span, _)| (rank[stack as usize], span));
+fn summed_by_stack(mut rows: SeriesSamples, stacks: &RankedStacks) -> Vec<Sample> {
+    for row in rows.iter_mut() {
+        row.0 = stacks.rank[row.0 as usize];
+    }
+    rows.sort_unstable_by_key(|&(rank, span, _)| (rank, span));
     let mut samples: Vec<Sample> = Vec::with_capacity(rows.len());
     let mut last: Option<(u32, Option<u64>)> = None;
-    for (stack, span_id, value) in rows {
-        let key = (rank[stack as usize], span_id);
+    for (rank, span_id, value) in rows {
+        let key = (rank, span_id);
         match samples.last_mut() {
             Some(s) if last == Some(key) => s.value = s.value.saturating_add(value),
             _ => samples.push(Sample {
-                stack: frames[stack as usize].clone(),
+                stack: stacks.by_rank[rank as usize].clone(),
                 value,
                 span_id,
             }),
@@ -844,6 +884,28 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn functions_sharing_one_long_name_reserve_room_for_it_once() {
+        // 2,000 functions naming one 64 KB string: room for each name
+        // would be 128 MB for a profile of a few kilobytes.
+        let mut p = deep_profile(2_000, 8);
+        p.string_table.push("x".repeat(64 << 10).into_bytes());
+        let long = p.string_table.len() as i64 - 1;
+        for f in &mut p.function {
+            f.name = long;
+        }
+        let profiles = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let functions = &profiles[0].functions;
+        let table: usize = p.string_table.iter().map(Vec::len).sum();
+        assert!(
+            functions.size_bytes() < table + (64 << 10),
+            "{} bytes held for a string table of {table}",
+            functions.size_bytes()
+        );
+        // One name, truncated to the symbol limit, then the truncation frame.
+        assert_eq!(functions.len(), 2);
     }
 
     #[test]
