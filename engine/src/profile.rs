@@ -90,12 +90,89 @@ impl<S: AsRef<str>> FromIterator<S> for Functions {
     }
 }
 
-/// One stack and its value. Stacks are root first, and shared: the
-/// profiles that one pprof makes (a profile per sample type and label set)
-/// point at one copy of each stack.
+/// A root-first stack of function indices, in a buffer it may share: the
+/// stacks of one pprof sit side by side in one allocation, which every
+/// profile made from that pprof (one per sample type and label set) points
+/// into, so a stack costs no allocation of its own and the block writer
+/// reads a profile's stacks in memory order.
+#[derive(Clone)]
+pub struct Stack {
+    frames: Arc<[u32]>,
+    start: usize,
+    end: usize,
+}
+
+impl Stack {
+    /// The stack at `range` of `frames`, or an empty stack if the range is
+    /// not within it.
+    pub fn within(frames: &Arc<[u32]>, range: std::ops::Range<usize>) -> Self {
+        let (start, end) = match frames.get(range.clone()) {
+            Some(_) => (range.start, range.end),
+            None => (0, 0),
+        };
+        Stack {
+            frames: frames.clone(),
+            start,
+            end,
+        }
+    }
+}
+
+impl std::ops::Deref for Stack {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        &self.frames[self.start..self.end]
+    }
+}
+
+impl From<Vec<u32>> for Stack {
+    fn from(frames: Vec<u32>) -> Self {
+        let end = frames.len();
+        Stack {
+            frames: frames.into(),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl From<&[u32]> for Stack {
+    fn from(frames: &[u32]) -> Self {
+        Stack::from(frames.to_vec())
+    }
+}
+
+impl PartialEq for Stack {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Stack {}
+
+impl PartialOrd for Stack {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Stack {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+/// One stack and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    pub stack: Arc<[u32]>,
+    pub stack: Stack,
     pub value: i64,
     pub span_id: Option<u64>,
 }
@@ -176,6 +253,21 @@ mod tests {
         assert_eq!(f.push("leaf"), 4);
         assert_eq!(f.get(4), Some("leaf"));
         assert!(Functions::default().is_empty());
+    }
+
+    #[test]
+    fn stacks_in_a_shared_buffer_compare_by_their_frames() {
+        let frames: Arc<[u32]> = vec![1, 2, 3, 1, 2, 1, 2, 3].into();
+        let a = Stack::within(&frames, 0..3);
+        let b = Stack::within(&frames, 3..5);
+        let c = Stack::within(&frames, 5..8);
+        assert_eq!(&*a, &[1, 2, 3]);
+        assert_eq!(a, c);
+        assert_eq!(a, Stack::from(vec![1, 2, 3]));
+        assert!(b < a, "a prefix sorts first");
+        assert_eq!(format!("{b:?}"), "[1, 2]");
+        // A range outside the buffer is an empty stack, not a panic.
+        assert!(Stack::within(&frames, 6..9).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_engine::profile::{
-    normalise_labels, Functions, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME,
+    normalise_labels, Functions, Labels, Profile, Sample, Stack, METRIC_NAME, SERVICE_NAME,
 };
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
@@ -327,11 +327,11 @@ struct DistinctStacks<'p> {
     ends: Vec<u32>,
 }
 
-/// The distinct stacks of a profile in sorted order, and each location
-/// list's stack in that order: sorting samples by rank brings those to
-/// merge together without hashing whole stacks.
+/// The distinct stacks of a profile in sorted order, side by side in one
+/// buffer, and each location list's stack in that order: sorting samples
+/// by rank brings those to merge together without hashing whole stacks.
 struct RankedStacks {
-    by_rank: Vec<Arc<[u32]>>,
+    by_rank: Vec<Stack>,
     rank: Vec<u32>,
 }
 
@@ -371,14 +371,28 @@ impl<'p> DistinctStacks<'p> {
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
         let mut rank = vec![0u32; n];
-        let mut by_rank: Vec<Arc<[u32]>> = Vec::with_capacity(n);
+        let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
+        let mut ends: Vec<usize> = Vec::with_capacity(n);
+        let mut last: Option<u32> = None;
         for i in order {
             let stack = self.stack(i);
-            if by_rank.last().is_none_or(|last| **last != *stack) {
-                by_rank.push(Arc::from(stack));
+            if last.is_none_or(|l| self.stack(l) != stack) {
+                sorted.extend_from_slice(stack);
+                ends.push(sorted.len());
+                last = Some(i);
             }
-            rank[i as usize] = by_rank.len() as u32 - 1;
+            rank[i as usize] = ends.len() as u32 - 1;
         }
+        let frames: Arc<[u32]> = sorted.into();
+        let mut start = 0;
+        let by_rank = ends
+            .into_iter()
+            .map(|end| {
+                let stack = Stack::within(&frames, start..end);
+                start = end;
+                stack
+            })
+            .collect();
         RankedStacks { by_rank, rank }
     }
 }
@@ -775,7 +789,7 @@ mod tests {
                     ("main;work;leaf".to_string(), 7 * m, None),
                 ]
             );
-            let frames: Vec<&Arc<[u32]>> = profile.samples.iter().map(|s| &s.stack).collect();
+            let frames: Vec<&[u32]> = profile.samples.iter().map(|s| &*s.stack).collect();
             assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
         }
     }
