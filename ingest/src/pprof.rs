@@ -603,11 +603,7 @@ impl<'a> Wire<'a> {
             to.push(of(self.varint()?));
             return Ok(());
         }
-        let mut packed = Wire::new(self.message(wire)?);
-        while packed.at < packed.data.len() {
-            to.push(of(packed.varint()?));
-        }
-        Ok(())
+        packed(self.message(wire)?, to, of)
     }
 
     /// A repeated varint field that is checked but not kept.
@@ -631,6 +627,34 @@ impl<'a> Wire<'a> {
             _ => Err(wire_error(format!("unsupported wire type {wire}"))),
         }
     }
+}
+
+/// The varints of a packed field, appended to `to`. Location ids and
+/// values are most of a profile's bytes, and most take one or two bytes:
+/// those are read here, longer ones by [`Wire::long_varint`].
+fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
+    // Every varint takes at least a byte: room within what was sent.
+    to.reserve(data.len());
+    let mut at = 0;
+    while let Some(&first) = data.get(at) {
+        if first < 0x80 {
+            to.push(of(u64::from(first)));
+            at += 1;
+            continue;
+        }
+        match data.get(at + 1) {
+            Some(&second) if second < 0x80 => {
+                to.push(of(u64::from(first & 0x7f) | u64::from(second) << 7));
+                at += 2;
+            }
+            _ => {
+                let mut long = Wire { data, at };
+                to.push(of(long.long_varint()?));
+                at = long.at;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -767,6 +791,59 @@ mod tests {
         assert_eq!(flat.location_ids(&flat.samples[0]), &[5, 6]);
         assert_eq!(flat.values(&flat.samples[0]), &[-1]);
         assert_eq!(flat.period_type, Some(ValueType { r#type: 3, unit: 4 }));
+    }
+
+    /// Packed location ids and values of every varint length, and the
+    /// ways a packed run can be malformed, read as prost reads them.
+    #[test]
+    fn packed_varints_of_every_length_read_as_prost_reads_them() {
+        let mut numbers: Vec<u64> = (0..64).map(|bits| 1u64 << bits).collect();
+        numbers.extend((0..64).map(|bits| (1u64 << bits) - 1));
+        numbers.extend([127, 128, 16_383, 16_384, u64::MAX]);
+        let mut run = Vec::new();
+        for n in &numbers {
+            varint(*n, &mut run);
+        }
+        let runs = [
+            run.clone(),
+            // Cut inside a two-byte and inside a ten-byte varint.
+            vec![0x05, 0x80],
+            vec![0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            // Eleven bytes: longer than a varint can be.
+            vec![0xff; 10].into_iter().chain([0x01]).collect(),
+            // Two bytes not in the shortest form still read as their value.
+            vec![0x80, 0x00, 0x81, 0x01],
+        ];
+        for (i, run) in runs.iter().enumerate() {
+            let mut sample = Vec::new();
+            for field in [1u64, 2] {
+                key(field, WIRE_LEN, &mut sample);
+                varint(run.len() as u64, &mut sample);
+                sample.extend_from_slice(run);
+            }
+            let mut profile = Vec::new();
+            key(2, WIRE_LEN, &mut profile);
+            varint(sample.len() as u64, &mut profile);
+            profile.extend_from_slice(&sample);
+            match (
+                FlatProfile::decode(&profile),
+                Profile::decode(profile.as_slice()),
+            ) {
+                (Ok(flat), Ok(p)) => assert_eq!(flat, FlatProfile::of(&p), "run {i}"),
+                (Err(_), Err(_)) => {}
+                (flat, p) => panic!("run {i}: {flat:?} but prost {p:?}"),
+            }
+        }
+        let mut sample = Vec::new();
+        key(1, WIRE_LEN, &mut sample);
+        varint(run.len() as u64, &mut sample);
+        sample.extend_from_slice(&run);
+        let mut profile = Vec::new();
+        key(2, WIRE_LEN, &mut profile);
+        varint(sample.len() as u64, &mut profile);
+        profile.extend_from_slice(&sample);
+        let flat = FlatProfile::decode(&profile).unwrap();
+        assert_eq!(flat.location_ids(&flat.samples[0]), numbers.as_slice());
     }
 
     /// A known field with another wire type than its own is an error, as
