@@ -266,23 +266,26 @@ impl<'a> Symbols<'a> {
     /// building stops at the limit, so a hostile stack costs no more than a
     /// legal one.
     fn append_stack(&self, location_ids: &[u64], out: &mut Vec<u32>) -> Result<(), IngestError> {
-        let mut frames_total = 0usize;
-        for id in location_ids {
-            frames_total += self.frames_of(*id)?.len();
-        }
+        let start = out.len();
         // A stack at the limit is kept whole; a deeper one keeps one frame
         // less than the limit, then the truncation frame.
-        let truncate = frames_total > self.max_depth + 1;
-        let start = out.len();
-        out.reserve(frames_total.min(self.max_depth + 1));
-        for id in location_ids.iter().rev() {
-            for &f in self.frames_of(*id)?.iter().rev() {
-                if truncate && out.len() - start == self.max_depth {
-                    out.push(self.truncated);
-                    return Ok(());
-                }
-                out.push(f);
+        let whole = self.max_depth + 1;
+        for (i, id) in location_ids.iter().enumerate().rev() {
+            let frames = self.frames_of(*id)?;
+            if out.len() - start + frames.len() <= whole {
+                out.extend(frames.iter().rev());
+                continue;
             }
+            out.truncate(start + self.max_depth);
+            let room = start + self.max_depth - out.len();
+            out.extend(frames.iter().rev().take(room));
+            out.push(self.truncated);
+            // The frames past the limit are not kept, but their locations
+            // must exist, as for any stack.
+            for id in &location_ids[..i] {
+                self.frames_of(*id)?;
+            }
+            return Ok(());
         }
         Ok(())
     }
@@ -336,11 +339,14 @@ struct RankedStacks {
 }
 
 impl<'p> DistinctStacks<'p> {
-    /// Sized for every sample having its own stack, as most do.
-    fn with_capacity(samples: usize) -> Self {
+    /// Sized for every sample having its own stack, as most do, of a
+    /// frame per location.
+    fn for_samples_of(p: &FlatProfile) -> Self {
+        let samples = p.samples.len();
+        let locations = p.samples.iter().map(|s| p.location_ids(s).len()).sum();
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
-            frames: Vec::new(),
+            frames: Vec::with_capacity(locations),
             ends: Vec::with_capacity(samples),
         }
     }
@@ -425,7 +431,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     let types = profile_types(p, dest)?;
     // sample label set -> per sample type -> (stack, span) -> value
     let mut series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>> = Default::default();
-    let mut stacks = DistinctStacks::with_capacity(p.samples.len());
+    let mut stacks = DistinctStacks::for_samples_of(p);
     for s in &p.samples {
         let values = p.values(s);
         if values.len() != types.len() {
@@ -945,6 +951,58 @@ mod tests {
             .stack
             .iter()
             .any(|i| out[0].functions.get(*i as usize) == Some(TRUNCATED_FRAME)));
+    }
+
+    /// Locations of seven inlined frames each, so that the limit (1,000
+    /// frames, 999 kept before the truncation frame) falls inside a
+    /// location: each depth around it keeps what the whole stack cut at
+    /// the limit keeps.
+    #[test]
+    fn the_limit_cuts_inside_a_location_of_inlined_frames() {
+        const LINES: usize = 7;
+        for locations in [142, 143, 144, 200] {
+            let mut p = deep_profile(LINES * locations, 0);
+            p.location = (0..locations)
+                .map(|i| pprof::Location {
+                    id: i as u64 + 1,
+                    line: (0..LINES as u64)
+                        .map(|j| pprof::Line {
+                            function_id: (LINES * i) as u64 + j + 1,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect();
+            p.sample[0].location_id = (1..=locations as u64).collect();
+            let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+            let functions = &out[0].functions;
+            let got: Vec<&str> = out[0].samples[0]
+                .stack
+                .iter()
+                .map(|i| functions.get(*i as usize).unwrap())
+                .collect();
+            // Root first: the last location's outermost line is the root.
+            let whole: Vec<String> = (0..LINES * locations)
+                .rev()
+                .map(|f| format!("f{f:06}"))
+                .collect();
+            let want: Vec<&str> = if whole.len() <= 1000 {
+                whole.iter().map(String::as_str).collect()
+            } else {
+                whole[..999]
+                    .iter()
+                    .map(String::as_str)
+                    .chain([TRUNCATED_FRAME])
+                    .collect()
+            };
+            assert_eq!(got, want, "{locations} locations");
+        }
+        // A dangling location past the limit still refuses the profile.
+        let mut p = deep_profile(2_000, 0);
+        p.sample[0].location_id[0] = 9_999;
+        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        assert!(err.to_string().contains("9999"), "{err}");
     }
 
     #[test]
