@@ -140,9 +140,10 @@ impl LocationFrames {
 }
 
 /// Room for the names interning copies: every function's name (or system
-/// name where it has none), but never more than the string table holds,
-/// as functions sharing one long name would otherwise claim it each time.
-fn name_bytes(p: &FlatProfile) -> usize {
+/// name where it has none) up to the symbol limit, but never more than the
+/// string table holds, as functions sharing one long name would otherwise
+/// claim it each time.
+fn name_bytes(p: &FlatProfile, limits: &ProfileLimits) -> usize {
     let len = |i: i64| {
         usize::try_from(i)
             .ok()
@@ -156,6 +157,7 @@ fn name_bytes(p: &FlatProfile) -> usize {
             0 => len(f.system_name),
             n => n,
         })
+        .map(|n| n.min(limits.max_profile_symbol_value_length))
         .fold(0usize, usize::saturating_add);
     let table: usize = p.strings.iter().map(|s| s.len()).sum();
     names.min(table) + TRUNCATED_FRAME.len()
@@ -201,13 +203,14 @@ impl<'a> Symbols<'a> {
     }
 
     fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
+        // Only functions that locations name are interned: a profile can
+        // send millions of empty functions in a few megabytes.
+        let lines: usize = p.locations.iter().map(|l| p.line_functions(l).len()).sum();
+        let names = p.functions.len().min(lines) + 1;
         let mut s = Symbols {
-            names: Functions::with_capacity(p.functions.len() + 1, name_bytes(p)),
+            names: Functions::with_capacity(names, name_bytes(p, limits)),
             // Growing would hash every name again at each doubling.
-            index: foldhash::HashMap::with_capacity_and_hasher(
-                p.functions.len() + 1,
-                Default::default(),
-            ),
+            index: foldhash::HashMap::with_capacity_and_hasher(names, Default::default()),
             locations: LocationFrames::for_ids(
                 p.locations
                     .iter()
@@ -327,7 +330,7 @@ struct DistinctStacks<'p> {
     by_locations: foldhash::HashMap<&'p [u64], u32>,
     frames: Vec<u32>,
     /// Where each stack ends in `frames`.
-    ends: Vec<u32>,
+    ends: Vec<usize>,
 }
 
 /// The distinct stacks of a profile in sorted order, side by side in one
@@ -340,10 +343,15 @@ struct RankedStacks {
 
 impl<'p> DistinctStacks<'p> {
     /// Sized for every sample having its own stack, as most do, of a
-    /// frame per location.
-    fn for_samples_of(p: &FlatProfile) -> Self {
+    /// frame per location up to the depth a stack keeps.
+    fn for_samples_of(p: &FlatProfile, symbols: &Symbols) -> Self {
         let samples = p.samples.len();
-        let locations = p.samples.iter().map(|s| p.location_ids(s).len()).sum();
+        let kept = symbols.max_depth + 1;
+        let locations = p
+            .samples
+            .iter()
+            .map(|s| p.location_ids(s).len().min(kept))
+            .fold(0usize, usize::saturating_add);
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
             frames: Vec::with_capacity(locations),
@@ -357,7 +365,7 @@ impl<'p> DistinctStacks<'p> {
         }
         let i = self.ends.len() as u32;
         symbols.append_stack(locations, &mut self.frames)?;
-        self.ends.push(self.frames.len() as u32);
+        self.ends.push(self.frames.len());
         self.by_locations.insert(locations, i);
         Ok(i)
     }
@@ -367,7 +375,7 @@ impl<'p> DistinctStacks<'p> {
             0 => 0,
             i => self.ends[i as usize - 1],
         };
-        &self.frames[start as usize..self.ends[i as usize] as usize]
+        &self.frames[start..self.ends[i as usize]]
     }
 
     /// Different location lists can make the same stack (inlining, or a
@@ -389,6 +397,8 @@ impl<'p> DistinctStacks<'p> {
             }
             rank[i as usize] = ends.len() as u32 - 1;
         }
+        // At most two copies of the frames at once.
+        drop(self.frames);
         let frames: Arc<[u32]> = sorted.into();
         let mut start = 0;
         let by_rank = ends
@@ -431,7 +441,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     let types = profile_types(p, dest)?;
     // sample label set -> per sample type -> (stack, span) -> value
     let mut series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>> = Default::default();
-    let mut stacks = DistinctStacks::for_samples_of(p);
+    let mut stacks = DistinctStacks::for_samples_of(p, &symbols);
     for s in &p.samples {
         let values = p.values(s);
         if values.len() != types.len() {
@@ -919,8 +929,10 @@ mod tests {
         let profiles = normalise(&FlatProfile::of(&p), &dest()).unwrap();
         let functions = &profiles[0].functions;
         let table: usize = p.string_table.iter().map(Vec::len).sum();
+        // Room for the table's bytes at most, and an end per function.
+        let ends = (p.function.len() + 1) * std::mem::size_of::<usize>();
         assert!(
-            functions.size_bytes() < table + (64 << 10),
+            functions.size_bytes() <= table + TRUNCATED_FRAME.len() + ends,
             "{} bytes held for a string table of {table}",
             functions.size_bytes()
         );
@@ -953,21 +965,24 @@ mod tests {
             .any(|i| out[0].functions.get(*i as usize) == Some(TRUNCATED_FRAME)));
     }
 
-    /// Locations of seven inlined frames each, so that the limit (1,000
+    /// Locations of several inlined frames each, so that the limit (1,000
     /// frames, 999 kept before the truncation frame) falls inside a
-    /// location: each depth around it keeps what the whole stack cut at
-    /// the limit keeps.
+    /// location or just past one: each depth around it keeps what the
+    /// whole stack cut at the limit keeps.
     #[test]
     fn the_limit_cuts_inside_a_location_of_inlined_frames() {
-        const LINES: usize = 7;
-        for locations in [142, 143, 144, 200] {
-            let mut p = deep_profile(LINES * locations, 0);
+        // Seven lines: 994 frames whole, then cuts after 5 of a location's
+        // 7. Eight lines: exactly 1,000 frames whole, then one location
+        // more, which goes past the limit with nothing of it kept.
+        let cases = [(7, 142), (7, 143), (7, 144), (7, 200), (8, 125), (8, 126)];
+        for (lines, locations) in cases {
+            let mut p = deep_profile(lines * locations, 0);
             p.location = (0..locations)
                 .map(|i| pprof::Location {
                     id: i as u64 + 1,
-                    line: (0..LINES as u64)
+                    line: (0..lines as u64)
                         .map(|j| pprof::Line {
-                            function_id: (LINES * i) as u64 + j + 1,
+                            function_id: (lines * i) as u64 + j + 1,
                             ..Default::default()
                         })
                         .collect(),
@@ -983,7 +998,7 @@ mod tests {
                 .map(|i| functions.get(*i as usize).unwrap())
                 .collect();
             // Root first: the last location's outermost line is the root.
-            let whole: Vec<String> = (0..LINES * locations)
+            let whole: Vec<String> = (0..lines * locations)
                 .rev()
                 .map(|f| format!("f{f:06}"))
                 .collect();
@@ -996,7 +1011,7 @@ mod tests {
                     .chain([TRUNCATED_FRAME])
                     .collect()
             };
-            assert_eq!(got, want, "{locations} locations");
+            assert_eq!(got, want, "{locations} locations of {lines} lines");
         }
         // A dangling location past the limit still refuses the profile.
         let mut p = deep_profile(2_000, 0);

@@ -547,6 +547,10 @@ impl<'a> Wire<'a> {
             self.at += 1;
             value |= u64::from(byte & 0x7f) << shift;
             if byte < 0x80 {
+                // A tenth byte holds only the 64th bit, as protobuf reads it.
+                if shift == 63 && byte > 1 {
+                    return Err(wire_error("a varint past 64 bits".into()));
+                }
                 return Ok(value);
             }
         }
@@ -632,9 +636,8 @@ impl<'a> Wire<'a> {
 /// The varints of a packed field, appended to `to`. Location ids and
 /// values are most of a profile's bytes, and most take one or two bytes:
 /// those are read here, longer ones by [`Wire::long_varint`].
+/// `FlatProfile::sized_for` has made the room.
 fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
-    // Every varint takes at least a byte: room within what was sent.
-    to.reserve(data.len());
     let mut at = 0;
     while let Some(&first) = data.get(at) {
         if first < 0x80 {
@@ -811,6 +814,8 @@ mod tests {
             vec![0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
             // Eleven bytes: longer than a varint can be.
             vec![0xff; 10].into_iter().chain([0x01]).collect(),
+            // Ten bytes whose last holds more than the 64th bit.
+            vec![0xff; 9].into_iter().chain([0x02]).collect(),
             // Two bytes not in the shortest form still read as their value.
             vec![0x80, 0x00, 0x81, 0x01],
         ];
