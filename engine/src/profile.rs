@@ -108,15 +108,13 @@ impl Stack {
     /// The stack at `range` of `frames` (an empty stack in a release build
     /// if the range is not within it).
     pub fn within(frames: &Arc<[u32]>, range: std::ops::Range<usize>) -> Self {
-        debug_assert!(frames.get(range.clone()).is_some(), "{range:?}");
-        let (start, end) = match frames.get(range.clone()) {
-            Some(_) => (range.start, range.end),
-            None => (0, 0),
-        };
+        let within = range.start <= range.end && range.end <= frames.len();
+        debug_assert!(within, "{range:?} of {}", frames.len());
+        let range = if within { range } else { 0..0 };
         Stack {
             frames: frames.clone(),
-            start,
-            end,
+            start: range.start,
+            end: range.end,
         }
     }
 }
@@ -137,12 +135,6 @@ impl From<Vec<u32>> for Stack {
             start: 0,
             end,
         }
-    }
-}
-
-impl From<&[u32]> for Stack {
-    fn from(frames: &[u32]) -> Self {
-        Stack::from(frames.to_vec())
     }
 }
 
