@@ -383,7 +383,7 @@ impl<'p> DistinctStacks<'p> {
     fn into_ranked(self) -> RankedStacks {
         let n = self.ends.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
+        order.sort_unstable_by(|a, b| stack_order(self.stack(*a), self.stack(*b)));
         let mut rank = vec![0u32; n];
         let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
         let mut ends: Vec<usize> = Vec::with_capacity(n);
@@ -411,6 +411,20 @@ impl<'p> DistinctStacks<'p> {
             .collect();
         RankedStacks { by_rank, rank }
     }
+}
+
+/// The lexicographic order of two stacks, as `Ord` for slices gives it.
+/// Stacks of one profile share long root-first prefixes, and `Ord`
+/// compares them a frame at a time; equality of eight frames at once is
+/// one wide compare.
+fn stack_order(a: &[u32], b: &[u32]) -> std::cmp::Ordering {
+    let shared = a
+        .chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .take_while(|(x, y)| x == y)
+        .count()
+        * 8;
+    a[shared..].cmp(&b[shared..])
 }
 
 /// The profile type IDs of a profile's sample types, in order.
@@ -474,9 +488,16 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
         labels.sort_by(|a, b| a.0.cmp(b.0));
         labels.dedup_by(|a, b| a.0 == b.0);
         let stack = stacks.index(&symbols, p.location_ids(s))?;
-        let per_type = series
-            .entry(labels)
-            .or_insert_with(|| vec![SeriesSamples::default(); types.len()]);
+        let first = series.is_empty();
+        let per_type = series.entry(labels).or_insert_with(|| {
+            // Most profiles are one series: its rows are sized for every
+            // sample at once instead of doubling. Later label sets, which
+            // split the samples between them, grow as they go.
+            let room = if first { p.samples.len() } else { 0 };
+            (0..types.len())
+                .map(|_| SeriesSamples::with_capacity(room))
+                .collect()
+        });
         for (i, v) in values.iter().enumerate().filter(|(_, v)| **v > 0) {
             per_type[i].push((stack, span, *v));
         }
@@ -1062,5 +1083,33 @@ mod tests {
         );
         assert!(validate_labels(vec![("bad-name".into(), "x".into())]).is_err());
         assert!(validate_labels(vec![("x".into(), "v".repeat(5000))]).is_err());
+    }
+
+    /// Stacks sharing prefixes of every length around the eight frames
+    /// compared at once order as `Ord` orders them.
+    #[test]
+    fn stacks_order_as_slices_do() {
+        let base: Vec<u32> = (0..40).collect();
+        let mut stacks: Vec<Vec<u32>> = Vec::new();
+        for len in [0, 1, 7, 8, 9, 15, 16, 17, 40] {
+            let prefix = base[..len].to_vec();
+            stacks.push(prefix.clone());
+            for tail in [[0], [5], [u32::MAX]] {
+                stacks.push(prefix.iter().copied().chain(tail).collect());
+                stacks.push(
+                    prefix
+                        .iter()
+                        .copied()
+                        .chain(tail)
+                        .chain(base.clone())
+                        .collect(),
+                );
+            }
+        }
+        for a in &stacks {
+            for b in &stacks {
+                assert_eq!(stack_order(a, b), a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
     }
 }
