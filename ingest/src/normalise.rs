@@ -383,7 +383,7 @@ impl<'p> DistinctStacks<'p> {
     fn into_ranked(self) -> RankedStacks {
         let n = self.ends.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|a, b| stack_order(self.stack(*a), self.stack(*b)));
+        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
         let mut rank = vec![0u32; n];
         let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
         let mut ends: Vec<usize> = Vec::with_capacity(n);
@@ -411,20 +411,6 @@ impl<'p> DistinctStacks<'p> {
             .collect();
         RankedStacks { by_rank, rank }
     }
-}
-
-/// The lexicographic order of two stacks, as `Ord` for slices gives it.
-/// Stacks of one profile share long root-first prefixes, and `Ord`
-/// compares them a frame at a time; equality of eight frames at once is
-/// one wide compare.
-fn stack_order(a: &[u32], b: &[u32]) -> std::cmp::Ordering {
-    let shared = a
-        .chunks_exact(8)
-        .zip(b.chunks_exact(8))
-        .take_while(|(x, y)| x == y)
-        .count()
-        * 8;
-    a[shared..].cmp(&b[shared..])
 }
 
 /// The profile type IDs of a profile's sample types, in order.
@@ -1083,33 +1069,5 @@ mod tests {
         );
         assert!(validate_labels(vec![("bad-name".into(), "x".into())]).is_err());
         assert!(validate_labels(vec![("x".into(), "v".repeat(5000))]).is_err());
-    }
-
-    /// Stacks sharing prefixes of every length around the eight frames
-    /// compared at once order as `Ord` orders them.
-    #[test]
-    fn stacks_order_as_slices_do() {
-        let base: Vec<u32> = (0..40).collect();
-        let mut stacks: Vec<Vec<u32>> = Vec::new();
-        for len in [0, 1, 7, 8, 9, 15, 16, 17, 40] {
-            let prefix = base[..len].to_vec();
-            stacks.push(prefix.clone());
-            for tail in [[0], [5], [u32::MAX]] {
-                stacks.push(prefix.iter().copied().chain(tail).collect());
-                stacks.push(
-                    prefix
-                        .iter()
-                        .copied()
-                        .chain(tail)
-                        .chain(base.clone())
-                        .collect(),
-                );
-            }
-        }
-        for a in &stacks {
-            for b in &stacks {
-                assert_eq!(stack_order(a, b), a.cmp(b), "{a:?} vs {b:?}");
-            }
-        }
     }
 }

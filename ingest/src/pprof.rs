@@ -597,7 +597,7 @@ impl<'a> Wire<'a> {
     }
 
     /// A repeated varint field, packed or one value per key.
-    fn repeated<T: Copy + Default>(
+    fn repeated<T>(
         &mut self,
         wire: u8,
         to: &mut Vec<T>,
@@ -635,45 +635,27 @@ impl<'a> Wire<'a> {
 
 /// The varints of a packed field, appended to `to`. Location ids and
 /// values are most of a profile's bytes, and most take one or two bytes:
-/// those are read here, longer ones by [`Wire::long_varint`]. Each varint
-/// ends in its one byte below 0x80, so counting those sizes the run
-/// exactly: the values are written into a slice whose length stays in a
-/// register, where pushing stored and reloaded the `Vec`'s length per
-/// value. `FlatProfile::sized_for` has made the room.
-fn packed<T: Copy + Default>(
-    data: &[u8],
-    to: &mut Vec<T>,
-    of: fn(u64) -> T,
-) -> Result<(), IngestError> {
-    let count = data.iter().filter(|b| **b < 0x80).count();
-    let start = to.len();
-    to.resize(start + count, T::default());
-    let out = &mut to[start..];
-    let (mut at, mut n) = (0, 0);
+/// those are read here, longer ones by [`Wire::long_varint`].
+/// `FlatProfile::sized_for` has made the room.
+fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
+    let mut at = 0;
     while let Some(&first) = data.get(at) {
-        let value = if first < 0x80 {
+        if first < 0x80 {
+            to.push(of(u64::from(first)));
             at += 1;
-            u64::from(first)
-        } else {
-            match data.get(at + 1) {
-                Some(&second) if second < 0x80 => {
-                    at += 2;
-                    u64::from(first & 0x7f) | u64::from(second) << 7
-                }
-                _ => {
-                    let mut long = Wire { data, at };
-                    let value = long.long_varint()?;
-                    at = long.at;
-                    value
-                }
+            continue;
+        }
+        match data.get(at + 1) {
+            Some(&second) if second < 0x80 => {
+                to.push(of(u64::from(first & 0x7f) | u64::from(second) << 7));
+                at += 2;
             }
-        };
-        // A varint read whole has taken one of the bytes counted.
-        let slot = out
-            .get_mut(n)
-            .ok_or_else(|| wire_error("a packed varint is cut short".into()))?;
-        *slot = of(value);
-        n += 1;
+            _ => {
+                let mut long = Wire { data, at };
+                to.push(of(long.long_varint()?));
+                at = long.at;
+            }
+        }
     }
     Ok(())
 }
