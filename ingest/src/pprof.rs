@@ -29,14 +29,17 @@ pub fn maybe_gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec
 /// output beyond `limit` bytes. Reads the first gzip member, as a gzip
 /// reader does, and checks its CRC and length.
 ///
-/// Every push inflates a few pprofs, so this inflates straight from the
-/// slice into an output sized by the gzip trailer, with an inflater kept
-/// per thread: `GzDecoder` copied the input through a zeroed 32 KiB
-/// buffer, allocated and zeroed a fresh inflater per call and grew its
-/// output by doubling, a tenth of the server's CPU under full load.
+/// Every push inflates a few pprofs (a fifth of the server's CPU under
+/// full load), so a member whose trailer gives its size is inflated whole
+/// by libdeflate into an output of that size. Anything else (a trailer
+/// that lies, a member past the limit or corrupt) takes the streaming
+/// path, which says what is wrong.
 pub fn gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec<u8>, IngestError> {
     let error = |reason: String| IngestError::Decompress { what, reason };
     let deflate = gzip_header_len(data).map_err(|e| error(e.into()))?;
+    if let Some(out) = inflate_whole(data, limit) {
+        return Ok(out);
+    }
     let mut out = Vec::with_capacity(initial_capacity(data, limit));
     let consumed = INFLATER.with_borrow_mut(|inflater| {
         inflater.reset(false);
@@ -59,6 +62,26 @@ pub fn gunzip(data: &[u8], limit: usize, what: &'static str) -> Result<Vec<u8>, 
 thread_local! {
     /// Reset before each use: inflating holds no state between calls.
     static INFLATER: std::cell::RefCell<Decompress> = std::cell::RefCell::new(Decompress::new(false));
+    /// libdeflate's decompressor holds no state between calls either.
+    static WHOLE_INFLATER: std::cell::RefCell<libdeflater::Decompressor> =
+        std::cell::RefCell::new(libdeflater::Decompressor::new());
+}
+
+/// A gzip member inflated in one call into the size its trailer gives,
+/// with its CRC and length checked, if it is within the limit and inflates
+/// to exactly that size; `None` otherwise, for the streaming path to
+/// inflate or to refuse with its reason.
+fn inflate_whole(data: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let size = initial_capacity(data, limit);
+    if size > limit {
+        return None;
+    }
+    let mut out = vec![0u8; size];
+    let inflated = WHOLE_INFLATER.with_borrow_mut(|d| d.gzip_decompress(data, &mut out));
+    match inflated {
+        Ok(n) if n == size => Some(out),
+        _ => None,
+    }
 }
 
 /// The output's first allocation: the size the gzip trailer gives (modulo
@@ -1106,5 +1129,36 @@ mod tests {
         assert!(initial_capacity(&forged, usize::MAX) <= forged.len() * 32);
         refused(&forged, 1 << 20, "length");
         assert_eq!(gunzip(&gz, data.len(), "t").unwrap(), data);
+    }
+
+    /// The whole-member path serves a member within the limit whose
+    /// trailer tells its size; every other member takes the streaming path
+    /// and reads (or is refused) as before.
+    #[test]
+    fn members_inflate_whole_only_when_the_trailer_and_limit_allow() {
+        let (_, fixture) = ember_engine::testing::pprof_fixtures()
+            .into_iter()
+            .find(|(name, _)| name == "go-heap.pb.gz")
+            .unwrap();
+        let plain = reference_gunzip(&fixture);
+        let whole = inflate_whole(&fixture, plain.len()).expect("whole member");
+        assert_eq!(whole, plain);
+        assert_eq!(gunzip(&fixture, plain.len(), "t").unwrap(), plain);
+        // One byte over the limit: not whole, and refused by the stream.
+        assert!(inflate_whole(&fixture, plain.len() - 1).is_none());
+        assert!(gunzip(&fixture, plain.len() - 1, "t").is_err());
+        // A trailer that claims less than the member holds.
+        let mut short = fixture.clone();
+        let at = short.len() - 4;
+        short[at..].copy_from_slice(&(plain.len() as u32 - 1).to_le_bytes());
+        assert!(inflate_whole(&short, 1 << 30).is_none());
+        let err = gunzip(&short, 1 << 30, "t").unwrap_err();
+        assert!(err.to_string().contains("length"), "{err}");
+        // Inflating past 32x its size: streamed, not refused.
+        let zeros = vec![0u8; 4 << 20];
+        let gz = gzip_with(flate2::GzBuilder::new(), &zeros);
+        assert!(gz.len() * 32 < zeros.len());
+        assert!(inflate_whole(&gz, 8 << 20).is_none());
+        assert_eq!(gunzip(&gz, 8 << 20, "t").unwrap(), zeros);
     }
 }
