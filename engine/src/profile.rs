@@ -117,15 +117,6 @@ impl Stack {
             end: range.end,
         }
     }
-
-    /// Where the stack sits: its buffer's address and its range there.
-    /// The profiles made from one pprof share its stacks, so two stacks at
-    /// one place while both are alive are one stack, known without
-    /// comparing frames.
-    pub fn place(&self) -> (usize, usize, usize) {
-        let buffer = Arc::as_ptr(&self.frames) as *const u32 as usize;
-        (buffer, self.start, self.end)
-    }
 }
 
 impl std::ops::Deref for Stack {

@@ -13,7 +13,7 @@ use ulid::Ulid;
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 use super::schema::Section;
 use super::BlockError;
-use crate::profile::{labels_to_string, Functions, Profile, Stack};
+use crate::profile::{labels_to_string, Functions, Profile};
 use crate::stack;
 
 /// A block ready to upload: its bytes and the metadata to index.
@@ -244,7 +244,7 @@ fn samples_batch<'a>(
         let mut rows: Vec<(u64, i64, Option<u64>)> = p
             .samples
             .iter()
-            .map(|s| (stacks.leaf(&p.functions, &s.stack), s.value, s.span_id))
+            .map(|s| (stacks.insert(&p.functions, &s.stack), s.value, s.span_id))
             .collect();
         rows.sort_unstable();
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
@@ -353,7 +353,6 @@ impl StackNodes {
             bytes: &mut self.bytes,
             write: self.writes,
             tables: Default::default(),
-            leaves: Default::default(),
             written: Vec::new(),
         }
     }
@@ -423,26 +422,11 @@ struct StackTree<'c> {
     write: u32,
     /// Per function table, by its address (the profiles outlive the tree).
     tables: foldhash::HashMap<usize, TableMemo>,
-    /// Leaf id by function table and [`Stack::place`]: a pprof's sample
-    /// types (and label sets) are profiles of their own that share its
-    /// stacks, and this write inserts each of them once.
-    leaves: foldhash::HashMap<(usize, (usize, usize, usize)), u64>,
     /// (id, parent id, name number) of each node this write holds.
     written: Vec<(u64, u64, u32)>,
 }
 
 impl StackTree<'_> {
-    /// The leaf id of a stack, its nodes added.
-    fn leaf(&mut self, functions: &Arc<Functions>, stack: &Stack) -> u64 {
-        let place = (Arc::as_ptr(functions) as usize, stack.place());
-        if let Some(&id) = self.leaves.get(&place) {
-            return id;
-        }
-        let id = self.insert(functions, stack);
-        self.leaves.insert(place, id);
-        id
-    }
-
     /// Adds every node of a root-first stack and returns the leaf's id.
     fn insert(&mut self, functions: &Arc<Functions>, stack: &[u32]) -> u64 {
         let table = Arc::as_ptr(functions) as usize;
@@ -593,27 +577,6 @@ mod tests {
         let shared: Arc<Functions> = Arc::new(["main", "a", "b", "c", "d"].into_iter().collect());
         // The same indices mean other names in another table.
         let other: Arc<Functions> = Arc::new(["main", "d", "c", "b", "a"].into_iter().collect());
-        // As normalise makes them: the stacks of a list side by side in
-        // one buffer, which every profile given that list shares.
-        let buffers: std::cell::RefCell<Vec<(usize, Vec<Stack>)>> = Default::default();
-        let shared_stacks = |stacks: &[&[u32]]| -> Vec<Stack> {
-            let key = stacks.as_ptr() as usize;
-            let mut buffers = buffers.borrow_mut();
-            if let Some((_, s)) = buffers.iter().find(|(k, _)| *k == key) {
-                return s.clone();
-            }
-            let frames: Arc<[u32]> = stacks.concat().into();
-            let mut start = 0;
-            let s: Vec<Stack> = stacks
-                .iter()
-                .map(|st| {
-                    start += st.len();
-                    Stack::within(&frames, start - st.len()..start)
-                })
-                .collect();
-            buffers.push((key, s.clone()));
-            s
-        };
         let profile = |ty: &str, functions: &Arc<Functions>, stacks: &[&[u32]]| Profile {
             tenant: "t".into(),
             labels: vec![("service_name".into(), "api".into())],
@@ -622,10 +585,10 @@ mod tests {
             duration_nanos: 0,
             period: 0,
             functions: functions.clone(),
-            samples: shared_stacks(stacks)
-                .into_iter()
-                .map(|stack| crate::profile::Sample {
-                    stack,
+            samples: stacks
+                .iter()
+                .map(|st| crate::profile::Sample {
+                    stack: st.to_vec().into(),
                     value: 1,
                     span_id: None,
                 })
@@ -640,18 +603,11 @@ mod tests {
             &[0, 2],
         ];
         let unsorted: &[&[u32]] = &[&[0, 4, 1], &[0, 1, 2], &[0, 4], &[0, 1, 2, 3]];
-        // "a" and "d" share the stacks and the names of one pprof; "c"
-        // has the same stacks (one buffer) over another function table.
         let profiles = vec![
             profile("a:a:a:a:a", &shared, stacks),
             profile("b:b:b:b:b", &shared, unsorted),
             profile("c:c:c:c:c", &other, stacks),
-            profile("d:d:d:d:d", &shared, stacks),
         ];
-        assert_eq!(
-            profiles[0].samples[0].stack.place(),
-            profiles[2].samples[0].stack.place()
-        );
         let mut want = std::collections::BTreeMap::new();
         for p in &profiles {
             for s in &p.samples {
