@@ -12,7 +12,7 @@ use ember_engine::profile::{
 };
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
-use crate::pprof::{FlatFunction, FlatProfile};
+use crate::pprof::{FlatFunction, FlatLabel, FlatProfile};
 use crate::IngestError;
 
 /// Labels on pprof samples that identify a trace span, kept per sample
@@ -439,8 +439,13 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     limits.check_samples(p.samples.len())?;
     let symbols = Symbols::build(p, limits)?;
     let types = profile_types(p, dest)?;
-    // sample label set -> per sample type -> (stack, span) -> value
-    let mut series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>> = Default::default();
+    // sample label set -> its samples per sample type, in `per_series`
+    let mut series: foldhash::HashMap<RawLabels, usize> = Default::default();
+    let mut per_series: Vec<Vec<SeriesSamples>> = Vec::new();
+    // The labels of the sample before and where they led: profilers write
+    // a label set's samples together, so most samples repeat the labels of
+    // the one before and skip sorting and hashing them.
+    let mut last: Option<(&[FlatLabel], usize, Option<u64>)> = None;
     let mut stacks = DistinctStacks::for_samples_of(p, &symbols);
     for s in &p.samples {
         let values = p.values(s);
@@ -458,36 +463,37 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
             continue;
         }
         let sample_labels = p.labels(s);
-        limits.check_sample_labels(sample_labels.len())?;
-        let mut labels = RawLabels::new();
-        let mut span = None;
-        for l in sample_labels.iter().filter(|l| l.str != 0) {
-            let key = p.string(l.key, "label.key")?;
-            let value = p.string(l.str, "label.str")?;
-            if SPAN_LABELS.iter().any(|s| s.as_bytes() == key) {
-                span = span_id(value);
-            } else {
-                labels.push((key, value));
+        let (at, span) = match last {
+            Some((labels, at, span)) if labels == sample_labels => (at, span),
+            _ => {
+                let (labels, span) = raw_labels(p, sample_labels, limits)?;
+                let next = per_series.len();
+                let at = *series.entry(labels).or_insert(next);
+                if at == next {
+                    // Most profiles are one series: its rows are sized for
+                    // every sample at once instead of doubling. Later label
+                    // sets, which split the samples between them, grow as
+                    // they go.
+                    let room = if next == 0 { p.samples.len() } else { 0 };
+                    per_series.push(
+                        (0..types.len())
+                            .map(|_| SeriesSamples::with_capacity(room))
+                            .collect(),
+                    );
+                }
+                last = Some((sample_labels, at, span));
+                (at, span)
             }
-        }
-        labels.reverse();
-        labels.sort_by(|a, b| a.0.cmp(b.0));
-        labels.dedup_by(|a, b| a.0 == b.0);
+        };
         let stack = stacks.index(&symbols, p.location_ids(s))?;
-        let first = series.is_empty();
-        let per_type = series.entry(labels).or_insert_with(|| {
-            // Most profiles are one series: its rows are sized for every
-            // sample at once instead of doubling. Later label sets, which
-            // split the samples between them, grow as they go.
-            let room = if first { p.samples.len() } else { 0 };
-            (0..types.len())
-                .map(|_| SeriesSamples::with_capacity(room))
-                .collect()
-        });
+        let per_type = &mut per_series[at];
         for (i, v) in values.iter().enumerate().filter(|(_, v)| **v > 0) {
             per_type[i].push((stack, span, *v));
         }
     }
+    let series = series
+        .into_iter()
+        .map(|(labels, at)| (labels, std::mem::take(&mut per_series[at])));
     let time_nanos = if p.time_nanos > 0 {
         p.time_nanos
     } else {
@@ -542,14 +548,39 @@ fn summed_by_stack(mut rows: SeriesSamples, stacks: &RankedStacks) -> Vec<Sample
     samples
 }
 
+/// A sample's labels as the profile's bytes (span labels apart), sorted
+/// by name with the last of a repeated name kept, and its span.
+fn raw_labels<'a>(
+    p: &FlatProfile<'a>,
+    sample_labels: &[FlatLabel],
+    limits: &ProfileLimits,
+) -> Result<(RawLabels<'a>, Option<u64>), IngestError> {
+    limits.check_sample_labels(sample_labels.len())?;
+    let mut labels = RawLabels::new();
+    let mut span = None;
+    for l in sample_labels.iter().filter(|l| l.str != 0) {
+        let key = p.string(l.key, "label.key")?;
+        let value = p.string(l.str, "label.str")?;
+        if SPAN_LABELS.iter().any(|s| s.as_bytes() == key) {
+            span = span_id(value);
+        } else {
+            labels.push((key, value));
+        }
+    }
+    labels.reverse();
+    labels.sort_by(|a, b| a.0.cmp(b.0));
+    labels.dedup_by(|a, b| a.0 == b.0);
+    Ok((labels, span))
+}
+
 /// The samples of each series by its full labels. Label sets whose bytes
 /// differ can be one series once repaired as text or joined with the
 /// request's labels; their samples are summed.
-fn by_series_labels(
-    series: foldhash::HashMap<RawLabels, Vec<SeriesSamples>>,
+fn by_series_labels<'a>(
+    series: impl Iterator<Item = (RawLabels<'a>, Vec<SeriesSamples>)>,
     request: &Labels,
 ) -> Result<HashMap<Labels, Vec<SeriesSamples>>, IngestError> {
-    let mut out: HashMap<Labels, Vec<SeriesSamples>> = HashMap::with_capacity(series.len());
+    let mut out: HashMap<Labels, Vec<SeriesSamples>> = HashMap::new();
     for (raw, per_type) in series {
         let sample = raw
             .into_iter()
