@@ -802,6 +802,42 @@ mod tests {
             .all(|p| p.time_nanos == 42 && p.service_name() == "api"));
     }
 
+    /// A label set's samples land in one series whether they come together
+    /// or apart, and a neighbour that differs only by its span keeps it.
+    #[test]
+    fn label_sets_are_one_series_whether_their_samples_are_together_or_apart() {
+        let mut p = sample_profile();
+        let mut again = p.sample[0].clone();
+        again.value = vec![5, 50];
+        let mut with_span = again.clone();
+        with_span.value = vec![6, 60];
+        with_span.label.push(pprof::Label {
+            key: 11,
+            str: 12,
+            ..Default::default()
+        });
+        // a, a, b + span, unlabelled, a, a + span
+        p.sample.extend([again, with_span]);
+        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let handler_a: Vec<&Profile> = out
+            .iter()
+            .filter(|p| ember_engine::profile::label_value(&p.labels, "handler") == Some("a"))
+            .collect();
+        assert_eq!(handler_a.len(), 2, "one series, two types: {out:#?}");
+        let samples = handler_a
+            .iter()
+            .find(|p| p.profile_type.starts_with("process_cpu:samples"))
+            .unwrap();
+        assert_eq!(
+            stacks(samples),
+            vec![
+                ("main;work;leaf".to_string(), 1 + 2 + 5, None),
+                ("main;work;leaf".to_string(), 6, Some(0xff)),
+            ]
+        );
+        assert_eq!(out.len(), 5);
+    }
+
     /// Two locations of one function (two call sites' addresses) make one
     /// stack, summed; every type's samples come sorted by stack.
     #[test]
