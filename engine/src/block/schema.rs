@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Section {
@@ -52,11 +53,48 @@ impl Section {
             (_, 0) | (Section::Stacks | Section::Totals, _) => Compression::LZ4_RAW,
             (Section::Profiles | Section::Samples, _) => Compression::ZSTD(ZstdLevel::default()),
         };
-        WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(compression)
             .set_statistics_enabled(EnabledStatistics::Page)
-            .set_max_row_group_row_count(Some(row_group_rows(level)))
-            .build()
+            .set_max_row_group_row_count(Some(row_group_rows(level)));
+        if level == 0 {
+            for column in self.plain_at_level_0() {
+                props = props.set_column_dictionary_enabled(ColumnPath::from(*column), false);
+            }
+            for column in self.unsummarised_at_level_0() {
+                props = props.set_column_statistics_enabled(
+                    ColumnPath::from(*column),
+                    EnabledStatistics::None,
+                );
+            }
+        }
+        props.build()
+    }
+
+    /// Columns a level-0 block stores without a dictionary. A dictionary
+    /// hashes every value as it is written, which is a tenth of a write's
+    /// Parquet time for these; it pays in compacted blocks, which are kept,
+    /// but a level-0 block lives about a minute, is read once by compaction,
+    /// and LZ4 still folds the runs of a series' time and values.
+    fn plain_at_level_0(self) -> &'static [&'static str] {
+        match self {
+            Section::Samples => &["time", "stack_id", "value", "span_id"],
+            Section::Stacks => &["stack_id", "parent_id"],
+            Section::Totals => &["stack_id", "value"],
+            Section::Profiles => &[],
+        }
+    }
+
+    /// Columns whose min and max a level-0 block does not store: every
+    /// value is compared as it is written, and no read of a level-0 block
+    /// prunes by them (its dataset is its one service, and stack ids and
+    /// values are not filtered on). `profile_type` and `time`, which
+    /// queries filter on, keep theirs.
+    fn unsummarised_at_level_0(self) -> &'static [&'static str] {
+        match self {
+            Section::Samples => &["service_name", "labels", "stack_id", "value", "span_id"],
+            Section::Stacks | Section::Totals | Section::Profiles => &[],
+        }
     }
 
     /// The section's schema with the string column `column` read as a

@@ -553,6 +553,60 @@ mod tests {
         }
     }
 
+    /// Level 0 skips the dictionaries and statistics nothing uses in a
+    /// block that lives a minute; what queries prune by keeps its own.
+    #[test]
+    fn level_0_samples_keep_statistics_only_where_queries_prune() {
+        let profile = Profile {
+            tenant: "t".into(),
+            labels: vec![("service_name".into(), "api".into())],
+            profile_type: "cpu:cpu:nanoseconds:cpu:nanoseconds".into(),
+            time_nanos: 7,
+            duration_nanos: 0,
+            period: 0,
+            functions: Arc::new(["main", "a"].into_iter().collect()),
+            samples: [vec![0], vec![0, 1]]
+                .into_iter()
+                .map(|stack| crate::profile::Sample {
+                    stack: stack.into(),
+                    value: 3,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let block = write_block(&[profile], 0, &mut StackNodes::default()).unwrap();
+        let meta = block.meta.datasets[0].section(Section::Samples).unwrap();
+        let bytes = block
+            .bytes
+            .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
+        let footer = ParquetMetaDataReader::new()
+            .parse_and_finish(&bytes)
+            .unwrap();
+        let group = &footer.row_groups()[0];
+        let column = |name: &str| {
+            group
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap_or_else(|| panic!("no column {name}"))
+        };
+        for name in ["time", "stack_id", "value", "span_id"] {
+            assert!(column(name).dictionary_page_offset().is_none(), "{name}");
+        }
+        for name in ["service_name", "profile_type", "labels"] {
+            assert!(column(name).dictionary_page_offset().is_some(), "{name}");
+        }
+        for name in ["service_name", "labels", "stack_id", "value", "span_id"] {
+            assert!(column(name).statistics().is_none(), "{name}");
+        }
+        let profile_type = column("profile_type").statistics().expect("profile_type");
+        assert_eq!(
+            profile_type.min_bytes_opt(),
+            Some(&b"cpu:cpu:nanoseconds:cpu:nanoseconds"[..])
+        );
+        assert!(column("time").statistics().is_some());
+    }
+
     fn section_batches(block: &EncodedBlock, section: Section) -> Vec<RecordBatch> {
         dataset_batches(block, 0, section)
     }
