@@ -100,22 +100,39 @@ impl<S: AsRef<str>> FromIterator<S> for Functions {
 #[derive(Clone)]
 pub struct Stack {
     frames: Arc<[u32]>,
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
+    /// Its place among the distinct stacks of `frames`, or [`UNRANKED`].
+    rank: u32,
 }
 
+const UNRANKED: u32 = u32::MAX;
+
 impl Stack {
-    /// The stack at `range` of `frames` (an empty stack in a release build
-    /// if the range is not within it).
-    pub fn within(frames: &Arc<[u32]>, range: std::ops::Range<usize>) -> Self {
+    /// The stack at `range` of `frames`, the `rank`-th distinct stack in
+    /// it (an empty, unranked stack in a release build if the range is not
+    /// within it). Profiles made from one pprof share `frames` and ranks,
+    /// so the block writer computes a stack's node ids once for all of
+    /// them.
+    pub fn ranked(frames: &Arc<[u32]>, range: std::ops::Range<usize>, rank: u32) -> Self {
+        let bounds = (u32::try_from(range.start), u32::try_from(range.end));
         let within = range.start <= range.end && range.end <= frames.len();
         debug_assert!(within, "{range:?} of {}", frames.len());
-        let range = if within { range } else { 0..0 };
+        let (start, end, rank) = match bounds {
+            (Ok(start), Ok(end)) if within => (start, end, rank),
+            _ => (0, 0, UNRANKED),
+        };
         Stack {
             frames: frames.clone(),
-            start: range.start,
-            end: range.end,
+            start,
+            end,
+            rank,
         }
+    }
+
+    /// The buffer this stack is in and its rank there, if it has one.
+    pub fn rank(&self) -> Option<(*const u32, u32)> {
+        (self.rank != UNRANKED).then(|| (self.frames.as_ptr(), self.rank))
     }
 }
 
@@ -123,17 +140,19 @@ impl std::ops::Deref for Stack {
     type Target = [u32];
 
     fn deref(&self) -> &[u32] {
-        &self.frames[self.start..self.end]
+        &self.frames[self.start as usize..self.end as usize]
     }
 }
 
 impl From<Vec<u32>> for Stack {
     fn from(frames: Vec<u32>) -> Self {
-        let end = frames.len();
+        let frames: Arc<[u32]> = frames.into();
+        let end = u32::try_from(frames.len()).unwrap_or(0);
         Stack {
-            frames: frames.into(),
+            frames,
             start: 0,
             end,
+            rank: UNRANKED,
         }
     }
 }
@@ -253,14 +272,16 @@ mod tests {
     #[test]
     fn stacks_in_a_shared_buffer_compare_by_their_frames() {
         let frames: Arc<[u32]> = vec![1, 2, 3, 1, 2, 1, 2, 3].into();
-        let a = Stack::within(&frames, 0..3);
-        let b = Stack::within(&frames, 3..5);
-        let c = Stack::within(&frames, 5..8);
+        let a = Stack::ranked(&frames, 0..3, 1);
+        let b = Stack::ranked(&frames, 3..5, 0);
+        let c = Stack::ranked(&frames, 5..8, 1);
         assert_eq!(&*a, &[1, 2, 3]);
         assert_eq!(a, c);
         assert_eq!(a, Stack::from(vec![1, 2, 3]));
         assert!(b < a, "a prefix sorts first");
         assert_eq!(format!("{b:?}"), "[1, 2]");
+        assert_eq!(a.rank(), Some((frames.as_ptr(), 1)));
+        assert_eq!(Stack::from(vec![1, 2, 3]).rank(), None);
     }
 
     #[test]

@@ -403,8 +403,9 @@ impl<'p> DistinctStacks<'p> {
         let mut start = 0;
         let by_rank = ends
             .into_iter()
-            .map(|end| {
-                let stack = Stack::within(&frames, start..end);
+            .enumerate()
+            .map(|(rank, end)| {
+                let stack = Stack::ranked(&frames, start..end, rank as u32);
                 start = end;
                 stack
             })

@@ -13,7 +13,7 @@ use ulid::Ulid;
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 use super::schema::Section;
 use super::BlockError;
-use crate::profile::{labels_to_string, Functions, Profile};
+use crate::profile::{labels_to_string, Functions, Profile, Stack};
 use crate::stack;
 
 /// A block ready to upload: its bytes and the metadata to index.
@@ -241,11 +241,7 @@ fn samples_batch<'a>(
         profile: p,
     } in dataset
     {
-        let mut rows: Vec<(u64, i64, Option<u64>)> = p
-            .samples
-            .iter()
-            .map(|s| (stacks.insert(&p.functions, &s.stack), s.value, s.span_id))
-            .collect();
+        let mut rows = stacks.rows(p);
         rows.sort_unstable();
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
         for &(id, v, _) in &rows {
@@ -349,11 +345,13 @@ impl StackNodes {
         };
         let key = (tenant.to_string(), service.to_string());
         StackTree {
-            dataset: self.datasets.entry(key).or_default(),
-            bytes: &mut self.bytes,
-            write: self.writes,
+            nodes: WriteNodes {
+                dataset: self.datasets.entry(key).or_default(),
+                bytes: &mut self.bytes,
+                write: self.writes,
+                written: Vec::new(),
+            },
             tables: Default::default(),
-            written: Vec::new(),
         }
     }
 
@@ -413,78 +411,132 @@ struct TableMemo {
     /// looked up yet.
     numbers: Vec<u32>,
     last: LastStack,
+    /// The frames buffer whose ranked stacks `leaves` is for.
+    ranked_in: usize,
+    /// A stack's rank -> its leaf id, or 0 if not walked yet. A pprof of
+    /// several sample types makes a profile of each, with the same stacks:
+    /// the first walks them, the others read their ids here.
+    leaves: Vec<u64>,
 }
 
 /// The nodes of every stack of one dataset write.
 struct StackTree<'c> {
+    nodes: WriteNodes<'c>,
+    /// Per function table, by its address (the profiles outlive the tree).
+    tables: foldhash::HashMap<usize, TableMemo>,
+}
+
+/// The dataset's cached nodes, and those this write holds.
+struct WriteNodes<'c> {
     dataset: &'c mut DatasetNodes,
     bytes: &'c mut usize,
     write: u32,
-    /// Per function table, by its address (the profiles outlive the tree).
-    tables: foldhash::HashMap<usize, TableMemo>,
     /// (id, parent id, name number) of each node this write holds.
     written: Vec<(u64, u64, u32)>,
 }
 
 impl StackTree<'_> {
-    /// Adds every node of a root-first stack and returns the leaf's id.
-    fn insert(&mut self, functions: &Arc<Functions>, stack: &[u32]) -> u64 {
-        let table = Arc::as_ptr(functions) as usize;
+    /// Each sample of `p` as (leaf id, value, span), adding the nodes of
+    /// every stack.
+    fn rows(&mut self, p: &Profile) -> Vec<(u64, i64, Option<u64>)> {
+        let table = Arc::as_ptr(&p.functions) as usize;
         let memo = self.tables.entry(table).or_default();
-        if memo.numbers.len() < functions.len() {
-            memo.numbers.resize(functions.len(), u32::MAX);
+        if memo.numbers.len() < p.functions.len() {
+            memo.numbers.resize(p.functions.len(), u32::MAX);
         }
-        let shared = memo
+        p.samples
+            .iter()
+            .map(|s| {
+                let id = memo.leaf_id(&mut self.nodes, &p.functions, &s.stack);
+                (id, s.value, s.span_id)
+            })
+            .collect()
+    }
+}
+
+impl TableMemo {
+    fn leaf_id(&mut self, nodes: &mut WriteNodes, functions: &Functions, stack: &Stack) -> u64 {
+        let Some((buffer, rank)) = stack.rank() else {
+            return self.walk(nodes, functions, stack);
+        };
+        if self.ranked_in != buffer as usize {
+            self.ranked_in = buffer as usize;
+            self.leaves.clear();
+        }
+        let rank = rank as usize;
+        if let Some(&id) = self.leaves.get(rank).filter(|id| **id != 0) {
+            return id;
+        }
+        let id = self.walk(nodes, functions, stack);
+        if self.leaves.len() <= rank {
+            self.leaves.resize(rank + 1, 0);
+        }
+        self.leaves[rank] = id;
+        id
+    }
+
+    /// Adds every node of a root-first stack and returns the leaf's id.
+    fn walk(&mut self, nodes: &mut WriteNodes, functions: &Functions, stack: &[u32]) -> u64 {
+        let shared = self
             .last
             .frames
             .iter()
             .zip(stack)
             .take_while(|(a, b)| a == b)
             .count();
-        memo.last.frames.truncate(shared);
-        memo.last.ids.truncate(shared);
-        let mut parent = memo.last.ids.last().copied().unwrap_or(stack::ROOT);
+        self.last.frames.truncate(shared);
+        self.last.ids.truncate(shared);
+        let mut parent = self.last.ids.last().copied().unwrap_or(stack::ROOT);
         for &f in &stack[shared..] {
-            let name = match memo.numbers.get(f as usize) {
+            let name = match self.numbers.get(f as usize) {
                 Some(&n) if n != u32::MAX => n,
                 known => {
                     let text = functions.get(f as usize).unwrap_or("");
-                    let n = self.dataset.number(text, self.bytes);
+                    let n = nodes.dataset.number(text, nodes.bytes);
                     if known.is_some() {
-                        memo.numbers[f as usize] = n;
+                        self.numbers[f as usize] = n;
                     }
                     n
                 }
             };
-            let id = match self.dataset.nodes.entry((parent, name)) {
-                std::collections::hash_map::Entry::Occupied(e) => {
-                    let node = e.into_mut();
-                    if node.written != self.write {
-                        node.written = self.write;
-                        self.written.push((node.id, parent, name));
-                    }
-                    node.id
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let id = stack::node_id(parent, &self.dataset.names[name as usize]);
-                    e.insert(CachedNode {
-                        id,
-                        written: self.write,
-                    });
-                    *self.bytes += 40;
-                    self.written.push((id, parent, name));
-                    id
-                }
-            };
-            memo.last.frames.push(f);
-            memo.last.ids.push(id);
+            let id = nodes.child(parent, name);
+            self.last.frames.push(f);
+            self.last.ids.push(id);
             parent = id;
         }
         parent
     }
+}
 
+impl WriteNodes<'_> {
+    /// The id of the node `name` under `parent`, which this write now holds.
+    fn child(&mut self, parent: u64, name: u32) -> u64 {
+        match self.dataset.nodes.entry((parent, name)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let node = e.into_mut();
+                if node.written != self.write {
+                    node.written = self.write;
+                    self.written.push((node.id, parent, name));
+                }
+                node.id
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let id = stack::node_id(parent, &self.dataset.names[name as usize]);
+                e.insert(CachedNode {
+                    id,
+                    written: self.write,
+                });
+                *self.bytes += 40;
+                self.written.push((id, parent, name));
+                id
+            }
+        }
+    }
+}
+
+impl StackTree<'_> {
     fn into_batch(self) -> Result<RecordBatch, BlockError> {
-        let mut nodes = self.written;
+        let mut nodes = self.nodes.written;
         nodes.sort_unstable_by_key(|n| n.0);
         // Two paths whose ids collide are one node, as the readers see it.
         nodes.dedup_by_key(|n| n.0);
@@ -494,7 +546,7 @@ impl StackTree<'_> {
         for (i, p, n) in nodes {
             id.append_value(i);
             parent.append_value(p);
-            name.append_value(&self.dataset.names[n as usize]);
+            name.append_value(&self.nodes.dataset.names[n as usize]);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(id.finish()),
@@ -708,6 +760,82 @@ mod tests {
             }
         }
         assert_eq!(leaves, want_leaves);
+    }
+
+    /// Profiles of one pprof share its ranked stacks, and a stack walked
+    /// for one is not walked for the next: the block must be what the same
+    /// stacks unranked make, whichever profile walks a stack first, and a
+    /// second buffer under the same function table (its ranks mean other
+    /// stacks) must not read the first one's ids.
+    #[test]
+    fn ranked_stacks_make_the_block_their_frames_make() {
+        let functions: Arc<Functions> = Arc::new(["main", "a", "b", "c"].into_iter().collect());
+        let buffer = |stacks: &[&[u32]]| {
+            let frames: Arc<[u32]> = stacks.concat().into();
+            let mut start = 0;
+            stacks
+                .iter()
+                .enumerate()
+                .map(|(rank, st)| {
+                    let stack = Stack::ranked(&frames, start..start + st.len(), rank as u32);
+                    start += st.len();
+                    stack
+                })
+                .collect::<Vec<_>>()
+        };
+        let first = buffer(&[&[0, 1], &[0, 1, 2], &[0, 3]]);
+        let second = buffer(&[&[0, 3, 1], &[0, 2]]);
+        let profile = |ty: &str, pod: &str, stacks: Vec<Stack>| Profile {
+            tenant: "t".into(),
+            labels: vec![
+                ("pod".into(), pod.into()),
+                ("service_name".into(), "api".into()),
+            ],
+            profile_type: ty.into(),
+            time_nanos: 1,
+            duration_nanos: 0,
+            period: 0,
+            functions: functions.clone(),
+            samples: stacks
+                .into_iter()
+                .enumerate()
+                .map(|(i, stack)| crate::profile::Sample {
+                    stack,
+                    value: i as i64 + 1,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let ranked = vec![
+            profile("a:a:a:a:a", "p1", vec![first[2].clone(), first[0].clone()]),
+            profile("b:b:b:b:b", "p1", first.clone()),
+            profile("b:b:b:b:b", "p2", second.clone()),
+            profile("c:c:c:c:c", "p1", vec![first[1].clone(), first[2].clone()]),
+        ];
+        let unranked: Vec<Profile> = ranked
+            .iter()
+            .map(|p| Profile {
+                samples: p
+                    .samples
+                    .iter()
+                    .map(|s| crate::profile::Sample {
+                        stack: s.stack.to_vec().into(),
+                        ..s.clone()
+                    })
+                    .collect(),
+                ..p.clone()
+            })
+            .collect();
+        assert!(unranked[1].samples[0].stack.rank().is_none());
+        let want = dataset_rows(
+            &write_block(&unranked, 0, &mut StackNodes::default()).unwrap(),
+            0,
+        );
+        let mut nodes = StackNodes::default();
+        for write in ["cold", "warm"] {
+            let got = dataset_rows(&write_block(&ranked, 0, &mut nodes).unwrap(), 0);
+            assert_eq!(got, want, "{write}");
+        }
     }
 
     /// A dataset's stack nodes as (id, parent, name), and its samples as
