@@ -142,7 +142,7 @@ fn time_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
 }
 
-/// One row per (profile, stack), sorted by profile type, series, time and stack.
+/// One row per (profile, stack), sorted by profile type, series and time.
 pub fn samples_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
     S.get_or_init(|| {

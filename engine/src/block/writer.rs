@@ -241,14 +241,12 @@ fn samples_batch<'a>(
         profile: p,
     } in dataset
     {
-        let mut rows = stacks.rows(p);
-        rows.sort_unstable();
+        // A profile's rows stay in the order of its stacks' frames: no
+        // reader needs them by stack id, which was a sort per profile.
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
-        for &(id, v, _) in &rows {
+        for (id, v, span) in stacks.rows(p) {
             let total = type_totals.entry(id).or_default();
             *total = total.saturating_add(v);
-        }
-        for (id, v, span) in rows {
             time.append_value(p.time_nanos);
             service_name.append_value(service);
             profile_type.append_value(&p.profile_type);
