@@ -447,6 +447,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     // a label set's samples together, so most samples repeat the labels of
     // the one before and skip sorting and hashing them.
     let mut last: Option<(&[FlatLabel], usize, Option<u64>)> = None;
+    let mut raw = RawLabels::new();
     let mut stacks = DistinctStacks::for_samples_of(p, &symbols);
     for s in &p.samples {
         let values = p.values(s);
@@ -467,9 +468,15 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
         let (at, span) = match last {
             Some((labels, at, span)) if labels == sample_labels => (at, span),
             _ => {
-                let (labels, span) = raw_labels(p, sample_labels, limits)?;
+                let span = raw_labels(p, sample_labels, limits, &mut raw)?;
                 let next = per_series.len();
-                let at = *series.entry(labels).or_insert(next);
+                let at = match series.get(raw.as_slice()) {
+                    Some(&at) => at,
+                    None => {
+                        series.insert(raw.clone(), next);
+                        next
+                    }
+                };
                 if at == next {
                     // Most profiles are one series: its rows are sized for
                     // every sample at once instead of doubling. Later label
@@ -578,13 +585,17 @@ fn summed_by_rank(rows: &SeriesSamples, stacks: &RankedStacks) -> Vec<Sample> {
 
 /// A sample's labels as the profile's bytes (span labels apart), sorted
 /// by name with the last of a repeated name kept, and its span.
+/// Written into `labels`, which the caller reuses: profilers interleave
+/// the samples of their label sets, and a set is looked up far more often
+/// than it is new.
 fn raw_labels<'a>(
     p: &FlatProfile<'a>,
     sample_labels: &[FlatLabel],
     limits: &ProfileLimits,
-) -> Result<(RawLabels<'a>, Option<u64>), IngestError> {
+    labels: &mut RawLabels<'a>,
+) -> Result<Option<u64>, IngestError> {
     limits.check_sample_labels(sample_labels.len())?;
-    let mut labels = RawLabels::new();
+    labels.clear();
     let mut span = None;
     for l in sample_labels.iter().filter(|l| l.str != 0) {
         let key = p.string(l.key, "label.key")?;
@@ -598,7 +609,7 @@ fn raw_labels<'a>(
     labels.reverse();
     labels.sort_by(|a, b| a.0.cmp(b.0));
     labels.dedup_by(|a, b| a.0 == b.0);
-    Ok((labels, span))
+    Ok(span)
 }
 
 /// The samples of each series by its full labels. Label sets whose bytes
