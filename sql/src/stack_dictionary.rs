@@ -383,7 +383,7 @@ pub fn read(nodes: &TenantNodes) -> RwLockReadGuard<'_, Nodes> {
 /// a name repeated by many nodes is decoded and interned once.
 fn stacks_read_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
-    S.get_or_init(|| Section::Stacks.schema_with_dictionary("name"))
+    S.get_or_init(|| Section::Stacks.schema_with_dictionaries(&["name"]))
         .clone()
 }
 

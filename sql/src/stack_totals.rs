@@ -78,7 +78,7 @@ impl TotalsCache {
 /// every row of a run, as a dictionary.
 fn totals_read_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
-    S.get_or_init(|| Section::Totals.schema_with_dictionary("profile_type"))
+    S.get_or_init(|| Section::Totals.schema_with_dictionaries(&["profile_type"]))
         .clone()
 }
 

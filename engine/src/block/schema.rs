@@ -100,18 +100,22 @@ impl Section {
         }
     }
 
-    /// The section's schema with the string column `column` read as a
-    /// dictionary (a hint for `read_section_as`): for columns that repeat a
-    /// few distinct strings over many rows.
-    pub fn schema_with_dictionary(self, column: &str) -> SchemaRef {
+    /// The section's schema with the string `columns` as dictionaries keyed
+    /// by `Int32`: a hint for `read_section_as` for columns that repeat a
+    /// few distinct strings over many rows, and how the block writer builds
+    /// the samples' per-profile columns.
+    pub fn schema_with_dictionaries(self, columns: &[&str]) -> SchemaRef {
         let schema = self.schema();
         let fields: Vec<Field> = schema
             .fields()
             .iter()
             .map(|f| match f.data_type() {
-                DataType::Utf8 if f.name() == column => f.as_ref().clone().with_data_type(
-                    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
-                ),
+                DataType::Utf8 if columns.contains(&f.name().as_str()) => {
+                    f.as_ref().clone().with_data_type(DataType::Dictionary(
+                        Box::new(DataType::Int32),
+                        Box::new(DataType::Utf8),
+                    ))
+                }
                 _ => f.as_ref().clone(),
             })
             .collect();

@@ -1,11 +1,13 @@
 //! Encodes a segment's profiles into one block object.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
-    ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder, UInt64Builder,
+    ArrayRef, DictionaryArray, Int32Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    TimestampNanosecondBuilder, UInt64Builder,
 };
+use arrow::datatypes::{Int32Type, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use ulid::Ulid;
@@ -222,50 +224,77 @@ fn samples_batch<'a>(
     totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
     let n: usize = dataset.iter().map(|s| s.profile.samples.len()).sum();
-    // Each string column repeats one value per profile on every row.
-    let bytes = |len: fn(&Series) -> usize| -> usize {
-        dataset
-            .iter()
-            .map(|s| len(s) * s.profile.samples.len())
-            .sum()
-    };
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut service_name = StringBuilder::with_capacity(n, service.len() * n);
-    let mut profile_type = StringBuilder::with_capacity(n, bytes(|s| s.profile.profile_type.len()));
-    let mut labels = StringBuilder::with_capacity(n, bytes(|s| s.labels.len()));
+    // Each row's profile: its service, type and series are the profile's.
+    let mut profile = Vec::with_capacity(n);
     let mut stack_id = UInt64Builder::with_capacity(n);
     let mut value = Int64Builder::with_capacity(n);
     let mut span_id = UInt64Builder::with_capacity(n);
-    for Series {
-        labels: series,
-        profile: p,
-    } in dataset
-    {
+    for (at, Series { profile: p, .. }) in dataset.iter().enumerate() {
         // A profile's rows stay in the order of its stacks' frames: no
         // reader needs them by stack id, which was a sort per profile.
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
+        let at = i32::try_from(at).map_err(|_| BlockError::Arrow {
+            section: "samples",
+            source: arrow::error::ArrowError::InvalidArgumentError(format!(
+                "{} profiles in a dataset, past a dictionary's keys",
+                dataset.len()
+            )),
+        })?;
         for (id, v, span) in stacks.rows(p) {
             let total = type_totals.entry(id).or_default();
             *total = total.saturating_add(v);
             time.append_value(p.time_nanos);
-            service_name.append_value(service);
-            profile_type.append_value(&p.profile_type);
-            labels.append_value(series);
+            profile.push(at);
             stack_id.append_value(id);
             value.append_value(v);
             span_id.append_option(span);
         }
     }
+    let per_profile = PerProfile {
+        rows: Int32Array::from(profile),
+    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(time.finish()),
-        Arc::new(service_name.finish()),
-        Arc::new(profile_type.finish()),
-        Arc::new(labels.finish()),
+        per_profile.column(dataset.iter().map(|_| service))?,
+        per_profile.column(dataset.iter().map(|s| s.profile.profile_type.as_str()))?,
+        per_profile.column(dataset.iter().map(|s| s.labels.as_str()))?,
         Arc::new(stack_id.finish()),
         Arc::new(value.finish()),
         Arc::new(span_id.finish()),
     ];
-    RecordBatch::try_new(Section::Samples.schema(), columns).map_err(arrow_err("samples"))
+    RecordBatch::try_new(samples_batch_schema(), columns).map_err(arrow_err("samples"))
+}
+
+/// The string columns of samples that repeat their profile's value on every
+/// row (service, type, series), built as dictionaries keyed by the row's
+/// profile. Copied per row, they were a few megabytes a flush, freshly
+/// faulted in and copied again into Parquet's dictionary; the Parquet
+/// writer takes a dictionary array for a string column and stores the same
+/// strings, so the section is what a reader expects.
+struct PerProfile {
+    /// Each row's profile, by its place in the dataset.
+    rows: Int32Array,
+}
+
+const PER_PROFILE: [&str; 3] = ["service_name", "profile_type", "labels"];
+
+impl PerProfile {
+    fn column<'v>(&self, values: impl Iterator<Item = &'v str>) -> Result<ArrayRef, BlockError> {
+        let values = Arc::new(StringArray::from_iter_values(values));
+        let column = DictionaryArray::<Int32Type>::try_new(self.rows.clone(), values)
+            .map_err(arrow_err("samples"))?;
+        Ok(Arc::new(column))
+    }
+}
+
+/// The samples section's schema with [`PerProfile`]'s columns as the
+/// dictionaries they are built as.
+fn samples_batch_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| Section::Samples.schema_with_dictionaries(&PER_PROFILE))
+        .clone()
 }
 
 fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
@@ -433,22 +462,44 @@ struct WriteNodes<'c> {
     written: Vec<(u64, u64, u32)>,
 }
 
-impl StackTree<'_> {
+impl<'c> StackTree<'c> {
     /// Each sample of `p` as (leaf id, value, span), adding the nodes of
-    /// every stack.
-    fn rows(&mut self, p: &Profile) -> Vec<(u64, i64, Option<u64>)> {
+    /// every stack as the rows are read.
+    fn rows<'s>(
+        &'s mut self,
+        p: &'s Profile,
+    ) -> impl Iterator<Item = (u64, i64, Option<u64>)> + use<'s, 'c> {
         let table = Arc::as_ptr(&p.functions) as usize;
         let memo = self.tables.entry(table).or_default();
         if memo.numbers.len() < p.functions.len() {
             memo.numbers.resize(p.functions.len(), u32::MAX);
         }
-        p.samples
-            .iter()
-            .map(|s| {
-                let id = memo.leaf_id(&mut self.nodes, &p.functions, &s.stack);
-                (id, s.value, s.span_id)
-            })
-            .collect()
+        let nodes = &mut self.nodes;
+        p.samples.iter().map(move |s| {
+            let id = memo.leaf_id(nodes, &p.functions, &s.stack);
+            (id, s.value, s.span_id)
+        })
+    }
+
+    fn into_batch(self) -> Result<RecordBatch, BlockError> {
+        let mut nodes = self.nodes.written;
+        nodes.sort_unstable_by_key(|n| n.0);
+        // Two paths whose ids collide are one node, as the readers see it.
+        nodes.dedup_by_key(|n| n.0);
+        let mut id = UInt64Builder::with_capacity(nodes.len());
+        let mut parent = UInt64Builder::with_capacity(nodes.len());
+        let mut name = StringBuilder::new();
+        for (i, p, n) in nodes {
+            id.append_value(i);
+            parent.append_value(p);
+            name.append_value(&self.nodes.dataset.names[n as usize]);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(id.finish()),
+            Arc::new(parent.finish()),
+            Arc::new(name.finish()),
+        ];
+        RecordBatch::try_new(Section::Stacks.schema(), columns).map_err(arrow_err("stacks"))
     }
 }
 
@@ -463,6 +514,13 @@ impl TableMemo {
         }
         let rank = rank as usize;
         if let Some(&id) = self.leaves.get(rank).filter(|id| **id != 0) {
+            // Only `normalise` ranks stacks; a caller that gave one rank to
+            // two stacks of a buffer would store the wrong leaf silently.
+            debug_assert_eq!(
+                id,
+                leaf_of(functions, stack),
+                "rank {rank} names two stacks"
+            );
             return id;
         }
         let id = self.walk(nodes, functions, stack);
@@ -506,6 +564,13 @@ impl TableMemo {
     }
 }
 
+/// A stack's leaf id from its names alone, as [`TableMemo::walk`] computes it.
+fn leaf_of(functions: &Functions, stack: &[u32]) -> u64 {
+    stack.iter().fold(stack::ROOT, |parent, &f| {
+        stack::node_id(parent, functions.get(f as usize).unwrap_or(""))
+    })
+}
+
 impl WriteNodes<'_> {
     /// The id of the node `name` under `parent`, which this write now holds.
     fn child(&mut self, parent: u64, name: u32) -> u64 {
@@ -532,66 +597,61 @@ impl WriteNodes<'_> {
     }
 }
 
-impl StackTree<'_> {
-    fn into_batch(self) -> Result<RecordBatch, BlockError> {
-        let mut nodes = self.nodes.written;
-        nodes.sort_unstable_by_key(|n| n.0);
-        // Two paths whose ids collide are one node, as the readers see it.
-        nodes.dedup_by_key(|n| n.0);
-        let mut id = UInt64Builder::with_capacity(nodes.len());
-        let mut parent = UInt64Builder::with_capacity(nodes.len());
-        let mut name = StringBuilder::new();
-        for (i, p, n) in nodes {
-            id.append_value(i);
-            parent.append_value(p);
-            name.append_value(&self.nodes.dataset.names[n as usize]);
-        }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(id.finish()),
-            Arc::new(parent.finish()),
-            Arc::new(name.finish()),
-        ];
-        RecordBatch::try_new(Section::Stacks.schema(), columns).map_err(arrow_err("stacks"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::block::schema::row_group_rows;
     use parquet::file::metadata::ParquetMetaDataReader;
 
-    #[test]
-    fn large_sections_are_cut_into_bounded_row_groups() {
-        let n = 2 * row_group_rows(0) + 1000;
-        let profile = Profile {
+    /// One tenant's single profile of service `api`, a sample per stack.
+    fn api_profile(time_nanos: i64, functions: Functions, stacks: Vec<Vec<u32>>) -> Profile {
+        Profile {
             tenant: "t".into(),
             labels: vec![("service_name".into(), "api".into())],
             profile_type: "cpu:cpu:nanoseconds:cpu:nanoseconds".into(),
-            time_nanos: 1,
+            time_nanos,
             duration_nanos: 0,
             period: 0,
-            functions: Arc::new((0..n).map(|i| format!("f{i}")).collect()),
-            samples: (0..n as u32)
-                .map(|i| crate::profile::Sample {
-                    stack: vec![i].into(),
-                    value: 1,
+            functions: Arc::new(functions),
+            samples: stacks
+                .into_iter()
+                .map(|stack| crate::profile::Sample {
+                    stack: stack.into(),
+                    value: 3,
                     span_id: None,
                 })
                 .collect(),
-        };
+        }
+    }
+
+    /// The Parquet footer of the first dataset's `section`.
+    fn section_footer(
+        block: &EncodedBlock,
+        section: Section,
+    ) -> parquet::file::metadata::ParquetMetaData {
+        let meta = block.meta.datasets[0].section(section).unwrap();
+        let bytes = block
+            .bytes
+            .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
+        ParquetMetaDataReader::new()
+            .parse_and_finish(&bytes)
+            .unwrap()
+    }
+
+    #[test]
+    fn large_sections_are_cut_into_bounded_row_groups() {
+        let n = 2 * row_group_rows(0) + 1000;
+        let profile = api_profile(
+            1,
+            (0..n).map(|i| format!("f{i}")).collect(),
+            (0..n as u32).map(|i| vec![i]).collect(),
+        );
         let block = write_block(&[profile], 0, &mut StackNodes::default()).unwrap();
-        let dataset = &block.meta.datasets[0];
         for section in [Section::Samples, Section::Stacks] {
-            let meta = dataset.section(section).unwrap();
-            let bytes = block
-                .bytes
-                .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
-            let footer = ParquetMetaDataReader::new()
-                .parse_and_finish(&bytes)
-                .unwrap();
+            let rows_written = block.meta.datasets[0].section(section).unwrap().rows;
+            let footer = section_footer(&block, section);
             let rows: Vec<i64> = footer.row_groups().iter().map(|g| g.num_rows()).collect();
-            assert_eq!(rows.iter().sum::<i64>(), meta.rows as i64, "{section:?}");
+            assert_eq!(rows.iter().sum::<i64>(), rows_written as i64, "{section:?}");
             assert_eq!(rows.len(), 3, "{section:?}: {rows:?}");
             assert!(rows.iter().all(|&r| r <= row_group_rows(0) as i64));
             // Level 0 is LZ4 throughout: compaction opens every column chunk.
@@ -608,31 +668,10 @@ mod tests {
     /// queries prune by keeps its own.
     #[test]
     fn level_0_samples_keep_the_statistics_worth_their_cost() {
-        let profile = Profile {
-            tenant: "t".into(),
-            labels: vec![("service_name".into(), "api".into())],
-            profile_type: "cpu:cpu:nanoseconds:cpu:nanoseconds".into(),
-            time_nanos: 7,
-            duration_nanos: 0,
-            period: 0,
-            functions: Arc::new(["main", "a"].into_iter().collect()),
-            samples: [vec![0], vec![0, 1]]
-                .into_iter()
-                .map(|stack| crate::profile::Sample {
-                    stack: stack.into(),
-                    value: 3,
-                    span_id: None,
-                })
-                .collect(),
-        };
+        let functions = ["main", "a"].into_iter().collect();
+        let profile = api_profile(7, functions, vec![vec![0], vec![0, 1]]);
         let block = write_block(&[profile], 0, &mut StackNodes::default()).unwrap();
-        let meta = block.meta.datasets[0].section(Section::Samples).unwrap();
-        let bytes = block
-            .bytes
-            .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
-        let footer = ParquetMetaDataReader::new()
-            .parse_and_finish(&bytes)
-            .unwrap();
+        let footer = section_footer(&block, Section::Samples);
         let group = &footer.row_groups()[0];
         let column = |name: &str| {
             group
@@ -658,6 +697,69 @@ mod tests {
         let spans = column("span_id").statistics().expect("span_id");
         assert_eq!(spans.null_count_opt(), Some(2));
         assert!(column("time").statistics().is_some());
+    }
+
+    /// Every sample row names its own profile's service, type and series,
+    /// read back as the plain strings the section's schema declares.
+    #[test]
+    fn sample_rows_carry_their_profiles_strings() {
+        use arrow::array::AsArray;
+        let functions: Arc<Functions> = Arc::new(["main", "a", "b"].into_iter().collect());
+        let profile = |ty: &str, pod: &str, time_nanos: i64, samples: usize| Profile {
+            tenant: "t".into(),
+            labels: vec![
+                ("pod".into(), pod.into()),
+                ("service_name".into(), "api".into()),
+            ],
+            profile_type: ty.into(),
+            time_nanos,
+            duration_nanos: 0,
+            period: 0,
+            functions: functions.clone(),
+            samples: (0..samples)
+                .map(|i| crate::profile::Sample {
+                    stack: vec![0, i as u32 % 3].into(),
+                    value: 1,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let profiles = vec![
+            profile("b:b:b:b:b", "p1", 2, 3),
+            profile("a:a:a:a:a", "p2", 1, 2),
+            profile("a:a:a:a:a", "p1", 5, 1),
+            profile("a:a:a:a:a", "p1", 4, 4),
+        ];
+        let mut want: Vec<(String, String, String)> = Vec::new();
+        let mut sorted: Vec<&Profile> = profiles.iter().collect();
+        sorted.sort_by_key(|p| (&p.profile_type, labels_to_string(&p.labels), p.time_nanos));
+        for p in sorted {
+            let row = (
+                "api".to_string(),
+                p.profile_type.clone(),
+                labels_to_string(&p.labels),
+            );
+            want.extend(std::iter::repeat_n(row, p.samples.len()));
+        }
+        let block = write_block(&profiles, 0, &mut StackNodes::default()).unwrap();
+        let mut got = Vec::new();
+        for b in section_batches(&block, Section::Samples) {
+            assert_eq!(b.schema(), Section::Samples.schema());
+            let column = |name: &str| b.column_by_name(name).unwrap().as_string::<i32>().clone();
+            let (service, ty, labels) = (
+                column("service_name"),
+                column("profile_type"),
+                column("labels"),
+            );
+            for i in 0..b.num_rows() {
+                got.push((
+                    service.value(i).to_string(),
+                    ty.value(i).to_string(),
+                    labels.value(i).to_string(),
+                ));
+            }
+        }
+        assert_eq!(got, want);
     }
 
     fn section_batches(block: &EncodedBlock, section: Section) -> Vec<RecordBatch> {
@@ -763,6 +865,22 @@ mod tests {
         assert_eq!(leaves, want_leaves);
     }
 
+    /// Distinct stacks side by side in one buffer, ranked in the order
+    /// given, as `normalise` makes a pprof's.
+    fn ranked_stacks(stacks: &[&[u32]]) -> Vec<Stack> {
+        let frames: Arc<[u32]> = stacks.concat().into();
+        let mut start = 0;
+        stacks
+            .iter()
+            .enumerate()
+            .map(|(rank, st)| {
+                let stack = Stack::ranked(&frames, start..start + st.len(), rank as u32);
+                start += st.len();
+                stack
+            })
+            .collect()
+    }
+
     /// Profiles of one pprof share its ranked stacks, and a stack walked
     /// for one is not walked for the next: the block must be what the same
     /// stacks unranked make, whichever profile walks a stack first, and a
@@ -771,21 +889,8 @@ mod tests {
     #[test]
     fn ranked_stacks_make_the_block_their_frames_make() {
         let functions: Arc<Functions> = Arc::new(["main", "a", "b", "c"].into_iter().collect());
-        let buffer = |stacks: &[&[u32]]| {
-            let frames: Arc<[u32]> = stacks.concat().into();
-            let mut start = 0;
-            stacks
-                .iter()
-                .enumerate()
-                .map(|(rank, st)| {
-                    let stack = Stack::ranked(&frames, start..start + st.len(), rank as u32);
-                    start += st.len();
-                    stack
-                })
-                .collect::<Vec<_>>()
-        };
-        let first = buffer(&[&[0, 1], &[0, 1, 2], &[0, 3]]);
-        let second = buffer(&[&[0, 3, 1], &[0, 2]]);
+        let first = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 3]]);
+        let second = ranked_stacks(&[&[0, 3, 1], &[0, 2]]);
         let profile = |ty: &str, pod: &str, stacks: Vec<Stack>| Profile {
             tenant: "t".into(),
             labels: vec![
@@ -886,12 +991,10 @@ mod tests {
         ] {
             for pod in 0..3u32 {
                 let functions: Arc<Functions> = Arc::new(names.into_iter().collect());
-                let stacks: Vec<Vec<u32>> = vec![
-                    vec![0, 1],
-                    vec![0, 1, 2],
-                    vec![0, 1, 2, 3],
-                    vec![0, (round + pod) % 4],
-                ];
+                // Ranked in one buffer per pprof, as `normalise` makes them,
+                // so the memo of leaves by rank is what gets tested.
+                let last = [0, (round + pod) % 4];
+                let stacks = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 1, 2, 3], &last]);
                 out.push(Profile {
                     tenant: tenant.into(),
                     labels: vec![
@@ -906,8 +1009,8 @@ mod tests {
                     samples: stacks
                         .into_iter()
                         .enumerate()
-                        .map(|(i, st)| crate::profile::Sample {
-                            stack: st.into(),
+                        .map(|(i, stack)| crate::profile::Sample {
+                            stack,
                             value: i as i64 + 1,
                             span_id: None,
                         })
