@@ -94,47 +94,52 @@ fn text(bytes: &[u8]) -> Cow<'_, str> {
     }
 }
 
-/// Where each location's frames are, by location id: a table indexed by id
-/// when the ids are small (profilers number locations 1..n), else a hash
-/// map. Every frame of every sample is one lookup here.
-enum LocationFrames {
-    Dense(Vec<(u32, u32)>),
-    Sparse(foldhash::HashMap<u64, (u32, u32)>),
+/// Values by pprof id (where each location's frames are, each function's
+/// position): a table indexed by id when the ids are small (profilers
+/// number entries 1..n), else a hash map. Every frame of every sample is
+/// one lookup in the locations' table.
+enum ById<T> {
+    Dense(Vec<Option<T>>),
+    Sparse(foldhash::HashMap<u64, T>),
 }
 
-const NO_FRAMES: (u32, u32) = (u32::MAX, u32::MAX);
-
-impl LocationFrames {
+impl<T: Copy> ById<T> {
     fn for_ids(ids: impl ExactSizeIterator<Item = u64> + Clone) -> Self {
         let n = ids.len();
         match ids.clone().max() {
-            Some(max) if max <= 2 * n as u64 + 1024 => {
-                LocationFrames::Dense(vec![NO_FRAMES; max as usize + 1])
-            }
-            _ => LocationFrames::Sparse(foldhash::HashMap::with_capacity_and_hasher(
+            Some(max) if max <= 2 * n as u64 + 1024 => ById::Dense(vec![None; max as usize + 1]),
+            _ => ById::Sparse(foldhash::HashMap::with_capacity_and_hasher(
                 n,
                 Default::default(),
             )),
         }
     }
 
-    fn insert(&mut self, id: u64, frames: (u32, u32)) {
+    /// The table of `ids` and their values; of a repeated id, the last.
+    fn of(ids: impl ExactSizeIterator<Item = (u64, T)> + Clone) -> Self {
+        let mut table = ById::for_ids(ids.clone().map(|(id, _)| id));
+        for (id, value) in ids {
+            table.insert(id, value);
+        }
+        table
+    }
+
+    fn insert(&mut self, id: u64, value: T) {
         match self {
             // for_ids sized the table for every id.
-            LocationFrames::Dense(table) => table[id as usize] = frames,
-            LocationFrames::Sparse(map) => {
-                map.insert(id, frames);
+            ById::Dense(table) => table[id as usize] = Some(value),
+            ById::Sparse(map) => {
+                map.insert(id, value);
             }
         }
     }
 
-    fn get(&self, id: u64) -> Option<(u32, u32)> {
+    fn get(&self, id: u64) -> Option<T> {
         match self {
-            LocationFrames::Dense(table) => usize::try_from(id)
+            ById::Dense(table) => usize::try_from(id)
                 .ok()
-                .and_then(|i| table.get(i).copied())
-                .filter(|f| *f != NO_FRAMES),
-            LocationFrames::Sparse(map) => map.get(&id).copied(),
+                .and_then(|i| table.get(i).copied().flatten()),
+            ById::Sparse(map) => map.get(&id).copied(),
         }
     }
 }
@@ -170,7 +175,7 @@ struct Symbols<'a> {
     /// name is copied once, into `names`.
     index: foldhash::HashMap<Cow<'a, str>, u32>,
     /// location id -> where its function indices are in `frames`.
-    locations: LocationFrames,
+    locations: ById<(u32, u32)>,
     /// Function indices of every location, leaf first (inlined frames split).
     frames: Vec<u32>,
     /// Index of [`TRUNCATED_FRAME`], interned up front.
@@ -211,7 +216,7 @@ impl<'a> Symbols<'a> {
             names: Functions::with_capacity(names, name_bytes(p, limits)),
             // Growing would hash every name again at each doubling.
             index: foldhash::HashMap::with_capacity_and_hasher(names, Default::default()),
-            locations: LocationFrames::for_ids(
+            locations: ById::for_ids(
                 p.locations
                     .iter()
                     .enumerate()
@@ -224,17 +229,17 @@ impl<'a> Symbols<'a> {
         s.truncated = s.intern(TRUNCATED_FRAME.into());
         // function id -> position; names are interned when a location
         // first uses them, so functions no sample reaches cost nothing.
-        let functions: foldhash::HashMap<u64, usize> = p
-            .functions
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (id_or_position(f.id, i), i))
-            .collect();
+        let functions = ById::of(
+            p.functions
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (id_or_position(f.id, i), i)),
+        );
         let mut interned = vec![u32::MAX; p.functions.len()];
         for (i, loc) in p.locations.iter().enumerate() {
             let start = s.frames.len() as u32;
             for function_id in p.line_functions(loc) {
-                let &at = functions.get(function_id).ok_or_else(|| {
+                let at = functions.get(*function_id).ok_or_else(|| {
                     IngestError::Invalid(format!(
                         "location {} refers to unknown function {function_id}",
                         loc.id

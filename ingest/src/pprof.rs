@@ -512,6 +512,18 @@ fn mapping(data: &[u8]) -> Result<(), IngestError> {
     Ok(())
 }
 
+#[cold]
+fn past_the_end(n: usize) -> IngestError {
+    wire_error(format!(
+        "a field of {n} bytes runs past the end of its message"
+    ))
+}
+
+#[cold]
+fn wrong_wire_type(wire: u8, belongs: &str) -> IngestError {
+    wire_error(format!("wire type {wire} where {belongs} belongs"))
+}
+
 fn wire_error(reason: String) -> IngestError {
     IngestError::Decode {
         what: "pprof profile",
@@ -580,19 +592,18 @@ impl<'a> Wire<'a> {
         Err(wire_error("a varint longer than 10 bytes".into()))
     }
 
+    /// Inlined, with its error out of line: every string and submessage
+    /// of a profile is taken here.
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], IngestError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.data.len())
-            .ok_or_else(|| {
-                wire_error(format!(
-                    "a field of {n} bytes runs past the end of its message"
-                ))
-            })?;
-        let bytes = &self.data[self.at..end];
-        self.at = end;
-        Ok(bytes)
+        match self.at.checked_add(n).filter(|end| *end <= self.data.len()) {
+            Some(end) => {
+                let bytes = &self.data[self.at..end];
+                self.at = end;
+                Ok(bytes)
+            }
+            None => Err(past_the_end(n)),
+        }
     }
 
     /// A varint field's value.
@@ -600,22 +611,19 @@ impl<'a> Wire<'a> {
     fn scalar(&mut self, wire: u8) -> Result<u64, IngestError> {
         match wire {
             WIRE_VARINT => self.varint(),
-            _ => Err(wire_error(format!(
-                "wire type {wire} where a varint belongs"
-            ))),
+            _ => Err(wrong_wire_type(wire, "a varint")),
         }
     }
 
     /// A length-delimited field: an embedded message, string or bytes.
+    #[inline]
     fn message(&mut self, wire: u8) -> Result<&'a [u8], IngestError> {
         match wire {
             WIRE_LEN => {
                 let n = self.varint()?;
                 self.take(usize::try_from(n).unwrap_or(usize::MAX))
             }
-            _ => Err(wire_error(format!(
-                "wire type {wire} where a length-delimited field belongs"
-            ))),
+            _ => Err(wrong_wire_type(wire, "a length-delimited field")),
         }
     }
 
