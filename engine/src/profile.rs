@@ -222,21 +222,28 @@ pub fn label_value<'a>(labels: &'a Labels, name: &str) -> Option<&'a str> {
 /// The canonical text of a label set, as Pyroscope prints series:
 /// `{a="1", b="2"}` with names sorted.
 pub fn labels_to_string(labels: &Labels) -> String {
-    let mut out = String::from("{");
+    // Printed for every profile a segment writes: sized once, and values
+    // copied a run at a time between the characters that need escaping.
+    let room: usize = labels.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let mut out = String::with_capacity(room + 2);
+    out.push('{');
     for (i, (k, v)) in labels.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
         out.push_str(k);
         out.push_str("=\"");
-        for c in v.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
+        let mut rest = v.as_str();
+        while let Some(at) = rest.find(['"', '\\', '\n']) {
+            out.push_str(&rest[..at]);
+            out.push_str(match rest.as_bytes()[at] {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                _ => "\\n",
+            });
+            rest = &rest[at + 1..];
         }
+        out.push_str(rest);
         out.push('"');
     }
     out.push('}');
@@ -294,5 +301,7 @@ mod tests {
         assert_eq!(labels_to_string(&l), r#"{a="1", b="2"}"#);
         let l = vec![("a".to_string(), "q\"".to_string())];
         assert_eq!(labels_to_string(&l), r#"{a="q\""}"#);
+        let l = vec![("a".into(), "\"x\\y\nz\"é".into())];
+        assert_eq!(labels_to_string(&l), r#"{a="\"x\\y\nz\"é"}"#);
     }
 }
