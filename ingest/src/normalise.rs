@@ -4,6 +4,7 @@
 //! dropped, samples sharing a stack summed, inlined frames split.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use ember_engine::profile::{
 };
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
-use crate::pprof::{FlatFunction, FlatLabel, FlatProfile};
+use crate::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
 use crate::IngestError;
 
 /// Labels on pprof samples that identify a trace span, kept per sample
@@ -186,12 +187,15 @@ struct Symbols<'a> {
 
 impl<'a> Symbols<'a> {
     fn intern(&mut self, name: Cow<'a, str>) -> u32 {
-        if let Some(&i) = self.index.get(name.as_ref()) {
-            return i;
+        // Most names are new to the profile: hashed once, not for a
+        // lookup and again for the insert.
+        match self.index.entry(name) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                let i = self.names.push(e.key());
+                *e.insert(i)
+            }
         }
-        let i = self.names.push(&name);
-        self.index.insert(name, i);
-        i
     }
 
     fn intern_function(
@@ -204,7 +208,15 @@ impl<'a> Symbols<'a> {
         if name.is_empty() {
             name = p.string(f.system_name, "function.system_name")?;
         }
-        Ok(self.intern(limits.truncate_symbol(text(name))))
+        // Almost every name is valid and within the limit: borrowed as
+        // is, without the repair and the cut.
+        let name = match std::str::from_utf8(name) {
+            Ok(valid) if valid.len() <= limits.max_profile_symbol_value_length => {
+                Cow::Borrowed(valid)
+            }
+            _ => limits.truncate_symbol(text(name)),
+        };
+        Ok(self.intern(name))
     }
 
     fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
@@ -332,10 +344,15 @@ type RawLabels<'a> = Vec<(&'a [u8], &'a [u8])>;
 /// location list whatever the number of sample types and label sets that
 /// use it, side by side in one buffer.
 struct DistinctStacks<'p> {
-    by_locations: foldhash::HashMap<&'p [u64], u32>,
+    /// Keyed by the ids as sent (mostly packed bytes, a quarter of their
+    /// decoded size), so a repeated list is neither decoded nor hashed
+    /// wide.
+    by_locations: foldhash::HashMap<LocationIds<'p>, u32>,
     frames: Vec<u32>,
     /// Where each stack ends in `frames`.
     ends: Vec<usize>,
+    /// The location ids of the stack being built.
+    ids: Vec<u64>,
 }
 
 /// The distinct stacks of a profile in sorted order, side by side in one
@@ -355,21 +372,23 @@ impl<'p> DistinctStacks<'p> {
         let locations = p
             .samples
             .iter()
-            .map(|s| p.location_ids(s).len().min(kept))
+            .map(|s| p.location_ids(s).count().min(kept))
             .fold(0usize, usize::saturating_add);
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
             frames: Vec::with_capacity(locations),
             ends: Vec::with_capacity(samples),
+            ids: Vec::new(),
         }
     }
 
-    fn index(&mut self, symbols: &Symbols, locations: &'p [u64]) -> Result<u32, IngestError> {
-        if let Some(&i) = self.by_locations.get(locations) {
+    fn index(&mut self, symbols: &Symbols, locations: LocationIds<'p>) -> Result<u32, IngestError> {
+        if let Some(&i) = self.by_locations.get(&locations) {
             return Ok(i);
         }
         let i = self.ends.len() as u32;
-        symbols.append_stack(locations, &mut self.frames)?;
+        locations.decode_into(&mut self.ids);
+        symbols.append_stack(&self.ids, &mut self.frames)?;
         self.ends.push(self.frames.len());
         self.by_locations.insert(locations, i);
         Ok(i)
@@ -632,10 +651,10 @@ fn by_series_labels<'a>(
             .collect();
         let labels = series_labels(request, normalise_labels(sample))?;
         match out.entry(labels) {
-            std::collections::hash_map::Entry::Vacant(e) => {
+            Entry::Vacant(e) => {
                 e.insert(per_type);
             }
-            std::collections::hash_map::Entry::Occupied(mut e) => {
+            Entry::Occupied(mut e) => {
                 for (into, from) in e.get_mut().iter_mut().zip(per_type) {
                     into.extend(from);
                 }
@@ -802,6 +821,17 @@ mod tests {
         }
     }
 
+    /// What `normalise` makes of `p` as agents send it (encoded, so its
+    /// location ids stay packed), checked against what it makes of the
+    /// same profile built in memory (every id decoded).
+    fn normalised(p: &pprof::Profile, d: &Destination) -> Result<Vec<Profile>, IngestError> {
+        let bytes = prost::Message::encode_to_vec(p);
+        let sent = FlatProfile::decode(&bytes).map(|flat| normalise(&flat, d));
+        let built = normalise(&FlatProfile::of(p), d);
+        assert_eq!(format!("{sent:?}"), format!("Ok({built:?})"));
+        built
+    }
+
     fn stacks(p: &Profile) -> Vec<(String, i64, Option<u64>)> {
         p.samples
             .iter()
@@ -818,7 +848,7 @@ mod tests {
 
     #[test]
     fn splits_types_and_label_sets_sums_and_drops_zeros() {
-        let out = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
+        let out = normalised(&sample_profile(), &dest()).unwrap();
         let find = |ty: &str, handler: Option<&str>| {
             out.iter()
                 .find(|p| {
@@ -862,7 +892,7 @@ mod tests {
         });
         // a, a, b + span, unlabelled, a, a + span
         p.sample.extend([again, with_span]);
-        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let out = normalised(&p, &dest()).unwrap();
         let handler_a: Vec<&Profile> = out
             .iter()
             .filter(|p| ember_engine::profile::label_value(&p.labels, "handler") == Some("a"))
@@ -905,7 +935,7 @@ mod tests {
             label: vec![],
         })
         .collect();
-        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let out = normalised(&p, &dest()).unwrap();
         assert_eq!(out.len(), 2);
         for profile in &out {
             let m = if profile.profile_type.starts_with("process_cpu:cpu") {
@@ -933,7 +963,7 @@ mod tests {
         let mut p = sample_profile();
         // Sample 1 (handler=a) becomes (-2, 20), sample 0 stays (1, 10).
         p.sample[1].value[0] = -2;
-        let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let out = normalised(&p, &dest()).unwrap();
         let a = out
             .iter()
             .find(|q| {
@@ -947,7 +977,7 @@ mod tests {
         for s in &mut p.sample {
             s.value.iter_mut().for_each(|v| *v = -(*v).abs() - 1);
         }
-        assert!(normalise(&FlatProfile::of(&p), &dest()).unwrap().is_empty());
+        assert!(normalised(&p, &dest()).unwrap().is_empty());
     }
 
     #[test]
@@ -955,19 +985,19 @@ mod tests {
         let mut p = sample_profile();
         p.sample[0].location_id.push(99);
         assert!(matches!(
-            normalise(&FlatProfile::of(&p), &dest()),
+            normalised(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
         let mut p = sample_profile();
         p.function[0].name = 1000;
         assert!(matches!(
-            normalise(&FlatProfile::of(&p), &dest()),
+            normalised(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
         let mut p = sample_profile();
         p.sample[0].value.pop();
         assert!(matches!(
-            normalise(&FlatProfile::of(&p), &dest()),
+            normalised(&p, &dest()),
             Err(IngestError::Invalid(_))
         ));
     }
@@ -985,15 +1015,15 @@ mod tests {
         for s in &mut p.sample {
             s.location_id.iter_mut().for_each(|id| *id = far(*id));
         }
-        let near = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
-        assert_eq!(normalise(&FlatProfile::of(&p), &dest()).unwrap(), near);
+        let near = normalised(&sample_profile(), &dest()).unwrap();
+        assert_eq!(normalised(&p, &dest()).unwrap(), near);
         p.sample[0].location_id.push(12);
-        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        let err = normalised(&p, &dest()).unwrap_err();
         assert!(err.to_string().contains("unknown location 12"), "{err}");
         // In the table's range but never defined.
         let mut p = sample_profile();
         p.sample[0].location_id.push(3);
-        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        let err = normalised(&p, &dest()).unwrap_err();
         assert!(err.to_string().contains("unknown location 3"), "{err}");
     }
 
@@ -1044,7 +1074,7 @@ mod tests {
         for f in &mut p.function {
             f.name = long;
         }
-        let profiles = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+        let profiles = normalised(&p, &dest()).unwrap();
         let functions = &profiles[0].functions;
         let table: usize = p.string_table.iter().map(Vec::len).sum();
         // Room for the table's bytes at most, and an end per function.
@@ -1060,7 +1090,7 @@ mod tests {
 
     #[test]
     fn deep_stacks_keep_their_root_and_end_in_a_truncation_frame() {
-        let out = normalise(&FlatProfile::of(&deep_profile(200_000, 0)), &dest()).unwrap();
+        let out = normalised(&deep_profile(200_000, 0), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
         assert_eq!(s.value, 7);
@@ -1073,7 +1103,7 @@ mod tests {
         assert_eq!(names[998], "f199001");
         assert_eq!(names[999], TRUNCATED_FRAME);
         // A stack at the limit is untouched.
-        let out = normalise(&FlatProfile::of(&deep_profile(1000, 0)), &dest()).unwrap();
+        let out = normalised(&deep_profile(1000, 0), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
         assert_eq!(out[0].functions.get(s.stack[999] as usize), Some("f000000"));
@@ -1108,7 +1138,7 @@ mod tests {
                 })
                 .collect();
             p.sample[0].location_id = (1..=locations as u64).collect();
-            let out = normalise(&FlatProfile::of(&p), &dest()).unwrap();
+            let out = normalised(&p, &dest()).unwrap();
             let functions = &out[0].functions;
             let got: Vec<&str> = out[0].samples[0]
                 .stack
@@ -1134,37 +1164,85 @@ mod tests {
         // A dangling location past the limit still refuses the profile.
         let mut p = deep_profile(2_000, 0);
         p.sample[0].location_id[0] = 9_999;
-        let err = normalise(&FlatProfile::of(&p), &dest()).unwrap_err();
+        let err = normalised(&p, &dest()).unwrap_err();
         assert!(err.to_string().contains("9999"), "{err}");
     }
 
     #[test]
     fn long_symbols_are_truncated_and_limits_refuse_with_their_names() {
-        let out = normalise(&FlatProfile::of(&deep_profile(2, 100_000)), &dest()).unwrap();
+        let out = normalised(&deep_profile(2, 100_000), &dest()).unwrap();
         assert!(out[0].functions.iter().all(|f| f.len() <= 65535));
         let mut d = dest();
         d.limits.max_profile_stacktrace_samples = 3;
         let mut p = sample_profile();
         p.sample.push(p.sample[0].clone());
-        let err = normalise(&FlatProfile::of(&p), &d).unwrap_err().to_string();
+        let err = normalised(&p, &d).unwrap_err().to_string();
         assert!(
             err.contains("6 samples, over max_profile_stacktrace_samples (3)"),
             "{err}"
         );
         let mut d = dest();
         d.limits.max_profile_stacktrace_sample_labels = 1;
-        let err = normalise(&FlatProfile::of(&sample_profile()), &d)
-            .unwrap_err()
-            .to_string();
+        let err = normalised(&sample_profile(), &d).unwrap_err().to_string();
         assert!(
             err.contains("max_profile_stacktrace_sample_labels (1)"),
             "{err}"
         );
     }
 
+    /// The same location ids sent packed and one per key (as proto2
+    /// writers send them) are one stack, whose values are summed.
+    #[test]
+    fn location_ids_in_either_form_make_one_stack() {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        let mut p = sample_profile();
+        p.sample.retain(|s| s.label.is_empty());
+        p.sample[0].location_id = vec![11, 10];
+        p.sample[0].value = vec![1, 10];
+        let mut bytes = prost::Message::encode_to_vec(&p);
+        let mut sample = Vec::new();
+        for id in [11u64, 10] {
+            encode_key(1, WireType::Varint, &mut sample);
+            encode_varint(id, &mut sample);
+        }
+        for value in [5u64, 50] {
+            encode_key(2, WireType::Varint, &mut sample);
+            encode_varint(value, &mut sample);
+        }
+        encode_key(2, WireType::LengthDelimited, &mut bytes);
+        encode_varint(sample.len() as u64, &mut bytes);
+        bytes.extend_from_slice(&sample);
+        let flat = FlatProfile::decode(&bytes).unwrap();
+        let kinds: Vec<_> = flat
+            .samples
+            .iter()
+            .map(|s| matches!(flat.location_ids(s), LocationIds::Packed(_)))
+            .collect();
+        assert_eq!(kinds, [true, true, false]);
+        let out = normalise(&flat, &dest()).unwrap();
+        let by_type: Vec<_> = out
+            .iter()
+            .map(|p| (p.profile_type.as_str(), stacks(p)))
+            .collect();
+        let stack = |s: &str, v: i64| (s.to_string(), v, None);
+        assert_eq!(
+            by_type,
+            [
+                (
+                    "process_cpu:cpu:nanoseconds:cpu:nanoseconds",
+                    vec![stack("main;work;leaf", 60)]
+                ),
+                (
+                    "process_cpu:samples:count:cpu:nanoseconds",
+                    vec![stack("main;work;leaf", 6), stack("0xabc", 4)]
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn one_function_table_is_shared_by_every_profile_of_a_pprof() {
-        let out = normalise(&FlatProfile::of(&sample_profile()), &dest()).unwrap();
+        let out = normalised(&sample_profile(), &dest()).unwrap();
         assert!(out.len() > 1);
         assert!(out
             .iter()

@@ -182,13 +182,113 @@ pub fn decode(data: &[u8], limit: usize) -> Result<Profile, IngestError> {
     })
 }
 
-/// A sample of a [`FlatProfile`]: where its location ids, values and
-/// labels are in the profile's flat arrays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FlatSample {
-    locations: (u32, u32),
+/// A sample of a [`FlatProfile`]: its location ids, and where its values
+/// and labels are in the profile's flat arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlatSample<'a> {
+    locations: Locations<'a>,
     values: (u32, u32),
     labels: (u32, u32),
+}
+
+/// Where a sample's location ids are. Every profiler sends them as one
+/// packed field of short varints, which is most of a profile's bytes:
+/// those are checked and kept as sent, then decoded only for the stacks
+/// that are new to the profile, instead of being widened to 8 bytes each
+/// into an array as large again as the profile. Any other form (one value
+/// per key, several packed runs, 10-byte varints) is decoded as it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locations<'a> {
+    Packed(&'a [u8]),
+    /// Their place in the profile's array of decoded ids.
+    Decoded(u32, u32),
+}
+
+/// A sample's location ids, as [`FlatProfile::location_ids`] gives them.
+/// Two samples with equal ids in the same form are equal here, so a
+/// profile's distinct location lists are found without decoding them;
+/// the same ids in two forms (rare) are two keys for one stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LocationIds<'a> {
+    /// Varints of at most 9 bytes each, checked when read.
+    Packed(&'a [u8]),
+    Decoded(&'a [u64]),
+}
+
+impl LocationIds<'_> {
+    /// How many ids there are.
+    pub fn count(&self) -> usize {
+        match self {
+            // Every varint ends in the one byte below 0x80.
+            LocationIds::Packed(bytes) => bytes.iter().filter(|b| **b < 0x80).count(),
+            LocationIds::Decoded(ids) => ids.len(),
+        }
+    }
+
+    /// The ids, in `out` (cleared first).
+    pub fn decode_into(&self, out: &mut Vec<u64>) {
+        out.clear();
+        match self {
+            LocationIds::Packed(bytes) => {
+                // Checked by `short_varints`: at most 9 bytes a varint, so
+                // the shift stays within 56 and the run ends a varint.
+                out.reserve(bytes.len());
+                let (mut value, mut shift) = (0u64, 0u32);
+                for &b in *bytes {
+                    value |= u64::from(b & 0x7f) << shift;
+                    if b < 0x80 {
+                        out.push(value);
+                        (value, shift) = (0, 0);
+                    } else {
+                        shift += 7;
+                    }
+                }
+            }
+            LocationIds::Decoded(ids) => out.extend_from_slice(ids),
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.decode_into(&mut out);
+        out
+    }
+}
+
+/// Whether `data` is a run of whole varints of at most 9 bytes each (63
+/// bits, more than any location id needs), which read the same however
+/// they are decoded; anything else takes the full reader and its errors.
+fn short_varints(data: &[u8]) -> bool {
+    // Eight bytes at a time, by their top bits: a run of 9 continuation
+    // bytes cannot fit in one word, so only the runs that cross words are
+    // counted, from the continuation bytes that end each word and those
+    // that start the next.
+    const TOP: u64 = 0x8080_8080_8080_8080;
+    let mut run = 0u32;
+    let mut words = data.chunks_exact(8);
+    for word in &mut words {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(word);
+        let top = u64::from_le_bytes(bytes) & TOP;
+        if top == TOP {
+            run += 8;
+        } else {
+            run += (!top & TOP).trailing_zeros() / 8;
+            if run < 9 {
+                run = (top | !TOP).leading_ones() / 8;
+            }
+        }
+        if run >= 9 {
+            return false;
+        }
+    }
+    for &b in words.remainder() {
+        run = if b >= 0x80 { run + 1 } else { 0 };
+        if run >= 9 {
+            return false;
+        }
+    }
+    run == 0
 }
 
 /// A sample label's string-table indices; numeric labels keep `str` at 0.
@@ -221,7 +321,7 @@ pub struct FlatFunction {
 /// this reads the same fields with a handful of allocations per profile.
 /// Mappings, file names and line numbers are skipped: Ember stores stacks
 /// of function names.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct FlatProfile<'a> {
     pub strings: Vec<&'a [u8]>,
     pub sample_types: Vec<ValueType>,
@@ -229,7 +329,7 @@ pub struct FlatProfile<'a> {
     pub period: i64,
     pub time_nanos: i64,
     pub duration_nanos: i64,
-    pub samples: Vec<FlatSample>,
+    pub samples: Vec<FlatSample<'a>>,
     pub locations: Vec<FlatLocation>,
     pub functions: Vec<FlatFunction>,
     sample_locations: Vec<u64>,
@@ -296,9 +396,9 @@ impl<'a> FlatProfile<'a> {
             locations: Vec::with_capacity(locations),
             functions: Vec::with_capacity(count[5]),
             // Every varint takes at least a byte, so the samples' bytes
-            // bound their location ids and values: room is never more than
-            // the input asks for, whatever counts it claims.
-            sample_locations: Vec::with_capacity(bytes[2]),
+            // bound their values: room is never more than the input asks
+            // for, whatever counts it claims. Location ids mostly stay
+            // packed (`Locations`), so theirs grows only if needed.
             sample_values: Vec::with_capacity(
                 bytes[2].min(samples.saturating_mul(count[1].max(1))),
             ),
@@ -329,7 +429,8 @@ impl<'a> FlatProfile<'a> {
             ..Default::default()
         };
         for s in &p.sample {
-            let locations = span(&mut flat.sample_locations, s.location_id.iter().copied());
+            let (start, end) = span(&mut flat.sample_locations, s.location_id.iter().copied());
+            let locations = Locations::Decoded(start, end);
             let values = span(&mut flat.sample_values, s.value.iter().copied());
             let labels = span(
                 &mut flat.sample_labels,
@@ -358,8 +459,13 @@ impl<'a> FlatProfile<'a> {
         flat
     }
 
-    pub fn location_ids(&self, s: &FlatSample) -> &[u64] {
-        &self.sample_locations[range(s.locations)]
+    pub fn location_ids(&self, s: &FlatSample<'a>) -> LocationIds<'_> {
+        match s.locations {
+            Locations::Packed(bytes) => LocationIds::Packed(bytes),
+            Locations::Decoded(start, end) => {
+                LocationIds::Decoded(&self.sample_locations[range((start, end))])
+            }
+        }
     }
 
     pub fn values(&self, s: &FlatSample) -> &[i64] {
@@ -395,17 +501,39 @@ impl<'a> FlatProfile<'a> {
             self.sample_values.len(),
             self.sample_labels.len(),
         );
+        let mut packed_ids: Option<&'a [u8]> = None;
+        let mut decoded = false;
         let mut r = Wire::new(data);
         while let Some((field, wire)) = r.key()? {
             match field {
-                1 => r.repeated(wire, &mut self.sample_locations, |v| v)?,
+                1 if wire == WIRE_LEN && !decoded && packed_ids.is_none() => {
+                    let run = r.message(wire)?;
+                    if short_varints(run) {
+                        packed_ids = Some(run);
+                    } else {
+                        packed(run, &mut self.sample_locations, |v| v)?;
+                        decoded = true;
+                    }
+                }
+                1 => {
+                    // A second run (or one value per key) follows the first.
+                    if let Some(run) = packed_ids.take() {
+                        packed(run, &mut self.sample_locations, |v| v)?;
+                    }
+                    r.repeated(wire, &mut self.sample_locations, |v| v)?;
+                    decoded = true;
+                }
                 2 => r.repeated(wire, &mut self.sample_values, |v| v as i64)?,
                 3 => self.sample_labels.push(label(r.message(wire)?)?),
                 _ => r.skip(wire)?,
             }
         }
+        let locations = match packed_ids {
+            Some(run) => Locations::Packed(run),
+            None => Locations::Decoded(start.0 as u32, self.sample_locations.len() as u32),
+        };
         self.samples.push(FlatSample {
-            locations: (start.0 as u32, self.sample_locations.len() as u32),
+            locations,
             values: (start.1 as u32, self.sample_values.len() as u32),
             labels: (start.2 as u32, self.sample_labels.len() as u32),
         });
@@ -431,6 +559,39 @@ impl<'a> FlatProfile<'a> {
         location.lines = (start as u32, self.line_functions.len() as u32);
         self.locations.push(location);
         Ok(())
+    }
+}
+
+/// The same profile: equal fields, and samples with the same location ids,
+/// values and labels whatever form their ids were sent in.
+impl PartialEq for FlatProfile<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let sample = |p: &Self, s: &FlatSample| {
+            (
+                p.location_ids(s).to_vec(),
+                p.values(s).to_vec(),
+                p.labels(s).to_vec(),
+            )
+        };
+        let lines = |p: &Self| -> Vec<(u64, u64, Vec<u64>)> {
+            p.locations
+                .iter()
+                .map(|l| (l.id, l.address, p.line_functions(l).to_vec()))
+                .collect()
+        };
+        self.strings == other.strings
+            && self.sample_types == other.sample_types
+            && self.period_type == other.period_type
+            && (self.period, self.time_nanos, self.duration_nanos)
+                == (other.period, other.time_nanos, other.duration_nanos)
+            && self.functions == other.functions
+            && lines(self) == lines(other)
+            && self.samples.len() == other.samples.len()
+            && self
+                .samples
+                .iter()
+                .zip(&other.samples)
+                .all(|(a, b)| sample(self, a) == sample(other, b))
     }
 }
 
@@ -777,7 +938,7 @@ mod tests {
         }
         let whole = FlatProfile::decode(&bytes).unwrap();
         let s = &whole.samples[0];
-        assert_eq!(whole.location_ids(s), &[5, 5]);
+        assert_eq!(whole.location_ids(s).to_vec(), [5, 5]);
         assert_eq!(whole.values(s), &[-3, 1 << 40]);
         assert_eq!(whole.labels(s), &[FlatLabel { key: 5, str: 6 }]);
         assert_eq!(whole.line_functions(&whole.locations[0]), &[2, 1]);
@@ -822,7 +983,7 @@ mod tests {
             flat,
             FlatProfile::of(&Profile::decode(profile.as_slice()).unwrap())
         );
-        assert_eq!(flat.location_ids(&flat.samples[0]), &[5, 6]);
+        assert_eq!(flat.location_ids(&flat.samples[0]).to_vec(), [5, 6]);
         assert_eq!(flat.values(&flat.samples[0]), &[-1]);
         assert_eq!(flat.period_type, Some(ValueType { r#type: 3, unit: 4 }));
     }
@@ -879,7 +1040,40 @@ mod tests {
         varint(sample.len() as u64, &mut profile);
         profile.extend_from_slice(&sample);
         let flat = FlatProfile::decode(&profile).unwrap();
-        assert_eq!(flat.location_ids(&flat.samples[0]), numbers.as_slice());
+        assert_eq!(flat.location_ids(&flat.samples[0]).to_vec(), numbers);
+    }
+
+    /// The word-at-a-time check says what a byte-at-a-time reading says:
+    /// whole varints of at most 9 bytes.
+    #[test]
+    fn short_varints_are_found_as_a_byte_at_a_time_finds_them() {
+        let reference = |data: &[u8]| {
+            let (mut run, mut longest) = (0, 0);
+            for &b in data {
+                run = if b >= 0x80 { run + 1 } else { 0 };
+                longest = longest.max(run);
+            }
+            run == 0 && longest < 9
+        };
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        let mut agree = [0usize; 2];
+        for _ in 0..50_000 {
+            let len = next() as usize % 40;
+            // Mostly continuation bytes, so long runs come up often.
+            let data: Vec<u8> = (0..len)
+                .map(|_| if next() % 8 == 0 { 0x05 } else { 0x85 })
+                .collect();
+            let want = reference(&data);
+            assert_eq!(short_varints(&data), want, "{data:x?}");
+            agree[usize::from(want)] += 1;
+        }
+        assert!(agree[0] > 1000 && agree[1] > 1000, "{agree:?}");
     }
 
     /// A known field with another wire type than its own is an error, as
