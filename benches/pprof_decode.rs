@@ -63,12 +63,12 @@ fn push_request(c: &mut Criterion) {
                 value: name,
             }],
             samples: vec![RawSample {
-                raw_profile: bytes,
+                raw_profile: bytes.into(),
                 id: String::new(),
             }],
         });
     }
-    let body = PushRequest { series }.encode_to_vec();
+    let body = bytes::Bytes::from(PushRequest { series }.encode_to_vec());
     let mut limits = Limits::default();
     limits.defaults.reject_older_than_seconds = 0;
     limits.defaults.reject_newer_than_seconds = 0;
@@ -79,7 +79,7 @@ fn push_request(c: &mut Criterion) {
     let mut group = c.benchmark_group("push");
     group.throughput(Throughput::Elements(samples as u64));
     group.bench_function("decode/recorded-agent-profiles", |b| {
-        b.iter(|| push_body(&limits, &body, encoding, "bench", 1).expect("decodes"))
+        b.iter(|| push_body(&limits, body.clone(), encoding, "bench", 1).expect("decodes"))
     });
     group.finish();
 }

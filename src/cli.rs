@@ -285,7 +285,7 @@ async fn push_pprof(
         series: vec![RawProfileSeries {
             labels,
             samples: vec![RawSample {
-                raw_profile: data,
+                raw_profile: data.into(),
                 id: String::new(),
             }],
         }],

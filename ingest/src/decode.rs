@@ -1,6 +1,7 @@
 //! Request bodies to normalised profiles, under the request's and the
 //! tenant's limits: what every push path and every fuzz target runs.
 
+use bytes::Bytes;
 use ember_engine::profile::Profile;
 
 use crate::legacy::{self, Format, IngestParams};
@@ -37,7 +38,7 @@ impl Budget {
 /// the request's limits, then checked against the tenant's.
 pub fn push_body(
     limits: &Limits,
-    body: &[u8],
+    body: Bytes,
     encoding: BodyEncoding,
     tenant: &str,
     now_nanos: i64,
@@ -46,16 +47,15 @@ pub fn push_body(
         left: limits.max_decompressed_bytes,
         limit: limits.max_decompressed_bytes,
     };
-    let inflated;
     let body = if encoding.gzip {
-        inflated = pprof::gunzip(body, budget.left, "request body")?;
+        let inflated = pprof::gunzip(&body, budget.left, "request body")?;
         budget.take(inflated.len())?;
-        inflated.as_slice()
+        Bytes::from(inflated)
     } else {
         body
     };
     let req = if encoding.json {
-        PushRequest::decode_json(body)?
+        PushRequest::decode_json(&body)?
     } else {
         PushRequest::decode_proto(body)?
     };

@@ -86,7 +86,7 @@ impl RequestBody {
     fn decode(self, limits: &Limits, tenant: &str, now: i64) -> Result<Vec<Profile>, IngestError> {
         match self {
             RequestBody::Push { body, encoding } => {
-                decode::push_body(limits, &body, encoding, tenant, now)
+                decode::push_body(limits, body, encoding, tenant, now)
             }
             RequestBody::Otlp { body, encoding } => {
                 decode::otlp_body(limits, &body, encoding, tenant, now)

@@ -82,7 +82,13 @@ pub fn push_json(data: &[u8]) {
 fn push(data: &[u8], json: bool) {
     let l = limits();
     let gzip = data.starts_with(&[0x1f, 0x8b]);
-    if let Ok(profiles) = decode::push_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
+    if let Ok(profiles) = decode::push_body(
+        &l,
+        bytes::Bytes::copy_from_slice(data),
+        BodyEncoding { json, gzip },
+        "fuzz",
+        NOW,
+    ) {
         check_bounds(&profiles, &l.defaults);
     }
 }

@@ -4,6 +4,7 @@
 //! JSON mapping for Connect's `application/json`.
 
 use base64::Engine;
+use bytes::Bytes;
 use prost::Message;
 use serde::Deserialize;
 
@@ -36,11 +37,12 @@ pub struct RawProfileSeries {
     pub samples: Vec<RawSample>,
 }
 
-/// `push.v1.RawSample`
+/// `push.v1.RawSample`. The profile is a slice of the request body, not a
+/// copy of it: decoding the request copied every profile twice.
 #[derive(Clone, PartialEq, Message)]
 pub struct RawSample {
-    #[prost(bytes = "vec", tag = "1")]
-    pub raw_profile: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub raw_profile: Bytes,
     #[prost(string, tag = "2")]
     pub id: String,
 }
@@ -72,7 +74,7 @@ struct JsonSample {
 }
 
 impl PushRequest {
-    pub fn decode_proto(body: &[u8]) -> Result<Self, IngestError> {
+    pub fn decode_proto(body: Bytes) -> Result<Self, IngestError> {
         Self::decode(body).map_err(|e| IngestError::Decode {
             what: "push.v1.PushRequest",
             reason: e.to_string(),
@@ -99,7 +101,7 @@ impl PushRequest {
                     })
                     .map_err(|e| err(format!("rawProfile is not base64: {e}")))?;
                 samples.push(RawSample {
-                    raw_profile: raw,
+                    raw_profile: raw.into(),
                     id: sample.id,
                 });
             }
@@ -125,12 +127,12 @@ mod tests {
                     value: "api".into(),
                 }],
                 samples: vec![RawSample {
-                    raw_profile: vec![1, 2, 3],
+                    raw_profile: vec![1, 2, 3].into(),
                     id: "x".into(),
                 }],
             }],
         };
-        let proto = PushRequest::decode_proto(&req.encode_to_vec()).unwrap();
+        let proto = PushRequest::decode_proto(req.encode_to_vec().into()).unwrap();
         assert_eq!(proto, req);
         let json = br#"{"series":[{"labels":[{"name":"service_name","value":"api"}],"samples":[{"rawProfile":"AQID","ID":"x"}]}]}"#;
         assert_eq!(PushRequest::decode_json(json).unwrap(), req);
@@ -138,6 +140,6 @@ mod tests {
             PushRequest::decode_json(br#"{"series":[{"samples":[{"rawProfile":"***"}]}]}"#)
                 .is_err()
         );
-        assert!(PushRequest::decode_proto(&[0xff, 0xff, 0xff]).is_err());
+        assert!(PushRequest::decode_proto(Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
     }
 }

@@ -290,7 +290,7 @@ pub fn push_request(series: &[(&Series, Vec<u8>)]) -> PushRequest {
                     })
                     .collect(),
                 samples: vec![RawSample {
-                    raw_profile: gz.clone(),
+                    raw_profile: gz.clone().into(),
                     id: String::new(),
                 }],
             })

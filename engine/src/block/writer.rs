@@ -331,6 +331,9 @@ fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
 /// the whole cache is dropped after the block that filled it.
 pub struct StackNodes {
     datasets: HashMap<(String, String), DatasetNodes>,
+    /// The nodes of the dataset being written, kept between writes so it
+    /// is not grown from nothing each time.
+    written: Vec<(u64, u64, u32)>,
     /// Numbers each dataset write, so a cached node knows whether the
     /// block being written holds it yet.
     writes: u32,
@@ -351,6 +354,7 @@ impl StackNodes {
     pub fn with_limit(limit_bytes: usize) -> Self {
         StackNodes {
             datasets: HashMap::new(),
+            written: Vec::new(),
             writes: 0,
             bytes: 0,
             limit_bytes,
@@ -374,12 +378,13 @@ impl StackNodes {
             }
         };
         let key = (tenant.to_string(), service.to_string());
+        self.written.clear();
         StackTree {
             nodes: WriteNodes {
                 dataset: self.datasets.entry(key).or_default(),
                 bytes: &mut self.bytes,
                 write: self.writes,
-                written: Vec::new(),
+                written: &mut self.written,
             },
             tables: Default::default(),
         }
@@ -388,6 +393,7 @@ impl StackNodes {
     fn evict_if_full(&mut self) {
         if self.bytes > self.limit_bytes {
             self.datasets.clear();
+            self.written = Vec::new();
             self.bytes = 0;
         }
     }
@@ -462,7 +468,7 @@ struct WriteNodes<'c> {
     bytes: &'c mut usize,
     write: u32,
     /// (id, parent id, name number) of each node this write holds.
-    written: Vec<(u64, u64, u32)>,
+    written: &'c mut Vec<(u64, u64, u32)>,
 }
 
 impl<'c> StackTree<'c> {
@@ -485,14 +491,14 @@ impl<'c> StackTree<'c> {
     }
 
     fn into_batch(self) -> Result<RecordBatch, BlockError> {
-        let mut nodes = self.nodes.written;
+        let nodes = self.nodes.written;
         nodes.sort_unstable_by_key(|n| n.0);
         // Two paths whose ids collide are one node, as the readers see it.
         nodes.dedup_by_key(|n| n.0);
         let mut id = UInt64Builder::with_capacity(nodes.len());
         let mut parent = UInt64Builder::with_capacity(nodes.len());
         let mut name = StringBuilder::new();
-        for (i, p, n) in nodes {
+        for &(i, p, n) in nodes.iter() {
             id.append_value(i);
             parent.append_value(p);
             name.append_value(&self.nodes.dataset.names[n as usize]);
