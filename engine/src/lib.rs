@@ -15,7 +15,7 @@ pub mod tenant;
 pub use auth::{AuthError, Authenticator};
 pub use block::{BlockMeta, DatasetMeta, SectionMeta};
 pub use metastore::{BlockQuery, Command, DatasetKey, DatasetRef, Metastore, MetastoreError};
-pub use profile::{Labels, Profile, Sample, Stack};
+pub use profile::{Labels, Profile, Sample, Stack, Stacks};
 pub use tenant::{TenantId, DEFAULT_TENANT};
 
 /// Support for tests and benchmarks across the workspace.

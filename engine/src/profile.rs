@@ -11,7 +11,7 @@ pub const METRIC_NAME: &str = "__name__";
 pub const PROFILE_TYPE: &str = "__profile_type__";
 
 /// One profile of one series and one profile type.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Profile {
     pub tenant: String,
     /// The series' labels, `service_name` included, `__profile_type__` excluded.
@@ -24,6 +24,8 @@ pub struct Profile {
     /// Function names that the samples' stacks point into, shared by the
     /// profiles (sample types, label sets) decoded from one pprof.
     pub functions: Arc<Functions>,
+    /// The samples' stacks, shared as `functions` is.
+    pub stacks: Arc<Stacks>,
     pub samples: Vec<Sample>,
 }
 
@@ -90,108 +92,153 @@ impl<S: AsRef<str>> FromIterator<S> for Functions {
     }
 }
 
-/// A root-first stack of function indices, in a buffer it may share: the
-/// stacks of one pprof sit side by side in one allocation, which every
-/// profile made from that pprof (one per sample type and label set) points
-/// into, so a stack costs no allocation of its own and the block writer
-/// reads a profile's stacks in memory order. The buffer lives as long as
-/// any of those profiles; they go to one shard (one service) and are
-/// dropped together when it flushes.
-#[derive(Clone)]
+/// The root-first stacks of function indices that a profile's samples
+/// point into, side by side in one buffer. The stacks of one pprof sit in
+/// one buffer, which every profile made from that pprof (one per sample
+/// type and label set) shares, so a stack costs no allocation and no
+/// reference count of its own, and the block writer reads a profile's
+/// stacks in memory order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stacks {
+    frames: Vec<u32>,
+}
+
+impl Stacks {
+    /// Stacks already side by side in `frames`, as [`Stack::ranked`]
+    /// ranges into it.
+    pub fn from_frames(frames: Vec<u32>) -> Self {
+        Stacks { frames }
+    }
+
+    /// Appends a stack and returns it, unranked (an empty stack if the
+    /// buffer would pass 4 G frames).
+    pub fn push(&mut self, frames: &[u32]) -> Stack {
+        let start = self.frames.len();
+        self.frames.extend_from_slice(frames);
+        match (u32::try_from(start), u32::try_from(self.frames.len())) {
+            (Ok(start), Ok(end)) => Stack {
+                start,
+                end,
+                rank: UNRANKED,
+            },
+            _ => {
+                self.frames.truncate(start);
+                Stack::default()
+            }
+        }
+    }
+
+    /// Samples of the given (stack, value, span), unranked, and the buffer
+    /// of their stacks.
+    pub fn with_samples<S: AsRef<[u32]>>(
+        samples: impl IntoIterator<Item = (S, i64, Option<u64>)>,
+    ) -> (Arc<Stacks>, Vec<Sample>) {
+        let mut stacks = Stacks::default();
+        let samples = samples
+            .into_iter()
+            .map(|(stack, value, span_id)| Sample {
+                stack: stacks.push(stack.as_ref()),
+                value,
+                span_id,
+            })
+            .collect();
+        (Arc::new(stacks), samples)
+    }
+
+    /// A stack's frames; empty for a stack of another buffer that does not
+    /// fit in this one.
+    pub fn get(&self, stack: Stack) -> &[u32] {
+        let frames = self.frames.get(stack.start as usize..stack.end as usize);
+        debug_assert!(frames.is_some(), "{stack:?} of {}", self.frames.len());
+        frames.unwrap_or_default()
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        self.frames.capacity() * std::mem::size_of::<u32>()
+    }
+}
+
+/// Where a sample's stack is in its profile's [`Stacks`], and its rank
+/// among the distinct stacks there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stack {
-    frames: Arc<[u32]>,
     start: u32,
     end: u32,
-    /// Its place among the distinct stacks of `frames`, or [`UNRANKED`].
+    /// Its place among the distinct stacks of its buffer, or [`UNRANKED`].
     rank: u32,
 }
 
 const UNRANKED: u32 = u32::MAX;
 
 impl Stack {
-    /// The stack at `range` of `frames`, the `rank`-th distinct stack in
-    /// it (an empty, unranked stack in a release build if the range is not
-    /// within it). Profiles made from one pprof share `frames` and ranks,
-    /// so the block writer computes a stack's node ids once for all of
-    /// them.
-    pub fn ranked(frames: &Arc<[u32]>, range: std::ops::Range<usize>, rank: u32) -> Self {
-        let bounds = (u32::try_from(range.start), u32::try_from(range.end));
-        let within = range.start <= range.end && range.end <= frames.len();
-        debug_assert!(within, "{range:?} of {}", frames.len());
-        let (start, end, rank) = match bounds {
-            (Ok(start), Ok(end)) if within => (start, end, rank),
-            _ => (0, 0, UNRANKED),
-        };
-        Stack {
-            frames: frames.clone(),
-            start,
-            end,
-            rank,
+    /// The stack at `range` of its buffer, the `rank`-th distinct stack
+    /// there (an empty, unranked stack if the range passes 4 G frames).
+    /// Profiles made from one pprof share the buffer and the ranks, so the
+    /// block writer computes a stack's node ids once for all of them.
+    pub fn ranked(range: std::ops::Range<usize>, rank: u32) -> Self {
+        match (u32::try_from(range.start), u32::try_from(range.end)) {
+            (Ok(start), Ok(end)) if start <= end => Stack { start, end, rank },
+            _ => Stack::default(),
         }
     }
 
-    /// The buffer this stack is in and its rank there, if it has one.
-    pub fn rank(&self) -> Option<(*const u32, u32)> {
-        (self.rank != UNRANKED).then(|| (self.frames.as_ptr(), self.rank))
+    /// Its rank in its buffer, if it has one.
+    pub fn rank(&self) -> Option<u32> {
+        (self.rank != UNRANKED).then_some(self.rank)
     }
-}
 
-impl std::ops::Deref for Stack {
-    type Target = [u32];
-
-    fn deref(&self) -> &[u32] {
-        &self.frames[self.start as usize..self.end as usize]
+    /// Its depth in frames.
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
     }
-}
 
-impl From<Vec<u32>> for Stack {
-    fn from(frames: Vec<u32>) -> Self {
-        let frames: Arc<[u32]> = frames.into();
-        let end = u32::try_from(frames.len()).unwrap_or(0);
-        Stack {
-            frames,
-            start: 0,
-            end,
-            rank: UNRANKED,
-        }
-    }
-}
-
-impl PartialEq for Stack {
-    fn eq(&self, other: &Self) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for Stack {}
-
-impl PartialOrd for Stack {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Stack {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (**self).cmp(&**other)
-    }
-}
-
-impl std::fmt::Debug for Stack {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (**self).fmt(f)
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
     }
 }
 
 /// One stack and its value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
     pub stack: Stack,
     pub value: i64,
     pub span_id: Option<u64>,
 }
 
+/// Profiles are equal when their samples have the same frames, wherever
+/// those sit in their buffers.
+impl PartialEq for Profile {
+    fn eq(&self, other: &Self) -> bool {
+        fn samples(p: &Profile) -> impl Iterator<Item = (&[u32], i64, Option<u64>)> {
+            p.samples.iter().map(|s| (p.stack(s), s.value, s.span_id))
+        }
+        (
+            &self.tenant,
+            &self.labels,
+            &self.profile_type,
+            self.time_nanos,
+            self.duration_nanos,
+            self.period,
+            &self.functions,
+        ) == (
+            &other.tenant,
+            &other.labels,
+            &other.profile_type,
+            other.time_nanos,
+            other.duration_nanos,
+            other.period,
+            &other.functions,
+        ) && samples(self).eq(samples(other))
+    }
+}
+
 impl Profile {
+    /// A sample's frames, root first.
+    pub fn stack(&self, sample: &Sample) -> &[u32] {
+        self.stacks.get(sample.stack)
+    }
+
     pub fn service_name(&self) -> &str {
         label_value(&self.labels, SERVICE_NAME).unwrap_or("unknown_service")
     }
@@ -203,12 +250,13 @@ impl Profile {
             .fold(0i64, |sum, s| sum.saturating_add(s.value))
     }
 
-    /// Approximate in-memory size, used to bound open segments.
+    /// Approximate in-memory size, used to bound open segments: the
+    /// buffers it shares with the other profiles of its pprof are counted
+    /// in each of them.
     pub fn size_bytes(&self) -> usize {
         let labels: usize = self.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let functions = self.functions.size_bytes();
-        let samples: usize = self.samples.iter().map(|s| s.stack.len() * 4 + 40).sum();
-        labels + functions + samples + 128
+        let samples = self.samples.capacity() * std::mem::size_of::<Sample>();
+        labels + self.functions.size_bytes() + self.stacks.size_bytes() + samples + 128
     }
 }
 
@@ -277,18 +325,45 @@ mod tests {
     }
 
     #[test]
-    fn stacks_in_a_shared_buffer_compare_by_their_frames() {
-        let frames: Arc<[u32]> = vec![1, 2, 3, 1, 2, 1, 2, 3].into();
-        let a = Stack::ranked(&frames, 0..3, 1);
-        let b = Stack::ranked(&frames, 3..5, 0);
-        let c = Stack::ranked(&frames, 5..8, 1);
-        assert_eq!(&*a, &[1, 2, 3]);
-        assert_eq!(a, c);
-        assert_eq!(a, Stack::from(vec![1, 2, 3]));
-        assert!(b < a, "a prefix sorts first");
-        assert_eq!(format!("{b:?}"), "[1, 2]");
-        assert_eq!(a.rank(), Some((frames.as_ptr(), 1)));
-        assert_eq!(Stack::from(vec![1, 2, 3]).rank(), None);
+    fn stacks_are_ranges_of_their_buffer() {
+        let mut stacks = Stacks::from_frames(vec![1, 2, 3, 1, 2]);
+        let a = Stack::ranked(0..3, 1);
+        let b = Stack::ranked(3..5, 0);
+        let c = stacks.push(&[7, 8]);
+        assert_eq!(stacks.get(a), &[1, 2, 3]);
+        assert_eq!(stacks.get(b), &[1, 2]);
+        assert_eq!(stacks.get(c), &[7, 8]);
+        assert_eq!((a.rank(), b.rank(), c.rank()), (Some(1), Some(0), None));
+        assert_eq!((a.len(), c.len()), (3, 2));
+        let backwards = std::ops::Range { start: 3, end: 2 };
+        assert!(Stack::ranked(backwards, 0).is_empty());
+        assert!(Stack::ranked(0..1 << 33, 0).is_empty());
+    }
+
+    #[test]
+    fn profiles_with_the_same_frames_in_other_places_are_equal() {
+        let profile = |frames: Vec<u32>, at: [std::ops::Range<usize>; 2]| Profile {
+            tenant: "t".into(),
+            labels: vec![],
+            profile_type: "cpu".into(),
+            time_nanos: 1,
+            duration_nanos: 0,
+            period: 0,
+            functions: Arc::new(["a", "b"].into_iter().collect()),
+            stacks: Arc::new(Stacks::from_frames(frames)),
+            samples: at
+                .into_iter()
+                .map(|range| Sample {
+                    stack: Stack::ranked(range, 0),
+                    value: 5,
+                    span_id: None,
+                })
+                .collect(),
+        };
+        let a = profile(vec![0, 1, 0], [0..2, 2..3]);
+        let b = profile(vec![9, 0, 0, 1], [2..4, 1..2]);
+        assert_eq!(a, b);
+        assert_ne!(a, profile(vec![0, 1, 0], [0..2, 1..3]));
     }
 
     #[test]

@@ -183,7 +183,7 @@ fn check_bounds(profiles: &[ember_engine::Profile], limits: &ProfileLimits) {
         assert!(p.samples.len() <= limits.max_profile_stacktrace_samples);
         for s in &p.samples {
             assert!(s.stack.len() <= limits.max_profile_stacktrace_depth.max(2));
-            assert!(s.stack.iter().all(|f| (*f as usize) < p.functions.len()));
+            assert!(p.stack(s).iter().all(|f| (*f as usize) < p.functions.len()));
         }
         assert!(p
             .functions

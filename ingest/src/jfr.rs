@@ -1130,8 +1130,8 @@ mod tests {
         let mut out = BTreeMap::new();
         for p in profiles {
             for s in &p.samples {
-                let path: Vec<&str> = s
-                    .stack
+                let path: Vec<&str> = p
+                    .stack(s)
                     .iter()
                     .map(|&f| p.functions.get(f as usize).unwrap())
                     .collect();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use ember_engine::profile::{normalise_labels, Labels, Profile, Sample, METRIC_NAME, SERVICE_NAME};
+use ember_engine::profile::{normalise_labels, Labels, Profile, Stacks, METRIC_NAME, SERVICE_NAME};
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::normalise::{validate_labels, Destination};
@@ -312,7 +312,7 @@ pub fn parse_folded(
                 break;
             }
             let id = *index.entry(frame).or_insert_with(|| {
-                names.push(limits.truncate_symbol(frame.into()).into_owned());
+                names.push(limits.symbol(frame.as_bytes()).into_owned());
                 (names.len() - 1) as u32
             });
             ids.push(id);
@@ -326,19 +326,16 @@ pub fn parse_folded(
         let slot = stacks.entry(ids).or_insert(0);
         *slot = slot.saturating_add(value);
     }
-    let mut samples: Vec<Sample> = stacks
-        .into_iter()
-        .filter(|(_, v)| *v != 0)
-        .map(|(stack, value)| Sample {
-            stack: stack.into(),
-            value,
-            span_id: None,
-        })
-        .collect();
-    if samples.is_empty() {
+    let mut stacks: Vec<(Vec<u32>, i64)> = stacks.into_iter().filter(|(_, v)| *v != 0).collect();
+    if stacks.is_empty() {
         return Ok(None);
     }
-    samples.sort_by(|a, b| a.stack.cmp(&b.stack));
+    stacks.sort_unstable();
+    let (stacks, samples) = Stacks::with_samples(
+        stacks
+            .into_iter()
+            .map(|(stack, value)| (stack, value, None)),
+    );
     let from = params.from_nanos.unwrap_or(dest.received_at_nanos);
     let until = params.until_nanos.unwrap_or(from);
     let period = params
@@ -353,6 +350,7 @@ pub fn parse_folded(
         duration_nanos: until.saturating_sub(from).max(0),
         period,
         functions: Arc::new(names.into_iter().collect()),
+        stacks,
         samples,
     }))
 }
@@ -418,14 +416,9 @@ mod tests {
         let p = parse_folded(b"a;b\na;b\n", Format::Lines, &params, &dest)
             .unwrap()
             .unwrap();
-        assert_eq!(
-            p.samples,
-            vec![Sample {
-                // 0 is the truncation frame.
-                stack: vec![1, 2].into(),
-                value: 2,
-                span_id: None
-            }]
-        );
+        assert_eq!(p.samples.len(), 1);
+        // 0 is the truncation frame.
+        assert_eq!(p.stack(&p.samples[0]), &[1, 2]);
+        assert_eq!((p.samples[0].value, p.samples[0].span_id), (2, None));
     }
 }

@@ -103,23 +103,16 @@ impl ProfileLimits {
         Ok(())
     }
 
-    /// Cuts a symbol name to the limit, at a character boundary (a name
-    /// within it is not copied).
-    pub fn truncate_symbol<'a>(&self, name: Cow<'a, str>) -> Cow<'a, str> {
+    /// A symbol name as text within the limit: the bytes as they are when
+    /// they are valid UTF-8 within it, as almost every name is; else
+    /// repaired, then cut at a character boundary.
+    #[inline]
+    pub fn symbol<'a>(&self, bytes: &'a [u8]) -> Cow<'a, str> {
         let max = self.max_profile_symbol_value_length.max(1);
-        if name.len() <= max {
-            return name;
-        }
-        let mut end = max;
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        match name {
-            Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
-            Cow::Owned(mut s) => {
-                s.truncate(end);
-                Cow::Owned(s)
-            }
+        match std::str::from_utf8(bytes) {
+            Ok(valid) if valid.len() <= max => Cow::Borrowed(valid),
+            Ok(valid) => cut(Cow::Borrowed(valid), max),
+            Err(_) => cut(String::from_utf8_lossy(bytes), max),
         }
     }
 
@@ -127,6 +120,25 @@ impl ProfileLimits {
     /// [`TRUNCATED_FRAME`] (a stack at the limit is kept whole).
     pub fn kept_depth(&self) -> usize {
         self.max_profile_stacktrace_depth.max(2) - 1
+    }
+}
+
+/// `name` cut to at most `max` bytes, at a character boundary.
+#[cold]
+fn cut(name: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    if name.len() <= max {
+        return name;
+    }
+    let mut end = max;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    match name {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
+        Cow::Owned(mut s) => {
+            s.truncate(end);
+            Cow::Owned(s)
+        }
     }
 }
 
@@ -298,9 +310,13 @@ mod tests {
             max_profile_symbol_value_length: 4,
             ..Default::default()
         };
-        assert_eq!(l.truncate_symbol("abcdef".into()), "abcd");
-        assert_eq!(l.truncate_symbol("abé".into()), "abé");
-        assert_eq!(l.truncate_symbol("abcé".into()), "abc");
+        assert_eq!(l.symbol(b"abcdef"), "abcd");
+        assert_eq!(l.symbol("abé".as_bytes()), "abé");
+        assert_eq!(l.symbol("abcé".as_bytes()), "abc");
+        assert!(matches!(l.symbol(b"abc"), Cow::Borrowed("abc")));
+        // Repaired first: the replacement character takes three bytes.
+        assert_eq!(l.symbol(b"ab\xffc"), "ab");
+        assert_eq!(l.symbol(b"\xff"), "\u{fffd}");
     }
 
     #[test]

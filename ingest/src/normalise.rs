@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_engine::profile::{
-    normalise_labels, Functions, Labels, Profile, Sample, Stack, METRIC_NAME, SERVICE_NAME,
+    normalise_labels, Functions, Labels, Profile, Sample, Stack, Stacks, METRIC_NAME, SERVICE_NAME,
 };
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
@@ -208,15 +208,7 @@ impl<'a> Symbols<'a> {
         if name.is_empty() {
             name = p.string(f.system_name, "function.system_name")?;
         }
-        // Almost every name is valid and within the limit: borrowed as
-        // is, without the repair and the cut.
-        let name = match std::str::from_utf8(name) {
-            Ok(valid) if valid.len() <= limits.max_profile_symbol_value_length => {
-                Cow::Borrowed(valid)
-            }
-            _ => limits.truncate_symbol(text(name)),
-        };
-        Ok(self.intern(name))
+        Ok(self.intern(limits.symbol(name)))
     }
 
     fn build(p: &FlatProfile<'a>, limits: &ProfileLimits) -> Result<Self, IngestError> {
@@ -273,11 +265,15 @@ impl<'a> Symbols<'a> {
         Ok(s)
     }
 
+    /// A location's frames, leaf first. Looked up for every id of every
+    /// new stack: inlined, with the error built out of line, so the lookup
+    /// does not return a whole `Result` through memory.
+    #[inline]
     fn frames_of(&self, location_id: u64) -> Result<&[u32], IngestError> {
-        let (start, end) = self.locations.get(location_id).ok_or_else(|| {
-            IngestError::Invalid(format!("sample refers to unknown location {location_id}"))
-        })?;
-        Ok(&self.frames[start as usize..end as usize])
+        match self.locations.get(location_id) {
+            Some((start, end)) => Ok(&self.frames[start as usize..end as usize]),
+            None => Err(unknown_location(location_id)),
+        }
     }
 
     /// Appends the root-first stack of a sample to `out`. A stack deeper
@@ -309,6 +305,11 @@ impl<'a> Symbols<'a> {
         }
         Ok(())
     }
+}
+
+#[cold]
+fn unknown_location(id: u64) -> IngestError {
+    IngestError::Invalid(format!("sample refers to unknown location {id}"))
 }
 
 fn profile_type_name(dest: &Labels, period_type: &str, sample_type: &str) -> String {
@@ -359,20 +360,23 @@ struct DistinctStacks<'p> {
 /// buffer, and each location list's stack in that order: sorting samples
 /// by rank brings those to merge together without hashing whole stacks.
 struct RankedStacks {
+    stacks: Arc<Stacks>,
     by_rank: Vec<Stack>,
     rank: Vec<u32>,
 }
 
 impl<'p> DistinctStacks<'p> {
     /// Sized for every sample having its own stack, as most do, of a
-    /// frame per location up to the depth a stack keeps.
+    /// frame per location up to the depth a stack keeps (bounded by the
+    /// ids' bytes: cheaper than counting them, for an id or two of room
+    /// more than a byte each).
     fn for_samples_of(p: &FlatProfile, symbols: &Symbols) -> Self {
         let samples = p.samples.len();
         let kept = symbols.max_depth + 1;
         let locations = p
             .samples
             .iter()
-            .map(|s| p.location_ids(s).count().min(kept))
+            .map(|s| p.location_ids(s).most().min(kept))
             .fold(0usize, usize::saturating_add);
         DistinctStacks {
             by_locations: foldhash::HashMap::with_capacity_and_hasher(samples, Default::default()),
@@ -383,15 +387,15 @@ impl<'p> DistinctStacks<'p> {
     }
 
     fn index(&mut self, symbols: &Symbols, locations: LocationIds<'p>) -> Result<u32, IngestError> {
-        if let Some(&i) = self.by_locations.get(&locations) {
-            return Ok(i);
-        }
-        let i = self.ends.len() as u32;
-        locations.decode_into(&mut self.ids);
+        // Hashed once: a new list is inserted where the lookup missed.
+        let new = match self.by_locations.entry(locations) {
+            Entry::Occupied(e) => return Ok(*e.get()),
+            Entry::Vacant(e) => e,
+        };
+        new.key().decode_into(&mut self.ids);
         symbols.append_stack(&self.ids, &mut self.frames)?;
         self.ends.push(self.frames.len());
-        self.by_locations.insert(locations, i);
-        Ok(i)
+        Ok(*new.insert(self.ends.len() as u32 - 1))
     }
 
     fn stack(&self, i: u32) -> &[u32] {
@@ -421,20 +425,21 @@ impl<'p> DistinctStacks<'p> {
             }
             rank[i as usize] = ends.len() as u32 - 1;
         }
-        // At most two copies of the frames at once.
-        drop(self.frames);
-        let frames: Arc<[u32]> = sorted.into();
         let mut start = 0;
         let by_rank = ends
             .into_iter()
             .enumerate()
             .map(|(rank, end)| {
-                let stack = Stack::ranked(&frames, start..end, rank as u32);
+                let stack = Stack::ranked(start..end, rank as u32);
                 start = end;
                 stack
             })
             .collect();
-        RankedStacks { by_rank, rank }
+        RankedStacks {
+            stacks: Arc::new(Stacks::from_frames(sorted)),
+            by_rank,
+            rank,
+        }
     }
 }
 
@@ -548,6 +553,7 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
                 duration_nanos: p.duration_nanos,
                 period: p.period,
                 functions: functions.clone(),
+                stacks: stacks.stacks.clone(),
                 samples,
             });
         }
@@ -574,7 +580,7 @@ fn summed_by_stack(mut rows: SeriesSamples, stacks: &RankedStacks) -> Vec<Sample
         match samples.last_mut() {
             Some(s) if last == Some(key) => s.value = s.value.saturating_add(value),
             _ => samples.push(Sample {
-                stack: stacks.by_rank[rank as usize].clone(),
+                stack: stacks.by_rank[rank as usize],
                 value,
                 span_id,
             }),
@@ -595,10 +601,10 @@ fn summed_by_rank(rows: &SeriesSamples, stacks: &RankedStacks) -> Vec<Sample> {
         sums[rank] = sums[rank].saturating_add(value);
     }
     let mut samples = Vec::with_capacity(rows.len().min(sums.len()));
-    for (&value, stack) in sums.iter().zip(&stacks.by_rank) {
+    for (&value, &stack) in sums.iter().zip(&stacks.by_rank) {
         if value > 0 {
             samples.push(Sample {
-                stack: stack.clone(),
+                stack,
                 value,
                 span_id: None,
             });
@@ -836,8 +842,8 @@ mod tests {
         p.samples
             .iter()
             .map(|s| {
-                let names: Vec<&str> = s
-                    .stack
+                let names: Vec<&str> = p
+                    .stack(s)
                     .iter()
                     .map(|i| p.functions.get(*i as usize).unwrap())
                     .collect();
@@ -953,7 +959,7 @@ mod tests {
                     ("main;work;leaf".to_string(), 7 * m, None),
                 ]
             );
-            let frames: Vec<&[u32]> = profile.samples.iter().map(|s| &*s.stack).collect();
+            let frames: Vec<&[u32]> = profile.samples.iter().map(|s| profile.stack(s)).collect();
             assert!(frames.windows(2).all(|w| w[0] < w[1]), "{frames:?}");
         }
     }
@@ -1094,8 +1100,8 @@ mod tests {
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
         assert_eq!(s.value, 7);
-        let names: Vec<&str> = s
-            .stack
+        let names: Vec<&str> = out[0]
+            .stack(s)
             .iter()
             .map(|i| out[0].functions.get(*i as usize).unwrap())
             .collect();
@@ -1106,9 +1112,12 @@ mod tests {
         let out = normalised(&deep_profile(1000, 0), &dest()).unwrap();
         let s = &out[0].samples[0];
         assert_eq!(s.stack.len(), 1000);
-        assert_eq!(out[0].functions.get(s.stack[999] as usize), Some("f000000"));
-        assert!(!s
-            .stack
+        assert_eq!(
+            out[0].functions.get(out[0].stack(s)[999] as usize),
+            Some("f000000")
+        );
+        assert!(!out[0]
+            .stack(s)
             .iter()
             .any(|i| out[0].functions.get(*i as usize) == Some(TRUNCATED_FRAME)));
     }
@@ -1140,8 +1149,8 @@ mod tests {
             p.sample[0].location_id = (1..=locations as u64).collect();
             let out = normalised(&p, &dest()).unwrap();
             let functions = &out[0].functions;
-            let got: Vec<&str> = out[0].samples[0]
-                .stack
+            let got: Vec<&str> = out[0]
+                .stack(&out[0].samples[0])
                 .iter()
                 .map(|i| functions.get(*i as usize).unwrap())
                 .collect();

@@ -216,11 +216,11 @@ pub enum LocationIds<'a> {
 }
 
 impl LocationIds<'_> {
-    /// How many ids there are.
-    pub fn count(&self) -> usize {
+    /// At most how many ids there are, without reading them: a packed id
+    /// takes a byte at least.
+    pub fn most(&self) -> usize {
         match self {
-            // Every varint ends in the one byte below 0x80.
-            LocationIds::Packed(bytes) => bytes.iter().filter(|b| **b < 0x80).count(),
+            LocationIds::Packed(bytes) => bytes.len(),
             LocationIds::Decoded(ids) => ids.len(),
         }
     }
@@ -230,19 +230,11 @@ impl LocationIds<'_> {
         out.clear();
         match self {
             LocationIds::Packed(bytes) => {
-                // Checked by `short_varints`: at most 9 bytes a varint, so
-                // the shift stays within 56 and the run ends a varint.
                 out.reserve(bytes.len());
-                let (mut value, mut shift) = (0u64, 0u32);
-                for &b in *bytes {
-                    value |= u64::from(b & 0x7f) << shift;
-                    if b < 0x80 {
-                        out.push(value);
-                        (value, shift) = (0, 0);
-                    } else {
-                        shift += 7;
-                    }
-                }
+                // `short_varints` checked them when the sample was read:
+                // the reader cannot fail on them.
+                let read = packed(bytes, out, |v| v);
+                debug_assert!(read.is_ok(), "{read:?}");
             }
             LocationIds::Decoded(ids) => out.extend_from_slice(ids),
         }

@@ -41,7 +41,7 @@ pub mod testing {
         for p in profiles {
             for s in &p.samples {
                 let mut parent = ROOT;
-                for f in s.stack.iter() {
+                for f in p.stack(s) {
                     let name = p.functions.get(*f as usize).unwrap_or("");
                     let id = node_id(parent, name);
                     nodes.insert(id, parent, name);

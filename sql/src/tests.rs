@@ -100,8 +100,8 @@ fn input_stacks(profiles: &[Profile], ty: &str) -> HashMap<String, i64> {
     let mut out = HashMap::new();
     for p in profiles.iter().filter(|p| p.profile_type == ty) {
         for s in &p.samples {
-            let names: Vec<&str> = s
-                .stack
+            let names: Vec<&str> = p
+                .stack(s)
                 .iter()
                 .map(|f| p.functions.get(*f as usize).unwrap())
                 .collect();

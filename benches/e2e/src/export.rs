@@ -198,8 +198,8 @@ impl Exporter {
             return Ok(());
         };
         for s in &p.samples {
-            let frames: Vec<&str> = s
-                .stack
+            let frames: Vec<&str> = p
+                .stack(s)
                 .iter()
                 .map(|f| p.functions.get(*f as usize).unwrap_or(""))
                 .collect();

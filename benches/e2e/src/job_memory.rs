@@ -16,7 +16,7 @@ use ember_engine::metastore::{
     command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction,
 };
 use ember_engine::profile::Functions;
-use ember_engine::{Profile, Sample};
+use ember_engine::{Profile, Stacks};
 use ember_sql::compaction::{CompactionConfig, Compactor};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -64,20 +64,14 @@ fn source_profiles(
     (0..pods)
         .map(|pod| {
             let n = per_block / pods;
-            let samples = (0..n)
-                .map(|k| {
-                    // Each block covers its own slice of the stacks, and
-                    // some of every other's: distinct stacks across the job.
-                    let leaf = (k * SOURCES as u64 + block as u64 + rng.next_u64() % 7) % distinct;
-                    let mut stack: Vec<u32> = (0..(DEPTH as u32 / 2)).collect();
-                    stack.push(DEPTH as u32 + leaf as u32);
-                    Sample {
-                        stack: stack.into(),
-                        value: 1 + (rng.next_u64() % 1000) as i64,
-                        span_id: None,
-                    }
-                })
-                .collect();
+            let (stacks, samples) = Stacks::with_samples((0..n).map(|k| {
+                // Each block covers its own slice of the stacks, and
+                // some of every other's: distinct stacks across the job.
+                let leaf = (k * SOURCES as u64 + block as u64 + rng.next_u64() % 7) % distinct;
+                let mut stack: Vec<u32> = (0..(DEPTH as u32 / 2)).collect();
+                stack.push(DEPTH as u32 + leaf as u32);
+                (stack, 1 + (rng.next_u64() % 1000) as i64, None)
+            }));
             Profile {
                 tenant: "bench".into(),
                 labels: vec![
@@ -89,6 +83,7 @@ fn source_profiles(
                 duration_nanos: 10_000_000_000,
                 period: 10_000_000,
                 functions: functions.clone(),
+                stacks,
                 samples,
             }
         })

@@ -15,7 +15,7 @@ use ulid::Ulid;
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 use super::schema::Section;
 use super::BlockError;
-use crate::profile::{labels_to_string, Functions, Profile, Stack};
+use crate::profile::{labels_to_string, Functions, Profile, Stack, Stacks};
 use crate::stack;
 
 /// A block ready to upload: its bytes and the metadata to index.
@@ -484,8 +484,12 @@ impl<'c> StackTree<'c> {
             memo.numbers.resize(p.functions.len(), u32::MAX);
         }
         let nodes = &mut self.nodes;
+        let stacks = Ranked {
+            stacks: &p.stacks,
+            buffer: Arc::as_ptr(&p.stacks) as usize,
+        };
         p.samples.iter().map(move |s| {
-            let id = memo.leaf_id(nodes, &p.functions, &s.stack);
+            let id = memo.leaf_id(nodes, &p.functions, stacks, s.stack);
             (id, s.value, s.span_id)
         })
     }
@@ -512,13 +516,27 @@ impl<'c> StackTree<'c> {
     }
 }
 
+/// A profile's stacks, and the buffer their ranks are ranks in.
+#[derive(Clone, Copy)]
+struct Ranked<'p> {
+    stacks: &'p Stacks,
+    buffer: usize,
+}
+
 impl TableMemo {
-    fn leaf_id(&mut self, nodes: &mut WriteNodes, functions: &Functions, stack: &Stack) -> u64 {
-        let Some((buffer, rank)) = stack.rank() else {
-            return self.walk(nodes, functions, stack);
+    fn leaf_id(
+        &mut self,
+        nodes: &mut WriteNodes,
+        functions: &Functions,
+        stacks: Ranked,
+        stack: Stack,
+    ) -> u64 {
+        let frames = stacks.stacks.get(stack);
+        let Some(rank) = stack.rank() else {
+            return self.walk(nodes, functions, frames);
         };
-        if self.ranked_in != buffer as usize {
-            self.ranked_in = buffer as usize;
+        if self.ranked_in != stacks.buffer {
+            self.ranked_in = stacks.buffer;
             self.leaves.clear();
         }
         let rank = rank as usize;
@@ -527,12 +545,12 @@ impl TableMemo {
             // two stacks of a buffer would store the wrong leaf silently.
             debug_assert_eq!(
                 id,
-                leaf_of(functions, stack),
+                leaf_of(functions, frames),
                 "rank {rank} names two stacks"
             );
             return id;
         }
-        let id = self.walk(nodes, functions, stack);
+        let id = self.walk(nodes, functions, frames);
         if self.leaves.len() <= rank {
             self.leaves.resize(rank + 1, 0);
         }
@@ -614,6 +632,7 @@ mod tests {
 
     /// One tenant's single profile of service `api`, a sample per stack.
     fn api_profile(time_nanos: i64, functions: Functions, stacks: Vec<Vec<u32>>) -> Profile {
+        let (stacks, samples) = Stacks::with_samples(stacks.into_iter().map(|st| (st, 3, None)));
         Profile {
             tenant: "t".into(),
             labels: vec![("service_name".into(), "api".into())],
@@ -622,14 +641,8 @@ mod tests {
             duration_nanos: 0,
             period: 0,
             functions: Arc::new(functions),
-            samples: stacks
-                .into_iter()
-                .map(|stack| crate::profile::Sample {
-                    stack: stack.into(),
-                    value: 3,
-                    span_id: None,
-                })
-                .collect(),
+            stacks,
+            samples,
         }
     }
 
@@ -714,24 +727,23 @@ mod tests {
     fn sample_rows_carry_their_profiles_strings() {
         use arrow::array::AsArray;
         let functions: Arc<Functions> = Arc::new(["main", "a", "b"].into_iter().collect());
-        let profile = |ty: &str, pod: &str, time_nanos: i64, samples: usize| Profile {
-            tenant: "t".into(),
-            labels: vec![
-                ("pod".into(), pod.into()),
-                ("service_name".into(), "api".into()),
-            ],
-            profile_type: ty.into(),
-            time_nanos,
-            duration_nanos: 0,
-            period: 0,
-            functions: functions.clone(),
-            samples: (0..samples)
-                .map(|i| crate::profile::Sample {
-                    stack: vec![0, i as u32 % 3].into(),
-                    value: 1,
-                    span_id: None,
-                })
-                .collect(),
+        let profile = |ty: &str, pod: &str, time_nanos: i64, samples: usize| {
+            let (stacks, samples) =
+                Stacks::with_samples((0..samples).map(|i| ([0, i as u32 % 3], 1, None)));
+            Profile {
+                tenant: "t".into(),
+                labels: vec![
+                    ("pod".into(), pod.into()),
+                    ("service_name".into(), "api".into()),
+                ],
+                profile_type: ty.into(),
+                time_nanos,
+                duration_nanos: 0,
+                period: 0,
+                functions: functions.clone(),
+                stacks,
+                samples,
+            }
         };
         let profiles = vec![
             profile("b:b:b:b:b", "p1", 2, 3),
@@ -795,22 +807,19 @@ mod tests {
         let shared: Arc<Functions> = Arc::new(["main", "a", "b", "c", "d"].into_iter().collect());
         // The same indices mean other names in another table.
         let other: Arc<Functions> = Arc::new(["main", "d", "c", "b", "a"].into_iter().collect());
-        let profile = |ty: &str, functions: &Arc<Functions>, stacks: &[&[u32]]| Profile {
-            tenant: "t".into(),
-            labels: vec![("service_name".into(), "api".into())],
-            profile_type: ty.into(),
-            time_nanos: 1,
-            duration_nanos: 0,
-            period: 0,
-            functions: functions.clone(),
-            samples: stacks
-                .iter()
-                .map(|st| crate::profile::Sample {
-                    stack: st.to_vec().into(),
-                    value: 1,
-                    span_id: None,
-                })
-                .collect(),
+        let profile = |ty: &str, functions: &Arc<Functions>, stacks: &[&[u32]]| {
+            let (stacks, samples) = Stacks::with_samples(stacks.iter().map(|st| (st, 1, None)));
+            Profile {
+                tenant: "t".into(),
+                labels: vec![("service_name".into(), "api".into())],
+                profile_type: ty.into(),
+                time_nanos: 1,
+                duration_nanos: 0,
+                period: 0,
+                functions: functions.clone(),
+                stacks,
+                samples,
+            }
         };
         let stacks: &[&[u32]] = &[
             &[0, 1, 2],
@@ -830,7 +839,7 @@ mod tests {
         for p in &profiles {
             for s in &p.samples {
                 let mut parent = stack::ROOT;
-                for &f in s.stack.iter() {
+                for &f in p.stack(s) {
                     let name = p.functions.get(f as usize).unwrap().to_string();
                     let id = stack::node_id(parent, &name);
                     want.insert(id, (parent, name));
@@ -868,7 +877,7 @@ mod tests {
         let mut want_leaves = std::collections::BTreeSet::new();
         for p in &profiles {
             for s in &p.samples {
-                want_leaves.insert(leaf(&p.functions, &s.stack));
+                want_leaves.insert(leaf(&p.functions, p.stack(s)));
             }
         }
         assert_eq!(leaves, want_leaves);
@@ -876,18 +885,19 @@ mod tests {
 
     /// Distinct stacks side by side in one buffer, ranked in the order
     /// given, as `normalise` makes a pprof's.
-    fn ranked_stacks(stacks: &[&[u32]]) -> Vec<Stack> {
-        let frames: Arc<[u32]> = stacks.concat().into();
+    fn ranked_stacks(stacks: &[&[u32]]) -> (Arc<Stacks>, Vec<Stack>) {
+        let frames = Arc::new(Stacks::from_frames(stacks.concat()));
         let mut start = 0;
-        stacks
+        let ranked = stacks
             .iter()
             .enumerate()
             .map(|(rank, st)| {
-                let stack = Stack::ranked(&frames, start..start + st.len(), rank as u32);
+                let stack = Stack::ranked(start..start + st.len(), rank as u32);
                 start += st.len();
                 stack
             })
-            .collect()
+            .collect();
+        (frames, ranked)
     }
 
     /// Profiles of one pprof share its ranked stacks, and a stack walked
@@ -898,9 +908,9 @@ mod tests {
     #[test]
     fn ranked_stacks_make_the_block_their_frames_make() {
         let functions: Arc<Functions> = Arc::new(["main", "a", "b", "c"].into_iter().collect());
-        let first = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 3]]);
-        let second = ranked_stacks(&[&[0, 3, 1], &[0, 2]]);
-        let profile = |ty: &str, pod: &str, stacks: Vec<Stack>| Profile {
+        let (in_first, first) = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 3]]);
+        let (in_second, second) = ranked_stacks(&[&[0, 3, 1], &[0, 2]]);
+        let profile = |ty: &str, pod: &str, (buffer, stacks): (&Arc<Stacks>, Vec<Stack>)| Profile {
             tenant: "t".into(),
             labels: vec![
                 ("pod".into(), pod.into()),
@@ -911,6 +921,7 @@ mod tests {
             duration_nanos: 0,
             period: 0,
             functions: functions.clone(),
+            stacks: buffer.clone(),
             samples: stacks
                 .into_iter()
                 .enumerate()
@@ -922,23 +933,22 @@ mod tests {
                 .collect(),
         };
         let ranked = vec![
-            profile("a:a:a:a:a", "p1", vec![first[2].clone(), first[0].clone()]),
-            profile("b:b:b:b:b", "p1", first.clone()),
-            profile("b:b:b:b:b", "p2", second.clone()),
-            profile("c:c:c:c:c", "p1", vec![first[1].clone(), first[2].clone()]),
+            profile("a:a:a:a:a", "p1", (&in_first, vec![first[2], first[0]])),
+            profile("b:b:b:b:b", "p1", (&in_first, first.clone())),
+            profile("b:b:b:b:b", "p2", (&in_second, second.clone())),
+            profile("c:c:c:c:c", "p1", (&in_first, vec![first[1], first[2]])),
         ];
         let unranked: Vec<Profile> = ranked
             .iter()
-            .map(|p| Profile {
-                samples: p
-                    .samples
-                    .iter()
-                    .map(|s| crate::profile::Sample {
-                        stack: s.stack.to_vec().into(),
-                        ..s.clone()
-                    })
-                    .collect(),
-                ..p.clone()
+            .map(|p| {
+                let (stacks, samples) = Stacks::with_samples(
+                    p.samples.iter().map(|s| (p.stack(s), s.value, s.span_id)),
+                );
+                Profile {
+                    stacks,
+                    samples,
+                    ..p.clone()
+                }
             })
             .collect();
         assert!(unranked[1].samples[0].stack.rank().is_none());
@@ -1003,7 +1013,7 @@ mod tests {
                 // Ranked in one buffer per pprof, as `normalise` makes them,
                 // so the memo of leaves by rank is what gets tested.
                 let last = [0, (round + pod) % 4];
-                let stacks = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 1, 2, 3], &last]);
+                let (buffer, stacks) = ranked_stacks(&[&[0, 1], &[0, 1, 2], &[0, 1, 2, 3], &last]);
                 out.push(Profile {
                     tenant: tenant.into(),
                     labels: vec![
@@ -1015,6 +1025,7 @@ mod tests {
                     duration_nanos: 0,
                     period: 0,
                     functions,
+                    stacks: buffer,
                     samples: stacks
                         .into_iter()
                         .enumerate()
