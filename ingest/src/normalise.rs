@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ember_engine::profile::{
     normalise_labels, Functions, Labels, Profile, Sample, Stack, Stacks, METRIC_NAME, SERVICE_NAME,
 };
+use ember_engine::stack::stack_order;
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
@@ -410,18 +411,20 @@ impl<'p> DistinctStacks<'p> {
     /// profiler that repeats locations): they share one rank and one copy.
     fn into_ranked(self) -> RankedStacks {
         let n = self.ends.len();
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
+        // Sorted as slices, not as indices to look each up again at every
+        // compare: deep stacks share long prefixes, so the compares are
+        // most of the sort.
+        let mut order: Vec<(&[u32], u32)> = (0..n as u32).map(|i| (self.stack(i), i)).collect();
+        order.sort_unstable_by(|a, b| stack_order(a.0, b.0));
         let mut rank = vec![0u32; n];
         let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
         let mut ends: Vec<usize> = Vec::with_capacity(n);
-        let mut last: Option<u32> = None;
-        for i in order {
-            let stack = self.stack(i);
-            if last.is_none_or(|l| self.stack(l) != stack) {
+        let mut last: Option<&[u32]> = None;
+        for (stack, i) in order {
+            if last != Some(stack) {
                 sorted.extend_from_slice(stack);
                 ends.push(sorted.len());
-                last = Some(i);
+                last = Some(stack);
             }
             rank[i as usize] = ends.len() as u32 - 1;
         }
@@ -540,14 +543,19 @@ pub fn normalise(p: &FlatProfile, dest: &Destination) -> Result<Vec<Profile>, In
     let functions = Arc::new(symbols.names);
     let mut out = Vec::new();
     for (labels, per_type) in by_series_labels(series, &dest.labels)? {
-        for (i, samples) in per_type.into_iter().enumerate() {
-            let samples = summed_by_stack(samples, &stacks);
-            if samples.is_empty() {
-                continue;
-            }
+        let kept: Vec<(usize, Vec<Sample>)> = per_type
+            .into_iter()
+            .map(|rows| summed_by_stack(rows, &stacks))
+            .enumerate()
+            .filter(|(_, samples)| !samples.is_empty())
+            .collect();
+        // The last profile of a series takes its labels, the others a copy:
+        // a dozen allocations a profile, freed on the writer's thread.
+        let labels = std::iter::repeat_n(labels, kept.len());
+        for (labels, (i, samples)) in labels.zip(kept) {
             out.push(Profile {
                 tenant: dest.tenant.clone(),
-                labels: labels.clone(),
+                labels,
                 profile_type: types[i].clone(),
                 time_nanos,
                 duration_nanos: p.duration_nanos,

@@ -119,12 +119,14 @@ fn write_dataset(
     let mut totals = Totals::new();
     let samples = samples_batch(service, dataset, &mut stacks, &mut totals)?;
     let profiles: Vec<&Profile> = dataset.iter().map(|s| s.profile).collect();
-    let mut series: Vec<String> = dataset.iter().map(|s| s.labels.clone()).collect();
-    series.sort();
-    series.dedup();
-    let mut profile_types: Vec<String> = profiles.iter().map(|p| p.profile_type.clone()).collect();
-    profile_types.sort();
-    profile_types.dedup();
+    // Copied once each after dedup, not once per profile.
+    let distinct = |mut names: Vec<&str>| -> Vec<String> {
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().map(str::to_string).collect()
+    };
+    let series = distinct(dataset.iter().map(|s| s.labels.as_str()).collect());
+    let profile_types = distinct(profiles.iter().map(|p| p.profile_type.as_str()).collect());
     let sections = vec![
         append_section(buf, Section::Profiles, profiles_batch(service, dataset)?)?,
         append_section(buf, Section::Samples, samples)?,
@@ -560,13 +562,7 @@ impl TableMemo {
 
     /// Adds every node of a root-first stack and returns the leaf's id.
     fn walk(&mut self, nodes: &mut WriteNodes, functions: &Functions, stack: &[u32]) -> u64 {
-        let shared = self
-            .last
-            .frames
-            .iter()
-            .zip(stack)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let shared = stack::shared_prefix(&self.last.frames, stack);
         self.last.frames.truncate(shared);
         self.last.ids.truncate(shared);
         let mut parent = self.last.ids.last().copied().unwrap_or(stack::ROOT);
