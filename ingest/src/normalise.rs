@@ -11,7 +11,6 @@ use std::sync::Arc;
 use ember_engine::profile::{
     normalise_labels, Functions, Labels, Profile, Sample, Stack, Stacks, METRIC_NAME, SERVICE_NAME,
 };
-use ember_engine::stack::stack_order;
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
 use crate::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
@@ -411,20 +410,18 @@ impl<'p> DistinctStacks<'p> {
     /// profiler that repeats locations): they share one rank and one copy.
     fn into_ranked(self) -> RankedStacks {
         let n = self.ends.len();
-        // Sorted as slices, not as indices to look each up again at every
-        // compare: deep stacks share long prefixes, so the compares are
-        // most of the sort.
-        let mut order: Vec<(&[u32], u32)> = (0..n as u32).map(|i| (self.stack(i), i)).collect();
-        order.sort_unstable_by(|a, b| stack_order(a.0, b.0));
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
         let mut rank = vec![0u32; n];
         let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
         let mut ends: Vec<usize> = Vec::with_capacity(n);
-        let mut last: Option<&[u32]> = None;
-        for (stack, i) in order {
-            if last != Some(stack) {
+        let mut last: Option<u32> = None;
+        for i in order {
+            let stack = self.stack(i);
+            if last.is_none_or(|l| self.stack(l) != stack) {
                 sorted.extend_from_slice(stack);
                 ends.push(sorted.len());
-                last = Some(stack);
+                last = Some(i);
             }
             rank[i as usize] = ends.len() as u32 - 1;
         }
