@@ -60,6 +60,7 @@ pub mod testing {
                         offset: 0,
                         size: 1000,
                         rows: 100,
+                        keyed: false,
                     }],
                     profiles: 10,
                     samples: 1000,

@@ -8,6 +8,7 @@ pub mod diff;
 pub mod flamegraph;
 #[doc(hidden)]
 pub mod fuzzing;
+mod keyed_samples;
 pub mod labels;
 mod lru;
 pub mod pprof;

@@ -15,6 +15,7 @@ use datafusion::datasource::physical_plan::{
     FileGroup, FileScanConfigBuilder, ParquetFileReaderFactory, ParquetSource,
 };
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::Result;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
@@ -24,12 +25,14 @@ use datafusion::physical_expr::expressions::col as physical_col;
 use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
-use ember_engine::block::{Section, SectionMeta, SectionReader};
+use ember_engine::block::{DatasetStrings, Section, SectionMeta, SectionReader};
 use ember_engine::metastore::BlockQuery;
 use ember_engine::{DatasetRef, Metastore};
 use object_store::ObjectStore;
 
+use crate::keyed_samples::{self, KeyedSamplesExec};
 use crate::pruning::{scan_bounds, ScanBounds};
 use crate::settings::Settings;
 
@@ -164,7 +167,8 @@ pub enum Layout {
     SortedPerSection,
 }
 
-/// A Parquet scan over the given section of each dataset.
+/// A scan over the given section of each dataset, as the section's table
+/// rows: keyed samples sections (level 0) and the others in one union.
 #[allow(clippy::too_many_arguments)]
 pub fn section_scan(
     state: &dyn Session,
@@ -177,31 +181,111 @@ pub fn section_scan(
     layout: Layout,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let schema = section.schema();
-    let files: Vec<PartitionedFile> = datasets
+    let (keyed, plain): (Vec<&DatasetRef>, Vec<&DatasetRef>) = datasets
         .iter()
-        .filter_map(|d| {
-            let meta = d.dataset.section(section)?;
-            Some(
-                PartitionedFile::new(format!("{}#{}", d.path, meta.offset), meta.size)
-                    .with_extension(SectionLocation {
-                        path: d.path.to_string(),
-                        section: meta.clone(),
-                    }),
-            )
-        })
-        .collect();
-    if files.is_empty() {
-        let projected = match projection {
-            Some(p) => Arc::new(schema.project(p)?),
-            None => schema,
+        .filter(|d| d.dataset.section(section).is_some())
+        .partition(|d| d.dataset.section(section).is_some_and(|s| s.keyed));
+    let mut scans = Vec::new();
+    if !plain.is_empty() {
+        let files = plain.iter().map(|d| section_file(d, section)).collect();
+        let files = SectionFiles {
+            schema: schema.clone().into(),
+            sort_order: section.sort_order(),
+            files,
         };
-        return Ok(Arc::new(EmptyExec::new(projected)));
+        scans.push(parquet_scan(
+            state,
+            store.clone(),
+            files,
+            projection,
+            filters,
+            limit,
+            layout,
+        )?);
     }
-    let mut source = ParquetSource::new(schema.clone())
+    if !keyed.is_empty() {
+        let files = keyed
+            .iter()
+            .enumerate()
+            .map(|(i, d)| keyed_samples::tag(section_file(d, section), i))
+            .collect();
+        let files = SectionFiles {
+            schema: keyed_samples::table_schema(),
+            sort_order: &keyed_samples::SORT_ORDER,
+            files,
+        };
+        let keys = parquet_scan(
+            state,
+            store,
+            files,
+            Some(&keyed_samples::source_projection(projection)?),
+            &keyed_samples::pruning_filters(filters),
+            limit,
+            layout,
+        )?;
+        let strings = keyed
+            .iter()
+            .map(|d| DatasetStrings::of(&d.dataset))
+            .collect();
+        scans.push(Arc::new(KeyedSamplesExec::new(
+            keys,
+            Arc::new(strings),
+            projection,
+            layout == Layout::SortedPerSection,
+        )?));
+    }
+    match scans.len() {
+        0 => {
+            let projected = match projection {
+                Some(p) => Arc::new(schema.project(p)?),
+                None => schema,
+            };
+            Ok(Arc::new(EmptyExec::new(projected)))
+        }
+        1 => Ok(scans.remove(0)),
+        _ => UnionExec::try_new(scans),
+    }
+}
+
+/// The dataset's section as a file of a scan. The caller checked that the
+/// dataset has the section.
+fn section_file(d: &DatasetRef, section: Section) -> PartitionedFile {
+    let meta = d.dataset.section(section).cloned().unwrap_or_default();
+    PartitionedFile::new(format!("{}#{}", d.path, meta.offset), meta.size).with_extension(
+        SectionLocation {
+            path: d.path.to_string(),
+            section: meta,
+        },
+    )
+}
+
+/// Sections of one Parquet schema, and the columns each is sorted by.
+struct SectionFiles {
+    schema: TableSchema,
+    sort_order: &'static [&'static str],
+    files: Vec<PartitionedFile>,
+}
+
+/// A Parquet scan of `files`, pruned by `filters`.
+fn parquet_scan(
+    state: &dyn Session,
+    store: Arc<dyn ObjectStore>,
+    SectionFiles {
+        schema,
+        sort_order,
+        files,
+    }: SectionFiles,
+    projection: Option<&Vec<usize>>,
+    filters: &[Expr],
+    limit: Option<usize>,
+    layout: Layout,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let file_schema = schema.file_schema().clone();
+    let mut source = ParquetSource::new(schema)
         .with_table_parquet_options(state.table_options().parquet.clone())
         .with_parquet_file_reader_factory(Arc::new(SectionReaderFactory { store }));
     if let Some(predicate) = conjunction(filters.to_vec()) {
-        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let df_schema = DFSchema::try_from(file_schema.as_ref().clone())?;
         source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
     }
     let mut config = FileScanConfigBuilder::new(store_url(), Arc::new(source));
@@ -217,10 +301,14 @@ pub fn section_scan(
             groups
         }
         Layout::SortedPerSection => {
-            let order = section
-                .sort_order()
+            let order = sort_order
                 .iter()
-                .map(|c| Ok(PhysicalSortExpr::new_default(physical_col(c, &schema)?)))
+                .map(|c| {
+                    Ok(PhysicalSortExpr::new_default(physical_col(
+                        c,
+                        &file_schema,
+                    )?))
+                })
                 .collect::<Result<Vec<_>>>()?;
             config = config.with_output_ordering(LexOrdering::new(order).into_iter().collect());
             files.into_iter().map(|f| vec![f]).collect()

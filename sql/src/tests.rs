@@ -1067,6 +1067,117 @@ mod compaction {
         assert_eq!(shown[0].column(0).as_string::<i32>().value(0), "true");
     }
 
+    /// Level-0 blocks key their samples' type and series; compacted ones
+    /// store the strings. A scan over both, of two tenants sharing a
+    /// service name and a block, must read the rows each tenant pushed, by
+    /// series, whichever kind of block holds them.
+    #[tokio::test]
+    async fn keyed_and_compacted_samples_read_as_the_rows_pushed() {
+        use ember_engine::profile::labels_to_string;
+        let a = tenant_profiles("go-cpu.pb.gz", "team-a");
+        let b = tenant_profiles("go-cpu-labels.pprof", "team-b");
+        let early = vec![
+            [at(&a, "p1", 0), at(&b, "p1", 0)].concat(),
+            [at(&a, "p2", 10), at(&b, "p2", 10)].concat(),
+        ];
+        let (dir, engine) = engine_with(early.clone(), 1 << 30).await;
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let metastore = engine.metastore();
+        let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
+        assert!(compact_all(&compactor).await > 0);
+        let late = [at(&a, "p3", 20), at(&b, "p3", 20)].concat();
+        let block = write_block(&late, 0, &mut StackNodes::default()).unwrap();
+        assert!(block.meta.datasets.iter().all(|d| d
+            .section(ember_engine::block::Section::Samples)
+            .unwrap()
+            .keyed));
+        store
+            .put(
+                &Path::from(block.meta.path.as_str()),
+                PutPayload::from(block.bytes),
+            )
+            .await
+            .unwrap();
+        metastore.apply(Command::add_block(block.meta)).unwrap();
+        for tenant in ["team-a", "team-b"] {
+            let levels: Vec<u32> = metastore
+                .blocks(tenant)
+                .iter()
+                .map(|b| b.compaction_level)
+                .collect();
+            assert!(
+                levels.contains(&0) && levels.iter().any(|&l| l > 0),
+                "{levels:?}"
+            );
+            // (service, type, series) -> (rows, sum) as pushed.
+            let mut want: std::collections::BTreeMap<(String, String, String), (i64, i64)> =
+                Default::default();
+            for p in early.iter().flatten().chain(&late) {
+                if p.tenant != tenant {
+                    continue;
+                }
+                let key = (
+                    p.service_name().to_string(),
+                    p.profile_type.clone(),
+                    labels_to_string(&p.labels),
+                );
+                let slot = want.entry(key).or_default();
+                slot.0 += p.samples.len() as i64;
+                slot.1 += p.total();
+            }
+            let rows = run(
+                &engine,
+                tenant,
+                "SELECT service_name, profile_type, labels, count(*), sum(value) FROM samples \
+                 GROUP BY 1, 2, 3",
+            )
+            .await;
+            let mut got = std::collections::BTreeMap::new();
+            for r in &rows {
+                let text = |i: usize| r.column(i).as_string::<i32>().clone();
+                let (service, ty, labels) = (text(0), text(1), text(2));
+                let (n, v) = (
+                    r.column(3).as_primitive::<Int64Type>(),
+                    r.column(4).as_primitive::<Int64Type>(),
+                );
+                for i in 0..r.num_rows() {
+                    let key = (
+                        service.value(i).to_string(),
+                        ty.value(i).to_string(),
+                        labels.value(i).to_string(),
+                    );
+                    got.insert(key, (n.value(i), v.value(i)));
+                }
+            }
+            assert_eq!(got, want, "{tenant}");
+            // A series filter reaches keyed rows too, and counting rows
+            // reads no column.
+            for pod in ["p1", "p3"] {
+                let (rows, sum) = want
+                    .iter()
+                    .filter(|(k, _)| k.2.contains(&format!("pod=\"{pod}\"")))
+                    .fold((0, 0), |(n, s), (_, (rn, rs))| (n + rn, s + rs));
+                assert!(rows > 0);
+                let labels = want
+                    .keys()
+                    .map(|k| k.2.clone())
+                    .filter(|l| l.contains(&format!("pod=\"{pod}\"")))
+                    .map(|l| format!("'{}'", l.replace('\'', "''")))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let got = run(
+                    &engine,
+                    tenant,
+                    &format!("SELECT count(*), sum(value) FROM samples WHERE labels IN ({labels})"),
+                )
+                .await;
+                let col = |i: usize| got[0].column(i).as_primitive::<Int64Type>().value(0);
+                assert_eq!((col(0), col(1)), (rows, sum), "{tenant} {pod}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn the_sweeper_deletes_only_outputs_never_committed() {
         let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";

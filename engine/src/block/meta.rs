@@ -4,7 +4,8 @@
 
 use prost::Message;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: level-0 samples sections are keyed ([`SectionMeta::keyed`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct BlockMeta {
@@ -65,6 +66,11 @@ pub struct SectionMeta {
     pub size: u64,
     #[prost(uint64, tag = "4")]
     pub rows: u64,
+    /// A samples section of [`super::keyed_samples_schema`]: its rows name
+    /// their profile type and series by keys into the dataset's lists.
+    /// Unset in blocks of format 1 and in compacted blocks.
+    #[prost(bool, tag = "5")]
+    pub keyed: bool,
 }
 
 impl BlockMeta {

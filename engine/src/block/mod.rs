@@ -6,14 +6,18 @@
 //! indexes the same metadata as the footer, so a query reads only the byte
 //! ranges of the sections it needs and never the footer.
 
+mod keyed;
 mod meta;
 mod reader;
 mod schema;
 mod writer;
 
+pub use keyed::DatasetStrings;
 pub use meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
 pub use reader::{read_footer, read_section, read_section_as, SectionReader};
-pub use schema::{profiles_schema, samples_schema, stacks_schema, Section};
+pub use schema::{
+    keyed_samples_schema, keyed_source, profiles_schema, samples_schema, stacks_schema, Section,
+};
 pub use writer::{block_path, write_block, EncodedBlock, StackNodes, STACK_NODES_BYTES};
 
 use thiserror::Error;

@@ -289,6 +289,7 @@ mod tests {
             offset: 100,
             size,
             rows: rows as u64,
+            keyed: false,
         };
         (store, section, batch)
     }

@@ -78,7 +78,14 @@ impl Section {
     /// and LZ4 still folds the runs of a series' time and values.
     fn plain_at_level_0(self) -> &'static [&'static str] {
         match self {
-            Section::Samples => &["time", "stack_id", "value", "span_id"],
+            Section::Samples => &[
+                "time",
+                "profile_type_key",
+                "series_key",
+                "stack_id",
+                "value",
+                "span_id",
+            ],
             Section::Stacks => &["stack_id", "parent_id"],
             Section::Totals => &["stack_id", "value"],
             Section::Profiles => &[],
@@ -91,19 +98,20 @@ impl Section {
     /// `labels IN (...)` is of series the dataset lists, whose min and max
     /// over a level-0 dataset (a page or two: one flush of one service)
     /// would prune almost nothing. That cost an eighth of a level-0
-    /// write. `profile_type`, `time` and `span_id` (span flame graphs skip
-    /// a dataset without spans by its null count) keep theirs.
+    /// write. The keys of [`keyed_samples_schema`] mean nothing outside
+    /// their dataset, so no shared predicate prunes by them. `time` and
+    /// `span_id` (span flame graphs skip a dataset without spans by its
+    /// null count) keep theirs.
     fn unsummarised_at_level_0(self) -> &'static [&'static str] {
         match self {
-            Section::Samples => &["service_name", "labels", "stack_id", "value"],
+            Section::Samples => &["profile_type_key", "series_key", "stack_id", "value"],
             Section::Stacks | Section::Totals | Section::Profiles => &[],
         }
     }
 
     /// The section's schema with the string `columns` as dictionaries keyed
     /// by `Int32`: a hint for `read_section_as` for columns that repeat a
-    /// few distinct strings over many rows, and how the block writer builds
-    /// the samples' per-profile columns.
+    /// few distinct strings over many rows.
     pub fn schema_with_dictionaries(self, columns: &[&str]) -> SchemaRef {
         let schema = self.schema();
         let fields: Vec<Field> = schema
@@ -164,6 +172,41 @@ pub fn samples_schema() -> SchemaRef {
         ]))
     })
     .clone()
+}
+
+/// Samples as a level-0 block stores them: a row names its profile type
+/// and series by its place (key) in the dataset's sorted `profile_types`
+/// and `series`, and its service is the dataset's, so the keys sort as the
+/// strings do and the section keeps [`Section::sort_order`]. Parquet's
+/// writer hashes every value of a string column into the column's
+/// dictionary, and these three columns repeat their profile's strings on
+/// every row: a quarter of a level-0 write. Compacted blocks, which are
+/// kept and read by queries, store the strings ([`samples_schema`]);
+/// `DatasetStrings` turns keys back into them.
+pub fn keyed_samples_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("time", time_type(), false),
+            Field::new("profile_type_key", DataType::Int32, false),
+            Field::new("series_key", DataType::Int32, false),
+            Field::new("stack_id", DataType::UInt64, false),
+            Field::new("value", DataType::Int64, false),
+            Field::new("span_id", DataType::UInt64, true),
+        ]))
+    })
+    .clone()
+}
+
+/// The column of [`keyed_samples_schema`] a samples column is read from,
+/// and `None` for `service_name`, which is the dataset's.
+pub fn keyed_source(samples_column: &str) -> Option<&str> {
+    match samples_column {
+        "service_name" => None,
+        "profile_type" => Some("profile_type_key"),
+        "labels" => Some("series_key"),
+        other => Some(other),
+    }
 }
 
 /// One row per ingested profile.

@@ -1,19 +1,18 @@
 //! Encodes a segment's profiles into one block object.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, DictionaryArray, Int32Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
-    TimestampNanosecondBuilder, UInt64Builder,
+    ArrayRef, Int32Array, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
+    UInt64Builder,
 };
-use arrow::datatypes::{Int32Type, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use ulid::Ulid;
 
 use super::meta::{BlockMeta, DatasetMeta, SectionMeta, FORMAT_VERSION};
-use super::schema::Section;
+use super::schema::{keyed_samples_schema, Section};
 use super::BlockError;
 use crate::profile::{labels_to_string, Functions, Profile, Stack, Stacks};
 use crate::stack;
@@ -116,8 +115,6 @@ fn write_dataset(
     (tenant, service): (&str, &str),
     dataset: &[Series],
 ) -> Result<DatasetMeta, BlockError> {
-    let mut totals = Totals::new();
-    let samples = samples_batch(service, dataset, &mut stacks, &mut totals)?;
     let profiles: Vec<&Profile> = dataset.iter().map(|s| s.profile).collect();
     // Copied once each after dedup, not once per profile.
     let distinct = |mut names: Vec<&str>| -> Vec<String> {
@@ -127,9 +124,15 @@ fn write_dataset(
     };
     let series = distinct(dataset.iter().map(|s| s.labels.as_str()).collect());
     let profile_types = distinct(profiles.iter().map(|p| p.profile_type.as_str()).collect());
+    let mut totals = Totals::new();
+    let keys = ProfileKeys::of(dataset, &profile_types, &series)?;
+    let samples = samples_batch(dataset, &keys, &mut stacks, &mut totals)?;
     let sections = vec![
         append_section(buf, Section::Profiles, profiles_batch(service, dataset)?)?,
-        append_section(buf, Section::Samples, samples)?,
+        SectionMeta {
+            keyed: true,
+            ..append_section(buf, Section::Samples, samples)?
+        },
         append_section(buf, Section::Stacks, stacks.into_batch()?)?,
         append_section(buf, Section::Totals, totals_batch(totals)?)?,
     ];
@@ -167,7 +170,7 @@ fn append_section(
         source,
     };
     let mut writer =
-        ArrowWriter::try_new(&mut *buf, section.schema(), Some(props)).map_err(encode)?;
+        ArrowWriter::try_new(&mut *buf, batch.schema(), Some(props)).map_err(encode)?;
     writer.write(&batch).map_err(encode)?;
     writer.close().map_err(encode)?;
     Ok(SectionMeta {
@@ -175,6 +178,7 @@ fn append_section(
         offset,
         size: buf.len() as u64 - offset,
         rows,
+        keyed: false,
     })
 }
 
@@ -222,16 +226,57 @@ fn profiles_batch(service: &str, dataset: &[Series]) -> Result<RecordBatch, Bloc
 /// profile type -> stack id -> summed value.
 type Totals<'a> = HashMap<&'a str, foldhash::HashMap<u64, i64>>;
 
+/// Each profile's keys into the dataset's sorted profile types and series,
+/// by the profile's place in the dataset.
+struct ProfileKeys {
+    profile_types: Vec<i32>,
+    series: Vec<i32>,
+}
+
+impl ProfileKeys {
+    fn of(
+        dataset: &[Series],
+        profile_types: &[String],
+        series: &[String],
+    ) -> Result<Self, BlockError> {
+        let key = |list: &[String], value: &str| -> Result<i32, BlockError> {
+            let at = list
+                .binary_search_by(|v| v.as_str().cmp(value))
+                .map_err(|_| samples_err(format!("{value} missing from the dataset's list")))?;
+            i32::try_from(at)
+                .map_err(|_| samples_err(format!("{} values in a dataset's list", list.len())))
+        };
+        let mut keys = ProfileKeys {
+            profile_types: Vec::with_capacity(dataset.len()),
+            series: Vec::with_capacity(dataset.len()),
+        };
+        for s in dataset {
+            keys.profile_types
+                .push(key(profile_types, &s.profile.profile_type)?);
+            keys.series.push(key(series, &s.labels)?);
+        }
+        Ok(keys)
+    }
+}
+
+fn samples_err(reason: String) -> BlockError {
+    BlockError::Arrow {
+        section: "samples",
+        source: arrow::error::ArrowError::InvalidArgumentError(reason),
+    }
+}
+
+/// The dataset's samples as [`keyed_samples_schema`] rows.
 fn samples_batch<'a>(
-    service: &str,
     dataset: &[Series<'a>],
+    keys: &ProfileKeys,
     stacks: &mut StackTree,
     totals: &mut Totals<'a>,
 ) -> Result<RecordBatch, BlockError> {
     let n: usize = dataset.iter().map(|s| s.profile.samples.len()).sum();
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
-    // Each row's profile: its service, type and series are the profile's.
-    let mut profile = Vec::with_capacity(n);
+    let mut profile_type = Vec::with_capacity(n);
+    let mut series = Vec::with_capacity(n);
     let mut stack_id = UInt64Builder::with_capacity(n);
     let mut value = Int64Builder::with_capacity(n);
     let mut span_id = UInt64Builder::with_capacity(n);
@@ -239,67 +284,27 @@ fn samples_batch<'a>(
         // A profile's rows stay in the order of its stacks' frames: no
         // reader needs them by stack id, which was a sort per profile.
         let type_totals = totals.entry(p.profile_type.as_str()).or_default();
-        let at = i32::try_from(at).map_err(|_| BlockError::Arrow {
-            section: "samples",
-            source: arrow::error::ArrowError::InvalidArgumentError(format!(
-                "{} profiles in a dataset, past a dictionary's keys",
-                dataset.len()
-            )),
-        })?;
+        let (type_key, series_key) = (keys.profile_types[at], keys.series[at]);
         for (id, v, span) in stacks.rows(p) {
             let total = type_totals.entry(id).or_default();
             *total = total.saturating_add(v);
             time.append_value(p.time_nanos);
-            profile.push(at);
+            profile_type.push(type_key);
+            series.push(series_key);
             stack_id.append_value(id);
             value.append_value(v);
             span_id.append_option(span);
         }
     }
-    let per_profile = PerProfile {
-        rows: Int32Array::from(profile),
-    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(time.finish()),
-        per_profile.column(dataset.iter().map(|_| service))?,
-        per_profile.column(dataset.iter().map(|s| s.profile.profile_type.as_str()))?,
-        per_profile.column(dataset.iter().map(|s| s.labels.as_str()))?,
+        Arc::new(Int32Array::from(profile_type)),
+        Arc::new(Int32Array::from(series)),
         Arc::new(stack_id.finish()),
         Arc::new(value.finish()),
         Arc::new(span_id.finish()),
     ];
-    RecordBatch::try_new(samples_batch_schema(), columns).map_err(arrow_err("samples"))
-}
-
-/// The string columns of samples that repeat their profile's value on every
-/// row (service, type, series), built as dictionaries keyed by the row's
-/// profile. Copied per row, they were a few megabytes a flush, freshly
-/// faulted in and copied again into Parquet's dictionary; the Parquet
-/// writer takes a dictionary array for a string column and stores the same
-/// strings, so the section is what a reader expects.
-struct PerProfile {
-    /// Each row's profile, by its place in the dataset.
-    rows: Int32Array,
-}
-
-const PER_PROFILE: [&str; 3] = ["service_name", "profile_type", "labels"];
-
-impl PerProfile {
-    fn column<'v>(&self, values: impl Iterator<Item = &'v str>) -> Result<ArrayRef, BlockError> {
-        let values = Arc::new(StringArray::from_iter_values(values));
-        let column = DictionaryArray::<Int32Type>::try_new(self.rows.clone(), values)
-            .map_err(arrow_err("samples"))?;
-        Ok(Arc::new(column))
-    }
-}
-
-/// The samples section's schema with [`PerProfile`]'s columns as the
-/// dictionaries they are built as.
-fn samples_batch_schema() -> SchemaRef {
-    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
-    SCHEMA
-        .get_or_init(|| Section::Samples.schema_with_dictionaries(&PER_PROFILE))
-        .clone()
+    RecordBatch::try_new(keyed_samples_schema(), columns).map_err(arrow_err("samples"))
 }
 
 fn totals_batch(totals: Totals) -> Result<RecordBatch, BlockError> {
@@ -704,20 +709,19 @@ mod tests {
                 .find(|c| c.column_path().string() == name)
                 .unwrap_or_else(|| panic!("no column {name}"))
         };
-        for name in ["time", "stack_id", "value", "span_id"] {
+        for name in [
+            "time",
+            "profile_type_key",
+            "series_key",
+            "stack_id",
+            "value",
+            "span_id",
+        ] {
             assert!(column(name).dictionary_page_offset().is_none(), "{name}");
         }
-        for name in ["service_name", "profile_type", "labels"] {
-            assert!(column(name).dictionary_page_offset().is_some(), "{name}");
-        }
-        for name in ["service_name", "labels", "stack_id", "value"] {
+        for name in ["profile_type_key", "series_key", "stack_id", "value"] {
             assert!(column(name).statistics().is_none(), "{name}");
         }
-        let profile_type = column("profile_type").statistics().expect("profile_type");
-        assert_eq!(
-            profile_type.min_bytes_opt(),
-            Some(&b"cpu:cpu:nanoseconds:cpu:nanoseconds"[..])
-        );
         let spans = column("span_id").statistics().expect("span_id");
         assert_eq!(spans.null_count_opt(), Some(2));
         assert!(column("time").statistics().is_some());
@@ -789,15 +793,29 @@ mod tests {
         dataset_batches(block, 0, section)
     }
 
+    /// The rows of a dataset's section, samples with their strings.
     fn dataset_batches(block: &EncodedBlock, dataset: usize, section: Section) -> Vec<RecordBatch> {
-        let meta = block.meta.datasets[dataset].section(section).unwrap();
+        let dataset = &block.meta.datasets[dataset];
+        let meta = dataset.section(section).unwrap();
         let bytes = block
             .bytes
             .slice(meta.offset as usize..(meta.offset + meta.size) as usize);
-        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
+        let batches = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
             .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(meta.keyed, section == Section::Samples);
+        if !meta.keyed {
+            return batches;
+        }
+        let strings = crate::block::DatasetStrings::of(dataset);
+        batches
+            .iter()
+            .map(|b| {
+                assert_eq!(b.schema(), keyed_samples_schema());
+                strings.samples(b).unwrap()
+            })
+            .collect()
     }
 
     /// Stacks given in any order, by profiles that share a function table

@@ -1232,6 +1232,7 @@ impl BlockFile {
             offset: self.offset,
             size: end - self.offset,
             rows,
+            keyed: false,
         };
         self.offset = end;
         Ok(meta)
