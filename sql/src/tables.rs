@@ -181,13 +181,17 @@ pub fn section_scan(
     layout: Layout,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let schema = section.schema();
-    let (keyed, plain): (Vec<&DatasetRef>, Vec<&DatasetRef>) = datasets
+    // Only a samples section is ever keyed.
+    let (keyed, plain): (Vec<_>, Vec<_>) = datasets
         .iter()
-        .filter(|d| d.dataset.section(section).is_some())
-        .partition(|d| d.dataset.section(section).is_some_and(|s| s.keyed));
+        .filter_map(|d| Some((d, d.dataset.section(section)?)))
+        .partition(|(_, meta)| meta.keyed && section == Section::Samples);
     let mut scans = Vec::new();
     if !plain.is_empty() {
-        let files = plain.iter().map(|d| section_file(d, section)).collect();
+        let files = plain
+            .iter()
+            .map(|(d, meta)| section_file(d, meta))
+            .collect();
         let files = SectionFiles {
             schema: schema.clone().into(),
             sort_order: section.sort_order(),
@@ -207,7 +211,7 @@ pub fn section_scan(
         let files = keyed
             .iter()
             .enumerate()
-            .map(|(i, d)| keyed_samples::tag(section_file(d, section), i))
+            .map(|(i, (d, meta))| keyed_samples::tag(section_file(d, meta), i))
             .collect();
         let files = SectionFiles {
             schema: keyed_samples::table_schema(),
@@ -225,7 +229,7 @@ pub fn section_scan(
         )?;
         let strings = keyed
             .iter()
-            .map(|d| DatasetStrings::of(&d.dataset))
+            .map(|(d, _)| DatasetStrings::of(&d.dataset))
             .collect();
         scans.push(Arc::new(KeyedSamplesExec::new(
             keys,
@@ -247,14 +251,12 @@ pub fn section_scan(
     }
 }
 
-/// The dataset's section as a file of a scan. The caller checked that the
-/// dataset has the section.
-fn section_file(d: &DatasetRef, section: Section) -> PartitionedFile {
-    let meta = d.dataset.section(section).cloned().unwrap_or_default();
+/// The dataset's section `meta` as a file of a scan.
+fn section_file(d: &DatasetRef, meta: &SectionMeta) -> PartitionedFile {
     PartitionedFile::new(format!("{}#{}", d.path, meta.offset), meta.size).with_extension(
         SectionLocation {
             path: d.path.to_string(),
-            section: meta,
+            section: meta.clone(),
         },
     )
 }

@@ -62,18 +62,31 @@ async fn engine_with_config(
     let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
     // One shard, as one service's pushes always land on one.
     for profiles in &blocks {
-        let block = write_block(profiles, 0, &mut StackNodes::default()).unwrap();
-        store
-            .put(
-                &Path::from(block.meta.path.as_str()),
-                PutPayload::from(block.bytes),
-            )
-            .await
-            .unwrap();
-        metastore.apply(Command::add_block(block.meta)).unwrap();
+        add_level0_block(store.as_ref(), &metastore, profiles).await;
     }
     let engine = QueryEngine::new(store, metastore, config).unwrap();
     (dir, engine)
+}
+
+/// Writes `profiles` as one level-0 block (shard 0), stores it and adds it
+/// to the metastore; returns the block's metadata.
+async fn add_level0_block(
+    store: &dyn ObjectStore,
+    metastore: &Metastore,
+    profiles: &[Profile],
+) -> ember_engine::BlockMeta {
+    let block = write_block(profiles, 0, &mut StackNodes::default()).unwrap();
+    store
+        .put(
+            &Path::from(block.meta.path.as_str()),
+            PutPayload::from(block.bytes),
+        )
+        .await
+        .unwrap();
+    metastore
+        .apply(Command::add_block(block.meta.clone()))
+        .unwrap();
+    block.meta
 }
 
 async fn run(engine: &QueryEngine, tenant: &str, sql: &str) -> Vec<RecordBatch> {
@@ -1031,15 +1044,7 @@ mod compaction {
         assert!(compact_all(&compactor).await > 0);
         // A push that arrives after the compaction: level 0 until the next.
         let late = at(&a, "p3", 20);
-        let block = write_block(&late, 0, &mut StackNodes::default()).unwrap();
-        store
-            .put(
-                &Path::from(block.meta.path.as_str()),
-                PutPayload::from(block.bytes),
-            )
-            .await
-            .unwrap();
-        metastore.apply(Command::add_block(block.meta)).unwrap();
+        add_level0_block(store.as_ref(), &metastore, &late).await;
 
         let compacted: i64 = input_stacks(&early.concat(), ty).values().sum();
         let recent: i64 = input_stacks(&late, ty).values().sum();
@@ -1087,19 +1092,11 @@ mod compaction {
         let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
         assert!(compact_all(&compactor).await > 0);
         let late = [at(&a, "p3", 20), at(&b, "p3", 20)].concat();
-        let block = write_block(&late, 0, &mut StackNodes::default()).unwrap();
-        assert!(block.meta.datasets.iter().all(|d| d
+        let block = add_level0_block(store.as_ref(), &metastore, &late).await;
+        assert!(block.datasets.iter().all(|d| d
             .section(ember_engine::block::Section::Samples)
             .unwrap()
             .keyed));
-        store
-            .put(
-                &Path::from(block.meta.path.as_str()),
-                PutPayload::from(block.bytes),
-            )
-            .await
-            .unwrap();
-        metastore.apply(Command::add_block(block.meta)).unwrap();
         for tenant in ["team-a", "team-b"] {
             let levels: Vec<u32> = metastore
                 .blocks(tenant)

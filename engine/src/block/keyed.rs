@@ -41,21 +41,22 @@ impl DatasetStrings {
                 ArrowError::SchemaError(format!("keyed samples without column {name}"))
             })
         };
-        let (values, keys) = match name {
-            "service_name" => (&self.service, Int32Array::from(vec![0; keyed.num_rows()])),
-            "profile_type" | "labels" => {
-                let values = if name == "labels" {
-                    &self.series
-                } else {
-                    &self.profile_types
-                };
-                let keys = source(keyed_source(name).unwrap_or(name))?;
-                let keys = keys.as_primitive_opt::<Int32Type>().ok_or_else(|| {
-                    ArrowError::SchemaError(format!("{name} keys of type {}", keys.data_type()))
-                })?;
-                (values, keys.clone())
-            }
+        let values = match name {
+            "service_name" => &self.service,
+            "profile_type" => &self.profile_types,
+            "labels" => &self.series,
             other => return Ok(source(other)?.clone()),
+        };
+        let keys = match keyed_source(name) {
+            Some(column) => {
+                let keys = source(column)?;
+                keys.as_primitive_opt::<Int32Type>()
+                    .ok_or_else(|| {
+                        ArrowError::SchemaError(format!("{column} of type {}", keys.data_type()))
+                    })?
+                    .clone()
+            }
+            None => Int32Array::from(vec![0; keyed.num_rows()]),
         };
         let options = TakeOptions { check_bounds: true };
         take(values.as_ref(), &keys, Some(options)).map_err(|e| {
