@@ -13,6 +13,7 @@ mod lookup;
 mod peers;
 mod production;
 mod queries;
+mod replay;
 mod report;
 mod server;
 mod workload;
@@ -134,6 +135,13 @@ pub struct BenchArgs {
     /// report.md/json without queries or peers).
     #[arg(long)]
     ingest_only: bool,
+    /// Only the write path in this process, no server: replays the
+    /// requests in this file (writing the first `--replay-requests` of the
+    /// workload there first if it is missing).
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    #[arg(long, default_value_t = 400)]
+    replay_requests: usize,
     #[arg(long, hide = true)]
     compaction_job_prepare: Option<String>,
     #[arg(long, hide = true)]
@@ -264,6 +272,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let run = job_memory::run(&args.out).await?;
         println!("{}", serde_json::to_string(&run)?);
         return Ok(());
+    }
+    if let Some(path) = &args.replay {
+        replay::dump(&args, path, args.replay_requests)?;
+        return replay::run(path);
     }
     server::use_binary(ember_binary(&args)?);
     let started = Instant::now();

@@ -1,0 +1,149 @@
+//! The write path without the server around it: the first requests of the
+//! ingest workload, decoded and written into blocks in this process as the
+//! server's distributor and shards would (same limits, same shards, a flush
+//! per shard every `FLUSH_PROFILES` profiles with the shard's node cache
+//! kept across flushes). Wall time on this VM moves by a quarter between
+//! runs; under `valgrind --tool=callgrind --toggle-collect=*replay_requests*`
+//! this gives the instructions a stored sample costs, which do not.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use ember_engine::block::{write_block, StackNodes};
+use ember_engine::profile::Profile;
+use ember_ingest::distributor::{shard_for, BodyEncoding};
+use ember_ingest::limits::Limits;
+use tracing::info;
+
+use super::{workload, BenchArgs, SHARDS};
+
+/// About what a shard holds at a flush under full load: 134 k profiles
+/// in 379 flushes.
+const FLUSH_PROFILES: usize = 350;
+
+/// Writes the first `count` requests of the workload to `path`, each
+/// length-prefixed, unless the file is there already.
+pub fn dump(args: &BenchArgs, path: &Path, count: usize) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let templates = workload::load_templates(&args.fixtures)?;
+    let interval = args.interval_s * 1_000_000_000;
+    let config = workload::WorkloadConfig {
+        services: args.services,
+        series_per_service: args.series_per_service,
+        target_samples: args.samples,
+        interval_nanos: interval,
+        series_per_request: args.series_per_request,
+        start_nanos: (super::now_nanos() / interval - 24 * 3600 / args.interval_s) * interval,
+        seed: 42,
+    };
+    let all = workload::series(&config, &templates);
+    let mut rng = workload::Rng::new(config.seed);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let (mut written, mut tick) = (0, 0);
+    while written < count {
+        let profiles = workload::tick_profiles(&config, &templates, &all, tick, &mut rng);
+        for r in workload::tick_requests(&config, &all, &profiles) {
+            if written < count {
+                out.write_all(&(r.body.len() as u64).to_le_bytes())?;
+                out.write_all(&r.body)?;
+                written += 1;
+            }
+        }
+        tick += 1;
+    }
+    out.flush()?;
+    info!("{written} requests written to {}", path.display());
+    Ok(())
+}
+
+fn read_requests(path: &Path) -> anyhow::Result<Vec<Bytes>> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .read_to_end(&mut data)?;
+    let mut out = Vec::new();
+    let mut rest = data.as_slice();
+    while rest.len() >= 8 {
+        let (len, tail) = rest.split_at(8);
+        let len = u64::from_le_bytes(len.try_into()?) as usize;
+        anyhow::ensure!(tail.len() >= len, "{} is cut short", path.display());
+        out.push(Bytes::copy_from_slice(&tail[..len]));
+        rest = &tail[len..];
+    }
+    Ok(out)
+}
+
+/// Replays the requests in `path` and reports stored samples per CPU
+/// second of this process.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let requests = read_requests(path)?;
+    let cpu = cpu_seconds();
+    let wall = Instant::now();
+    let samples = replay_requests(&requests)?;
+    let cpu = cpu_seconds() - cpu;
+    info!(
+        "{} requests, {samples} samples in {:.2} s ({:.2} CPU-s): {:.0} samples per CPU-second",
+        requests.len(),
+        wall.elapsed().as_secs_f64(),
+        cpu,
+        samples as f64 / cpu.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Decodes and writes every request; returns the samples stored.
+#[inline(never)]
+fn replay_requests(requests: &[Bytes]) -> anyhow::Result<u64> {
+    // The workload replays the last day of simulated time, as the
+    // benchmark's server takes it.
+    let mut limits = Limits::default();
+    limits.defaults.reject_older_than_seconds = 0;
+    let encoding = BodyEncoding {
+        json: false,
+        gzip: false,
+    };
+    let mut shards: Vec<(Vec<Profile>, StackNodes)> =
+        (0..SHARDS).map(|_| Default::default()).collect();
+    let mut samples = 0u64;
+    for body in requests {
+        let profiles = ember_ingest::decode::push_body(
+            &limits,
+            body.clone(),
+            encoding,
+            "bench",
+            super::now_nanos(),
+        )?;
+        for p in profiles {
+            samples += p.samples.len() as u64;
+            let shard = &mut shards[shard_for(&p.tenant, p.service_name(), SHARDS) as usize];
+            shard.0.push(p);
+            if shard.0.len() >= FLUSH_PROFILES {
+                write_block(&shard.0, 0, &mut shard.1)?;
+                shard.0.clear();
+            }
+        }
+    }
+    for (profiles, nodes) in &mut shards {
+        if !profiles.is_empty() {
+            write_block(profiles, 0, nodes)?;
+        }
+    }
+    Ok(samples)
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
+}
