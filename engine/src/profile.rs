@@ -159,6 +159,33 @@ impl Stacks {
     }
 }
 
+/// How many leading frames two stacks share. Stacks of one program share
+/// most of their frames from the root, so this compares eight at a time
+/// (one vector compare) before the frame that differs.
+#[inline]
+pub fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
+    let n = a.len().min(b.len());
+    let mut at = 0;
+    while at + 8 <= n && a[at..at + 8] == b[at..at + 8] {
+        at += 8;
+    }
+    at + a[at..n]
+        .iter()
+        .zip(&b[at..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// The order of two stacks as slices of frames, lexicographic.
+#[inline]
+pub fn compare_frames(a: &[u32], b: &[u32]) -> std::cmp::Ordering {
+    let at = shared_prefix(a, b);
+    match (a.get(at), b.get(at)) {
+        (Some(x), Some(y)) => x.cmp(y),
+        _ => a.len().cmp(&b.len()),
+    }
+}
+
 /// Where a sample's stack is in its profile's [`Stacks`], and its rank
 /// among the distinct stacks there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -309,6 +336,32 @@ pub fn normalise_labels(mut labels: Labels) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stacks_compare_as_slices_whatever_their_shared_prefix() {
+        // Prefixes shorter than, equal to and longer than the eight frames
+        // compared at once, differing frames on both sides of it, and
+        // stacks that are prefixes of one another.
+        let base: Vec<u32> = (0..20).collect();
+        let mut stacks = vec![vec![], base.clone()];
+        for cut in [0, 3, 7, 8, 9, 16, 17, 19] {
+            stacks.push(base[..cut].to_vec());
+            for delta in [-1i64, 1] {
+                let mut s = base.clone();
+                s[cut] = (s[cut] as i64 + delta).max(0) as u32 + 100 * (delta > 0) as u32;
+                stacks.push(s.clone());
+                s.truncate(cut + 1);
+                stacks.push(s);
+            }
+        }
+        for a in &stacks {
+            for b in &stacks {
+                assert_eq!(compare_frames(a, b), a.cmp(b), "{a:?} vs {b:?}");
+                let shared = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+                assert_eq!(shared_prefix(a, b), shared, "{a:?} vs {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn functions_hold_each_name_at_its_index() {

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_engine::profile::{
-    normalise_labels, Functions, Labels, Profile, Sample, Stack, Stacks, METRIC_NAME, SERVICE_NAME,
+    compare_frames, normalise_labels, Functions, Labels, Profile, Sample, Stack, Stacks,
+    METRIC_NAME, SERVICE_NAME,
 };
 
 use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
@@ -135,6 +136,7 @@ impl<T: Copy> ById<T> {
         }
     }
 
+    #[inline(always)]
     fn get(&self, id: u64) -> Option<T> {
         match self {
             ById::Dense(table) => usize::try_from(id)
@@ -177,7 +179,8 @@ struct Symbols<'a> {
     index: foldhash::HashMap<Cow<'a, str>, u32>,
     /// location id -> where its function indices are in `frames`.
     locations: ById<(u32, u32)>,
-    /// Function indices of every location, leaf first (inlined frames split).
+    /// Function indices of every location, root first (inlined frames
+    /// split: the location's function last).
     frames: Vec<u32>,
     /// Index of [`TRUNCATED_FRAME`], interned up front.
     truncated: u32,
@@ -259,16 +262,19 @@ impl<'a> Symbols<'a> {
                 let index = s.intern(format!("0x{:x}", loc.address).into());
                 s.frames.push(index);
             }
+            // Stacks are built root first: each location's frames are
+            // kept in that order, copied as they are for every stack.
+            s.frames[start as usize..].reverse();
             s.locations
                 .insert(id_or_position(loc.id, i), (start, s.frames.len() as u32));
         }
         Ok(s)
     }
 
-    /// A location's frames, leaf first. Looked up for every id of every
+    /// A location's frames, root first. Looked up for every id of every
     /// new stack: inlined, with the error built out of line, so the lookup
     /// does not return a whole `Result` through memory.
-    #[inline]
+    #[inline(always)]
     fn frames_of(&self, location_id: u64) -> Result<&[u32], IngestError> {
         match self.locations.get(location_id) {
             Some((start, end)) => Ok(&self.frames[start as usize..end as usize]),
@@ -289,12 +295,16 @@ impl<'a> Symbols<'a> {
         for (i, id) in location_ids.iter().enumerate().rev() {
             let frames = self.frames_of(*id)?;
             if out.len() - start + frames.len() <= whole {
-                out.extend(frames.iter().rev());
+                // Most locations are one frame: pushed, not copied.
+                match frames {
+                    [frame] => out.push(*frame),
+                    _ => out.extend_from_slice(frames),
+                }
                 continue;
             }
             out.truncate(start + self.max_depth);
             let room = start + self.max_depth - out.len();
-            out.extend(frames.iter().rev().take(room));
+            out.extend_from_slice(&frames[..room.min(frames.len())]);
             out.push(self.truncated);
             // The frames past the limit are not kept, but their locations
             // must exist, as for any stack.
@@ -410,18 +420,17 @@ impl<'p> DistinctStacks<'p> {
     /// profiler that repeats locations): they share one rank and one copy.
     fn into_ranked(self) -> RankedStacks {
         let n = self.ends.len();
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|a, b| self.stack(*a).cmp(self.stack(*b)));
+        let mut order: Vec<(&[u32], u32)> = (0..n as u32).map(|i| (self.stack(i), i)).collect();
+        order.sort_unstable_by(|a, b| compare_frames(a.0, b.0));
         let mut rank = vec![0u32; n];
         let mut sorted: Vec<u32> = Vec::with_capacity(self.frames.len());
         let mut ends: Vec<usize> = Vec::with_capacity(n);
-        let mut last: Option<u32> = None;
-        for i in order {
-            let stack = self.stack(i);
-            if last.is_none_or(|l| self.stack(l) != stack) {
+        let mut last: Option<&[u32]> = None;
+        for (stack, i) in order {
+            if last != Some(stack) {
                 sorted.extend_from_slice(stack);
                 ends.push(sorted.len());
-                last = Some(i);
+                last = Some(stack);
             }
             rank[i as usize] = ends.len() as u32 - 1;
         }

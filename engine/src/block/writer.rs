@@ -567,13 +567,7 @@ impl TableMemo {
 
     /// Adds every node of a root-first stack and returns the leaf's id.
     fn walk(&mut self, nodes: &mut WriteNodes, functions: &Functions, stack: &[u32]) -> u64 {
-        let shared = self
-            .last
-            .frames
-            .iter()
-            .zip(stack)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let shared = crate::profile::shared_prefix(&self.last.frames, stack);
         self.last.frames.truncate(shared);
         self.last.ids.truncate(shared);
         let mut parent = self.last.ids.last().copied().unwrap_or(stack::ROOT);
