@@ -13,7 +13,7 @@ use ember_engine::profile::{
     METRIC_NAME, SERVICE_NAME,
 };
 
-use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
+use crate::limits::{utf8, ProfileLimits, TRUNCATED_FRAME};
 use crate::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
 use crate::IngestError;
 
@@ -88,11 +88,10 @@ fn id_or_position(id: u64, index: usize) -> u64 {
 /// A string of the profile as text: agents' strings are bytes, and invalid
 /// UTF-8 is repaired rather than failing the whole profile.
 fn text(bytes: &[u8]) -> Cow<'_, str> {
-    // `from_utf8` checks ASCII a word at a time; the lossy reader walks
-    // every name byte by byte, and names are almost always valid.
-    match std::str::from_utf8(bytes) {
-        Ok(valid) => Cow::Borrowed(valid),
-        Err(_) => String::from_utf8_lossy(bytes),
+    // The lossy reader walks every byte; names are almost always valid.
+    match utf8(bytes) {
+        Some(valid) => Cow::Borrowed(valid),
+        None => String::from_utf8_lossy(bytes),
     }
 }
 
