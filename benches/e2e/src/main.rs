@@ -142,6 +142,9 @@ pub struct BenchArgs {
     replay: Option<PathBuf>,
     #[arg(long, default_value_t = 400)]
     replay_requests: usize,
+    /// With `--replay`: write on a second thread, as the server does.
+    #[arg(long)]
+    replay_split: bool,
     #[arg(long, hide = true)]
     compaction_job_prepare: Option<String>,
     #[arg(long, hide = true)]
@@ -275,7 +278,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.replay {
         replay::dump(&args, path, args.replay_requests)?;
-        return replay::run(path);
+        return replay::run(path, args.replay_split);
     }
     server::use_binary(ember_binary(&args)?);
     let started = Instant::now();

@@ -80,11 +80,11 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<Bytes>> {
 
 /// Replays the requests in `path` and reports stored samples per CPU
 /// second of this process.
-pub fn run(path: &Path) -> anyhow::Result<()> {
+pub fn run(path: &Path, split: bool) -> anyhow::Result<()> {
     let requests = read_requests(path)?;
     let cpu = cpu_seconds();
     let wall = Instant::now();
-    let samples = replay_requests(&requests)?;
+    let samples = replay_requests(&requests, split)?;
     let cpu = cpu_seconds() - cpu;
     info!(
         "{} requests, {samples} samples in {:.2} s ({:.2} CPU-s): {:.0} samples per CPU-second",
@@ -96,9 +96,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decodes and writes every request; returns the samples stored.
+/// Decodes and writes every request; returns the samples stored. With
+/// `split`, the writing runs on a second thread as the server's shards
+/// do, so profiles are freed on another thread than the one that made
+/// them.
 #[inline(never)]
-fn replay_requests(requests: &[Bytes]) -> anyhow::Result<u64> {
+fn replay_requests(requests: &[Bytes], split: bool) -> anyhow::Result<u64> {
     // The workload replays the last day of simulated time, as the
     // benchmark's server takes it.
     let mut limits = Limits::default();
@@ -107,33 +110,80 @@ fn replay_requests(requests: &[Bytes]) -> anyhow::Result<u64> {
         json: false,
         gzip: false,
     };
-    let mut shards: Vec<(Vec<Profile>, StackNodes)> =
-        (0..SHARDS).map(|_| Default::default()).collect();
-    let mut samples = 0u64;
-    for body in requests {
-        let profiles = ember_ingest::decode::push_body(
+    let decode = |body: &Bytes| {
+        ember_ingest::decode::push_body(
             &limits,
             body.clone(),
             encoding,
             "bench",
             super::now_nanos(),
-        )?;
+        )
+    };
+    let mut shards = Shards::default();
+    if !split {
+        for body in requests {
+            shards.add(decode(body)?)?;
+        }
+        return shards.finish();
+    }
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Profile>>(4);
+        let writer = scope.spawn(move || {
+            for profiles in rx {
+                shards.add(profiles)?;
+            }
+            shards.finish()
+        });
+        for body in requests {
+            if tx.send(decode(body)?).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writing thread panicked"))?
+    })
+}
+
+/// The shards' open segments and node caches.
+struct Shards {
+    open: Vec<(Vec<Profile>, StackNodes)>,
+    samples: u64,
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        Shards {
+            open: (0..SHARDS).map(|_| Default::default()).collect(),
+            samples: 0,
+        }
+    }
+}
+
+impl Shards {
+    fn add(&mut self, profiles: Vec<Profile>) -> anyhow::Result<()> {
         for p in profiles {
-            samples += p.samples.len() as u64;
-            let shard = &mut shards[shard_for(&p.tenant, p.service_name(), SHARDS) as usize];
+            self.samples += p.samples.len() as u64;
+            let shard = &mut self.open[shard_for(&p.tenant, p.service_name(), SHARDS) as usize];
             shard.0.push(p);
             if shard.0.len() >= FLUSH_PROFILES {
                 write_block(&shard.0, 0, &mut shard.1)?;
                 shard.0.clear();
             }
         }
+        Ok(())
     }
-    for (profiles, nodes) in &mut shards {
-        if !profiles.is_empty() {
-            write_block(profiles, 0, nodes)?;
+
+    /// Writes what is left open; the samples stored.
+    fn finish(mut self) -> anyhow::Result<u64> {
+        for (profiles, nodes) in &mut self.open {
+            if !profiles.is_empty() {
+                write_block(profiles, 0, nodes)?;
+            }
         }
+        Ok(self.samples)
     }
-    Ok(samples)
 }
 
 fn cpu_seconds() -> f64 {
