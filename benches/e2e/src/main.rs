@@ -572,13 +572,10 @@ struct Generated {
     exported: BTreeMap<(String, String), (u64, i64)>,
 }
 
-fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
-    let t = Instant::now();
-    let templates = workload::load_templates(&args.fixtures)?;
-    let names: Vec<&str> = templates.iter().map(|t| t.name.as_str()).collect();
-    info!("templates: {}", names.join(", "));
+/// The default run's workload, as the flags shape it.
+fn workload_config(args: &BenchArgs) -> workload::WorkloadConfig {
     let interval = args.interval_s * 1_000_000_000;
-    let config = workload::WorkloadConfig {
+    workload::WorkloadConfig {
         services: args.services,
         series_per_service: args.series_per_service,
         target_samples: args.samples,
@@ -587,7 +584,15 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
         // Whole hours ago, so that the data sits in fixed index partitions.
         start_nanos: (now_nanos() / interval - 24 * 3600 / args.interval_s) * interval,
         seed: 42,
-    };
+    }
+}
+
+fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
+    let t = Instant::now();
+    let templates = workload::load_templates(&args.fixtures)?;
+    let names: Vec<&str> = templates.iter().map(|t| t.name.as_str()).collect();
+    info!("templates: {}", names.join(", "));
+    let config = workload_config(args);
     let all = workload::series(&config, &templates);
     let mut rng = workload::Rng::new(config.seed);
     let mut exporter = export::Exporter::create(&args.out.join("export"))?;

@@ -31,16 +31,7 @@ pub fn dump(args: &BenchArgs, path: &Path, count: usize) -> anyhow::Result<()> {
         return Ok(());
     }
     let templates = workload::load_templates(&args.fixtures)?;
-    let interval = args.interval_s * 1_000_000_000;
-    let config = workload::WorkloadConfig {
-        services: args.services,
-        series_per_service: args.series_per_service,
-        target_samples: args.samples,
-        interval_nanos: interval,
-        series_per_request: args.series_per_request,
-        start_nanos: (super::now_nanos() / interval - 24 * 3600 / args.interval_s) * interval,
-        seed: 42,
-    };
+    let config = super::workload_config(args);
     let all = workload::series(&config, &templates);
     let mut rng = workload::Rng::new(config.seed);
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -82,10 +73,11 @@ fn read_requests(path: &Path) -> anyhow::Result<Vec<Bytes>> {
 /// second of this process.
 pub fn run(path: &Path, split: bool) -> anyhow::Result<()> {
     let requests = read_requests(path)?;
-    let cpu = cpu_seconds();
+    let cpu_seconds = || super::server::cpu_seconds_of("/proc/self/stat");
+    let cpu = cpu_seconds()?;
     let wall = Instant::now();
     let samples = replay_requests(&requests, split)?;
-    let cpu = cpu_seconds() - cpu;
+    let cpu = cpu_seconds()? - cpu;
     info!(
         "{} requests, {samples} samples in {:.2} s ({:.2} CPU-s): {:.0} samples per CPU-second",
         requests.len(),
@@ -184,16 +176,4 @@ impl Shards {
         }
         Ok(self.samples)
     }
-}
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / 100.0
 }

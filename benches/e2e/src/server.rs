@@ -93,13 +93,7 @@ impl Server {
 
     /// User plus system CPU seconds the server has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the command name, which is in parentheses.
-        let rest = stat.rsplit(')').next().context("malformed /proc stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
-            + fields.get(12).context("stime")?.parse::<f64>()?;
-        Ok(ticks / 100.0)
+        cpu_seconds_of(&format!("/proc/{}/stat", self.pid()))
     }
 
     fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
@@ -214,4 +208,16 @@ pub fn dir_bytes(dir: &Path) -> u64 {
             _ => e.metadata().map(|m| m.len()).unwrap_or(0),
         })
         .sum()
+}
+
+/// User plus system CPU seconds of the process whose `/proc/<pid>/stat`
+/// (or `/proc/self/stat`) is at `stat_path`.
+pub fn cpu_seconds_of(stat_path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(stat_path)?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit(')').next().context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+        + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / 100.0)
 }
