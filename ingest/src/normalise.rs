@@ -178,6 +178,10 @@ struct Symbols<'a> {
     index: foldhash::HashMap<Cow<'a, str>, u32>,
     /// location id -> where its function indices are in `frames`.
     locations: ById<(u32, u32)>,
+    /// location id -> its one function index, for the locations of one
+    /// frame (nearly all) when ids are small; [`NOT_ONE_FRAME`] for the
+    /// others. A quarter the size of `locations`, and read without a range.
+    one_frame: Vec<u32>,
     /// Function indices of every location, root first (inlined frames
     /// split: the location's function last).
     frames: Vec<u32>,
@@ -229,6 +233,7 @@ impl<'a> Symbols<'a> {
                     .map(|(i, l)| id_or_position(l.id, i)),
             ),
             frames: Vec::with_capacity(p.locations.len()),
+            one_frame: Vec::new(),
             truncated: 0,
             max_depth: limits.kept_depth(),
         };
@@ -241,6 +246,9 @@ impl<'a> Symbols<'a> {
                 .enumerate()
                 .map(|(i, f)| (id_or_position(f.id, i), i)),
         );
+        if let ById::Dense(table) = &s.locations {
+            s.one_frame = vec![NOT_ONE_FRAME; table.len()];
+        }
         let mut interned = vec![u32::MAX; p.functions.len()];
         for (i, loc) in p.locations.iter().enumerate() {
             let start = s.frames.len() as u32;
@@ -264,8 +272,18 @@ impl<'a> Symbols<'a> {
             // Stacks are built root first: each location's frames are
             // kept in that order, copied as they are for every stack.
             s.frames[start as usize..].reverse();
-            s.locations
-                .insert(id_or_position(loc.id, i), (start, s.frames.len() as u32));
+            let id = id_or_position(loc.id, i);
+            s.locations.insert(id, (start, s.frames.len() as u32));
+            if let Some(one) = usize::try_from(id)
+                .ok()
+                .and_then(|i| s.one_frame.get_mut(i))
+            {
+                // Of a repeated id, the last counts, as in `locations`.
+                *one = match &s.frames[start as usize..] {
+                    [frame] => *frame,
+                    _ => NOT_ONE_FRAME,
+                };
+            }
         }
         Ok(s)
     }
@@ -279,6 +297,78 @@ impl<'a> Symbols<'a> {
             Some((start, end)) => Ok(&self.frames[start as usize..end as usize]),
             None => Err(unknown_location(location_id)),
         }
+    }
+
+    /// Appends the root-first stack of the location list to `out`, as
+    /// [`Symbols::append_stack`] does; `ids` holds the decoded list if it
+    /// takes that path.
+    fn append_stack_of(
+        &self,
+        locations: LocationIds,
+        out: &mut Vec<u32>,
+        ids: &mut Vec<u64>,
+    ) -> Result<(), IngestError> {
+        if self.append_small_stack(locations, out) {
+            return Ok(());
+        }
+        locations.decode_into(ids);
+        self.append_stack(ids, out)
+    }
+
+    /// Nearly every stack is within the depth limit and of locations with
+    /// small ids, most of them of one frame: those are mapped as their ids
+    /// are read, without an array of decoded ids. Returns false, with `out`
+    /// as it was, for any other stack.
+    #[inline]
+    fn append_small_stack(&self, locations: LocationIds, out: &mut Vec<u32>) -> bool {
+        let start = out.len();
+        // Room for as many frames as the ids take bytes, up to the depth
+        // kept whole: a stack of more is not taken here.
+        out.resize(start + locations.most().min(self.max_depth + 1), 0);
+        let slots = &mut out[start..];
+        let mut n = 0;
+        let all = locations.all(|id| {
+            let frame = usize::try_from(id)
+                .ok()
+                .and_then(|i| self.one_frame.get(i).copied());
+            match frame {
+                Some(frame) if frame != NOT_ONE_FRAME && n < slots.len() => {
+                    slots[n] = frame;
+                    n += 1;
+                    true
+                }
+                Some(_) => match self.copy_inlined_frames(id, &mut slots[n..]) {
+                    Some(copied) => {
+                        n += copied;
+                        true
+                    }
+                    None => false,
+                },
+                None => false,
+            }
+        });
+        if !all {
+            out.truncate(start);
+            return false;
+        }
+        out.truncate(start + n);
+        // Leaf first as sent; root first as stored.
+        out[start..].reverse();
+        true
+    }
+
+    /// Copies the frames of a location of several (inlined) into the
+    /// start of `to`, leaf first as a sample's ids are, and returns how
+    /// many; `None` if they do not fit or the location is unknown. Out of
+    /// line: the loop over a stack's ids stays small enough to inline.
+    #[inline(never)]
+    fn copy_inlined_frames(&self, id: u64, to: &mut [u32]) -> Option<usize> {
+        let frames = self.frames_of(id).ok()?;
+        let to = to.get_mut(..frames.len())?;
+        for (slot, frame) in to.iter_mut().zip(frames.iter().rev()) {
+            *slot = *frame;
+        }
+        Some(frames.len())
     }
 
     /// Appends the root-first stack of a sample to `out`. A stack deeper
@@ -315,6 +405,9 @@ impl<'a> Symbols<'a> {
         Ok(())
     }
 }
+
+/// In [`Symbols::one_frame`], a location of more frames (inlined) or none.
+const NOT_ONE_FRAME: u32 = u32::MAX;
 
 #[cold]
 fn unknown_location(id: u64) -> IngestError {
@@ -401,8 +494,7 @@ impl<'p> DistinctStacks<'p> {
             Entry::Occupied(e) => return Ok(*e.get()),
             Entry::Vacant(e) => e,
         };
-        new.key().decode_into(&mut self.ids);
-        symbols.append_stack(&self.ids, &mut self.frames)?;
+        symbols.append_stack_of(*new.key(), &mut self.frames, &mut self.ids)?;
         self.ends.push(self.frames.len());
         Ok(*new.insert(self.ends.len() as u32 - 1))
     }
@@ -1188,6 +1280,50 @@ mod tests {
         p.sample[0].location_id[0] = 9_999;
         let err = normalised(&p, &dest()).unwrap_err();
         assert!(err.to_string().contains("9999"), "{err}");
+    }
+
+    /// Stacks of one-frame locations are mapped as their ids are read;
+    /// any other takes the general path. Both give the frames pprof says.
+    #[test]
+    fn stacks_read_the_same_whether_their_locations_are_one_frame_or_more() {
+        let names = |out: &[Profile], at: usize| -> Vec<String> {
+            let p = &out[0];
+            p.stack(&p.samples[at])
+                .iter()
+                .map(|i| p.functions.get(*i as usize).unwrap().to_string())
+                .collect()
+        };
+        let root_first = |ids: std::ops::RangeInclusive<u64>| -> Vec<String> {
+            ids.rev().map(|id| format!("f{:06}", id - 1)).collect()
+        };
+        // Ids of three-byte varints, a stack exactly at the depth limit.
+        let mut p = deep_profile(20_000, 0);
+        p.sample[0].location_id = (19_000..=19_999).collect();
+        let out = normalised(&p, &dest()).unwrap();
+        assert_eq!(names(&out, 0), root_first(19_000..=19_999));
+        // Location 2 holds two inlined frames (function 2 inlined into 5):
+        // its stacks take the general path, the others do not.
+        let mut p = deep_profile(6, 0);
+        p.location[1].line.push(pprof::Line {
+            function_id: 5,
+            ..Default::default()
+        });
+        p.sample = [vec![1, 2, 3], vec![3, 4], vec![6]]
+            .into_iter()
+            .map(|location_id| pprof::Sample {
+                location_id,
+                value: vec![1],
+                label: vec![],
+            })
+            .collect();
+        let out = normalised(&p, &dest()).unwrap();
+        let stacks: Vec<Vec<String>> = (0..3).map(|i| names(&out, i)).collect();
+        let f = |i: u32| format!("f{i:06}");
+        // Sorted by frames, root first.
+        assert_eq!(
+            stacks,
+            vec![vec![f(2), f(4), f(1), f(0)], vec![f(3), f(2)], vec![f(5)],]
+        );
     }
 
     #[test]

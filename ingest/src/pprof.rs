@@ -286,6 +286,44 @@ impl LocationIds<'_> {
         }
     }
 
+    /// Calls `f` with each id in order while it returns true; whether it
+    /// got through them all. Reads packed ids in place, for the caller
+    /// that maps each to something else and would only copy a decoded array.
+    #[inline(always)]
+    pub fn all(&self, mut f: impl FnMut(u64) -> bool) -> bool {
+        match self {
+            LocationIds::Packed(bytes) => {
+                let mut at = 0;
+                while let Some(&first) = bytes.get(at) {
+                    let id = if first < 0x80 {
+                        at += 1;
+                        u64::from(first)
+                    } else {
+                        match bytes.get(at + 1) {
+                            Some(&second) if second < 0x80 => {
+                                at += 2;
+                                u64::from(first & 0x7f) | u64::from(second) << 7
+                            }
+                            _ => {
+                                let mut long = Wire { data: bytes, at };
+                                let Ok(id) = long.long_varint() else {
+                                    return false;
+                                };
+                                at = long.at;
+                                id
+                            }
+                        }
+                    };
+                    if !f(id) {
+                        return false;
+                    }
+                }
+                true
+            }
+            LocationIds::Decoded(ids) => ids.iter().all(|id| f(*id)),
+        }
+    }
+
     pub fn to_vec(&self) -> Vec<u64> {
         let mut out = Vec::new();
         self.decode_into(&mut out);
@@ -327,6 +365,28 @@ fn short_varints(data: &[u8]) -> bool {
         }
     }
     run == 0
+}
+
+/// The field number (1 to 6) and end of the length-delimited field at
+/// `at`, if its key is one byte and its length one or two; `None` for any
+/// other field, or one that runs past the end, which the full reader
+/// takes (and refuses).
+#[inline(always)]
+fn short_message_at(data: &[u8], at: usize) -> Option<(usize, usize)> {
+    let key = *data.get(at)?;
+    let field = usize::from(key >> 3);
+    if key & 0x87 != WIRE_LEN || !(1..7).contains(&field) {
+        return None;
+    }
+    let (len, body) = match *data.get(at + 1)? {
+        len if len < 0x80 => (usize::from(len), at + 2),
+        low => match *data.get(at + 2)? {
+            high if high < 0x80 => (usize::from(low & 0x7f) | usize::from(high) << 7, at + 3),
+            _ => return None,
+        },
+    };
+    let end = body + len;
+    (end <= data.len()).then_some((field, end))
 }
 
 /// A sample label's string-table indices; numeric labels keep `str` at 0.
@@ -418,20 +478,28 @@ impl<'a> FlatProfile<'a> {
     /// arrays otherwise grew by doubling, copying each a few times.
     fn sized_for(data: &[u8]) -> Result<Self, IngestError> {
         let (mut count, mut bytes) = ([0usize; 7], [0usize; 7]);
-        let mut r = Wire::new(data);
-        while let Some((field, wire)) = r.key()? {
-            let start = r.at;
-            // Nearly every top-level field is length-delimited: read here,
-            // not through the general `skip`, once per field of the profile.
-            if wire == WIRE_LEN {
-                r.message(wire)?;
-            } else {
-                r.skip(wire)?;
+        let mut at = 0;
+        while at < data.len() {
+            // Nearly every top-level field is a one-byte key of a
+            // length-delimited field shorter than 16 KiB: read here with
+            // the position in a register, once per field of the profile.
+            if let Some((field, end)) = short_message_at(data, at) {
+                count[field] += 1;
+                bytes[field] += end - (at + 1);
+                at = end;
+                continue;
             }
+            let mut r = Wire { data, at };
+            let Some((field, wire)) = r.key()? else {
+                break;
+            };
+            let start = r.at;
+            r.skip(wire)?;
             if let Some(i) = usize::try_from(field).ok().filter(|f| *f < count.len()) {
                 count[i] += 1;
                 bytes[i] += r.at - start;
             }
+            at = r.at;
         }
         let (samples, locations) = (count[2], count[4]);
         Ok(FlatProfile {
