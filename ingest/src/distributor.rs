@@ -15,6 +15,7 @@ use crate::decode;
 pub use crate::decode::BodyEncoding;
 use crate::legacy::{Format, IngestParams};
 use crate::limits::InflightBytes;
+use crate::pool::Pool;
 use crate::segment::SegmentWriter;
 use crate::IngestError;
 
@@ -24,9 +25,11 @@ pub struct Distributor {
     writer: Arc<SegmentWriter>,
     limits: Limits,
     inflight: InflightBytes,
-    /// Decoding runs on blocking threads; this many at once, so a burst of
-    /// large requests queues instead of inflating all at the same time.
+    /// Decoding runs on threads of its own; this many at once, so a burst
+    /// of large requests queues instead of inflating all at the same time.
     decoders: Arc<Semaphore>,
+    /// Where decoding runs (see [`Pool`]).
+    decode_threads: Pool,
     /// Longest a request waits for a decoder before it is refused (429):
     /// past it the server is taking requests faster than it can decode
     /// them, and a longer queue would only delay every acknowledgement.
@@ -118,6 +121,7 @@ impl Distributor {
             limits,
             inflight: InflightBytes::new(max_inflight_bytes),
             decoders: Arc::new(Semaphore::new(cores)),
+            decode_threads: Pool::start("ember-decode", cores),
             max_queue_wait,
         }
     }
@@ -167,9 +171,11 @@ impl Distributor {
                 ))
             })?
             .map_err(|_| IngestError::ShuttingDown)?;
-        let profiles = tokio::task::spawn_blocking(decode)
+        let profiles = self
+            .decode_threads
+            .run(decode)
             .await
-            .map_err(|e| IngestError::Storage(format!("decoding task: {e}")))??;
+            .map_err(|e| IngestError::Storage(format!("decoding: {e}")))??;
         let size: usize = profiles.iter().map(Profile::size_bytes).sum();
         if size > reserved {
             permit.merge(self.inflight.reserve(size - reserved)?);

@@ -13,6 +13,7 @@ pub mod legacy;
 pub mod limits;
 pub mod normalise;
 pub mod otlp;
+pub mod pool;
 pub mod pprof;
 pub mod push;
 pub mod segment;
