@@ -294,28 +294,10 @@ impl LocationIds<'_> {
         match self {
             LocationIds::Packed(bytes) => {
                 let mut at = 0;
-                while let Some(&first) = bytes.get(at) {
-                    let id = if first < 0x80 {
-                        at += 1;
-                        u64::from(first)
-                    } else {
-                        match bytes.get(at + 1) {
-                            Some(&second) if second < 0x80 => {
-                                at += 2;
-                                u64::from(first & 0x7f) | u64::from(second) << 7
-                            }
-                            _ => {
-                                let mut long = Wire { data: bytes, at };
-                                let Ok(id) = long.long_varint() else {
-                                    return false;
-                                };
-                                at = long.at;
-                                id
-                            }
-                        }
-                    };
-                    if !f(id) {
-                        return false;
+                while at < bytes.len() {
+                    match next_packed(bytes, &mut at) {
+                        Ok(id) if f(id) => {}
+                        _ => return false,
                     }
                 }
                 true
@@ -969,25 +951,35 @@ impl<'a> Wire<'a> {
 /// `FlatProfile::sized_for` has made the room.
 fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
     let mut at = 0;
-    while let Some(&first) = data.get(at) {
-        if first < 0x80 {
-            to.push(of(u64::from(first)));
-            at += 1;
-            continue;
-        }
-        match data.get(at + 1) {
-            Some(&second) if second < 0x80 => {
-                to.push(of(u64::from(first & 0x7f) | u64::from(second) << 7));
-                at += 2;
-            }
-            _ => {
-                let mut long = Wire { data, at };
-                to.push(of(long.long_varint()?));
-                at = long.at;
-            }
-        }
+    while at < data.len() {
+        to.push(of(next_packed(data, &mut at)?));
     }
     Ok(())
+}
+
+/// The varint at `at` (inside `data`) of a packed field, moving `at` past
+/// it: one and two bytes read here, longer ones by [`Wire::long_varint`].
+#[inline(always)]
+fn next_packed(data: &[u8], at: &mut usize) -> Result<u64, IngestError> {
+    let Some(&first) = data.get(*at) else {
+        return Err(wire_error("the message ends inside a varint".into()));
+    };
+    if first < 0x80 {
+        *at += 1;
+        return Ok(u64::from(first));
+    }
+    match data.get(*at + 1) {
+        Some(&second) if second < 0x80 => {
+            *at += 2;
+            Ok(u64::from(first & 0x7f) | u64::from(second) << 7)
+        }
+        _ => {
+            let mut long = Wire { data, at: *at };
+            let value = long.long_varint()?;
+            *at = long.at;
+            Ok(value)
+        }
+    }
 }
 
 #[cfg(test)]
