@@ -775,6 +775,11 @@ fn past_the_end(n: usize) -> IngestError {
 }
 
 #[cold]
+fn unsupported_wire_type(wire: u8) -> IngestError {
+    wire_error(format!("unsupported wire type {wire}"))
+}
+
+#[cold]
 fn wrong_wire_type(wire: u8, belongs: &str) -> IngestError {
     wire_error(format!("wire type {wire} where {belongs} belongs"))
 }
@@ -803,7 +808,7 @@ impl<'a> Wire<'a> {
     }
 
     /// The next field number and wire type, or `None` at the end.
-    #[inline]
+    #[inline(always)]
     fn key(&mut self) -> Result<Option<(u64, u8)>, IngestError> {
         if self.at == self.data.len() {
             return Ok(None);
@@ -819,7 +824,7 @@ impl<'a> Wire<'a> {
     /// Most varints of a profile (ids, indices, small values) are one
     /// byte, and most others two (string indices and lengths past 127,
     /// samples' and locations' lengths).
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, IngestError> {
         let Some(&first) = self.data.get(self.at) else {
             return self.long_varint();
@@ -837,45 +842,18 @@ impl<'a> Wire<'a> {
         }
     }
 
+    /// Takes the position by value, so that it stays in a register
+    /// wherever a reader is inlined.
+    #[inline(always)]
     fn long_varint(&mut self) -> Result<u64, IngestError> {
-        // Sample values (nanoseconds, bytes) and addresses take 3 to 9
-        // bytes: read from one 8-byte word where the varint ends inside it.
-        if let Some(word) = self.data.get(self.at..self.at + 8) {
-            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
-            let ends = !word & 0x8080_8080_8080_8080;
-            if ends != 0 {
-                let len = ends.trailing_zeros() as usize / 8 + 1;
-                // The varint's bytes without their top bits, then the
-                // 7-bit groups packed together: pairs, quads, the eight.
-                let w = word & (u64::MAX >> (64 - 8 * len)) & 0x7f7f_7f7f_7f7f_7f7f;
-                let w = (w & 0x007f_007f_007f_007f) | ((w & 0x7f00_7f00_7f00_7f00) >> 1);
-                let w = (w & 0x0000_3fff_0000_3fff) | ((w & 0x3fff_0000_3fff_0000) >> 2);
-                let w = (w & 0x0000_0000_0fff_ffff) | ((w & 0x0fff_ffff_0000_0000) >> 4);
-                self.at += len;
-                return Ok(w);
-            }
-        }
-        let mut value = 0u64;
-        for shift in (0..70).step_by(7) {
-            let Some(&byte) = self.data.get(self.at) else {
-                return Err(wire_error("the message ends inside a varint".into()));
-            };
-            self.at += 1;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                // A tenth byte holds only the 64th bit, as protobuf reads it.
-                if shift == 63 && byte > 1 {
-                    return Err(wire_error("a varint past 64 bits".into()));
-                }
-                return Ok(value);
-            }
-        }
-        Err(wire_error("a varint longer than 10 bytes".into()))
+        let (value, at) = long_varint(self.data, self.at)?;
+        self.at = at;
+        Ok(value)
     }
 
     /// Inlined, with its error out of line: every string and submessage
     /// of a profile is taken here.
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], IngestError> {
         match self.at.checked_add(n).filter(|end| *end <= self.data.len()) {
             Some(end) => {
@@ -888,7 +866,7 @@ impl<'a> Wire<'a> {
     }
 
     /// A varint field's value.
-    #[inline]
+    #[inline(always)]
     fn scalar(&mut self, wire: u8) -> Result<u64, IngestError> {
         match wire {
             WIRE_VARINT => self.varint(),
@@ -897,7 +875,7 @@ impl<'a> Wire<'a> {
     }
 
     /// A length-delimited field: an embedded message, string or bytes.
-    #[inline]
+    #[inline(always)]
     fn message(&mut self, wire: u8) -> Result<&'a [u8], IngestError> {
         match wire {
             WIRE_LEN => {
@@ -908,7 +886,11 @@ impl<'a> Wire<'a> {
         }
     }
 
+    // The readers below are inlined like those above: one taking `self`
+    // out of line would keep every inlined reader's position in memory.
+
     /// A repeated varint field, packed or one value per key.
+    #[inline]
     fn repeated<T>(
         &mut self,
         wire: u8,
@@ -923,6 +905,7 @@ impl<'a> Wire<'a> {
     }
 
     /// A repeated varint field that is checked but not kept.
+    #[inline]
     fn numbers(&mut self, wire: u8) -> Result<(), IngestError> {
         if wire == WIRE_VARINT {
             return self.varint().map(drop);
@@ -934,20 +917,60 @@ impl<'a> Wire<'a> {
         Ok(())
     }
 
+    #[inline]
     fn skip(&mut self, wire: u8) -> Result<(), IngestError> {
         match wire {
             WIRE_VARINT => self.varint().map(drop),
             WIRE_FIXED64 => self.take(8).map(drop),
             WIRE_LEN => self.message(wire).map(drop),
             WIRE_FIXED32 => self.take(4).map(drop),
-            _ => Err(wire_error(format!("unsupported wire type {wire}"))),
+            _ => Err(unsupported_wire_type(wire)),
         }
     }
 }
 
+/// The varint at `at` in `data` and the position past it, for varints of
+/// any length. Out of line and taking the position by value: a reader
+/// whose position were borrowed here would keep it in memory.
+#[inline(never)]
+fn long_varint(data: &[u8], mut at: usize) -> Result<(u64, usize), IngestError> {
+    // Sample values (nanoseconds, bytes) and addresses take 3 to 9
+    // bytes: read from one 8-byte word where the varint ends inside it.
+    if let Some(word) = data.get(at..at + 8) {
+        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let ends = !word & 0x8080_8080_8080_8080;
+        if ends != 0 {
+            let len = ends.trailing_zeros() as usize / 8 + 1;
+            // The varint's bytes without their top bits, then the
+            // 7-bit groups packed together: pairs, quads, the eight.
+            let w = word & (u64::MAX >> (64 - 8 * len)) & 0x7f7f_7f7f_7f7f_7f7f;
+            let w = (w & 0x007f_007f_007f_007f) | ((w & 0x7f00_7f00_7f00_7f00) >> 1);
+            let w = (w & 0x0000_3fff_0000_3fff) | ((w & 0x3fff_0000_3fff_0000) >> 2);
+            let w = (w & 0x0000_0000_0fff_ffff) | ((w & 0x0fff_ffff_0000_0000) >> 4);
+            return Ok((w, at + len));
+        }
+    }
+    let mut value = 0u64;
+    for shift in (0..70).step_by(7) {
+        let Some(&byte) = data.get(at) else {
+            return Err(wire_error("the message ends inside a varint".into()));
+        };
+        at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            // A tenth byte holds only the 64th bit, as protobuf reads it.
+            if shift == 63 && byte > 1 {
+                return Err(wire_error("a varint past 64 bits".into()));
+            }
+            return Ok((value, at));
+        }
+    }
+    Err(wire_error("a varint longer than 10 bytes".into()))
+}
+
 /// The varints of a packed field, appended to `to`. Location ids and
 /// values are most of a profile's bytes, and most take one or two bytes:
-/// those are read here, longer ones by [`Wire::long_varint`].
+/// those are read here, longer ones by [`long_varint`].
 /// `FlatProfile::sized_for` has made the room.
 fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
     let mut at = 0;
@@ -958,7 +981,7 @@ fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), Inges
 }
 
 /// The varint at `at` (inside `data`) of a packed field, moving `at` past
-/// it: one and two bytes read here, longer ones by [`Wire::long_varint`].
+/// it: one and two bytes read here, longer ones by [`long_varint`].
 #[inline(always)]
 fn next_packed(data: &[u8], at: &mut usize) -> Result<u64, IngestError> {
     let Some(&first) = data.get(*at) else {
@@ -974,9 +997,8 @@ fn next_packed(data: &[u8], at: &mut usize) -> Result<u64, IngestError> {
             Ok(u64::from(first & 0x7f) | u64::from(second) << 7)
         }
         _ => {
-            let mut long = Wire { data, at: *at };
-            let value = long.long_varint()?;
-            *at = long.at;
+            let (value, end) = long_varint(data, *at)?;
+            *at = end;
             Ok(value)
         }
     }
