@@ -76,24 +76,27 @@ pub fn run(path: &Path, split: bool) -> anyhow::Result<()> {
     let cpu_seconds = || super::server::cpu_seconds_of("/proc/self/stat");
     let cpu = cpu_seconds()?;
     let wall = Instant::now();
-    let samples = replay_requests(&requests, split)?;
+    let (samples, bytes) = replay_requests(&requests, split)?;
     let cpu = cpu_seconds()? - cpu;
     info!(
-        "{} requests, {samples} samples in {:.2} s ({:.2} CPU-s): {:.0} samples per CPU-second",
+        "{} requests, {samples} samples in {:.2} s ({:.2} CPU-s): {:.0} samples per CPU-second, \
+         {:.2} level-0 block bytes a sample",
         requests.len(),
         wall.elapsed().as_secs_f64(),
         cpu,
-        samples as f64 / cpu.max(1e-9)
+        samples as f64 / cpu.max(1e-9),
+        bytes as f64 / samples.max(1) as f64
     );
     Ok(())
 }
 
-/// Decodes and writes every request; returns the samples stored. With
+/// Decodes and writes every request; returns the samples stored and the
+/// bytes of the blocks they were stored in. With
 /// `split`, the writing runs on a second thread as the server's shards
 /// do, so profiles are freed on another thread than the one that made
 /// them.
 #[inline(never)]
-fn replay_requests(requests: &[Bytes], split: bool) -> anyhow::Result<u64> {
+fn replay_requests(requests: &[Bytes], split: bool) -> anyhow::Result<(u64, u64)> {
     // The workload replays the last day of simulated time, as the
     // benchmark's server takes it.
     let mut limits = Limits::default();
@@ -142,6 +145,7 @@ fn replay_requests(requests: &[Bytes], split: bool) -> anyhow::Result<u64> {
 struct Shards {
     open: Vec<(Vec<Profile>, StackNodes)>,
     samples: u64,
+    bytes: u64,
 }
 
 impl Default for Shards {
@@ -149,6 +153,7 @@ impl Default for Shards {
         Shards {
             open: (0..SHARDS).map(|_| Default::default()).collect(),
             samples: 0,
+            bytes: 0,
         }
     }
 }
@@ -160,20 +165,20 @@ impl Shards {
             let shard = &mut self.open[shard_for(&p.tenant, p.service_name(), SHARDS) as usize];
             shard.0.push(p);
             if shard.0.len() >= FLUSH_PROFILES {
-                write_block(&shard.0, 0, &mut shard.1)?;
+                self.bytes += write_block(&shard.0, 0, &mut shard.1)?.meta.size;
                 shard.0.clear();
             }
         }
         Ok(())
     }
 
-    /// Writes what is left open; the samples stored.
-    fn finish(mut self) -> anyhow::Result<u64> {
+    /// Writes what is left open; the samples stored and the blocks' bytes.
+    fn finish(mut self) -> anyhow::Result<(u64, u64)> {
         for (profiles, nodes) in &mut self.open {
             if !profiles.is_empty() {
-                write_block(profiles, 0, nodes)?;
+                self.bytes += write_block(profiles, 0, nodes)?.meta.size;
             }
         }
-        Ok(self.samples)
+        Ok((self.samples, self.bytes))
     }
 }
