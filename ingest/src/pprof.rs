@@ -349,28 +349,6 @@ fn short_varints(data: &[u8]) -> bool {
     run == 0
 }
 
-/// The field number (1 to 6) and end of the length-delimited field at
-/// `at`, if its key is one byte and its length one or two; `None` for any
-/// other field, or one that runs past the end, which the full reader
-/// takes (and refuses).
-#[inline(always)]
-fn short_message_at(data: &[u8], at: usize) -> Option<(usize, usize)> {
-    let key = *data.get(at)?;
-    let field = usize::from(key >> 3);
-    if key & 0x87 != WIRE_LEN || !(1..7).contains(&field) {
-        return None;
-    }
-    let (len, body) = match *data.get(at + 1)? {
-        len if len < 0x80 => (usize::from(len), at + 2),
-        low => match *data.get(at + 2)? {
-            high if high < 0x80 => (usize::from(low & 0x7f) | usize::from(high) << 7, at + 3),
-            _ => return None,
-        },
-    };
-    let end = body + len;
-    (end <= data.len()).then_some((field, end))
-}
-
 /// A sample label's string-table indices; numeric labels keep `str` at 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlatLabel {
@@ -427,7 +405,7 @@ impl<'a> FlatProfile<'a> {
                 data.len()
             )));
         }
-        let mut p = FlatProfile::sized_for(data)?;
+        let mut p = FlatProfile::with_spare_arrays();
         let mut r = Wire::new(data);
         while let Some((field, wire)) = r.key()? {
             match field {
@@ -442,7 +420,8 @@ impl<'a> FlatProfile<'a> {
                 10 => p.duration_nanos = r.scalar(wire)? as i64,
                 // A message field seen twice merges, as protobuf says.
                 11 => {
-                    let merged = value_type(r.message(wire)?, p.period_type.unwrap_or_default())?;
+                    let merged =
+                        value_type(r.message(wire)?, p.period_type.take().unwrap_or_default())?;
                     p.period_type = Some(merged);
                 }
                 12 => p.period = r.scalar(wire)? as i64,
@@ -455,73 +434,47 @@ impl<'a> FlatProfile<'a> {
         Ok(p)
     }
 
-    /// An empty profile with room for what `data` holds, from a first pass
-    /// over its top-level fields that reads only keys and lengths: the
-    /// arrays otherwise grew by doubling, copying each a few times.
-    fn sized_for(data: &[u8]) -> Result<Self, IngestError> {
-        let (mut count, mut bytes) = ([0usize; 7], [0usize; 7]);
-        let mut at = 0;
-        while at < data.len() {
-            // Nearly every top-level field is a one-byte key of a
-            // length-delimited field shorter than 16 KiB: read here with
-            // the position in a register, once per field of the profile.
-            if let Some((field, end)) = short_message_at(data, at) {
-                count[field] += 1;
-                bytes[field] += end - (at + 1);
-                at = end;
-                continue;
-            }
-            let mut r = Wire { data, at };
-            let Some((field, wire)) = r.key()? else {
-                break;
-            };
-            let start = r.at;
-            r.skip(wire)?;
-            if let Some(i) = usize::try_from(field).ok().filter(|f| *f < count.len()) {
-                count[i] += 1;
-                bytes[i] += r.at - start;
-            }
-            at = r.at;
+    /// An empty profile with the arrays of the last one dropped on this
+    /// thread: a decoding thread reads profiles of much the same shape one
+    /// after another, and its arrays then neither grow by doubling nor
+    /// need a first pass over the profile to be sized (which cost as much
+    /// as a tenth of the decoding), and stay in the cache.
+    fn with_spare_arrays() -> Self {
+        let spare = SPARE_ARRAYS.with(|s| s.take());
+        FlatProfile {
+            strings: emptied(spare.strings),
+            sample_types: Vec::new(),
+            period_type: None,
+            period: 0,
+            time_nanos: 0,
+            duration_nanos: 0,
+            samples: emptied(spare.samples),
+            locations: spare.locations,
+            functions: spare.functions,
+            sample_locations: spare.sample_locations,
+            sample_values: spare.sample_values,
+            sample_labels: spare.sample_labels,
+            line_functions: spare.line_functions,
         }
-        let (samples, locations) = (count[2], count[4]);
-        Ok(FlatProfile {
-            strings: Vec::with_capacity(count[6]),
-            samples: Vec::with_capacity(samples),
-            locations: Vec::with_capacity(locations),
-            functions: Vec::with_capacity(count[5]),
-            // Every varint takes at least a byte, so the samples' bytes
-            // bound their values: room is never more than the input asks
-            // for, whatever counts it claims. Location ids mostly stay
-            // packed (`Locations`), so theirs grows only if needed.
-            sample_values: Vec::with_capacity(
-                bytes[2].min(samples.saturating_mul(count[1].max(1))),
-            ),
-            line_functions: Vec::with_capacity(locations),
-            ..Default::default()
-        })
     }
 
     /// The same view of a profile already decoded into prost's messages
     /// (what the OTLP and JFR paths build).
     pub fn of(p: &'a Profile) -> Self {
-        let mut flat = FlatProfile {
-            strings: p.string_table.iter().map(Vec::as_slice).collect(),
-            sample_types: p.sample_type.clone(),
-            period_type: p.period_type.clone(),
-            period: p.period,
-            time_nanos: p.time_nanos,
-            duration_nanos: p.duration_nanos,
-            functions: p
-                .function
-                .iter()
-                .map(|f| FlatFunction {
-                    id: f.id,
-                    name: f.name,
-                    system_name: f.system_name,
-                })
-                .collect(),
-            ..Default::default()
-        };
+        let mut flat = FlatProfile::with_spare_arrays();
+        flat.strings
+            .extend(p.string_table.iter().map(Vec::as_slice));
+        flat.sample_types = p.sample_type.clone();
+        flat.period_type = p.period_type.clone();
+        flat.period = p.period;
+        flat.time_nanos = p.time_nanos;
+        flat.duration_nanos = p.duration_nanos;
+        flat.functions
+            .extend(p.function.iter().map(|f| FlatFunction {
+                id: f.id,
+                name: f.name,
+                system_name: f.system_name,
+            }));
         for s in &p.sample {
             let (start, end) = span(&mut flat.sample_locations, s.location_id.iter().copied());
             let locations = Locations::Decoded(start, end);
@@ -653,6 +606,72 @@ impl<'a> FlatProfile<'a> {
         location.lines = (start as u32, self.line_functions.len() as u32);
         self.locations.push(location);
         Ok(())
+    }
+}
+
+/// A profile's arrays emptied for the next profile decoded on this
+/// thread, unless they hold more than this.
+const SPARE_BYTES: usize = 8 << 20;
+
+/// The arrays of a dropped [`FlatProfile`], empty, kept for the next.
+#[derive(Default)]
+struct SpareArrays {
+    strings: Vec<&'static [u8]>,
+    samples: Vec<FlatSample<'static>>,
+    locations: Vec<FlatLocation>,
+    functions: Vec<FlatFunction>,
+    sample_locations: Vec<u64>,
+    sample_values: Vec<i64>,
+    sample_labels: Vec<FlatLabel>,
+    line_functions: Vec<u64>,
+}
+
+impl SpareArrays {
+    fn bytes(&self) -> usize {
+        fn bytes<T>(v: &Vec<T>) -> usize {
+            v.capacity() * std::mem::size_of::<T>()
+        }
+        bytes(&self.strings)
+            + bytes(&self.samples)
+            + bytes(&self.locations)
+            + bytes(&self.functions)
+            + bytes(&self.sample_locations)
+            + bytes(&self.sample_values)
+            + bytes(&self.sample_labels)
+            + bytes(&self.line_functions)
+    }
+}
+
+thread_local! {
+    static SPARE_ARRAYS: std::cell::Cell<SpareArrays> = std::cell::Cell::default();
+}
+
+/// An empty vector with `v`'s allocation, for items of another lifetime:
+/// collecting a vector's own iterator into one of a type of the same
+/// layout reuses its allocation.
+fn emptied<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
+impl Drop for FlatProfile<'_> {
+    fn drop(&mut self) {
+        let spare = SpareArrays {
+            strings: emptied(std::mem::take(&mut self.strings)),
+            samples: emptied(std::mem::take(&mut self.samples)),
+            locations: emptied(std::mem::take(&mut self.locations)),
+            functions: emptied(std::mem::take(&mut self.functions)),
+            sample_locations: emptied(std::mem::take(&mut self.sample_locations)),
+            sample_values: emptied(std::mem::take(&mut self.sample_values)),
+            sample_labels: emptied(std::mem::take(&mut self.sample_labels)),
+            line_functions: emptied(std::mem::take(&mut self.line_functions)),
+        };
+        if spare.bytes() <= SPARE_BYTES {
+            // `try_with`: a profile dropped as its thread exits frees its arrays.
+            let _ = SPARE_ARRAYS.try_with(|s| s.set(spare));
+        }
     }
 }
 
@@ -971,7 +990,6 @@ fn long_varint(data: &[u8], mut at: usize) -> Result<(u64, usize), IngestError> 
 /// The varints of a packed field, appended to `to`. Location ids and
 /// values are most of a profile's bytes, and most take one or two bytes:
 /// those are read here, longer ones by [`long_varint`].
-/// `FlatProfile::sized_for` has made the room.
 fn packed<T>(data: &[u8], to: &mut Vec<T>, of: fn(u64) -> T) -> Result<(), IngestError> {
     let mut at = 0;
     while at < data.len() {
@@ -1181,7 +1199,7 @@ mod tests {
                 (Ok(flat), Ok(p)) => assert_eq!(flat, FlatProfile::of(&p), "run {i}"),
                 (Err(_), Err(_)) => {}
                 (flat, p) => panic!("run {i}: {flat:?} but prost {p:?}"),
-            }
+            };
         }
         let mut sample = Vec::new();
         key(1, WIRE_LEN, &mut sample);
@@ -1317,6 +1335,32 @@ mod tests {
             assert!(matches!(err, IngestError::Decode { .. }), "{err}");
             assert!(err.to_string().contains(want), "{err}");
         }
+    }
+
+    #[test]
+    fn a_thread_decodes_into_the_arrays_of_the_profile_it_dropped() {
+        let mut larger = small_profile();
+        larger.sample = std::iter::repeat_n(larger.sample[0].clone(), 40).collect();
+        let larger = larger.encode_to_vec();
+        let bytes = small_profile().encode_to_vec();
+        let first = FlatProfile::decode(&larger).unwrap();
+        assert_eq!(first.samples.len(), 40);
+        let arrays = |p: &FlatProfile| {
+            (
+                p.strings.as_ptr() as usize,
+                p.samples.as_ptr() as usize,
+                p.sample_values.as_ptr() as usize,
+                p.sample_labels.as_ptr() as usize,
+            )
+        };
+        let before = arrays(&first);
+        drop(first);
+        let next = FlatProfile::decode(&bytes).unwrap();
+        assert_eq!(arrays(&next), before);
+        // Nothing of the larger profile is left in them.
+        let prost = Profile::decode(bytes.as_slice()).unwrap();
+        assert_eq!(next, FlatProfile::of(&prost));
+        assert_eq!(next.samples.len(), 1);
     }
 
     #[test]

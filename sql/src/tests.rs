@@ -35,7 +35,8 @@ fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
         received_at_nanos: 1_700_000_000_000_000_000,
         limits: Default::default(),
     };
-    normalise(&FlatProfile::of(&p), &dest).unwrap()
+    let flat = FlatProfile::of(&p);
+    normalise(&flat, &dest).unwrap()
 }
 
 async fn engine_with(
