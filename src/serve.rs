@@ -20,7 +20,7 @@ use ember_ingest::segment::{
 use ember_sql::compaction::{
     CompactionConfig, CompactionMetrics, CompactionStep, Compactor, Lifecycle, Retention,
 };
-use ember_sql::{QueryEngine, QueryEngineConfig};
+use ember_sql::{QueryEngine, QueryEngineConfig, StatementLimits};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
@@ -133,9 +133,19 @@ pub struct ServeArgs {
     /// Memory one tenant's running queries may hold together.
     #[arg(long, default_value_t = 512 << 20)]
     tenant_query_memory_limit: usize,
-    /// A query still running after this many seconds fails.
+    /// A query still running after this many seconds fails, its planning
+    /// included.
     #[arg(long, default_value_t = 120)]
     query_timeout_seconds: u64,
+    /// Largest SQL statement, in bytes.
+    #[arg(long, default_value_t = StatementLimits::default().max_bytes)]
+    max_statement_bytes: usize,
+    /// Deepest expression tree a statement may hold (a chain `a + b + ...`
+    /// is as deep as it is long; `AND`/`OR` chains are balanced first), at
+    /// most 2000.
+    #[arg(long, default_value_t = StatementLimits::default().max_expression_depth)]
+    max_expression_depth: usize,
+
     /// Bytes of stack nodes cached across queries, all tenants together.
     #[arg(long, default_value_t = 256 << 20)]
     stack_cache_bytes: usize,
@@ -246,6 +256,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             memory_limit: args.query_memory_limit,
             tenant_memory_limit: args.tenant_query_memory_limit,
             query_timeout: Duration::from_secs(args.query_timeout_seconds.max(1)),
+            statement_limits: StatementLimits {
+                max_bytes: args.max_statement_bytes,
+                max_expression_depth: args.max_expression_depth,
+            },
             stack_dictionary_bytes: args.stack_cache_bytes,
             totals_cache_bytes: args.totals_cache_bytes,
             ..QueryEngineConfig::default()

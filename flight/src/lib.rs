@@ -34,10 +34,12 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::scalar::ScalarValue;
 use ember_engine::{AuthError, Authenticator, TenantId};
 use ember_sql::system::{SystemTable, SCHEMA as SYSTEM_SCHEMA};
-use ember_sql::{QueryEngine, Settings, TABLES};
+use ember_sql::{ErrorKind, QueryEngine, Settings, TABLES};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
 use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use arrow_flight::flight_service_server::FlightServiceServer;
@@ -78,29 +80,52 @@ impl EmberFlightSql {
         }
     }
 
-    /// The call's tenant: from its bearer token when authentication is on,
-    /// else from `x-scope-orgid`.
     fn tenant<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let header = |name: &str| -> Result<Option<&str>, Status> {
-            match req.metadata().get(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .to_str()
-                    .map(Some)
-                    .map_err(|_| Status::invalid_argument(format!("{name} is not ASCII"))),
-            }
-        };
-        self.auth
-            .tenant(header("authorization")?, header(TENANT_HEADER)?)
-            .map(TenantId::into_string)
-            .map_err(auth_status)
+        tenant_of(&self.auth, req)
     }
 
-    pub fn into_server(self) -> FlightServiceServer<Self> {
-        FlightServiceServer::new(self)
+    /// The gRPC service, which checks credentials on every call before it
+    /// reaches a method: with authentication on, a call without them (or
+    /// with wrong ones) is UNAUTHENTICATED, metadata calls and ListActions
+    /// included. The basic-auth handshake carries its credentials in the
+    /// same header, so it passes as a statement would.
+    pub fn into_server(self) -> InterceptedService<FlightServiceServer<Self>, Credentials> {
+        let credentials = Credentials(self.auth.clone());
+        let server = FlightServiceServer::new(self)
             .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        InterceptedService::new(server, credentials)
     }
+}
+
+/// Refuses a call whose credentials name no tenant.
+#[derive(Clone)]
+pub struct Credentials(Arc<Authenticator>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.0.enabled() {
+            tenant_of(&self.0, &request)?;
+        }
+        Ok(request)
+    }
+}
+
+/// The call's tenant: from its bearer token when authentication is on,
+/// else from `x-scope-orgid`.
+fn tenant_of<T>(auth: &Authenticator, req: &Request<T>) -> Result<String, Status> {
+    let header = |name: &str| -> Result<Option<&str>, Status> {
+        match req.metadata().get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(Some)
+                .map_err(|_| Status::invalid_argument(format!("{name} is not ASCII"))),
+        }
+    };
+    auth.tenant(header("authorization")?, header(TENANT_HEADER)?)
+        .map(TenantId::into_string)
+        .map_err(auth_status)
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -112,22 +137,13 @@ fn auth_status(e: AuthError) -> Status {
 }
 
 fn status(e: ember_sql::SqlError) -> Status {
-    use datafusion::error::DataFusionError as E;
-    let root = match &e {
-        ember_sql::SqlError::DataFusion(df) => df.find_root(),
-        ember_sql::SqlError::Tenant(_) => return Status::invalid_argument(e.to_string()),
-        ember_sql::SqlError::Timeout(_) => return Status::deadline_exceeded(e.to_string()),
-    };
-    match root {
-        E::ResourcesExhausted(_) => {
+    match e.kind() {
+        ErrorKind::InvalidArgument => Status::invalid_argument(e.to_string()),
+        ErrorKind::ResourceExhausted => {
             Status::resource_exhausted(format!("query exceeds the memory limit: {e}"))
         }
-        E::SQL(..)
-        | E::Plan(_)
-        | E::SchemaError(..)
-        | E::NotImplemented(_)
-        | E::Configuration(_) => Status::invalid_argument(e.to_string()),
-        _ => Status::internal(e.to_string()),
+        ErrorKind::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        ErrorKind::Internal => Status::internal(e.to_string()),
     }
 }
 
@@ -317,11 +333,7 @@ fn one_row(batch: &RecordBatch) -> Result<Vec<ScalarValue>, String> {
 
 /// The parameters a statement's placeholders take, `$1` first, typed where
 /// DataFusion can tell (else Utf8, which it casts from).
-fn parameter_schema(df: &datafusion::dataframe::DataFrame) -> Result<Schema, Status> {
-    let types = df
-        .logical_plan()
-        .get_parameter_types()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+fn parameter_schema(types: &std::collections::HashMap<String, Option<DataType>>) -> Schema {
     let mut names: Vec<(usize, String)> = types
         .keys()
         .map(|k| {
@@ -332,7 +344,7 @@ fn parameter_schema(df: &datafusion::dataframe::DataFrame) -> Result<Schema, Sta
         })
         .collect();
     names.sort();
-    Ok(Schema::new(
+    Schema::new(
         names
             .into_iter()
             .map(|(_, name)| {
@@ -344,7 +356,7 @@ fn parameter_schema(df: &datafusion::dataframe::DataFrame) -> Result<Schema, Sta
                 Field::new(name, ty, true)
             })
             .collect::<Vec<_>>(),
-    ))
+    )
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -381,12 +393,12 @@ impl EmberFlightSql {
         settings: &Settings,
         sql: &str,
     ) -> Result<Schema, Status> {
-        let df = self
+        let described = self
             .engine
-            .plan(tenant, sql, settings)
+            .describe(tenant, sql, settings, Vec::new())
             .await
             .map_err(status)?;
-        Ok(df.schema().as_arrow().clone())
+        Ok(described.columns.as_ref().clone())
     }
 
     async fn run(
@@ -505,9 +517,9 @@ impl FlightSqlService for EmberFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let tenant = self.tenant(&request)?;
-        let df = self
+        let described = self
             .engine
-            .plan(&tenant, &query.query, &settings(&request)?)
+            .describe(&tenant, &query.query, &settings(&request)?, Vec::new())
             .await
             .map_err(status)?;
         let ipc = |schema: &Schema| -> Result<bytes::Bytes, Status> {
@@ -525,8 +537,8 @@ impl FlightSqlService for EmberFlightSql {
         };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.encode_to_vec().into(),
-            dataset_schema: ipc(df.schema().as_arrow())?,
-            parameter_schema: ipc(&parameter_schema(&df)?)?,
+            dataset_schema: ipc(&described.columns)?,
+            parameter_schema: ipc(&parameter_schema(&described.parameters))?,
         })
     }
 
@@ -546,9 +558,9 @@ impl FlightSqlService for EmberFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
         let mut handle = PreparedHandle::decode_from(&cmd.prepared_statement_handle)?;
-        let df = self
+        let described = self
             .engine
-            .plan_with_params(&tenant, &handle.sql, &settings(&request)?, handle.params()?)
+            .describe(&tenant, &handle.sql, &settings(&request)?, handle.params()?)
             .await
             .map_err(status)?;
         handle.query_id = query_id();
@@ -556,7 +568,7 @@ impl FlightSqlService for EmberFlightSql {
             prepared_statement_handle: handle.encode_to_vec().into(),
         };
         Ok(Response::new(flight_info(
-            df.schema().as_arrow(),
+            &described.columns,
             cmd,
             request.into_inner(),
         )?))

@@ -6,6 +6,7 @@ mod args;
 pub mod compaction;
 pub mod diff;
 pub mod flamegraph;
+mod function_limits;
 #[doc(hidden)]
 pub mod fuzzing;
 mod keyed_samples;
@@ -13,17 +14,20 @@ pub mod labels;
 mod lru;
 pub mod pprof;
 mod pruning;
+mod query_threads;
 pub mod selection;
 pub mod series;
 mod session;
 pub mod settings;
 pub mod stack_dictionary;
 mod stack_totals;
+mod statement;
 pub mod system;
 mod tables;
 mod tenant_memory;
 
-pub use session::{QueryEngine, QueryEngineConfig, CATALOG};
+pub use session::{QueryEngine, QueryEngineConfig, StatementSchema, CATALOG};
+pub use statement::StatementLimits;
 
 /// Support for tests and benchmarks across the workspace.
 #[doc(hidden)]
@@ -78,6 +82,51 @@ pub enum SqlError {
     Tenant(String),
     #[error("query timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A statement refused before planning (too large, too deep).
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What went wrong with a query, as every front end reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The client's statement or arguments.
+    InvalidArgument,
+    /// The query needed more memory than it may hold.
+    ResourceExhausted,
+    /// The query ran past the timeout.
+    DeadlineExceeded,
+    Internal,
+}
+
+impl SqlError {
+    pub fn kind(&self) -> ErrorKind {
+        use datafusion::error::DataFusionError as E;
+        match self {
+            SqlError::Tenant(_) | SqlError::InvalidQuery(_) => ErrorKind::InvalidArgument,
+            SqlError::Timeout(_) => ErrorKind::DeadlineExceeded,
+            SqlError::Internal(_) => ErrorKind::Internal,
+            SqlError::DataFusion(e) => match e.find_root() {
+                E::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
+                E::SQL(..)
+                | E::Plan(_)
+                | E::SchemaError(..)
+                | E::NotImplemented(_)
+                | E::Configuration(_)
+                // What evaluating the client's expressions raised
+                // (division by zero, a failed cast...).
+                | E::Execution(_)
+                | E::ArrowError(..) => ErrorKind::InvalidArgument,
+                E::External(inner) => match inner.downcast_ref::<SqlError>() {
+                    Some(e) => e.kind(),
+                    None => ErrorKind::Internal,
+                },
+                _ => ErrorKind::Internal,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

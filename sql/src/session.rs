@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::catalog::{
     CatalogProvider as _, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider as _,
 };
@@ -23,13 +25,16 @@ use crate::diff::DiffFunction;
 use crate::flamegraph::{
     FlameGraphCall, FlameGraphFunction, FlameGraphQuery, FlameGraphTable, Frame,
 };
+use crate::function_limits::bound_functions;
 use crate::labels::LabelFunction;
 use crate::lru::ByteLru;
 use crate::pprof::PprofFunction;
+use crate::query_threads::QueryThreads;
 use crate::series::SeriesFunction;
 use crate::settings::Settings;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
+use crate::statement::{self, StatementLimits};
 use crate::system::{SystemTable, SystemTableProvider, SCHEMA as SYSTEM_SCHEMA};
 use crate::tables::{DatasetSource, SectionTable, TABLES};
 use crate::tenant_memory::TenantPools;
@@ -50,6 +55,8 @@ pub struct QueryEngineConfig {
     pub totals_cache_bytes: usize,
     /// A query still running after this long fails with a timeout.
     pub query_timeout: Duration,
+    /// What one statement's text may be.
+    pub statement_limits: StatementLimits,
 }
 
 impl Default for QueryEngineConfig {
@@ -63,6 +70,7 @@ impl Default for QueryEngineConfig {
             stack_dictionary_bytes: 256 << 20,
             totals_cache_bytes: 256 << 20,
             query_timeout: Duration::from_secs(120),
+            statement_limits: StatementLimits::default(),
         }
     }
 }
@@ -122,6 +130,7 @@ pub struct QueryEngine {
     /// function DataFusion has, which cost more than planning a flame graph.
     /// Keyed by tenant, and a state holds only that tenant's catalog.
     sessions: Mutex<ByteLru<String, SessionState>>,
+    threads: QueryThreads,
     config: QueryEngineConfig,
 }
 
@@ -149,6 +158,8 @@ impl QueryEngine {
             runtime,
             tenant_pools,
             sessions: Mutex::new(ByteLru::new(CACHED_SESSIONS)),
+            threads: QueryThreads::new(config.target_partitions)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?,
             config,
         })
     }
@@ -221,6 +232,15 @@ impl QueryEngine {
         Ok(state)
     }
 
+    /// The most one scalar function may build for a batch: an eighth of
+    /// what the tenant's queries may hold.
+    fn function_output_bytes(&self) -> usize {
+        self.config
+            .tenant_memory_limit
+            .min(self.config.memory_limit)
+            / 8
+    }
+
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -237,6 +257,7 @@ impl QueryEngine {
         options.sql_parser.map_string_types_to_utf8view = false;
         options.execution.parquet.schema_force_view_types = false;
         let ctx = SessionContext::new_with_config_rt(config, self.tenant_runtime(tenant));
+        bound_functions(&ctx, self.function_output_bytes());
         let schema = MemorySchemaProvider::new();
         for section in TABLES {
             let table = SectionTable::new(
@@ -330,7 +351,7 @@ impl QueryEngine {
 
     /// Plans a statement with its placeholders (`$1`...) bound to `params`
     /// (none: placeholders stay unbound, as for a prepared statement's
-    /// schema).
+    /// schema). Planning runs on the query threads, within the timeout.
     pub async fn plan_with_params(
         &self,
         tenant: &str,
@@ -338,16 +359,69 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<DataFrame, SqlError> {
-        let ctx = self.session(tenant, settings)?;
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let df = ctx.sql_with_options(sql, options).await?;
-        if params.is_empty() {
-            return Ok(df);
-        }
-        Ok(df.with_param_values(params)?)
+        let planning = self.planning(tenant, sql, settings, params)?;
+        self.within_timeout(self.threads.run(planning)).await
+    }
+
+    /// The columns a statement answers with, and the types its placeholders
+    /// take (`None` where the statement does not tell).
+    pub async fn describe(
+        &self,
+        tenant: &str,
+        sql: &str,
+        settings: &Settings,
+        params: Vec<ScalarValue>,
+    ) -> std::result::Result<StatementSchema, SqlError> {
+        let planning = self.planning(tenant, sql, settings, params)?;
+        let describing = async move {
+            let df = planning.await?;
+            Ok(StatementSchema {
+                columns: Arc::new(df.schema().as_arrow().clone()),
+                parameters: df.logical_plan().get_parameter_types()?,
+            })
+        };
+        self.within_timeout(self.threads.run(describing)).await
+    }
+
+    /// The work of planning `sql`, to run on the query threads.
+    fn planning(
+        &self,
+        tenant: &str,
+        sql: &str,
+        settings: &Settings,
+        params: Vec<ScalarValue>,
+    ) -> std::result::Result<
+        impl std::future::Future<Output = std::result::Result<DataFrame, SqlError>> + Send + 'static,
+        SqlError,
+    > {
+        let state = self.session_state(tenant, settings)?;
+        let sql = sql.to_string();
+        let limits = self.config.statement_limits;
+        Ok(async move {
+            let statement = statement::parse(&state, &sql, limits)?;
+            let plan = state.statement_to_plan(statement).await?;
+            SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false)
+                .verify_plan(&plan)?;
+            let df = DataFrame::new(state, plan);
+            if params.is_empty() {
+                return Ok(df);
+            }
+            Ok(df.with_param_values(params)?)
+        })
+    }
+
+    /// `work`, or a timeout error once the query timeout has passed.
+    async fn within_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = std::result::Result<T, SqlError>>,
+    ) -> std::result::Result<T, SqlError> {
+        let timeout = self.config.query_timeout;
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| SqlError::Timeout(timeout))?
     }
 
     /// Runs a flame graph over an empty range once, through SQL and through
@@ -416,7 +490,10 @@ impl QueryEngine {
             .await
     }
 
-    /// Runs a statement with its placeholders bound to `params`.
+    /// Runs a statement with its placeholders bound to `params`. Planning
+    /// and execution run on the query threads, both within the timeout;
+    /// the stream's schema is the planned one, which every batch is cast to
+    /// (the physical plan may differ in nullability).
     pub async fn execute_with_params(
         &self,
         tenant: &str,
@@ -426,17 +503,56 @@ impl QueryEngine {
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
         let deadline = tokio::time::Instant::now() + self.config.query_timeout;
         let timeout = self.config.query_timeout;
-        let stream = tokio::time::timeout_at(deadline, async {
-            self.plan_with_params(tenant, sql, settings, params)
-                .await?
-                .execute_stream()
-                .await
-                .map_err(SqlError::from)
-        })
-        .await
-        .map_err(|_| SqlError::Timeout(timeout))??;
+        let planning = self.planning(tenant, sql, settings, params)?;
+        let running = self.threads.stream(async move {
+            let df = planning.await?;
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let stream = df.execute_stream().await?;
+            Ok(with_schema(stream, schema))
+        });
+        let stream = tokio::time::timeout_at(deadline, running)
+            .await
+            .map_err(|_| SqlError::Timeout(timeout))??;
         Ok(with_deadline(stream, deadline, timeout))
     }
+}
+
+/// What a statement answers with and what it takes, before it runs.
+#[derive(Debug, Clone)]
+pub struct StatementSchema {
+    pub columns: SchemaRef,
+    pub parameters: std::collections::HashMap<String, Option<DataType>>,
+}
+
+/// `stream` with `schema`, each batch cast to it: the schema a client was
+/// told before the query ran is the one it receives.
+fn with_schema(stream: SendableRecordBatchStream, schema: SchemaRef) -> SendableRecordBatchStream {
+    if stream.schema() == schema {
+        return stream;
+    }
+    let target = schema.clone();
+    let batches = stream.map(move |batch| conform(batch?, &target));
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                Ok(datafusion::arrow::compute::cast(column, field.data_type())?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?)
 }
 
 /// A stream that ends with a timeout error at `deadline`.
@@ -451,21 +567,19 @@ fn with_deadline(
         // A CPU-bound operator can return its batch after the deadline
         // without ever yielding: check the clock after each one too.
         match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(_)) if tokio::time::Instant::now() > deadline => Some((
-                Err(DataFusionError::ResourcesExhausted(format!(
-                    "query timed out after {timeout:?}"
-                ))),
-                None,
-            )),
+            Ok(Some(_)) if tokio::time::Instant::now() > deadline => {
+                Some((timed_out(timeout), None))
+            }
             Ok(Some(item)) => Some((item, Some(stream))),
             Ok(None) => None,
-            Err(_) => Some((
-                Err(DataFusionError::ResourcesExhausted(format!(
-                    "query timed out after {timeout:?}"
-                ))),
-                None,
-            )),
+            Err(_) => Some((timed_out(timeout), None)),
         }
     });
     Box::pin(RecordBatchStreamAdapter::new(schema, timed))
+}
+
+fn timed_out(timeout: Duration) -> Result<RecordBatch> {
+    Err(DataFusionError::External(Box::new(SqlError::Timeout(
+        timeout,
+    ))))
 }

@@ -19,6 +19,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use crate::flamegraph::{FlameGraphCall, Frame};
 use crate::{QueryEngine, QueryEngineConfig, Settings};
 
+mod hostile;
+
 fn profiles(fixture: &str, service: &str, tenant: &str) -> Vec<Profile> {
     let (_, bytes) = pprof_fixtures()
         .into_iter()

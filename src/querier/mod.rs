@@ -632,13 +632,19 @@ pub(crate) async fn select_series(
 /// A query error as Connect reports it: the client's mistakes are
 /// `invalid_argument`, exhausted memory `resource_exhausted`.
 fn query_error(e: &ember_sql::SqlError) -> ApiError {
+    use ember_sql::ErrorKind;
     let text = e.to_string();
-    if text.contains("Resources exhausted") {
-        connect_error(StatusCode::TOO_MANY_REQUESTS, "resource_exhausted", text)
-    } else if text.contains("timed out") || text.contains("timeout") {
-        connect_error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", text)
-    } else {
-        invalid(text)
+    match e.kind() {
+        ErrorKind::ResourceExhausted => connect_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "resource_exhausted",
+            format!("query exceeds the memory limit: {text}"),
+        ),
+        ErrorKind::DeadlineExceeded => {
+            connect_error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", text)
+        }
+        ErrorKind::InvalidArgument => invalid(text),
+        ErrorKind::Internal => connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", text),
     }
 }
 

@@ -1,0 +1,206 @@
+//! A client's SQL text turned into a statement the planner can take without
+//! recursing past a thread's stack.
+//!
+//! The parser bounds nesting (parentheses, subqueries), but a flat chain of
+//! infix operators (`1+1+1...`, `a = 0 OR a = 1 OR ...`) parses in a loop
+//! into a left-deep tree as deep as the chain is long, and planning,
+//! optimising, evaluating and even dropping that tree recurse once per
+//! level. So: the text has a size limit, chains of `AND` and `OR` (which
+//! Grafana builds from multi-value variables, and which are associative) are
+//! rebalanced into trees of logarithmic depth, and any expression still
+//! deeper than the limit is refused before planning.
+
+use std::ops::ControlFlow;
+
+use datafusion::execution::SessionState;
+use datafusion::sql::parser::Statement;
+use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr, Value, VisitMut, VisitorMut};
+
+use crate::SqlError;
+
+/// The deepest expression the query threads' stacks are tested with
+/// (`long_operator_chains_answer_or_are_refused_without_harm`); planning
+/// time grows with the square of a chain's length, too.
+pub const MAX_EXPRESSION_DEPTH: usize = 2000;
+
+/// What a statement may be.
+#[derive(Debug, Clone, Copy)]
+pub struct StatementLimits {
+    /// Bytes of SQL text.
+    pub max_bytes: usize,
+    /// Levels of one expression tree, after `AND`/`OR` chains are balanced
+    /// (at most `MAX_EXPRESSION_DEPTH`).
+    pub max_expression_depth: usize,
+}
+
+impl Default for StatementLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            max_expression_depth: MAX_EXPRESSION_DEPTH,
+        }
+    }
+}
+
+/// `sql` parsed for `state`, within `limits`: the one statement it holds,
+/// with `AND`/`OR` chains balanced.
+pub(crate) fn parse(
+    state: &SessionState,
+    sql: &str,
+    limits: StatementLimits,
+) -> Result<Statement, SqlError> {
+    if sql.len() > limits.max_bytes {
+        return Err(SqlError::InvalidQuery(format!(
+            "the statement is {} bytes, more than the limit of {} (--max-statement-bytes)",
+            sql.len(),
+            limits.max_bytes
+        )));
+    }
+    let dialect = state.config().options().sql_parser.dialect;
+    let mut statement = state.sql_to_statement(sql, &dialect)?;
+    let limit = limits.max_expression_depth.min(MAX_EXPRESSION_DEPTH);
+    let mut depth = DepthCheck { depth: 0, limit };
+    if visit_sql(&mut statement, &mut depth).is_break() {
+        // Dropping the tree would recurse as deep as it is: take it apart
+        // from its leaves up instead.
+        let _ = visit_sql(&mut statement, &mut Dismantle);
+        return Err(SqlError::InvalidQuery(format!(
+            "an expression nests deeper than {limit} levels (--max-expression-depth); \
+             long lists of values fit in `IN (...)`"
+        )));
+    }
+    Ok(statement)
+}
+
+/// Visits the SQL trees of DataFusion's statement. Statements other than
+/// queries and EXPLAIN are refused by planning anyway; their SQL parts are
+/// visited all the same, so that nothing deep reaches the planner.
+fn visit_sql<V: VisitorMut>(statement: &mut Statement, visitor: &mut V) -> ControlFlow<V::Break> {
+    match statement {
+        Statement::Statement(s) => s.visit(visitor),
+        Statement::Explain(e) => visit_sql(&mut e.statement, visitor),
+        Statement::CopyTo(c) => match &mut c.source {
+            datafusion::sql::parser::CopyToSource::Query(q) => q.visit(visitor),
+            datafusion::sql::parser::CopyToSource::Relation(_) => ControlFlow::Continue(()),
+        },
+        Statement::CreateExternalTable(_) | Statement::Reset(_) => ControlFlow::Continue(()),
+    }
+}
+
+/// Balances `AND`/`OR` chains on the way down, and breaks once an
+/// expression is deeper than `limit`.
+struct DepthCheck {
+    depth: usize,
+    limit: usize,
+}
+
+impl VisitorMut for DepthCheck {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        balance(expr);
+        self.depth += 1;
+        if self.depth > self.limit {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, _expr: &mut Expr) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+}
+
+/// Replaces every expression by a leaf, children first, so that each drop
+/// is one level deep.
+struct Dismantle;
+
+impl VisitorMut for Dismantle {
+    type Break = ();
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        *expr = Expr::value(Value::Null);
+        ControlFlow::Continue(())
+    }
+}
+
+/// If `expr` is a chain of one associative operator (`AND` or `OR`), the
+/// same chain as a balanced tree, its operands in the same order.
+fn balance(expr: &mut Expr) {
+    let op = match expr {
+        Expr::BinaryOp {
+            op: op @ (BinaryOperator::And | BinaryOperator::Or),
+            ..
+        } => op.clone(),
+        _ => return,
+    };
+    let mut operands = Vec::new();
+    // Depth first, right child pushed first: operands come out left to right.
+    let mut pending = vec![std::mem::replace(expr, Expr::value(Value::Null))];
+    while let Some(e) = pending.pop() {
+        match e {
+            Expr::BinaryOp { left, op: o, right } if o == op => {
+                pending.push(*right);
+                pending.push(*left);
+            }
+            other => operands.push(other),
+        }
+    }
+    *expr = balanced(operands, &op);
+}
+
+/// `operands` joined by `op` as a tree of depth log2(n).
+fn balanced(mut operands: Vec<Expr>, op: &BinaryOperator) -> Expr {
+    if operands.len() == 1 {
+        return operands.pop().expect("one operand");
+    }
+    let right = operands.split_off(operands.len() / 2);
+    Expr::BinaryOp {
+        left: Box::new(balanced(operands, op)),
+        op: op.clone(),
+        right: Box::new(balanced(right, op)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::SessionContext;
+
+    fn parse_default(sql: &str) -> Result<Statement, SqlError> {
+        parse(
+            &SessionContext::new().state(),
+            sql,
+            StatementLimits::default(),
+        )
+    }
+
+    #[test]
+    fn or_chains_become_balanced_and_keep_their_order() {
+        let terms: Vec<String> = (0..5000).map(|i| format!("v = {i}")).collect();
+        let sql = format!("SELECT 1 WHERE {}", terms.join(" OR "));
+        let statement = parse_default(&sql).expect("a long OR list is accepted");
+        let text = statement.to_string();
+        // Same operands in the same order, parenthesised differently.
+        let flat = text.replace(['(', ')'], "");
+        assert!(flat.contains(&terms.join(" OR ")), "operands kept in order");
+    }
+
+    #[test]
+    fn a_chain_past_the_depth_limit_is_refused_with_the_reason() {
+        let sql = format!("SELECT 1{}", "+1".repeat(100_000));
+        let err = parse_default(&sql).expect_err("too deep");
+        assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
+        assert!(err.to_string().contains("deeper than 2000"), "{err}");
+        let sql = format!("SELECT 1{}", "+1".repeat(1998));
+        parse_default(&sql).expect("a chain within the limit is accepted");
+    }
+
+    #[test]
+    fn a_statement_past_the_size_limit_is_refused() {
+        let sql = format!("SELECT '{}'", "x".repeat(2 << 20));
+        let err = parse_default(&sql).expect_err("too large");
+        assert!(err.to_string().contains("--max-statement-bytes"), "{err}");
+    }
+}

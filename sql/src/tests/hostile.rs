@@ -1,0 +1,150 @@
+//! Statements a hostile or careless client sends: each gets a typed error
+//! or its answer, and nothing else happens to the process.
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use futures::TryStreamExt;
+
+use super::{engine_with, profiles, run};
+use crate::{ErrorKind, QueryEngine, Settings, SqlError};
+
+async fn outcome(engine: &QueryEngine, sql: &str) -> Result<Vec<super::RecordBatch>, SqlError> {
+    engine
+        .execute("t", sql, &Settings::default())
+        .await?
+        .try_collect()
+        .await
+        .map_err(SqlError::from)
+}
+
+fn first_i64(batches: &[super::RecordBatch]) -> i64 {
+    let column = cast(batches[0].column(0), &DataType::Int64).unwrap();
+    column.as_primitive::<Int64Type>().value(0)
+}
+
+#[tokio::test]
+async fn long_operator_chains_answer_or_are_refused_without_harm() {
+    let (_dir, engine) = engine_with(vec![], 1 << 30).await;
+    // A left-deep chain of 1,000 terms overflowed a worker's stack before.
+    for terms in [1_000, 1_999] {
+        let sql = format!("SELECT 1{}", "+1".repeat(terms));
+        assert_eq!(first_i64(&run(&engine, "t", &sql).await), terms as i64 + 1);
+    }
+    for terms in [2_000, 100_000] {
+        let sql = format!("SELECT 1{}", "+1".repeat(terms));
+        let err = outcome(&engine, &sql).await.expect_err("too deep");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("nests deeper than"), "{err}");
+    }
+    // The engine still answers.
+    assert_eq!(first_i64(&run(&engine, "t", "SELECT 41 + 1").await), 42);
+}
+
+#[tokio::test]
+async fn long_or_lists_answer_as_in_lists_do() {
+    let (_dir, engine) =
+        engine_with(vec![profiles("go-heap-large.pb.gz", "heap", "t")], 1 << 30).await;
+    for n in [1_000, 20_000] {
+        let or = (0..n)
+            .map(|v| format!("value = {v}"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let list = (0..n).map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+        let by_or = run(
+            &engine,
+            "t",
+            &format!("SELECT count(*) FROM samples WHERE {or}"),
+        )
+        .await;
+        let by_in = run(
+            &engine,
+            "t",
+            &format!("SELECT count(*) FROM samples WHERE value IN ({list})"),
+        )
+        .await;
+        assert_eq!(first_i64(&by_or), first_i64(&by_in), "{n} terms");
+        let all = run(&engine, "t", "SELECT count(*) FROM samples").await;
+        assert!(
+            first_i64(&by_or) < first_i64(&all),
+            "the filter must filter"
+        );
+    }
+}
+
+#[tokio::test]
+async fn functions_that_would_build_more_than_the_memory_bound_are_refused() {
+    let (_dir, engine) = engine_with(vec![], 1 << 30).await;
+    for sql in [
+        "SELECT length(repeat('x', 1000000000))",
+        "SELECT cardinality(generate_series(1, 2000000000))",
+        "SELECT cardinality(range(0, 2000000000, 1))",
+        "SELECT length(lpad('x', 1000000000))",
+        "SELECT cardinality(array_repeat(1, 1000000000))",
+        "SELECT cardinality(array_resize([1], 1000000000, 0))",
+        "SELECT cardinality(generate_series(DATE '1970-01-01', DATE '9999-01-01', INTERVAL '1 second'))",
+        // Each step doubles the last: the output tells.
+        "WITH a AS (SELECT repeat('x', 1000000) s), b AS (SELECT concat(s, s) s FROM a), \
+         c AS (SELECT concat(s, s) s FROM b), d AS (SELECT concat(s, s) s FROM c), \
+         e AS (SELECT concat(s, s) s FROM d), f AS (SELECT concat(s, s) s FROM e), \
+         g AS (SELECT concat(s, s) s FROM f), h AS (SELECT concat(s, s) s FROM g) \
+         SELECT length(s) FROM h",
+    ] {
+        let err = outcome(&engine, sql).await.expect_err(sql);
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{sql}: {err}");
+        assert!(err.to_string().contains("memory"), "{err}");
+    }
+    // Within the bound they answer as DataFusion's own do.
+    for (sql, want) in [
+        ("SELECT length(repeat('ab', 5))", 10),
+        ("SELECT cardinality(generate_series(1, 1000))", 1000),
+        ("SELECT cardinality(range(1, 1000))", 999),
+        ("SELECT length(rpad('x', 7))", 7),
+        ("SELECT cardinality(array_repeat('a', 3))", 3),
+    ] {
+        assert_eq!(first_i64(&run(&engine, "t", sql).await), want, "{sql}");
+    }
+}
+
+#[tokio::test]
+async fn the_announced_schema_is_the_streamed_one() {
+    let (_dir, engine) =
+        engine_with(vec![profiles("go-heap-large.pb.gz", "heap", "t")], 1 << 30).await;
+    for sql in [
+        "SELECT repeat('x', 3) AS r",
+        "SELECT length(repeat('x', 10))",
+        "SELECT generate_series(1, 3)",
+        "SELECT 1 + 1",
+        "SELECT now()",
+        "SELECT service_name, count(*) FROM samples GROUP BY 1",
+    ] {
+        let announced = engine
+            .describe("t", sql, &Settings::default(), Vec::new())
+            .await
+            .unwrap()
+            .columns;
+        let stream = engine
+            .execute("t", sql, &Settings::default())
+            .await
+            .unwrap();
+        assert_eq!(stream.schema(), announced, "{sql}");
+        let batches: Vec<_> = stream.try_collect().await.unwrap();
+        for b in &batches {
+            assert_eq!(b.schema(), announced, "{sql}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_is_a_deadline_not_a_memory_error() {
+    let config = crate::QueryEngineConfig {
+        query_timeout: std::time::Duration::from_millis(200),
+        ..crate::QueryEngineConfig::default()
+    };
+    let (_dir, engine) = super::engine_with_config(vec![], config).await;
+    let sql = "SELECT count(*) FROM generate_series(1, 10000000000) a";
+    let err = outcome(&engine, sql).await.expect_err("times out");
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(!err.to_string().contains("memory"), "{err}");
+}
