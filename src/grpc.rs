@@ -32,36 +32,83 @@ pub async fn request_message(
     }
 }
 
+/// Why a request's message was not read.
+pub enum FrameError {
+    /// Its prefix, or what arrived, says `size` bytes, over the limit.
+    TooLarge {
+        size: usize,
+        limit: usize,
+    },
+    Status(ApiError),
+}
+
+impl From<ApiError> for FrameError {
+    fn from(e: ApiError) -> Self {
+        FrameError::Status(e)
+    }
+}
+
+impl From<FrameError> for ApiError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { size, limit } => status(
+                "resource_exhausted",
+                format!("request message of {size} bytes, over the limit of {limit}"),
+            ),
+            FrameError::Status(e) => e,
+        }
+    }
+}
+
 /// The one message of a unary gRPC request as sent, and whether it is
 /// gzip-compressed (for callers that bound decompression themselves).
 pub async fn request_frame(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<(bool, Bytes), ApiError> {
+) -> Result<(bool, Bytes), FrameError> {
     let content_type = header_str(headers, "content-type").unwrap_or_default();
     if !matches!(content_type, "application/grpc" | "application/grpc+proto") {
-        return Err(status(
+        return Err(FrameError::Status(status(
             "unimplemented",
             format!("content type {content_type:?}: gRPC calls are served as protobuf"),
-        ));
+        )));
     }
-    // The prefix and the message; a larger body is refused unread.
-    let body = axum::body::to_bytes(body, limit + 5).await.map_err(|_| {
-        status(
-            "resource_exhausted",
-            format!("request message over {limit} bytes"),
-        )
-    })?;
+    let body = prefixed_message(body, limit).await?;
     let (compressed, message) = unframe(&body)?;
     match header_str(headers, "grpc-encoding") {
         _ if !compressed => Ok((false, message)),
         Some("gzip") => Ok((true, message)),
-        other => Err(status(
+        other => Err(FrameError::Status(status(
             "unimplemented",
             format!("message compression {other:?}: send gzip or no compression"),
-        )),
+        ))),
     }
+}
+
+/// The prefix and the message, read as they arrive: a message whose prefix
+/// declares more than `limit` bytes is refused once the prefix is in,
+/// without waiting for it.
+async fn prefixed_message(mut body: Body, limit: usize) -> Result<Bytes, FrameError> {
+    use http_body_util::BodyExt;
+    let too_large = |size: usize| FrameError::TooLarge { size, limit };
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| status("invalid_argument", format!("request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+        }
+        if read.len() >= 5 {
+            let declared = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
+            if declared > limit {
+                return Err(too_large(declared));
+            }
+        }
+        if read.len() > limit + 5 {
+            return Err(too_large(read.len() - 5));
+        }
+    }
+    Ok(read.freeze())
 }
 
 /// Splits `[flag][length u32 BE][message]`; a unary request has exactly one.

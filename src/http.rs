@@ -329,12 +329,11 @@ async fn grpc_message(
 ) -> Result<(bool, Bytes), IngestError> {
     crate::grpc::request_frame(headers, body, max_request_bytes)
         .await
-        .map_err(|e| match e.code {
-            "resource_exhausted" => IngestError::TooLarge {
-                size: max_request_bytes + 1,
-                limit: max_request_bytes,
-            },
-            _ => IngestError::Unsupported(e.message),
+        .map_err(|e| match e {
+            crate::grpc::FrameError::TooLarge { size, limit } => {
+                IngestError::TooLarge { size, limit }
+            }
+            crate::grpc::FrameError::Status(e) => IngestError::Unsupported(e.message),
         })
 }
 

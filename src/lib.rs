@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod cli;
+mod connections;
 mod grpc;
 mod http;
 pub mod http_client;

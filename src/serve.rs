@@ -1,6 +1,5 @@
 //! `ember serve`: every role in one process on the embedded default.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +24,9 @@ use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use crate::connections::{
+    admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
+};
 use crate::http::{health_router, router, AppState};
 use crate::local_store::SyncedLocalStore;
 use crate::metastore_rpc::RemoteMetastore;
@@ -127,6 +129,19 @@ pub struct ServeArgs {
     /// `{"tenants": {"acme": {"reject_older_than_seconds": 86400}}}`.
     #[arg(long)]
     limits_file: Option<PathBuf>,
+    /// Connections open at once, HTTP and Flight SQL together; beyond it a
+    /// connection is refused (HTTP with a 503 that says why). Lowered to
+    /// what the open-file limit allows.
+    #[arg(long, default_value_t = 8192)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's head, counted from when
+    /// the connection waits for it: a keep-alive connection idle this long
+    /// is closed too.
+    #[arg(long, default_value_t = 30)]
+    http_header_read_timeout_seconds: u64,
+    /// Seconds a client has to send a request's body after its head.
+    #[arg(long, default_value_t = 30)]
+    http_body_read_timeout_seconds: u64,
     /// Memory all running queries may hold together.
     #[arg(long, default_value_t = 1 << 30)]
     query_memory_limit: usize,
@@ -145,7 +160,6 @@ pub struct ServeArgs {
     /// most 2000.
     #[arg(long, default_value_t = StatementLimits::default().max_expression_depth)]
     max_expression_depth: usize,
-
     /// Bytes of stack nodes cached across queries, all tenants together.
     #[arg(long, default_value_t = 256 << 20)]
     stack_cache_bytes: usize,
@@ -200,6 +214,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
 
     let mut registry = Registry::default();
+    let admission = Admission::new(connection_limits(&args), &mut registry);
     let segment_metrics = SegmentMetrics::default();
     segment_metrics.register(&mut registry);
     tokio::spawn(recover_dlq_forever(
@@ -291,18 +306,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };
     let http: futures::future::BoxFuture<'static, std::io::Result<()>> = match &tls {
-        None => Box::pin(
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .into_future(),
-        ),
-        Some(files) => Box::pin(
-            axum::serve(TlsListener::new(http_listener, files)?, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .into_future(),
-        ),
+        None => Box::pin(serve_http(
+            http_listener,
+            app,
+            admission.clone(),
+            shutdown_signal(),
+        )),
+        Some(files) => Box::pin(serve_http(
+            TlsListener::new(http_listener, files)?,
+            app,
+            admission.clone(),
+            shutdown_signal(),
+        )),
     };
-    let mut flight_server = tonic::transport::Server::builder();
+    // Live clients answer the pings; dead peers' connections close. A
+    // handler (planning included) ends within the query timeout; the
+    // margin is for the client's own slowness.
+    let mut flight_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(args.query_timeout_seconds.max(1) + 30));
     if let Some(files) = &tls {
         flight_server = flight_server
             .tls_config(files.tonic_config())
@@ -311,7 +334,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let flight = flight_server
         .add_service(EmberFlightSql::new(engine, auth).into_server())
-        .serve_with_incoming_shutdown(tokio_stream_incoming(flight_listener), shutdown_signal());
+        .serve_with_incoming_shutdown(
+            admitted_incoming(flight_listener, admission),
+            shutdown_signal(),
+        );
     tokio::try_join!(async { http.await.context("HTTP server") }, async {
         flight.await.context("Flight SQL server")
     },)?;
@@ -670,16 +696,13 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn tokio_stream_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let conn = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((conn, listener))
-    })
+fn connection_limits(args: &ServeArgs) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: connections_within_descriptors(args.max_connections.max(1)),
+        header_read_timeout: Duration::from_secs(args.http_header_read_timeout_seconds.max(1)),
+        body_read_timeout: Duration::from_secs(args.http_body_read_timeout_seconds.max(1)),
+        max_body_bytes: args.max_request_bytes,
+    }
 }
 
 async fn shutdown_signal() {
