@@ -8,19 +8,27 @@
 //! result tells, such as `replace` and `concat`, whose outputs can double
 //! from one subquery to the next).
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
 use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::kernels::concat_elements::concat_elements_utf8;
 use datafusion::arrow::compute::kernels::length::length;
 use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type, IntervalUnit, TimeUnit};
 use datafusion::common::config::ConfigOptions;
+use datafusion::common::DFSchema;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl,
     Signature,
 };
+use datafusion::logical_expr::{Expr, ExprSchemable, Volatility};
 use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::BinaryOperator;
 
 /// How a function's output grows with its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -321,4 +329,95 @@ fn steps(step: &ArrayRef) -> Result<Vec<u128>> {
         .iter()
         .map(|v| v.map_or(1, |v| v.unsigned_abs() as u128))
         .collect())
+}
+
+/// Plans `a || b` over text as a bounded function: DataFusion evaluates it
+/// as a binary operator, which no wrapper reaches, and a chain of
+/// subqueries `SELECT s || s FROM (...)` doubles its output at each step.
+/// Lists go on to DataFusion's planner (`array_concat`, bounded above).
+pub(crate) fn bound_string_concat(ctx: &mut SessionContext, max_bytes: usize) -> Result<()> {
+    let udf = Arc::new(ScalarUDF::new_from_impl(StringConcat {
+        signature: Signature::uniform(2, vec![DataType::Utf8], Volatility::Immutable),
+        max_bytes,
+    }));
+    ctx.register_expr_planner(Arc::new(StringConcatPlanner { udf }))
+}
+
+#[derive(Debug)]
+struct StringConcatPlanner {
+    udf: Arc<ScalarUDF>,
+}
+
+impl ExprPlanner for StringConcatPlanner {
+    fn plan_binary_op(
+        &self,
+        expr: RawBinaryExpr,
+        schema: &DFSchema,
+    ) -> Result<PlannerResult<RawBinaryExpr>> {
+        let text =
+            |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        if expr.op == BinaryOperator::StringConcat
+            && text(&expr.left.get_type(schema)?)
+            && text(&expr.right.get_type(schema)?)
+        {
+            let RawBinaryExpr { left, right, .. } = expr;
+            return Ok(PlannerResult::Planned(self.udf.call(vec![left, right])));
+        }
+        Ok(PlannerResult::Original(expr))
+    }
+}
+
+/// `a || b` over text: null where either is, refused before it builds more
+/// than `max_bytes`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct StringConcat {
+    signature: Signature,
+    max_bytes: usize,
+}
+
+impl ScalarUDFImpl for StringConcat {
+    fn name(&self) -> &str {
+        "string_concat"
+    }
+
+    /// Named as the operator it plans, as DataFusion names `a || b`.
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        match args {
+            [a, b] => Ok(format!("{} || {}", a.schema_name(), b.schema_name())),
+            _ => Ok(self.name().to_string()),
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let [left, right] = args.args.as_slice() else {
+            return Err(DataFusionError::Internal("|| takes two operands".into()));
+        };
+        let (left, right) = (left.to_array(rows)?, right.to_array(rows)?);
+        let (left, right) = (left.as_string::<i32>(), right.as_string::<i32>());
+        let bytes = text_bytes(left) + text_bytes(right);
+        if bytes > self.max_bytes {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "|| would build {bytes} bytes, more than one function may hold in memory ({} bytes)",
+                self.max_bytes
+            )));
+        }
+        Ok(ColumnarValue::Array(Arc::new(concat_elements_utf8(
+            left, right,
+        )?)))
+    }
+}
+
+/// Bytes of the strings of `array` (a slice's, not its buffer's).
+fn text_bytes(array: &StringArray) -> usize {
+    let offsets = array.value_offsets();
+    (offsets[offsets.len() - 1] - offsets[0]) as usize
 }

@@ -25,7 +25,7 @@ use crate::diff::DiffFunction;
 use crate::flamegraph::{
     FlameGraphCall, FlameGraphFunction, FlameGraphQuery, FlameGraphTable, Frame,
 };
-use crate::function_limits::bound_functions;
+use crate::function_limits::{bound_functions, bound_string_concat};
 use crate::labels::LabelFunction;
 use crate::lru::ByteLru;
 use crate::pprof::PprofFunction;
@@ -241,6 +241,23 @@ impl QueryEngine {
             / 8
     }
 
+    /// Every function a statement of `tenant` can call: scalar, aggregate,
+    /// window and table functions, sorted.
+    pub async fn function_names(&self, tenant: &str) -> std::result::Result<Vec<String>, SqlError> {
+        let state = self.session_state(tenant, &Settings::default())?;
+        let mut names: Vec<String> = state
+            .scalar_functions()
+            .keys()
+            .chain(state.aggregate_functions().keys())
+            .chain(state.window_functions().keys())
+            .chain(state.table_functions().keys())
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -256,8 +273,9 @@ impl QueryEngine {
         // Grafana's Flight SQL data source reads Utf8, not Utf8View.
         options.sql_parser.map_string_types_to_utf8view = false;
         options.execution.parquet.schema_force_view_types = false;
-        let ctx = SessionContext::new_with_config_rt(config, self.tenant_runtime(tenant));
+        let mut ctx = SessionContext::new_with_config_rt(config, self.tenant_runtime(tenant));
         bound_functions(&ctx, self.function_output_bytes());
+        bound_string_concat(&mut ctx, self.function_output_bytes())?;
         let schema = MemorySchemaProvider::new();
         for section in TABLES {
             let table = SectionTable::new(

@@ -89,6 +89,11 @@ async fn functions_that_would_build_more_than_the_memory_bound_are_refused() {
          e AS (SELECT concat(s, s) s FROM d), f AS (SELECT concat(s, s) s FROM e), \
          g AS (SELECT concat(s, s) s FROM f), h AS (SELECT concat(s, s) s FROM g) \
          SELECT length(s) FROM h",
+        "WITH a AS (SELECT repeat('x', 1000000) s), b AS (SELECT s || s s FROM a), \
+         c AS (SELECT s || s s FROM b), d AS (SELECT s || s s FROM c), \
+         e AS (SELECT s || s s FROM d), f AS (SELECT s || s s FROM e), \
+         g AS (SELECT s || s s FROM f), h AS (SELECT s || s s FROM g) \
+         SELECT length(s) FROM h",
     ] {
         let err = outcome(&engine, sql).await.expect_err(sql);
         assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{sql}: {err}");
@@ -101,9 +106,25 @@ async fn functions_that_would_build_more_than_the_memory_bound_are_refused() {
         ("SELECT cardinality(range(1, 1000))", 999),
         ("SELECT length(rpad('x', 7))", 7),
         ("SELECT cardinality(array_repeat('a', 3))", 3),
+        ("SELECT length('ab' || 'cde')", 5),
+        (
+            "SELECT count(*) FROM (SELECT 'a' || NULL AS s) WHERE s IS NULL",
+            1,
+        ),
+        ("SELECT cardinality([1] || [2, 3])", 3),
     ] {
         assert_eq!(first_i64(&run(&engine, "t", sql).await), want, "{sql}");
     }
+}
+
+#[tokio::test]
+async fn text_concatenation_keeps_the_operators_name() {
+    let (_dir, engine) = engine_with(vec![], 1 << 30).await;
+    let batches = run(&engine, "t", "SELECT 'ab' || 'c'").await;
+    assert_eq!(
+        batches[0].schema().field(0).name(),
+        "Utf8(\"ab\") || Utf8(\"c\")"
+    );
 }
 
 #[tokio::test]
