@@ -822,6 +822,21 @@ fn flamegraph_args_corpus_replays_without_panics() {
     assert!(n >= 5, "{n}");
 }
 
+/// Replays the checked-in corpus of the `sql_statement` fuzz target.
+#[test]
+fn sql_statement_corpus_replays_without_panics() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sql_statement");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let outcome = std::panic::catch_unwind(|| crate::fuzzing::sql_statement(&data));
+        assert!(outcome.is_ok(), "panicked on {}", path.display());
+        n += 1;
+    }
+    assert!(n >= 10, "{n}");
+}
+
 mod compaction {
     use super::*;
     use crate::compaction::{CompactionConfig, Compactor, Lifecycle};
