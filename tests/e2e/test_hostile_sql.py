@@ -149,3 +149,23 @@ def test_every_flight_call_but_the_handshake_needs_credentials(guarded):
     with pytest.raises(pf.FlightUnauthenticatedError):
         client.do_get(info.endpoints[0].ticket).read_all()
     assert client.do_get(info.endpoints[0].ticket, options=bearer).read_all().num_rows == 1
+
+
+def test_deep_json_and_selectors_on_the_query_api_get_400_with_the_reason(guarded):
+    url = f"{guarded.http}/querier.v1.QuerierService"
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    deep = '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = requests.post(f"{url}/LabelValues", data=deep, headers=auth)
+    assert r.status_code == 400, r.text
+    assert "recursion limit" in r.json()["message"], r.text
+    nested = "(" * 50_000 + "a" + ")" * 50_000
+    selector = '{service_name=~"' + nested + '"}'
+    r = requests.post(f"{url}/SelectMergeStacktraces", headers=auth, json={
+        "profileTypeID": "memory:inuse_space:bytes:space:bytes", "labelSelector": selector,
+        "start": 0, "end": 9_999_999_999_999})
+    assert r.status_code == 400, r.text
+    assert "nest" in r.json()["message"].lower(), r.text
+    text = refused(guarded, "SELECT * FROM flamegraph('memory:inuse_space:bytes:space:bytes', "
+                            f"'{selector}', 0, 9999999999999)")
+    assert "nest" in text.lower(), text
+    assert guarded.alive()
