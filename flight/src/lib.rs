@@ -206,9 +206,8 @@ impl FunctionLists {
                 .collect(),
             numeric: Vec::new(),
             string: Vec::new(),
-            system: ember_sql::PROFILE_FUNCTIONS
-                .iter()
-                .map(|f| f.to_string())
+            system: ember_sql::profile_function_names()
+                .map(str::to_string)
                 .collect(),
             datetime: Vec::new(),
         };

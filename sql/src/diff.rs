@@ -26,7 +26,7 @@ use ember_engine::selector::Selector;
 use crate::args;
 use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable, DEFAULT_MAX_NODES};
 use crate::selection::ProfileSelection;
-use crate::session::Storage;
+use crate::storage::Storage;
 
 const NAME: &str = "diff_flamegraph";
 

@@ -37,12 +37,12 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::args;
 use crate::selection::ProfileSelection;
-use crate::session::Storage;
 use crate::settings::Settings;
 use crate::stack_dictionary::{
     self, read_stacks_section, Nodes, StackDictionary, TenantNodes, ROOT_SLOT,
 };
 use crate::stack_totals::DatasetTotals;
+use crate::storage::Storage;
 use crate::tables::{DatasetSource, SectionTable};
 
 pub const DEFAULT_MAX_NODES: usize = 16384;

@@ -26,7 +26,7 @@ use ember_engine::selector::{parse_series, Selector};
 
 use ember_engine::Metastore;
 
-use crate::{args, QueryEngine};
+use crate::args;
 
 /// The series a label query looks at.
 #[derive(Debug, Clone, Default)]
@@ -38,38 +38,6 @@ pub struct LabelQuery {
     /// Nanoseconds since the epoch, inclusive.
     pub start: i64,
     pub end: i64,
-}
-
-impl QueryEngine {
-    /// The profile types with data in the range, sorted.
-    pub fn profile_types(&self, tenant: &str, start: i64, end: i64) -> Vec<String> {
-        let datasets = self.metastore().query(&BlockQuery {
-            tenant: tenant.to_string(),
-            start,
-            end,
-            ..BlockQuery::default()
-        });
-        let types: BTreeSet<&String> = datasets
-            .iter()
-            .flat_map(|d| d.dataset.profile_types.iter())
-            .collect();
-        types.into_iter().cloned().collect()
-    }
-
-    /// Every matching series, with its profile type's labels, sorted.
-    pub fn series_labels(&self, q: &LabelQuery) -> Vec<Labels> {
-        series_labels(&self.metastore(), q)
-    }
-
-    /// Names of the labels of matching series, sorted.
-    pub fn label_names(&self, q: &LabelQuery) -> Vec<String> {
-        label_names(&self.metastore(), q)
-    }
-
-    /// Values of label `name` in matching series, sorted.
-    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
-        label_values(&self.metastore(), name, q)
-    }
 }
 
 /// One series under one of its dataset's profile types: its own labels and
@@ -166,7 +134,7 @@ fn each_matching(metastore: &Metastore, q: &LabelQuery, mut f: impl FnMut(&Typed
     }
 }
 
-fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
+pub(crate) fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
     let mut out: BTreeSet<Labels> = BTreeSet::new();
     each_matching(metastore, q, |t| {
         out.insert(with_profile_type(t.labels.clone(), t.profile_type));
@@ -174,7 +142,7 @@ fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
     out.into_iter().collect()
 }
 
-fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
+pub(crate) fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
     let mut names: BTreeSet<String> = BTreeSet::new();
     each_matching(metastore, q, |t| {
         for name in t.names() {
@@ -186,23 +154,7 @@ fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
     names.into_iter().collect()
 }
 
-impl QueryEngine {
-    /// The oldest and newest profile time (nanoseconds) the tenant has
-    /// stored, if any: Pyroscope's `GetProfileStats`.
-    pub fn profile_time_bounds(&self, tenant: &str) -> Option<(i64, i64)> {
-        let datasets = self.metastore().query(&BlockQuery {
-            tenant: tenant.to_string(),
-            start: i64::MIN,
-            end: i64::MAX,
-            ..BlockQuery::default()
-        });
-        let oldest = datasets.iter().map(|d| d.dataset.min_time).min()?;
-        let newest = datasets.iter().map(|d| d.dataset.max_time).max()?;
-        Some((oldest, newest))
-    }
-}
-
-fn label_values(metastore: &Metastore, name: &str, q: &LabelQuery) -> Vec<String> {
+pub(crate) fn label_values(metastore: &Metastore, name: &str, q: &LabelQuery) -> Vec<String> {
     let mut values: BTreeSet<String> = BTreeSet::new();
     each_matching(metastore, q, |t| {
         if let Some(v) = t.get(name) {

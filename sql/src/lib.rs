@@ -13,7 +13,9 @@ mod keyed_samples;
 pub mod labels;
 mod lru;
 pub mod pprof;
+mod profile_functions;
 mod pruning;
+mod queries;
 mod query_threads;
 pub mod selection;
 pub mod series;
@@ -22,10 +24,12 @@ pub mod settings;
 pub mod stack_dictionary;
 mod stack_totals;
 mod statement;
+mod storage;
 pub mod system;
 mod tables;
 mod tenant_memory;
 
+pub use profile_functions::profile_function_names;
 pub use session::{QueryEngine, QueryEngineConfig, StatementSchema, CATALOG};
 pub use statement::StatementLimits;
 
@@ -60,17 +64,6 @@ pub mod testing {
 }
 pub use settings::Settings;
 pub use tables::TABLES;
-
-/// Ember's table functions over profiles.
-pub const PROFILE_FUNCTIONS: [&str; 7] = [
-    "diff_flamegraph",
-    "flamegraph",
-    "label_names",
-    "label_values",
-    "pprof",
-    "series",
-    "span_flamegraph",
-];
 
 use thiserror::Error;
 

@@ -24,7 +24,7 @@ use ember_engine::pprof::{Function, Line, Location, Profile, Sample, ValueType};
 use prost::Message;
 
 use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable};
-use crate::session::Storage;
+use crate::storage::Storage;
 
 const NAME: &str = "pprof";
 

@@ -34,9 +34,8 @@ use crate::args;
 use crate::selection::ProfileSelection;
 use crate::settings::Settings;
 use crate::tables::{DatasetSource, SectionTable};
-use crate::{QueryEngine, SqlError};
 
-const NAME: &str = "series";
+pub(crate) const NAME: &str = "series";
 
 /// Most points one series may have: Prometheus' limit per query, which
 /// keeps a tiny step over a long range from costing unbounded memory.
@@ -103,29 +102,8 @@ pub struct Point {
     pub value: f64,
 }
 
-impl QueryEngine {
-    /// The series of profile totals a Pyroscope `SelectSeries` asks for.
-    pub async fn select_series(
-        &self,
-        q: &SeriesQuery,
-        settings: &Settings,
-    ) -> std::result::Result<Vec<TimeSeries>, SqlError> {
-        q.check()
-            .map_err(|e| DataFusionError::Plan(format!("{NAME}: {e}")))?;
-        let ctx = self.session(&q.selection.tenant, settings)?;
-        let state = ctx.state();
-        let timeout = self.query_timeout();
-        let metastore = self.metastore();
-        let store = self.store();
-        tokio::time::timeout(timeout, series_of(&state, &metastore, store, q))
-            .await
-            .map_err(|_| SqlError::Timeout(timeout))?
-            .map_err(SqlError::from)
-    }
-}
-
 /// Reads the matching profiles rows and folds them into series.
-async fn series_of(
+pub(crate) async fn series_of(
     state: &dyn Session,
     metastore: &Metastore,
     store: Arc<dyn ObjectStore>,

@@ -10,7 +10,6 @@ use datafusion::catalog::{
     CatalogProvider as _, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider as _,
 };
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -19,22 +18,17 @@ use datafusion::scalar::ScalarValue;
 use ember_engine::{Metastore, TenantId, DEFAULT_TENANT};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
-use url::Url;
 
-use crate::diff::DiffFunction;
-use crate::flamegraph::{
-    FlameGraphCall, FlameGraphFunction, FlameGraphQuery, FlameGraphTable, Frame,
-};
+use crate::flamegraph::FlameGraphCall;
 use crate::function_limits::{bound_functions, bound_string_concat};
-use crate::labels::LabelFunction;
 use crate::lru::ByteLru;
-use crate::pprof::PprofFunction;
+use crate::profile_functions;
 use crate::query_threads::QueryThreads;
-use crate::series::SeriesFunction;
 use crate::settings::Settings;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
 use crate::statement::{self, StatementLimits};
+use crate::storage::{BlockStoreOnly, Storage};
 use crate::system::{SystemTable, SystemTableProvider, SCHEMA as SYSTEM_SCHEMA};
 use crate::tables::{DatasetSource, SectionTable, TABLES};
 use crate::tenant_memory::TenantPools;
@@ -73,50 +67,6 @@ impl Default for QueryEngineConfig {
             statement_limits: StatementLimits::default(),
         }
     }
-}
-
-/// The only object stores SQL can reach: the block store under its own URL.
-/// DataFusion's default registry also serves `file://`, which would let a
-/// statement read the server's files; this one serves nothing else.
-#[derive(Debug)]
-pub(crate) struct BlockStoreOnly {
-    store: Arc<dyn ObjectStore>,
-}
-
-impl BlockStoreOnly {
-    pub(crate) fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Self { store }
-    }
-}
-
-impl ObjectStoreRegistry for BlockStoreOnly {
-    fn register_store(
-        &self,
-        _url: &Url,
-        _store: Arc<dyn ObjectStore>,
-    ) -> Option<Arc<dyn ObjectStore>> {
-        None
-    }
-
-    fn get_store(&self, url: &Url) -> Result<Arc<dyn ObjectStore>> {
-        let blocks = crate::tables::store_url();
-        if url.as_str().starts_with(blocks.as_str()) {
-            Ok(self.store.clone())
-        } else {
-            Err(DataFusionError::Plan(format!(
-                "no object store for {url}: SQL reads only Ember's blocks"
-            )))
-        }
-    }
-}
-
-/// What every table and function of a session reads from.
-#[derive(Clone)]
-pub(crate) struct Storage {
-    pub store: Arc<dyn ObjectStore>,
-    pub metastore: Arc<Metastore>,
-    pub stacks: Arc<StackDictionary>,
-    pub totals: Arc<TotalsCache>,
 }
 
 /// Tenants whose built session state is kept (an entry counts as one).
@@ -168,6 +118,10 @@ impl QueryEngine {
         self.storage.metastore.clone()
     }
 
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
     pub(crate) fn store(&self) -> Arc<dyn ObjectStore> {
         self.storage.store.clone()
     }
@@ -205,7 +159,7 @@ impl QueryEngine {
         ))
     }
 
-    fn session_state(
+    pub(crate) fn session_state(
         &self,
         tenant: &str,
         settings: &Settings,
@@ -308,50 +262,7 @@ impl QueryEngine {
             catalog.register_schema(SYSTEM_SCHEMA, Arc::new(system))?;
         }
         ctx.register_catalog(CATALOG, Arc::new(catalog));
-        ctx.register_udtf(
-            "diff_flamegraph",
-            Arc::new(DiffFunction::new(self.storage.clone(), tenant.to_string())),
-        );
-        ctx.register_udtf(
-            "label_names",
-            Arc::new(LabelFunction::names(
-                self.storage.metastore.clone(),
-                tenant.to_string(),
-            )),
-        );
-        ctx.register_udtf(
-            "label_values",
-            Arc::new(LabelFunction::values(
-                self.storage.metastore.clone(),
-                tenant.to_string(),
-            )),
-        );
-        ctx.register_udtf(
-            "span_flamegraph",
-            Arc::new(FlameGraphFunction::of_spans(
-                self.storage.clone(),
-                tenant.to_string(),
-            )),
-        );
-        ctx.register_udtf(
-            "pprof",
-            Arc::new(PprofFunction::new(self.storage.clone(), tenant.to_string())),
-        );
-        ctx.register_udtf(
-            "series",
-            Arc::new(SeriesFunction::new(
-                self.storage.store.clone(),
-                self.storage.metastore.clone(),
-                tenant.to_string(),
-            )),
-        );
-        ctx.register_udtf(
-            "flamegraph",
-            Arc::new(FlameGraphFunction::new(
-                self.storage.clone(),
-                tenant.to_string(),
-            )),
-        );
+        profile_functions::register(&ctx, &self.storage, tenant);
         Ok(ctx)
     }
 
@@ -461,40 +372,6 @@ impl QueryEngine {
         };
         self.flame_graph(DEFAULT_TENANT, &Settings::default(), call, |_| ())
             .await
-    }
-
-    /// Runs a flame graph as `flamegraph()` (or `span_flamegraph()`) does,
-    /// handing its rows to `f` straight from the tree: the query API's path,
-    /// which needs neither SQL's parsing and planning nor the frame.
-    pub async fn flame_graph<R: Send>(
-        &self,
-        tenant: &str,
-        settings: &Settings,
-        call: FlameGraphCall,
-        f: impl FnOnce(Frame<'_>) -> R + Send,
-    ) -> std::result::Result<R, SqlError> {
-        let state = self.session_state(tenant, settings)?;
-        let run = async {
-            let query = FlameGraphQuery::of_call(call, &state, tenant)?;
-            let table = FlameGraphTable {
-                storage: self.storage.clone(),
-                query,
-            };
-            let plan = table.plan(&state, None).await?;
-            plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
-                .await
-        };
-        let timeout = self.query_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let answer = tokio::time::timeout_at(deadline, run)
-            .await
-            .map_err(|_| SqlError::Timeout(timeout))??;
-        // The fold is CPU-bound and never yields: a tree that took past the
-        // deadline is a timeout, as SQL's stream reports it.
-        if tokio::time::Instant::now() > deadline {
-            return Err(SqlError::Timeout(timeout));
-        }
-        Ok(answer)
     }
 
     /// Runs a statement; the stream fails once the query timeout passes.

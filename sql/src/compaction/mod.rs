@@ -62,7 +62,7 @@ use prometheus_client::registry::Registry;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::session::BlockStoreOnly;
+use crate::storage::BlockStoreOnly;
 use crate::tables::{DatasetSource, SectionTable};
 
 #[derive(Debug, Error)]

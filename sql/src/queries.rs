@@ -1,0 +1,120 @@
+//! The typed queries of Pyroscope's query API and render API: each answers
+//! from the same code as its SQL function (`flamegraph()`, `series()`,
+//! `label_names()`...), without SQL text.
+
+use std::collections::BTreeSet;
+
+use datafusion::error::DataFusionError;
+use ember_engine::metastore::BlockQuery;
+use ember_engine::profile::Labels;
+
+use crate::flamegraph::{FlameGraphCall, FlameGraphQuery, FlameGraphTable, Frame};
+use crate::labels::{label_names, label_values, series_labels, LabelQuery};
+use crate::series::{series_of, SeriesQuery, TimeSeries, NAME as SERIES};
+use crate::settings::Settings;
+use crate::{QueryEngine, SqlError};
+
+impl QueryEngine {
+    /// The profile types with data in the range, sorted.
+    pub fn profile_types(&self, tenant: &str, start: i64, end: i64) -> Vec<String> {
+        let datasets = self.metastore().query(&BlockQuery {
+            tenant: tenant.to_string(),
+            start,
+            end,
+            ..BlockQuery::default()
+        });
+        let types: BTreeSet<&String> = datasets
+            .iter()
+            .flat_map(|d| d.dataset.profile_types.iter())
+            .collect();
+        types.into_iter().cloned().collect()
+    }
+
+    /// Every matching series, with its profile type's labels, sorted.
+    pub fn series_labels(&self, q: &LabelQuery) -> Vec<Labels> {
+        series_labels(&self.metastore(), q)
+    }
+
+    /// Names of the labels of matching series, sorted.
+    pub fn label_names(&self, q: &LabelQuery) -> Vec<String> {
+        label_names(&self.metastore(), q)
+    }
+
+    /// Values of label `name` in matching series, sorted.
+    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
+        label_values(&self.metastore(), name, q)
+    }
+}
+
+impl QueryEngine {
+    /// The oldest and newest profile time (nanoseconds) the tenant has
+    /// stored, if any: Pyroscope's `GetProfileStats`.
+    pub fn profile_time_bounds(&self, tenant: &str) -> Option<(i64, i64)> {
+        let datasets = self.metastore().query(&BlockQuery {
+            tenant: tenant.to_string(),
+            start: i64::MIN,
+            end: i64::MAX,
+            ..BlockQuery::default()
+        });
+        let oldest = datasets.iter().map(|d| d.dataset.min_time).min()?;
+        let newest = datasets.iter().map(|d| d.dataset.max_time).max()?;
+        Some((oldest, newest))
+    }
+}
+
+impl QueryEngine {
+    /// The series of profile totals a Pyroscope `SelectSeries` asks for.
+    pub async fn select_series(
+        &self,
+        q: &SeriesQuery,
+        settings: &Settings,
+    ) -> std::result::Result<Vec<TimeSeries>, SqlError> {
+        q.check()
+            .map_err(|e| DataFusionError::Plan(format!("{SERIES}: {e}")))?;
+        let ctx = self.session(&q.selection.tenant, settings)?;
+        let state = ctx.state();
+        let timeout = self.query_timeout();
+        let metastore = self.metastore();
+        let store = self.store();
+        tokio::time::timeout(timeout, series_of(&state, &metastore, store, q))
+            .await
+            .map_err(|_| SqlError::Timeout(timeout))?
+            .map_err(SqlError::from)
+    }
+}
+
+impl QueryEngine {
+    /// Runs a flame graph as `flamegraph()` (or `span_flamegraph()`) does,
+    /// handing its rows to `f` straight from the tree: the query API's path,
+    /// which needs neither SQL's parsing and planning nor the frame.
+    pub async fn flame_graph<R: Send>(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+        call: FlameGraphCall,
+        f: impl FnOnce(Frame<'_>) -> R + Send,
+    ) -> std::result::Result<R, SqlError> {
+        let state = self.session_state(tenant, settings)?;
+        let run = async {
+            let query = FlameGraphQuery::of_call(call, &state, tenant)?;
+            let table = FlameGraphTable {
+                storage: self.storage().clone(),
+                query,
+            };
+            let plan = table.plan(&state, None).await?;
+            plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
+                .await
+        };
+        let timeout = self.query_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = tokio::time::timeout_at(deadline, run)
+            .await
+            .map_err(|_| SqlError::Timeout(timeout))??;
+        // The fold is CPU-bound and never yields: a tree that took past the
+        // deadline is a timeout, as SQL's stream reports it.
+        if tokio::time::Instant::now() > deadline {
+            return Err(SqlError::Timeout(timeout));
+        }
+        Ok(answer)
+    }
+}
