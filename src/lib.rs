@@ -3,6 +3,7 @@
 //! harness (`benches/e2e`) starts that binary and reuses the clients.
 
 pub mod allocator;
+mod api;
 pub mod cli;
 mod connections;
 mod grpc;
@@ -12,6 +13,7 @@ mod local_store;
 mod metastore_rpc;
 mod metrics;
 mod object_requests;
+pub mod output;
 pub mod querier;
 pub mod query;
 mod render;

@@ -7,6 +7,8 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::output::{print_batches, OutputFormat};
+
 #[derive(clap::Args, Debug)]
 pub struct QueryArgs {
     /// The statement, e.g. "SELECT * FROM flamegraph(...)".
@@ -22,14 +24,14 @@ pub struct QueryArgs {
     #[arg(long, default_value = "anonymous", env = "EMBER_TENANT")]
     tenant: String,
     /// How to print the result.
-    #[arg(long, value_enum, default_value_t = crate::cli::OutputFormat::Table)]
-    format: crate::cli::OutputFormat,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    format: OutputFormat,
 }
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.flight_url, &args.tenant).await?;
     let batches = run_sql(&mut client, &args.sql).await?;
-    crate::cli::print_batches(&batches, args.format)
+    print_batches(&batches, args.format)
 }
 
 /// A Flight SQL client for one tenant.

@@ -15,11 +15,11 @@ use ember_sql::labels::LabelQuery;
 use ember_sql::Settings;
 use serde_json::{json, Value};
 
-use crate::http::{header_str, request_tenant, ApiError, AppState};
+use crate::api::{header_str, invalid, request_tenant, ApiError, AppState};
 use crate::querier::querier_v1::{
     FlameGraph, FlameGraphDiff, SelectMergeStacktracesRequest, SelectSeriesRequest,
 };
-use crate::querier::{diff, invalid, select_merge_stacktraces, select_series};
+use crate::querier::{diff, select_merge_stacktraces, select_series};
 
 type Params = Vec<(String, String)>;
 

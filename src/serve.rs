@@ -24,10 +24,11 @@ use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use crate::api::AppState;
 use crate::connections::{
     admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
 };
-use crate::http::{health_router, router, AppState};
+use crate::http::{health_router, router};
 use crate::local_store::SyncedLocalStore;
 use crate::metastore_rpc::RemoteMetastore;
 use crate::metrics::HttpMetrics;

@@ -24,7 +24,7 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::http::{header_str, request_tenant, ApiError, AppState};
+use crate::api::{connect_error, header_str, invalid, request_tenant, ApiError, AppState};
 
 mod messages;
 pub use messages::{querier_v1, types_v1};
@@ -34,19 +34,6 @@ use types_v1::*;
 
 /// Largest accepted query request body.
 const MAX_QUERY_REQUEST_BYTES: usize = 1 << 20;
-
-/// A Connect error: the status, the code and why.
-fn connect_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        code,
-        message: message.into(),
-    }
-}
-
-pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
-    connect_error(StatusCode::BAD_REQUEST, "invalid_argument", message)
-}
 
 fn unimplemented(message: impl Into<String>) -> ApiError {
     connect_error(StatusCode::NOT_IMPLEMENTED, "unimplemented", message)
