@@ -21,11 +21,9 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::{collect, ExecutionPlan};
-use ember_engine::selector::Selector;
 
 use crate::args;
 use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable, DEFAULT_MAX_NODES};
-use crate::selection::ProfileSelection;
 use crate::storage::Storage;
 
 const NAME: &str = "diff_flamegraph";
@@ -148,6 +146,22 @@ impl DiffTree {
     }
 }
 
+/// The diff frame of two flame graphs.
+pub(crate) async fn diff_frame(
+    state: &dyn Session,
+    left: &FlameGraphTable,
+    right: &FlameGraphTable,
+) -> Result<RecordBatch> {
+    let mut tree = DiffTree::new();
+    for (table, side) in [(left, Side::Left), (right, Side::Right)] {
+        let plan = table.scan(state, None, &[], None).await?;
+        let frame = collect(plan, state.task_ctx()).await?;
+        tree.add(&frame, side)
+            .map_err(|e| DataFusionError::Internal(format!("{NAME}: {e}")))?;
+    }
+    tree.frame()
+}
+
 /// `diff_flamegraph(...)` bound to the session's tenant.
 pub struct DiffFunction {
     storage: Storage,
@@ -181,21 +195,20 @@ impl TableFunctionImpl for DiffFunction {
             None => DEFAULT_MAX_NODES,
         };
         let side = |selector: usize, name: &str| -> Result<FlameGraphTable> {
-            let text = args::string_arg(NAME, name, &values[selector])?;
             Ok(FlameGraphTable {
                 storage: self.storage.clone(),
-                query: FlameGraphQuery {
-                    selection: ProfileSelection {
-                        tenant: self.tenant.clone(),
-                        profile_type: profile_type.clone(),
-                        selector: Selector::parse(&text)
-                            .map_err(|e| DataFusionError::Plan(format!("{NAME}: {name}: {e}")))?,
-                        start: args::time_arg(NAME, "start", &values[selector + 1])?,
-                        end: args::time_arg(NAME, "end", &values[selector + 2])?,
-                    },
+                query: FlameGraphQuery::checked(
+                    &format!("{NAME}: {name}"),
+                    &self.tenant,
+                    profile_type.clone(),
+                    &args::string_arg(NAME, name, &values[selector])?,
+                    (
+                        args::time_arg(NAME, "start", &values[selector + 1])?,
+                        args::time_arg(NAME, "end", &values[selector + 2])?,
+                    ),
                     max_nodes,
-                    spans: None,
-                },
+                    None,
+                )?,
             })
         };
         Ok(Arc::new(DiffTable {
@@ -234,17 +247,10 @@ impl TableProvider for DiffTable {
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        filters: &[Expr],
+        _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut tree = DiffTree::new();
-        for (table, side) in [(&self.left, Side::Left), (&self.right, Side::Right)] {
-            let plan = table.scan(state, None, filters, None).await?;
-            let frame = collect(plan, state.task_ctx()).await?;
-            tree.add(&frame, side)
-                .map_err(|e| DataFusionError::Internal(format!("{NAME}: {e}")))?;
-        }
-        let batch = tree.frame()?;
+        let batch = diff_frame(state, &self.left, &self.right).await?;
         Ok(MemorySourceConfig::try_new_exec(
             &[vec![batch]],
             diff_schema(),

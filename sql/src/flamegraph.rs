@@ -649,34 +649,63 @@ pub(crate) struct FlameGraphQuery {
 }
 
 impl FlameGraphQuery {
-    /// The query of a call, checked as the SQL function checks its
-    /// arguments.
-    pub(crate) fn of_call(
-        call: FlameGraphCall,
-        session: &dyn Session,
-        tenant: &str,
-    ) -> Result<Self> {
-        let mut values = vec![
-            ScalarValue::from(call.profile_type),
-            ScalarValue::from(call.selector),
-            ScalarValue::Int64(Some(call.start)),
-            ScalarValue::Int64(Some(call.end)),
-            ScalarValue::Int64(Some(call.max_nodes)),
-        ];
-        let of_spans = call.spans.is_some();
-        if let Some(spans) = call.spans {
-            values.insert(4, ScalarValue::from(spans));
-        }
-        let exprs: Vec<Expr> = values
-            .into_iter()
-            .map(datafusion::logical_expr::lit)
-            .collect();
-        let args = TableFunctionArgs::new(&exprs, session);
-        if of_spans {
-            Self::of_spans_from_args(&args, tenant)
+    /// The query of a typed call from a front end: `flamegraph`, or
+    /// `span_flamegraph` when the call names spans.
+    pub(crate) fn of_call(call: FlameGraphCall, tenant: &str) -> Result<Self> {
+        let function = if call.spans.is_some() {
+            SPAN_NAME
         } else {
-            Self::from_args(NAME, &args, tenant)
-        }
+            NAME
+        };
+        let max_nodes = usize::try_from(call.max_nodes).ok().filter(|n| *n > 0);
+        let Some(max_nodes) = max_nodes else {
+            return plan_err!(
+                "{function}: max_nodes must be a positive integer, got {}",
+                call.max_nodes
+            );
+        };
+        Self::checked(
+            function,
+            tenant,
+            call.profile_type,
+            &call.selector,
+            (
+                call.start.saturating_mul(1_000_000),
+                call.end.saturating_mul(1_000_000),
+            ),
+            max_nodes,
+            call.spans.as_deref(),
+        )
+    }
+
+    /// The one place a flame graph's arguments are checked, whether they
+    /// come from SQL or from a typed call. Times in nanoseconds.
+    pub(crate) fn checked(
+        function: &str,
+        tenant: &str,
+        profile_type: String,
+        selector: &str,
+        (start, end): (i64, i64),
+        max_nodes: usize,
+        spans: Option<&str>,
+    ) -> Result<Self> {
+        let selector = Selector::parse(selector)
+            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        let spans = spans
+            .map(parse_span_ids)
+            .transpose()
+            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        Ok(Self {
+            selection: ProfileSelection {
+                tenant: tenant.to_string(),
+                profile_type,
+                selector,
+                start,
+                end,
+            },
+            max_nodes,
+            spans,
+        })
     }
 
     /// `function(profile_type, selector, start, end [, max_nodes])`.
@@ -689,45 +718,43 @@ impl FlameGraphQuery {
         if !(4..=5).contains(&values.len()) {
             return plan_err!("{function}(profile_type, selector, start, end [, max_nodes]) takes 4 or 5 arguments, got {}", values.len());
         }
-        let selector_text = args::string_arg(function, "selector", &values[1])?;
-        let selector = Selector::parse(&selector_text)
-            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
-        let max_nodes = match values.get(4) {
-            Some(v) => args::count_arg(function, "max_nodes", v)?,
-            None => DEFAULT_MAX_NODES,
-        };
-        Ok(Self {
-            selection: ProfileSelection {
-                tenant: tenant.to_string(),
-                profile_type: args::string_arg(function, "profile_type", &values[0])?,
-                selector,
-                start: args::time_arg(function, "start", &values[2])?,
-                end: args::time_arg(function, "end", &values[3])?,
-            },
-            max_nodes,
-            spans: None,
-        })
+        Self::of_values(function, &values, None, tenant)
     }
 
     /// `span_flamegraph(profile_type, selector, start, end, span_ids
     /// [, max_nodes])`.
     fn of_spans_from_args(args: &TableFunctionArgs, tenant: &str) -> Result<Self> {
-        let values = args::literals(SPAN_NAME, args.exprs(), args.session())?;
+        let mut values = args::literals(SPAN_NAME, args.exprs(), args.session())?;
         if !(5..=6).contains(&values.len()) {
             return plan_err!("{SPAN_NAME}(profile_type, selector, start, end, span_ids [, max_nodes]) takes 5 or 6 arguments, got {}", values.len());
         }
-        let spans = parse_span_ids(&args::string_arg(SPAN_NAME, "span_ids", &values[4])?)
-            .map_err(|e| DataFusionError::Plan(format!("{SPAN_NAME}: {e}")))?;
-        let mut rest = values;
-        rest.remove(4);
-        let exprs: Vec<Expr> = rest
-            .into_iter()
-            .map(datafusion::logical_expr::lit)
-            .collect();
-        let args = TableFunctionArgs::new(&exprs, args.session());
-        let mut q = Self::from_args(SPAN_NAME, &args, tenant)?;
-        q.spans = Some(spans);
-        Ok(q)
+        let spans = args::string_arg(SPAN_NAME, "span_ids", &values.remove(4))?;
+        Self::of_values(SPAN_NAME, &values, Some(&spans), tenant)
+    }
+
+    /// `(profile_type, selector, start, end [, max_nodes])` as literals.
+    fn of_values(
+        function: &str,
+        values: &[ScalarValue],
+        spans: Option<&str>,
+        tenant: &str,
+    ) -> Result<Self> {
+        let max_nodes = match values.get(4) {
+            Some(v) => args::count_arg(function, "max_nodes", v)?,
+            None => DEFAULT_MAX_NODES,
+        };
+        Self::checked(
+            function,
+            tenant,
+            args::string_arg(function, "profile_type", &values[0])?,
+            &args::string_arg(function, "selector", &values[1])?,
+            (
+                args::time_arg(function, "start", &values[2])?,
+                args::time_arg(function, "end", &values[3])?,
+            ),
+            max_nodes,
+            spans,
+        )
     }
 }
 

@@ -136,6 +136,16 @@ pub fn profile_of_flame_graph(
     Ok(profile)
 }
 
+/// The flame graph of `table` as an encoded pprof profile.
+pub(crate) async fn profile_bytes(table: &FlameGraphTable, state: &dyn Session) -> Result<Vec<u8>> {
+    let tree = table.scan(state, None, &[], None).await?;
+    let frame = collect(tree, state.task_ctx()).await?;
+    let s = &table.query.selection;
+    let profile = profile_of_flame_graph(&frame, &s.profile_type, s.start, s.end)
+        .map_err(|e| DataFusionError::Internal(format!("{NAME}: {e}")))?;
+    Ok(profile.encode_to_vec())
+}
+
 /// `pprof(...)` bound to the session's tenant.
 pub struct PprofFunction {
     storage: Storage,
@@ -189,15 +199,11 @@ impl TableProvider for PprofTable {
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        filters: &[Expr],
+        _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let tree = self.flame_graph.scan(state, None, filters, None).await?;
-        let frame = collect(tree, state.task_ctx()).await?;
-        let s = &self.flame_graph.query.selection;
-        let profile = profile_of_flame_graph(&frame, &s.profile_type, s.start, s.end)
-            .map_err(|e| DataFusionError::Internal(format!("{NAME}: {e}")))?;
-        let bytes = BinaryArray::from_vec(vec![profile.encode_to_vec().as_slice()]);
+        let profile = profile_bytes(&self.flame_graph, state).await?;
+        let bytes = BinaryArray::from_vec(vec![profile.as_slice()]);
         let batch = RecordBatch::try_new(pprof_schema(), vec![Arc::new(bytes)])?;
         Ok(MemorySourceConfig::try_new_exec(
             &[vec![batch]],

@@ -4,12 +4,15 @@
 
 use std::collections::BTreeSet;
 
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use ember_engine::metastore::BlockQuery;
 use ember_engine::profile::Labels;
 
+use crate::diff::diff_frame;
 use crate::flamegraph::{FlameGraphCall, FlameGraphQuery, FlameGraphTable, Frame};
 use crate::labels::{label_names, label_values, series_labels, LabelQuery};
+use crate::pprof::profile_bytes;
 use crate::series::{series_of, SeriesQuery, TimeSeries, NAME as SERIES};
 use crate::settings::Settings;
 use crate::{QueryEngine, SqlError};
@@ -95,23 +98,67 @@ impl QueryEngine {
         f: impl FnOnce(Frame<'_>) -> R + Send,
     ) -> std::result::Result<R, SqlError> {
         let state = self.session_state(tenant, settings)?;
-        let run = async {
-            let query = FlameGraphQuery::of_call(call, &state, tenant)?;
-            let table = FlameGraphTable {
-                storage: self.storage().clone(),
-                query,
-            };
+        let table = self.flame_graph_table(call, tenant)?;
+        self.within_deadline(async {
             let plan = table.plan(&state, None).await?;
             plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
                 .await
-        };
+        })
+        .await
+    }
+
+    /// The flame graph of `call` as a pprof profile, encoded: what
+    /// `pprof()` answers and Pyroscope's `SelectMergeProfile` returns.
+    pub async fn merged_profile(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+        call: FlameGraphCall,
+    ) -> std::result::Result<Vec<u8>, SqlError> {
+        let state = self.session_state(tenant, settings)?;
+        let table = self.flame_graph_table(call, tenant)?;
+        self.within_deadline(profile_bytes(&table, &state)).await
+    }
+
+    /// The two flame graphs side by side, as `diff_flamegraph()` answers:
+    /// Pyroscope's `Diff`.
+    pub async fn diff_flame_graph(
+        &self,
+        tenant: &str,
+        settings: &Settings,
+        left: FlameGraphCall,
+        right: FlameGraphCall,
+    ) -> std::result::Result<RecordBatch, SqlError> {
+        let state = self.session_state(tenant, settings)?;
+        let left = self.flame_graph_table(left, tenant)?;
+        let right = self.flame_graph_table(right, tenant)?;
+        self.within_deadline(diff_frame(&state, &left, &right))
+            .await
+    }
+
+    fn flame_graph_table(
+        &self,
+        call: FlameGraphCall,
+        tenant: &str,
+    ) -> std::result::Result<FlameGraphTable, SqlError> {
+        Ok(FlameGraphTable {
+            storage: self.storage().clone(),
+            query: FlameGraphQuery::of_call(call, tenant)?,
+        })
+    }
+
+    /// `work`'s answer, or a timeout once the query timeout has passed.
+    async fn within_deadline<R>(
+        &self,
+        work: impl std::future::Future<Output = datafusion::error::Result<R>>,
+    ) -> std::result::Result<R, SqlError> {
         let timeout = self.query_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
-        let answer = tokio::time::timeout_at(deadline, run)
+        let answer = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| SqlError::Timeout(timeout))??;
-        // The fold is CPU-bound and never yields: a tree that took past the
-        // deadline is a timeout, as SQL's stream reports it.
+        // The fold is CPU-bound and never yields: an answer that took past
+        // the deadline is a timeout, as SQL's stream reports it.
         if tokio::time::Instant::now() > deadline {
             return Err(SqlError::Timeout(timeout));
         }

@@ -19,7 +19,6 @@ use ember_sql::labels::LabelQuery;
 use ember_sql::selection::ProfileSelection;
 use ember_sql::series::{Aggregation, SeriesQuery};
 use ember_sql::Settings;
-use futures::TryStreamExt;
 use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -364,11 +363,6 @@ fn profile_type(id: &str) -> ProfileType {
     }
 }
 
-/// A SQL string literal.
-fn quoted(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 pub(crate) async fn select_merge_stacktraces(
     state: &AppState,
     tenant: &str,
@@ -462,36 +456,24 @@ pub(crate) async fn diff(
         return Err(invalid("profile types must match"));
     }
     let max_nodes = max_nodes(left.max_nodes.or(right.max_nodes))?;
-    let (ls, le) = time_range_ms(left.start, left.end);
-    let (rs, re) = time_range_ms(right.start, right.end);
-    let sql = format!(
-        "SELECT * FROM diff_flamegraph({}, {}, {ls}, {le}, {}, {rs}, {re}, {max_nodes})",
-        quoted(&left.profile_type_id),
-        quoted(selector_or_all(&left.label_selector)),
-        quoted(selector_or_all(&right.label_selector)),
-    );
-    let batches = run_sql(state, tenant, settings, &sql).await?;
-    flame_graph_diff(&batches)
+    let side = |req: &SelectMergeStacktracesRequest| {
+        let (start, end) = time_range_ms(req.start, req.end);
+        FlameGraphCall {
+            profile_type: req.profile_type_id.clone(),
+            selector: selector_or_all(&req.label_selector).to_string(),
+            start,
+            end,
+            max_nodes,
+            spans: None,
+        }
+    };
+    let frame = state
+        .engine
+        .diff_flame_graph(tenant, settings, side(left), side(right))
+        .await
+        .map_err(|e| query_error(&e))?;
+    flame_graph_diff(std::slice::from_ref(&frame))
         .map_err(|e| connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))
-}
-
-pub(crate) async fn run_sql(
-    state: &AppState,
-    tenant: &str,
-    settings: &Settings,
-    sql: &str,
-) -> Result<Vec<RecordBatch>, ApiError> {
-    async {
-        state
-            .engine
-            .execute(tenant, sql, settings)
-            .await?
-            .try_collect()
-            .await
-            .map_err(ember_sql::SqlError::from)
-    }
-    .await
-    .map_err(|e| query_error(&e))
 }
 
 /// `max_nodes` as Pyroscope reads it: absent or 0 is the default.
@@ -529,25 +511,20 @@ async fn select_merge_profile(
         &req.profile_id_selector,
         &req.trace_id_selector,
     )?;
-    let max_nodes = max_nodes(req.max_nodes)?;
     let (start, end) = time_range_ms(req.start, req.end);
-    let sql = format!(
-        "SELECT profile FROM pprof({}, {}, {start}, {end}, {max_nodes})",
-        quoted(&req.profile_type_id),
-        quoted(selector_or_all(&req.label_selector))
-    );
-    let batches = run_sql(state, tenant, settings, &sql).await?;
-    batches
-        .iter()
-        .find(|b| b.num_rows() > 0)
-        .map(|b| b.column(0).as_binary::<i32>().value(0).to_vec())
-        .ok_or_else(|| {
-            connect_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "pprof() returned no row",
-            )
-        })
+    let call = FlameGraphCall {
+        profile_type: req.profile_type_id.clone(),
+        selector: selector_or_all(&req.label_selector).to_string(),
+        start,
+        end,
+        max_nodes: max_nodes(req.max_nodes)?,
+        spans: None,
+    };
+    state
+        .engine
+        .merged_profile(tenant, settings, call)
+        .await
+        .map_err(|e| query_error(&e))
 }
 
 pub(crate) async fn select_series(
