@@ -100,6 +100,7 @@ pub fn statement_of(data: &[u8], functions: &[String]) -> String {
         data,
         at: 0,
         depth: 0,
+        budget: STATEMENT_BUDGET,
         functions,
     };
     g.statement()
@@ -111,8 +112,14 @@ struct Grammar<'a> {
     data: &'a [u8],
     at: usize,
     depth: usize,
+    /// Bytes the long parts (chains, literals, lists) may still add.
+    budget: usize,
     functions: &'a [String],
 }
+
+/// About twice the engine's statement limit: long enough to reach it, and
+/// no statement costs the harness itself more than a few megabytes.
+const STATEMENT_BUDGET: usize = 2 << 20;
 
 /// Values at the edges of their types and sizes.
 const LITERALS: &[&str] = &[
@@ -212,6 +219,13 @@ impl Grammar<'_> {
         choice % n.max(1)
     }
 
+    /// `n` repeats of `bytes` each, or as many as the budget still allows.
+    fn long(&mut self, n: usize, bytes: usize) -> usize {
+        let n = n.min(self.budget / bytes.max(1));
+        self.budget -= n * bytes.max(1);
+        n
+    }
+
     fn pick<'s>(&mut self, from: &[&'s str]) -> &'s str {
         from[self.choose(from.len())]
     }
@@ -270,6 +284,7 @@ impl Grammar<'_> {
                 let op = self.pick(OPERATORS);
                 let term = self.expr();
                 let n = self.byte() as usize * (1 + self.choose(16));
+                let n = self.long(n, term.len() + op.len() + 2);
                 let mut chain = term.clone();
                 for _ in 0..n {
                     chain.push_str(&format!(" {op} {term}"));
@@ -287,6 +302,7 @@ impl Grammar<'_> {
             7 => {
                 let e = self.expr();
                 let n = self.byte() as usize * 64;
+                let n = self.long(n, 6);
                 let list = (0..=n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
                 format!("{e} IN ({list})")
             }
@@ -296,6 +312,7 @@ impl Grammar<'_> {
             }
             _ => {
                 let n = self.byte() as usize * 1024;
+                let n = self.long(n, 1);
                 format!("'{}'", "y".repeat(n))
             }
         };
