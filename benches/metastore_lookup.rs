@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ember_engine::testing::level0_block;
-use ember_engine::{BlockQuery, Command, Metastore};
+use ember_metastore::{BlockQuery, Command, Metastore};
 
 const SERVICES: usize = 50;
 const HOUR: i64 = 3600 * 1_000_000_000;

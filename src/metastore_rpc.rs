@@ -18,10 +18,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use ember_engine::metastore::{
+use ember_engine::BlockMeta;
+use ember_metastore::{
     AddBlocks, Applied, AppliedReply, Command, ErrorReply, InProcess, MetastoreClient,
 };
-use ember_engine::{BlockMeta, Metastore, MetastoreError};
+use ember_metastore::{Metastore, MetastoreError};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -216,7 +217,7 @@ impl MetastoreClient for RemoteMetastore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_engine::metastore::{command::Kind, LeaseJob, RenewLease};
+    use ember_metastore::{command::Kind, LeaseJob, RenewLease};
 
     async fn serve(metastore: Arc<Metastore>, token: &str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ember_engine::metastore::LevelRule;
-use ember_engine::metastore::{InProcess, MetastoreClient};
-use ember_engine::{Authenticator, Metastore};
+use ember_engine::Authenticator;
 use ember_flight::EmberFlightSql;
 use ember_ingest::distributor::Distributor;
 use ember_ingest::faults::{FaultStore, Faults};
@@ -16,6 +14,9 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
+use ember_metastore::LevelRule;
+use ember_metastore::Metastore;
+use ember_metastore::{InProcess, MetastoreClient};
 use ember_sql::compaction::{
     CompactionConfig, CompactionMetrics, CompactionStep, Compactor, Lifecycle, Retention,
 };

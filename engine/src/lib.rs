@@ -1,10 +1,9 @@
-//! Ember's storage engine: the profile model every role shares, the block
-//! format that segment writers flush to object storage, the metastore that
-//! indexes every block, and label selectors used to prune them.
+//! What every role shares: the profile model, the block format that segment
+//! writers flush to object storage and the metastore indexes
+//! (`engine/metastore`), label selectors, tenants and credentials.
 
 pub mod auth;
 pub mod block;
-pub mod metastore;
 pub mod pprof;
 pub mod profile;
 pub mod protojson;
@@ -14,7 +13,6 @@ pub mod tenant;
 
 pub use auth::{AuthError, Authenticator};
 pub use block::{BlockMeta, DatasetMeta, SectionMeta};
-pub use metastore::{BlockQuery, Command, DatasetKey, DatasetRef, Metastore, MetastoreError};
 pub use profile::{Labels, Profile, Sample, Stack, Stacks};
 pub use tenant::{TenantId, DEFAULT_TENANT};
 

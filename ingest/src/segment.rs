@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ember_engine::block::{write_block, BlockMeta, StackNodes};
-use ember_engine::metastore::{partition_of, Command, Metastore, MetastoreClient};
 use ember_engine::profile::Profile;
+use ember_metastore::{partition_of, Command, Metastore, MetastoreClient};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prometheus_client::metrics::counter::Counter;
@@ -512,7 +512,7 @@ pub async fn recover_dlq(
         };
         match metastore.apply(Command::add_block(meta)) {
             Ok(_) => report.recovered += 1,
-            Err(ember_engine::MetastoreError::InvalidCommand(reason)) => {
+            Err(ember_metastore::MetastoreError::InvalidCommand(reason)) => {
                 quarantine(store, &entry.location, &reason).await?;
                 report.quarantined += 1;
                 continue;

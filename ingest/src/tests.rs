@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_engine::block::{read_footer, read_section, write_block, Section, StackNodes};
-use ember_engine::metastore::{BlockQuery, Command, Metastore};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
+use ember_metastore::{BlockQuery, Command, Metastore};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -218,7 +218,7 @@ fn fuzz_corpora_replay_without_panics() {
 #[tokio::test]
 async fn shards_started_together_flush_out_of_step() {
     use crate::segment::{SegmentConfig, SegmentMetrics, SegmentWriter, Sink};
-    use ember_engine::metastore::InProcess;
+    use ember_metastore::InProcess;
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();

@@ -32,7 +32,7 @@ use datafusion::physical_plan::{
 };
 use ember_engine::block::Section;
 use ember_engine::selector::Selector;
-use ember_engine::DatasetRef;
+use ember_metastore::DatasetRef;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::args;

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use ember_engine::Metastore;
+use ember_metastore::Metastore;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 

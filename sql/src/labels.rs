@@ -20,11 +20,11 @@ use datafusion::common::{plan_err, DataFusionError};
 use datafusion::datasource::MemTable;
 use datafusion::error::Result;
 
-use ember_engine::metastore::BlockQuery;
 use ember_engine::profile::{normalise_labels, Labels, METRIC_NAME, PROFILE_TYPE};
 use ember_engine::selector::{parse_series, Selector};
+use ember_metastore::BlockQuery;
 
-use ember_engine::Metastore;
+use ember_metastore::Metastore;
 
 use crate::args;
 

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
-use ember_engine::metastore::BlockQuery;
 use ember_engine::profile::Labels;
+use ember_metastore::BlockQuery;
 
 use crate::diff::diff_frame;
 use crate::flamegraph::{FlameGraphCall, FlameGraphQuery, FlameGraphTable, Frame};

@@ -6,9 +6,9 @@
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{col, lit, Expr};
-use ember_engine::metastore::BlockQuery;
 use ember_engine::selector::Selector;
-use ember_engine::{DatasetRef, Metastore};
+use ember_metastore::BlockQuery;
+use ember_metastore::{DatasetRef, Metastore};
 
 #[derive(Debug, Clone)]
 pub struct ProfileSelection {

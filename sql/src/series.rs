@@ -26,7 +26,8 @@ use datafusion::physical_plan::{execute_stream, ExecutionPlan};
 use ember_engine::block::Section;
 use ember_engine::profile::labels_to_string;
 use ember_engine::selector::{parse_series, Selector};
-use ember_engine::{Labels, Metastore};
+use ember_engine::Labels;
+use ember_metastore::Metastore;
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 

@@ -15,7 +15,8 @@ use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
-use ember_engine::{Metastore, TenantId, DEFAULT_TENANT};
+use ember_engine::{TenantId, DEFAULT_TENANT};
+use ember_metastore::Metastore;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 

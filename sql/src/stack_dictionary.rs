@@ -15,7 +15,7 @@ use datafusion::arrow::datatypes::{Int32Type, SchemaRef, UInt64Type};
 use datafusion::error::{DataFusionError, Result};
 use ember_engine::block::{read_section_as, Section};
 use ember_engine::stack::ROOT;
-use ember_engine::{DatasetKey, DatasetRef};
+use ember_metastore::{DatasetKey, DatasetRef};
 use object_store::ObjectStore;
 
 use crate::lru::ByteLru;

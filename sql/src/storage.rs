@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreRegistry;
-use ember_engine::Metastore;
+use ember_metastore::Metastore;
 use object_store::ObjectStore;
 use url::Url;
 

@@ -15,7 +15,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
-use ember_engine::Metastore;
+use ember_metastore::Metastore;
 
 pub const SCHEMA: &str = "system";
 

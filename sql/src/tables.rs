@@ -28,8 +28,8 @@ use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use ember_engine::block::{DatasetStrings, Section, SectionMeta, SectionReader};
-use ember_engine::metastore::BlockQuery;
-use ember_engine::{DatasetRef, Metastore};
+use ember_metastore::BlockQuery;
+use ember_metastore::{DatasetRef, Metastore};
 use object_store::ObjectStore;
 
 use crate::keyed_samples::{self, KeyedSamplesExec};

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
 use ember_engine::block::{write_block, StackNodes};
-use ember_engine::metastore::{Command, Metastore};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
 use ember_ingest::normalise::{normalise, validate_labels, Destination};
 use ember_ingest::pprof::{self, FlatProfile};
+use ember_metastore::{Command, Metastore};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -257,7 +257,7 @@ async fn sections_read_with_dictionaries_hold_what_the_plain_read_holds() {
     use crate::stack_totals::{DatasetTotals, TotalsCache};
     use datafusion::arrow::datatypes::UInt64Type;
     use ember_engine::block::{read_section, Section};
-    use ember_engine::metastore::BlockQuery;
+    use ember_metastore::BlockQuery;
 
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> =
@@ -840,8 +840,8 @@ fn sql_statement_corpus_replays_without_panics() {
 mod compaction {
     use super::*;
     use crate::compaction::{CompactionConfig, Compactor, Lifecycle};
-    use ember_engine::metastore::InProcess;
-    use ember_engine::metastore::{BlockQuery, LevelRule};
+    use ember_metastore::InProcess;
+    use ember_metastore::{BlockQuery, LevelRule};
     use std::time::Duration;
 
     fn at(profiles: &[Profile], pod: &str, seconds: i64) -> Vec<Profile> {
@@ -1263,7 +1263,7 @@ mod compaction {
     async fn sources_within_a_quarter_of_the_budget_are_fetched_whole_and_larger_ones_read_in_place(
     ) {
         let (_dir, engine, store) = heap_blocks(3).await;
-        let job = ember_engine::metastore::Job {
+        let job = ember_metastore::Job {
             id: "j".into(),
             tenant: "t".into(),
             sources: engine.metastore().blocks("t"),

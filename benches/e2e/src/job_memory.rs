@@ -11,12 +11,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ember_engine::block::{write_block, StackNodes};
-use ember_engine::metastore::InProcess;
-use ember_engine::metastore::{
-    command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction,
-};
 use ember_engine::profile::Functions;
 use ember_engine::{Profile, Stacks};
+use ember_metastore::InProcess;
+use ember_metastore::{command::Kind, Applied, Command, LevelRule, Metastore, PlanCompaction};
 use ember_sql::compaction::{CompactionConfig, Compactor};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ember_engine::testing::level0_block;
-use ember_engine::{BlockQuery, Command, Metastore};
+use ember_metastore::{BlockQuery, Command, Metastore};
 use serde::Serialize;
 
 use super::ingest::Latency;

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_engine::metastore::{
+use ember_metastore::Metastore;
+use ember_metastore::{
     command::Kind, Applied, ApplyRetention, InProcess, MetastoreClient, MetastoreError,
     PlanCompaction, RemoveTombstones, TenantRetention,
 };
-use ember_engine::Metastore;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};

@@ -1,6 +1,6 @@
 //! Compaction: the worker role and the loops that drive the block lifecycle.
 //!
-//! The metastore plans jobs (`engine/src/metastore/jobs.rs`); a worker
+//! The metastore plans jobs (`engine/metastore/src/jobs.rs`); a worker
 //! leases one, merges its sources with DataFusion plans under its own
 //! memory pool (sorts spill to local disk), writes one block of the next
 //! level in the level-0 format, uploads it and commits. The commit swaps
@@ -46,11 +46,12 @@ use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use ember_engine::block::{block_path, read_section, Section, FORMAT_VERSION};
-use ember_engine::metastore::{
+use ember_engine::{BlockMeta, DatasetMeta, SectionMeta};
+use ember_metastore::DatasetRef;
+use ember_metastore::{
     command::Kind, Applied, CommitJob, FailJob, Job, LeaseJob, LevelRule, MetastoreClient,
     MetastoreError, RenewLease,
 };
-use ember_engine::{BlockMeta, DatasetMeta, DatasetRef, SectionMeta};
 use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;

@@ -10,7 +10,7 @@ use prost::Message;
 
 use super::jobs::Job;
 use super::{Applied, Command, Metastore, MetastoreError};
-use crate::block::BlockMeta;
+use ember_engine::block::BlockMeta;
 
 /// The metastore's commands, wherever the metastore runs.
 #[async_trait]

@@ -5,7 +5,7 @@
 
 use prost::Message;
 
-use crate::block::BlockMeta;
+use ember_engine::block::BlockMeta;
 
 /// A job's state. Stored as an integer in [`Job::status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

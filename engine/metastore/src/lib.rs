@@ -25,7 +25,7 @@ pub use jobs::{
     RemoveTombstones, RenewLease, TenantRetention, Tombstone, MAX_JOB_FAILURES,
 };
 
-use crate::block::{BlockMeta, DatasetMeta};
+use ember_engine::block::{BlockMeta, DatasetMeta};
 
 /// Width of an index partition.
 pub const PARTITION_NANOS: i64 = 6 * 3600 * 1_000_000_000;
@@ -76,7 +76,7 @@ pub struct Command {
 
 pub mod command {
     use super::jobs::*;
-    use crate::block::BlockMeta;
+    use ember_engine::block::BlockMeta;
 
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Kind {
@@ -227,7 +227,7 @@ struct TenantBlock {
 impl TenantBlock {
     fn meta(&self) -> BlockMeta {
         BlockMeta {
-            format_version: crate::block::FORMAT_VERSION,
+            format_version: ember_engine::block::FORMAT_VERSION,
             id: self.id.to_string(),
             path: self.path.to_string(),
             shard: self.shard,
@@ -1181,7 +1181,7 @@ impl Metastore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::SectionMeta;
+    use ember_engine::block::SectionMeta;
 
     const HOUR: i64 = 3600 * 1_000_000_000;
 
