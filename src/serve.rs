@@ -14,12 +14,10 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
-use ember_metastore::LevelRule;
 use ember_metastore::Metastore;
 use ember_metastore::{InProcess, MetastoreClient};
-use ember_sql::compaction::{
-    CompactionConfig, CompactionMetrics, CompactionStep, Compactor, Lifecycle, Retention,
-};
+use ember_metastore::{LevelRule, Lifecycle, LifecycleConfig, Retention};
+use ember_sql::compaction::{CompactionConfig, CompactionMetrics, CompactionStep, Compactor};
 use ember_sql::{QueryEngine, QueryEngineConfig, StatementLimits};
 use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
@@ -228,8 +226,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     object_metrics.register(&mut registry);
     let http_metrics = HttpMetrics::new(&mut registry);
     let limits = limits(&args)?;
-    let compaction = compaction_config(&args, &limits)?;
-    start_lifecycle(&compaction, store.clone(), metastore.clone(), &mut registry);
+    let compaction = compaction_config(&args)?;
+    start_lifecycle(
+        lifecycle_config(&args, &limits)?,
+        store.clone(),
+        metastore.clone(),
+        &mut registry,
+    );
     if roles.has(Role::CompactionWorker) {
         let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
         let client = Arc::new(InProcess(metastore.clone()));
@@ -396,8 +399,10 @@ async fn serve_compaction_worker(args: ServeArgs) -> anyhow::Result<()> {
     let client = Arc::new(RemoteMetastore::new(url, token)?);
     let mut registry = Registry::default();
     object_metrics.register(&mut registry);
-    let limits = limits(&args)?;
-    let config = compaction_config(&args, &limits)?;
+    // This process plans nothing, but refuses the flags the metastore's
+    // process would refuse.
+    lifecycle_config(&args, &limits(&args)?)?;
+    let config = compaction_config(&args)?;
     let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
     anyhow::ensure!(
         workers > 0,
@@ -443,15 +448,22 @@ async fn serve_metastore_commands(
     Ok(())
 }
 
-fn compaction_config(args: &ServeArgs, limits: &Limits) -> anyhow::Result<CompactionConfig> {
+fn compaction_config(args: &ServeArgs) -> anyhow::Result<CompactionConfig> {
     let spill_dir = args.data_dir.join("compaction-tmp");
     std::fs::create_dir_all(&spill_dir)
         .with_context(|| format!("creating {}", spill_dir.display()))?;
     Ok(CompactionConfig {
-        levels: parse_levels(&args.compaction_levels)
-            .map_err(|e| anyhow::anyhow!("--compaction-levels: {e}"))?,
         job_memory_limit: args.compaction_memory_limit,
         spill_dir: Some(spill_dir),
+        delete_delay: Duration::from_secs(args.compaction_delete_delay_seconds),
+        ..CompactionConfig::default()
+    })
+}
+
+fn lifecycle_config(args: &ServeArgs, limits: &Limits) -> anyhow::Result<LifecycleConfig> {
+    Ok(LifecycleConfig {
+        levels: parse_levels(&args.compaction_levels)
+            .map_err(|e| anyhow::anyhow!("--compaction-levels: {e}"))?,
         delete_delay: Duration::from_secs(args.compaction_delete_delay_seconds),
         retention: Retention {
             default: Duration::from_secs(limits.defaults.compactor_blocks_retention_period_seconds),
@@ -464,24 +476,25 @@ fn compaction_config(args: &ServeArgs, limits: &Limits) -> anyhow::Result<Compac
                 })
                 .collect(),
         },
-        ..CompactionConfig::default()
+        ..LifecycleConfig::default()
     })
 }
 
 /// The planner, retention and the deleter, beside the metastore on the
 /// main runtime (they only apply its commands and delete objects).
 fn start_lifecycle(
-    config: &CompactionConfig,
+    config: LifecycleConfig,
     store: Arc<dyn ObjectStore>,
     metastore: Arc<Metastore>,
     registry: &mut Registry,
 ) {
-    let lifecycle = Lifecycle::new(store, metastore, config.clone());
+    let levels = config.levels.len();
+    let lifecycle = Lifecycle::new(store, metastore, config);
     lifecycle.metrics.register(registry);
     let lifecycle = Arc::new(lifecycle);
     tokio::spawn(lifecycle.clone().plan_forever());
     tokio::spawn(lifecycle.delete_forever());
-    info!(levels = ?config.levels.len(), "compaction planned");
+    info!(levels, "compaction planned");
 }
 
 /// Each worker on a thread of its own at a lower priority than ingest and

@@ -839,9 +839,9 @@ fn sql_statement_corpus_replays_without_panics() {
 
 mod compaction {
     use super::*;
-    use crate::compaction::{CompactionConfig, Compactor, Lifecycle};
+    use crate::compaction::{CompactionConfig, Compactor};
     use ember_metastore::InProcess;
-    use ember_metastore::{BlockQuery, LevelRule};
+    use ember_metastore::{BlockQuery, LevelRule, Lifecycle, LifecycleConfig};
     use std::time::Duration;
 
     fn at(profiles: &[Profile], pod: &str, seconds: i64) -> Vec<Profile> {
@@ -886,10 +886,16 @@ mod compaction {
     fn compaction(
         store: Arc<dyn ObjectStore>,
         metastore: Arc<Metastore>,
+        levels: Vec<LevelRule>,
         config: CompactionConfig,
     ) -> Compaction {
+        let lifecycle = LifecycleConfig {
+            levels,
+            delete_delay: config.delete_delay,
+            ..LifecycleConfig::default()
+        };
         Compaction {
-            lifecycle: Lifecycle::new(store.clone(), metastore.clone(), config.clone()),
+            lifecycle: Lifecycle::new(store.clone(), metastore.clone(), lifecycle),
             worker: Compactor::new(store, Arc::new(InProcess(metastore)), config).unwrap(),
         }
     }
@@ -902,11 +908,10 @@ mod compaction {
         delete_delay: Duration,
     ) -> Compaction {
         let config = CompactionConfig {
-            levels: rules(2),
             delete_delay,
             ..CompactionConfig::default()
         };
-        compaction(store, metastore, config)
+        compaction(store, metastore, rules(2), config)
     }
 
     fn rules(max_blocks: u32) -> Vec<LevelRule> {
@@ -1310,8 +1315,8 @@ mod compaction {
         let compactor = compaction(
             store,
             engine.metastore(),
+            rules(10),
             CompactionConfig {
-                levels: rules(10),
                 job_memory_limit: 16 << 20,
                 spill_dir: Some(spill.path().to_path_buf()),
                 delete_delay: Duration::ZERO,

@@ -155,7 +155,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
     let planned = metastore.apply(
         Kind::PlanCompaction(PlanCompaction {
             now: 0,
-            levels: levels.clone(),
+            levels,
             max_jobs: 1,
         })
         .into(),
@@ -165,7 +165,6 @@ pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
         store,
         Arc::new(InProcess(metastore.clone())),
         CompactionConfig {
-            levels,
             job_memory_limit: BUDGET,
             spill_dir: Some(dir.to_path_buf()),
             ..CompactionConfig::default()

@@ -10,6 +10,7 @@
 
 mod client;
 mod jobs;
+mod lifecycle;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -23,6 +24,9 @@ pub use client::{AddBlocks, AppliedReply, ErrorReply, InProcess, MetastoreClient
 pub use jobs::{
     ApplyRetention, CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction,
     RemoveTombstones, RenewLease, TenantRetention, Tombstone, MAX_JOB_FAILURES,
+};
+pub use lifecycle::{
+    default_levels, idle, Lifecycle, LifecycleConfig, LifecycleError, LifecycleMetrics, Retention,
 };
 
 use ember_engine::block::{BlockMeta, DatasetMeta};

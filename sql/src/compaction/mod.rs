@@ -1,25 +1,22 @@
-//! Compaction: the worker role and the loops that drive the block lifecycle.
+//! Compaction: the worker role.
 //!
 //! The metastore plans jobs (`engine/metastore/src/jobs.rs`); a worker
 //! leases one, merges its sources with DataFusion plans under its own
 //! memory pool (sorts spill to local disk), writes one block of the next
 //! level in the level-0 format, uploads it and commits. The commit swaps
 //! the sources for the output in the index and tombstones the retired
-//! objects, which [`Lifecycle::delete_forever`] removes after a delay so
-//! that queries which found them first can finish.
+//! objects, which the metastore's lifecycle (`engine/metastore/src/
+//! lifecycle.rs`) deletes after a delay so that queries which found them
+//! first can finish.
 //!
 //! The worker ([`Compactor`]) reaches the metastore through a
 //! [`MetastoreClient`], so it runs in the metastore's process or in one of
 //! its own (`ember serve --roles compaction-worker`); the planner, the
-//! deleter and retention ([`Lifecycle`]) run beside the metastore.
+//! deleter and retention run beside the metastore.
 //!
 //! Retried pushes (at-least-once) are dropped here: a profile with the same
 //! type, series, time, total and sample count as one in an earlier source
 //! block is the same push stored twice.
-
-mod lifecycle;
-
-pub use lifecycle::{Lifecycle, LifecycleMetrics};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -49,7 +46,7 @@ use ember_engine::block::{block_path, read_section, Section, FORMAT_VERSION};
 use ember_engine::{BlockMeta, DatasetMeta, SectionMeta};
 use ember_metastore::DatasetRef;
 use ember_metastore::{
-    command::Kind, Applied, CommitJob, FailJob, Job, LeaseJob, LevelRule, MetastoreClient,
+    command::Kind, idle, Applied, CommitJob, FailJob, Job, LeaseJob, MetastoreClient,
     MetastoreError, RenewLease,
 };
 use futures::{StreamExt, TryStreamExt};
@@ -108,24 +105,11 @@ pub enum CompactionError {
     Invalid { job: String, reason: String },
 }
 
-/// The thresholds v2 ships with: L0 -> L1 at 20 blocks or 36 s, L1 -> L2
-/// at 10 blocks or 12 min, L2 -> L3 at 10 blocks or 3 h.
-pub fn default_levels() -> Vec<LevelRule> {
-    let rule = |max_blocks, secs: i64| LevelRule {
-        max_blocks,
-        max_age_nanos: secs * 1_000_000_000,
-    };
-    vec![rule(20, 36), rule(10, 12 * 60), rule(10, 3 * 3600)]
-}
-
 /// Source blocks a job fetches at once when it reads them whole.
 const SOURCE_FETCHES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct CompactionConfig {
-    pub levels: Vec<LevelRule>,
-    /// Jobs waiting or running beyond which nothing more is planned.
-    pub max_jobs: u32,
     /// Memory one job may hold; sorts beyond it spill to `spill_dir`.
     pub job_memory_limit: usize,
     /// Where sorts spill and output blocks are assembled (the OS temp
@@ -134,30 +118,18 @@ pub struct CompactionConfig {
     pub lease: Duration,
     /// Retired objects are deleted this long after the commit.
     pub delete_delay: Duration,
-    /// How often the planner, idle workers and the deleter look again.
+    /// How often an idle worker looks for a job again.
     pub poll: Duration,
-    /// What each tenant keeps (checked once a minute).
-    pub retention: Retention,
-}
-
-/// How long tenants' profiles are kept; zero keeps everything.
-#[derive(Debug, Clone, Default)]
-pub struct Retention {
-    pub default: Duration,
-    pub tenants: HashMap<String, Duration>,
 }
 
 impl Default for CompactionConfig {
     fn default() -> Self {
         Self {
-            levels: default_levels(),
-            max_jobs: 1024,
             job_memory_limit: 256 << 20,
             spill_dir: None,
             lease: Duration::from_secs(15),
             delete_delay: Duration::from_secs(15 * 60),
             poll: Duration::from_secs(1),
-            retention: Retention::default(),
         }
     }
 }
@@ -326,24 +298,6 @@ pub struct Compactor {
     /// The highest level this worker takes jobs of (all when unset).
     max_level: Option<u32>,
     pub metrics: CompactionMetrics,
-}
-
-/// Returns after `poll`, or as soon as `wake` says the metastore changed:
-/// polling alone added half a poll to every job's start, at each step.
-pub(crate) async fn idle(wake: &mut Option<watch::Receiver<u64>>, poll: Duration) {
-    let Some(rx) = wake else {
-        return tokio::time::sleep(poll).await;
-    };
-    tokio::select! {
-        changed = rx.changed() => {
-            if changed.is_err() {
-                // The metastore is gone: poll from now on.
-                *wake = None;
-                tokio::time::sleep(poll).await;
-            }
-        }
-        _ = tokio::time::sleep(poll) => {}
-    }
 }
 
 fn now_nanos() -> i64 {

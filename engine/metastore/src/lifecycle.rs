@@ -1,16 +1,12 @@
 //! The block lifecycle beside the metastore: planning jobs, retention, and
 //! deleting what commits and retention retired. These read the index and
-//! apply commands locally, so they run in the metastore's process; workers
-//! ([`super::Compactor`]) may run anywhere.
+//! apply commands locally, so they run in the metastore's process;
+//! compaction workers (`sql/src/compaction`) may run anywhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ember_metastore::Metastore;
-use ember_metastore::{
-    command::Kind, Applied, ApplyRetention, InProcess, MetastoreClient, MetastoreError,
-    PlanCompaction, RemoveTombstones, TenantRetention,
-};
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -18,9 +14,97 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use thiserror::Error;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{nanos, now_nanos, CompactionConfig, CompactionError};
+use crate::{
+    command::Kind, Applied, ApplyRetention, InProcess, LevelRule, Metastore, MetastoreClient,
+    MetastoreError, PlanCompaction, RemoveTombstones, TenantRetention,
+};
+
+/// When the planner, retention and the deleter act.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    pub levels: Vec<LevelRule>,
+    /// Jobs waiting or running beyond which nothing more is planned.
+    pub max_jobs: u32,
+    /// Retired objects are deleted this long after their commit.
+    pub delete_delay: Duration,
+    /// How often the planner and the deleter look again.
+    pub poll: Duration,
+    /// What each tenant keeps (checked once a minute).
+    pub retention: Retention,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            levels: default_levels(),
+            max_jobs: 1024,
+            delete_delay: Duration::from_secs(15 * 60),
+            poll: Duration::from_secs(1),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// How long tenants' profiles are kept; zero keeps everything.
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub default: Duration,
+    pub tenants: HashMap<String, Duration>,
+}
+
+/// The thresholds v2 ships with: L0 -> L1 at 20 blocks or 36 s, L1 -> L2
+/// at 10 blocks or 12 min, L2 -> L3 at 10 blocks or 3 h.
+pub fn default_levels() -> Vec<LevelRule> {
+    let rule = |max_blocks, secs: i64| LevelRule {
+        max_blocks,
+        max_age_nanos: secs * 1_000_000_000,
+    };
+    vec![rule(20, 36), rule(10, 12 * 60), rule(10, 3 * 3600)]
+}
+
+#[derive(Debug, Error)]
+pub enum LifecycleError {
+    #[error("listing {prefix}: {source}")]
+    List {
+        prefix: String,
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    Metastore(#[from] MetastoreError),
+}
+
+/// Returns after `poll`, or as soon as `wake` says the metastore changed:
+/// polling alone added half a poll to every job's start, at each step.
+pub async fn idle(wake: &mut Option<watch::Receiver<u64>>, poll: Duration) {
+    let Some(rx) = wake else {
+        return tokio::time::sleep(poll).await;
+    };
+    tokio::select! {
+        changed = rx.changed() => {
+            if changed.is_err() {
+                // The metastore is gone: poll from now on.
+                *wake = None;
+                tokio::time::sleep(poll).await;
+            }
+        }
+        _ = tokio::time::sleep(poll) => {}
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
 
 /// How old an unknown object under `blocks/` must be before the sweeper
 /// deletes it: far beyond a lease (a worker that cannot commit within its
@@ -98,7 +182,7 @@ pub struct Lifecycle {
     store: Arc<dyn ObjectStore>,
     metastore: Arc<Metastore>,
     commands: InProcess,
-    config: CompactionConfig,
+    config: LifecycleConfig,
     pub metrics: LifecycleMetrics,
 }
 
@@ -106,7 +190,7 @@ impl Lifecycle {
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metastore: Arc<Metastore>,
-        config: CompactionConfig,
+        config: LifecycleConfig,
     ) -> Self {
         Self {
             store,
@@ -179,12 +263,12 @@ impl Lifecycle {
                 Err(e) => warn!(error = %e, "compaction planning failed"),
             }
             self.metrics.observe(&self.metastore);
-            super::idle(&mut wake, self.config.poll).await;
+            idle(&mut wake, self.config.poll).await;
         }
     }
 
     /// Deletes objects whose tombstones are due, then forgets the tombstones.
-    pub async fn delete_due(&self) -> Result<usize, CompactionError> {
+    pub async fn delete_due(&self) -> Result<usize, LifecycleError> {
         let due = self.metastore.due_tombstones(now_nanos());
         if due.is_empty() {
             return Ok(0);
@@ -208,12 +292,12 @@ impl Lifecycle {
     /// `min_age` old. A committed block is in the index, or tombstoned
     /// until its object is gone; level-0 segments (`segments/`) are never
     /// touched, a segment writer's dlq retry may still register them.
-    pub async fn sweep_orphans(&self, min_age: Duration) -> Result<usize, CompactionError> {
+    pub async fn sweep_orphans(&self, min_age: Duration) -> Result<usize, LifecycleError> {
         let cutoff = now_nanos().saturating_sub(min_age.as_nanos().min(i64::MAX as u128) as i64);
         let mut listing = self.store.list(Some(&ObjectPath::from("blocks")));
         let mut orphans = Vec::new();
         while let Some(object) = listing.next().await {
-            let object = object.map_err(|source| CompactionError::List {
+            let object = object.map_err(|source| LifecycleError::List {
                 prefix: "blocks/".into(),
                 source,
             })?;
