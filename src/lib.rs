@@ -10,7 +10,6 @@ mod grpc;
 mod http;
 pub mod http_client;
 mod local_store;
-mod metastore_rpc;
 mod metrics;
 mod object_requests;
 pub mod output;

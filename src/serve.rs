@@ -14,6 +14,7 @@ use ember_ingest::limits::{Limits, ProfileLimits};
 use ember_ingest::segment::{
     recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
 };
+use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
 use ember_metastore::{InProcess, MetastoreClient};
 use ember_metastore::{LevelRule, Lifecycle, LifecycleConfig, Retention};
@@ -29,7 +30,6 @@ use crate::connections::{
 };
 use crate::http::{health_router, router};
 use crate::local_store::SyncedLocalStore;
-use crate::metastore_rpc::RemoteMetastore;
 use crate::metrics::HttpMetrics;
 use crate::object_requests::{CountingStore, ObjectRequestMetrics};
 use crate::tls::{TlsFiles, TlsListener};
@@ -436,7 +436,7 @@ async fn serve_metastore_commands(
         .await
         .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
     info!(addr = %listener.local_addr()?, "metastore commands served to other processes");
-    let app = crate::metastore_rpc::router(metastore, token);
+    let app = ember_metastore::rpc::router(metastore, token);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

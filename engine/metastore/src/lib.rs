@@ -11,6 +11,7 @@
 mod client;
 mod jobs;
 mod lifecycle;
+pub mod rpc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;

@@ -19,14 +19,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use ember_engine::BlockMeta;
-use ember_metastore::{
-    AddBlocks, Applied, AppliedReply, Command, ErrorReply, InProcess, MetastoreClient,
-};
-use ember_metastore::{Metastore, MetastoreError};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
+use thiserror::Error;
+
+use crate::{
+    AddBlocks, Applied, AppliedReply, Command, ErrorReply, InProcess, Metastore, MetastoreClient,
+    MetastoreError,
+};
 
 const APPLY: &str = "/ember.metastore.v1.MetastoreService/Apply";
 const ADD_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/AddBlocks";
@@ -128,6 +130,14 @@ fn proto_response(status: StatusCode, message: impl Message) -> Response {
         .into_response()
 }
 
+/// A `--metastore-url` that names no metastore.
+#[derive(Debug, Error)]
+#[error("--metastore-url {url:?}: {reason}")]
+pub struct MetastoreUrlError {
+    url: String,
+    reason: String,
+}
+
 /// The metastore of another process, reached at `--metastore-url`.
 pub struct RemoteMetastore {
     client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
@@ -137,15 +147,18 @@ pub struct RemoteMetastore {
 }
 
 impl RemoteMetastore {
-    pub fn new(url: &str, token: &str) -> anyhow::Result<Self> {
+    pub fn new(url: &str, token: &str) -> Result<Self, MetastoreUrlError> {
+        let bad = |reason: String| MetastoreUrlError {
+            url: url.to_string(),
+            reason,
+        };
         let base = url.trim_end_matches('/').to_string();
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--metastore-url {url:?}: {e}"))?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("http") && uri.host().is_some(),
-            "--metastore-url {url:?}: give http://host:port of the metastore's --metastore-listen-addr"
-        );
+        let uri: http::Uri = base.parse().map_err(|e| bad(format!("{e}")))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(bad(
+                "give http://host:port of the metastore's --metastore-listen-addr".into(),
+            ));
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -217,7 +230,7 @@ impl MetastoreClient for RemoteMetastore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_metastore::{command::Kind, LeaseJob, RenewLease};
+    use crate::{command::Kind, LeaseJob, RenewLease};
 
     async fn serve(metastore: Arc<Metastore>, token: &str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
