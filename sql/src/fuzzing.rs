@@ -77,9 +77,18 @@ async fn run(engine: &QueryEngine, sql: &str) {
             .map_err(crate::SqlError::from),
         Err(e) => Err(e),
     };
-    if let Err(e) = outcome {
-        if e.kind() == ErrorKind::Internal && e.to_string().contains("the query failed") {
-            panic!("{sql}: {e}");
+    let Err(e) = outcome else { return };
+    if e.kind() == ErrorKind::Internal && e.to_string().contains("the query failed") {
+        panic!("{sql}: {e}");
+    }
+    // A query past its timeout must stop and leave the query threads to
+    // the next one.
+    if e.kind() == ErrorKind::DeadlineExceeded {
+        let next = engine
+            .execute("fuzz", "SELECT 1", &Settings::default())
+            .await;
+        if next.is_err() {
+            panic!("{sql}: kept the query threads busy past its timeout");
         }
     }
 }
