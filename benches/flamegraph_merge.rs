@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ember_distributor::formats::pprof::{self, FlatProfile};
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::block::{write_block, StackNodes};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof::{self, FlatProfile};
 use ember_metastore::{Command, Metastore};
 use ember_sql::flamegraph::{build_flame_graph, NodeSources};
 use ember_sql::testing::stack_tree;

@@ -1,13 +1,15 @@
 //! Decode and normalise recorded pprof profiles: the distributor's CPU cost
-//! per push. `cargo bench -p ember-ingest --bench pprof_decode`
+//! per push. `cargo bench -p ember-distributor --bench pprof_decode`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ember_distributor::formats::pprof;
+use ember_distributor::formats::push::{
+    LabelPair, PushBody, PushRequest, RawProfileSeries, RawSample,
+};
+use ember_distributor::formats::{BodyEncoding, WireFormat};
+use ember_distributor::limits::Limits;
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::testing::pprof_fixtures;
-use ember_ingest::decode::{push_body, BodyEncoding};
-use ember_ingest::limits::Limits;
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof;
-use ember_ingest::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
 use prost::Message;
 
 fn bench(c: &mut Criterion) {
@@ -79,7 +81,13 @@ fn push_request(c: &mut Criterion) {
     let mut group = c.benchmark_group("push");
     group.throughput(Throughput::Elements(samples as u64));
     group.bench_function("decode/recorded-agent-profiles", |b| {
-        b.iter(|| push_body(&limits, body.clone(), encoding, "bench", 1).expect("decodes"))
+        b.iter(|| {
+            let push = PushBody {
+                body: body.clone(),
+                encoding,
+            };
+            push.profiles(&limits, "bench", 1).expect("decodes")
+        })
     });
     group.finish();
 }

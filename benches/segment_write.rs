@@ -1,13 +1,13 @@
 //! Encoding a segment: the segment writer's CPU cost per flush, for 64
 //! profiles of recorded Go CPU and heap profiles across 8 services.
-//! `cargo bench -p ember-ingest --bench segment_write`
+//! `cargo bench -p ember-distributor --bench segment_write`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ember_distributor::formats::pprof::{self, FlatProfile};
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::block::{write_block, StackNodes};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof::{self, FlatProfile};
 
 fn segment_profiles() -> Vec<Profile> {
     let mut out = Vec::new();

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ember_distributor::Distributor;
+use ember_distributor::IngestError;
 use ember_engine::Authenticator;
-use ember_ingest::distributor::Distributor;
-use ember_ingest::IngestError;
 use ember_sql::QueryEngine;
 use prometheus_client::registry::Registry;
 

@@ -165,7 +165,7 @@ async fn push_pprof(
     args: &IngestArgs,
     data: Vec<u8>,
 ) -> anyhow::Result<()> {
-    use ember_ingest::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+    use ember_distributor::formats::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
     let mut labels = vec![LabelPair {
         name: "service_name".into(),
         value: args.service.clone(),

@@ -12,9 +12,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use ember_ingest::distributor::{BodyEncoding, RequestBody};
-use ember_ingest::legacy::{multipart_fields, multipart_profile, Format, IngestParams};
-use ember_ingest::IngestError;
+use ember_distributor::formats::jfr::JfrBody;
+use ember_distributor::formats::legacy::IngestBody;
+use ember_distributor::formats::legacy::{
+    multipart_fields, multipart_profile, Format, IngestParams,
+};
+use ember_distributor::formats::otlp::OtlpBody;
+use ember_distributor::formats::push::PushBody;
+use ember_distributor::formats::{BodyEncoding, WireFormat};
+use ember_distributor::IngestError;
 use prometheus_client::registry::Registry;
 
 use crate::api::{header_str, request_tenant, ApiError, AppState};
@@ -157,7 +163,7 @@ async fn push_grpc(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     let encoding = BodyEncoding { json: false, gzip };
     decode_and_push(
         state,
-        RequestBody::Push {
+        PushBody {
             body: message,
             encoding,
         },
@@ -188,7 +194,7 @@ async fn push_inner(
     let body = read_body(body, max_request_bytes).await?;
     state.metrics.push_bytes.inc_by(body.len() as u64);
     let encoding = BodyEncoding { json, gzip };
-    decode_and_push(state, RequestBody::Push { body, encoding }, &tenant).await?;
+    decode_and_push(state, PushBody { body, encoding }, &tenant).await?;
     Ok(json)
 }
 
@@ -244,7 +250,7 @@ async fn otlp_inner(
         )
     };
     state.metrics.push_bytes.inc_by(body.len() as u64);
-    decode_and_push(state, RequestBody::Otlp { body, encoding }, &tenant).await?;
+    decode_and_push(state, OtlpBody { body, encoding }, &tenant).await?;
     Ok(encoding.json)
 }
 
@@ -309,7 +315,7 @@ async fn ingest_inner(
         } else {
             (body, None)
         };
-        let body = RequestBody::Jfr {
+        let body = JfrBody {
             params,
             recording,
             labels,
@@ -325,7 +331,7 @@ async fn ingest_inner(
         ))?;
         (format, body)
     };
-    let body = RequestBody::Ingest {
+    let body = IngestBody {
         params,
         format,
         body,
@@ -337,7 +343,7 @@ async fn ingest_inner(
 /// request's share of the in-flight budget is held until then.
 async fn decode_and_push(
     state: &AppState,
-    body: RequestBody,
+    body: impl WireFormat,
     tenant: &str,
 ) -> Result<(), IngestError> {
     let (profiles, _inflight) = state.distributor.decode(body, tenant, now_nanos()).await?;

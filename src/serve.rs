@@ -6,18 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ember_distributor::limits::{Limits, ProfileLimits};
+use ember_distributor::Distributor;
 use ember_engine::Authenticator;
+use ember_faults::{FaultStore, Faults, FaultyMetastore};
 use ember_flight::EmberFlightSql;
-use ember_ingest::distributor::Distributor;
-use ember_ingest::faults::{FaultStore, Faults};
-use ember_ingest::limits::{Limits, ProfileLimits};
-use ember_ingest::segment::{
-    recover_dlq_forever, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
-};
 use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
 use ember_metastore::{InProcess, MetastoreClient};
 use ember_metastore::{LevelRule, Lifecycle, LifecycleConfig, Retention};
+use ember_segment_writer::{
+    recover_dlq_forever, FlushHook, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
+};
 use ember_sql::compaction::{CompactionConfig, CompactionMetrics, CompactionStep, Compactor};
 use ember_sql::{QueryEngine, QueryEngineConfig, StatementLimits};
 use object_store::ObjectStore;
@@ -116,7 +116,7 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Faults to inject, for tests: `put_error_rate=0.3,crash_at=after_upload`
-    /// (see ingest/src/faults.rs).
+    /// (see tests/faults).
     #[arg(long, env = "EMBER_FAULTS", hide = true)]
     faults: Option<String>,
     /// JSON file of credentials, which turns authentication on:
@@ -258,8 +258,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         Sink {
             store: store.clone(),
-            metastore: Arc::new(InProcess(metastore.clone())),
-            faults,
+            metastore: writer_metastore(&metastore, &faults),
+            flush_hook: faults
+                .crash_at
+                .map(|_| faults.clone() as Arc<dyn FlushHook>),
         },
         segment_metrics,
     ));
@@ -377,6 +379,16 @@ fn open_store(
     let object_metrics = ObjectRequestMetrics::default();
     let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
     Ok((store, object_metrics, faults))
+}
+
+/// The metastore as the segment writer reaches it: with the test faults
+/// on its commands, when `--faults` asks for some.
+fn writer_metastore(metastore: &Arc<Metastore>, faults: &Arc<Faults>) -> Arc<dyn MetastoreClient> {
+    let client: Arc<dyn MetastoreClient> = Arc::new(InProcess(metastore.clone()));
+    if faults.touches_metastore() {
+        return Arc::new(FaultyMetastore::new(client, faults.clone()));
+    }
+    client
 }
 
 /// `--roles compaction-worker` without the metastore: workers that lease

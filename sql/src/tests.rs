@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
+use ember_distributor::formats::pprof::{self, FlatProfile};
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::block::{write_block, StackNodes};
 use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof::{self, FlatProfile};
 use ember_metastore::{Command, Metastore};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;

@@ -874,8 +874,8 @@ mod tests {
 
     #[test]
     fn the_tree_lays_out_as_its_frame_does_for_every_fixture() {
-        use ember_ingest::normalise::{normalise, validate_labels, Destination};
-        use ember_ingest::pprof::FlatProfile;
+        use ember_distributor::formats::pprof::FlatProfile;
+        use ember_distributor::normalise::{normalise, validate_labels, Destination};
         use ember_sql::flamegraph::{FlameTree, NodeSources};
         use ember_sql::testing::stack_tree;
 
@@ -887,7 +887,9 @@ mod tests {
         };
         let mut checked = 0;
         for (name, bytes) in ember_engine::testing::pprof_fixtures() {
-            let Ok(raw) = ember_ingest::pprof::maybe_gunzip(&bytes, 64 << 20, "pprof") else {
+            let Ok(raw) =
+                ember_distributor::formats::pprof::maybe_gunzip(&bytes, 64 << 20, "pprof")
+            else {
                 continue;
             };
             let Ok(flat) = FlatProfile::decode(&raw) else {

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int64Type, TimestampNanosecondType, UInt64Type};
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof::FlatProfile;
+use ember_distributor::formats::pprof::FlatProfile;
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use serde::Serialize;
 use tracing::info;
 

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_ingest::normalise::{normalise, validate_labels, Destination};
-use ember_ingest::pprof::FlatProfile;
+use ember_distributor::formats::pprof::FlatProfile;
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use serde::Serialize;
 use tracing::info;
 

@@ -12,10 +12,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
+use ember_distributor::formats::push::PushBody;
+use ember_distributor::formats::{BodyEncoding, WireFormat};
+use ember_distributor::limits::Limits;
+use ember_distributor::shard_for;
 use ember_engine::block::{write_block, StackNodes};
 use ember_engine::profile::Profile;
-use ember_ingest::distributor::{shard_for, BodyEncoding};
-use ember_ingest::limits::Limits;
 use tracing::info;
 
 use super::{workload, BenchArgs, SHARDS};
@@ -106,13 +108,11 @@ fn replay_requests(requests: &[Bytes], split: bool) -> anyhow::Result<(u64, u64)
         gzip: false,
     };
     let decode = |body: &Bytes| {
-        ember_ingest::decode::push_body(
-            &limits,
-            body.clone(),
+        let push = PushBody {
+            body: body.clone(),
             encoding,
-            "bench",
-            super::now_nanos(),
-        )
+        };
+        push.profiles(&limits, "bench", super::now_nanos())
     };
     let mut shards = Shards::default();
     if !split {

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use bytes::Bytes;
-use ember_ingest::pprof;
-use ember_ingest::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
+use ember_distributor::formats::pprof;
+use ember_distributor::formats::push::{LabelPair, PushRequest, RawProfileSeries, RawSample};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use prost::Message;

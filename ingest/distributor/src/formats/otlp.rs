@@ -14,11 +14,13 @@ use ember_engine::profile::Profile;
 use ember_engine::protojson;
 use serde::{Deserialize, Deserializer};
 
-use crate::limits::{Limits, ProfileLimits};
+use bytes::Bytes;
 use ember_engine::Labels;
 
+use super::pprof::{gunzip, FlatProfile};
+use super::{check_times, BodyEncoding, WireFormat};
+use crate::limits::{Limits, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination, DEFAULT_SERVICE};
-use crate::pprof::FlatProfile;
 use crate::IngestError;
 
 /// The wire messages (field numbers of opentelemetry-proto v1.10.0), in
@@ -340,9 +342,39 @@ use wire::{AnyValue, ExportProfilesServiceRequest, ProfilesDictionary, Value};
 /// A profile's duration when the exporter leaves it out, as Pyroscope reads it.
 const DEFAULT_DURATION_NANOS: i64 = 10_000_000_000;
 
+/// An OTLP profiles export body, protobuf or proto3 JSON, gzipped or not.
+pub struct OtlpBody {
+    pub body: Bytes,
+    pub encoding: BodyEncoding,
+}
+
+impl WireFormat for OtlpBody {
+    fn received_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    fn profiles(
+        self,
+        limits: &Limits,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<Vec<Profile>, IngestError> {
+        let inflated;
+        let body = if self.encoding.gzip {
+            inflated = gunzip(&self.body, limits.max_decompressed_bytes, "request body")?;
+            inflated.as_slice()
+        } else {
+            &self.body
+        };
+        let profiles = export_body(limits, body, self.encoding.json, tenant, now_nanos)?;
+        check_times(&profiles, &limits.for_tenant(tenant), now_nanos)?;
+        Ok(profiles)
+    }
+}
+
 /// Normalised profiles of an `ExportProfilesServiceRequest` body (already
-/// decompressed by the caller under the request's limit).
-pub fn export_body(
+/// decompressed under the request's limit).
+fn export_body(
     limits: &Limits,
     body: &[u8],
     json: bool,

@@ -7,11 +7,16 @@ use std::collections::HashMap;
 
 use ember_engine::selector::Selector;
 
-use crate::decode::{self, BodyEncoding};
-use crate::legacy::{Format, IngestParams};
+use bytes::Bytes;
+
+use crate::formats::jfr::JfrBody;
+use crate::formats::legacy::{Format, IngestBody, IngestParams};
+use crate::formats::otlp::OtlpBody;
+use crate::formats::pprof;
+use crate::formats::push::PushBody;
+use crate::formats::{BodyEncoding, WireFormat};
 use crate::limits::{Limits, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination};
-use crate::pprof;
 
 /// A fuzz target: any bytes in, no panic out.
 pub type Target = fn(&[u8]);
@@ -82,13 +87,11 @@ pub fn push_json(data: &[u8]) {
 fn push(data: &[u8], json: bool) {
     let l = limits();
     let gzip = data.starts_with(&[0x1f, 0x8b]);
-    if let Ok(profiles) = decode::push_body(
-        &l,
-        bytes::Bytes::copy_from_slice(data),
-        BodyEncoding { json, gzip },
-        "fuzz",
-        NOW,
-    ) {
+    let body = PushBody {
+        body: Bytes::copy_from_slice(data),
+        encoding: BodyEncoding { json, gzip },
+    };
+    if let Ok(profiles) = body.profiles(&l, "fuzz", NOW) {
         check_bounds(&profiles, &l.defaults);
     }
 }
@@ -106,7 +109,11 @@ pub fn otlp_json(data: &[u8]) {
 fn otlp(data: &[u8], json: bool) {
     let l = limits();
     let gzip = data.starts_with(&[0x1f, 0x8b]);
-    if let Ok(profiles) = decode::otlp_body(&l, data, BodyEncoding { json, gzip }, "fuzz", NOW) {
+    let body = OtlpBody {
+        body: Bytes::copy_from_slice(data),
+        encoding: BodyEncoding { json, gzip },
+    };
+    if let Ok(profiles) = body.profiles(&l, "fuzz", NOW) {
         check_bounds(&profiles, &l.defaults);
     }
 }
@@ -118,7 +125,12 @@ pub fn ingest_jfr(data: &[u8]) {
     let Ok(params) = IngestParams::from_query(&query) else {
         return;
     };
-    if let Ok(profiles) = decode::jfr_body(&l, &params, data, None, "fuzz", NOW) {
+    let body = JfrBody {
+        params,
+        recording: Bytes::copy_from_slice(data),
+        labels: None,
+    };
+    if let Ok(profiles) = body.profiles(&l, "fuzz", NOW) {
         check_bounds(&profiles, &l.defaults);
     }
 }
@@ -131,7 +143,12 @@ pub fn ingest_folded(data: &[u8]) {
         return;
     };
     for format in [Format::Folded, Format::Lines] {
-        if let Ok(profiles) = decode::ingest_body(&l, &params, format, data, "fuzz", NOW) {
+        let body = IngestBody {
+            params: params.clone(),
+            format,
+            body: Bytes::copy_from_slice(data),
+        };
+        if let Ok(profiles) = body.profiles(&l, "fuzz", NOW) {
             check_bounds(&profiles, &l.defaults);
         }
     }
@@ -158,7 +175,10 @@ pub fn ingest_query(data: &[u8]) {
 pub fn ingest_multipart(data: &[u8]) {
     let body = bytes::Bytes::copy_from_slice(data);
     let content_type = "multipart/form-data; boundary=ember-fuzz";
-    let part = futures::executor::block_on(crate::legacy::multipart_profile(content_type, body));
+    let part = futures::executor::block_on(crate::formats::legacy::multipart_profile(
+        content_type,
+        body,
+    ));
     if let Ok(profile) = part {
         assert!(profile.len() <= data.len());
         pprof_profile(&profile);

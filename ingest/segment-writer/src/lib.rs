@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ember_engine::block::{write_block, BlockMeta, StackNodes};
 use ember_engine::profile::Profile;
-use ember_metastore::{partition_of, Command, Metastore, MetastoreClient};
+use ember_metastore::{partition_of, MetastoreClient};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prometheus_client::metrics::counter::Counter;
@@ -22,10 +22,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::faults::{Faults, FlushStep};
-use crate::IngestError;
+pub use crate::dlq::{recover_dlq, recover_dlq_forever, DlqReport};
+pub use crate::error::SegmentError;
+
+mod dlq;
+mod error;
 
 #[derive(Debug, Clone)]
 pub struct SegmentConfig {
@@ -153,8 +156,39 @@ pub struct Sink {
     pub store: Arc<dyn ObjectStore>,
     /// In this process, or the metastore's over the network.
     pub metastore: Arc<dyn MetastoreClient>,
-    /// Injected by tests only (`--faults`); none by default.
-    pub faults: Arc<Faults>,
+    /// Called at each step of a flush; none but in fault-injection tests
+    /// (`--faults crash_at=...`).
+    pub flush_hook: Option<Arc<dyn FlushHook>>,
+}
+
+/// A step of a segment flush, where a [`FlushHook`] is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushStep {
+    /// The block is encoded; nothing is written yet.
+    BeforeUpload,
+    /// The block is in object storage, not in the index.
+    AfterUpload,
+    /// The block is indexed; no request is acknowledged yet.
+    AfterIndex,
+}
+
+/// Told when a flush reaches each [`FlushStep`]: how tests stop a process
+/// between the steps to prove that none of them loses an acknowledged
+/// profile.
+pub trait FlushHook: Send + Sync {
+    fn reached(&self, step: FlushStep);
+}
+
+/// What the distributor needs of a segment writer: in this process, or
+/// one across the network.
+#[async_trait::async_trait]
+pub trait SegmentWriterClient: Send + Sync {
+    /// Shards profiles are routed over.
+    fn shards(&self) -> u32;
+
+    /// Adds profiles to a shard's open segment; resolves once they are
+    /// durable in object storage and indexed by the metastore.
+    async fn append(&self, shard: u32, profiles: Vec<Profile>) -> Result<(), SegmentError>;
 }
 
 impl SegmentWriter {
@@ -175,25 +209,27 @@ impl SegmentWriter {
             .collect();
         Self { shards }
     }
+}
 
-    pub fn shards(&self) -> u32 {
+#[async_trait::async_trait]
+impl SegmentWriterClient for SegmentWriter {
+    fn shards(&self) -> u32 {
         self.shards.len() as u32
     }
 
-    /// Adds profiles to a shard's open segment; resolves once they are durable.
-    pub async fn append(&self, shard: u32, profiles: Vec<Profile>) -> Result<(), IngestError> {
+    async fn append(&self, shard: u32, profiles: Vec<Profile>) -> Result<(), SegmentError> {
         let tx = self
             .shards
             .get(shard as usize)
-            .ok_or_else(|| IngestError::Storage(format!("no shard {shard}")))?;
+            .ok_or_else(|| SegmentError::Storage(format!("no shard {shard}")))?;
         let (ack, done) = oneshot::channel();
         tx.send(Pending { profiles, ack })
             .await
-            .map_err(|_| IngestError::ShuttingDown)?;
+            .map_err(|_| SegmentError::ShuttingDown)?;
         match done.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(IngestError::Storage(e)),
-            Err(_) => Err(IngestError::ShuttingDown),
+            Ok(Err(e)) => Err(SegmentError::Storage(e)),
+            Err(_) => Err(SegmentError::ShuttingDown),
         }
     }
 }
@@ -268,6 +304,12 @@ impl ShardWorker {
         self.config.min_flush_interval * self.shard / self.config.shards.max(1)
     }
 
+    fn reached(&self, step: FlushStep) {
+        if let Some(hook) = &self.sink.flush_hook {
+            hook.reached(step);
+        }
+    }
+
     async fn flush(&self, batch: Vec<Pending>) {
         let started = Instant::now();
         let (profiles, acks): (Vec<Vec<Profile>>, Vec<_>) =
@@ -276,7 +318,7 @@ impl ShardWorker {
         let count = profiles.len() as u64;
         let result = self.write(profiles).await;
         if result.is_ok() {
-            self.sink.faults.crash_point(FlushStep::AfterIndex);
+            self.reached(FlushStep::AfterIndex);
         }
         match &result {
             Ok(metas) => {
@@ -313,7 +355,7 @@ impl ShardWorker {
     /// of odd times), so no block costs the index more than one entry per
     /// tenant. Returns once every block is uploaded and registered (or its
     /// metadata is safe in `dlq/`).
-    async fn write(&self, profiles: Vec<Profile>) -> Result<Vec<BlockMeta>, IngestError> {
+    async fn write(&self, profiles: Vec<Profile>) -> Result<Vec<BlockMeta>, SegmentError> {
         let shard = self.shard;
         let nodes = self.nodes.clone();
         let node_bytes = self.metrics.stack_node_bytes.clone();
@@ -335,16 +377,16 @@ impl ShardWorker {
             blocks
         })
         .await
-        .map_err(|e| IngestError::Storage(format!("encoding task: {e}")))?
-        .map_err(|e| IngestError::Storage(e.to_string()))?;
-        self.sink.faults.crash_point(FlushStep::BeforeUpload);
+        .map_err(|e| SegmentError::Storage(format!("encoding task: {e}")))?
+        .map_err(|e| SegmentError::Storage(e.to_string()))?;
+        self.reached(FlushStep::BeforeUpload);
         futures::future::try_join_all(
             blocks
                 .iter()
                 .map(|b| self.upload(&b.meta.path, b.bytes.clone())),
         )
         .await?;
-        self.sink.faults.crash_point(FlushStep::AfterUpload);
+        self.reached(FlushStep::AfterUpload);
         let metas: Vec<BlockMeta> = blocks.into_iter().map(|b| b.meta).collect();
         if let Err(e) = self.register(metas.clone()).await {
             // The metastore may still apply a timed-out command: AddBlock is
@@ -352,7 +394,7 @@ impl ShardWorker {
             warn!(blocks = metas.len(), error = %e, "metastore unavailable; writing block metadata to dlq/");
             let mut written = Vec::with_capacity(metas.len());
             for meta in &metas {
-                match write_dlq(self.sink.store.as_ref(), meta).await {
+                match dlq::write_dlq(self.sink.store.as_ref(), meta).await {
                     Ok(path) => written.push(path),
                     Err(e) => {
                         // The request is not acknowledged, so its retry must
@@ -369,7 +411,7 @@ impl ShardWorker {
         Ok(metas)
     }
 
-    async fn upload(&self, path: &str, bytes: Bytes) -> Result<(), IngestError> {
+    async fn upload(&self, path: &str, bytes: Bytes) -> Result<(), SegmentError> {
         let location = Path::from(path);
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0;
@@ -385,7 +427,7 @@ impl ShardWorker {
             };
             attempt += 1;
             if attempt > self.config.upload_retries {
-                return Err(IngestError::Storage(format!("uploading {path}: {err}")));
+                return Err(SegmentError::Storage(format!("uploading {path}: {err}")));
             }
             warn!(path, attempt, error = %err, "segment upload failed; retrying");
             tokio::time::sleep(backoff).await;
@@ -394,22 +436,10 @@ impl ShardWorker {
     }
 
     async fn register(&self, metas: Vec<BlockMeta>) -> Result<(), String> {
-        let faults = &self.sink.faults;
-        if faults.roll(faults.metastore_error_rate) {
-            return Err("injected metastore fault".into());
-        }
-        let delay = faults
-            .roll(faults.metastore_delay_rate)
-            .then_some(faults.metastore_delay);
         // A task of its own: like a metastore across the network, it may
         // still apply the command after this flush gave up waiting.
         let metastore = self.sink.metastore.clone();
-        let apply = tokio::spawn(async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            metastore.add_blocks(metas).await
-        });
+        let apply = tokio::spawn(async move { metastore.add_blocks(metas).await });
         match tokio::time::timeout(self.config.metadata_timeout, apply).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(e.to_string()),
@@ -429,165 +459,4 @@ fn by_partition(profiles: Vec<Profile>) -> Vec<Vec<Profile>> {
             .push(p);
     }
     groups.into_values().collect()
-}
-
-const DLQ_PREFIX: &str = "dlq";
-
-async fn write_dlq(store: &dyn ObjectStore, meta: &BlockMeta) -> Result<Path, IngestError> {
-    let path = Path::from(format!("{DLQ_PREFIX}/{}/{}.meta", meta.shard, meta.id));
-    store
-        .put(&path, PutPayload::from(meta.encode_framed()))
-        .await
-        .map_err(|e| IngestError::Storage(format!("writing {path}: {e}")))?;
-    Ok(path)
-}
-
-const QUARANTINE_PREFIX: &str = "dlq-quarantine";
-
-/// What one pass over `dlq/` did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DlqReport {
-    /// Entries whose blocks are now registered (or already were).
-    pub recovered: usize,
-    /// Entries that could not be decoded or registered, moved aside to
-    /// `dlq-quarantine/` for an operator.
-    pub quarantined: usize,
-}
-
-/// Registers the blocks whose metadata a segment writer left in `dlq/`
-/// when the metastore was unreachable. Run at start and then periodically;
-/// registering is idempotent, so an entry whose block did get registered
-/// (the metastore applied a command that timed out) is harmless. An entry
-/// that cannot be read as block metadata (empty, torn) is moved aside with
-/// a log line, never left to stop the server. A metastore that still fails
-/// ends the pass; the next one retries.
-/// Recovers `dlq/` now and then every `every`, for as long as the process
-/// runs, counting what it does in `metrics`.
-pub async fn recover_dlq_forever(
-    store: Arc<dyn ObjectStore>,
-    metastore: Arc<Metastore>,
-    metrics: SegmentMetrics,
-    every: Duration,
-) {
-    loop {
-        match recover_dlq(store.as_ref(), &metastore).await {
-            Ok(r) => {
-                metrics.dlq_recovered.inc_by(r.recovered as u64);
-                metrics.dlq_quarantined.inc_by(r.quarantined as u64);
-            }
-            Err(e) => warn!(error = %e, "dlq recovery failed; retrying later"),
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-pub async fn recover_dlq(
-    store: &dyn ObjectStore,
-    metastore: &Metastore,
-) -> Result<DlqReport, IngestError> {
-    use futures::TryStreamExt;
-    let storage = |e: object_store::Error| IngestError::Storage(e.to_string());
-    let entries: Vec<_> = store
-        .list(Some(&Path::from(DLQ_PREFIX)))
-        .try_collect()
-        .await
-        .map_err(storage)?;
-    let mut report = DlqReport::default();
-    for entry in entries {
-        let bytes = store
-            .get(&entry.location)
-            .await
-            .map_err(storage)?
-            .bytes()
-            .await
-            .map_err(storage)?;
-        let meta = match dlq_block(store, &bytes).await {
-            Ok(meta) => meta,
-            Err(DlqProblem::Retry(e)) => return Err(e),
-            Err(DlqProblem::Bad(reason)) => {
-                quarantine(store, &entry.location, &reason).await?;
-                report.quarantined += 1;
-                continue;
-            }
-        };
-        match metastore.apply(Command::add_block(meta)) {
-            Ok(_) => report.recovered += 1,
-            Err(ember_metastore::MetastoreError::InvalidCommand(reason)) => {
-                quarantine(store, &entry.location, &reason).await?;
-                report.quarantined += 1;
-                continue;
-            }
-            Err(e) => return Err(IngestError::Storage(e.to_string())),
-        }
-        store.delete(&entry.location).await.map_err(storage)?;
-    }
-    if report.recovered > 0 {
-        info!(recovered = report.recovered, "registered blocks from dlq/");
-    }
-    Ok(report)
-}
-
-/// Why a dlq entry is not registered now.
-enum DlqProblem {
-    /// The entry itself is bad: move it aside.
-    Bad(String),
-    /// The object store failed: try again on the next pass.
-    Retry(IngestError),
-}
-
-/// The block a dlq entry names, once the entry checks out (framing, CRC)
-/// and the block object it names exists with the same metadata: a block
-/// is registered only if a query can read it.
-async fn dlq_block(store: &dyn ObjectStore, bytes: &[u8]) -> Result<BlockMeta, DlqProblem> {
-    use ember_engine::block::BlockError;
-    // Entries written before dlq entries were framed are bare messages;
-    // the block's own footer below is what vouches for either kind.
-    let meta = BlockMeta::decode_framed(bytes)
-        .or_else(|framed| BlockMeta::decode_from(bytes).map_err(|_| framed))
-        .map_err(DlqProblem::Bad)?;
-    if meta.id.is_empty() || meta.path.is_empty() {
-        return Err(DlqProblem::Bad("no block id or path".into()));
-    }
-    let stored = match ember_engine::block::read_footer(store, &meta.path).await {
-        Ok(stored) => stored,
-        Err(BlockError::Read {
-            source: object_store::Error::NotFound { .. },
-            ..
-        }) => {
-            return Err(DlqProblem::Bad(format!(
-                "block {} does not exist",
-                meta.path
-            )))
-        }
-        Err(e @ BlockError::Read { .. }) => {
-            return Err(DlqProblem::Retry(IngestError::Storage(e.to_string())))
-        }
-        Err(e) => return Err(DlqProblem::Bad(e.to_string())),
-    };
-    // The footer inside the block is written before the block's size is
-    // known; the size is the object's.
-    let unsized_meta = |m: BlockMeta| BlockMeta { size: 0, ..m };
-    if unsized_meta(stored) != unsized_meta(meta.clone()) {
-        return Err(DlqProblem::Bad(format!(
-            "block {} holds other metadata",
-            meta.path
-        )));
-    }
-    Ok(meta)
-}
-
-async fn quarantine(
-    store: &dyn ObjectStore,
-    location: &Path,
-    reason: &str,
-) -> Result<(), IngestError> {
-    let storage = |e: object_store::Error| IngestError::Storage(e.to_string());
-    let rest = location
-        .as_ref()
-        .strip_prefix(DLQ_PREFIX)
-        .unwrap_or(location.as_ref());
-    let target = Path::from(format!("{QUARANTINE_PREFIX}{rest}"));
-    warn!(path = %location, to = %target, reason, "unreadable dlq entry quarantined");
-    store.copy(location, &target).await.map_err(storage)?;
-    store.delete(location).await.map_err(storage)
 }

@@ -1,7 +1,9 @@
 //! Faults that tests switch on, to prove that no fault makes Ember
 //! acknowledge a profile it has not stored: errors and delays on object
-//! store requests and metastore commands, and crash points in a flush.
-//! Off unless `ember serve --faults` (or `EMBER_FAULTS`) names some.
+//! store requests ([`FaultStore`]) and metastore commands
+//! ([`FaultyMetastore`]), and crash points in a flush (a
+//! [`FlushHook`]). Each wraps the real part at wiring time; none is in
+//! the process unless `ember serve --faults` (or `EMBER_FAULTS`) names some.
 
 use std::fmt;
 use std::ops::Range;
@@ -9,6 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use ember_engine::block::BlockMeta;
+use ember_metastore::{Applied, Command, MetastoreClient, MetastoreError};
+use ember_segment_writer::FlushHook;
+pub use ember_segment_writer::FlushStep;
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
@@ -16,25 +23,13 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 
-/// A step of a segment flush where a crash point can stop the process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushStep {
-    /// The block is encoded; nothing is written yet.
-    BeforeUpload,
-    /// The block is in object storage, not in the index.
-    AfterUpload,
-    /// The block is indexed; no request is acknowledged yet.
-    AfterIndex,
-}
-
-impl FlushStep {
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "before_upload" => Some(Self::BeforeUpload),
-            "after_upload" => Some(Self::AfterUpload),
-            "after_index" => Some(Self::AfterIndex),
-            _ => None,
-        }
+/// The name `crash_at=` gives each step.
+fn flush_step(s: &str) -> Option<FlushStep> {
+    match s {
+        "before_upload" => Some(FlushStep::BeforeUpload),
+        "after_upload" => Some(FlushStep::AfterUpload),
+        "after_index" => Some(FlushStep::AfterIndex),
+        _ => None,
     }
 }
 
@@ -88,7 +83,7 @@ impl Faults {
                 "metastore_delay_ms" => f.metastore_delay = millis()?,
                 "crash_at" => {
                     f.crash_at = Some(
-                        FlushStep::parse(value)
+                        flush_step(value)
                             .ok_or_else(|| format!("fault crash_at: unknown step {value:?}"))?,
                     )
                 }
@@ -111,6 +106,10 @@ impl Faults {
             || !self.get_delay.is_zero()
     }
 
+    pub fn touches_metastore(&self) -> bool {
+        self.metastore_error_rate > 0.0 || self.metastore_delay_rate > 0.0
+    }
+
     /// True with probability `rate` (xorshift; deterministic per seed).
     pub fn roll(&self, rate: f64) -> bool {
         if rate <= 0.0 {
@@ -131,13 +130,54 @@ impl Faults {
             }
         }
     }
+}
 
-    /// Stops the process at once, as SIGKILL would, at the chosen step.
-    pub fn crash_point(&self, step: FlushStep) {
+/// Stops the process at once, as SIGKILL would, at the chosen step.
+impl FlushHook for Faults {
+    fn reached(&self, step: FlushStep) {
         if self.crash_at == Some(step) {
             eprintln!("fault injection: crashing at {step:?}");
             std::process::abort();
         }
+    }
+}
+
+/// A metastore client that fails or delays commands as [`Faults`] says.
+/// A delayed command is still applied after the delay, as a metastore
+/// across the network may apply one its caller gave up on.
+pub struct FaultyMetastore {
+    inner: Arc<dyn MetastoreClient>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyMetastore {
+    pub fn new(inner: Arc<dyn MetastoreClient>, faults: Arc<Faults>) -> Self {
+        Self { inner, faults }
+    }
+
+    async fn before(&self) -> std::result::Result<(), MetastoreError> {
+        if self.faults.roll(self.faults.metastore_error_rate) {
+            return Err(MetastoreError::Unavailable(
+                "injected metastore fault".into(),
+            ));
+        }
+        if self.faults.roll(self.faults.metastore_delay_rate) {
+            tokio::time::sleep(self.faults.metastore_delay).await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MetastoreClient for FaultyMetastore {
+    async fn apply(&self, command: Command) -> std::result::Result<Applied, MetastoreError> {
+        self.before().await?;
+        self.inner.apply(command).await
+    }
+
+    async fn add_blocks(&self, blocks: Vec<BlockMeta>) -> std::result::Result<(), MetastoreError> {
+        self.before().await?;
+        self.inner.add_blocks(blocks).await
     }
 }
 
@@ -183,7 +223,7 @@ impl fmt::Debug for FaultStore {
     }
 }
 
-#[async_trait::async_trait]
+#[async_trait]
 impl ObjectStore for FaultStore {
     async fn put_opts(
         &self,
@@ -254,7 +294,11 @@ mod tests {
         assert_eq!(f.crash_at, Some(FlushStep::AfterUpload));
         assert_eq!(f.metastore_delay, Duration::from_millis(10));
         assert!(f.touches_store());
+        assert!(!f.touches_metastore());
         assert!(!Faults::parse("").unwrap().touches_store());
+        assert!(Faults::parse("metastore_error_rate=0.1")
+            .unwrap()
+            .touches_metastore());
         for bad in ["nope=1", "put_error_rate=2", "crash_at=never", "x"] {
             assert!(Faults::parse(bad).is_err(), "{bad}");
         }

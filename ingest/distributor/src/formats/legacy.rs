@@ -8,8 +8,11 @@ use bytes::Bytes;
 
 use ember_engine::profile::{normalise_labels, Labels, Profile, Stacks, METRIC_NAME, SERVICE_NAME};
 
-use crate::limits::{ProfileLimits, TRUNCATED_FRAME};
-use crate::normalise::{validate_labels, Destination};
+use super::jfr::jfr_profiles;
+use super::pprof::{maybe_gunzip, FlatProfile};
+use super::{check_times, WireFormat};
+use crate::limits::{Limits, ProfileLimits, TRUNCATED_FRAME};
+use crate::normalise::{normalise, validate_labels, Destination};
 use crate::IngestError;
 
 /// The `profile` field of a multipart `/ingest` body, as older agents send
@@ -66,7 +69,7 @@ pub enum Format {
     Folded,
     /// One stack per line, `a;b;c`, each worth 1.
     Lines,
-    /// A Java Flight Recorder recording (`crate::jfr`).
+    /// A Java Flight Recorder recording (`super::jfr`).
     Jfr,
 }
 
@@ -353,6 +356,56 @@ pub fn parse_folded(
         stacks,
         samples,
     }))
+}
+
+/// A legacy `/ingest` body (already un-multiparted) in the format its
+/// query string names.
+pub struct IngestBody {
+    pub params: IngestParams,
+    pub format: Format,
+    pub body: Bytes,
+}
+
+impl WireFormat for IngestBody {
+    fn received_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    fn profiles(
+        self,
+        limits_all: &Limits,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<Vec<Profile>, IngestError> {
+        let Self {
+            params,
+            format,
+            body,
+        } = self;
+        let limits = limits_all.for_tenant(tenant);
+        let body = maybe_gunzip(&body, limits_all.max_decompressed_bytes, "request body")?;
+        let profiles = match format {
+            Format::Pprof => {
+                let dest = params.destination(tenant, now_nanos, false, &limits)?;
+                let raw = maybe_gunzip(&body, limits.max_profile_size_bytes, "pprof profile")?;
+                let profile = FlatProfile::decode(&raw)?;
+                let mut profiles = normalise(&profile, &dest)?;
+                if let Some(from) = params.from_nanos.filter(|_| profile.time_nanos == 0) {
+                    profiles.iter_mut().for_each(|p| p.time_nanos = from);
+                }
+                profiles
+            }
+            Format::Jfr => jfr_profiles(limits_all, &params, &body, None, tenant, now_nanos)?,
+            Format::Folded | Format::Lines => {
+                let dest = params.destination(tenant, now_nanos, true, &limits)?;
+                parse_folded(&body, format, &params, &dest)?
+                    .into_iter()
+                    .collect()
+            }
+        };
+        check_times(&profiles, &limits, now_nanos)?;
+        Ok(profiles)
+    }
 }
 
 #[cfg(test)]

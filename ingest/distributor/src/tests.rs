@@ -12,8 +12,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use crate::formats::pprof::{self, FlatProfile};
+use crate::jump_hash;
 use crate::normalise::{normalise, validate_labels, Destination};
-use crate::pprof::{self, FlatProfile};
 
 fn dest(service: &str) -> Destination {
     Destination {
@@ -193,7 +194,7 @@ async fn block_round_trips_through_the_object_store_and_metastore() {
 /// `cargo fuzz` finds are added to these directories as regression inputs.
 #[test]
 fn fuzz_corpora_replay_without_panics() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     let mut replayed = 0;
     for (target, run) in crate::fuzzing::TARGETS {
         let dir = root.join(target);
@@ -217,8 +218,10 @@ fn fuzz_corpora_replay_without_panics() {
 /// level-0 queues do not fill (and fall due for compaction) together.
 #[tokio::test]
 async fn shards_started_together_flush_out_of_step() {
-    use crate::segment::{SegmentConfig, SegmentMetrics, SegmentWriter, Sink};
     use ember_metastore::InProcess;
+    use ember_segment_writer::{
+        SegmentConfig, SegmentMetrics, SegmentWriter, SegmentWriterClient, Sink,
+    };
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();
@@ -243,7 +246,7 @@ async fn shards_started_together_flush_out_of_step() {
         Sink {
             store,
             metastore: Arc::new(InProcess(metastore.clone())),
-            faults: Default::default(),
+            flush_hook: None,
         },
         SegmentMetrics::default(),
     );
@@ -267,4 +270,20 @@ async fn shards_started_together_flush_out_of_step() {
         vec![0, 1],
         "each shard's profiles are one registered block"
     );
+}
+
+#[test]
+fn jump_hash_is_stable_and_in_range() {
+    for key in 0..1000u64 {
+        assert!(jump_hash(key, 7) < 7);
+    }
+    assert_eq!(jump_hash(42, 1), 0);
+    // Growing from 10 to 11 buckets moves about 1/11 of the keys.
+    let moved = (0..10_000u64)
+        .filter(|k| {
+            jump_hash(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 10)
+                != jump_hash(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 11)
+        })
+        .count();
+    assert!((500..1500).contains(&moved), "{moved}");
 }

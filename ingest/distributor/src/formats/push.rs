@@ -8,6 +8,12 @@ use bytes::Bytes;
 use prost::Message;
 use serde::Deserialize;
 
+use ember_engine::profile::Profile;
+
+use super::pprof::{self, FlatProfile};
+use super::{check_times, BodyEncoding, Budget, WireFormat};
+use crate::limits::Limits;
+use crate::normalise::{normalise, validate_labels, Destination};
 use crate::IngestError;
 
 /// `types.v1.LabelPair`
@@ -112,6 +118,72 @@ impl PushRequest {
         }
         Ok(PushRequest { series })
     }
+}
+
+/// A `push.v1.PushRequest` body, protobuf or Connect's JSON, gzipped or not.
+pub struct PushBody {
+    pub body: Bytes,
+    pub encoding: BodyEncoding,
+}
+
+impl WireFormat for PushBody {
+    fn received_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    fn profiles(
+        self,
+        limits: &Limits,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<Vec<Profile>, IngestError> {
+        let mut budget = Budget::new(limits.max_decompressed_bytes);
+        let body = if self.encoding.gzip {
+            let inflated = pprof::gunzip(&self.body, budget.left, "request body")?;
+            budget.take(inflated.len())?;
+            Bytes::from(inflated)
+        } else {
+            self.body
+        };
+        let req = if self.encoding.json {
+            PushRequest::decode_json(&body)?
+        } else {
+            PushRequest::decode_proto(body)?
+        };
+        request_profiles(limits, &req, tenant, now_nanos, &mut budget)
+    }
+}
+
+fn request_profiles(
+    limits_all: &Limits,
+    req: &PushRequest,
+    tenant: &str,
+    now_nanos: i64,
+    budget: &mut Budget,
+) -> Result<Vec<Profile>, IngestError> {
+    let limits = limits_all.for_tenant(tenant);
+    let mut out = Vec::new();
+    for series in &req.series {
+        let labels = series
+            .labels
+            .iter()
+            .map(|l| (l.name.clone(), l.value.clone()))
+            .collect();
+        let dest = Destination {
+            tenant: tenant.to_string(),
+            labels: validate_labels(labels)?,
+            received_at_nanos: now_nanos,
+            limits,
+        };
+        for sample in &series.samples {
+            let max = limits.max_profile_size_bytes.min(budget.left);
+            let raw = pprof::maybe_gunzip(&sample.raw_profile, max, "pprof profile")?;
+            budget.take(raw.len())?;
+            out.extend(normalise(&FlatProfile::decode(&raw)?, &dest)?);
+        }
+    }
+    check_times(&out, &limits, now_nanos)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -60,3 +60,12 @@ impl IngestError {
         )
     }
 }
+
+impl From<ember_segment_writer::SegmentError> for IngestError {
+    fn from(e: ember_segment_writer::SegmentError) -> Self {
+        match e {
+            ember_segment_writer::SegmentError::Storage(m) => IngestError::Storage(m),
+            ember_segment_writer::SegmentError::ShuttingDown => IngestError::ShuttingDown,
+        }
+    }
+}

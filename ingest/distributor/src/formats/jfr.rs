@@ -13,9 +13,16 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use ember_engine::pprof;
+use ember_engine::profile::Profile;
 use regex::Regex;
 
+use super::legacy::IngestParams;
+use super::pprof::{maybe_gunzip, FlatProfile};
+use super::{check_times, WireFormat};
+use crate::limits::Limits;
+use crate::normalise::normalise;
 use crate::IngestError;
 
 /// Deepest metadata element tree and inline struct a recording may nest.
@@ -1092,14 +1099,94 @@ pub fn label_samples(p: &mut pprof::Profile, snapshot: &LabelsSnapshot) {
     p.sample = samples;
 }
 
+/// A JFR recording and its optional context labels (`LabelsSnapshot`),
+/// each gzipped or not, with the `/ingest` parameters that name them.
+pub struct JfrBody {
+    pub params: IngestParams,
+    pub recording: Bytes,
+    pub labels: Option<Bytes>,
+}
+
+impl WireFormat for JfrBody {
+    fn received_bytes(&self) -> usize {
+        self.recording.len() + self.labels.as_ref().map_or(0, Bytes::len)
+    }
+
+    fn profiles(
+        self,
+        limits: &Limits,
+        tenant: &str,
+        now_nanos: i64,
+    ) -> Result<Vec<Profile>, IngestError> {
+        let labels = self.labels.as_deref();
+        jfr_profiles(
+            limits,
+            &self.params,
+            &self.recording,
+            labels,
+            tenant,
+            now_nanos,
+        )
+    }
+}
+
+/// Normalised profiles of a JFR recording and its optional context labels.
+pub(crate) fn jfr_profiles(
+    limits_all: &Limits,
+    params: &IngestParams,
+    recording: &[u8],
+    labels: Option<&[u8]>,
+    tenant: &str,
+    now_nanos: i64,
+) -> Result<Vec<Profile>, IngestError> {
+    let limits = limits_all.for_tenant(tenant);
+    let max = match limits.max_profile_size_bytes {
+        0 => limits_all.max_decompressed_bytes,
+        n => n.min(limits_all.max_decompressed_bytes),
+    };
+    let recording = maybe_gunzip(recording, max, "JFR recording")?;
+    if recording.len() > max {
+        return Err(IngestError::TooLarge {
+            size: recording.len(),
+            limit: max,
+        });
+    }
+    let snapshot = match labels {
+        Some(b) => {
+            let b = maybe_gunzip(b, max, "JFR labels")?;
+            <LabelsSnapshot as prost::Message>::decode(&b[..]).map_err(|e| IngestError::Decode {
+                what: "JFR labels",
+                reason: e.to_string(),
+            })?
+        }
+        None => Default::default(),
+    };
+    // Pyroscope's period: a CPU or wall sample is worth 1/sampleRate s.
+    let period = 1_000_000_000 / i64::from(params.sample_rate.unwrap_or(100));
+    let read = read(&recording, period)?;
+    let time_nanos = params.from_nanos.unwrap_or(now_nanos);
+    let duration_nanos = match (params.from_nanos, params.until_nanos) {
+        (Some(from), Some(until)) if until > from => until - from,
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    for (metric, mut profile) in read.profiles {
+        label_samples(&mut profile, &snapshot);
+        profile.time_nanos = time_nanos;
+        profile.duration_nanos = duration_nanos;
+        let dest = params.jfr_destination(tenant, now_nanos, metric, &read.event, &limits)?;
+        out.extend(normalise(&FlatProfile::of(&profile), &dest)?);
+    }
+    check_times(&out, &limits, now_nanos)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::decode::jfr_body;
-    use crate::legacy::IngestParams;
-    use crate::limits::{Limits, ProfileLimits};
+    use crate::limits::ProfileLimits;
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = ember_engine::testing::fixtures_dir().join("jfr").join(name);
@@ -1144,7 +1231,7 @@ mod tests {
 
     /// The expected pprof's stacks of its first sample type.
     fn expected(name: &str, profile_type: &str) -> BTreeMap<(String, String), i64> {
-        let p = crate::pprof::decode(&fixture(name), 1 << 30).unwrap();
+        let p = crate::formats::pprof::decode(&fixture(name), 1 << 30).unwrap();
         let text = |i: i64| String::from_utf8_lossy(&p.string_table[i as usize]).into_owned();
         let function: HashMap<u64, String> =
             p.function.iter().map(|f| (f.id, text(f.name))).collect();
@@ -1187,7 +1274,7 @@ mod tests {
 
     #[test]
     fn kafka_cpu_is_the_profile_pyroscope_made_of_it() {
-        let profiles = jfr_body(
+        let profiles = jfr_profiles(
             &limits(),
             &params("kafka"),
             &fixture("kafka-cpu.jfr.gz"),
@@ -1217,7 +1304,7 @@ mod tests {
     #[test]
     fn cpu_and_allocations_of_one_recording_are_each_pyroscopes() {
         let jfr = fixture("kafka-cpu-lock-alloc.jfr.gz");
-        let got = stacks(&jfr_body(&limits(), &params("kafka"), &jfr, None, "t", 1).unwrap());
+        let got = stacks(&jfr_profiles(&limits(), &params("kafka"), &jfr, None, "t", 1).unwrap());
         for (file, ty) in [
             (
                 "kafka-cpu-lock-alloc.expected.process_cpu_cpu_nanoseconds_cpu_nanoseconds.pb.gz",
@@ -1249,7 +1336,8 @@ mod tests {
     fn context_labels_become_series_labels() {
         let jfr = fixture("dump2.jfr.gz");
         let labels = fixture("dump2.labels.pb.gz");
-        let profiles = jfr_body(&limits(), &params("app"), &jfr, Some(&labels), "t", 1).unwrap();
+        let profiles =
+            jfr_profiles(&limits(), &params("app"), &jfr, Some(&labels), "t", 1).unwrap();
         let total = |ty: &str, thread: Option<&str>| -> i64 {
             profiles
                 .iter()
@@ -1287,11 +1375,11 @@ mod tests {
 
     #[test]
     fn damaged_recordings_are_errors_not_panics() {
-        let jfr = crate::pprof::maybe_gunzip(&fixture("kafka-cpu.jfr.gz"), 1 << 30, "t").unwrap();
+        let jfr = maybe_gunzip(&fixture("kafka-cpu.jfr.gz"), 1 << 30, "t").unwrap();
         let l = limits();
         for cut in [0, 3, 10, 67, 68, 500, jfr.len() / 2, jfr.len() - 1] {
             assert!(
-                jfr_body(&l, &params("k"), &jfr[..cut], None, "t", 1).is_err(),
+                jfr_profiles(&l, &params("k"), &jfr[..cut], None, "t", 1).is_err(),
                 "cut at {cut}"
             );
         }
@@ -1302,8 +1390,8 @@ mod tests {
         {
             let mut bad = jfr.clone();
             bad[i] ^= 0xff;
-            let _ = jfr_body(&l, &params("k"), &bad, None, "t", 1);
+            let _ = jfr_profiles(&l, &params("k"), &bad, None, "t", 1);
         }
-        assert!(jfr_body(&l, &params("k"), b"FLR\0garbage", None, "t", 1).is_err());
+        assert!(jfr_profiles(&l, &params("k"), b"FLR\0garbage", None, "t", 1).is_err());
     }
 }

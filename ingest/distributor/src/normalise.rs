@@ -13,8 +13,8 @@ use ember_engine::profile::{
     METRIC_NAME, SERVICE_NAME,
 };
 
+use crate::formats::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
 use crate::limits::{utf8, ProfileLimits, TRUNCATED_FRAME};
-use crate::pprof::{FlatFunction, FlatLabel, FlatProfile, LocationIds};
 use crate::IngestError;
 
 /// Labels on pprof samples that identify a trace span, kept per sample
@@ -792,7 +792,7 @@ fn series_labels(request: &Labels, sample: Labels) -> Result<Labels, IngestError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pprof;
+    use crate::formats::pprof;
 
     fn strings(s: &[&str]) -> Vec<Vec<u8>> {
         s.iter().map(|s| s.as_bytes().to_vec()).collect()

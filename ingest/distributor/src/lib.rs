@@ -1,28 +1,36 @@
-//! The distributor: decodes and validates a push, normalises its profiles
-//! and routes each to a shard of the segment writer. A request is validated
-//! whole before any of it is queued, so a bad request harms no other.
+//! The distributor: decodes and validates a push in any of the wire
+//! formats Ember takes (`formats`, one file each), normalises its profiles
+//! and routes each to a shard of the segment writer. A request is
+//! validated whole before any of it is queued, so a bad request harms no
+//! other.
+
+pub mod error;
+pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod limits;
+pub mod normalise;
+pub mod pool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ember_engine::profile::Profile;
+use ember_segment_writer::SegmentWriterClient;
 use futures::future::try_join_all;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::decode;
-pub use crate::decode::BodyEncoding;
-use crate::legacy::{Format, IngestParams};
+pub use crate::error::IngestError;
+pub use crate::formats::{BodyEncoding, WireFormat};
 use crate::limits::InflightBytes;
-use crate::pool::Pool;
-use crate::segment::SegmentWriter;
-use crate::IngestError;
-
 pub use crate::limits::Limits;
+use crate::pool::Pool;
 
 pub struct Distributor {
-    writer: Arc<SegmentWriter>,
+    /// Where profiles go once decoded: the segment writer, in this process
+    /// or behind a network.
+    writer: Arc<dyn SegmentWriterClient>,
     limits: Limits,
     inflight: InflightBytes,
     /// Decoding runs on threads of its own; this many at once, so a burst
@@ -53,64 +61,9 @@ pub fn shard_for(tenant: &str, service: &str, shards: u32) -> u32 {
     jump_hash(key, shards.max(1))
 }
 
-/// A request's body as it came in, in one of the formats Ember takes.
-pub enum RequestBody {
-    /// `push.v1.PushRequest`.
-    Push { body: Bytes, encoding: BodyEncoding },
-    /// An OTLP profiles export.
-    Otlp { body: Bytes, encoding: BodyEncoding },
-    /// A JFR recording and its optional context labels.
-    Jfr {
-        params: IngestParams,
-        recording: Bytes,
-        labels: Option<Bytes>,
-    },
-    /// A legacy `/ingest` body (already un-multiparted).
-    Ingest {
-        params: IngestParams,
-        format: Format,
-        body: Bytes,
-    },
-}
-
-impl RequestBody {
-    /// Bytes as received, what the in-flight budget is first reserved for.
-    fn len(&self) -> usize {
-        match self {
-            RequestBody::Push { body, .. }
-            | RequestBody::Otlp { body, .. }
-            | RequestBody::Ingest { body, .. } => body.len(),
-            RequestBody::Jfr {
-                recording, labels, ..
-            } => recording.len() + labels.as_ref().map_or(0, |l| l.len()),
-        }
-    }
-
-    fn decode(self, limits: &Limits, tenant: &str, now: i64) -> Result<Vec<Profile>, IngestError> {
-        match self {
-            RequestBody::Push { body, encoding } => {
-                decode::push_body(limits, body, encoding, tenant, now)
-            }
-            RequestBody::Otlp { body, encoding } => {
-                decode::otlp_body(limits, &body, encoding, tenant, now)
-            }
-            RequestBody::Jfr {
-                params,
-                recording,
-                labels,
-            } => decode::jfr_body(limits, &params, &recording, labels.as_deref(), tenant, now),
-            RequestBody::Ingest {
-                params,
-                format,
-                body,
-            } => decode::ingest_body(limits, &params, format, &body, tenant, now),
-        }
-    }
-}
-
 impl Distributor {
     pub fn new(
-        writer: Arc<SegmentWriter>,
+        writer: Arc<dyn SegmentWriterClient>,
         limits: Limits,
         max_inflight_bytes: usize,
         max_queue_wait: Duration,
@@ -139,14 +92,14 @@ impl Distributor {
     /// in-flight budget: keep it until the request is answered.
     pub async fn decode(
         self: &Arc<Self>,
-        body: RequestBody,
+        body: impl WireFormat,
         tenant: &str,
         now_nanos: i64,
     ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
         let this = self.clone();
         let tenant = tenant.to_string();
-        self.decode_off_executor(body.len(), move || {
-            body.decode(&this.limits, &tenant, now_nanos)
+        self.decode_off_executor(body.received_bytes(), move || {
+            body.profiles(&this.limits, &tenant, now_nanos)
         })
         .await
     }
@@ -205,22 +158,4 @@ impl Distributor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jump_hash_is_stable_and_in_range() {
-        for key in 0..1000u64 {
-            assert!(jump_hash(key, 7) < 7);
-        }
-        assert_eq!(jump_hash(42, 1), 0);
-        // Growing from 10 to 11 buckets moves about 1/11 of the keys.
-        let moved = (0..10_000u64)
-            .filter(|k| {
-                jump_hash(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 10)
-                    != jump_hash(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 11)
-            })
-            .count();
-        assert!((500..1500).contains(&moved), "{moved}");
-    }
-}
+mod tests;
