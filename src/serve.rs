@@ -160,6 +160,10 @@ pub struct ServeArgs {
     /// most 2000.
     #[arg(long, default_value_t = StatementLimits::default().max_expression_depth)]
     max_expression_depth: usize,
+    /// Queries and tables one statement may name: the statement itself,
+    /// each subquery and CTE, each table or table function it reads.
+    #[arg(long, default_value_t = StatementLimits::default().max_relations)]
+    max_statement_relations: usize,
     /// Bytes of stack nodes cached across queries, all tenants together.
     #[arg(long, default_value_t = 256 << 20)]
     stack_cache_bytes: usize,
@@ -281,6 +285,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             statement_limits: StatementLimits {
                 max_bytes: args.max_statement_bytes,
                 max_expression_depth: args.max_expression_depth,
+                max_relations: args.max_statement_relations,
             },
             stack_dictionary_bytes: args.stack_cache_bytes,
             totals_cache_bytes: args.totals_cache_bytes,

@@ -4,6 +4,7 @@
 
 mod args;
 pub mod compaction;
+mod deadline;
 pub mod diff;
 pub mod flamegraph;
 mod function_limits;

@@ -20,6 +20,7 @@ use ember_metastore::Metastore;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 
+use crate::deadline::{self, Deadline};
 use crate::flamegraph::FlameGraphCall;
 use crate::function_limits::{bound_functions, bound_string_concat};
 use crate::lru::ByteLru;
@@ -289,7 +290,8 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<DataFrame, SqlError> {
-        let planning = self.planning(tenant, sql, settings, params)?;
+        let deadline = Deadline::after(self.config.query_timeout);
+        let planning = self.planning(tenant, sql, settings, params, deadline)?;
         self.within_timeout(self.threads.run(planning)).await
     }
 
@@ -302,7 +304,8 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<StatementSchema, SqlError> {
-        let planning = self.planning(tenant, sql, settings, params)?;
+        let deadline = Deadline::after(self.config.query_timeout);
+        let planning = self.planning(tenant, sql, settings, params, deadline)?;
         let describing = async move {
             let df = planning.await?;
             Ok(StatementSchema {
@@ -313,18 +316,20 @@ impl QueryEngine {
         self.within_timeout(self.threads.run(describing)).await
     }
 
-    /// The work of planning `sql`, to run on the query threads.
+    /// The work of planning `sql`, to run on the query threads; its
+    /// optimizer rules stop at `deadline`.
     fn planning(
         &self,
         tenant: &str,
         sql: &str,
         settings: &Settings,
         params: Vec<ScalarValue>,
+        deadline: Deadline,
     ) -> std::result::Result<
         impl std::future::Future<Output = std::result::Result<DataFrame, SqlError>> + Send + 'static,
         SqlError,
     > {
-        let state = self.session_state(tenant, settings)?;
+        let state = deadline::state_within(self.session_state(tenant, settings)?, deadline);
         let sql = sql.to_string();
         let limits = self.config.statement_limits;
         Ok(async move {
@@ -397,19 +402,31 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
-        let deadline = tokio::time::Instant::now() + self.config.query_timeout;
         let timeout = self.config.query_timeout;
-        let planning = self.planning(tenant, sql, settings, params)?;
+        let planned_by = Deadline::after(timeout);
+        let deadline = tokio::time::Instant::from_std(planned_by.at);
+        let planning = self.planning(tenant, sql, settings, params, planned_by)?;
         let running = self.threads.stream(async move {
             let df = planning.await?;
             let schema = Arc::new(df.schema().as_arrow().clone());
-            let stream = df.execute_stream().await?;
+            let stream = df
+                .execute_stream()
+                .await
+                .map_err(|e| stopped_at_deadline(e.into(), timeout))?;
             Ok(with_schema(stream, schema))
         });
         let stream = tokio::time::timeout_at(deadline, running)
             .await
             .map_err(|_| SqlError::Timeout(timeout))??;
         Ok(with_deadline(stream, deadline, timeout))
+    }
+}
+
+/// `e`, or a plain timeout if a rule stopped at the deadline.
+fn stopped_at_deadline(e: SqlError, timeout: Duration) -> SqlError {
+    match e.kind() {
+        crate::ErrorKind::DeadlineExceeded => SqlError::Timeout(timeout),
+        _ => e,
     }
 }
 

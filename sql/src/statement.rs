@@ -9,12 +9,19 @@
 //! Grafana builds from multi-value variables, and which are associative) are
 //! rebalanced into trees of logarithmic depth, and any expression still
 //! deeper than the limit is refused before planning.
+//!
+//! Planning also grows faster than the number of subqueries and tables a
+//! statement names (each becomes a join whose schema holds every column
+//! before it), and nothing can interrupt an optimizer rule once it runs:
+//! so that number has a limit too.
 
 use std::ops::ControlFlow;
 
 use datafusion::execution::SessionState;
 use datafusion::sql::parser::Statement;
-use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr, Value, VisitMut, VisitorMut};
+use datafusion::sql::sqlparser::ast::{
+    BinaryOperator, Expr, Query, TableFactor, Value, VisitMut, VisitorMut,
+};
 
 use crate::SqlError;
 
@@ -31,6 +38,10 @@ pub struct StatementLimits {
     /// Levels of one expression tree, after `AND`/`OR` chains are balanced
     /// (at most `MAX_EXPRESSION_DEPTH`).
     pub max_expression_depth: usize,
+    /// Queries (the statement, each subquery and CTE) and tables (each
+    /// table, table function and derived table in a `FROM` or `JOIN`) one
+    /// statement may name.
+    pub max_relations: usize,
 }
 
 impl Default for StatementLimits {
@@ -38,6 +49,7 @@ impl Default for StatementLimits {
         Self {
             max_bytes: 1 << 20,
             max_expression_depth: MAX_EXPRESSION_DEPTH,
+            max_relations: 256,
         }
     }
 }
@@ -59,17 +71,31 @@ pub(crate) fn parse(
     let dialect = state.config().options().sql_parser.dialect;
     let mut statement = state.sql_to_statement(sql, &dialect)?;
     let limit = limits.max_expression_depth.min(MAX_EXPRESSION_DEPTH);
-    let mut depth = DepthCheck { depth: 0, limit };
-    if visit_sql(&mut statement, &mut depth).is_break() {
+    let mut check = ShapeCheck {
+        depth: 0,
+        limit,
+        relations: 0,
+        max_relations: limits.max_relations,
+    };
+    let Some(refusal) = visit_sql(&mut statement, &mut check).break_value() else {
+        return Ok(statement);
+    };
+    if refusal == Refusal::TooDeep {
         // Dropping the tree would recurse as deep as it is: take it apart
         // from its leaves up instead.
         let _ = visit_sql(&mut statement, &mut Dismantle);
-        return Err(SqlError::InvalidQuery(format!(
+    }
+    Err(SqlError::InvalidQuery(match refusal {
+        Refusal::TooDeep => format!(
             "an expression nests deeper than {limit} levels (--max-expression-depth); \
              long lists of values fit in `IN (...)`"
-        )));
-    }
-    Ok(statement)
+        ),
+        Refusal::TooManyRelations => format!(
+            "the statement names more than {} queries and tables \
+             (--max-statement-relations)",
+            limits.max_relations
+        ),
+    }))
 }
 
 /// Visits the SQL trees of DataFusion's statement. Statements other than
@@ -87,28 +113,56 @@ fn visit_sql<V: VisitorMut>(statement: &mut Statement, visitor: &mut V) -> Contr
     }
 }
 
-/// Balances `AND`/`OR` chains on the way down, and breaks once an
-/// expression is deeper than `limit`.
-struct DepthCheck {
-    depth: usize,
-    limit: usize,
+/// Why [`ShapeCheck`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    TooDeep,
+    TooManyRelations,
 }
 
-impl VisitorMut for DepthCheck {
-    type Break = ();
+/// Balances `AND`/`OR` chains on the way down, and breaks once an
+/// expression is deeper than `limit` or the statement has named more than
+/// `max_relations` queries and tables.
+struct ShapeCheck {
+    depth: usize,
+    limit: usize,
+    relations: usize,
+    max_relations: usize,
+}
 
-    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+impl ShapeCheck {
+    fn count_relation(&mut self) -> ControlFlow<Refusal> {
+        self.relations += 1;
+        if self.relations > self.max_relations {
+            return ControlFlow::Break(Refusal::TooManyRelations);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl VisitorMut for ShapeCheck {
+    type Break = Refusal;
+
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Refusal> {
         balance(expr);
         self.depth += 1;
         if self.depth > self.limit {
-            return ControlFlow::Break(());
+            return ControlFlow::Break(Refusal::TooDeep);
         }
         ControlFlow::Continue(())
     }
 
-    fn post_visit_expr(&mut self, _expr: &mut Expr) -> ControlFlow<()> {
+    fn post_visit_expr(&mut self, _expr: &mut Expr) -> ControlFlow<Refusal> {
         self.depth -= 1;
         ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Refusal> {
+        self.count_relation()
+    }
+
+    fn pre_visit_table_factor(&mut self, _factor: &mut TableFactor) -> ControlFlow<Refusal> {
+        self.count_relation()
     }
 }
 
@@ -195,6 +249,25 @@ mod tests {
         assert!(err.to_string().contains("deeper than 2000"), "{err}");
         let sql = format!("SELECT 1{}", "+1".repeat(1998));
         parse_default(&sql).expect("a chain within the limit is accepted");
+    }
+
+    #[test]
+    fn a_statement_naming_too_many_queries_and_tables_is_refused() {
+        // The statement and 254 scalar subqueries, each over one table:
+        // 509 relations.
+        let many = format!("SELECT 1{}", " + (SELECT 1 FROM t)".repeat(254));
+        let err = parse_default(&many).expect_err("too many subqueries");
+        assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("--max-statement-relations"),
+            "{err}"
+        );
+        // 1 + 127 * 2 = 255 relations.
+        let some = format!("SELECT 1{}", " + (SELECT 1 FROM t)".repeat(127));
+        parse_default(&some).expect("within the limit");
+        let tables = vec!["t"; 300].join(", ");
+        let err = parse_default(&format!("SELECT 1 FROM {tables}")).expect_err("300 tables");
+        assert!(err.to_string().contains("more than 256"), "{err}");
     }
 
     #[test]

@@ -90,6 +90,21 @@ def test_deep_chains_answer_or_are_refused_and_the_server_stays_up(guarded):
     assert rss.peak < RSS_BOUND_MB, rss.peak
 
 
+def test_thousands_of_subqueries_are_refused_and_the_server_keeps_answering(guarded):
+    # Planning grows with the square of the subqueries: 100,000 of them (1 MB
+    # of text) would hold a query thread for hours. 127 over a table answer.
+    some = "SELECT 1" + " + (SELECT count(*) FROM samples)" * 127
+    expected = 1 + 127 * sql(guarded, "SELECT count(*) FROM samples").column(0)[0].as_py()
+    assert sql(guarded, some).column(0)[0].as_py() == expected
+    for n in [200, 25_000]:
+        text = refused(guarded, "SELECT 1 AS one WHERE "
+                       + " AND ".join(["(SELECT count(*) FROM samples) >= 0"] * n))
+        assert "InvalidArgument" in text or "invalid argument" in text.lower(), text
+        assert "more than 256 queries and tables" in text, text
+    assert guarded.alive()
+    assert sql(guarded, "SELECT 41 + 1 AS n").column(0)[0].as_py() == 42
+
+
 def test_functions_that_build_huge_outputs_are_refused_within_the_memory_bound(guarded):
     with PeakRss(guarded.proc.pid) as rss:
         for query in ["SELECT cardinality(generate_series(1, 2000000000))",
