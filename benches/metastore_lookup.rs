@@ -3,7 +3,7 @@
 //! `cargo bench -p ember-engine --bench metastore_lookup`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ember_engine::testing::level0_block;
+use ember_fixtures::level0_block;
 use ember_metastore::{BlockQuery, Command, Metastore};
 
 const SERVICES: usize = 50;

@@ -9,7 +9,7 @@ use ember_distributor::formats::push::{
 use ember_distributor::formats::{BodyEncoding, WireFormat};
 use ember_distributor::limits::Limits;
 use ember_distributor::normalise::{normalise, validate_labels, Destination};
-use ember_engine::testing::pprof_fixtures;
+use ember_fixtures::pprof_fixtures;
 use prost::Message;
 
 fn bench(c: &mut Criterion) {

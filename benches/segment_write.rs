@@ -6,8 +6,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_distributor::formats::pprof::{self, FlatProfile};
 use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::block::{write_block, StackNodes};
-use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
+use ember_fixtures::pprof_fixtures;
 
 fn segment_profiles() -> Vec<Profile> {
     let mut out = Vec::new();

@@ -1,6 +1,6 @@
 """Seeds fuzz/corpus/<target>/ from ../shared/fixtures (run from the repo root:
 python3 fuzz/seed_corpus.py). The corpus is checked in; the test run replays
-it (ingest/distributor/src/tests.rs) and `cargo fuzz run <target> fuzz/corpus/<target>`
+it (tests/fuzzing/src/tests.rs) and `cargo fuzz run <target> fuzz/corpus/<target>`
 grows it."""
 
 import base64

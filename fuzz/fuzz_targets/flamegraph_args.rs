@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_sql::fuzzing::flamegraph_args(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_fuzzing::sql::flamegraph_args(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_distributor::fuzzing::selector(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_fuzzing::ingest::selector(data));

@@ -49,6 +49,26 @@ pub const DEFAULT_MAX_NODES: usize = 16384;
 /// Summed value per leaf stack id.
 pub type StackValues = foldhash::HashMap<u64, i64>;
 
+/// The stack nodes of `profiles` and their leaves' summed values, as a
+/// flame graph reads them from the blocks the profiles would make.
+pub fn stack_tree(profiles: &[ember_engine::Profile]) -> (Nodes, StackValues) {
+    let mut nodes = Nodes::default();
+    let mut values = StackValues::default();
+    for p in profiles {
+        for s in &p.samples {
+            let mut parent = ember_engine::stack::ROOT;
+            for f in p.stack(s) {
+                let name = p.functions.get(*f as usize).unwrap_or("");
+                let id = ember_engine::stack::node_id(parent, name);
+                nodes.insert(id, parent, name);
+                parent = id;
+            }
+            *values.entry(parent).or_default() += s.value;
+        }
+    }
+    (nodes, values)
+}
+
 /// Deeper stacks than any runtime records: only a cycle gets there.
 const MAX_DEPTH: usize = 1 << 16;
 const NAME: &str = "flamegraph";

@@ -8,8 +8,6 @@ mod deadline;
 pub mod diff;
 pub mod flamegraph;
 mod function_limits;
-#[doc(hidden)]
-pub mod fuzzing;
 mod keyed_samples;
 pub mod labels;
 mod lru;
@@ -34,35 +32,6 @@ pub use profile_functions::profile_function_names;
 pub use session::{QueryEngine, QueryEngineConfig, StatementSchema, CATALOG};
 pub use statement::StatementLimits;
 
-/// Support for tests and benchmarks across the workspace.
-#[doc(hidden)]
-pub mod testing {
-    use ember_engine::stack::{node_id, ROOT};
-    use ember_engine::Profile;
-
-    use crate::flamegraph::StackValues;
-    use crate::stack_dictionary::Nodes;
-
-    /// The stack nodes of `profiles` and their leaves' summed values, as a
-    /// flame graph reads them from the blocks the profiles would make.
-    pub fn stack_tree(profiles: &[Profile]) -> (Nodes, StackValues) {
-        let mut nodes = Nodes::default();
-        let mut values = StackValues::default();
-        for p in profiles {
-            for s in &p.samples {
-                let mut parent = ROOT;
-                for f in p.stack(s) {
-                    let name = p.functions.get(*f as usize).unwrap_or("");
-                    let id = node_id(parent, name);
-                    nodes.insert(id, parent, name);
-                    parent = id;
-                }
-                *values.entry(parent).or_default() += s.value;
-            }
-        }
-        (nodes, values)
-    }
-}
 pub use settings::Settings;
 pub use tables::TABLES;
 

@@ -8,8 +8,8 @@ use datafusion::arrow::datatypes::Int64Type;
 use ember_distributor::formats::pprof::{self, FlatProfile};
 use ember_distributor::normalise::{normalise, validate_labels, Destination};
 use ember_engine::block::{write_block, StackNodes};
-use ember_engine::testing::pprof_fixtures;
 use ember_engine::Profile;
+use ember_fixtures::pprof_fixtures;
 use ember_metastore::{Command, Metastore};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
@@ -804,37 +804,6 @@ async fn a_query_past_its_timeout_fails_and_says_so() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("timed out"), "{err}");
-}
-
-/// Replays the checked-in corpus of the `flamegraph_args` fuzz target.
-#[test]
-fn flamegraph_args_corpus_replays_without_panics() {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/flamegraph_args");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        let outcome = std::panic::catch_unwind(|| crate::fuzzing::flamegraph_args(&data));
-        assert!(outcome.is_ok(), "panicked on {}", path.display());
-        n += 1;
-    }
-    assert!(n >= 5, "{n}");
-}
-
-/// Replays the checked-in corpus of the `sql_statement` fuzz target.
-#[test]
-fn sql_statement_corpus_replays_without_panics() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sql_statement");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        let outcome = std::panic::catch_unwind(|| crate::fuzzing::sql_statement(&data));
-        assert!(outcome.is_ok(), "panicked on {}", path.display());
-        n += 1;
-    }
-    assert!(n >= 10, "{n}");
 }
 
 mod compaction {

@@ -876,8 +876,7 @@ mod tests {
     fn the_tree_lays_out_as_its_frame_does_for_every_fixture() {
         use ember_distributor::formats::pprof::FlatProfile;
         use ember_distributor::normalise::{normalise, validate_labels, Destination};
-        use ember_sql::flamegraph::{FlameTree, NodeSources};
-        use ember_sql::testing::stack_tree;
+        use ember_sql::flamegraph::{stack_tree, FlameTree, NodeSources};
 
         let dest = Destination {
             tenant: "t".into(),
@@ -886,7 +885,7 @@ mod tests {
             limits: Default::default(),
         };
         let mut checked = 0;
-        for (name, bytes) in ember_engine::testing::pprof_fixtures() {
+        for (name, bytes) in ember_fixtures::pprof_fixtures() {
             let Ok(raw) =
                 ember_distributor::formats::pprof::maybe_gunzip(&bytes, 64 << 20, "pprof")
             else {

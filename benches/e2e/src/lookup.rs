@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use ember_engine::testing::level0_block;
+use ember_fixtures::level0_block;
 use ember_metastore::{BlockQuery, Command, Metastore};
 use serde::Serialize;
 

@@ -247,7 +247,7 @@ mod tests {
         let url = serve(metastore.clone(), "secret").await;
         let remote = RemoteMetastore::new(&url, "secret").unwrap();
 
-        let block = ember_engine::testing::level0_block(1, 4);
+        let block = ember_fixtures::level0_block(1, 4);
         remote.add_blocks(vec![block.clone()]).await.unwrap();
         assert!(metastore.knows_block(&block.id));
 
@@ -285,7 +285,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
         let url = serve(metastore.clone(), "secret").await;
-        let block = ember_engine::testing::level0_block(2, 4);
+        let block = ember_fixtures::level0_block(2, 4);
         for token in ["wrong", ""] {
             let remote = RemoteMetastore::new(&url, token).unwrap();
             let e = remote.add_blocks(vec![block.clone()]).await.unwrap_err();

@@ -6,8 +6,6 @@
 
 pub mod error;
 pub mod formats;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod limits;
 pub mod normalise;
 pub mod pool;

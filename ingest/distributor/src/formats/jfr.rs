@@ -1189,7 +1189,7 @@ mod tests {
     use crate::limits::ProfileLimits;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = ember_engine::testing::fixtures_dir().join("jfr").join(name);
+        let path = ember_fixtures::fixtures_dir().join("jfr").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 

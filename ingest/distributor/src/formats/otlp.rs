@@ -820,9 +820,7 @@ mod tests {
     use prost::Message;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = ember_engine::testing::fixtures_dir()
-            .join("otlp")
-            .join(name);
+        let path = ember_fixtures::fixtures_dir().join("otlp").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 

@@ -1468,7 +1468,7 @@ mod tests {
 
     #[test]
     fn gunzip_reads_what_a_gzip_reader_reads() {
-        for (name, bytes) in ember_engine::testing::pprof_fixtures() {
+        for (name, bytes) in ember_fixtures::pprof_fixtures() {
             if bytes.starts_with(&GZIP_MAGIC) {
                 let out = gunzip(&bytes, 64 << 20, "t").unwrap();
                 assert_eq!(out, reference_gunzip(&bytes), "{name}");
@@ -1534,7 +1534,7 @@ mod tests {
     /// and reads (or is refused) as before.
     #[test]
     fn members_inflate_whole_only_when_the_trailer_and_limit_allow() {
-        let (_, fixture) = ember_engine::testing::pprof_fixtures()
+        let (_, fixture) = ember_fixtures::pprof_fixtures()
             .into_iter()
             .find(|(name, _)| name == "go-heap.pb.gz")
             .unwrap();

@@ -13,7 +13,7 @@ use ember_metastore::Metastore;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 
-use crate::{ErrorKind, QueryEngine, QueryEngineConfig, Settings};
+use ember_sql::{ErrorKind, QueryEngine, QueryEngineConfig, Settings};
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -74,7 +74,7 @@ async fn run(engine: &QueryEngine, sql: &str) {
             .try_collect::<Vec<_>>()
             .await
             .map(drop)
-            .map_err(crate::SqlError::from),
+            .map_err(ember_sql::SqlError::from),
         Err(e) => Err(e),
     };
     let Err(e) = outcome else { return };

@@ -1,7 +1,6 @@
-//! What a client can reach, one function per fuzz target: `fuzz/` runs them
-//! under libFuzzer, and the normal test run replays their corpora
-//! (`fuzz/corpus/<target>/`). Each must answer any input with a value or
-//! an error, never a panic, within the limits.
+//! The decoders a pushing client reaches: pprof, push.v1 (protobuf and
+//! JSON), OTLP, JFR, the `/ingest` formats and query string, multipart
+//! bodies, and label selectors.
 
 use std::collections::HashMap;
 
@@ -9,14 +8,14 @@ use ember_engine::selector::Selector;
 
 use bytes::Bytes;
 
-use crate::formats::jfr::JfrBody;
-use crate::formats::legacy::{Format, IngestBody, IngestParams};
-use crate::formats::otlp::OtlpBody;
-use crate::formats::pprof;
-use crate::formats::push::PushBody;
-use crate::formats::{BodyEncoding, WireFormat};
-use crate::limits::{Limits, ProfileLimits};
-use crate::normalise::{normalise, validate_labels, Destination};
+use ember_distributor::formats::jfr::JfrBody;
+use ember_distributor::formats::legacy::{Format, IngestBody, IngestParams};
+use ember_distributor::formats::otlp::OtlpBody;
+use ember_distributor::formats::pprof;
+use ember_distributor::formats::push::PushBody;
+use ember_distributor::formats::{BodyEncoding, WireFormat};
+use ember_distributor::limits::{Limits, ProfileLimits};
+use ember_distributor::normalise::{normalise, validate_labels, Destination};
 
 /// A fuzz target: any bytes in, no panic out.
 pub type Target = fn(&[u8]);
@@ -175,7 +174,7 @@ pub fn ingest_query(data: &[u8]) {
 pub fn ingest_multipart(data: &[u8]) {
     let body = bytes::Bytes::copy_from_slice(data);
     let content_type = "multipart/form-data; boundary=ember-fuzz";
-    let part = futures::executor::block_on(crate::formats::legacy::multipart_profile(
+    let part = futures::executor::block_on(ember_distributor::formats::legacy::multipart_profile(
         content_type,
         body,
     ));
