@@ -164,6 +164,10 @@ pub struct ServeArgs {
     /// each subquery and CTE, each table or table function it reads.
     #[arg(long, default_value_t = StatementLimits::default().max_relations)]
     max_statement_relations: usize,
+    /// The sum, over every node of a statement's expressions, of its depth:
+    /// what planning them costs (a chain of 2,000 terms costs 4 million).
+    #[arg(long, default_value_t = StatementLimits::default().max_expression_cost)]
+    max_expression_cost: usize,
     /// Bytes of stack nodes cached across queries, all tenants together.
     #[arg(long, default_value_t = 256 << 20)]
     stack_cache_bytes: usize,
@@ -286,6 +290,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max_bytes: args.max_statement_bytes,
                 max_expression_depth: args.max_expression_depth,
                 max_relations: args.max_statement_relations,
+                max_expression_cost: args.max_expression_cost,
             },
             stack_dictionary_bytes: args.stack_cache_bytes,
             totals_cache_bytes: args.totals_cache_bytes,

@@ -8,11 +8,11 @@
 //! result tells, such as `replace` and `concat`, whose outputs can double
 //! from one subquery to the next).
 
+use std::fmt::Write;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StringBuilder};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::compute::kernels::concat_elements::concat_elements_utf8;
 use datafusion::arrow::compute::kernels::length::length;
 use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type, IntervalUnit, TimeUnit};
 use datafusion::common::config::ConfigOptions;
@@ -337,7 +337,7 @@ fn steps(step: &ArrayRef) -> Result<Vec<u128>> {
 /// Lists go on to DataFusion's planner (`array_concat`, bounded above).
 pub(crate) fn bound_string_concat(ctx: &mut SessionContext, max_bytes: usize) -> Result<()> {
     let udf = Arc::new(ScalarUDF::new_from_impl(StringConcat {
-        signature: Signature::uniform(2, vec![DataType::Utf8], Volatility::Immutable),
+        signature: Signature::variadic(vec![DataType::Utf8], Volatility::Immutable),
         max_bytes,
     }));
     ctx.register_expr_planner(Arc::new(StringConcatPlanner { udf }))
@@ -356,19 +356,25 @@ impl ExprPlanner for StringConcatPlanner {
     ) -> Result<PlannerResult<RawBinaryExpr>> {
         let text =
             |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
-        if expr.op == BinaryOperator::StringConcat
-            && text(&expr.left.get_type(schema)?)
-            && text(&expr.right.get_type(schema)?)
-        {
-            let RawBinaryExpr { left, right, .. } = expr;
-            return Ok(PlannerResult::Planned(self.udf.call(vec![left, right])));
+        if expr.op != BinaryOperator::StringConcat || !text(&expr.right.get_type(schema)?) {
+            return Ok(PlannerResult::Original(expr));
         }
-        Ok(PlannerResult::Original(expr))
+        let RawBinaryExpr { op, left, right } = expr;
+        // A chain `a || b || c` is one call over every operand: nested
+        // calls would each name their whole subtree again, and a chain of
+        // 440 took 33 s to plan.
+        let mut operands = match left {
+            Expr::ScalarFunction(f) if Arc::ptr_eq(f.func.inner(), self.udf.inner()) => f.args,
+            left if text(&left.get_type(schema)?) => vec![left],
+            left => return Ok(PlannerResult::Original(RawBinaryExpr { op, left, right })),
+        };
+        operands.push(right);
+        Ok(PlannerResult::Planned(self.udf.call(operands)))
     }
 }
 
-/// `a || b` over text: null where either is, refused before it builds more
-/// than `max_bytes`.
+/// `a || b || ...` over text: null where any operand is, refused before it
+/// builds more than `max_bytes`.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct StringConcat {
     signature: Signature,
@@ -380,12 +386,16 @@ impl ScalarUDFImpl for StringConcat {
         "string_concat"
     }
 
-    /// Named as the operator it plans, as DataFusion names `a || b`.
+    /// Named as the operators it plans, as DataFusion names `a || b`.
     fn schema_name(&self, args: &[Expr]) -> Result<String> {
-        match args {
-            [a, b] => Ok(format!("{} || {}", a.schema_name(), b.schema_name())),
-            _ => Ok(self.name().to_string()),
+        let mut name = String::new();
+        for (i, arg) in args.iter().enumerate() {
+            if i > 0 {
+                name.push_str(" || ");
+            }
+            write!(name, "{}", arg.schema_name()).expect("writing to a String");
         }
+        Ok(name)
     }
 
     fn signature(&self) -> &Signature {
@@ -398,21 +408,31 @@ impl ScalarUDFImpl for StringConcat {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let rows = args.number_rows;
-        let [left, right] = args.args.as_slice() else {
-            return Err(DataFusionError::Internal("|| takes two operands".into()));
-        };
-        let (left, right) = (left.to_array(rows)?, right.to_array(rows)?);
-        let (left, right) = (left.as_string::<i32>(), right.as_string::<i32>());
-        let bytes = text_bytes(left) + text_bytes(right);
+        let arrays = args
+            .args
+            .iter()
+            .map(|a| a.to_array(rows))
+            .collect::<Result<Vec<_>>>()?;
+        let texts: Vec<&StringArray> = arrays.iter().map(|a| a.as_string::<i32>()).collect();
+        let bytes: usize = texts.iter().map(|t| text_bytes(t)).sum();
         if bytes > self.max_bytes {
             return Err(DataFusionError::ResourcesExhausted(format!(
                 "|| would build {bytes} bytes, more than one function may hold in memory ({} bytes)",
                 self.max_bytes
             )));
         }
-        Ok(ColumnarValue::Array(Arc::new(concat_elements_utf8(
-            left, right,
-        )?)))
+        let mut out = StringBuilder::with_capacity(rows, bytes);
+        let mut value = String::new();
+        for row in 0..rows {
+            if texts.iter().any(|t| t.is_null(row)) {
+                out.append_null();
+                continue;
+            }
+            value.clear();
+            texts.iter().for_each(|t| value.push_str(t.value(row)));
+            out.append_value(&value);
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
 

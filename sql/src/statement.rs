@@ -42,6 +42,10 @@ pub struct StatementLimits {
     /// table, table function and derived table in a `FROM` or `JOIN`) one
     /// statement may name.
     pub max_relations: usize,
+    /// The sum, over every expression node, of its depth: what planning an
+    /// expression costs, since the planner derives each node's type from
+    /// its whole subtree. A chain of 2,000 terms costs about 4 million.
+    pub max_expression_cost: usize,
 }
 
 impl Default for StatementLimits {
@@ -50,6 +54,7 @@ impl Default for StatementLimits {
             max_bytes: 1 << 20,
             max_expression_depth: MAX_EXPRESSION_DEPTH,
             max_relations: 256,
+            max_expression_cost: 8_000_000,
         }
     }
 }
@@ -76,21 +81,29 @@ pub(crate) fn parse(
         limit,
         relations: 0,
         max_relations: limits.max_relations,
+        cost: 0,
+        max_cost: limits.max_expression_cost,
     };
     let Some(refusal) = visit_sql(&mut statement, &mut check).break_value() else {
         return Ok(statement);
     };
-    if refusal == Refusal::TooDeep {
+    if refusal != Refusal::Relations {
         // Dropping the tree would recurse as deep as it is: take it apart
         // from its leaves up instead.
         let _ = visit_sql(&mut statement, &mut Dismantle);
     }
     Err(SqlError::InvalidQuery(match refusal {
-        Refusal::TooDeep => format!(
+        Refusal::Depth => format!(
             "an expression nests deeper than {limit} levels (--max-expression-depth); \
              long lists of values fit in `IN (...)`"
         ),
-        Refusal::TooManyRelations => format!(
+        Refusal::Cost => format!(
+            "the statement's expressions are too large to plan: the depths of their \
+             nodes add up to more than {} (--max-expression-cost); \
+             long lists of values fit in `IN (...)`",
+            limits.max_expression_cost
+        ),
+        Refusal::Relations => format!(
             "the statement names more than {} queries and tables \
              (--max-statement-relations)",
             limits.max_relations
@@ -113,28 +126,32 @@ fn visit_sql<V: VisitorMut>(statement: &mut Statement, visitor: &mut V) -> Contr
     }
 }
 
-/// Why [`ShapeCheck`] stopped.
+/// The limit [`ShapeCheck`] stopped at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
-    TooDeep,
-    TooManyRelations,
+    Depth,
+    Cost,
+    Relations,
 }
 
 /// Balances `AND`/`OR` chains on the way down, and breaks once an
-/// expression is deeper than `limit` or the statement has named more than
-/// `max_relations` queries and tables.
+/// expression is deeper than `limit`, its nodes' depths add up to more than
+/// `max_cost`, or the statement has named more than `max_relations`
+/// queries and tables.
 struct ShapeCheck {
     depth: usize,
     limit: usize,
     relations: usize,
     max_relations: usize,
+    cost: usize,
+    max_cost: usize,
 }
 
 impl ShapeCheck {
     fn count_relation(&mut self) -> ControlFlow<Refusal> {
         self.relations += 1;
         if self.relations > self.max_relations {
-            return ControlFlow::Break(Refusal::TooManyRelations);
+            return ControlFlow::Break(Refusal::Relations);
         }
         ControlFlow::Continue(())
     }
@@ -147,7 +164,11 @@ impl VisitorMut for ShapeCheck {
         balance(expr);
         self.depth += 1;
         if self.depth > self.limit {
-            return ControlFlow::Break(Refusal::TooDeep);
+            return ControlFlow::Break(Refusal::Depth);
+        }
+        self.cost += self.depth;
+        if self.cost > self.max_cost {
+            return ControlFlow::Break(Refusal::Cost);
         }
         ControlFlow::Continue(())
     }
@@ -268,6 +289,18 @@ mod tests {
         let tables = vec!["t"; 300].join(", ");
         let err = parse_default(&format!("SELECT 1 FROM {tables}")).expect_err("300 tables");
         assert!(err.to_string().contains("more than 256"), "{err}");
+    }
+
+    #[test]
+    fn expressions_too_costly_to_plan_are_refused_with_the_reason() {
+        // Two chains of 1,500 terms: each within the depth limit, together
+        // past the cost limit (about 2.25 million each, 9 million in all).
+        let chain = format!("1{}", " + 1".repeat(1_500));
+        let sql = format!("SELECT {chain}, {chain}, {chain}, {chain}");
+        let err = parse_default(&sql).expect_err("too costly");
+        assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
+        assert!(err.to_string().contains("--max-expression-cost"), "{err}");
+        parse_default(&format!("SELECT {chain}, {chain}, {chain}")).expect("within the limit");
     }
 
     #[test]
