@@ -1,17 +1,8 @@
 //! Counts object-store requests and bytes: they are what object storage
 //! bills, and the benchmark reports them per flush and per query.
 
-use std::fmt;
-use std::ops::Range;
-use std::sync::Arc;
-
 use async_trait::async_trait;
-use futures::stream::BoxStream;
-use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-};
+use ember_engine::store_layer::{Request, StoreLayer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -51,105 +42,36 @@ impl ObjectRequestMetrics {
     }
 }
 
-/// An object store that counts every request it passes on.
-pub struct CountingStore {
-    inner: Arc<dyn ObjectStore>,
-    metrics: ObjectRequestMetrics,
-}
-
-impl CountingStore {
-    pub fn new(inner: Arc<dyn ObjectStore>, metrics: ObjectRequestMetrics) -> Self {
-        Self { inner, metrics }
-    }
-}
-
-impl fmt::Display for CountingStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counting({})", self.inner)
-    }
-}
-
-impl fmt::Debug for CountingStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Counting({:?})", self.inner)
-    }
-}
+/// Counts every request an object store is asked for (wrap the store in
+/// `Layered::new(store, CountRequests(metrics))`).
+pub struct CountRequests(pub ObjectRequestMetrics);
 
 #[async_trait]
-impl ObjectStore for CountingStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        self.metrics.count("put");
-        self.metrics
-            .written_bytes
-            .inc_by(payload.content_length() as u64);
-        self.inner.put_opts(location, payload, opts).await
+impl StoreLayer for CountRequests {
+    fn name(&self) -> &'static str {
+        "Counting"
     }
 
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        self.metrics.count("put_multipart");
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        let head = options.head;
-        self.metrics.count(if head { "head" } else { "get" });
-        let result = self.inner.get_opts(location, options).await?;
-        if !head {
-            let Range { start, end } = result.range;
-            self.metrics.read_bytes.inc_by(end.saturating_sub(start));
+    fn saw(&self, request: &Request<'_>) {
+        let metrics = &self.0;
+        match request {
+            Request::Put { bytes, .. } => {
+                metrics.count("put");
+                metrics.written_bytes.inc_by(*bytes as u64);
+            }
+            Request::PutMultipart { .. } => metrics.count("put_multipart"),
+            Request::Get { head: true, .. } => metrics.count("head"),
+            Request::Get { head: false, .. } => metrics.count("get"),
+            // Each range is a request on a real object store.
+            Request::GetRanges { ranges, .. } => ranges.iter().for_each(|_| metrics.count("get")),
+            Request::Delete => metrics.count("delete"),
+            Request::List => metrics.count("list"),
+            Request::Copy { .. } => metrics.count("copy"),
+            Request::Rename { .. } => metrics.count("rename"),
         }
-        Ok(result)
     }
 
-    async fn get_ranges(
-        &self,
-        location: &Path,
-        ranges: &[Range<u64>],
-    ) -> Result<Vec<bytes::Bytes>> {
-        // Each range is a request on a real object store.
-        for r in ranges {
-            self.metrics.count("get");
-            self.metrics
-                .read_bytes
-                .inc_by(r.end.saturating_sub(r.start));
-        }
-        self.inner.get_ranges(location, ranges).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        self.metrics.count("delete");
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.metrics.count("list");
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.metrics.count("list");
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.metrics.count("copy");
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.metrics.count("rename");
-        self.inner.rename_opts(from, to, options).await
+    fn read(&self, bytes: u64) {
+        self.0.read_bytes.inc_by(bytes);
     }
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ember_distributor::limits::{Limits, ProfileLimits};
 use ember_distributor::Distributor;
+use ember_engine::store_layer::Layered;
 use ember_engine::Authenticator;
-use ember_faults::{FaultStore, Faults, FaultyMetastore};
+use ember_faults::{Faults, FaultyMetastore, StoreFaults};
 use ember_flight::EmberFlightSql;
 use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
@@ -31,7 +32,7 @@ use crate::connections::{
 use crate::http::{health_router, router};
 use crate::local_store::SyncedLocalStore;
 use crate::metrics::HttpMetrics;
-use crate::object_requests::{CountingStore, ObjectRequestMetrics};
+use crate::object_requests::{CountRequests, ObjectRequestMetrics};
 use crate::tls::{TlsFiles, TlsListener};
 
 #[derive(clap::Args, Debug)]
@@ -384,10 +385,11 @@ fn open_store(
         tracing::warn!(spec = ?args.faults, "fault injection on: for tests only");
     }
     if faults.touches_store() {
-        local = Arc::new(FaultStore::new(local, faults.clone()));
+        local = Arc::new(Layered::new(local, StoreFaults(faults.clone())));
     }
     let object_metrics = ObjectRequestMetrics::default();
-    let store: Arc<dyn ObjectStore> = Arc::new(CountingStore::new(local, object_metrics.clone()));
+    let counted = CountRequests(object_metrics.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(Layered::new(local, counted));
     Ok((store, object_metrics, faults))
 }
 

@@ -9,6 +9,7 @@ pub mod profile;
 pub mod protojson;
 pub mod selector;
 pub mod stack;
+pub mod store_layer;
 pub mod tenant;
 
 pub use auth::{AuthError, Authenticator};

@@ -1,27 +1,21 @@
 //! Faults that tests switch on, to prove that no fault makes Ember
 //! acknowledge a profile it has not stored: errors and delays on object
-//! store requests ([`FaultStore`]) and metastore commands
+//! store requests ([`StoreFaults`]) and metastore commands
 //! ([`FaultyMetastore`]), and crash points in a flush (a
 //! [`FlushHook`]). Each wraps the real part at wiring time; none is in
 //! the process unless `ember serve --faults` (or `EMBER_FAULTS`) names some.
 
-use std::fmt;
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ember_engine::block::BlockMeta;
+use ember_engine::store_layer::{Request, StoreLayer};
 use ember_metastore::{Applied, Command, MetastoreClient, MetastoreError};
 use ember_segment_writer::FlushHook;
 pub use ember_segment_writer::FlushStep;
-use futures::stream::BoxStream;
-use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-};
+use object_store::Result;
 
 /// The name `crash_at=` gives each step.
 fn flush_step(s: &str) -> Option<FlushStep> {
@@ -181,104 +175,37 @@ impl MetastoreClient for FaultyMetastore {
     }
 }
 
-/// An object store that fails or delays requests as [`Faults`] says.
-pub struct FaultStore {
-    inner: Arc<dyn ObjectStore>,
-    faults: Arc<Faults>,
-}
+/// Fails or delays object-store requests as [`Faults`] says (wrap the
+/// store in `Layered::new(store, StoreFaults(faults))`).
+pub struct StoreFaults(pub Arc<Faults>);
 
-impl FaultStore {
-    pub fn new(inner: Arc<dyn ObjectStore>, faults: Arc<Faults>) -> Self {
-        Self { inner, faults }
+#[async_trait]
+impl StoreLayer for StoreFaults {
+    fn name(&self) -> &'static str {
+        "Faults"
     }
 
-    async fn before(&self, put: bool, location: &Path) -> Result<()> {
-        let (delay, rate) = if put {
-            (self.faults.put_delay, self.faults.put_error_rate)
-        } else {
-            (self.faults.get_delay, self.faults.get_error_rate)
+    async fn admit(&self, request: &Request<'_>) -> Result<()> {
+        let faults = &self.0;
+        let (location, delay, rate) = match *request {
+            Request::Put { location, .. } | Request::PutMultipart { location } => {
+                (location, faults.put_delay, faults.put_error_rate)
+            }
+            Request::Get { location, .. } | Request::GetRanges { location, .. } => {
+                (location, faults.get_delay, faults.get_error_rate)
+            }
+            _ => return Ok(()),
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        if self.faults.roll(rate) {
+        if faults.roll(rate) {
             return Err(object_store::Error::Generic {
                 store: "FaultStore",
                 source: format!("injected fault on {location}").into(),
             });
         }
         Ok(())
-    }
-}
-
-impl fmt::Display for FaultStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Faults({})", self.inner)
-    }
-}
-
-impl fmt::Debug for FaultStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Faults({:?})", self.inner)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for FaultStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        self.before(true, location).await?;
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        self.before(true, location).await?;
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.before(false, location).await?;
-        self.inner.get_opts(location, options).await
-    }
-
-    async fn get_ranges(
-        &self,
-        location: &Path,
-        ranges: &[Range<u64>],
-    ) -> Result<Vec<bytes::Bytes>> {
-        self.before(false, location).await?;
-        self.inner.get_ranges(location, ranges).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.inner.rename_opts(from, to, options).await
     }
 }
 
