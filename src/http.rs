@@ -2,9 +2,10 @@
 //! the legacy `/ingest`, Pyroscope's query API (`crate::querier`), health
 //! and metrics.
 
+use ember_engine::profile::now_nanos;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::{to_bytes, Body, Bytes};
 use axum::extract::{Query, State};
@@ -47,13 +48,6 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 /// Whether a push body is gzipped, as its `Content-Encoding` says.

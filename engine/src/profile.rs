@@ -333,6 +333,15 @@ pub fn normalise_labels(mut labels: Labels) -> Labels {
     labels
 }
 
+/// Nanoseconds since the Unix epoch now: the unit and clock of every
+/// profile's time.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,13 +76,10 @@ impl QueryEngine {
             .map_err(|e| DataFusionError::Plan(format!("{SERIES}: {e}")))?;
         let ctx = self.session(&q.selection.tenant, settings)?;
         let state = ctx.state();
-        let timeout = self.query_timeout();
         let metastore = self.metastore();
         let store = self.store();
-        tokio::time::timeout(timeout, series_of(&state, &metastore, store, q))
+        self.within_timeout(series_of(&state, &metastore, store, q))
             .await
-            .map_err(|_| SqlError::Timeout(timeout))?
-            .map_err(SqlError::from)
     }
 }
 
@@ -99,7 +96,7 @@ impl QueryEngine {
     ) -> std::result::Result<R, SqlError> {
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
-        self.within_deadline(async {
+        self.within_timeout(async {
             let plan = table.plan(&state, None).await?;
             plan.run(state.task_ctx(), |tree| f(Frame::Tree(tree)))
                 .await
@@ -117,7 +114,7 @@ impl QueryEngine {
     ) -> std::result::Result<Vec<u8>, SqlError> {
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
-        self.within_deadline(profile_bytes(&table, &state)).await
+        self.within_timeout(profile_bytes(&table, &state)).await
     }
 
     /// The two flame graphs side by side, as `diff_flamegraph()` answers:
@@ -132,8 +129,7 @@ impl QueryEngine {
         let state = self.session_state(tenant, settings)?;
         let left = self.flame_graph_table(left, tenant)?;
         let right = self.flame_graph_table(right, tenant)?;
-        self.within_deadline(diff_frame(&state, &left, &right))
-            .await
+        self.within_timeout(diff_frame(&state, &left, &right)).await
     }
 
     fn flame_graph_table(
@@ -145,23 +141,5 @@ impl QueryEngine {
             storage: self.storage().clone(),
             query: FlameGraphQuery::of_call(call, tenant)?,
         })
-    }
-
-    /// `work`'s answer, or a timeout once the query timeout has passed.
-    async fn within_deadline<R>(
-        &self,
-        work: impl std::future::Future<Output = datafusion::error::Result<R>>,
-    ) -> std::result::Result<R, SqlError> {
-        let timeout = self.query_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let answer = tokio::time::timeout_at(deadline, work)
-            .await
-            .map_err(|_| SqlError::Timeout(timeout))??;
-        // The fold is CPU-bound and never yields: an answer that took past
-        // the deadline is a timeout, as SQL's stream reports it.
-        if tokio::time::Instant::now() > deadline {
-            return Err(SqlError::Timeout(timeout));
-        }
-        Ok(answer)
     }
 }

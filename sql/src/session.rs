@@ -128,10 +128,6 @@ impl QueryEngine {
         self.storage.store.clone()
     }
 
-    pub(crate) fn query_timeout(&self) -> Duration {
-        self.config.query_timeout
-    }
-
     /// Bytes held by the caches shared across queries (stack dictionary
     /// and totals), for metrics.
     pub fn cache_bytes(&self) -> (usize, usize) {
@@ -348,15 +344,23 @@ impl QueryEngine {
         })
     }
 
-    /// `work`, or a timeout error once the query timeout has passed.
-    async fn within_timeout<T>(
+    /// `work`'s answer, or a timeout once the query timeout has passed. An
+    /// answer that came past the deadline is a timeout too, as a query's
+    /// stream reports it: CPU-bound work may not yield until it is done.
+    pub(crate) async fn within_timeout<T, E: Into<SqlError>>(
         &self,
-        work: impl std::future::Future<Output = std::result::Result<T, SqlError>>,
+        work: impl std::future::Future<Output = std::result::Result<T, E>>,
     ) -> std::result::Result<T, SqlError> {
         let timeout = self.config.query_timeout;
-        tokio::time::timeout(timeout, work)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| SqlError::Timeout(timeout))?
+            .map_err(Into::into)?;
+        if tokio::time::Instant::now() > deadline {
+            return Err(SqlError::Timeout(timeout));
+        }
+        Ok(answer)
     }
 
     /// Runs a flame graph over an empty range once, through SQL and through

@@ -7,6 +7,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use ember::querier::querier_v1 as q;
 use ember::querier::types_v1 as t;
+use ember_engine::profile::now_nanos;
 use prost::Message;
 
 use super::queries::{self, Call, QueryRun};
@@ -121,13 +122,6 @@ fn service(i: usize) -> String {
 
 fn encode(m: &impl Message) -> Bytes {
     Bytes::from(m.encode_to_vec())
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 /// Every series pushed once, `SERIES_PER_REQUEST` to a request.

@@ -18,6 +18,7 @@ mod report;
 mod server;
 mod workload;
 
+pub(crate) use ember_engine::profile::now_nanos;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -668,13 +669,6 @@ fn generate(args: &BenchArgs) -> anyhow::Result<Generated> {
         paths,
         exported,
     })
-}
-
-pub(crate) fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 /// What Ember stored, per series profile: (service, type, time, samples, total).

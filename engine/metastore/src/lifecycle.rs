@@ -3,9 +3,10 @@
 //! apply commands locally, so they run in the metastore's process;
 //! compaction workers (`sql/src/compaction`) may run anywhere.
 
+use ember_engine::profile::now_nanos;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
@@ -93,13 +94,6 @@ pub async fn idle(wake: &mut Option<watch::Receiver<u64>>, poll: Duration) {
         }
         _ = tokio::time::sleep(poll) => {}
     }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 fn nanos(d: Duration) -> i64 {

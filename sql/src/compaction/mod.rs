@@ -18,13 +18,14 @@
 //! type, series, time, total and sample count as one in an earlier source
 //! block is the same push stored twice.
 
+use ember_engine::profile::now_nanos;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::watch;
 
 use datafusion::arrow::array::{
@@ -298,13 +299,6 @@ pub struct Compactor {
     /// The highest level this worker takes jobs of (all when unset).
     max_level: Option<u32>,
     pub metrics: CompactionMetrics,
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 fn nanos(d: Duration) -> i64 {
