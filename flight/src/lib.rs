@@ -236,28 +236,12 @@ impl FunctionLists {
     }
 }
 
-/// A prepared statement's handle: the statement and, once a client bound
-/// them (DoPut), its parameters as one Arrow IPC row. Flight SQL lets DoPut
-/// hand back a new handle, so the server keeps no state per statement.
-#[derive(Clone, PartialEq, Message)]
-struct PreparedHandle {
-    #[prost(string, tag = "1")]
-    sql: String,
-    #[prost(bytes = "vec", tag = "2")]
-    parameters: Vec<u8>,
-    /// Set in the handle of each FlightInfo: what cancelling it names.
-    #[prost(string, tag = "3")]
-    query_id: String,
+/// `PreparedHandle` and `StatementHandle`, from
+/// `flight/proto/ember/flight/v1/handles.proto`.
+mod handles {
+    include!(concat!(env!("OUT_DIR"), "/ember.flight.v1.rs"));
 }
-
-/// A statement's ticket: its SQL and the query id that cancels it.
-#[derive(Clone, PartialEq, prost::Message)]
-struct StatementHandle {
-    #[prost(string, tag = "1")]
-    sql: String,
-    #[prost(string, tag = "2")]
-    query_id: String,
-}
+use handles::{PreparedHandle, StatementHandle};
 
 impl StatementHandle {
     fn decode_from(handle: &[u8]) -> Result<Self, Status> {

@@ -6,10 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use prost::Message;
 
-use super::jobs::Job;
 use super::{Applied, Command, Metastore, MetastoreError};
+use crate::messages::{AppliedReply, ErrorReply};
 use ember_engine::block::BlockMeta;
 
 /// The metastore's commands, wherever the metastore runs.
@@ -44,25 +43,6 @@ impl MetastoreClient for InProcess {
     }
 }
 
-/// Body of the network `AddBlocks` call.
-#[derive(Clone, PartialEq, Message)]
-pub struct AddBlocks {
-    #[prost(message, repeated, tag = "1")]
-    pub blocks: Vec<BlockMeta>,
-}
-
-/// [`Applied`] on the wire.
-#[derive(Clone, PartialEq, Message)]
-pub struct AppliedReply {
-    /// 0 done, 1 planned, 2 expired, 3 leased.
-    #[prost(uint32, tag = "1")]
-    pub kind: u32,
-    #[prost(uint64, tag = "2")]
-    pub count: u64,
-    #[prost(message, optional, tag = "3")]
-    pub job: Option<Job>,
-}
-
 impl From<Applied> for AppliedReply {
     fn from(applied: Applied) -> Self {
         let (kind, count, job) = match applied {
@@ -88,19 +68,6 @@ impl AppliedReply {
             ))),
         }
     }
-}
-
-/// A [`MetastoreError`] on the wire, so that a remote worker tells a lost
-/// lease (stop the job) from a metastore that is down (retry).
-#[derive(Clone, PartialEq, Message)]
-pub struct ErrorReply {
-    /// 1 lease, 2 invalid command, 3 unavailable.
-    #[prost(uint32, tag = "1")]
-    pub kind: u32,
-    #[prost(string, tag = "2")]
-    pub job: String,
-    #[prost(string, tag = "3")]
-    pub message: String,
 }
 
 impl From<&MetastoreError> for ErrorReply {
@@ -140,7 +107,10 @@ impl From<ErrorReply> for MetastoreError {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+    use crate::Job;
 
     #[test]
     fn results_and_errors_survive_the_wire() {

@@ -11,6 +11,7 @@
 mod client;
 mod jobs;
 mod lifecycle;
+mod messages;
 pub mod rpc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -21,14 +22,16 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thiserror::Error;
 
-pub use client::{AddBlocks, AppliedReply, ErrorReply, InProcess, MetastoreClient};
-pub use jobs::{
-    ApplyRetention, CommitJob, FailJob, Job, JobStatus, LeaseJob, LevelRule, PlanCompaction,
-    RemoveTombstones, RenewLease, TenantRetention, Tombstone, MAX_JOB_FAILURES,
-};
+pub use client::{InProcess, MetastoreClient};
+pub use jobs::{JobStatus, MAX_JOB_FAILURES};
 pub use lifecycle::{
     default_levels, idle, Lifecycle, LifecycleConfig, LifecycleError, LifecycleMetrics, Retention,
 };
+pub use messages::{
+    command, AddBlocks, AppliedReply, ApplyRetention, Command, CommitJob, ErrorReply, FailJob, Job,
+    LeaseJob, LevelRule, PlanCompaction, RemoveTombstones, RenewLease, TenantRetention, Tombstone,
+};
+use messages::{Snapshot, SnapshotEntry};
 
 use ember_engine::block::{BlockMeta, DatasetMeta};
 
@@ -72,38 +75,6 @@ fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {
     MetastoreError::Store(e.into())
 }
 
-/// A state-machine command. Protobuf so that a Raft log can carry it.
-#[derive(Clone, PartialEq, Message)]
-pub struct Command {
-    #[prost(oneof = "command::Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
-    pub kind: Option<command::Kind>,
-}
-
-pub mod command {
-    use super::jobs::*;
-    use ember_engine::block::BlockMeta;
-
-    #[derive(Clone, PartialEq, prost::Oneof)]
-    pub enum Kind {
-        #[prost(message, tag = "1")]
-        AddBlock(BlockMeta),
-        #[prost(message, tag = "2")]
-        PlanCompaction(PlanCompaction),
-        #[prost(message, tag = "3")]
-        LeaseJob(LeaseJob),
-        #[prost(message, tag = "4")]
-        RenewLease(RenewLease),
-        #[prost(message, tag = "5")]
-        FailJob(FailJob),
-        #[prost(message, tag = "6")]
-        CommitJob(CommitJob),
-        #[prost(message, tag = "7")]
-        RemoveTombstones(RemoveTombstones),
-        #[prost(message, tag = "8")]
-        ApplyRetention(ApplyRetention),
-    }
-}
-
 impl Command {
     pub fn add_block(meta: BlockMeta) -> Self {
         Self::from(command::Kind::AddBlock(meta))
@@ -126,26 +97,6 @@ pub enum Applied {
     Expired(usize),
     /// The job a `LeaseJob` granted, if any was waiting.
     Leased(Option<Job>),
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Snapshot {
-    #[prost(uint64, tag = "1")]
-    applied_index: u64,
-    #[prost(message, repeated, tag = "2")]
-    entries: Vec<SnapshotEntry>,
-    #[prost(message, repeated, tag = "3")]
-    jobs: Vec<SnapshotEntry>,
-    #[prost(message, repeated, tag = "4")]
-    tombstones: Vec<SnapshotEntry>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct SnapshotEntry {
-    #[prost(string, tag = "1")]
-    key: String,
-    #[prost(bytes = "vec", tag = "2")]
-    value: Vec<u8>,
 }
 
 /// A dataset that a query must read, with the object holding it. Shared:
