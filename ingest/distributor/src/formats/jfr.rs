@@ -29,21 +29,13 @@ use crate::IngestError;
 const MAX_NESTING: usize = 32;
 const CHUNK_HEADER_BYTES: usize = 68;
 
-/// The agent's context labels (pyroscope-java's `LabelsSnapshot`): a
-/// context id per sample, each context a set of (key, value) string ids.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LabelsSnapshot {
-    #[prost(map = "int64, message", tag = "1")]
-    pub contexts: HashMap<i64, Context>,
-    #[prost(map = "int64, string", tag = "2")]
-    pub strings: HashMap<i64, String>,
+/// The agent's context labels (pyroscope-java's `LabelsSnapshot`, from
+/// `proto/io/pyroscope/labels/pb/jfr_labels.proto`): a context id per
+/// sample, each context a set of (key, value) string ids.
+mod labels {
+    include!(concat!(env!("OUT_DIR"), "/io.pyroscope.labels.pb.rs"));
 }
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Context {
-    #[prost(map = "int64, int64", tag = "1")]
-    pub labels: HashMap<i64, i64>,
-}
+pub use labels::{Context, LabelsSnapshot};
 
 /// What a recording holds, as Pyroscope reads it.
 #[derive(Debug)]
