@@ -30,6 +30,13 @@ use crate::SqlError;
 /// time grows with the square of a chain's length, too.
 pub const MAX_EXPRESSION_DEPTH: usize = 2000;
 
+/// Longest chain of one operator that DataFusion plans as nested function
+/// calls (`a || b || c` over lists is `array_concat(array_concat(a, b), c)`,
+/// `@>` is `array_has_all`...): each call names and types its whole
+/// subtree again, so planning grows with the cube of the chain (440 list
+/// concatenations held a query thread for over ten seconds).
+pub const MAX_FUNCTION_CHAIN: usize = 128;
+
 /// What a statement may be.
 #[derive(Debug, Clone, Copy)]
 pub struct StatementLimits {
@@ -103,6 +110,10 @@ pub(crate) fn parse(
              long lists of values fit in `IN (...)`",
             limits.max_expression_cost
         ),
+        Refusal::FunctionChain => format!(
+            "a chain of `||` (or `@>`, `<@`, `->`...) joins more than {MAX_FUNCTION_CHAIN} \
+             operands; `concat(...)` or `array_concat(...)` take many at once"
+        ),
         Refusal::Relations => format!(
             "the statement names more than {} queries and tables \
              (--max-statement-relations)",
@@ -131,6 +142,7 @@ fn visit_sql<V: VisitorMut>(statement: &mut Statement, visitor: &mut V) -> Contr
 enum Refusal {
     Depth,
     Cost,
+    FunctionChain,
     Relations,
 }
 
@@ -162,6 +174,9 @@ impl VisitorMut for ShapeCheck {
 
     fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Refusal> {
         balance(expr);
+        if function_chain(expr) > MAX_FUNCTION_CHAIN {
+            return ControlFlow::Break(Refusal::FunctionChain);
+        }
         self.depth += 1;
         if self.depth > self.limit {
             return ControlFlow::Break(Refusal::Depth);
@@ -185,6 +200,37 @@ impl VisitorMut for ShapeCheck {
     fn pre_visit_table_factor(&mut self, _factor: &mut TableFactor) -> ControlFlow<Refusal> {
         self.count_relation()
     }
+}
+
+/// Operands of the chain of one function-planned operator that `expr`
+/// ends (0 if it is no such operator).
+fn function_chain(expr: &Expr) -> usize {
+    let Expr::BinaryOp { op, .. } = expr else {
+        return 0;
+    };
+    let planned_as_function = matches!(
+        op,
+        BinaryOperator::StringConcat
+            | BinaryOperator::AtArrow
+            | BinaryOperator::ArrowAt
+            | BinaryOperator::Arrow
+            | BinaryOperator::LongArrow
+            | BinaryOperator::HashArrow
+            | BinaryOperator::HashLongArrow
+    );
+    if !planned_as_function {
+        return 0;
+    }
+    let mut operands = 1;
+    let mut link = expr;
+    while let Expr::BinaryOp { left, op: o, .. } = link {
+        if o != op {
+            break;
+        }
+        operands += 1;
+        link = left;
+    }
+    operands
 }
 
 /// Replaces every expression by a leaf, children first, so that each drop
@@ -301,6 +347,22 @@ mod tests {
         assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
         assert!(err.to_string().contains("--max-expression-cost"), "{err}");
         parse_default(&format!("SELECT {chain}, {chain}, {chain}")).expect("within the limit");
+    }
+
+    #[test]
+    fn long_chains_of_function_operators_are_refused_with_the_reason() {
+        let chain = |n: usize, term: &str| format!("SELECT {}", vec![term; n].join(" || "));
+        parse_default(&chain(MAX_FUNCTION_CHAIN, "[1, 2, 3]")).expect("within the limit");
+        for term in ["[1, 2, 3]", "'x'"] {
+            let err = parse_default(&chain(MAX_FUNCTION_CHAIN + 1, term)).expect_err("too long");
+            assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
+            assert!(
+                err.to_string().contains("joins more than 128 operands"),
+                "{err}"
+            );
+        }
+        // Other operators' chains stay within the depth limit only.
+        parse_default(&format!("SELECT 1{}", " + 1".repeat(1_000))).expect("a + chain");
     }
 
     #[test]
