@@ -28,6 +28,7 @@ pub mod system;
 mod tables;
 mod tenant_memory;
 
+pub use function_limits::MAX_PATTERN_BYTES;
 pub use profile_functions::profile_function_names;
 pub use session::{QueryEngine, QueryEngineConfig, StatementSchema, CATALOG};
 pub use statement::StatementLimits;

@@ -190,3 +190,41 @@ async fn a_timeout_is_a_deadline_not_a_memory_error() {
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(!err.to_string().contains("memory"), "{err}");
 }
+
+/// Matching a regular expression can cost its length times the text's: a
+/// 130 KB pattern held the fuzz harness's query thread for minutes.
+#[tokio::test]
+async fn regular_expressions_longer_than_the_pattern_limit_are_refused() {
+    let (_dir, engine) = engine_with(vec![], 1 << 30).await;
+    let n = crate::MAX_PATTERN_BYTES;
+    for function in [
+        "regexp_count",
+        "regexp_like",
+        "regexp_match",
+        "regexp_instr",
+    ] {
+        let sql = format!("SELECT {function}('yyyy', repeat('y', {}))", n + 1);
+        let err = outcome(&engine, &sql).await.expect_err("pattern too long");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("regular expression of"), "{err}");
+    }
+    let sql = format!(
+        "SELECT regexp_replace('yyyy', '{}', 'x')",
+        "y".repeat(n + 1)
+    );
+    let err = outcome(&engine, &sql).await.expect_err("pattern too long");
+    assert!(
+        err.to_string().contains("longer than the 4096 bytes"),
+        "{err}"
+    );
+    let sql = format!(
+        "SELECT regexp_count('{}', '{}')",
+        "y".repeat(n),
+        "y".repeat(n)
+    );
+    assert_eq!(first_i64(&run(&engine, "t", &sql).await), 1);
+    assert_eq!(
+        first_i64(&run(&engine, "t", "SELECT regexp_count('abcabc', 'b')").await),
+        2
+    );
+}
