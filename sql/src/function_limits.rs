@@ -45,18 +45,9 @@ enum Growth {
     Range,
     /// Known only from the output.
     Output,
-    /// Known only from the output, and argument 1 is a regular expression:
-    /// matching costs up to its length times the text's, so its length is
-    /// bounded too.
-    Pattern,
 }
 
-/// Longest regular expression a function may take: matching can cost the
-/// pattern's length times the text's (one of 130 KB held a query thread
-/// for minutes).
-pub const MAX_PATTERN_BYTES: usize = 4096;
-
-const BOUNDED: [(&str, Growth); 16] = [
+const BOUNDED: [(&str, Growth); 12] = [
     ("repeat", Growth::Repeat),
     ("lpad", Growth::Pad),
     ("rpad", Growth::Pad),
@@ -65,11 +56,7 @@ const BOUNDED: [(&str, Growth); 16] = [
     ("range", Growth::Range),
     ("generate_series", Growth::Range),
     ("replace", Growth::Output),
-    ("regexp_replace", Growth::Pattern),
-    ("regexp_count", Growth::Pattern),
-    ("regexp_instr", Growth::Pattern),
-    ("regexp_like", Growth::Pattern),
-    ("regexp_match", Growth::Pattern),
+    ("regexp_replace", Growth::Output),
     ("concat", Growth::Output),
     ("concat_ws", Growth::Output),
     ("array_concat", Growth::Output),
@@ -144,16 +131,6 @@ impl ScalarUDFImpl for Bounded {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        if self.growth == Growth::Pattern {
-            let bytes = longest_text(args.args.get(1))?;
-            if bytes > MAX_PATTERN_BYTES {
-                return Err(DataFusionError::Execution(format!(
-                    "{}: a regular expression of {bytes} bytes is longer than the \
-                     {MAX_PATTERN_BYTES} bytes a pattern may be",
-                    self.udf.inner().name()
-                )));
-            }
-        }
         let estimate = estimated_bytes(self.growth, &args.args, args.number_rows)?;
         if estimate > self.max_bytes as u128 {
             return Err(self.too_large(estimate));
@@ -201,7 +178,7 @@ fn estimated_bytes(growth: Growth, args: &[ColumnarValue], rows: usize) -> Resul
         args.get(i).map(|a| a.to_array(rows)).transpose()
     };
     Ok(match growth {
-        Growth::Output | Growth::Pattern => 0,
+        Growth::Output => 0,
         Growth::Repeat => match (arg(0)?, arg(1)?) {
             (Some(text), Some(n)) => per_row_product(&byte_lengths(&text)?, &counts(&n)?),
             _ => 0,
@@ -221,23 +198,6 @@ fn estimated_bytes(growth: Growth, args: &[ColumnarValue], rows: usize) -> Resul
         },
         Growth::Range => 8 * range_elements(args, rows)?,
     })
-}
-
-/// Bytes of the longest text `arg` holds (0 if none).
-fn longest_text(arg: Option<&ColumnarValue>) -> Result<usize> {
-    let array = match arg {
-        None => return Ok(0),
-        // One value, not `rows` copies of it.
-        Some(ColumnarValue::Scalar(s)) => s.to_array_of_size(1)?,
-        Some(ColumnarValue::Array(a)) => a.clone(),
-    };
-    if !matches!(
-        array.data_type(),
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-    ) {
-        return Ok(0);
-    }
-    Ok(byte_lengths(&array)?.into_iter().max().unwrap_or(0) as usize)
 }
 
 /// Each row's value as an i64, negatives and nulls as 0.

@@ -16,6 +16,7 @@ mod profile_functions;
 mod pruning;
 mod queries;
 mod query_threads;
+mod regular_expressions;
 pub mod selection;
 pub mod series;
 mod session;
@@ -28,8 +29,8 @@ pub mod system;
 mod tables;
 mod tenant_memory;
 
-pub use function_limits::MAX_PATTERN_BYTES;
 pub use profile_functions::profile_function_names;
+pub use regular_expressions::MAX_PATTERN_BYTES;
 pub use session::{QueryEngine, QueryEngineConfig, StatementSchema, CATALOG};
 pub use statement::StatementLimits;
 

@@ -26,6 +26,7 @@ use crate::function_limits::{bound_functions, bound_string_concat};
 use crate::lru::ByteLru;
 use crate::profile_functions;
 use crate::query_threads::QueryThreads;
+use crate::regular_expressions::bound_patterns;
 use crate::settings::Settings;
 use crate::stack_dictionary::StackDictionary;
 use crate::stack_totals::TotalsCache;
@@ -228,6 +229,7 @@ impl QueryEngine {
         let mut ctx = SessionContext::new_with_config_rt(config, self.tenant_runtime(tenant));
         bound_functions(&ctx, self.function_output_bytes());
         bound_string_concat(&mut ctx, self.function_output_bytes())?;
+        bound_patterns(&mut ctx)?;
         let schema = MemorySchemaProvider::new();
         for section in TABLES {
             let table = SectionTable::new(
