@@ -68,6 +68,7 @@ fn push_request(c: &mut Criterion) {
                 raw_profile: bytes.into(),
                 id: String::new(),
             }],
+            ..Default::default()
         });
     }
     let body = bytes::Bytes::from(PushRequest { series }.encode_to_vec());

@@ -181,6 +181,7 @@ async fn push_pprof(
                 raw_profile: data.into(),
                 id: String::new(),
             }],
+            ..Default::default()
         }],
     }
     .encode_to_vec();

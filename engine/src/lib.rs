@@ -4,9 +4,7 @@
 
 pub mod auth;
 pub mod block;
-pub mod pprof;
 pub mod profile;
-pub mod protojson;
 pub mod selector;
 pub mod stack;
 pub mod store_layer;

@@ -20,7 +20,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::{collect, ExecutionPlan};
-use ember_engine::pprof::{Function, Line, Location, Profile, Sample, ValueType};
+use ember_api::google::v1::{Function, Line, Location, Profile, Sample, ValueType};
 use prost::Message;
 
 use crate::flamegraph::{for_each_frame_row, FlameGraphQuery, FlameGraphTable};
@@ -43,14 +43,14 @@ pub fn pprof_schema() -> SchemaRef {
 
 /// Strings interned into a profile's string table (index 0 is "").
 struct Strings {
-    table: Vec<Vec<u8>>,
+    table: Vec<String>,
     index: HashMap<String, i64>,
 }
 
 impl Strings {
     fn new() -> Self {
         Self {
-            table: vec![Vec::new()],
+            table: vec![String::new()],
             index: HashMap::from([(String::new(), 0)]),
         }
     }
@@ -60,7 +60,7 @@ impl Strings {
             return *i;
         }
         let i = self.table.len() as i64;
-        self.table.push(s.as_bytes().to_vec());
+        self.table.push(s.to_string());
         self.index.insert(s.to_string(), i);
         i
     }
@@ -223,7 +223,7 @@ mod tests {
     fn stacks(p: &Profile) -> Vec<(String, i64)> {
         let name = |id: u64| {
             let f = p.function.iter().find(|f| f.id == id).unwrap();
-            String::from_utf8(p.string_table[f.name as usize].clone()).unwrap()
+            p.string_table[f.name as usize].clone()
         };
         let mut out: Vec<(String, i64)> = p
             .sample
@@ -261,8 +261,8 @@ mod tests {
         assert_eq!(p.function.len(), 3);
         assert_eq!(p.location.len(), 3);
         let st = &p.sample_type[0];
-        assert_eq!(p.string_table[st.r#type as usize], b"cpu");
-        assert_eq!(p.string_table[st.unit as usize], b"nanoseconds");
+        assert_eq!(p.string_table[st.r#type as usize], "cpu");
+        assert_eq!(p.string_table[st.unit as usize], "nanoseconds");
         assert_eq!((p.time_nanos, p.duration_nanos), (5, 10));
         let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
         assert_eq!(total, 10);

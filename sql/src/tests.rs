@@ -497,10 +497,10 @@ async fn pprof_is_the_flame_graph_as_a_profile_of_the_input_stacks() {
     let args = format!("'{ty}', '{{pod=\"p1\"}}', 0, 9999999999999");
     let batches = run(&engine, "t", &format!("SELECT profile FROM pprof({args})")).await;
     let bytes = batches[0].column(0).as_binary::<i32>().value(0);
-    let p = ember_engine::pprof::Profile::decode(bytes).unwrap();
+    let p = ember_api::google::v1::Profile::decode(bytes).unwrap();
     let name = |id: u64| {
         let f = p.function.iter().find(|f| f.id == id).unwrap();
-        String::from_utf8(p.string_table[f.name as usize].clone()).unwrap()
+        p.string_table[f.name as usize].clone()
     };
     let mut got: HashMap<String, i64> = HashMap::new();
     for s in &p.sample {
@@ -515,8 +515,8 @@ async fn pprof_is_the_flame_graph_as_a_profile_of_the_input_stacks() {
     let want = input_stacks(&p1, ty);
     assert_eq!(got, want);
     let sample_type = &p.sample_type[0];
-    assert_eq!(p.string_table[sample_type.r#type as usize], b"inuse_space");
-    assert_eq!(p.string_table[sample_type.unit as usize], b"bytes");
+    assert_eq!(p.string_table[sample_type.r#type as usize], "inuse_space");
+    assert_eq!(p.string_table[sample_type.unit as usize], "bytes");
     // The same engine as the flame graph: same total.
     let (total, _) =
         frame_stacks(&run(&engine, "t", &format!("SELECT * FROM flamegraph({args})")).await);

@@ -27,14 +27,13 @@ use crate::api::{connect_error, header_str, invalid, request_tenant, ApiError, A
 
 mod diff;
 mod levels;
-mod messages;
 mod select_merge_profile;
 mod select_merge_stacktraces;
 mod select_series;
 
 pub(crate) use diff::diff;
+pub use ember_api::{querier::v1 as querier_v1, types::v1 as types_v1};
 pub use levels::{flame_graph, flame_graph_diff, tree_bytes};
-pub use messages::{querier_v1, types_v1};
 use select_merge_profile::select_merge_profile;
 pub(crate) use select_merge_stacktraces::select_merge_stacktraces;
 use select_merge_stacktraces::stacktraces;
@@ -84,15 +83,16 @@ impl Codec {
     fn decode<M: Message + Default + DeserializeOwned>(self, body: &[u8]) -> Result<M, ApiError> {
         match self {
             Codec::Proto => M::decode(body).map_err(|e| invalid(format!("request body: {e}"))),
-            Codec::Json => ember_engine::protojson::from_json(body)
-                .map_err(|e| invalid(format!("request body: {e}"))),
+            Codec::Json => {
+                ember_api::json::from_json(body).map_err(|e| invalid(format!("request body: {e}")))
+            }
         }
     }
 
     fn encode<M: Message + Serialize>(self, message: &M) -> Result<Bytes, ApiError> {
         match self {
             Codec::Proto => Ok(Bytes::from(message.encode_to_vec())),
-            Codec::Json => ember_engine::protojson::to_json(message)
+            Codec::Json => ember_api::json::to_json(message)
                 .map(Bytes::from)
                 .map_err(|e| {
                     connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
@@ -118,9 +118,10 @@ impl Codec {
         match self {
             Codec::Proto => Ok(Bytes::from(profile)),
             Codec::Json => {
-                let profile = ember_engine::pprof::Profile::decode(&profile[..]).map_err(|e| {
-                    connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
+                let profile =
+                    ember_api::google::v1::Profile::decode(&profile[..]).map_err(|e| {
+                        connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                    })?;
                 self.encode(&profile)
             }
         }

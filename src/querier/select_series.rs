@@ -62,6 +62,7 @@ pub(crate) async fn select_series(
                 .map(|p| Point {
                     value: p.value,
                     timestamp: p.time_ms,
+                    ..Point::default()
                 })
                 .collect(),
         })

@@ -226,7 +226,7 @@ fn connect_answer(method: &str, reply: &[u8]) -> anyhow::Result<Answer> {
             }
         }
         "SelectMergeProfile" => {
-            let profile = ember_engine::pprof::Profile::decode(reply)?;
+            let profile = ember_api::google::v1::Profile::decode(reply)?;
             Answer {
                 rows: profile.sample.len(),
                 total: Some(profile.sample.iter().filter_map(|s| s.value.first()).sum()),

@@ -293,6 +293,7 @@ pub fn push_request(series: &[(&Series, Vec<u8>)]) -> PushRequest {
                     raw_profile: gz.clone().into(),
                     id: String::new(),
                 }],
+                ..Default::default()
             })
             .collect(),
     }

@@ -545,7 +545,7 @@ impl<'p> DistinctStacks<'p> {
 
 /// The profile type IDs of a profile's sample types, in order.
 fn profile_types(p: &FlatProfile, dest: &Destination) -> Result<Vec<String>, IngestError> {
-    let period_type = p.period_type.clone().unwrap_or_default();
+    let period_type = p.period_type.unwrap_or_default();
     let period = (
         text(p.string(period_type.r#type, "period_type.type")?),
         text(p.string(period_type.unit, "period_type.unit")?),
@@ -794,8 +794,8 @@ mod tests {
     use super::*;
     use crate::formats::pprof;
 
-    fn strings(s: &[&str]) -> Vec<Vec<u8>> {
-        s.iter().map(|s| s.as_bytes().to_vec()).collect()
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
     }
 
     /// main -> work (inlined into main's location) -> leaf, with labels.
@@ -1160,7 +1160,7 @@ mod tests {
             });
         }
         pprof::Profile {
-            string_table: strings.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            string_table: strings.iter().map(|s| s.to_string()).collect(),
             sample_type: vec![pprof::ValueType { r#type: 1, unit: 2 }],
             period_type: Some(pprof::ValueType { r#type: 1, unit: 2 }),
             function,
@@ -1180,14 +1180,14 @@ mod tests {
         // 2,000 functions naming one 64 KB string: room for each name
         // would be 128 MB for a profile of a few kilobytes.
         let mut p = deep_profile(2_000, 8);
-        p.string_table.push("x".repeat(64 << 10).into_bytes());
+        p.string_table.push("x".repeat(64 << 10));
         let long = p.string_table.len() as i64 - 1;
         for f in &mut p.function {
             f.name = long;
         }
         let profiles = normalised(&p, &dest()).unwrap();
         let functions = &profiles[0].functions;
-        let table: usize = p.string_table.iter().map(Vec::len).sum();
+        let table: usize = p.string_table.iter().map(String::len).sum();
         // Room for the table's bytes at most, and an end per function.
         let ends = (p.function.len() + 1) * std::mem::size_of::<usize>();
         assert!(

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::sync::LazyLock;
 
 use bytes::Bytes;
-use ember_engine::pprof;
+use ember_api::google::v1 as pprof;
 use ember_engine::profile::Profile;
 use regex::Regex;
 
@@ -935,7 +935,7 @@ fn profile_of(c: &Collector, kind: Kind) -> pprof::Profile {
             return i;
         }
         let i = p.string_table.len() as i64;
-        p.string_table.push(s.as_bytes().to_vec());
+        p.string_table.push(s.to_string());
         strings.insert(s.to_string(), i);
         i
     };
@@ -1021,27 +1021,27 @@ fn profile_of(c: &Collector, kind: Kind) -> pprof::Profile {
 /// from the snapshot, `profile_id` (the span, 16 hex digits) and
 /// `span_name`.
 pub fn label_samples(p: &mut pprof::Profile, snapshot: &LabelsSnapshot) {
-    let mut strings: HashMap<Vec<u8>, i64> = p
+    let mut strings: HashMap<String, i64> = p
         .string_table
         .iter()
         .enumerate()
         .map(|(i, s)| (s.clone(), i as i64))
         .collect();
-    let mut intern = |table: &mut Vec<Vec<u8>>, s: &str| -> i64 {
-        if let Some(&i) = strings.get(s.as_bytes()) {
+    let mut intern = |table: &mut Vec<String>, s: &str| -> i64 {
+        if let Some(&i) = strings.get(s) {
             return i;
         }
         let i = table.len() as i64;
-        table.push(s.as_bytes().to_vec());
-        strings.insert(s.as_bytes().to_vec(), i);
+        table.push(s.to_string());
+        strings.insert(s.to_string(), i);
         i
     };
     let key_of = |p: &pprof::Profile, l: &pprof::Label| {
         p.string_table
             .get(l.key as usize)
-            .map(|k| k.as_slice())
+            .map(String::as_str)
             .unwrap_or_default()
-            .to_vec()
+            .to_string()
     };
     let mut samples = std::mem::take(&mut p.sample);
     for s in &mut samples {
@@ -1049,7 +1049,7 @@ pub fn label_samples(p: &mut pprof::Profile, snapshot: &LabelsSnapshot) {
         for l in numeric {
             let value = l.num;
             match &key_of(p, &l)[..] {
-                b"context_id" => {
+                "context_id" => {
                     let Some(context) = snapshot.contexts.get(&value) else {
                         continue;
                     };
@@ -1070,12 +1070,12 @@ pub fn label_samples(p: &mut pprof::Profile, snapshot: &LabelsSnapshot) {
                         });
                     }
                 }
-                b"span_id" => s.label.push(pprof::Label {
+                "span_id" => s.label.push(pprof::Label {
                     key: intern(&mut p.string_table, "profile_id"),
                     str: intern(&mut p.string_table, &format!("{:016x}", value as u64)),
                     ..Default::default()
                 }),
-                b"span_name" => {
+                "span_name" => {
                     if let Some(name) = snapshot.strings.get(&value).filter(|n| !n.is_empty()) {
                         s.label.push(pprof::Label {
                             key: intern(&mut p.string_table, "span_name"),
@@ -1224,7 +1224,7 @@ mod tests {
     /// The expected pprof's stacks of its first sample type.
     fn expected(name: &str, profile_type: &str) -> BTreeMap<(String, String), i64> {
         let p = crate::formats::pprof::decode(&fixture(name), 1 << 30).unwrap();
-        let text = |i: i64| String::from_utf8_lossy(&p.string_table[i as usize]).into_owned();
+        let text = |i: i64| p.string_table[i as usize].clone();
         let function: HashMap<u64, String> =
             p.function.iter().map(|f| (f.id, text(f.name))).collect();
         let location: HashMap<u64, Vec<String>> = p

@@ -9,10 +9,8 @@
 
 use std::collections::HashMap;
 
-use ember_engine::pprof;
+use ember_api::google::v1 as pprof;
 use ember_engine::profile::Profile;
-use ember_engine::protojson;
-use serde::{Deserialize, Deserializer};
 
 use bytes::Bytes;
 use ember_engine::Labels;
@@ -23,318 +21,67 @@ use crate::limits::{Limits, ProfileLimits};
 use crate::normalise::{normalise, validate_labels, Destination, DEFAULT_SERVICE};
 use crate::IngestError;
 
-/// The wire messages (field numbers of opentelemetry-proto v1.10.0), in
-/// protobuf and proto3 JSON.
+/// The wire messages, generated from `proto/opentelemetry` with their
+/// proto3 JSON mapping.
+#[allow(clippy::all)]
 pub mod wire {
-    use super::*;
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ExportProfilesServiceRequest {
-        #[prost(message, repeated, tag = "1")]
-        pub resource_profiles: Vec<ResourceProfiles>,
-        #[prost(message, optional, tag = "2")]
-        pub dictionary: Option<ProfilesDictionary>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ProfilesDictionary {
-        #[prost(message, repeated, tag = "1")]
-        pub mapping_table: Vec<Mapping>,
-        #[prost(message, repeated, tag = "2")]
-        pub location_table: Vec<Location>,
-        #[prost(message, repeated, tag = "3")]
-        pub function_table: Vec<Function>,
-        #[prost(message, repeated, tag = "4")]
-        pub link_table: Vec<Link>,
-        #[prost(string, repeated, tag = "5")]
-        pub string_table: Vec<String>,
-        #[prost(message, repeated, tag = "6")]
-        pub attribute_table: Vec<KeyValueAndUnit>,
-        #[prost(message, repeated, tag = "7")]
-        pub stack_table: Vec<Stack>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ResourceProfiles {
-        #[prost(message, optional, tag = "1")]
-        pub resource: Option<Resource>,
-        #[prost(message, repeated, tag = "2")]
-        pub scope_profiles: Vec<ScopeProfiles>,
-        #[prost(string, tag = "3")]
-        pub schema_url: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ScopeProfiles {
-        #[prost(message, optional, tag = "1")]
-        pub scope: Option<InstrumentationScope>,
-        #[prost(message, repeated, tag = "2")]
-        pub profiles: Vec<Profile>,
-        #[prost(string, tag = "3")]
-        pub schema_url: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Profile {
-        #[prost(message, optional, tag = "1")]
-        pub sample_type: Option<ValueType>,
-        #[prost(message, repeated, tag = "2")]
-        pub samples: Vec<Sample>,
-        #[prost(fixed64, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub time_unix_nano: u64,
-        #[prost(uint64, tag = "4")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub duration_nano: u64,
-        #[prost(message, optional, tag = "5")]
-        pub period_type: Option<ValueType>,
-        #[prost(int64, tag = "6")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub period: i64,
-        #[prost(bytes = "vec", tag = "7")]
-        #[serde(deserialize_with = "protojson::bytes::deserialize")]
-        pub profile_id: Vec<u8>,
-        #[prost(int32, repeated, tag = "11")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub attribute_indices: Vec<i32>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ValueType {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub type_strindex: i32,
-        #[prost(int32, tag = "2")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub unit_strindex: i32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Sample {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub stack_index: i32,
-        #[prost(int32, repeated, tag = "2")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub attribute_indices: Vec<i32>,
-        #[prost(int32, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub link_index: i32,
-        #[prost(int64, repeated, tag = "4")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub values: Vec<i64>,
-        #[prost(fixed64, repeated, tag = "5")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub timestamps_unix_nano: Vec<u64>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Mapping {
-        #[prost(uint64, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub memory_start: u64,
-        #[prost(uint64, tag = "2")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub memory_limit: u64,
-        #[prost(uint64, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub file_offset: u64,
-        #[prost(int32, tag = "4")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub filename_strindex: i32,
-        #[prost(int32, repeated, tag = "5")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub attribute_indices: Vec<i32>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Stack {
-        /// Leaf first.
-        #[prost(int32, repeated, tag = "1")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub location_indices: Vec<i32>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Location {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub mapping_index: i32,
-        #[prost(uint64, tag = "2")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub address: u64,
-        /// The inlined callee first, the caller it was inlined into last.
-        #[prost(message, repeated, tag = "3")]
-        pub lines: Vec<Line>,
-        #[prost(int32, repeated, tag = "4")]
-        #[serde(deserialize_with = "protojson::ints")]
-        pub attribute_indices: Vec<i32>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Line {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub function_index: i32,
-        #[prost(int64, tag = "2")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub line: i64,
-        #[prost(int64, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub column: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Function {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub name_strindex: i32,
-        #[prost(int32, tag = "2")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub system_name_strindex: i32,
-        #[prost(int32, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub filename_strindex: i32,
-        #[prost(int64, tag = "4")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub start_line: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Link {
-        #[prost(bytes = "vec", tag = "1")]
-        #[serde(deserialize_with = "protojson::bytes::deserialize")]
-        pub trace_id: Vec<u8>,
-        #[prost(bytes = "vec", tag = "2")]
-        #[serde(deserialize_with = "protojson::bytes::deserialize")]
-        pub span_id: Vec<u8>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct KeyValueAndUnit {
-        #[prost(int32, tag = "1")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub key_strindex: i32,
-        #[prost(message, optional, tag = "2")]
-        pub value: Option<AnyValue>,
-        #[prost(int32, tag = "3")]
-        #[serde(deserialize_with = "protojson::int")]
-        pub unit_strindex: i32,
-    }
-
-    /// `opentelemetry.proto.resource.v1.Resource`.
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct Resource {
-        #[prost(message, repeated, tag = "1")]
-        pub attributes: Vec<KeyValue>,
-    }
-
-    /// `opentelemetry.proto.common.v1.InstrumentationScope`.
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct InstrumentationScope {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, tag = "2")]
-        pub version: String,
-        #[prost(message, repeated, tag = "3")]
-        pub attributes: Vec<KeyValue>,
-    }
-
-    /// `opentelemetry.proto.common.v1.KeyValue`.
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct KeyValue {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(message, optional, tag = "2")]
-        pub value: Option<AnyValue>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct ArrayValue {
-        #[prost(message, repeated, tag = "1")]
-        pub values: Vec<AnyValue>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message, Deserialize)]
-    #[serde(default, rename_all = "camelCase")]
-    pub struct KeyValueList {
-        #[prost(message, repeated, tag = "1")]
-        pub values: Vec<KeyValue>,
-    }
-
-    /// `opentelemetry.proto.common.v1.AnyValue`: one of its values.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AnyValue {
-        #[prost(oneof = "Value", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
-        pub value: Option<Value>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Oneof)]
-    pub enum Value {
-        #[prost(string, tag = "1")]
-        StringValue(String),
-        #[prost(bool, tag = "2")]
-        BoolValue(bool),
-        #[prost(int64, tag = "3")]
-        IntValue(i64),
-        #[prost(double, tag = "4")]
-        DoubleValue(f64),
-        #[prost(message, tag = "5")]
-        ArrayValue(ArrayValue),
-        #[prost(message, tag = "6")]
-        KvlistValue(KeyValueList),
-        #[prost(bytes = "vec", tag = "7")]
-        BytesValue(Vec<u8>),
-        #[prost(int32, tag = "8")]
-        StringValueStrindex(i32),
-    }
-
-    /// In JSON a oneof is the one field that is set: `{"intValue": "66"}`,
-    /// or `{}` for none.
-    impl<'de> Deserialize<'de> for AnyValue {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            use serde::de::Error;
-            let fields = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
-            let Some((key, v)) = fields.into_iter().next() else {
-                return Ok(AnyValue { value: None });
-            };
-            let value = match key.as_str() {
-                "stringValue" => String::deserialize(v).map(Value::StringValue),
-                "boolValue" => bool::deserialize(v).map(Value::BoolValue),
-                "intValue" => protojson::int(v).map(Value::IntValue),
-                "doubleValue" => f64::deserialize(v).map(Value::DoubleValue),
-                "arrayValue" => ArrayValue::deserialize(v).map(Value::ArrayValue),
-                "kvlistValue" => KeyValueList::deserialize(v).map(Value::KvlistValue),
-                "bytesValue" => protojson::bytes::deserialize(v).map(Value::BytesValue),
-                "stringValueStrindex" => protojson::int(v).map(Value::StringValueStrindex),
-                other => {
-                    return Err(D::Error::custom(format!(
-                        "unknown AnyValue field {other:?}"
-                    )))
+    pub mod opentelemetry {
+        pub mod proto {
+            pub mod common {
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.common.v1.rs"
+                    ));
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.common.v1.serde.rs"
+                    ));
                 }
             }
-            .map_err(D::Error::custom)?;
-            Ok(AnyValue { value: Some(value) })
+            pub mod resource {
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.resource.v1.rs"
+                    ));
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.resource.v1.serde.rs"
+                    ));
+                }
+            }
+            pub mod profiles {
+                pub mod v1development {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.profiles.v1development.rs"
+                    ));
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.profiles.v1development.serde.rs"
+                    ));
+                }
+            }
+            pub mod collector {
+                pub mod profiles {
+                    pub mod v1development {
+                        include!(concat!(
+                            env!("OUT_DIR"),
+                            "/opentelemetry.proto.collector.profiles.v1development.rs"
+                        ));
+                        include!(concat!(
+                            env!("OUT_DIR"),
+                            "/opentelemetry.proto.collector.profiles.v1development.serde.rs"
+                        ));
+                    }
+                }
+            }
         }
     }
+    pub use opentelemetry::proto::collector::profiles::v1development::ExportProfilesServiceRequest;
+    pub use opentelemetry::proto::common::v1::{any_value::Value, AnyValue, KeyValue};
+    pub use opentelemetry::proto::profiles::v1development::*;
 }
 
 use wire::{AnyValue, ExportProfilesServiceRequest, ProfilesDictionary, Value};
@@ -382,7 +129,7 @@ fn export_body(
     now_nanos: i64,
 ) -> Result<Vec<Profile>, IngestError> {
     let req: ExportProfilesServiceRequest = if json {
-        protojson::from_json(body).map_err(|reason| IngestError::Decode {
+        ember_api::json::from_json(body).map_err(|reason| IngestError::Decode {
             what: "OTLP profiles request (JSON)",
             reason,
         })?
@@ -545,7 +292,7 @@ struct ProfileKind {
 
 impl ProfileKind {
     fn of(d: &Dictionary, p: &wire::Profile) -> Result<Self, IngestError> {
-        let st = p.sample_type.clone().unwrap_or_default();
+        let st = p.sample_type.unwrap_or_default();
         let sample_type = (
             d.string(st.type_strindex)?.to_string(),
             d.string(st.unit_strindex)?.to_string(),
@@ -631,7 +378,7 @@ impl<'a> PprofBuilder<'a> {
             return i;
         }
         let i = self.p.string_table.len() as i64;
-        self.p.string_table.push(s.as_bytes().to_vec());
+        self.p.string_table.push(s.to_string());
         self.strings.insert(s.to_string(), i);
         i
     }

@@ -1,12 +1,12 @@
 //! Reading pprof profiles as agents send them: gzip under a size limit,
-//! then profile.proto (the messages live in `ember_engine::pprof`).
+//! then profile.proto (the messages are `ember_api::google::v1`).
 
 use flate2::{Decompress, FlushDecompress, Status};
 use prost::Message;
 
 use crate::IngestError;
 
-pub use ember_engine::pprof::*;
+pub use ember_api::google::v1::*;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
@@ -463,9 +463,9 @@ impl<'a> FlatProfile<'a> {
     pub fn of(p: &'a Profile) -> Self {
         let mut flat = FlatProfile::with_spare_arrays();
         flat.strings
-            .extend(p.string_table.iter().map(Vec::as_slice));
+            .extend(p.string_table.iter().map(String::as_bytes));
         flat.sample_types = p.sample_type.clone();
-        flat.period_type = p.period_type.clone();
+        flat.period_type = p.period_type;
         flat.period = p.period;
         flat.time_nanos = p.time_nanos;
         flat.duration_nanos = p.duration_nanos;
@@ -1041,7 +1041,7 @@ mod tests {
     fn small_profile() -> Profile {
         Profile {
             string_table: ["", "cpu", "ns", "main", "work", "k", "v"]
-                .map(|s| s.as_bytes().to_vec())
+                .map(String::from)
                 .to_vec(),
             sample_type: vec![ValueType { r#type: 1, unit: 2 }],
             period_type: Some(ValueType { r#type: 1, unit: 2 }),

@@ -1,12 +1,8 @@
-//! `push.v1.PusherService/Push` request and response, with the exact
-//! package, names and field numbers of Pyroscope's public API
-//! (`api/push/v1/push.proto`, `api/types/v1/types.proto`), and their proto3
-//! JSON mapping for Connect's `application/json`.
+//! `push.v1.PusherService/Push` requests, protobuf or Connect's proto3 JSON
+//! (the messages are `ember_api::push::v1`).
 
-use base64::Engine;
 use bytes::Bytes;
 use prost::Message;
-use serde::Deserialize;
 
 use ember_engine::profile::Profile;
 
@@ -16,108 +12,21 @@ use crate::limits::Limits;
 use crate::normalise::{normalise, validate_labels, Destination};
 use crate::IngestError;
 
-/// `types.v1.LabelPair`
-#[derive(Clone, PartialEq, Message, Deserialize)]
-pub struct LabelPair {
-    #[prost(string, tag = "1")]
-    #[serde(default)]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    #[serde(default)]
-    pub value: String,
+pub use ember_api::push::v1::{PushRequest, PushResponse, RawProfileSeries, RawSample};
+pub use ember_api::types::v1::LabelPair;
+
+fn decode_proto(body: Bytes) -> Result<PushRequest, IngestError> {
+    PushRequest::decode(body).map_err(|e| IngestError::Decode {
+        what: "push.v1.PushRequest",
+        reason: e.to_string(),
+    })
 }
 
-/// `push.v1.PushRequest`
-#[derive(Clone, PartialEq, Message)]
-pub struct PushRequest {
-    #[prost(message, repeated, tag = "1")]
-    pub series: Vec<RawProfileSeries>,
-}
-
-/// `push.v1.RawProfileSeries`
-#[derive(Clone, PartialEq, Message)]
-pub struct RawProfileSeries {
-    #[prost(message, repeated, tag = "1")]
-    pub labels: Vec<LabelPair>,
-    #[prost(message, repeated, tag = "2")]
-    pub samples: Vec<RawSample>,
-}
-
-/// `push.v1.RawSample`. The profile is a slice of the request body, not a
-/// copy of it: decoding the request copied every profile twice.
-#[derive(Clone, PartialEq, Message)]
-pub struct RawSample {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub raw_profile: Bytes,
-    #[prost(string, tag = "2")]
-    pub id: String,
-}
-
-/// `push.v1.PushResponse`
-#[derive(Clone, PartialEq, Message)]
-pub struct PushResponse {}
-
-#[derive(Deserialize)]
-struct JsonRequest {
-    #[serde(default)]
-    series: Vec<JsonSeries>,
-}
-
-#[derive(Deserialize)]
-struct JsonSeries {
-    #[serde(default)]
-    labels: Vec<LabelPair>,
-    #[serde(default)]
-    samples: Vec<JsonSample>,
-}
-
-#[derive(Deserialize)]
-struct JsonSample {
-    #[serde(default, alias = "raw_profile", rename = "rawProfile")]
-    raw_profile: String,
-    #[serde(default, alias = "id", rename = "ID")]
-    id: String,
-}
-
-impl PushRequest {
-    pub fn decode_proto(body: Bytes) -> Result<Self, IngestError> {
-        Self::decode(body).map_err(|e| IngestError::Decode {
-            what: "push.v1.PushRequest",
-            reason: e.to_string(),
-        })
-    }
-
-    pub fn decode_json(body: &[u8]) -> Result<Self, IngestError> {
-        let err = |reason: String| IngestError::Decode {
-            what: "push.v1.PushRequest JSON",
-            reason,
-        };
-        let req: JsonRequest = serde_json::from_slice(body).map_err(|e| err(e.to_string()))?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut series = Vec::with_capacity(req.series.len());
-        for s in req.series {
-            let mut samples = Vec::with_capacity(s.samples.len());
-            for sample in s.samples {
-                // proto3 JSON allows both the standard and the URL-safe alphabet.
-                let raw = b64
-                    .decode(sample.raw_profile.as_bytes())
-                    .or_else(|_| {
-                        base64::engine::general_purpose::URL_SAFE
-                            .decode(sample.raw_profile.as_bytes())
-                    })
-                    .map_err(|e| err(format!("rawProfile is not base64: {e}")))?;
-                samples.push(RawSample {
-                    raw_profile: raw.into(),
-                    id: sample.id,
-                });
-            }
-            series.push(RawProfileSeries {
-                labels: s.labels,
-                samples,
-            });
-        }
-        Ok(PushRequest { series })
-    }
+fn decode_json(body: &[u8]) -> Result<PushRequest, IngestError> {
+    ember_api::json::from_json(body).map_err(|reason| IngestError::Decode {
+        what: "push.v1.PushRequest JSON",
+        reason,
+    })
 }
 
 /// A `push.v1.PushRequest` body, protobuf or Connect's JSON, gzipped or not.
@@ -146,9 +55,9 @@ impl WireFormat for PushBody {
             self.body
         };
         let req = if self.encoding.json {
-            PushRequest::decode_json(&body)?
+            decode_json(&body)?
         } else {
-            PushRequest::decode_proto(body)?
+            decode_proto(body)?
         };
         request_profiles(limits, &req, tenant, now_nanos, &mut budget)
     }
@@ -202,16 +111,14 @@ mod tests {
                     raw_profile: vec![1, 2, 3].into(),
                     id: "x".into(),
                 }],
+                ..Default::default()
             }],
         };
-        let proto = PushRequest::decode_proto(req.encode_to_vec().into()).unwrap();
+        let proto = decode_proto(req.encode_to_vec().into()).unwrap();
         assert_eq!(proto, req);
         let json = br#"{"series":[{"labels":[{"name":"service_name","value":"api"}],"samples":[{"rawProfile":"AQID","ID":"x"}]}]}"#;
-        assert_eq!(PushRequest::decode_json(json).unwrap(), req);
-        assert!(
-            PushRequest::decode_json(br#"{"series":[{"samples":[{"rawProfile":"***"}]}]}"#)
-                .is_err()
-        );
-        assert!(PushRequest::decode_proto(Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
+        assert_eq!(decode_json(json).unwrap(), req);
+        assert!(decode_json(br#"{"series":[{"samples":[{"rawProfile":"***"}]}]}"#).is_err());
+        assert!(decode_proto(Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
     }
 }
