@@ -9,9 +9,9 @@ mod connections;
 mod grpc;
 mod http;
 pub mod http_client;
-mod local_store;
+
 mod metrics;
-mod object_requests;
+
 pub mod output;
 pub mod querier;
 pub mod query;

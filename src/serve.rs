@@ -30,10 +30,10 @@ use crate::connections::{
     admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
 };
 use crate::http::{health_router, router};
-use crate::local_store::SyncedLocalStore;
 use crate::metrics::HttpMetrics;
-use crate::object_requests::{CountRequests, ObjectRequestMetrics};
 use crate::tls::{TlsFiles, TlsListener};
+use ember_engine::local_store::SyncedLocalStore;
+use ember_engine::object_requests::{CountRequests, ObjectRequestMetrics};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {

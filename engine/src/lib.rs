@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod block;
+pub mod local_store;
+pub mod object_requests;
 pub mod profile;
 pub mod selector;
 pub mod stack;

@@ -1,8 +1,8 @@
 //! Counts object-store requests and bytes: they are what object storage
 //! bills, and the benchmark reports them per flush and per query.
 
+use crate::store_layer::{Request, StoreLayer};
 use async_trait::async_trait;
-use ember_engine::store_layer::{Request, StoreLayer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
