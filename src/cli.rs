@@ -326,7 +326,7 @@ fn time_ms(text: &str, now: i64) -> anyhow::Result<i64> {
     } else {
         text.to_string()
     };
-    crate::render::parse_time(&text, now).map_err(|e| anyhow::anyhow!(e))
+    ember_query_frontend::parse_time(&text, now).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn selector_with_service(selector: &str, service: Option<&str>) -> anyhow::Result<String> {

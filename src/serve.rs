@@ -25,15 +25,16 @@ use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
-use crate::api::AppState;
 use crate::connections::{
     admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
 };
 use crate::http::{health_router, router};
-use crate::metrics::HttpMetrics;
 use crate::tls::{TlsFiles, TlsListener};
+use ember_distributor::http::PushState;
+use ember_distributor::metrics::PushMetrics;
 use ember_engine::local_store::SyncedLocalStore;
 use ember_engine::object_requests::{CountRequests, ObjectRequestMetrics};
+use ember_query_frontend::QueryState;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -233,7 +234,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.dlq_retry_seconds.max(1)),
     ));
     object_metrics.register(&mut registry);
-    let http_metrics = HttpMetrics::new(&mut registry);
+    let push_metrics = PushMetrics::new(&mut registry);
     let limits = limits(&args)?;
     let compaction = compaction_config(&args)?;
     start_lifecycle(
@@ -311,13 +312,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.flight_addr))?;
     info!(http = %http_listener.local_addr()?, flight = %flight_listener.local_addr()?, "ember serving");
 
-    let app = router(AppState {
-        distributor,
-        engine: engine.clone(),
-        auth: auth.clone(),
-        metrics: http_metrics,
-        registry: Arc::new(registry),
-    });
+    let app = router(
+        PushState {
+            distributor,
+            auth: auth.clone(),
+            metrics: push_metrics,
+        },
+        QueryState {
+            engine: engine.clone(),
+            auth: auth.clone(),
+        },
+        Arc::new(registry),
+    );
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles::read(cert, key)?),
         (None, None) => None,

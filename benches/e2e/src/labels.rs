@@ -5,8 +5,8 @@
 
 use anyhow::Context;
 use bytes::Bytes;
-use ember::querier::querier_v1 as q;
-use ember::querier::types_v1 as t;
+use ember_api::querier::v1 as q;
+use ember_api::types::v1 as t;
 use ember_engine::profile::now_nanos;
 use prost::Message;
 

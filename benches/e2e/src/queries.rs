@@ -12,8 +12,8 @@ use arrow::datatypes::Int64Type;
 use serde::Serialize;
 
 use bytes::Bytes;
-use ember::querier::querier_v1 as q;
-use ember::querier::types_v1 as t;
+use ember_api::querier::v1 as q;
+use ember_api::types::v1 as t;
 use prost::Message;
 
 use super::server::Server;

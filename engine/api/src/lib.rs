@@ -1,9 +1,13 @@
 //! Pyroscope's public API and pprof's profile, generated from the `.proto`
 //! files in `proto/` (exact packages, names and field numbers of
 //! grafana/pyroscope's `api/` and pprof's profile.proto), with the proto3
-//! JSON mapping Connect clients use for `application/json`.
+//! JSON mapping Connect clients use for `application/json`; and how they
+//! ride HTTP: Connect errors (`connect`) and gRPC framing on the same port
+//! (`grpc`).
 
+pub mod connect;
 mod flame_graph;
+pub mod grpc;
 pub mod json;
 
 macro_rules! package {

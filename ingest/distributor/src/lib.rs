@@ -6,7 +6,9 @@
 
 pub mod error;
 pub mod formats;
+pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod normalise;
 pub mod pool;
 

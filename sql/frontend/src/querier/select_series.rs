@@ -3,7 +3,7 @@
 use super::*;
 
 pub(crate) async fn select_series(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     req: SelectSeriesRequest,

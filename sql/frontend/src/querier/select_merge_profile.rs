@@ -4,7 +4,7 @@
 use super::*;
 
 pub(super) async fn select_merge_profile(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeProfileRequest,

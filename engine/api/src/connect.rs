@@ -1,32 +1,15 @@
 //! What every HTTP front end shares (push, the query API, the render API,
-//! gRPC on the same port): the server's state, the request's tenant, and
-//! the one error type whose status and Connect body say why.
-
-use std::sync::Arc;
+//! gRPC on the same port): the request's tenant, and the one error type
+//! whose status and Connect body say why.
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ember_distributor::Distributor;
-use ember_distributor::IngestError;
-use ember_engine::Authenticator;
-use ember_sql::QueryEngine;
-use prometheus_client::registry::Registry;
-
-use crate::metrics::HttpMetrics;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub distributor: Arc<Distributor>,
-    pub engine: Arc<QueryEngine>,
-    pub auth: Arc<Authenticator>,
-    pub metrics: HttpMetrics,
-    pub registry: Arc<Registry>,
-}
+use ember_engine::{AuthError, Authenticator};
 
 /// A refused request: the status and a Connect error body, whose `message`
 /// says why.
 #[derive(Debug)]
-pub(crate) struct ApiError {
+pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -52,28 +35,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<IngestError> for ApiError {
-    fn from(e: IngestError) -> Self {
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
         let (status, code) = match &e {
-            IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "resource_exhausted"),
-            IngestError::Storage(_) | IngestError::ShuttingDown => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
-            IngestError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
-            IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            IngestError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_denied"),
-            _ => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_denied"),
+            AuthError::InvalidTenant(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
         };
-        ApiError {
-            status,
-            code,
-            message: e.to_string(),
-        }
+        connect_error(status, code, e.to_string())
     }
 }
 
 /// A Connect error: the status, the code and why.
-pub(crate) fn connect_error(
+pub fn connect_error(
     status: StatusCode,
     code: &'static str,
     message: impl Into<String>,
@@ -86,18 +60,18 @@ pub(crate) fn connect_error(
 }
 
 /// The client's mistake, and why.
-pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+pub fn invalid(message: impl Into<String>) -> ApiError {
     connect_error(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
-pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// The request's tenant: its credentials' when authentication is on, else
 /// the one `X-Scope-OrgID` names.
-pub(crate) fn request_tenant(state: &AppState, headers: &HeaderMap) -> Result<String, IngestError> {
-    let tenant = state.auth.tenant(
+pub fn request_tenant(auth: &Authenticator, headers: &HeaderMap) -> Result<String, AuthError> {
+    let tenant = auth.tenant(
         header_str(headers, "authorization"),
         header_str(headers, "x-scope-orgid"),
     )?;

@@ -23,7 +23,9 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::{connect_error, header_str, invalid, request_tenant, ApiError, AppState};
+use ember_api::connect::{connect_error, header_str, invalid, request_tenant, ApiError};
+
+use crate::QueryState;
 
 mod diff;
 mod levels;
@@ -32,8 +34,8 @@ mod select_merge_stacktraces;
 mod select_series;
 
 pub(crate) use diff::diff;
-pub use ember_api::{querier::v1 as querier_v1, types::v1 as types_v1};
-pub use levels::{flame_graph, flame_graph_diff, tree_bytes};
+use ember_api::{querier::v1 as querier_v1, types::v1 as types_v1};
+use levels::{flame_graph, flame_graph_diff, tree_bytes};
 use select_merge_profile::select_merge_profile;
 pub(crate) use select_merge_stacktraces::select_merge_stacktraces;
 use select_merge_stacktraces::stacktraces;
@@ -130,19 +132,19 @@ impl Codec {
 
 /// `POST /querier.v1.QuerierService/{method}`, over Connect or gRPC.
 pub async fn handle(
-    State(state): State<AppState>,
+    State(state): State<QueryState>,
     Path(method): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let grpc = crate::grpc::is_grpc(&headers);
+    let grpc = ember_api::grpc::is_grpc(&headers);
     let result = async {
-        let tenant = request_tenant(&state, &headers)?;
+        let tenant = request_tenant(&state.auth, &headers)?;
         let settings =
             Settings::from_headers(|name| header_str(&headers, name)).map_err(invalid)?;
         let (codec, message) = if grpc {
             let message =
-                crate::grpc::request_message(&headers, body, MAX_QUERY_REQUEST_BYTES).await?;
+                ember_api::grpc::request_message(&headers, body, MAX_QUERY_REQUEST_BYTES).await?;
             (Codec::Proto, message)
         } else {
             (
@@ -158,7 +160,7 @@ pub async fn handle(
         tracing::info!(method, grpc, error = %e.message, "query API request refused");
     }
     if grpc {
-        return crate::grpc::response(result.map(|(_, reply)| reply));
+        return ember_api::grpc::response(result.map(|(_, reply)| reply));
     }
     match result {
         Ok((codec, reply)) => {
@@ -170,7 +172,7 @@ pub async fn handle(
 
 /// The encoded reply of one query API method.
 async fn call(
-    state: &AppState,
+    state: &QueryState,
     method: &str,
     tenant: &str,
     settings: &Settings,

@@ -3,7 +3,7 @@
 use super::*;
 
 pub(crate) async fn diff(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     left: &SelectMergeStacktracesRequest,

@@ -1,4 +1,4 @@
-//! Prometheus metrics of the HTTP surface; each role registers its own.
+//! Prometheus metrics of the push front end.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 type LabelSet = Vec<(String, String)>;
 
 #[derive(Clone)]
-pub struct HttpMetrics {
+pub struct PushMetrics {
     pub pushes: Family<LabelSet, Counter>,
     pub push_bytes: Counter,
     pub profiles: Counter,
@@ -16,7 +16,7 @@ pub struct HttpMetrics {
     pub push_seconds: Family<LabelSet, Histogram>,
 }
 
-impl HttpMetrics {
+impl PushMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             pushes: Family::default(),

@@ -15,11 +15,13 @@ use ember_sql::labels::LabelQuery;
 use ember_sql::Settings;
 use serde_json::{json, Value};
 
-use crate::api::{header_str, invalid, request_tenant, ApiError, AppState};
-use crate::querier::querier_v1::{
+use ember_api::connect::{header_str, invalid, request_tenant, ApiError};
+
+use crate::querier::{diff, select_merge_stacktraces, select_series};
+use crate::QueryState;
+use ember_api::querier::v1::{
     FlameGraph, FlameGraphDiff, SelectMergeStacktracesRequest, SelectSeriesRequest,
 };
-use crate::querier::{diff, select_merge_stacktraces, select_series};
 
 type Params = Vec<(String, String)>;
 
@@ -153,7 +155,7 @@ fn metadata(profile_type: &str, format: &str) -> Value {
     })
 }
 
-fn levels_json(levels: &[crate::querier::querier_v1::Level]) -> Vec<Vec<i64>> {
+fn levels_json(levels: &[ember_api::querier::v1::Level]) -> Vec<Vec<i64>> {
     levels.iter().map(|l| l.values.clone()).collect()
 }
 
@@ -193,7 +195,7 @@ fn timeline(start_s: i64, step_s: i64, until_ms: i64, points: &[(i64, f64)]) -> 
 
 /// `GET /pyroscope/render`.
 pub async fn render(
-    State(state): State<AppState>,
+    State(state): State<QueryState>,
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
@@ -204,11 +206,11 @@ pub async fn render(
 }
 
 async fn render_inner(
-    state: &AppState,
+    state: &QueryState,
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
-    let tenant = request_tenant(state, headers)?;
+    let tenant = request_tenant(&state.auth, headers)?;
     let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
     let query = param(params, &["query"]).ok_or_else(|| invalid("\"query\" is required"))?;
     let (profile_type, selector) = parse_query(query).map_err(invalid)?;
@@ -254,7 +256,7 @@ async fn render_inner(
         },
     )
     .await?;
-    let points = |s: &crate::querier::types_v1::Series| -> Vec<(i64, f64)> {
+    let points = |s: &ember_api::types::v1::Series| -> Vec<(i64, f64)> {
         s.points.iter().map(|p| (p.timestamp, p.value)).collect()
     };
     let all: Vec<(i64, f64)> = series.iter().flat_map(points).collect();
@@ -284,7 +286,7 @@ async fn render_inner(
 
 /// `GET /pyroscope/render-diff`.
 pub async fn render_diff(
-    State(state): State<AppState>,
+    State(state): State<QueryState>,
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
@@ -295,11 +297,11 @@ pub async fn render_diff(
 }
 
 async fn render_diff_inner(
-    state: &AppState,
+    state: &QueryState,
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
-    let tenant = request_tenant(state, headers)?;
+    let tenant = request_tenant(&state.auth, headers)?;
     let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
     let side =
         |query: &str, from: &str, until: &str| -> Result<SelectMergeStacktracesRequest, ApiError> {
@@ -339,12 +341,12 @@ async fn render_diff_inner(
 /// `GET /pyroscope/label-values?label=...`: profile types for `__name__`,
 /// else the label's values (optionally within `query`, `from`, `until`).
 pub async fn label_values(
-    State(state): State<AppState>,
+    State(state): State<QueryState>,
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
     let inner = async {
-        let tenant = request_tenant(&state, &headers)?;
+        let tenant = request_tenant(&state.auth, &headers)?;
         let label = param(&params, &["label"])
             .filter(|l| !l.is_empty())
             .ok_or_else(|| invalid("label parameter is required"))?;
@@ -364,12 +366,12 @@ pub async fn label_values(
 /// `GET /pyroscope/labels`: label names (optionally within `query`,
 /// `from`, `until`).
 pub async fn labels(
-    State(state): State<AppState>,
+    State(state): State<QueryState>,
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
     let inner = async {
-        let tenant = request_tenant(&state, &headers)?;
+        let tenant = request_tenant(&state.auth, &headers)?;
         let q = label_query(&params, tenant)?;
         Ok::<_, ApiError>(state.engine.label_names(&q))
     };

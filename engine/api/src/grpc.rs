@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use http_body::Frame;
 
-use crate::api::{header_str, ApiError};
+use crate::connect::{header_str, ApiError};
 
 /// Whether a request is a gRPC call (any content type `application/grpc*`).
 pub fn is_grpc(headers: &HeaderMap) -> bool {

@@ -4,7 +4,7 @@
 use super::*;
 
 pub(crate) async fn select_merge_stacktraces(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
@@ -15,7 +15,7 @@ pub(crate) async fn select_merge_stacktraces(
 /// The merged stacks in the format asked for: a flame graph, or the tree
 /// bytes when the format is `TREE`.
 pub(super) async fn stacktraces(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
@@ -33,7 +33,7 @@ pub(super) async fn stacktraces(
 /// or `span_flamegraph()` when the request selects spans, with the same
 /// checks, but without SQL around it.
 async fn with_flame_graph<R: Send>(
-    state: &AppState,
+    state: &QueryState,
     tenant: &str,
     settings: &Settings,
     req: &SelectMergeStacktracesRequest,
