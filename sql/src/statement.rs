@@ -49,9 +49,11 @@ pub struct StatementLimits {
     /// table, table function and derived table in a `FROM` or `JOIN`) one
     /// statement may name.
     pub max_relations: usize,
-    /// The sum, over every expression node, of its depth: what planning an
-    /// expression costs, since the planner derives each node's type from
-    /// its whole subtree. A chain of 2,000 terms costs about 4 million.
+    /// The sum, over every expression node, of its depth times the number
+    /// of queries it is nested in: what planning an expression costs, since
+    /// the planner derives each node's type and name from its whole subtree,
+    /// and again in each enclosing query. A chain of 2,000 terms costs about
+    /// 4 million, and 20 million five subqueries deep.
     pub max_expression_cost: usize,
 }
 
@@ -88,6 +90,7 @@ pub(crate) fn parse(
         limit,
         relations: 0,
         max_relations: limits.max_relations,
+        queries: 0,
         cost: 0,
         max_cost: limits.max_expression_cost,
     };
@@ -106,8 +109,8 @@ pub(crate) fn parse(
         ),
         Refusal::Cost => format!(
             "the statement's expressions are too large to plan: the depths of their \
-             nodes add up to more than {} (--max-expression-cost); \
-             long lists of values fit in `IN (...)`",
+             nodes, times the queries they are nested in, add up to more than {} \
+             (--max-expression-cost); long lists of values fit in `IN (...)`",
             limits.max_expression_cost
         ),
         Refusal::FunctionChain => format!(
@@ -147,14 +150,16 @@ enum Refusal {
 }
 
 /// Balances `AND`/`OR` chains on the way down, and breaks once an
-/// expression is deeper than `limit`, its nodes' depths add up to more than
-/// `max_cost`, or the statement has named more than `max_relations`
-/// queries and tables.
+/// expression is deeper than `limit`, its nodes' depths (times the queries
+/// they are nested in) add up to more than `max_cost`, or the statement has
+/// named more than `max_relations` queries and tables.
 struct ShapeCheck {
     depth: usize,
     limit: usize,
     relations: usize,
     max_relations: usize,
+    /// Queries the visit is inside.
+    queries: usize,
     cost: usize,
     max_cost: usize,
 }
@@ -181,7 +186,7 @@ impl VisitorMut for ShapeCheck {
         if self.depth > self.limit {
             return ControlFlow::Break(Refusal::Depth);
         }
-        self.cost += self.depth;
+        self.cost += self.depth * self.queries.max(1);
         if self.cost > self.max_cost {
             return ControlFlow::Break(Refusal::Cost);
         }
@@ -194,7 +199,13 @@ impl VisitorMut for ShapeCheck {
     }
 
     fn pre_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Refusal> {
+        self.queries += 1;
         self.count_relation()
+    }
+
+    fn post_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Refusal> {
+        self.queries -= 1;
+        ControlFlow::Continue(())
     }
 
     fn pre_visit_table_factor(&mut self, _factor: &mut TableFactor) -> ControlFlow<Refusal> {
@@ -347,6 +358,19 @@ mod tests {
         assert!(matches!(err, SqlError::InvalidQuery(_)), "{err:?}");
         assert!(err.to_string().contains("--max-expression-cost"), "{err}");
         parse_default(&format!("SELECT {chain}, {chain}, {chain}")).expect("within the limit");
+        // Each enclosing query derives the chain's names and types again:
+        // a chain of 1,519 products five subqueries deep held the fuzz
+        // harness's query thread past its timeout (30 s in a debug build).
+        let nested = |levels: usize, terms: usize| {
+            let mut sql = format!("1{}", " * 1".repeat(terms));
+            for _ in 0..levels {
+                sql = format!("SELECT ({sql})");
+            }
+            sql
+        };
+        parse_default(&nested(1, 1_519)).expect("at the top");
+        let err = parse_default(&nested(5, 1_519)).expect_err("five deep");
+        assert!(err.to_string().contains("--max-expression-cost"), "{err}");
     }
 
     #[test]
