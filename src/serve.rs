@@ -32,8 +32,8 @@ use crate::http::{health_router, router};
 use crate::tls::{TlsFiles, TlsListener};
 use ember_distributor::http::PushState;
 use ember_distributor::metrics::PushMetrics;
-use ember_engine::local_store::SyncedLocalStore;
 use ember_engine::object_requests::{CountRequests, ObjectRequestMetrics};
+use ember_engine::object_store_url::{open_object_store, redacted};
 use ember_query_frontend::QueryState;
 
 #[derive(clap::Args, Debug)]
@@ -55,9 +55,20 @@ pub struct ServeArgs {
     /// Shared secret between the metastore and roles in other processes.
     #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
-    /// Holds the object store (`objects/`) and the metastore file.
+    /// Holds the metastore file, and the object store (`objects/`) unless
+    /// `--object-store-url` names another.
     #[arg(long, default_value = "./data", env = "EMBER_DATA_DIR")]
     data_dir: PathBuf,
+    /// Where blocks live: `file:///path`, `s3://bucket[/prefix]`,
+    /// `gs://bucket[/prefix]` or `az://container[/prefix]` (default:
+    /// `<data-dir>/objects`). Cloud stores read the `object_store` crate's
+    /// environment variables (`AWS_REGION`, `AWS_ENDPOINT`, ...).
+    #[arg(long, env = "EMBER_OBJECT_STORE_URL")]
+    object_store_url: Option<String>,
+    /// `key=value` for the object store, the same keys as its environment
+    /// variables in lower case (`aws_access_key_id=...`); repeatable.
+    #[arg(long = "object-store-option", value_name = "KEY=VALUE")]
+    object_store_options: Vec<String>,
     /// Pyroscope-compatible HTTP API, health and metrics.
     #[arg(long, default_value = "0.0.0.0:4040", env = "EMBER_HTTP_ADDR")]
     http_addr: SocketAddr,
@@ -369,20 +380,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The object store every role of this process shares: the local
-/// directory `<data-dir>/objects`, counted, with test faults when asked.
+/// The object store every role of this process shares (`--object-store-url`,
+/// else the local directory `<data-dir>/objects`), counted, with test faults
+/// when asked.
 fn open_store(
     args: &ServeArgs,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjectRequestMetrics, Arc<Faults>)> {
-    let objects = args.data_dir.join("objects");
-    std::fs::create_dir_all(&objects).with_context(|| format!("creating {}", objects.display()))?;
-    let objects = objects
-        .canonicalize()
-        .with_context(|| format!("resolving {}", objects.display()))?;
-    let mut local: Arc<dyn ObjectStore> = Arc::new(
-        SyncedLocalStore::new(objects.clone())
-            .with_context(|| format!("opening {}", objects.display()))?,
-    );
+    let mut local = open_object_store(
+        args.object_store_url.as_deref(),
+        &args.data_dir.join("objects"),
+        &args.object_store_options,
+    )?;
+    let url = args.object_store_url.as_deref().map(redacted);
+    info!(url = url.as_deref().unwrap_or("<data-dir>/objects"), store = %local, "object store");
     let faults = Arc::new(match &args.faults {
         Some(spec) => Faults::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?,
         None => Faults::default(),

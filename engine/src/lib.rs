@@ -6,6 +6,7 @@ pub mod auth;
 pub mod block;
 pub mod local_store;
 pub mod object_requests;
+pub mod object_store_url;
 pub mod profile;
 pub mod selector;
 pub mod stack;

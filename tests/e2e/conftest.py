@@ -5,7 +5,9 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
+import uuid
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pytest
@@ -46,10 +48,54 @@ def free_port():
         return s.getsockname()[1]
 
 
+class LocalStore:
+    """The embedded default: `<data-dir>/objects`."""
+
+    def __init__(self, data_dir):
+        self.root = pathlib.Path(data_dir) / "objects"
+
+    def args(self):
+        return []
+
+    def keys(self, prefix=""):
+        base = self.root / prefix
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
+
+
+class S3Store:
+    """A bucket of the S3 server the tests run (moto), under a prefix."""
+
+    def __init__(self, endpoint):
+        self.endpoint, self.bucket, self.prefix = endpoint, f"ember-{uuid.uuid4().hex[:12]}", "cluster/data"
+        requests.put(f"{endpoint}/{self.bucket}", timeout=10).raise_for_status()
+        self.options = {"aws_endpoint": endpoint, "aws_allow_http": "true", "aws_region": "us-east-1",
+                        "aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
+
+    def url(self):
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def args(self):
+        out = ["--object-store-url", self.url()]
+        for k, v in self.options.items():
+            out += ["--object-store-option", f"{k}={v}"]
+        return out
+
+    def keys(self, prefix=""):
+        import boto3
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                          aws_access_key_id="test-key", aws_secret_access_key="test-secret")
+        out = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/{prefix}"):
+            out += [o["Key"][len(self.prefix) + 1:] for o in page.get("Contents", [])]
+        return sorted(out)
+
+
 class Ember:
-    def __init__(self, data_dir, extra_args=()):
+    def __init__(self, data_dir, extra_args=(), store=None, env=None):
         self.data_dir = data_dir
         self.extra_args = list(extra_args)
+        self.store = store or LocalStore(data_dir)
+        self.env = env or {}
         self.proc = None
         self.log = None
 
@@ -62,8 +108,9 @@ class Ember:
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--data-dir", str(self.data_dir),
              "--http-addr", f"127.0.0.1:{self.http_port}",
-             "--flight-addr", f"127.0.0.1:{self.flight_port}", *self.window_args(), *self.extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT,
+             "--flight-addr", f"127.0.0.1:{self.flight_port}", *self.window_args(), *self.store.args(),
+             *self.extra_args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -140,12 +187,44 @@ def ember(tmp_path):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """A real S3-compatible server on loopback (moto's, from PyPI)."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        assert proc.poll() is None, "moto_server exited at start"
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            assert time.time() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    """Each object store a test runs on: None for the local default, else
+    a fresh bucket on the test S3 server."""
+    if request.param == "local":
+        return None
+    return S3Store(request.getfixturevalue("moto"))
+
+
 @pytest.fixture
 def make_ember(tmp_path):
     servers = []
 
-    def make(*args, data_dir=None):
-        server = Ember(data_dir or tmp_path, args)
+    def make(*args, data_dir=None, store=None, env=None):
+        server = Ember(data_dir or tmp_path, args, store=store, env=env)
         servers.append(server)
         return server.start()
 

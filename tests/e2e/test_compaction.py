@@ -36,12 +36,11 @@ def metric_values(ember, name):
 def wait_compacted(ember, timeout=90):
     """Until every block is at the top level (2 with FAST), no job is left,
     and no level-0 object either."""
-    segments = ember.data_dir / "objects" / "segments"
     deadline = time.time() + timeout
     while time.time() < deadline:
         blocks = metric_values(ember, "ember_blocks")
         jobs = sum(metric_values(ember, "ember_compaction_jobs").values())
-        left = list(segments.rglob("block.bin")) if segments.exists() else []
+        left = [k for k in ember.store.keys("segments/") if k.endswith("block.bin")]
         if blocks and set(blocks) == {'{level="2"}'} and jobs == 0 and not left:
             return blocks
         time.sleep(0.25)
@@ -59,9 +58,9 @@ def answers(ember, tenant):
     return flame_stacks(flame), flame_stacks(pod), totals, profiles
 
 
-def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tmp_path):
+def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tmp_path, store):
     # Two tenants push the same service to the same shards; nothing compacts yet.
-    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path)
+    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path, store=store)
     for i in range(5):
         for tenant in ["team-a", "team-b"]:
             push(ember, tenant, f"p{i}")
@@ -74,7 +73,7 @@ def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tm
 
     # Two workers: the first takes only level-0 jobs, so the level-1 jobs
     # that reach level 2 are the other's.
-    ember = make_ember("--compaction-workers", "2", *FAST, data_dir=tmp_path)
+    ember = make_ember("--compaction-workers", "2", *FAST, data_dir=tmp_path, store=store)
     blocks = wait_compacted(ember)
     assert sum(blocks.values()) <= 2, blocks  # one block per tenant at the top
     assert metric_values(ember, "ember_compaction_profiles_deduplicated_total")[""] >= 1
@@ -97,7 +96,7 @@ def test_compaction_keeps_every_answer_and_retires_level0_objects(make_ember, tm
     # Compacted blocks answer the same after a restart (cold caches).
     warm = {t: answers(ember, t) for t in ["team-a", "team-b"]}
     ember.stop()
-    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path)
+    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path, store=store)
     assert {t: answers(ember, t) for t in ["team-a", "team-b"]} == warm
 
 
@@ -152,14 +151,14 @@ def test_a_crash_at_each_compaction_step_loses_nothing_and_doubles_nothing(make_
     assert got == want
 
 
-def test_retention_drops_a_tenants_old_partitions_and_keeps_the_others(make_ember, tmp_path):
+def test_retention_drops_a_tenants_old_partitions_and_keeps_the_others(make_ember, tmp_path, store):
     limits = tmp_path / "limits.json"
     limits.write_text('{"tenants": {"keeper": {"compactor_blocks_retention_period_seconds": 0}}}')
     data = tmp_path / "data"
     data.mkdir()
     args = ["--retention-seconds", "86400", "--limits-file", str(limits), *FAST]
     # The fixture was recorded long ago: past a day's retention already.
-    ember = make_ember("--compaction-workers", "0", *args, data_dir=data)
+    ember = make_ember("--compaction-workers", "0", *args, data_dir=data, store=store)
     for tenant in ["short", "keeper"]:
         push(ember, tenant, "p1")
     count = "SELECT count(*) AS n FROM profiles"
@@ -167,7 +166,7 @@ def test_retention_drops_a_tenants_old_partitions_and_keeps_the_others(make_embe
     kept = ember.sql(count, tenant="keeper").to_pylist()[0]["n"]
     ember.stop()
     # Retention runs when the planner starts, then once a minute.
-    ember = make_ember("--compaction-workers", "0", *args, data_dir=data)
+    ember = make_ember("--compaction-workers", "0", *args, data_dir=data, store=store)
     deadline = time.time() + 30
     while ember.sql(count, tenant="short").to_pylist()[0]["n"] > 0:
         assert time.time() < deadline, "short's profiles outlived its retention"

@@ -14,9 +14,9 @@ from conftest import FIXTURES, Ember
 FAR = 9_999_999_999_999
 
 
-def test_sigkill_loses_no_acknowledged_profile(tmp_path):
+def test_sigkill_loses_no_acknowledged_profile(tmp_path, store):
     raw = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
-    ember = Ember(tmp_path).start()
+    ember = Ember(tmp_path, store=store).start()
     acked, stop = [], threading.Event()
 
     def pusher(worker):

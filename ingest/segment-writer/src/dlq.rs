@@ -7,7 +7,7 @@ use std::time::Duration;
 use ember_engine::block::BlockMeta;
 use ember_metastore::{Command, Metastore};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use tracing::{info, warn};
 
 use crate::{SegmentError, SegmentMetrics};
@@ -19,11 +19,18 @@ pub(crate) async fn write_dlq(
     meta: &BlockMeta,
 ) -> Result<Path, SegmentError> {
     let path = Path::from(format!("{DLQ_PREFIX}/{}/{}.meta", meta.shard, meta.id));
-    store
-        .put(&path, PutPayload::from(meta.encode_framed()))
-        .await
-        .map_err(|e| SegmentError::Storage(format!("writing {path}: {e}")))?;
-    Ok(path)
+    // One entry per block: an entry already there is this block's.
+    let written = store
+        .put_opts(
+            &path,
+            PutPayload::from(meta.encode_framed()),
+            PutMode::Create.into(),
+        )
+        .await;
+    match written {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(path),
+        Err(e) => Err(SegmentError::Storage(format!("writing {path}: {e}"))),
+    }
 }
 
 const QUARANTINE_PREFIX: &str = "dlq-quarantine";

@@ -16,7 +16,7 @@ use ember_engine::block::{write_block, BlockMeta, StackNodes};
 use ember_engine::profile::Profile;
 use ember_metastore::{partition_of, MetastoreClient};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -416,12 +416,17 @@ impl ShardWorker {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0;
         loop {
-            let put = self
-                .sink
-                .store
-                .put(&location, PutPayload::from(bytes.clone()));
+            // Never over another object: the name is a fresh ULID, so one
+            // already there is this upload's own earlier attempt, whose
+            // answer was lost (a PUT is all or nothing).
+            let put = self.sink.store.put_opts(
+                &location,
+                PutPayload::from(bytes.clone()),
+                PutMode::Create.into(),
+            );
             let err = match tokio::time::timeout(self.config.upload_timeout, put).await {
                 Ok(Ok(_)) => return Ok(()),
+                Ok(Err(object_store::Error::AlreadyExists { .. })) if attempt > 0 => return Ok(()),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("timed out after {:?}", self.config.upload_timeout),
             };

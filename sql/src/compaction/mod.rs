@@ -53,7 +53,7 @@ use ember_metastore::{
 use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -652,7 +652,7 @@ impl Compactor {
             let mut bytes = Vec::with_capacity(size as usize);
             file.read_to_end(&mut bytes).map_err(io)?;
             self.store
-                .put(&location, PutPayload::from(bytes))
+                .put_opts(&location, PutPayload::from(bytes), PutMode::Create.into())
                 .await
                 .map_err(upload_err)?;
             return Ok(());
