@@ -122,6 +122,15 @@ pub struct ServeArgs {
     /// `compactor_blocks_retention_period_seconds`.
     #[arg(long, default_value_t = 0)]
     retention_seconds: u64,
+    /// Request bytes a second each tenant may push, in MB (0: no limit);
+    /// past it, pushes get 429 with the reason. Per tenant through
+    /// `--limits-file` as `ingestion_rate_mb`.
+    #[arg(long, default_value_t = 0.0)]
+    ingestion_rate_mb: f64,
+    /// Bytes a tenant may push at once above its rate, in MB (at least one
+    /// second of the rate); per tenant as `ingestion_burst_size_mb`.
+    #[arg(long, default_value_t = 0.0)]
+    ingestion_burst_size_mb: f64,
     /// PEM certificate (chain) to serve HTTP and Flight SQL over TLS.
     #[arg(long, env = "EMBER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -738,6 +747,8 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
             reject_older_than_seconds: args.reject_older_than_seconds,
             reject_newer_than_seconds: args.reject_newer_than_seconds,
             compactor_blocks_retention_period_seconds: args.retention_seconds,
+            ingestion_rate_mb: args.ingestion_rate_mb,
+            ingestion_burst_size_mb: args.ingestion_burst_size_mb,
         },
         tenants: Default::default(),
     };

@@ -153,6 +153,35 @@ def test_limits_answer_with_their_names_and_the_server_stays_up(make_ember):
     assert ember.alive()
 
 
+def test_a_tenant_past_its_ingestion_rate_gets_429_and_the_others_are_not_slowed(make_ember, tmp_path):
+    limits = tmp_path / "limits.json"
+    # 20 KB a second with a 50 KB burst for one tenant; the others unlimited.
+    limits.write_text('{"tenants": {"noisy": {"ingestion_rate_mb": 0.02, "ingestion_burst_size_mb": 0.05}}}')
+    ember = make_ember("--limits-file", str(limits))
+    raw = (FIXTURES / "pprof" / "go-heap.pb.gz").read_bytes()
+
+    def push(tenant, pod):
+        labels = {"__name__": "memory", "service_name": "rate", "pod": pod}
+        return ember.push_proto([(labels, [raw])], tenant=tenant, gzip_body=False)
+
+    assert push("noisy", "p0").status_code == 200
+    refused = push("noisy", "p1")
+    assert refused.status_code == 429, refused.text
+    assert refused.headers.get("Retry-After")
+    message = refused.json()["message"]
+    assert "ingestion_rate_mb 0.02" in message and "retry in" in message, message
+    for i in range(10):
+        assert push("quiet", f"p{i}").status_code == 200
+    wait = float(message.split("retry in ")[1].split(" s")[0])
+    time.sleep(wait + 0.2)
+    assert push("noisy", "p2").status_code == 200
+    # What was refused was not stored; what was acknowledged was.
+    pods = {t: sorted(r["pod"] for r in ember.sql(
+        "SELECT DISTINCT regexp_match(labels, 'pod=\"([^\"]+)')[1] AS pod FROM profiles", tenant=t).to_pylist())
+        for t in ["noisy", "quiet"]}
+    assert pods == {"noisy": ["p0", "p2"], "quiet": [f"p{i}" for i in range(10)]}, pods
+
+
 def test_torn_dlq_entries_are_quarantined_and_a_block_in_dlq_twice_counts_once(make_ember, tmp_path):
     raw = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
     ember = make_ember("--dlq-retry-seconds", "1", data_dir=tmp_path)

@@ -20,6 +20,9 @@ pub enum IngestError {
     ShuttingDown,
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The tenant pushed past its ingestion rate: 429, retry later.
+    #[error("{0}")]
+    RateLimited(String),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -48,6 +51,7 @@ impl IngestError {
             IngestError::Storage(_) => "storage",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::Overloaded(_) => "overloaded",
+            IngestError::RateLimited(_) => "rate_limited",
             IngestError::Unauthenticated(_) => "unauthenticated",
             IngestError::Forbidden(_) => "forbidden",
         }

@@ -56,7 +56,9 @@ impl From<IngestError> for ApiError {
             IngestError::Storage(_) | IngestError::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
-            IngestError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
+            IngestError::Overloaded(_) | IngestError::RateLimited(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted")
+            }
             IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             IngestError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_denied"),
             _ => (StatusCode::BAD_REQUEST, "invalid_argument"),

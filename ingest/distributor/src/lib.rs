@@ -23,8 +23,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use crate::error::IngestError;
 pub use crate::formats::{BodyEncoding, WireFormat};
-use crate::limits::InflightBytes;
 pub use crate::limits::Limits;
+use crate::limits::{InflightBytes, IngestionRates};
 use crate::pool::Pool;
 
 pub struct Distributor {
@@ -33,6 +33,7 @@ pub struct Distributor {
     writer: Arc<dyn SegmentWriterClient>,
     limits: Limits,
     inflight: InflightBytes,
+    rates: IngestionRates,
     /// Decoding runs on threads of its own; this many at once, so a burst
     /// of large requests queues instead of inflating all at the same time.
     decoders: Arc<Semaphore>,
@@ -73,6 +74,7 @@ impl Distributor {
             writer,
             limits,
             inflight: InflightBytes::new(max_inflight_bytes),
+            rates: IngestionRates::default(),
             decoders: Arc::new(Semaphore::new(cores)),
             decode_threads: Pool::start("ember-decode", cores),
             max_queue_wait,
@@ -96,6 +98,14 @@ impl Distributor {
         tenant: &str,
         now_nanos: i64,
     ) -> Result<(Vec<Profile>, OwnedSemaphorePermit), IngestError> {
+        // Before any decoding: a tenant past its rate costs the others
+        // nothing.
+        self.rates.take(
+            tenant,
+            &self.limits.for_tenant(tenant),
+            body.received_bytes(),
+            std::time::Instant::now(),
+        )?;
         let this = self.clone();
         let tenant = tenant.to_string();
         self.decode_off_executor(body.received_bytes(), move || {

@@ -4,7 +4,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +41,13 @@ pub struct ProfileLimits {
     /// deleted by compaction (Pyroscope's
     /// `compactor_blocks_retention_period`); 0 keeps everything.
     pub compactor_blocks_retention_period_seconds: u64,
+    /// Request bytes a second the tenant may push, in MB (Pyroscope's
+    /// `ingestion_rate_mb`, counted here on the bytes received, before
+    /// decompression, so that a refusal costs no decoding); 0 is no limit.
+    pub ingestion_rate_mb: f64,
+    /// Bytes the tenant may push at once above its rate, in MB
+    /// (`ingestion_burst_size_mb`); at least one second of the rate.
+    pub ingestion_burst_size_mb: f64,
 }
 
 impl Default for ProfileLimits {
@@ -53,6 +61,8 @@ impl Default for ProfileLimits {
             reject_older_than_seconds: 3600,
             reject_newer_than_seconds: 600,
             compactor_blocks_retention_period_seconds: 0,
+            ingestion_rate_mb: 0.0,
+            ingestion_burst_size_mb: 0.0,
         }
     }
 }
@@ -217,7 +227,7 @@ impl serde::Serialize for DefaultsView {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let l = &self.0;
-        let mut m = s.serialize_map(Some(7))?;
+        let mut m = s.serialize_map(Some(10))?;
         m.serialize_entry("max_profile_size_bytes", &l.max_profile_size_bytes)?;
         m.serialize_entry(
             "max_profile_stacktrace_samples",
@@ -237,7 +247,65 @@ impl serde::Serialize for DefaultsView {
         )?;
         m.serialize_entry("reject_older_than_seconds", &l.reject_older_than_seconds)?;
         m.serialize_entry("reject_newer_than_seconds", &l.reject_newer_than_seconds)?;
+        m.serialize_entry(
+            "compactor_blocks_retention_period_seconds",
+            &l.compactor_blocks_retention_period_seconds,
+        )?;
+        m.serialize_entry("ingestion_rate_mb", &l.ingestion_rate_mb)?;
+        m.serialize_entry("ingestion_burst_size_mb", &l.ingestion_burst_size_mb)?;
         m.end()
+    }
+}
+
+/// Each tenant's ingestion rate, as token buckets of request bytes: a
+/// tenant past its rate is refused (429) before its request is decoded, so
+/// it cannot take the decoders from the others.
+#[derive(Debug, Default)]
+pub struct IngestionRates {
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    bytes: f64,
+    at: Instant,
+}
+
+impl IngestionRates {
+    /// Takes `bytes` from `tenant`'s bucket, or says when to retry. A
+    /// request larger than the burst passes when the bucket is full, and
+    /// leaves it in debt for as long as the excess takes at the rate.
+    pub fn take(
+        &self,
+        tenant: &str,
+        limits: &ProfileLimits,
+        bytes: usize,
+        now: Instant,
+    ) -> Result<(), IngestError> {
+        if limits.ingestion_rate_mb <= 0.0 {
+            return Ok(());
+        }
+        let rate = limits.ingestion_rate_mb * 1e6;
+        let burst = (limits.ingestion_burst_size_mb * 1e6).max(rate);
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        let bucket = buckets.entry(tenant.to_string()).or_insert(Bucket {
+            bytes: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.bytes = (bucket.bytes + elapsed * rate).min(burst);
+        bucket.at = now;
+        let needed = (bytes as f64).min(burst);
+        if bucket.bytes < needed {
+            let wait = (needed - bucket.bytes) / rate;
+            return Err(IngestError::RateLimited(format!(
+                "tenant {tenant} pushed past its ingestion rate (ingestion_rate_mb {}, \
+                 ingestion_burst_size_mb {}): retry in {wait:.1} s",
+                limits.ingestion_rate_mb, limits.ingestion_burst_size_mb
+            )));
+        }
+        bucket.bytes -= bytes as f64;
+        Ok(())
     }
 }
 
@@ -348,6 +416,36 @@ mod tests {
         assert!(Limits::default()
             .with_overrides_json(r#"{"tenants": {"../x": {}}}"#)
             .is_err());
+    }
+
+    #[test]
+    fn a_tenant_past_its_rate_is_refused_until_its_bucket_refills() {
+        let rates = IngestionRates::default();
+        let limited = ProfileLimits {
+            ingestion_rate_mb: 1.0,
+            ingestion_burst_size_mb: 2.0,
+            ..ProfileLimits::default()
+        };
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // The burst first, then the rate.
+        rates.take("noisy", &limited, 1_500_000, at(0)).unwrap();
+        rates.take("noisy", &limited, 500_000, at(0)).unwrap();
+        let err = rates.take("noisy", &limited, 600_000, at(0)).unwrap_err();
+        assert!(matches!(err, IngestError::RateLimited(_)), "{err}");
+        assert!(err.to_string().contains("ingestion_rate_mb 1"), "{err}");
+        assert!(err.to_string().contains("retry in 0.6 s"), "{err}");
+        rates.take("noisy", &limited, 600_000, at(600)).unwrap();
+        // Another tenant, and a tenant without a rate, are not slowed.
+        rates.take("quiet", &limited, 2_000_000, at(600)).unwrap();
+        let free = ProfileLimits::default();
+        for _ in 0..100 {
+            rates.take("free", &free, 16 << 20, at(600)).unwrap();
+        }
+        // A request past the burst passes on a full bucket, then waits.
+        rates.take("big", &limited, 5_000_000, at(0)).unwrap();
+        assert!(rates.take("big", &limited, 1, at(2_000)).is_err());
+        rates.take("big", &limited, 1, at(3_100)).unwrap();
     }
 
     #[test]
