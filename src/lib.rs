@@ -7,6 +7,7 @@ pub mod cli;
 mod connections;
 mod http;
 pub mod http_client;
+pub mod metastore_cli;
 
 pub mod output;
 pub mod query;

@@ -1,7 +1,7 @@
 //! `ember`: the one binary of every role.
 
 use clap::{Parser, Subcommand};
-use ember::{allocator, cli, query, serve};
+use ember::{allocator, cli, metastore_cli, query, serve};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +25,8 @@ enum Command {
     Ingest(cli::IngestArgs),
     /// Print a flame graph's top nodes, or write it as an SVG.
     Flamegraph(cli::FlameGraphArgs),
+    /// Offline metastore tools: `ember metastore rebuild`.
+    Metastore(metastore_cli::MetastoreArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Query(args) => runtime.block_on(query::query(args)),
         Command::Ingest(args) => runtime.block_on(cli::ingest(args)),
         Command::Flamegraph(args) => runtime.block_on(cli::flamegraph(args)),
+        Command::Metastore(args) => runtime.block_on(metastore_cli::metastore(args)),
     }
 }

@@ -3,12 +3,13 @@ of higher levels, every answer stays the same, the level-0 objects go, and
 a crash at any step of a job loses nothing and doubles nothing."""
 
 import re
+import subprocess
 import time
 
 import pytest
 import requests
 
-from conftest import FIXTURES, Ember, flame_stacks, free_port
+from conftest import BIN, FIXTURES, Ember, flame_stacks, free_port
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -269,3 +270,37 @@ def test_split_roles_are_refused_with_what_to_do(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0, args
         assert reason in out.stderr, (args, out.stderr)
+
+
+def test_an_index_rebuilt_from_the_objects_answers_as_the_lost_one_did(make_ember, tmp_path, store):
+    ember = make_ember("--compaction-workers", "0", *FAST, data_dir=tmp_path, store=store)
+    for i in range(5):
+        for tenant in ["team-a", "team-b"]:
+            push(ember, tenant, f"p{i}")
+    ember.stop()
+    # Compacted, with every replaced source still waiting for deletion.
+    keep = ["--compaction-levels", "3:1,4:2", "--compaction-delete-delay-seconds", "3600"]
+    ember = make_ember("--compaction-workers", "2", *keep, data_dir=tmp_path, store=store)
+    deadline = time.time() + 90
+    while not (set(metric_values(ember, "ember_blocks")) == {'{level="2"}'}
+               and sum(metric_values(ember, "ember_compaction_jobs").values()) == 0):
+        assert time.time() < deadline, metric_values(ember, "ember_blocks")
+        time.sleep(0.25)
+    # One more push that stays at level 0 beside the compacted blocks.
+    push(ember, "team-b", "late")
+    before = {t: answers(ember, t) for t in ["team-a", "team-b"]}
+    ember.stop()
+    assert [k for k in ember.store.keys("segments/") if k.endswith("block.bin")], "sources still stored"
+
+    # The metastore's disk is lost; the objects remain.
+    (tmp_path / "metastore.redb").unlink()
+    rebuild = subprocess.run([str(BIN), "metastore", "rebuild", "--data-dir", str(tmp_path), *ember.store.args()],
+                             capture_output=True, text=True, timeout=120)
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert "indexed" in rebuild.stdout and "block footers" in rebuild.stderr, (rebuild.stdout, rebuild.stderr)
+    ember = make_ember("--compaction-workers", "0", *keep, data_dir=tmp_path, store=store)
+    assert {t: answers(ember, t) for t in ["team-a", "team-b"]} == before
+    # A second rebuild over a metastore that exists is refused.
+    again = subprocess.run([str(BIN), "metastore", "rebuild", "--data-dir", str(tmp_path), *ember.store.args()],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "exists" in again.stderr, again.stderr

@@ -12,6 +12,7 @@ mod client;
 mod jobs;
 mod lifecycle;
 mod messages;
+mod rebuild;
 pub mod rpc;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -32,6 +33,7 @@ pub use messages::{
     LeaseJob, LevelRule, PlanCompaction, RemoveTombstones, RenewLease, TenantRetention, Tombstone,
 };
 use messages::{Snapshot, SnapshotEntry};
+pub use rebuild::{rebuild_index, Rebuilt};
 
 use ember_engine::block::{BlockMeta, DatasetMeta};
 
@@ -192,6 +194,7 @@ impl TenantBlock {
             max_time: self.max_time,
             size: self.size,
             datasets: self.datasets.iter().map(|d| d.as_ref().clone()).collect(),
+            sources: Vec::new(),
         }
     }
 
@@ -472,10 +475,12 @@ fn index_entries(meta: &BlockMeta) -> Vec<(i64, String, BlockMeta)> {
             .map(|d| d.max_time)
             .max()
             .unwrap_or(meta.max_time);
+        // Sources matter to a rebuild from the objects, not to the index.
         let entry = BlockMeta {
             min_time: min,
             max_time: max,
             datasets,
+            sources: Vec::new(),
             ..meta.clone()
         };
         let mut p = partition_of(min);

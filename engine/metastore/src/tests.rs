@@ -14,6 +14,7 @@ fn block(id: &str, datasets: Vec<DatasetMeta>) -> BlockMeta {
         max_time: datasets.iter().map(|d| d.max_time).max().unwrap(),
         size: 1,
         datasets,
+        sources: Vec::new(),
     }
 }
 

@@ -86,6 +86,7 @@ pub fn write_block(
         max_time: metas.iter().map(|d| d.max_time).max().unwrap_or_default(),
         size: 0,
         datasets: metas,
+        sources: Vec::new(),
     };
     append_footer(&mut buf, &meta);
     let meta = BlockMeta {

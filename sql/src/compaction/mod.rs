@@ -569,6 +569,7 @@ impl Compactor {
                 .unwrap_or_default(),
             size: 0,
             datasets,
+            sources: job.sources.iter().map(|s| s.id.clone()).collect(),
         };
         let (file, size) = out.finish(&meta)?;
         let meta = BlockMeta { size, ..meta };
