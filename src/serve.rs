@@ -179,15 +179,16 @@ pub struct ServeArgs {
     max_statement_bytes: usize,
     /// Deepest expression tree a statement may hold (a chain `a + b + ...`
     /// is as deep as it is long; `AND`/`OR` chains are balanced first), at
-    /// most 2000.
+    /// most 2000; planning time grows with its square.
     #[arg(long, default_value_t = StatementLimits::default().max_expression_depth)]
     max_expression_depth: usize,
     /// Queries and tables one statement may name: the statement itself,
     /// each subquery and CTE, each table or table function it reads.
     #[arg(long, default_value_t = StatementLimits::default().max_relations)]
     max_statement_relations: usize,
-    /// The sum, over every node of a statement's expressions, of its depth:
-    /// what planning them costs (a chain of 2,000 terms costs 4 million).
+    /// The sum, over every node of a statement's expressions, of its depth
+    /// times the queries it is nested in: what planning them costs (a chain
+    /// of 1,000 terms costs 1 million).
     #[arg(long, default_value_t = StatementLimits::default().max_expression_cost)]
     max_expression_cost: usize,
     /// Bytes of stack nodes cached across queries, all tenants together.

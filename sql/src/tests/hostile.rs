@@ -27,11 +27,11 @@ fn first_i64(batches: &[super::RecordBatch]) -> i64 {
 async fn long_operator_chains_answer_or_are_refused_without_harm() {
     let (_dir, engine) = engine_with(vec![], 1 << 30).await;
     // A left-deep chain of 1,000 terms overflowed a worker's stack before.
-    for terms in [1_000, 1_999] {
+    for terms in [500, 1_000] {
         let sql = format!("SELECT 1{}", "+1".repeat(terms));
         assert_eq!(first_i64(&run(&engine, "t", &sql).await), terms as i64 + 1);
     }
-    for terms in [2_000, 100_000] {
+    for terms in [1_024, 100_000] {
         let sql = format!("SELECT 1{}", "+1".repeat(terms));
         let err = outcome(&engine, &sql).await.expect_err("too deep");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
