@@ -753,6 +753,10 @@ fn limits(args: &ServeArgs) -> anyhow::Result<Limits> {
         },
         tenants: Default::default(),
     };
+    limits
+        .defaults
+        .check()
+        .map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
     let Some(path) = &args.limits_file else {
         return Ok(limits);
     };

@@ -252,9 +252,21 @@ impl ObjectStore for SyncedLocalStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        let result = self.inner.put_opts(location, payload, opts).await?;
-        self.sync(location).await?;
-        Ok(result)
+        match self.inner.put_opts(location, payload, opts).await {
+            Ok(result) => {
+                self.sync(location).await?;
+                Ok(result)
+            }
+            // An earlier PUT of this object may have linked it and failed
+            // (or been dropped) before its fsync: sync it before saying it
+            // exists, so a caller that takes it as its own is not told a
+            // durable lie.
+            Err(e @ object_store::Error::AlreadyExists { .. }) => {
+                self.sync(location).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn put_multipart_opts(

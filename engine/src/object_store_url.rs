@@ -22,8 +22,10 @@ use crate::local_store::SyncedLocalStore;
 pub enum StoreUrlError {
     #[error("object store URL {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("object store option {0:?} is not key=value")]
-    Option(String),
+    #[error(
+        "an --object-store-option is not key=value (its text is not shown: it may be a secret)"
+    )]
+    Option,
     #[error("local object store {path}: {source}")]
     Local {
         path: PathBuf,
@@ -54,9 +56,15 @@ pub fn open_object_store(
         reason,
     };
     let url = Url::parse(text).map_err(|e| bad(e.to_string()))?;
-    if !url.username().is_empty() || url.password().is_some() {
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
         return Err(bad(
-            "credentials go in the environment or --object-store-option, not the URL".into(),
+            "credentials and other settings go in the environment or --object-store-option, \
+             not the URL"
+                .into(),
         ));
     }
     match url.scheme() {
@@ -94,15 +102,16 @@ fn local(dir: &FsPath) -> Result<Arc<dyn ObjectStore>, StoreUrlError> {
 }
 
 fn cloud(url: &Url, options: &[String]) -> Result<Arc<dyn ObjectStore>, StoreUrlError> {
-    let mut config: Vec<(String, String)> = std::env::vars()
+    // Variables that are not UTF-8 cannot be configuration: skipped, not
+    // a panic.
+    let mut config: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
     for option in options {
-        let (k, v) = option
-            .split_once('=')
-            .ok_or_else(|| StoreUrlError::Option(option_name(option)))?;
-        config.push((k.trim().to_ascii_lowercase(), v.to_string()));
+        let (k, v) = option.split_once('=').ok_or(StoreUrlError::Option)?;
+        config.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let (store, prefix) =
         object_store::parse_url_opts(url, config).map_err(|source| StoreUrlError::Store {
@@ -131,11 +140,6 @@ pub fn redacted(url: &str) -> String {
         Err(_) if url.contains('@') => "(a URL with credentials, not shown)".into(),
         Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_string(),
     }
-}
-
-/// An option's name only: its value may be a secret.
-fn option_name(option: &str) -> String {
-    option.chars().take(64).take_while(|c| *c != ':').collect()
 }
 
 #[cfg(test)]

@@ -152,7 +152,9 @@ impl ScalarUDFImpl for BoundedPattern {
     }
 }
 
-/// Bytes of the longest text in `array` (0 if it holds none).
+/// Bytes of the longest value in `array` as the regex kernels will read it:
+/// text and binary as they are, anything else (which type coercion casts
+/// to text after this check) as its text.
 fn longest_text(array: &ArrayRef) -> Result<usize> {
     let longest = |lengths: ArrayRef| -> Result<usize> {
         let lengths = datafusion::arrow::compute::cast(&lengths, &DataType::Int64)?;
@@ -160,10 +162,14 @@ fn longest_text(array: &ArrayRef) -> Result<usize> {
         Ok(lengths.iter().flatten().max().unwrap_or(0) as usize)
     };
     match array.data_type() {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => longest(length(array)?),
-        DataType::Dictionary(_, values) if values.is_string() => {
-            longest(length(array.as_any_dictionary().values())?)
-        }
-        _ => Ok(0),
+        DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView => longest(length(array)?),
+        DataType::Dictionary(_, _) => longest_text(array.as_any_dictionary().values()),
+        DataType::Null => Ok(0),
+        _ => longest_text(&datafusion::arrow::compute::cast(array, &DataType::Utf8)?),
     }
 }

@@ -180,6 +180,8 @@ struct TenantBlock {
     size: u64,
     partitions: Vec<i64>,
     datasets: Vec<Arc<DatasetMeta>>,
+    /// Every block merged into this one, at any level before it.
+    sources: Arc<[String]>,
 }
 
 impl TenantBlock {
@@ -194,7 +196,7 @@ impl TenantBlock {
             max_time: self.max_time,
             size: self.size,
             datasets: self.datasets.iter().map(|d| d.as_ref().clone()).collect(),
-            sources: Vec::new(),
+            sources: self.sources.to_vec(),
         }
     }
 
@@ -257,6 +259,7 @@ impl Index {
                     size: meta.size,
                     partitions: vec![partition],
                     datasets: meta.datasets.into_iter().map(Arc::new).collect(),
+                    sources: meta.sources.into(),
                 };
                 self.tenant_blocks.insert(key, b.clone());
                 b
@@ -475,12 +478,10 @@ fn index_entries(meta: &BlockMeta) -> Vec<(i64, String, BlockMeta)> {
             .map(|d| d.max_time)
             .max()
             .unwrap_or(meta.max_time);
-        // Sources matter to a rebuild from the objects, not to the index.
         let entry = BlockMeta {
             min_time: min,
             max_time: max,
             datasets,
-            sources: Vec::new(),
             ..meta.clone()
         };
         let mut p = partition_of(min);

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use ember_engine::block::read_footer;
+use ember_engine::block::{read_footer, BlockError};
 use ember_engine::BlockMeta;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
@@ -64,7 +64,11 @@ pub async fn rebuild_index(
         progress(read, total);
         match meta {
             Ok(meta) => metas.push(meta),
-            Err(e) => rebuilt.unreadable.push((path, e.to_string())),
+            // A damaged object is left out and named; a read that failed
+            // (the store throttled, timed out) fails the rebuild, or a
+            // block would be left out of the index and swept as an orphan.
+            Err(e @ BlockError::Corrupt { .. }) => rebuilt.unreadable.push((path, e.to_string())),
+            Err(e) => return Err(MetastoreError::Unavailable(e.to_string())),
         }
     }
     let replaced: HashSet<(String, String)> = metas
@@ -161,13 +165,13 @@ mod tests {
     async fn the_index_comes_back_from_the_objects_without_replaced_sources() {
         let store = InMemory::new();
         // S holds two tenants; a's part of S and T went into C, and C into
-        // D; b's part of S is not compacted yet. S, T and C still wait for
-        // deletion.
+        // D (which names every block before it); b's part of S is not
+        // compacted yet. S, T and C still wait for deletion.
         for meta in [
             block("S", 0, &["a", "b"], &[]),
             block("T", 0, &["a"], &[]),
             block("C", 1, &["a"], &["S", "T"]),
-            block("D", 2, &["a"], &["C"]),
+            block("D", 2, &["a"], &["C", "S", "T"]),
         ] {
             let path = Path::from(meta.path.as_str());
             // A block object ends with its framed metadata.

@@ -68,6 +68,22 @@ impl Default for ProfileLimits {
 }
 
 impl ProfileLimits {
+    /// Refuses limits no setting means (a rate that is negative, NaN or
+    /// infinite).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("ingestion_rate_mb", self.ingestion_rate_mb),
+            ("ingestion_burst_size_mb", self.ingestion_burst_size_mb),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!(
+                    "{name} must be a finite number of MB, 0 or more, not {v}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses a profile time outside `[now - older, now + newer]`.
     pub fn check_time(&self, time_nanos: i64, now_nanos: i64) -> Result<(), IngestError> {
         let secs = |s: u64| {
@@ -214,6 +230,9 @@ impl Limits {
             }
             let limits: ProfileLimits =
                 serde_json::from_value(merged).map_err(|e| format!("tenant {tenant}: {e}"))?;
+            limits
+                .check()
+                .map_err(|e| format!("tenant {tenant}: {e}"))?;
             self.tenants.insert(tenant, limits);
         }
         Ok(self)
@@ -269,7 +288,13 @@ pub struct IngestionRates {
 struct Bucket {
     bytes: f64,
     at: Instant,
+    /// When the bucket is full again: from then on it may be forgotten.
+    full_at: Instant,
 }
+
+/// Buckets kept before full ones are forgotten: without credentials any
+/// tenant id names a bucket, and memory must not grow with them.
+const MAX_BUCKETS: usize = 4096;
 
 impl IngestionRates {
     /// Takes `bytes` from `tenant`'s bucket, or says when to retry. A
@@ -288,9 +313,13 @@ impl IngestionRates {
         let rate = limits.ingestion_rate_mb * 1e6;
         let burst = (limits.ingestion_burst_size_mb * 1e6).max(rate);
         let mut buckets = self.buckets.lock().expect("rate buckets");
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(tenant) {
+            buckets.retain(|_, b| b.full_at > now);
+        }
         let bucket = buckets.entry(tenant.to_string()).or_insert(Bucket {
             bytes: burst,
             at: now,
+            full_at: now,
         });
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.bytes = (bucket.bytes + elapsed * rate).min(burst);
@@ -305,6 +334,7 @@ impl IngestionRates {
             )));
         }
         bucket.bytes -= bytes as f64;
+        bucket.full_at = now + std::time::Duration::from_secs_f64((burst - bucket.bytes) / rate);
         Ok(())
     }
 }
@@ -446,6 +476,26 @@ mod tests {
         rates.take("big", &limited, 5_000_000, at(0)).unwrap();
         assert!(rates.take("big", &limited, 1, at(2_000)).is_err());
         rates.take("big", &limited, 1, at(3_100)).unwrap();
+        // Any number of tenant ids costs a bounded number of buckets.
+        for i in 0..3 * MAX_BUCKETS {
+            rates
+                .take(&format!("t{i}"), &limited, 1, at(10_000 + i as u64))
+                .unwrap();
+        }
+        assert!(rates.buckets.lock().unwrap().len() <= MAX_BUCKETS);
+        assert!(ProfileLimits {
+            ingestion_rate_mb: -1.0,
+            ..limited
+        }
+        .check()
+        .is_err());
+        assert!(ProfileLimits {
+            ingestion_burst_size_mb: f64::NAN,
+            ..limited
+        }
+        .check()
+        .is_err());
+        assert!(limited.check().is_ok());
     }
 
     #[test]

@@ -417,8 +417,8 @@ impl ShardWorker {
         let mut attempt = 0;
         loop {
             // Never over another object: the name is a fresh ULID, so one
-            // already there is this upload's own earlier attempt, whose
-            // answer was lost (a PUT is all or nothing).
+            // already there of the same size is this upload's own earlier
+            // attempt, whose answer was lost (a PUT is all or nothing).
             let put = self.sink.store.put_opts(
                 &location,
                 PutPayload::from(bytes.clone()),
@@ -426,7 +426,15 @@ impl ShardWorker {
             );
             let err = match tokio::time::timeout(self.config.upload_timeout, put).await {
                 Ok(Ok(_)) => return Ok(()),
-                Ok(Err(object_store::Error::AlreadyExists { .. })) if attempt > 0 => return Ok(()),
+                Ok(Err(object_store::Error::AlreadyExists { .. })) => {
+                    match self.sink.store.head(&location).await {
+                        Ok(meta) if meta.size == bytes.len() as u64 => return Ok(()),
+                        Ok(meta) => {
+                            format!("another object of {} bytes is already at {path}", meta.size)
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("timed out after {:?}", self.config.upload_timeout),
             };

@@ -569,7 +569,7 @@ impl Compactor {
                 .unwrap_or_default(),
             size: 0,
             datasets,
-            sources: job.sources.iter().map(|s| s.id.clone()).collect(),
+            sources: ancestors(&job.sources),
         };
         let (file, size) = out.finish(&meta)?;
         let meta = BlockMeta { size, ..meta };
@@ -1036,6 +1036,19 @@ impl Fold for SumTotals {
     fn finish(&mut self) -> Option<RecordBatch> {
         Self::batch(self.pending.take().into_iter().collect())
     }
+}
+
+/// Every block merged into the job's output: its sources and theirs, so
+/// that an index rebuilt from the objects leaves all of them out, however
+/// many compactions ago they were merged.
+fn ancestors(sources: &[BlockMeta]) -> Vec<String> {
+    let mut ids: Vec<String> = sources
+        .iter()
+        .flat_map(|s| s.sources.iter().cloned().chain([s.id.clone()]))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// Each service of the job with its source datasets, in source order.
