@@ -3,9 +3,13 @@
 //! for 43 s, and a 130 KB one given to `regexp_count` for minutes. The
 //! operators `~ ~* !~ !~*` are Arrow kernels that no function wrapper
 //! reaches, so every pattern a statement gives them, `SIMILAR TO` or a
-//! `regexp_*` function is rewritten to pass through `bounded_pattern`,
-//! which refuses any longer than [`MAX_PATTERN_BYTES`] and returns the rest
-//! unchanged. (`LIKE` needs no bound: a 32 KiB pattern takes 30 ms.)
+//! `regexp_*` function is rewritten so that its text passes through
+//! `bounded_regex_input(text, pattern)`, which refuses a pattern longer
+//! than [`MAX_PATTERN_BYTES`], or a batch whose texts times their patterns
+//! pass [`MAX_REGEX_WORK`] (matching can cost the text's length times the
+//! pattern's: a 4 KiB pattern of one letter against 73 KiB of it, once a
+//! row, held the fuzz harness's thread past its timeout), and returns the
+//! text unchanged. (`LIKE` needs no bound: a 32 KiB pattern takes 30 ms.)
 
 use std::sync::Arc;
 
@@ -28,6 +32,11 @@ use datafusion::prelude::SessionContext;
 /// Longest regular expression a statement may give.
 pub const MAX_PATTERN_BYTES: usize = 4096;
 
+/// Most matching one batch may ask for: the sum over its rows of the text's
+/// bytes times the pattern's. Label values and frames (a few hundred bytes)
+/// against any reasonable pattern stay far below it.
+pub const MAX_REGEX_WORK: u128 = 1 << 28;
+
 /// Functions whose second argument is a regular expression.
 const PATTERN_FUNCTIONS: [&str; 5] = [
     "regexp_count",
@@ -37,28 +46,28 @@ const PATTERN_FUNCTIONS: [&str; 5] = [
     "regexp_replace",
 ];
 
-const BOUNDED_PATTERN: &str = "bounded_pattern";
+const BOUNDED_INPUT: &str = "bounded_regex_input";
 
 /// Makes every statement of `ctx` bound its regular expressions.
 pub(crate) fn bound_patterns(ctx: &mut SessionContext) -> Result<()> {
-    let udf = Arc::new(ScalarUDF::new_from_impl(BoundedPattern {
-        signature: Signature::any(1, Volatility::Immutable),
+    let udf = Arc::new(ScalarUDF::new_from_impl(BoundedInput {
+        signature: Signature::any(2, Volatility::Immutable),
     }));
     ctx.register_function_rewrite(Arc::new(BoundPatterns { udf }))
 }
 
-/// Wraps each pattern of a regular expression operator, `SIMILAR TO` or
-/// `regexp_*` call in `bounded_pattern`.
+/// Wraps the text of each regular expression operator, `SIMILAR TO` or
+/// `regexp_*` call in `bounded_regex_input(text, pattern)`.
 #[derive(Debug)]
 struct BoundPatterns {
     udf: Arc<ScalarUDF>,
 }
 
 impl BoundPatterns {
-    fn bounded(&self, pattern: Expr) -> Expr {
-        match pattern {
-            Expr::ScalarFunction(f) if f.name() == BOUNDED_PATTERN => Expr::ScalarFunction(f),
-            pattern => self.udf.call(vec![pattern]),
+    fn bounded(&self, text: Expr, pattern: &Expr) -> Expr {
+        match text {
+            Expr::ScalarFunction(f) if f.name() == BOUNDED_INPUT => Expr::ScalarFunction(f),
+            text => self.udf.call(vec![text, pattern.clone()]),
         }
     }
 }
@@ -76,18 +85,18 @@ impl FunctionRewrite for BoundPatterns {
     ) -> Result<Transformed<Expr>> {
         Ok(match expr {
             Expr::BinaryExpr(mut e) if is_regular_expression(e.op) => {
-                e.right = Box::new(self.bounded(*e.right));
+                e.left = Box::new(self.bounded(*e.left, &e.right));
                 Transformed::yes(Expr::BinaryExpr(e))
             }
             Expr::SimilarTo(mut e) => {
-                e.pattern = Box::new(self.bounded(*e.pattern));
+                e.expr = Box::new(self.bounded(*e.expr, &e.pattern));
                 Transformed::yes(Expr::SimilarTo(e))
             }
             Expr::ScalarFunction(ScalarFunction { func, mut args })
                 if PATTERN_FUNCTIONS.contains(&func.name()) && args.len() > 1 =>
             {
-                let pattern = args.remove(1);
-                args.insert(1, self.bounded(pattern));
+                let text = args.remove(0);
+                args.insert(0, self.bounded(text, &args[0]));
                 Transformed::yes(Expr::ScalarFunction(ScalarFunction { func, args }))
             }
             expr => Transformed::no(expr),
@@ -105,19 +114,20 @@ fn is_regular_expression(op: Operator) -> bool {
     )
 }
 
-/// Its argument, unchanged, if no text in it is longer than
-/// [`MAX_PATTERN_BYTES`].
+/// Its first argument (the text), unchanged, if its second (the pattern)
+/// is at most [`MAX_PATTERN_BYTES`] long and matching the batch asks for at
+/// most [`MAX_REGEX_WORK`].
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct BoundedPattern {
+struct BoundedInput {
     signature: Signature,
 }
 
-impl ScalarUDFImpl for BoundedPattern {
+impl ScalarUDFImpl for BoundedInput {
     fn name(&self) -> &str {
-        BOUNDED_PATTERN
+        BOUNDED_INPUT
     }
 
-    /// Named as its argument, so that `a ~ b` keeps its column name.
+    /// Named as the text, so that `a ~ b` keeps its column name.
     fn schema_name(&self, args: &[Expr]) -> Result<String> {
         Ok(args[0].schema_name().to_string())
     }
@@ -135,31 +145,58 @@ impl ScalarUDFImpl for BoundedPattern {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let [pattern] = <[ColumnarValue; 1]>::try_from(args.args)
-            .map_err(|_| DataFusionError::Internal("bounded_pattern takes one argument".into()))?;
-        let bytes = match &pattern {
-            // One value, not `rows` copies of it.
-            ColumnarValue::Scalar(s) => longest_text(&s.to_array_of_size(1)?)?,
-            ColumnarValue::Array(a) => longest_text(a)?,
-        };
-        if bytes > MAX_PATTERN_BYTES {
+        let rows = args.number_rows;
+        let [text, pattern] = <[ColumnarValue; 2]>::try_from(args.args).map_err(|_| {
+            DataFusionError::Internal("bounded_regex_input takes two arguments".into())
+        })?;
+        let patterns = byte_lengths(&pattern, rows)?;
+        let longest = patterns.iter().copied().max().unwrap_or(0);
+        if longest > MAX_PATTERN_BYTES as u128 {
             return Err(DataFusionError::Execution(format!(
-                "a regular expression of {bytes} bytes is longer than the \
+                "a regular expression of {longest} bytes is longer than the \
                  {MAX_PATTERN_BYTES} bytes a pattern may be"
             )));
         }
-        Ok(pattern)
+        let texts = byte_lengths(&text, rows)?;
+        let work: u128 = texts
+            .iter()
+            .zip(&patterns)
+            .map(|(t, p)| t * (*p).max(1))
+            .sum();
+        if work > MAX_REGEX_WORK {
+            return Err(DataFusionError::ResourcesExhausted(format!(
+                "matching regular expressions of up to {longest} bytes against {} bytes of \
+                 text would take too long (texts times patterns over {MAX_REGEX_WORK} in \
+                 one batch); shorten the pattern or the text",
+                texts.iter().sum::<u128>()
+            )));
+        }
+        Ok(text)
     }
 }
 
-/// Bytes of the longest value in `array` as the regex kernels will read it:
-/// text and binary as they are, anything else (which type coercion casts
-/// to text after this check) as its text.
-fn longest_text(array: &ArrayRef) -> Result<usize> {
-    let longest = |lengths: ArrayRef| -> Result<usize> {
+/// Each row's byte length of `value` (a scalar counts once for every row).
+fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    match value {
+        ColumnarValue::Scalar(s) => {
+            let one = lengths(&s.to_array_of_size(1)?)?;
+            Ok(vec![one.first().copied().unwrap_or(0); rows])
+        }
+        ColumnarValue::Array(a) => lengths(a),
+    }
+}
+
+/// Bytes of each value of `array` as the regex kernels will read it: text
+/// and binary as they are, anything else (which type coercion casts to
+/// text after this check) as its text; null as 0.
+fn lengths(array: &ArrayRef) -> Result<Vec<u128>> {
+    let of = |lengths: ArrayRef| -> Result<Vec<u128>> {
         let lengths = datafusion::arrow::compute::cast(&lengths, &DataType::Int64)?;
         let lengths = lengths.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-        Ok(lengths.iter().flatten().max().unwrap_or(0) as usize)
+        Ok(lengths
+            .iter()
+            .map(|l| l.unwrap_or(0).max(0) as u128)
+            .collect())
     };
     match array.data_type() {
         DataType::Utf8
@@ -167,9 +204,13 @@ fn longest_text(array: &ArrayRef) -> Result<usize> {
         | DataType::Utf8View
         | DataType::Binary
         | DataType::LargeBinary
-        | DataType::BinaryView => longest(length(array)?),
-        DataType::Dictionary(_, _) => longest_text(array.as_any_dictionary().values()),
-        DataType::Null => Ok(0),
-        _ => longest_text(&datafusion::arrow::compute::cast(array, &DataType::Utf8)?),
+        | DataType::BinaryView => of(length(array)?),
+        DataType::Dictionary(_, _) => {
+            // The values cast to text, then taken for each row.
+            let text = datafusion::arrow::compute::cast(array, &DataType::Utf8)?;
+            lengths(&text)
+        }
+        DataType::Null => Ok(vec![0; array.len()]),
+        _ => lengths(&datafusion::arrow::compute::cast(array, &DataType::Utf8)?),
     }
 }

@@ -294,3 +294,25 @@ async fn bounded_regular_expression_operators_keep_their_names_and_answers() {
     let sql = format!("SELECT count(*) FROM (VALUES ('{pattern}')) AS t(s) WHERE s ~ '{pattern}'");
     assert_eq!(first_i64(&run(&engine, "t", &sql).await), 1);
 }
+
+/// Matching costs up to the text's length times the pattern's: a 4 KiB
+/// pattern of one letter over 73 KiB of it, once a row, held the fuzz
+/// harness's query thread past its timeout.
+#[tokio::test]
+async fn matching_that_would_take_too_long_is_refused() {
+    let (_dir, engine) = engine_with(vec![], 1 << 30).await;
+    let text = "repeat('y', 74752)";
+    let pattern = format!("repeat('y', {})", crate::MAX_PATTERN_BYTES);
+    for sql in [
+        format!("SELECT regexp_count({text}, {pattern})"),
+        format!("SELECT {text} ~ {pattern}"),
+        format!("SELECT count(*) FROM (VALUES ({text})) AS t(s) WHERE s SIMILAR TO {pattern}"),
+    ] {
+        let err = outcome(&engine, &sql).await.expect_err("too much matching");
+        assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{sql}: {err}");
+        assert!(err.to_string().contains("would take too long"), "{err}");
+    }
+    // The same pattern over a text a sixth as long is work it may do.
+    let sql = format!("SELECT regexp_count(repeat('y', 12288), {pattern})");
+    assert_eq!(first_i64(&run(&engine, "t", &sql).await), 3);
+}
