@@ -13,8 +13,11 @@
 //! Planning also grows faster than the number of subqueries and tables a
 //! statement names (each becomes a join whose schema holds every column
 //! before it), and nothing can interrupt an optimizer rule once it runs:
-//! so that number has a limit too.
+//! so that number has a limit too. A CTE is planned again at each
+//! reference, so each reference counts its queries, tables and expressions
+//! again.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use datafusion::execution::SessionState;
@@ -99,6 +102,7 @@ pub(crate) fn parse(
         queries: 0,
         cost: 0,
         max_cost: limits.max_expression_cost,
+        ctes: CteCosts::default(),
     };
     let Some(refusal) = visit_sql(&mut statement, &mut check).break_value() else {
         return Ok(statement);
@@ -168,15 +172,101 @@ struct ShapeCheck {
     queries: usize,
     cost: usize,
     max_cost: usize,
+    ctes: CteCosts,
 }
 
 impl ShapeCheck {
     fn count_relation(&mut self) -> ControlFlow<Refusal> {
-        self.relations += 1;
+        self.count_relations(1)
+    }
+
+    fn count_relations(&mut self, relations: usize) -> ControlFlow<Refusal> {
+        self.relations += relations;
         if self.relations > self.max_relations {
             return ControlFlow::Break(Refusal::Relations);
         }
         ControlFlow::Continue(())
+    }
+
+    fn count_cost(&mut self, cost: usize) -> ControlFlow<Refusal> {
+        self.cost += cost;
+        if self.cost > self.max_cost {
+            return ControlFlow::Break(Refusal::Cost);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// What the visit has counted so far.
+    fn spent(&self) -> Spent {
+        Spent {
+            relations: self.relations,
+            cost: self.cost,
+        }
+    }
+}
+
+/// Relations and expression cost counted by a [`ShapeCheck`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    relations: usize,
+    cost: usize,
+}
+
+/// What each CTE of the statement cost to check, by name: the planner plans
+/// a CTE's query again at every reference to it.
+#[derive(Default)]
+struct CteCosts {
+    /// CTE queries not visited yet, by address, with their names.
+    declared: HashMap<*const Query, String>,
+    /// CTE queries being visited: their address, name and what the visit
+    /// had spent when it entered them.
+    open: Vec<(*const Query, String, Spent)>,
+    /// What each visited CTE's query spent, references to earlier CTEs
+    /// included. Names are compared case-blind: counting a reference to a
+    /// table that shares a CTE's name is harmless.
+    spent: HashMap<String, Spent>,
+}
+
+impl CteCosts {
+    fn declare(&mut self, query: &Query) {
+        for cte in query.with.iter().flat_map(|with| &with.cte_tables) {
+            let name = cte.alias.name.value.to_lowercase();
+            self.declared.insert(&*cte.query as *const Query, name);
+        }
+    }
+
+    fn enter(&mut self, query: &Query, spent: Spent) {
+        let address = query as *const Query;
+        if let Some(name) = self.declared.remove(&address) {
+            self.open.push((address, name, spent));
+        }
+    }
+
+    fn leave(&mut self, query: &Query, spent: Spent) {
+        let is_open =
+            matches!(self.open.last(), Some((address, ..)) if std::ptr::eq(*address, query));
+        if !is_open {
+            return;
+        }
+        if let Some((_, name, entered)) = self.open.pop() {
+            let cte = Spent {
+                relations: spent.relations - entered.relations,
+                cost: spent.cost - entered.cost,
+            };
+            self.spent.insert(name, cte);
+        }
+    }
+
+    /// What planning `factor` again costs if it names a CTE.
+    fn reference(&self, factor: &TableFactor) -> Option<Spent> {
+        let TableFactor::Table { name, .. } = factor else {
+            return None;
+        };
+        let [part] = name.0.as_slice() else {
+            return None;
+        };
+        let ident = part.as_ident()?;
+        self.spent.get(&ident.value.to_lowercase()).copied()
     }
 }
 
@@ -192,11 +282,7 @@ impl VisitorMut for ShapeCheck {
         if self.depth > self.limit {
             return ControlFlow::Break(Refusal::Depth);
         }
-        self.cost += self.depth * self.queries.max(1);
-        if self.cost > self.max_cost {
-            return ControlFlow::Break(Refusal::Cost);
-        }
-        ControlFlow::Continue(())
+        self.count_cost(self.depth * self.queries.max(1))
     }
 
     fn post_visit_expr(&mut self, _expr: &mut Expr) -> ControlFlow<Refusal> {
@@ -204,17 +290,24 @@ impl VisitorMut for ShapeCheck {
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Refusal> {
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<Refusal> {
+        self.ctes.enter(query, self.spent());
+        self.ctes.declare(query);
         self.queries += 1;
         self.count_relation()
     }
 
-    fn post_visit_query(&mut self, _query: &mut Query) -> ControlFlow<Refusal> {
+    fn post_visit_query(&mut self, query: &mut Query) -> ControlFlow<Refusal> {
         self.queries -= 1;
+        self.ctes.leave(query, self.spent());
         ControlFlow::Continue(())
     }
 
-    fn pre_visit_table_factor(&mut self, _factor: &mut TableFactor) -> ControlFlow<Refusal> {
+    fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<Refusal> {
+        if let Some(cte) = self.ctes.reference(factor) {
+            self.count_relations(cte.relations)?;
+            self.count_cost(cte.cost)?;
+        }
         self.count_relation()
     }
 }
@@ -378,6 +471,39 @@ mod tests {
         parse_default(&nested(1, 1_000)).expect("at the top");
         let err = parse_default(&nested(3, 1_000)).expect_err("three deep");
         assert!(err.to_string().contains("--max-expression-cost"), "{err}");
+    }
+
+    #[test]
+    fn each_reference_to_a_cte_counts_its_cost_again() {
+        // The planner plans a CTE at each reference: a 700-term chain
+        // referenced 40 times held a query thread for 54 s in a debug build
+        // (2 s once), inside planning, which no deadline interrupts.
+        let cte = format!("WITH t AS (SELECT 1{} AS v)", " + 1".repeat(700));
+        let references = |n: usize| {
+            let tables: Vec<String> = (1..=n).map(|i| format!("t t{i}")).collect();
+            format!("{cte} SELECT count(*) FROM {}", tables.join(", "))
+        };
+        parse_default(&references(1)).expect("one reference");
+        let err = parse_default(&references(40)).expect_err("forty references");
+        assert!(err.to_string().contains("--max-expression-cost"), "{err}");
+        // Case-blind, as unquoted names are.
+        let upper = format!("{cte} SELECT count(*) FROM T a, T b, T c, T d, T e");
+        assert!(parse_default(&upper).is_err(), "upper-case references");
+        // A CTE naming another counts the other's references as its own.
+        let nested =
+            format!("{cte}, u AS (SELECT a.v FROM t a, t b) SELECT count(*) FROM u x, u y, u z");
+        let err = parse_default(&nested).expect_err("nested references");
+        assert!(err.to_string().contains("--max-expression-cost"), "{err}");
+        // The queries and tables a CTE names count again at each reference.
+        let tables: Vec<String> = (1..=60).map(|i| format!("(SELECT {i}) s{i}")).collect();
+        let wide = format!("WITH w AS (SELECT 1 FROM {}) ", tables.join(", "));
+        parse_default(&format!("{wide} SELECT * FROM w")).expect("one reference");
+        let err = parse_default(&format!("{wide} SELECT * FROM w a, w b, w c"))
+            .expect_err("three references");
+        assert!(
+            err.to_string().contains("--max-statement-relations"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -316,3 +316,26 @@ async fn matching_that_would_take_too_long_is_refused() {
     let sql = format!("SELECT regexp_count(repeat('y', 12288), {pattern})");
     assert_eq!(first_i64(&run(&engine, "t", &sql).await), 3);
 }
+
+#[tokio::test]
+async fn a_cte_referenced_many_times_answers_or_is_refused_before_planning() {
+    let (_dir, engine) =
+        engine_with(vec![profiles("go-heap-large.pb.gz", "heap", "t")], 1 << 30).await;
+    let samples = first_i64(&run(&engine, "t", "SELECT count(*) FROM samples").await);
+    let few = "WITH s AS (SELECT value FROM samples), \
+               c AS (SELECT count(*) AS n FROM s) \
+               SELECT a.n + b.n FROM c a, c b";
+    assert_eq!(first_i64(&run(&engine, "t", few).await), 2 * samples);
+    // Planned once per reference: forty references to a 700-term chain held
+    // a query thread for 54 s in a debug build, inside planning.
+    let tables: Vec<String> = (1..=40).map(|i| format!("t t{i}")).collect();
+    let sql = format!(
+        "WITH t AS (SELECT 1{} AS v) SELECT count(*) FROM {}",
+        " + 1".repeat(700),
+        tables.join(", ")
+    );
+    let err = outcome(&engine, &sql).await.expect_err("too costly");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("--max-expression-cost"), "{err}");
+    assert_eq!(first_i64(&run(&engine, "t", "SELECT 41 + 1").await), 42);
+}

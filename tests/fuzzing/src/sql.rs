@@ -111,6 +111,7 @@ pub fn statement_of(data: &[u8], functions: &[String]) -> String {
         depth: 0,
         budget: STATEMENT_BUDGET,
         functions,
+        ctes: 0,
     };
     g.statement()
 }
@@ -124,6 +125,8 @@ struct Grammar<'a> {
     /// Bytes the long parts (chains, literals, lists) may still add.
     budget: usize,
     functions: &'a [String],
+    /// CTEs in scope, named `c0`, `c1`...
+    ctes: usize,
 }
 
 /// About twice the engine's statement limit: long enough to reach it, and
@@ -239,7 +242,23 @@ impl Grammar<'_> {
         from[self.choose(from.len())]
     }
 
+    /// A query, sometimes with a CTE that its tables may name many times
+    /// (the planner plans a CTE again at each reference).
     fn statement(&mut self) -> String {
+        if self.choose(6) != 0 || self.depth >= 4 {
+            return self.select();
+        }
+        self.depth += 1;
+        let cte = self.select();
+        let name = format!("c{}", self.ctes);
+        self.ctes += 1;
+        let body = self.select();
+        self.ctes -= 1;
+        self.depth -= 1;
+        format!("WITH {name} AS ({cte}) {body}")
+    }
+
+    fn select(&mut self) -> String {
         let columns = (0..=self.choose(3))
             .map(|_| self.expr())
             .collect::<Vec<_>>()
@@ -264,6 +283,15 @@ impl Grammar<'_> {
     }
 
     fn table(&mut self) -> String {
+        if self.ctes > 0 && self.choose(3) == 0 {
+            let cte = self.choose(self.ctes);
+            let n = 1 + self.byte() as usize;
+            let n = self.long(n, 12);
+            let references = (0..n.max(1))
+                .map(|i| format!("c{cte} AS r{i}"))
+                .collect::<Vec<_>>();
+            return references.join(", ");
+        }
         if self.choose(4) == 0 && self.depth < 4 {
             self.depth += 1;
             let inner = self.statement();
