@@ -51,6 +51,14 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("tombstones");
 const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const APPLIED_INDEX: &str = "applied_index";
+/// Where the replicated log stands, beside the state it produced.
+const REPLICATION: TableDefinition<&str, &[u8]> = TableDefinition::new("replication");
+const LOG_POSITION: &str = "log_position";
+
+/// A replicated log's position after the command being applied, opaque to
+/// the metastore: stored in the command's own transaction, so that a
+/// replica that restarts re-applies exactly the entries it had not applied.
+pub type LogPosition<'a> = Option<&'a [u8]>;
 
 #[derive(Debug, Error)]
 pub enum MetastoreError {
@@ -71,6 +79,14 @@ pub enum MetastoreError {
     /// The metastore could not be reached or did not answer.
     #[error("metastore unavailable: {0}")]
     Unavailable(String),
+}
+
+impl MetastoreError {
+    /// Whether the state refused the command: every replica applying the
+    /// same command to the same state refuses it the same way.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Lease { .. } | Self::InvalidCommand(_))
+    }
 }
 
 fn store_err<E: Into<redb::Error>>(e: E) -> MetastoreError {
@@ -524,8 +540,14 @@ fn checked_entries(blocks: &[BlockMeta]) -> Result<Entries, MetastoreError> {
     Ok(entries)
 }
 
-/// Advances the applied index by `n` inside `tx` and returns the new value.
-fn advance_applied(tx: &WriteTransaction, n: u64) -> Result<u64, MetastoreError> {
+/// Advances the applied index by `n` inside `tx`, records `position`, and
+/// returns the new index.
+fn advance_applied(
+    tx: &WriteTransaction,
+    n: u64,
+    position: LogPosition,
+) -> Result<u64, MetastoreError> {
+    record_position(tx, position)?;
     let mut state = tx.open_table(STATE).map_err(store_err)?;
     let applied = state
         .get(APPLIED_INDEX)
@@ -535,6 +557,14 @@ fn advance_applied(tx: &WriteTransaction, n: u64) -> Result<u64, MetastoreError>
         + n;
     state.insert(APPLIED_INDEX, applied).map_err(store_err)?;
     Ok(applied)
+}
+
+fn record_position(tx: &WriteTransaction, position: LogPosition) -> Result<(), MetastoreError> {
+    if let Some(bytes) = position {
+        let mut table = tx.open_table(REPLICATION).map_err(store_err)?;
+        table.insert(LOG_POSITION, bytes).map_err(store_err)?;
+    }
+    Ok(())
 }
 
 fn put_job(tx: &WriteTransaction, job: &Job) -> Result<(), MetastoreError> {
@@ -579,6 +609,7 @@ impl Metastore {
         tx.open_table(JOBS).map_err(store_err)?;
         tx.open_table(TOMBSTONES).map_err(store_err)?;
         tx.open_table(STATE).map_err(store_err)?;
+        tx.open_table(REPLICATION).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         let store = Self {
             db,
@@ -642,25 +673,102 @@ impl Metastore {
 
     /// Applies one command durably, then to the in-memory index.
     pub fn apply(&self, command: Command) -> Result<Applied, MetastoreError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_at(command, None)
+    }
+
+    /// Applies the command of a replicated log's entry, recording
+    /// `position` with it. A command the state refuses (a stale lease, an
+    /// invalid command) is refused the same way on every replica, so its
+    /// position is recorded all the same; a store error is not, and the
+    /// entry is applied again once the replica restarts.
+    pub fn apply_entry(
+        &self,
+        command: Command,
+        position: &[u8],
+    ) -> Result<Applied, MetastoreError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let applied = self.apply_at(command, Some(position));
+        self.settle_position(&applied, position)?;
+        applied
+    }
+
+    /// Registers blocks for a replicated log's entry, recording `position`
+    /// with them: all or none.
+    pub fn add_blocks_entry(
+        &self,
+        blocks: Vec<BlockMeta>,
+        position: &[u8],
+    ) -> Result<(), MetastoreError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let added = self.add_blocks(blocks, Some(position));
+        self.settle_position(&added, position)?;
+        if added.is_ok() {
+            self.activity.send_modify(|n| *n += 1);
+        }
+        added
+    }
+
+    /// Records a log entry that changes no state (a leader's first entry, a
+    /// change of members) or that the state refused.
+    pub fn record_entry(&self, position: &[u8]) -> Result<(), MetastoreError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_position(position)
+    }
+
+    /// The position recorded with the last log entry applied, if any.
+    pub fn log_position(&self) -> Result<Option<Vec<u8>>, MetastoreError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(REPLICATION).map_err(store_err)?;
+        let position = table.get(LOG_POSITION).map_err(store_err)?;
+        Ok(position.map(|v| v.value().to_vec()))
+    }
+
+    /// After a command of a log entry: a command that wrote nothing (no
+    /// work to plan, blocks already known) or that the state refused still
+    /// moves the position; a store error does not.
+    fn settle_position<T>(
+        &self,
+        outcome: &Result<T, MetastoreError>,
+        position: &[u8],
+    ) -> Result<(), MetastoreError> {
+        if let Err(e) = outcome {
+            if !e.is_refusal() {
+                return Ok(());
+            }
+        }
+        if self.log_position()?.as_deref() != Some(position) {
+            self.write_position(position)?;
+        }
+        Ok(())
+    }
+
+    fn write_position(&self, position: &[u8]) -> Result<(), MetastoreError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        record_position(&tx, Some(position))?;
+        tx.commit().map_err(store_err)
+    }
+
+    /// Applies `command` with `position`; the caller holds `apply_lock`.
+    fn apply_at(&self, command: Command, position: LogPosition) -> Result<Applied, MetastoreError> {
         use command::Kind;
         let kind = command
             .kind
             .ok_or_else(|| MetastoreError::InvalidCommand("empty command".into()))?;
-        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         // Leases, renewals and deletions make no work for anyone.
         let may_make_work = !matches!(
             kind,
             Kind::LeaseJob(_) | Kind::RenewLease(_) | Kind::RemoveTombstones(_)
         );
         let applied = match kind {
-            Kind::AddBlock(meta) => self.add_blocks(vec![meta]).map(|_| Applied::Done),
-            Kind::PlanCompaction(c) => self.plan_compaction(c).map(Applied::Planned),
-            Kind::LeaseJob(c) => self.lease_job(c).map(Applied::Leased),
-            Kind::RenewLease(c) => self.renew_lease(c).map(|_| Applied::Done),
-            Kind::FailJob(c) => self.fail_job(c).map(|_| Applied::Done),
-            Kind::CommitJob(c) => self.commit_job(c).map(|_| Applied::Done),
-            Kind::RemoveTombstones(c) => self.remove_tombstones(c).map(|_| Applied::Done),
-            Kind::ApplyRetention(c) => self.apply_retention(c).map(Applied::Expired),
+            Kind::AddBlock(meta) => self.add_blocks(vec![meta], position).map(|_| Applied::Done),
+            Kind::PlanCompaction(c) => self.plan_compaction(c, position).map(Applied::Planned),
+            Kind::LeaseJob(c) => self.lease_job(c, position).map(Applied::Leased),
+            Kind::RenewLease(c) => self.renew_lease(c, position).map(|_| Applied::Done),
+            Kind::FailJob(c) => self.fail_job(c, position).map(|_| Applied::Done),
+            Kind::CommitJob(c) => self.commit_job(c, position).map(|_| Applied::Done),
+            Kind::RemoveTombstones(c) => self.remove_tombstones(c, position).map(|_| Applied::Done),
+            Kind::ApplyRetention(c) => self.apply_retention(c, position).map(Applied::Expired),
         }?;
         if may_make_work && !matches!(applied, Applied::Planned(0) | Applied::Expired(0)) {
             self.activity.send_modify(|n| *n += 1);
@@ -689,12 +797,16 @@ impl Metastore {
             }
         }
         let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.add_blocks(blocks)?;
+        self.add_blocks(blocks, None)?;
         self.activity.send_modify(|n| *n += 1);
         Ok(())
     }
 
-    fn add_blocks(&self, mut blocks: Vec<BlockMeta>) -> Result<(), MetastoreError> {
+    fn add_blocks(
+        &self,
+        mut blocks: Vec<BlockMeta>,
+        position: LogPosition,
+    ) -> Result<(), MetastoreError> {
         // At-least-once delivery (a retried flush, a dlq entry whose block
         // did get registered) must not count a block twice, nor bring back
         // one that compaction retired.
@@ -714,7 +826,7 @@ impl Metastore {
                     .map_err(store_err)?;
             }
         }
-        advance_applied(&tx, blocks.len() as u64)?;
+        advance_applied(&tx, blocks.len() as u64, position)?;
         tx.commit().map_err(store_err)?;
         let mut index = self.write_index();
         for (_, partition, tenant, entry) in entries {
@@ -723,7 +835,11 @@ impl Metastore {
         Ok(())
     }
 
-    fn plan_compaction(&self, cmd: PlanCompaction) -> Result<usize, MetastoreError> {
+    fn plan_compaction(
+        &self,
+        cmd: PlanCompaction,
+        position: LogPosition,
+    ) -> Result<usize, MetastoreError> {
         let jobs = {
             let index = self.read_index();
             let open = index
@@ -741,7 +857,7 @@ impl Metastore {
         for job in &jobs {
             put_job(&tx, job)?;
         }
-        advance_applied(&tx, 1)?;
+        advance_applied(&tx, 1, position)?;
         tx.commit().map_err(store_err)?;
         let n = jobs.len();
         let mut index = self.write_index();
@@ -754,7 +870,11 @@ impl Metastore {
     /// The smallest job waiting, or whose lease expired (an abandoned
     /// attempt counts as a failure, so a job that kills its workers is set
     /// aside instead of killing them forever).
-    fn lease_job(&self, cmd: LeaseJob) -> Result<Option<Job>, MetastoreError> {
+    fn lease_job(
+        &self,
+        cmd: LeaseJob,
+        position: LogPosition,
+    ) -> Result<Option<Job>, MetastoreError> {
         let (mut changed, chosen) = {
             let index = self.read_index();
             let mut changed: Vec<Job> = Vec::new();
@@ -795,7 +915,7 @@ impl Metastore {
             return Ok(None);
         }
         let tx = self.db.begin_write().map_err(store_err)?;
-        let token = advance_applied(&tx, 1)?;
+        let token = advance_applied(&tx, 1, position)?;
         let leased = chosen.map(|mut j| {
             j.status = JobStatus::Running as u32;
             j.worker = cmd.worker.clone();
@@ -815,18 +935,18 @@ impl Metastore {
         Ok(leased)
     }
 
-    fn renew_lease(&self, cmd: RenewLease) -> Result<(), MetastoreError> {
+    fn renew_lease(&self, cmd: RenewLease, position: LogPosition) -> Result<(), MetastoreError> {
         let mut job = leased_job(&self.read_index(), &cmd.job_id, cmd.token)?.clone();
         job.lease_expires = cmd.now.saturating_add(cmd.lease_nanos);
         let tx = self.db.begin_write().map_err(store_err)?;
         put_job(&tx, &job)?;
-        advance_applied(&tx, 1)?;
+        advance_applied(&tx, 1, position)?;
         tx.commit().map_err(store_err)?;
         self.write_index().jobs.insert(job.id.clone(), job);
         Ok(())
     }
 
-    fn fail_job(&self, cmd: FailJob) -> Result<(), MetastoreError> {
+    fn fail_job(&self, cmd: FailJob, position: LogPosition) -> Result<(), MetastoreError> {
         let mut job = leased_job(&self.read_index(), &cmd.job_id, cmd.token)?.clone();
         job.failures += 1;
         job.last_error = cmd.error;
@@ -838,14 +958,14 @@ impl Metastore {
         } as u32;
         let tx = self.db.begin_write().map_err(store_err)?;
         put_job(&tx, &job)?;
-        advance_applied(&tx, 1)?;
+        advance_applied(&tx, 1, position)?;
         tx.commit().map_err(store_err)?;
         self.write_index().jobs.insert(job.id.clone(), job);
         Ok(())
     }
 
     /// Sources out, output in, retired objects tombstoned: one transaction.
-    fn commit_job(&self, cmd: CommitJob) -> Result<(), MetastoreError> {
+    fn commit_job(&self, cmd: CommitJob, position: LogPosition) -> Result<(), MetastoreError> {
         let (job, sources) = {
             let index = self.read_index();
             let job = leased_job(&index, &cmd.job_id, cmd.token)?.clone();
@@ -874,12 +994,16 @@ impl Metastore {
             }
             None => Vec::new(),
         };
-        self.replace(sources, output, Some(&job.id), cmd.delete_after)
+        self.replace(sources, output, Some(&job.id), cmd.delete_after, position)
     }
 
     /// Drops every tenant's parts of blocks whose partitions all ended
     /// before the tenant's retention; returns how many parts went.
-    fn apply_retention(&self, cmd: ApplyRetention) -> Result<usize, MetastoreError> {
+    fn apply_retention(
+        &self,
+        cmd: ApplyRetention,
+        position: LogPosition,
+    ) -> Result<usize, MetastoreError> {
         let expired: Vec<(String, TenantBlock)> = {
             let index = self.read_index();
             let retention = |tenant: &str| {
@@ -907,7 +1031,7 @@ impl Metastore {
             return Ok(0);
         }
         let n = expired.len();
-        self.replace(expired, Vec::new(), None, cmd.delete_after)?;
+        self.replace(expired, Vec::new(), None, cmd.delete_after, position)?;
         Ok(n)
     }
 
@@ -920,6 +1044,7 @@ impl Metastore {
         output: Entries,
         job: Option<&str>,
         delete_after: i64,
+        position: LogPosition,
     ) -> Result<(), MetastoreError> {
         let retired: Vec<Tombstone> = {
             let index = self.read_index();
@@ -971,7 +1096,7 @@ impl Metastore {
                 jobs.remove(id).map_err(store_err)?;
             }
         }
-        advance_applied(&tx, 1)?;
+        advance_applied(&tx, 1, position)?;
         tx.commit().map_err(store_err)?;
         let mut index = self.write_index();
         for (tenant, b) in &parts {
@@ -989,7 +1114,11 @@ impl Metastore {
         Ok(())
     }
 
-    fn remove_tombstones(&self, cmd: RemoveTombstones) -> Result<(), MetastoreError> {
+    fn remove_tombstones(
+        &self,
+        cmd: RemoveTombstones,
+        position: LogPosition,
+    ) -> Result<(), MetastoreError> {
         let tx = self.db.begin_write().map_err(store_err)?;
         {
             let mut tombstones = tx.open_table(TOMBSTONES).map_err(store_err)?;
@@ -997,7 +1126,7 @@ impl Metastore {
                 tombstones.remove(p.as_str()).map_err(store_err)?;
             }
         }
-        advance_applied(&tx, 1)?;
+        advance_applied(&tx, 1, position)?;
         tx.commit().map_err(store_err)?;
         let mut index = self.write_index();
         for p in &cmd.paths {
@@ -1103,11 +1232,16 @@ impl Metastore {
                 }
                 Ok(out)
             };
+        let state = tx.open_table(STATE).map_err(store_err)?;
+        let applied_index = state.get(APPLIED_INDEX).map_err(store_err)?;
+        let replication = tx.open_table(REPLICATION).map_err(store_err)?;
+        let position = replication.get(LOG_POSITION).map_err(store_err)?;
         let snapshot = Snapshot {
-            applied_index: self.applied_index()?,
+            applied_index: applied_index.map(|v| v.value()).unwrap_or(0),
             entries: rows(BLOCKS)?,
             jobs: rows(JOBS)?,
             tombstones: rows(TOMBSTONES)?,
+            log_position: position.map(|v| v.value().to_vec()),
         };
         Ok(snapshot.encode_to_vec())
     }
@@ -1135,6 +1269,12 @@ impl Metastore {
             state
                 .insert(APPLIED_INDEX, snapshot.applied_index)
                 .map_err(store_err)?;
+            let mut replication = tx.open_table(REPLICATION).map_err(store_err)?;
+            match &snapshot.log_position {
+                Some(position) => replication.insert(LOG_POSITION, position.as_slice()),
+                None => replication.remove(LOG_POSITION),
+            }
+            .map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         self.reload_index()

@@ -561,3 +561,40 @@ fn retention_drops_whole_expired_partitions_per_tenant() {
     assert!(m.query(&all("long")).is_empty());
     assert_eq!(m.tombstone_count(), 2);
 }
+
+#[test]
+fn a_log_entry_s_position_is_stored_with_what_it_did_and_travels_in_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+    assert_eq!(m.log_position().unwrap(), None);
+    let b = block("b1", vec![dataset("t", "api", 0, HOUR)]);
+    m.add_blocks_entry(vec![b.clone()], b"1").unwrap();
+    assert_eq!(m.log_position().unwrap().as_deref(), Some(&b"1"[..]));
+    // Known already: nothing written but the position.
+    m.add_blocks_entry(vec![b], b"2").unwrap();
+    assert_eq!(m.log_position().unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(m.entry_count(), 1);
+    // Refused the same way on every replica: the position moves.
+    let renew = RenewLease {
+        job_id: "nope".into(),
+        token: 1,
+        now: 0,
+        lease_nanos: 1,
+    };
+    let e = m
+        .apply_entry(command::Kind::RenewLease(renew).into(), b"3")
+        .unwrap_err();
+    assert!(e.is_refusal(), "{e}");
+    assert_eq!(m.log_position().unwrap().as_deref(), Some(&b"3"[..]));
+    m.record_entry(b"4").unwrap();
+    let snapshot = m.snapshot().unwrap();
+
+    let other = Metastore::open(&dir.path().join("o.redb")).unwrap();
+    other.restore(&snapshot).unwrap();
+    assert_eq!(other.log_position().unwrap().as_deref(), Some(&b"4"[..]));
+    assert_eq!(other.entry_count(), 1);
+    assert_eq!(other.applied_index().unwrap(), m.applied_index().unwrap());
+    drop(m);
+    let reopened = Metastore::open(&dir.path().join("m.redb")).unwrap();
+    assert_eq!(reopened.log_position().unwrap().as_deref(), Some(&b"4"[..]));
+}
