@@ -486,7 +486,8 @@ async fn serve_metastore_commands(
         .await
         .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
     info!(addr = %listener.local_addr()?, "metastore commands served to other processes");
-    let app = ember_metastore::rpc::router(metastore, token);
+    let commands = Arc::new(ember_metastore::InProcess(metastore));
+    let app = ember_metastore::rpc::router(commands, token);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

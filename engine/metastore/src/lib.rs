@@ -12,6 +12,7 @@ mod client;
 mod jobs;
 mod lifecycle;
 mod messages;
+pub mod raft;
 mod rebuild;
 pub mod rpc;
 
@@ -1218,6 +1219,11 @@ impl Metastore {
 
     /// The whole state as bytes, for a Raft snapshot or a backup.
     pub fn snapshot(&self) -> Result<Vec<u8>, MetastoreError> {
+        self.snapshot_with_position().map(|(bytes, _)| bytes)
+    }
+
+    /// The whole state as bytes, and the log position it is at.
+    pub fn snapshot_with_position(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), MetastoreError> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let rows =
             |def: TableDefinition<&str, &[u8]>| -> Result<Vec<SnapshotEntry>, MetastoreError> {
@@ -1243,7 +1249,8 @@ impl Metastore {
             tombstones: rows(TOMBSTONES)?,
             log_position: position.map(|v| v.value().to_vec()),
         };
-        Ok(snapshot.encode_to_vec())
+        let position = snapshot.log_position.clone();
+        Ok((snapshot.encode_to_vec(), position))
     }
 
     /// Replaces the whole state with a snapshot.

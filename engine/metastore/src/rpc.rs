@@ -26,8 +26,7 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::{
-    AddBlocks, Applied, AppliedReply, Command, ErrorReply, InProcess, Metastore, MetastoreClient,
-    MetastoreError,
+    AddBlocks, Applied, AppliedReply, Command, ErrorReply, MetastoreClient, MetastoreError,
 };
 
 const APPLY: &str = "/ember.metastore.v1.MetastoreService/Apply";
@@ -40,17 +39,18 @@ const MAX_COMMAND_BYTES: usize = 64 << 20;
 
 #[derive(Clone)]
 struct ServerState {
-    metastore: Arc<InProcess>,
+    metastore: Arc<dyn MetastoreClient>,
     token: Arc<str>,
 }
 
-/// The routes of `--metastore-listen-addr`.
-pub fn router(metastore: Arc<Metastore>, token: &str) -> Router {
+/// The routes of `--metastore-listen-addr`: commands applied by
+/// `metastore` (this process's store, or the replicated one as its leader).
+pub fn router(metastore: Arc<dyn MetastoreClient>, token: &str) -> Router {
     Router::new()
         .route(APPLY, post(apply))
         .route(ADD_BLOCKS, post(add_blocks))
         .with_state(ServerState {
-            metastore: Arc::new(InProcess(metastore)),
+            metastore,
             token: token.into(),
         })
 }
@@ -83,12 +83,7 @@ async fn decoded<M: Message + Default>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<M, Response> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if !ember_engine::auth::same_secret(presented, &state.token) {
+    if !has_cluster_token(headers, &state.token) {
         return Err(plain(
             StatusCode::UNAUTHORIZED,
             "a valid cluster token is required",
@@ -101,6 +96,16 @@ async fn decoded<M: Message + Default>(
         )
     })?;
     M::decode(bytes).map_err(|e| plain(StatusCode::BAD_REQUEST, &format!("decoding: {e}")))
+}
+
+/// Whether the request presents the cluster token.
+pub(crate) fn has_cluster_token(headers: &HeaderMap, token: &str) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    ember_engine::auth::same_secret(presented, token)
 }
 
 fn plain(status: StatusCode, message: &str) -> Response {
@@ -231,11 +236,12 @@ impl MetastoreClient for RemoteMetastore {
 mod tests {
     use super::*;
     use crate::{command::Kind, LeaseJob, RenewLease};
+    use crate::{InProcess, Metastore};
 
     async fn serve(metastore: Arc<Metastore>, token: &str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(metastore, token);
+        let app = router(Arc::new(InProcess(metastore)), token);
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}")
     }

@@ -1,0 +1,314 @@
+//! The metastore replicated by Raft (openraft): every replica applies the
+//! same [`Proposal`]s in the same order to its own redb state machine, so
+//! the index survives the death of any minority of metastore processes.
+//!
+//! - `log_store.rs`: the Raft log, vote and commit point in `raft.redb`.
+//! - `state_machine.rs`: entries applied to the [`Metastore`], each with its
+//!   log position in the same transaction; snapshots are the metastore's.
+//! - `network.rs`: Raft's calls between replicas over HTTP, under the
+//!   cluster token, on `--metastore-listen-addr`.
+//!
+//! Stateless roles reach it through [`Replicated`], a [`MetastoreClient`]
+//! that proposes on the leader: in process when this replica leads, over
+//! the network to the leader otherwise.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::messages::{outcome, proposal, AddBlocks, AppliedReply, Outcome, Proposal};
+use crate::rpc::RemoteMetastore;
+use crate::{Applied, Command, Metastore, MetastoreClient, MetastoreError};
+use ember_engine::BlockMeta;
+
+pub use log_store::LogStore;
+pub use network::{raft_router, Network};
+pub use state_machine::StateMachine;
+
+/// A replica's number in the cluster.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The metastore's Raft: entries carry protobuf proposals, nodes their
+    /// `--metastore-listen-addr` URL.
+    pub TypeConfig:
+        D = Payload,
+        R = Payload,
+        NodeId = NodeId,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// A protobuf message ([`Proposal`] in a log entry, [`Outcome`] as its
+/// answer) as Raft carries it; base64 in JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload(#[serde(with = "base64_bytes")] pub Vec<u8>);
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ReplicationError {
+    #[error("raft log {path}: {source}")]
+    Log { path: String, source: redb::Error },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("--metastore-raft-peers: {0}")]
+    Peers(String),
+}
+
+/// Who the replicas are and how they talk.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: NodeId,
+    /// Every replica's id and `http://host:port` of its
+    /// `--metastore-listen-addr`, this one's included.
+    pub peers: BTreeMap<NodeId, String>,
+    pub token: String,
+}
+
+impl ClusterConfig {
+    /// Peers from `1=http://10.0.0.1:4041,2=http://10.0.0.2:4041,...`.
+    pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, String>, ReplicationError> {
+        let mut peers = BTreeMap::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, url) = item
+                .split_once('=')
+                .ok_or_else(|| ReplicationError::Peers(format!("{item:?} is not ID=URL")))?;
+            let id: NodeId = id
+                .trim()
+                .parse()
+                .map_err(|e| ReplicationError::Peers(format!("id {id:?}: {e}")))?;
+            let url = url.trim().trim_end_matches('/').to_string();
+            if !url.starts_with("http://") {
+                return Err(ReplicationError::Peers(format!(
+                    "{url:?}: give http://host:port of the replica's --metastore-listen-addr"
+                )));
+            }
+            if peers.insert(id, url).is_some() {
+                return Err(ReplicationError::Peers(format!("id {id} named twice")));
+            }
+        }
+        if peers.is_empty() {
+            return Err(ReplicationError::Peers("no replicas named".into()));
+        }
+        Ok(peers)
+    }
+}
+
+/// Timings for replicas on one network: a leader's death is noticed within
+/// about two seconds, and a heartbeat has room for an fsync on a busy disk.
+fn raft_config() -> Result<Arc<Config>, ReplicationError> {
+    let config = Config {
+        cluster_name: "ember-metastore".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 256,
+        ..Config::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| ReplicationError::Raft(e.to_string()))
+}
+
+/// Starts this replica: its log in `<dir>/raft.redb`, its state in
+/// `metastore`. The lowest-numbered replica proposes the first membership
+/// (every replica in `peers`) if the cluster has none yet.
+pub async fn start(
+    dir: &Path,
+    metastore: Arc<Metastore>,
+    cluster: &ClusterConfig,
+) -> Result<Replicated, ReplicationError> {
+    if !cluster.peers.contains_key(&cluster.node_id) {
+        return Err(ReplicationError::Peers(format!(
+            "this replica's id {} is not among the peers",
+            cluster.node_id
+        )));
+    }
+    let log = LogStore::open(&dir.join("raft.redb"))?;
+    let state = StateMachine::new(metastore, dir.join("raft-snapshot"))
+        .map_err(|e| ReplicationError::Raft(e.to_string()))?;
+    let network = Network::new(&cluster.token);
+    let raft = Raft::new(cluster.node_id, raft_config()?, network, log, state)
+        .await
+        .map_err(|e| ReplicationError::Raft(e.to_string()))?;
+    let first = cluster.peers.keys().next().copied();
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| ReplicationError::Raft(e.to_string()))?;
+    if first == Some(cluster.node_id) && !initialized {
+        let members: BTreeMap<NodeId, BasicNode> = cluster
+            .peers
+            .iter()
+            .map(|(id, url)| (*id, BasicNode::new(url)))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(replicas = cluster.peers.len(), "metastore cluster formed"),
+            // Another replica's log reached this one first.
+            Err(RaftError::APIError(e)) => tracing::info!("metastore cluster exists: {e}"),
+            Err(e) => return Err(ReplicationError::Raft(e.to_string())),
+        }
+    }
+    Ok(Replicated {
+        raft,
+        token: cluster.token.clone(),
+        forward: true,
+    })
+}
+
+/// The replicated metastore's commands, proposed on the leader.
+#[derive(Clone)]
+pub struct Replicated {
+    raft: Raft,
+    token: String,
+    /// Whether a follower sends the proposal on to the leader (the leader's
+    /// RPC server answers itself, so that a proposal is forwarded once).
+    forward: bool,
+}
+
+impl Replicated {
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The same replica, answering only as the leader.
+    pub fn without_forwarding(&self) -> Self {
+        Self {
+            forward: false,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this replica leads the cluster now.
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.current_leader == Some(m.id)
+    }
+
+    /// Waits until this replica has applied every entry the leader had
+    /// committed when asked: a read after it sees every acknowledged write.
+    pub async fn caught_up(&self, timeout: Duration) -> Result<(), MetastoreError> {
+        let unavailable = |e: String| MetastoreError::Unavailable(format!("metastore read: {e}"));
+        let read_index = match self.raft.ensure_linearizable().await {
+            Ok(log_id) => log_id.map(|l| l.index),
+            Err(e) => match e.forward_to_leader::<BasicNode>() {
+                Some(_) => self.raft.metrics().borrow().last_log_index,
+                None => return Err(unavailable(e.to_string())),
+            },
+        };
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(read_index, "caught up")
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(e.to_string()))
+    }
+
+    async fn propose(&self, proposal: Proposal) -> Result<Applied, MetastoreError> {
+        let payload = Payload(proposal.encode_to_vec());
+        let leader = match self.raft.client_write(payload).await {
+            Ok(written) => return outcome_of(&written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
+            Err(e) => return Err(MetastoreError::Unavailable(format!("metastore: {e}"))),
+        };
+        let Some(leader) = leader.filter(|_| self.forward) else {
+            return Err(MetastoreError::Unavailable(
+                "metastore: no leader yet (an election is under way)".into(),
+            ));
+        };
+        let remote = RemoteMetastore::new(&leader.addr, &self.token)
+            .map_err(|e| MetastoreError::Unavailable(e.to_string()))?;
+        match proposal.kind {
+            Some(proposal::Kind::Command(command)) => remote.apply(command).await,
+            Some(proposal::Kind::AddBlocks(b)) => {
+                remote.add_blocks(b.blocks).await.map(|()| Applied::Done)
+            }
+            None => Err(MetastoreError::InvalidCommand("empty proposal".into())),
+        }
+    }
+}
+
+/// The answer a replica's state machine gave to a proposal.
+fn outcome_of(payload: &Payload) -> Result<Applied, MetastoreError> {
+    let outcome = Outcome::decode(payload.0.as_slice())
+        .map_err(|e| MetastoreError::Unavailable(format!("undecodable outcome: {e}")))?;
+    match outcome.kind {
+        Some(outcome::Kind::Applied(reply)) => reply.into_applied(),
+        Some(outcome::Kind::Refused(reply)) => Err(reply.into()),
+        None => Ok(Applied::Done),
+    }
+}
+
+/// The outcome of applying a proposal, as a payload.
+fn outcome_payload(result: &Result<Applied, MetastoreError>) -> Payload {
+    let kind = match result {
+        Ok(applied) => outcome::Kind::Applied(AppliedReply::from(applied.clone())),
+        Err(e) => outcome::Kind::Refused(e.into()),
+    };
+    Payload(Outcome { kind: Some(kind) }.encode_to_vec())
+}
+
+#[async_trait]
+impl MetastoreClient for Replicated {
+    async fn apply(&self, command: Command) -> Result<Applied, MetastoreError> {
+        self.propose(Proposal {
+            kind: Some(proposal::Kind::Command(command)),
+        })
+        .await
+    }
+
+    async fn add_blocks(&self, blocks: Vec<BlockMeta>) -> Result<(), MetastoreError> {
+        self.propose(Proposal {
+            kind: Some(proposal::Kind::AddBlocks(AddBlocks { blocks })),
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Runs a redb call (which may fsync) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("storage task: {e}"))?
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+//! Raft's calls between replicas: JSON over HTTP on the replicas'
+//! `--metastore-listen-addr`, under the cluster token like every other
+//! metastore call.
+
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{NodeId, Raft, TypeConfig};
+
+const APPEND: &str = "/ember.metastore.v1.Raft/AppendEntries";
+const VOTE: &str = "/ember.metastore.v1.Raft/Vote";
+const SNAPSHOT: &str = "/ember.metastore.v1.Raft/InstallSnapshot";
+const JSON: &str = "application/json";
+
+/// A batch of entries or a snapshot chunk (3 MiB by default), with room.
+const MAX_RAFT_BYTES: usize = 64 << 20;
+
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// Makes a [`Peer`] for each replica Raft talks to; they share one HTTP
+/// client and its connections.
+#[derive(Clone)]
+pub struct Network {
+    client: HttpClient,
+    token: String,
+}
+
+impl Network {
+    pub fn new(token: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Self {
+            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build(connector),
+            token: token.to_string(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            client: self.client.clone(),
+            token: self.token.clone(),
+            target,
+            base: node.addr.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+/// Another replica, as Raft calls it.
+pub struct Peer {
+    client: HttpClient,
+    token: String,
+    target: NodeId,
+    base: String,
+}
+
+/// What went wrong on the way to a replica.
+#[derive(Debug, thiserror::Error)]
+#[error("replica {target} at {base}: {reason}")]
+struct PeerError {
+    target: NodeId,
+    base: String,
+    reason: String,
+}
+
+impl Peer {
+    fn error(&self, reason: impl Into<String>) -> PeerError {
+        PeerError {
+            target: self.target,
+            base: self.base.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Posts `request` and decodes the replica's `Result`.
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?;
+        let http_request = http::Request::post(format!("{}{path}", self.base))
+            .header(header::CONTENT_TYPE, JSON)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?;
+        let exchange = async {
+            let response =
+                self.client.request(http_request).await.map_err(|e| {
+                    RPCError::Unreachable(Unreachable::new(&self.error(e.to_string())))
+                })?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?
+                .to_bytes();
+            Ok::<_, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(option.hard_ttl(), exchange)
+            .await
+            .map_err(|_| {
+                RPCError::Unreachable(Unreachable::new(
+                    &self.error(format!("no answer within {:?}", option.hard_ttl())),
+                ))
+            })??;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
+            return Err(RPCError::Network(NetworkError::new(
+                &self.error(format!("answered {status}: {text}")),
+            )));
+        }
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&bytes)
+            .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(VOTE, &rpc, &option).await
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    raft: Raft,
+    token: std::sync::Arc<str>,
+}
+
+/// Raft's routes of `--metastore-listen-addr`.
+pub fn raft_router(raft: Raft, token: &str) -> Router {
+    Router::new()
+        .route(APPEND, post(append))
+        .route(VOTE, post(vote))
+        .route(SNAPSHOT, post(snapshot))
+        .with_state(ServerState {
+            raft,
+            token: token.into(),
+        })
+}
+
+async fn append(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    match request(&state, &headers, body).await {
+        Ok(rpc) => json(&state.raft.append_entries(rpc).await),
+        Err(refused) => refused,
+    }
+}
+
+async fn vote(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    match request(&state, &headers, body).await {
+        Ok(rpc) => json(&state.raft.vote(rpc).await),
+        Err(refused) => refused,
+    }
+}
+
+async fn snapshot(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    match request(&state, &headers, body).await {
+        Ok(rpc) => json(&state.raft.install_snapshot(rpc).await),
+        Err(refused) => refused,
+    }
+}
+
+/// The request's body, once its token is the cluster's.
+async fn request<T: DeserializeOwned>(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, Response> {
+    if !crate::rpc::has_cluster_token(headers, &state.token) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "a valid cluster token is required",
+        )
+            .into_response());
+    }
+    let bytes = to_bytes(body, MAX_RAFT_BYTES).await.map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("reading the request (at most {MAX_RAFT_BYTES} bytes): {e}"),
+        )
+            .into_response()
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("decoding: {e}")).into_response())
+}
+
+fn json<T: Serialize>(result: &T) -> Response {
+    match serde_json::to_vec(result) {
+        Ok(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, JSON)], bytes).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,211 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::command::Kind;
+use crate::RenewLease;
+
+const TOKEN: &str = "cluster-secret";
+
+/// One replica: its store, its Raft and the server on its port.
+struct Replica {
+    id: NodeId,
+    metastore: Arc<Metastore>,
+    replicated: Replicated,
+    server: JoinHandle<()>,
+}
+
+async fn start_replica(
+    id: NodeId,
+    dir: PathBuf,
+    listener: TcpListener,
+    peers: &BTreeMap<NodeId, String>,
+) -> Replica {
+    std::fs::create_dir_all(&dir).unwrap();
+    let metastore = Arc::new(Metastore::open(&dir.join("metastore.redb")).unwrap());
+    let cluster = ClusterConfig {
+        node_id: id,
+        peers: peers.clone(),
+        token: TOKEN.into(),
+    };
+    let replicated = start(&dir, metastore.clone(), &cluster).await.unwrap();
+    let leader_side: Arc<dyn MetastoreClient> = Arc::new(replicated.without_forwarding());
+    let app =
+        crate::rpc::router(leader_side, TOKEN).merge(raft_router(replicated.raft().clone(), TOKEN));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Replica {
+        id,
+        metastore,
+        replicated,
+        server,
+    }
+}
+
+async fn stop_replica(replica: Replica) {
+    replica.replicated.raft().shutdown().await.unwrap();
+    replica.server.abort();
+    let _ = replica.server.await;
+}
+
+async fn listeners(n: u64) -> (Vec<TcpListener>, BTreeMap<NodeId, String>) {
+    let mut out = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=n {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
+        out.push(listener);
+    }
+    (out, peers)
+}
+
+/// The leader the replicas agree on, once they do.
+async fn leader(replicas: &[&Replica]) -> NodeId {
+    for _ in 0..200 {
+        let seen: Vec<Option<NodeId>> = replicas
+            .iter()
+            .map(|r| r.replicated.raft().metrics().borrow().current_leader)
+            .collect();
+        if let Some(Some(id)) = seen.first() {
+            if seen.iter().all(|s| *s == Some(*id)) && replicas.iter().any(|r| r.id == *id) {
+                return *id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader agreed on");
+}
+
+async fn wait_for_blocks(replica: &Replica, ids: &[String]) {
+    for _ in 0..200 {
+        if ids.iter().all(|id| replica.metastore.knows_block(id)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let missing: Vec<_> = ids
+        .iter()
+        .filter(|id| !replica.metastore.knows_block(id))
+        .collect();
+    panic!("replica {} is missing {missing:?}", replica.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blocks_acknowledged_by_the_cluster_survive_its_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sockets, peers) = listeners(3).await;
+    let mut replicas = Vec::new();
+    for (i, listener) in sockets.drain(..).enumerate() {
+        let id = i as NodeId + 1;
+        let path = dir.path().join(format!("r{id}"));
+        replicas.push(start_replica(id, path, listener, &peers).await);
+    }
+    let first_leader = leader(&replicas.iter().collect::<Vec<_>>()).await;
+
+    // Written through a follower: forwarded to the leader, applied by all.
+    let follower = replicas.iter().find(|r| r.id != first_leader).unwrap();
+    let blocks: Vec<BlockMeta> = (0..4).map(|i| ember_fixtures::level0_block(i, 4)).collect();
+    let mut ids: Vec<String> = blocks.iter().map(|b| b.id.clone()).collect();
+    follower.replicated.add_blocks(blocks).await.unwrap();
+    for r in &replicas {
+        wait_for_blocks(r, &ids).await;
+    }
+    // A refusal is the state machine's answer, the same on every replica.
+    let renew = RenewLease {
+        job_id: "nope".into(),
+        token: 1,
+        now: 0,
+        lease_nanos: 1,
+    };
+    let e = follower
+        .replicated
+        .apply(Kind::RenewLease(renew).into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MetastoreError::Lease { .. }), "{e}");
+    let indexes: Vec<u64> = replicas
+        .iter()
+        .map(|r| r.metastore.applied_index().unwrap())
+        .collect();
+    assert!(indexes.iter().all(|i| *i == indexes[0]), "{indexes:?}");
+
+    // The leader dies: the two left elect another and keep every block.
+    let at = replicas.iter().position(|r| r.id == first_leader).unwrap();
+    let old = replicas.remove(at);
+    let old_dir = dir.path().join(format!("r{}", old.id));
+    let old_addr = peers[&old.id].clone();
+    stop_replica(old).await;
+    let second_leader = leader(&replicas.iter().collect::<Vec<_>>()).await;
+    assert_ne!(second_leader, first_leader);
+    let more: Vec<BlockMeta> = (10..13)
+        .map(|i| ember_fixtures::level0_block(i, 4))
+        .collect();
+    ids.extend(more.iter().map(|b| b.id.clone()));
+    replicas[0].replicated.add_blocks(more).await.unwrap();
+    for r in &replicas {
+        wait_for_blocks(r, &ids).await;
+        r.replicated
+            .caught_up(Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+
+    // Back from its files, the old leader catches up on what it missed.
+    let listener = TcpListener::bind(old_addr.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let back = start_replica(first_leader, old_dir, listener, &peers).await;
+    wait_for_blocks(&back, &ids).await;
+    assert_eq!(
+        back.metastore.entry_count(),
+        replicas[0].metastore.entry_count()
+    );
+    replicas.push(back);
+    for r in replicas {
+        stop_replica(r).await;
+    }
+}
+
+#[tokio::test]
+async fn raft_calls_without_the_cluster_token_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sockets, peers) = listeners(1).await;
+    let replica = start_replica(1, dir.path().join("r1"), sockets.remove(0), &peers).await;
+    let client = reqwest_free_post(&peers[&1], "/ember.metastore.v1.Raft/Vote", "wrong").await;
+    assert_eq!(client, 401);
+    stop_replica(replica).await;
+}
+
+/// The status of a POST with `token` (and an empty JSON body).
+async fn reqwest_free_post(base: &str, path: &str, token: &str) -> u16 {
+    use http_body_util::Full;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let request = http::Request::post(format!("{base}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(axum::body::Bytes::from_static(b"{}")))
+        .unwrap();
+    client.request(request).await.unwrap().status().as_u16()
+}
+
+#[test]
+fn peers_are_parsed_or_refused_with_the_reason() {
+    let peers =
+        ClusterConfig::parse_peers("1=http://10.0.0.1:4041, 2=http://10.0.0.2:4041/").unwrap();
+    assert_eq!(peers[&2], "http://10.0.0.2:4041");
+    for bad in [
+        "",
+        "1",
+        "x=http://a:1",
+        "1=ftp://a:1",
+        "1=http://a:1,1=http://b:1",
+    ] {
+        assert!(ClusterConfig::parse_peers(bad).is_err(), "{bad:?}");
+    }
+}
