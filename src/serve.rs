@@ -12,6 +12,7 @@ use ember_engine::store_layer::Layered;
 use ember_engine::Authenticator;
 use ember_faults::{Faults, FaultyMetastore, StoreFaults};
 use ember_flight::EmberFlightSql;
+use ember_metastore::raft::{self, ClusterConfig, Replicated, ReplicationMetrics};
 use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
 use ember_metastore::{InProcess, MetastoreClient};
@@ -52,6 +53,23 @@ pub struct ServeArgs {
     /// a process that runs no metastore (requires `--cluster-token`).
     #[arg(long, env = "EMBER_METASTORE_URL", requires = "cluster_token")]
     metastore_url: Option<String>,
+    /// This process's replica number in a replicated metastore (with
+    /// `--metastore-raft-peers` and `--metastore-listen-addr`): the index
+    /// then survives the death of any minority of its replicas.
+    #[arg(
+        long,
+        env = "EMBER_METASTORE_RAFT_NODE_ID",
+        requires_all = ["metastore_raft_peers", "metastore_listen_addr"]
+    )]
+    metastore_raft_node_id: Option<u64>,
+    /// Every replica of the metastore as `ID=http://host:port` (its
+    /// `--metastore-listen-addr`), comma-separated, this one included.
+    #[arg(
+        long,
+        env = "EMBER_METASTORE_RAFT_PEERS",
+        requires = "metastore_raft_node_id"
+    )]
+    metastore_raft_peers: Option<String>,
     /// Shared secret between the metastore and roles in other processes.
     #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
@@ -243,14 +261,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening {}", metastore_path.display()))?,
     );
     info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
+    let replicated = start_replication(&args, &metastore).await?;
+    // How every role of this process changes the index.
+    let commands: Arc<dyn MetastoreClient> = match &replicated {
+        Some(r) => Arc::new(r.clone()),
+        None => Arc::new(InProcess(metastore.clone())),
+    };
 
     let mut registry = Registry::default();
+    if let Some(r) = &replicated {
+        let metrics = ReplicationMetrics::default();
+        metrics.register(&mut registry);
+        tokio::spawn(metrics.follow(r.raft().clone()));
+    }
     let admission = Admission::new(connection_limits(&args), &mut registry);
     let segment_metrics = SegmentMetrics::default();
     segment_metrics.register(&mut registry);
     tokio::spawn(recover_dlq_forever(
         store.clone(),
-        metastore.clone(),
+        commands.clone(),
         segment_metrics.clone(),
         Duration::from_secs(args.dlq_retry_seconds.max(1)),
     ));
@@ -262,23 +291,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lifecycle_config(&args, &limits)?,
         store.clone(),
         metastore.clone(),
+        replicated.clone(),
         &mut registry,
     );
     if roles.has(Role::CompactionWorker) {
         let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
-        let client = Arc::new(InProcess(metastore.clone()));
         start_workers(
             &args,
             compaction,
             store.clone(),
-            client,
+            commands.clone(),
             Some(metastore.activity()),
             workers,
             &mut registry,
         )?;
     }
     if let Some(addr) = args.metastore_listen_addr {
-        serve_metastore_commands(addr, metastore.clone(), &args).await?;
+        let routes = match &replicated {
+            Some(r) => r.router(),
+            None => ember_metastore::rpc::router(commands.clone(), cluster_token(&args)?),
+        };
+        serve_metastore_commands(addr, routes).await?;
     }
 
     let writer = Arc::new(SegmentWriter::start(
@@ -289,7 +322,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         Sink {
             store: store.clone(),
-            metastore: writer_metastore(&metastore, &faults),
+            metastore: writer_metastore(commands, &faults),
             flush_hook: faults
                 .crash_at
                 .map(|_| faults.clone() as Arc<dyn FlushHook>),
@@ -421,8 +454,10 @@ fn open_store(
 
 /// The metastore as the segment writer reaches it: with the test faults
 /// on its commands, when `--faults` asks for some.
-fn writer_metastore(metastore: &Arc<Metastore>, faults: &Arc<Faults>) -> Arc<dyn MetastoreClient> {
-    let client: Arc<dyn MetastoreClient> = Arc::new(InProcess(metastore.clone()));
+fn writer_metastore(
+    client: Arc<dyn MetastoreClient>,
+    faults: &Arc<Faults>,
+) -> Arc<dyn MetastoreClient> {
     if faults.touches_metastore() {
         return Arc::new(FaultyMetastore::new(client, faults.clone()));
     }
@@ -471,25 +506,15 @@ async fn serve_compaction_worker(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The metastore's commands for roles in other processes, on their own
-/// listener.
-async fn serve_metastore_commands(
-    addr: SocketAddr,
-    metastore: Arc<Metastore>,
-    args: &ServeArgs,
-) -> anyhow::Result<()> {
-    let token = args
-        .cluster_token
-        .as_deref()
-        .context("--metastore-listen-addr needs --cluster-token")?;
+/// The metastore's commands for roles in other processes (and, for a
+/// replica, Raft's calls), on their own listener.
+async fn serve_metastore_commands(addr: SocketAddr, routes: axum::Router) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
     info!(addr = %listener.local_addr()?, "metastore commands served to other processes");
-    let commands = Arc::new(ember_metastore::InProcess(metastore));
-    let app = ember_metastore::rpc::router(commands, token);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
+        if let Err(e) = axum::serve(listener, routes)
             .with_graceful_shutdown(shutdown_signal())
             .await
         {
@@ -497,6 +522,36 @@ async fn serve_metastore_commands(
         }
     });
     Ok(())
+}
+
+fn cluster_token(args: &ServeArgs) -> anyhow::Result<&str> {
+    args.cluster_token
+        .as_deref()
+        .context("--metastore-listen-addr needs --cluster-token")
+}
+
+/// This process's replica of the metastore, when `--metastore-raft-node-id`
+/// names one: its Raft log beside the metastore file.
+async fn start_replication(
+    args: &ServeArgs,
+    metastore: &Arc<Metastore>,
+) -> anyhow::Result<Option<Replicated>> {
+    let (Some(node_id), Some(peers)) = (args.metastore_raft_node_id, &args.metastore_raft_peers)
+    else {
+        return Ok(None);
+    };
+    let cluster = ClusterConfig {
+        node_id,
+        peers: ClusterConfig::parse_peers(peers)?,
+        token: cluster_token(args)?.to_string(),
+    };
+    let replicated = raft::start(&args.data_dir, metastore.clone(), &cluster).await?;
+    info!(
+        node_id,
+        replicas = cluster.peers.len(),
+        "metastore replica started"
+    );
+    Ok(Some(replicated))
 }
 
 fn compaction_config(args: &ServeArgs) -> anyhow::Result<CompactionConfig> {
@@ -537,10 +592,14 @@ fn start_lifecycle(
     config: LifecycleConfig,
     store: Arc<dyn ObjectStore>,
     metastore: Arc<Metastore>,
+    replicated: Option<Replicated>,
     registry: &mut Registry,
 ) {
     let levels = config.levels.len();
-    let lifecycle = Lifecycle::new(store, metastore, config);
+    let lifecycle = match replicated {
+        Some(r) => Lifecycle::replicated(store, metastore, r, config),
+        None => Lifecycle::new(store, metastore, config),
+    };
     lifecycle.metrics.register(registry);
     let lifecycle = Arc::new(lifecycle);
     tokio::spawn(lifecycle.clone().plan_forever());

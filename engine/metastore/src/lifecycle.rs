@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::raft::Replicated;
 use crate::{
     command::Kind, Applied, ApplyRetention, InProcess, LevelRule, Metastore, MetastoreClient,
     MetastoreError, PlanCompaction, RemoveTombstones, TenantRetention,
@@ -175,12 +176,18 @@ impl LifecycleMetrics {
 pub struct Lifecycle {
     store: Arc<dyn ObjectStore>,
     metastore: Arc<Metastore>,
-    commands: InProcess,
+    commands: Arc<dyn MetastoreClient>,
+    /// The replicated metastore this process is a replica of, if any: only
+    /// its leader plans, expires and deletes, since a follower's copy of
+    /// the index may lag (and an orphan sweep over a stale copy would
+    /// delete committed blocks).
+    replicated: Option<Replicated>,
     config: LifecycleConfig,
     pub metrics: LifecycleMetrics,
 }
 
 impl Lifecycle {
+    /// The lifecycle of this process's metastore.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metastore: Arc<Metastore>,
@@ -188,15 +195,41 @@ impl Lifecycle {
     ) -> Self {
         Self {
             store,
-            commands: InProcess(metastore.clone()),
+            commands: Arc::new(InProcess(metastore.clone())),
             metastore,
+            replicated: None,
             config,
             metrics: LifecycleMetrics::default(),
         }
     }
 
+    /// The lifecycle of a replicated metastore, `metastore` being this
+    /// replica's store: it acts only while this replica leads.
+    pub fn replicated(
+        store: Arc<dyn ObjectStore>,
+        metastore: Arc<Metastore>,
+        replicated: Replicated,
+        config: LifecycleConfig,
+    ) -> Self {
+        Self {
+            commands: Arc::new(replicated.clone()),
+            replicated: Some(replicated),
+            ..Self::new(store, metastore, config)
+        }
+    }
+
     async fn apply(&self, kind: Kind) -> Result<Applied, MetastoreError> {
         self.commands.apply(kind.into()).await
+    }
+
+    /// Whether this process may act on the index now: it has the only
+    /// metastore, or it leads the replicas and a quorum still says so (its
+    /// copy then holds every committed entry).
+    async fn leads(&self) -> bool {
+        match &self.replicated {
+            None => true,
+            Some(r) => r.is_leader() && r.raft().ensure_linearizable().await.is_ok(),
+        }
     }
 
     /// Plans jobs for every queue that is ready; returns how many.
@@ -243,6 +276,11 @@ impl Lifecycle {
         let mut wake = Some(self.metastore.activity());
         let mut last_retention: Option<std::time::Instant> = None;
         loop {
+            if !self.leads().await {
+                self.metrics.observe(&self.metastore);
+                idle(&mut wake, self.config.poll).await;
+                continue;
+            }
             if last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 last_retention = Some(std::time::Instant::now());
                 match self.apply_retention().await {
@@ -323,6 +361,10 @@ impl Lifecycle {
     pub async fn delete_forever(self: Arc<Self>) {
         let mut last_sweep: Option<std::time::Instant> = None;
         loop {
+            if !self.leads().await {
+                tokio::time::sleep(self.config.poll.max(Duration::from_secs(1))).await;
+                continue;
+            }
             if let Err(e) = self.delete_due().await {
                 warn!(error = %e, "deleting retired blocks failed");
             }

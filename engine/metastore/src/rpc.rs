@@ -32,6 +32,9 @@ use crate::{
 const APPLY: &str = "/ember.metastore.v1.MetastoreService/Apply";
 const ADD_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/AddBlocks";
 const PROTO: &str = "application/proto";
+/// Marks a command a replica sent on to the leader: the receiver applies it
+/// or refuses, and never sends it on again.
+const FORWARDED: &str = "ember-forwarded";
 
 /// A commit names its output and sources; a flush its blocks. Far more than
 /// either, far less than would strain the metastore.
@@ -40,17 +43,41 @@ const MAX_COMMAND_BYTES: usize = 64 << 20;
 #[derive(Clone)]
 struct ServerState {
     metastore: Arc<dyn MetastoreClient>,
+    /// For commands another replica forwarded: the same metastore,
+    /// answering only as the leader.
+    leader_only: Arc<dyn MetastoreClient>,
     token: Arc<str>,
 }
 
-/// The routes of `--metastore-listen-addr`: commands applied by
-/// `metastore` (this process's store, or the replicated one as its leader).
+impl ServerState {
+    fn client(&self, headers: &HeaderMap) -> &dyn MetastoreClient {
+        if headers.contains_key(FORWARDED) {
+            self.leader_only.as_ref()
+        } else {
+            self.metastore.as_ref()
+        }
+    }
+}
+
+/// The routes of `--metastore-listen-addr`: commands applied by this
+/// process's metastore.
 pub fn router(metastore: Arc<dyn MetastoreClient>, token: &str) -> Router {
+    commands_router(metastore.clone(), metastore, token)
+}
+
+/// The command routes of a metastore replica: `metastore` proposes to the
+/// leader wherever it is, `leader_only` only as the leader.
+pub(crate) fn commands_router(
+    metastore: Arc<dyn MetastoreClient>,
+    leader_only: Arc<dyn MetastoreClient>,
+    token: &str,
+) -> Router {
     Router::new()
         .route(APPLY, post(apply))
         .route(ADD_BLOCKS, post(add_blocks))
         .with_state(ServerState {
             metastore,
+            leader_only,
             token: token.into(),
         })
 }
@@ -60,7 +87,7 @@ async fn apply(State(state): State<ServerState>, headers: HeaderMap, body: Body)
         Ok(c) => c,
         Err(refused) => return refused,
     };
-    match state.metastore.apply(command).await {
+    match state.client(&headers).apply(command).await {
         Ok(applied) => proto_response(StatusCode::OK, AppliedReply::from(applied)),
         Err(e) => error_response(&e),
     }
@@ -71,7 +98,7 @@ async fn add_blocks(State(state): State<ServerState>, headers: HeaderMap, body: 
         Ok(b) => b,
         Err(refused) => return refused,
     };
-    match state.metastore.add_blocks(blocks.blocks).await {
+    match state.client(&headers).add_blocks(blocks.blocks).await {
         Ok(()) => proto_response(StatusCode::OK, AppliedReply::from(Applied::Done)),
         Err(e) => error_response(&e),
     }
@@ -149,6 +176,7 @@ pub struct RemoteMetastore {
     base: String,
     token: String,
     timeout: Duration,
+    forwarded: bool,
 }
 
 impl RemoteMetastore {
@@ -174,14 +202,27 @@ impl RemoteMetastore {
             token: token.to_string(),
             // redb's fsync and a commit's index swap, with room to spare.
             timeout: Duration::from_secs(10),
+            forwarded: false,
+        })
+    }
+
+    /// The leader, as a replica sends it a command it was given.
+    pub(crate) fn leader(url: &str, token: &str) -> Result<Self, MetastoreUrlError> {
+        Ok(Self {
+            forwarded: true,
+            ..Self::new(url, token)?
         })
     }
 
     async fn call(&self, method: &str, body: Vec<u8>) -> Result<AppliedReply, MetastoreError> {
         let unavailable = |e: String| MetastoreError::Unavailable(format!("{}: {e}", self.base));
-        let request = http::Request::post(format!("{}{method}", self.base))
+        let mut request = http::Request::post(format!("{}{method}", self.base))
             .header(header::CONTENT_TYPE, PROTO)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        if self.forwarded {
+            request = request.header(FORWARDED, "1");
+        }
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| unavailable(e.to_string()))?;
         let exchange = async {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ember_engine::block::BlockMeta;
-use ember_metastore::{Command, Metastore};
+use ember_metastore::{Command, MetastoreClient};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use tracing::{info, warn};
@@ -56,12 +56,12 @@ pub struct DlqReport {
 /// runs, counting what it does in `metrics`.
 pub async fn recover_dlq_forever(
     store: Arc<dyn ObjectStore>,
-    metastore: Arc<Metastore>,
+    metastore: Arc<dyn MetastoreClient>,
     metrics: SegmentMetrics,
     every: Duration,
 ) {
     loop {
-        match recover_dlq(store.as_ref(), &metastore).await {
+        match recover_dlq(store.as_ref(), metastore.as_ref()).await {
             Ok(r) => {
                 metrics.dlq_recovered.inc_by(r.recovered as u64);
                 metrics.dlq_quarantined.inc_by(r.quarantined as u64);
@@ -74,7 +74,7 @@ pub async fn recover_dlq_forever(
 
 pub async fn recover_dlq(
     store: &dyn ObjectStore,
-    metastore: &Metastore,
+    metastore: &dyn MetastoreClient,
 ) -> Result<DlqReport, SegmentError> {
     use futures::TryStreamExt;
     let storage = |e: object_store::Error| SegmentError::Storage(e.to_string());
@@ -101,7 +101,7 @@ pub async fn recover_dlq(
                 continue;
             }
         };
-        match metastore.apply(Command::add_block(meta)) {
+        match metastore.apply(Command::add_block(meta)).await {
             Ok(_) => report.recovered += 1,
             Err(ember_metastore::MetastoreError::InvalidCommand(reason)) => {
                 quarantine(store, &entry.location, &reason).await?;

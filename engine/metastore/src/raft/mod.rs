@@ -13,6 +13,7 @@
 //! the network to the leader otherwise.
 
 mod log_store;
+mod metrics;
 mod network;
 mod state_machine;
 
@@ -35,7 +36,9 @@ use crate::{Applied, Command, Metastore, MetastoreClient, MetastoreError};
 use ember_engine::BlockMeta;
 
 pub use log_store::LogStore;
-pub use network::{raft_router, Network};
+pub use metrics::ReplicationMetrics;
+use network::raft_router;
+pub use network::Network;
 pub use state_machine::StateMachine;
 
 /// A replica's number in the cluster.
@@ -124,6 +127,10 @@ impl ClusterConfig {
     }
 }
 
+/// Longest a proposal waits for an election to end: its timeout's upper
+/// bound, twice (a split vote runs a second one).
+const ELECTION_WAIT: Duration = Duration::from_secs(4);
+
 /// Timings for replicas on one network: a leader's death is noticed within
 /// about two seconds, and a heartbeat has room for an fsync on a busy disk.
 fn raft_config() -> Result<Arc<Config>, ReplicationError> {
@@ -206,11 +213,23 @@ impl Replicated {
     }
 
     /// The same replica, answering only as the leader.
-    pub fn without_forwarding(&self) -> Self {
+    fn without_forwarding(&self) -> Self {
         Self {
             forward: false,
             ..self.clone()
         }
+    }
+
+    /// The routes of this replica's `--metastore-listen-addr`: the
+    /// metastore's commands (for roles in other processes and commands
+    /// other replicas forward) and Raft's calls.
+    pub fn router(&self) -> axum::Router {
+        let commands = crate::rpc::commands_router(
+            Arc::new(self.clone()),
+            Arc::new(self.without_forwarding()),
+            &self.token,
+        );
+        commands.merge(raft_router(self.raft.clone(), &self.token))
     }
 
     /// Whether this replica leads the cluster now.
@@ -241,17 +260,32 @@ impl Replicated {
 
     async fn propose(&self, proposal: Proposal) -> Result<Applied, MetastoreError> {
         let payload = Payload(proposal.encode_to_vec());
-        let leader = match self.raft.client_write(payload).await {
-            Ok(written) => return outcome_of(&written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
-            Err(e) => return Err(MetastoreError::Unavailable(format!("metastore: {e}"))),
+        let mut waited_for_election = false;
+        let leader = loop {
+            match self.raft.client_write(payload.clone()).await {
+                Ok(written) => return outcome_of(&written.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let known = f.leader_node.or_else(|| self.node(f.leader_id?));
+                    if known.is_some() || waited_for_election {
+                        break known;
+                    }
+                }
+                Err(e) => return Err(MetastoreError::Unavailable(format!("metastore: {e}"))),
+            }
+            // An election is under way: it ends within its timeout.
+            waited_for_election = true;
+            let _ = self
+                .raft
+                .wait(Some(ELECTION_WAIT))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
         };
         let Some(leader) = leader.filter(|_| self.forward) else {
             return Err(MetastoreError::Unavailable(
-                "metastore: no leader yet (an election is under way)".into(),
+                "metastore: this replica does not lead and knows no leader".into(),
             ));
         };
-        let remote = RemoteMetastore::new(&leader.addr, &self.token)
+        let remote = RemoteMetastore::leader(&leader.addr, &self.token)
             .map_err(|e| MetastoreError::Unavailable(e.to_string()))?;
         match proposal.kind {
             Some(proposal::Kind::Command(command)) => remote.apply(command).await,
@@ -260,6 +294,13 @@ impl Replicated {
             }
             None => Err(MetastoreError::InvalidCommand("empty proposal".into())),
         }
+    }
+
+    /// The address of replica `id`, from the membership this one knows.
+    fn node(&self, id: NodeId) -> Option<BasicNode> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().get_node(&id).cloned()
     }
 }
 

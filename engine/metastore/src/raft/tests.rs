@@ -34,9 +34,7 @@ async fn start_replica(
         token: TOKEN.into(),
     };
     let replicated = start(&dir, metastore.clone(), &cluster).await.unwrap();
-    let leader_side: Arc<dyn MetastoreClient> = Arc::new(replicated.without_forwarding());
-    let app =
-        crate::rpc::router(leader_side, TOKEN).merge(raft_router(replicated.raft().clone(), TOKEN));
+    let app = replicated.router();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -113,6 +111,11 @@ async fn blocks_acknowledged_by_the_cluster_survive_its_leader() {
     let blocks: Vec<BlockMeta> = (0..4).map(|i| ember_fixtures::level0_block(i, 4)).collect();
     let mut ids: Vec<String> = blocks.iter().map(|b| b.id.clone()).collect();
     follower.replicated.add_blocks(blocks).await.unwrap();
+    // A role in another process that names a follower reaches the leader.
+    let remote = RemoteMetastore::new(&peers[&follower.id], TOKEN).unwrap();
+    let block = ember_fixtures::level0_block(5, 4);
+    ids.push(block.id.clone());
+    remote.add_blocks(vec![block]).await.unwrap();
     for r in &replicas {
         wait_for_blocks(r, &ids).await;
     }
@@ -207,5 +210,78 @@ fn peers_are_parsed_or_refused_with_the_reason() {
         "1=http://a:1,1=http://b:1",
     ] {
         assert!(ClusterConfig::parse_peers(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_behind_a_purged_log_gets_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sockets, peers) = listeners(3).await;
+    let mut replicas = Vec::new();
+    for (i, listener) in sockets.drain(..).enumerate() {
+        let id = i as NodeId + 1;
+        let path = dir.path().join(format!("r{id}"));
+        replicas.push(start_replica(id, path, listener, &peers).await);
+    }
+    let leader_id = leader(&replicas.iter().collect::<Vec<_>>()).await;
+    let blocks: Vec<BlockMeta> = (0..3).map(|i| ember_fixtures::level0_block(i, 4)).collect();
+    let mut ids: Vec<String> = blocks.iter().map(|b| b.id.clone()).collect();
+    replicas[0].replicated.add_blocks(blocks).await.unwrap();
+    for r in &replicas {
+        wait_for_blocks(r, &ids).await;
+    }
+
+    // A follower is down while the others go on, snapshot and purge the
+    // entries it lacks.
+    let at = replicas.iter().position(|r| r.id != leader_id).unwrap();
+    let down = replicas.remove(at);
+    let (down_id, down_addr) = (down.id, peers[&down.id].clone());
+    stop_replica(down).await;
+    let leader = replicas.iter().find(|r| r.id == leader_id).unwrap();
+    for i in 20..23 {
+        let block = ember_fixtures::level0_block(i, 4);
+        ids.push(block.id.clone());
+        leader.replicated.add_blocks(vec![block]).await.unwrap();
+    }
+    let raft = leader.replicated.raft();
+    raft.trigger().snapshot().await.unwrap();
+    // (A metrics borrow held across an await would stall Raft's core.)
+    let last_applied = raft.metrics().borrow().last_applied.unwrap().index;
+    let snapshot = raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last_applied),
+            "snapshot",
+        )
+        .await
+        .unwrap()
+        .snapshot
+        .unwrap();
+    raft.trigger().purge_log(snapshot.index).await.unwrap();
+    raft.wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= snapshot.index),
+            "purged",
+        )
+        .await
+        .unwrap();
+
+    let down_dir = dir.path().join(format!("r{down_id}"));
+    let listener = TcpListener::bind(down_addr.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let back = start_replica(down_id, down_dir.clone(), listener, &peers).await;
+    wait_for_blocks(&back, &ids).await;
+    assert!(
+        down_dir.join("raft-snapshot").exists(),
+        "installed from the snapshot"
+    );
+    assert_eq!(
+        back.metastore.applied_index().unwrap(),
+        leader.metastore.applied_index().unwrap()
+    );
+    replicas.push(back);
+    for r in replicas {
+        stop_replica(r).await;
     }
 }

@@ -1,0 +1,227 @@
+"""Three hosts, each a network namespace on one bridge, each running every
+role with a replica of the metastore (Raft), over one shared object store.
+Agents push to any host; a host dies (its process killed and its link
+cut); the other two go on; nothing acknowledged is lost; the host comes
+back and catches up."""
+
+import contextlib
+import ctypes
+import os
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from conftest import BIN, FIXTURES
+from wire import fields, load_pprof, totals
+
+CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
+RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
+TOKEN = "cluster-token-for-tests"
+SUBNET = "10.213.7"
+CLONE_NEWNET = 0x40000000
+
+
+def profile_seconds(raw):
+    import gzip
+    body = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    return next(v for n, _, v in fields(body) if n == 9) // 10**9
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def netns(name):
+    """Runs the block's new sockets in namespace `name` (this thread only)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        assert libc.setns(target, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        yield
+    finally:
+        assert libc.setns(home, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        os.close(target)
+        os.close(home)
+
+
+class Network:
+    """A switch namespace holding a bridge, and hosts joined to it by veth
+    pairs; addresses exist only inside the namespaces."""
+
+    def __init__(self):
+        self.tag = uuid.uuid4().hex[:6]
+        self.switch = f"emb-{self.tag}-sw"
+        self.namespaces = [self.switch]
+        sh("ip", "netns", "add", self.switch)
+        sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+
+    def host(self, n):
+        """Namespace `n` with address SUBNET.n; returns its name."""
+        name = f"emb-{self.tag}-h{n}"
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        inside, outside = f"e{self.tag}{n}", f"s{self.tag}{n}"
+        sh("ip", "-n", name, "link", "add", inside, "type", "veth", "peer", "name", outside,
+           "netns", self.switch)
+        sh("ip", "-n", self.switch, "link", "set", outside, "master", "br0", "up")
+        sh("ip", "-n", name, "addr", "add", f"{SUBNET}.{n}/24", "dev", inside)
+        sh("ip", "-n", name, "link", "set", inside, "up")
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def cut(self, n, up=False):
+        """Takes host n's link to the switch down (or up again)."""
+        sh("ip", "-n", self.switch, "link", "set", f"s{self.tag}{n}", "up" if up else "down")
+
+    def close(self):
+        for name in self.namespaces:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+class Host:
+    """`ember serve` with every role and a metastore replica, in a namespace."""
+
+    def __init__(self, net, n, replicas, data_dir, objects):
+        self.net, self.n, self.data_dir, self.objects = net, n, data_dir, objects
+        self.ns = net.host(n)
+        self.addr = f"{SUBNET}.{n}"
+        self.http = f"http://{self.addr}:4040"
+        self.peers = ",".join(f"{i}=http://{SUBNET}.{i}:4041" for i in range(1, replicas + 1))
+        self.proc = None
+
+    def start(self):
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "ember.log", "ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, str(BIN), "serve", "--data-dir", str(self.data_dir),
+             "--object-store-url", f"file://{self.objects}",
+             "--http-addr", f"{self.addr}:4040", "--flight-addr", f"{self.addr}:50051",
+             "--metastore-listen-addr", f"{self.addr}:4041", "--cluster-token", TOKEN,
+             "--metastore-raft-node-id", str(self.n), "--metastore-raft-peers", self.peers,
+             "--reject-older-than-seconds", "0", "--compaction-workers", "0"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"host {self.n}: ember exited at start"
+            with contextlib.suppress(requests.ConnectionError), netns(self.ns):
+                if requests.get(f"{self.http}/ready", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"host {self.n}: ember did not become ready")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def metric(self, name):
+        with netns(self.ns):
+            text = requests.get(f"{self.http}/metrics", timeout=5).text
+        m = re.search(rf"^{name} (\d+)", text, re.M)
+        return int(m.group(1)) if m else None
+
+    def push(self, pod):
+        from wire import push_request
+        import gzip
+        labels = {"__name__": "process_cpu", "service_name": "cluster-api", "pod": pod}
+        body = gzip.compress(push_request([(labels, [RAW])]))
+        with netns(self.ns):
+            try:
+                r = requests.post(f"{self.http}/push.v1.PusherService/Push", data=body, timeout=30,
+                                  headers={"Content-Type": "application/proto", "Content-Encoding": "gzip",
+                                           "X-Scope-OrgID": "t"})
+            except requests.RequestException:
+                return False
+        return r.status_code == 200
+
+    def total(self):
+        """The flame graph's total for the service, through the render API."""
+        at = profile_seconds(RAW)
+        with netns(self.ns):
+            r = requests.get(f"{self.http}/pyroscope/render", timeout=30, headers={"X-Scope-OrgID": "t"},
+                             params={"query": f'{CPU}{{service_name="cluster-api"}}', "from": str(at - 60),
+                                     "until": str(at + 60), "format": "json"})
+        assert r.status_code == 200, r.text
+        return r.json()["flamebearer"]["numTicks"]
+
+
+def wait_until(what, check, timeout=60):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("the cluster test makes network namespaces: run it as root")
+    net = Network()
+    objects = tmp_path / "bucket"
+    objects.mkdir()
+    hosts = [Host(net, n, 3, tmp_path / f"host{n}", objects) for n in (1, 2, 3)]
+    try:
+        for h in hosts:
+            h.start()
+        yield net, hosts
+    finally:
+        for h in hosts:
+            h.stop()
+        net.close()
+
+
+def leader_of(hosts):
+    def found():
+        leaders = [h for h in hosts if h.proc.poll() is None and h.metric("ember_metastore_raft_leader") == 1]
+        return leaders[0] if len(leaders) == 1 else None
+    return wait_until("one leader", found)
+
+
+def test_a_host_dies_and_nothing_acknowledged_is_lost(cluster):
+    net, hosts = cluster
+    per_profile = totals(load_pprof(RAW), "process_cpu")[CPU]
+    leader = leader_of(hosts)
+
+    acknowledged = 0
+    for i in range(12):
+        assert hosts[i % 3].push(f"pod-{i}"), f"push {i} to host {hosts[i % 3].n}"
+        acknowledged += 1
+    for h in hosts:
+        wait_until(f"host {h.n} to see every profile", lambda: h.total() == acknowledged * per_profile)
+
+    # The leader's host dies: process killed, link cut.
+    leader.kill()
+    net.cut(leader.n)
+    survivors = [h for h in hosts if h is not leader]
+    new_leader = leader_of(survivors)
+    assert new_leader is not leader
+    for i in range(12, 24):
+        h = survivors[i % 2]
+        if h.push(f"pod-{i}"):
+            acknowledged += 1
+    assert acknowledged >= 20, f"only {acknowledged} of 24 pushes acknowledged with two hosts of three up"
+    for h in survivors:
+        wait_until(f"host {h.n} to see every acknowledged profile",
+                   lambda: h.total() == acknowledged * per_profile)
+
+    # Back from its disk, the host catches up on what it missed.
+    net.cut(leader.n, up=True)
+    leader.start()
+    wait_until(f"host {leader.n} to catch up", lambda: leader.total() == acknowledged * per_profile)
+    assert leader.metric("ember_metastore_raft_applied_index") >= new_leader.metric(
+        "ember_metastore_raft_applied_index") - 5
