@@ -127,6 +127,12 @@ impl ClusterConfig {
     }
 }
 
+/// Longest a proposal waits for a quorum: a leader cut off from the others
+/// cannot commit, and its callers must hear so rather than wait forever.
+/// (The proposal may still commit once the leader is back, like a retry's
+/// twin: blocks are registered once, and a lease nobody heard of expires.)
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest a proposal waits for an election to end: its timeout's upper
 /// bound, twice (a split vote runs a second one).
 const ELECTION_WAIT: Duration = Duration::from_secs(4);
@@ -262,7 +268,15 @@ impl Replicated {
         let payload = Payload(proposal.encode_to_vec());
         let mut waited_for_election = false;
         let leader = loop {
-            match self.raft.client_write(payload.clone()).await {
+            let written =
+                tokio::time::timeout(PROPOSAL_TIMEOUT, self.raft.client_write(payload.clone()))
+                    .await
+                    .map_err(|_| {
+                        MetastoreError::Unavailable(format!(
+                        "metastore: no quorum committed the proposal within {PROPOSAL_TIMEOUT:?}"
+                    ))
+                    })?;
+            match written {
                 Ok(written) => return outcome_of(&written.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     let known = f.leader_node.or_else(|| self.node(f.leader_id?));
