@@ -335,7 +335,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.max_inflight_bytes,
         Duration::from_millis(args.max_push_queue_ms),
     ));
-    let engine = Arc::new(QueryEngine::new(
+    let engine = QueryEngine::new(
         store,
         metastore,
         QueryEngineConfig {
@@ -352,7 +352,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             totals_cache_bytes: args.totals_cache_bytes,
             ..QueryEngineConfig::default()
         },
-    )?);
+    )?;
+    let engine = Arc::new(match &replicated {
+        Some(r) => engine.with_read_barrier(Arc::new(r.clone())),
+        None => engine,
+    });
 
     if let Err(e) = engine.warm_up().await {
         tracing::warn!(error = %e, "query warm-up failed");

@@ -143,6 +143,7 @@ fn status(e: ember_sql::SqlError) -> Status {
             Status::resource_exhausted(format!("query exceeds the memory limit: {e}"))
         }
         ErrorKind::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        ErrorKind::Unavailable => Status::unavailable(e.to_string()),
         ErrorKind::Internal => Status::internal(e.to_string()),
     }
 }

@@ -52,6 +52,10 @@ pub enum SqlError {
     InvalidQuery(String),
     #[error("{0}")]
     Internal(String),
+    /// The index could not be read as of now (a replica cut off from its
+    /// leader): retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What went wrong with a query, as every front end reports it.
@@ -63,6 +67,8 @@ pub enum ErrorKind {
     ResourceExhausted,
     /// The query ran past the timeout.
     DeadlineExceeded,
+    /// The index could not be read as of now: retry.
+    Unavailable,
     Internal,
 }
 
@@ -73,6 +79,7 @@ impl SqlError {
             SqlError::Tenant(_) | SqlError::InvalidQuery(_) => ErrorKind::InvalidArgument,
             SqlError::Timeout(_) => ErrorKind::DeadlineExceeded,
             SqlError::Internal(_) => ErrorKind::Internal,
+            SqlError::Unavailable(_) => ErrorKind::Unavailable,
             SqlError::DataFusion(e) => match e.find_root() {
                 E::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
                 E::SQL(..)

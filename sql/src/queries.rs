@@ -74,6 +74,7 @@ impl QueryEngine {
     ) -> std::result::Result<Vec<TimeSeries>, SqlError> {
         q.check()
             .map_err(|e| DataFusionError::Plan(format!("{SERIES}: {e}")))?;
+        self.caught_up().await?;
         let ctx = self.session(&q.selection.tenant, settings)?;
         let state = ctx.state();
         let metastore = self.metastore();
@@ -94,6 +95,7 @@ impl QueryEngine {
         call: FlameGraphCall,
         f: impl FnOnce(Frame<'_>) -> R + Send,
     ) -> std::result::Result<R, SqlError> {
+        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
         self.within_timeout(async {
@@ -112,6 +114,7 @@ impl QueryEngine {
         settings: &Settings,
         call: FlameGraphCall,
     ) -> std::result::Result<Vec<u8>, SqlError> {
+        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
         self.within_timeout(profile_bytes(&table, &state)).await
@@ -126,6 +129,7 @@ impl QueryEngine {
         left: FlameGraphCall,
         right: FlameGraphCall,
     ) -> std::result::Result<RecordBatch, SqlError> {
+        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let left = self.flame_graph_table(left, tenant)?;
         let right = self.flame_graph_table(right, tenant)?;

@@ -16,7 +16,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use ember_engine::{TenantId, DEFAULT_TENANT};
-use ember_metastore::Metastore;
+use ember_metastore::{Metastore, ReadBarrier};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 
@@ -85,6 +85,9 @@ pub struct QueryEngine {
     sessions: Mutex<ByteLru<String, SessionState>>,
     threads: QueryThreads,
     config: QueryEngineConfig,
+    /// What a query waits on before it reads the index (a replica's catch
+    /// up with its leader), if anything.
+    read_barrier: Option<Arc<dyn ReadBarrier>>,
 }
 
 impl QueryEngine {
@@ -114,7 +117,30 @@ impl QueryEngine {
             threads: QueryThreads::new(config.target_partitions)
                 .map_err(|e| DataFusionError::External(Box::new(e)))?,
             config,
+            read_barrier: None,
         })
+    }
+
+    /// The engine reading a replica of a replicated metastore: each query
+    /// first waits until the replica holds every write acknowledged before
+    /// it began.
+    pub fn with_read_barrier(self, barrier: Arc<dyn ReadBarrier>) -> Self {
+        Self {
+            read_barrier: Some(barrier),
+            ..self
+        }
+    }
+
+    /// Waits for the read barrier, if there is one: call before reading
+    /// the index.
+    pub async fn caught_up(&self) -> std::result::Result<(), SqlError> {
+        match &self.read_barrier {
+            Some(barrier) => barrier
+                .caught_up()
+                .await
+                .map_err(|e| SqlError::Unavailable(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     pub fn metastore(&self) -> Arc<Metastore> {
@@ -408,6 +434,7 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
+        self.caught_up().await?;
         let timeout = self.config.query_timeout;
         let planned_by = Deadline::after(timeout);
         let deadline = tokio::time::Instant::from_std(planned_by.at);

@@ -21,6 +21,14 @@ pub trait MetastoreClient: Send + Sync {
     async fn add_blocks(&self, blocks: Vec<BlockMeta>) -> Result<(), MetastoreError>;
 }
 
+/// What a reader of this process's copy of the index waits on first, so
+/// that it sees every write acknowledged before the read began (a replica
+/// of a replicated metastore may lag its leader).
+#[async_trait]
+pub trait ReadBarrier: Send + Sync {
+    async fn caught_up(&self) -> Result<(), MetastoreError>;
+}
+
 /// The metastore of this process; commands run off the async executor,
 /// since redb fsyncs.
 pub struct InProcess(pub Arc<Metastore>);

@@ -24,7 +24,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thiserror::Error;
 
-pub use client::{InProcess, MetastoreClient};
+pub use client::{InProcess, MetastoreClient, ReadBarrier};
 pub use jobs::{JobStatus, MAX_JOB_FAILURES};
 pub use lifecycle::{
     default_levels, idle, Lifecycle, LifecycleConfig, LifecycleError, LifecycleMetrics, Retention,

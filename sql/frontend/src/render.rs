@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use ember_api::connect::{header_str, invalid, request_tenant, ApiError};
 
-use crate::querier::{diff, select_merge_stacktraces, select_series};
+use crate::querier::{diff, query_error, select_merge_stacktraces, select_series};
 use crate::QueryState;
 use ember_api::querier::v1::{
     FlameGraph, FlameGraphDiff, SelectMergeStacktracesRequest, SelectSeriesRequest,
@@ -351,6 +351,11 @@ pub async fn label_values(
             .filter(|l| !l.is_empty())
             .ok_or_else(|| invalid("label parameter is required"))?;
         let q = label_query(&params, tenant)?;
+        state
+            .engine
+            .caught_up()
+            .await
+            .map_err(|e| query_error(&e))?;
         Ok::<_, ApiError>(if label == "__name__" {
             state.engine.profile_types(&q.tenant, q.start, q.end)
         } else {
@@ -373,6 +378,11 @@ pub async fn labels(
     let inner = async {
         let tenant = request_tenant(&state.auth, &headers)?;
         let q = label_query(&params, tenant)?;
+        state
+            .engine
+            .caught_up()
+            .await
+            .map_err(|e| query_error(&e))?;
         Ok::<_, ApiError>(state.engine.label_names(&q))
     };
     match inner.await {

@@ -174,10 +174,15 @@ pub async fn start(
     let log = LogStore::open(&dir.join("raft.redb"))?;
     let state = StateMachine::new(metastore, dir.join("raft-snapshot"))
         .map_err(|e| ReplicationError::Raft(e.to_string()))?;
-    let network = Network::new(&cluster.token);
-    let raft = Raft::new(cluster.node_id, raft_config()?, network, log, state)
-        .await
-        .map_err(|e| ReplicationError::Raft(e.to_string()))?;
+    let raft = Raft::new(
+        cluster.node_id,
+        raft_config()?,
+        Network::new(&cluster.token),
+        log,
+        state,
+    )
+    .await
+    .map_err(|e| ReplicationError::Raft(e.to_string()))?;
     let first = cluster.peers.keys().next().copied();
     let initialized = raft
         .is_initialized()
@@ -198,6 +203,7 @@ pub async fn start(
     }
     Ok(Replicated {
         raft,
+        network: Network::new(&cluster.token),
         token: cluster.token.clone(),
         forward: true,
     })
@@ -207,6 +213,8 @@ pub async fn start(
 #[derive(Clone)]
 pub struct Replicated {
     raft: Raft,
+    /// For asking the leader what a read must wait for.
+    network: Network,
     token: String,
     /// Whether a follower sends the proposal on to the leader (the leader's
     /// RPC server answers itself, so that a proposal is forwarded once).
@@ -246,19 +254,31 @@ impl Replicated {
     }
 
     /// Waits until this replica has applied every entry the leader had
-    /// committed when asked: a read after it sees every acknowledged write.
+    /// committed when asked (the leader confirms with a quorum that it still
+    /// leads): a read after it sees every write acknowledged before it.
     pub async fn caught_up(&self, timeout: Duration) -> Result<(), MetastoreError> {
         let unavailable = |e: String| MetastoreError::Unavailable(format!("metastore read: {e}"));
         let read_index = match self.raft.ensure_linearizable().await {
-            Ok(log_id) => log_id.map(|l| l.index),
+            // The leader has applied up to its read index already.
+            Ok(_) => return Ok(()),
             Err(e) => match e.forward_to_leader::<BasicNode>() {
-                Some(_) => self.raft.metrics().borrow().last_log_index,
+                Some(f) => {
+                    let leader = f
+                        .leader_node
+                        .clone()
+                        .or_else(|| self.node(f.leader_id?))
+                        .ok_or_else(|| unavailable("no leader known".into()))?;
+                    self.network
+                        .read_index(&leader.addr, timeout)
+                        .await
+                        .map_err(unavailable)?
+                }
                 None => return Err(unavailable(e.to_string())),
             },
         };
         self.raft
             .wait(Some(timeout))
-            .applied_index_at_least(read_index, "caught up")
+            .applied_index_at_least(Some(read_index), "caught up")
             .await
             .map(|_| ())
             .map_err(|e| unavailable(e.to_string()))
@@ -337,6 +357,16 @@ fn outcome_payload(result: &Result<Applied, MetastoreError>) -> Payload {
     };
     Payload(Outcome { kind: Some(kind) }.encode_to_vec())
 }
+
+#[async_trait]
+impl crate::ReadBarrier for Replicated {
+    async fn caught_up(&self) -> Result<(), MetastoreError> {
+        Replicated::caught_up(self, READ_WAIT).await
+    }
+}
+
+/// Longest a read waits to see what the leader had committed.
+const READ_WAIT: Duration = Duration::from_secs(5);
 
 #[async_trait]
 impl MetastoreClient for Replicated {

@@ -30,6 +30,7 @@ use super::{NodeId, Raft, TypeConfig};
 const APPEND: &str = "/ember.metastore.v1.Raft/AppendEntries";
 const VOTE: &str = "/ember.metastore.v1.Raft/Vote";
 const SNAPSHOT: &str = "/ember.metastore.v1.Raft/InstallSnapshot";
+const READ_INDEX: &str = "/ember.metastore.v1.Raft/ReadIndex";
 const JSON: &str = "application/json";
 
 /// A batch of entries or a snapshot chunk (3 MiB by default), with room.
@@ -55,6 +56,41 @@ impl Network {
                 .build(connector),
             token: token.to_string(),
         }
+    }
+}
+
+impl Network {
+    /// The log index a read must wait for, from the leader at `base` once
+    /// it has confirmed with a quorum that it still leads.
+    pub async fn read_index(&self, base: &str, timeout: Duration) -> Result<u64, String> {
+        let request = http::Request::post(format!("{}{READ_INDEX}", base.trim_end_matches('/')))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!(
+                    "{base} answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            serde_json::from_slice::<u64>(&bytes).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("{base}: no read index within {timeout:?}"))?
     }
 }
 
@@ -190,6 +226,7 @@ pub fn raft_router(raft: Raft, token: &str) -> Router {
         .route(APPEND, post(append))
         .route(VOTE, post(vote))
         .route(SNAPSHOT, post(snapshot))
+        .route(READ_INDEX, post(read_index))
         .with_state(ServerState {
             raft,
             token: token.into(),
@@ -214,6 +251,20 @@ async fn snapshot(State(state): State<ServerState>, headers: HeaderMap, body: Bo
     match request(&state, &headers, body).await {
         Ok(rpc) => json(&state.raft.install_snapshot(rpc).await),
         Err(refused) => refused,
+    }
+}
+
+async fn read_index(State(state): State<ServerState>, headers: HeaderMap) -> Response {
+    if !crate::rpc::has_cluster_token(&headers, &state.token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a valid cluster token is required",
+        )
+            .into_response();
+    }
+    match state.raft.ensure_linearizable().await {
+        Ok(log_id) => json(&log_id.map_or(0, |l| l.index)),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 

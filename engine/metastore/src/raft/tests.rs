@@ -50,6 +50,14 @@ async fn stop_replica(replica: Replica) {
     replica.replicated.raft().shutdown().await.unwrap();
     replica.server.abort();
     let _ = replica.server.await;
+    // Raft's state-machine task lets go of the store shortly after.
+    for _ in 0..100 {
+        if Arc::strong_count(&replica.metastore) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("replica {} still holds its metastore", replica.id);
 }
 
 async fn listeners(n: u64) -> (Vec<TcpListener>, BTreeMap<NodeId, String>) {
@@ -116,8 +124,17 @@ async fn blocks_acknowledged_by_the_cluster_survive_its_leader() {
     let block = ember_fixtures::level0_block(5, 4);
     ids.push(block.id.clone());
     remote.add_blocks(vec![block]).await.unwrap();
+    // A read on any replica after its barrier sees every acknowledged write.
     for r in &replicas {
-        wait_for_blocks(r, &ids).await;
+        r.replicated
+            .caught_up(Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            ids.iter().all(|id| r.metastore.knows_block(id)),
+            "replica {}",
+            r.id
+        );
     }
     // A refusal is the state machine's answer, the same on every replica.
     let renew = RenewLease {
@@ -283,5 +300,31 @@ async fn a_replica_behind_a_purged_log_gets_the_snapshot() {
     replicas.push(back);
     for r in replicas {
         stop_replica(r).await;
+    }
+}
+
+/// A single replica leads itself at once, serves, and does so again after
+/// a restart: it never waits on "not the leader" (Pyroscope v2's
+/// single-node Raft could, grafana/pyroscope#5432).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_serves_alone_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r1");
+    let mut ids = Vec::new();
+    for round in 0..3usize {
+        let (mut sockets, peers) = listeners(1).await;
+        let replica = start_replica(1, path.clone(), sockets.remove(0), &peers).await;
+        let block = ember_fixtures::level0_block(30 + round, 4);
+        ids.push(block.id.clone());
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            replica.replicated.add_blocks(vec![block]),
+        )
+        .await
+        .expect("a lone replica commits within seconds")
+        .unwrap();
+        wait_for_blocks(&replica, &ids).await;
+        assert!(replica.replicated.is_leader());
+        stop_replica(replica).await;
     }
 }

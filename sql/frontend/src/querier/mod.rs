@@ -179,9 +179,13 @@ async fn call(
     codec: Codec,
     body: &[u8],
 ) -> Result<Bytes, ApiError> {
+    // The index calls below read this process's copy of the index: first
+    // let it catch up with every acknowledged write.
+    let caught_up = || async { state.engine.caught_up().await.map_err(|e| query_error(&e)) };
     match method {
         "ProfileTypes" => {
             let req = codec.decode::<ProfileTypesRequest>(body)?;
+            caught_up().await?;
             let (start, end) = range(req.start, req.end);
             let profile_types = state
                 .engine
@@ -193,18 +197,21 @@ async fn call(
         }
         "LabelNames" => {
             let req = codec.decode::<LabelNamesRequest>(body)?;
+            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             let names = state.engine.label_names(&q);
             codec.encode(&LabelNamesResponse { names })
         }
         "LabelValues" => {
             let req = codec.decode::<LabelValuesRequest>(body)?;
+            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             let names = state.engine.label_values(&req.name, &q);
             codec.encode(&LabelValuesResponse { names })
         }
         "Series" => {
             let req = codec.decode::<SeriesRequest>(body)?;
+            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             // Projected on `label_names`, distinct series can become one.
             let sets: std::collections::BTreeSet<ember_engine::Labels> = state
@@ -276,6 +283,7 @@ async fn call(
         }
         "GetProfileStats" => {
             // The request (`types.v1.GetProfileStatsRequest`) has no fields.
+            caught_up().await?;
             let stats = match state.engine.profile_time_bounds(tenant) {
                 Some((oldest, newest)) => GetProfileStatsResponse {
                     data_ingested: true,
@@ -419,7 +427,7 @@ fn selector_or_all(selector: &str) -> &str {
 
 /// A query error as Connect reports it: the client's mistakes are
 /// `invalid_argument`, exhausted memory `resource_exhausted`.
-fn query_error(e: &ember_sql::SqlError) -> ApiError {
+pub(crate) fn query_error(e: &ember_sql::SqlError) -> ApiError {
     use ember_sql::ErrorKind;
     let text = e.to_string();
     match e.kind() {
@@ -432,6 +440,9 @@ fn query_error(e: &ember_sql::SqlError) -> ApiError {
             connect_error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", text)
         }
         ErrorKind::InvalidArgument => invalid(text),
+        ErrorKind::Unavailable => {
+            connect_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", text)
+        }
         ErrorKind::Internal => connect_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", text),
     }
 }
