@@ -1,4 +1,5 @@
-//! `ember metastore`: what an operator does to the metastore offline.
+//! `ember metastore`: what an operator does to the metastore: rebuild it
+//! offline, list and change the replicas of a replicated one.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ember_engine::object_store_url::open_object_store;
+use ember_metastore::raft::{ClusterConfig, MembersChange, Network};
 use ember_metastore::{rebuild_index, Metastore};
 
 #[derive(Args)]
@@ -21,6 +23,25 @@ enum MetastoreCommand {
     /// losing the metastore's disk): every block object ends with its
     /// metadata, and compacted blocks name the blocks they replace.
     Rebuild(RebuildArgs),
+    /// List the replicas of a replicated metastore, or add and remove some:
+    /// an added replica (started with `--metastore-raft-node-id` and the
+    /// peers) first catches up as a learner, then votes.
+    Members(MembersArgs),
+}
+
+#[derive(Args)]
+struct MembersArgs {
+    /// Any replica's `--metastore-listen-addr`, as `http://host:port`.
+    #[arg(long, env = "EMBER_METASTORE_URL")]
+    metastore_url: String,
+    #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: String,
+    /// A replica to add, as `ID=http://host:port`; repeatable.
+    #[arg(long, value_name = "ID=URL")]
+    add: Vec<String>,
+    /// A replica to remove, by id; repeatable.
+    #[arg(long, value_name = "ID")]
+    remove: Vec<u64>,
 }
 
 #[derive(Args)]
@@ -40,7 +61,44 @@ struct RebuildArgs {
 pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
     match args.command {
         MetastoreCommand::Rebuild(args) => rebuild(args).await,
+        MetastoreCommand::Members(args) => members(args).await,
     }
+}
+
+async fn members(args: MembersArgs) -> anyhow::Result<()> {
+    let network = Network::new(&args.cluster_token);
+    let url = args.metastore_url.trim_end_matches('/');
+    let mut members = network
+        .members(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("asking {url} for the replicas: {e}"))?;
+    if !args.add.is_empty() || !args.remove.is_empty() {
+        let change = MembersChange {
+            add: ClusterConfig::parse_peers(&args.add.join(","))?,
+            remove: args.remove,
+        };
+        let leader = members
+            .leader
+            .and_then(|id| members.voters.get(&id))
+            .context("no leader now: try again once the replicas have elected one")?
+            .clone();
+        members = network
+            .change_members(&leader, &change)
+            .await
+            .map_err(|e| anyhow::anyhow!("changing the replicas at {leader}: {e}"))?;
+    }
+    for (id, addr) in &members.voters {
+        let role = if members.leader == Some(*id) {
+            "leader"
+        } else {
+            "voter"
+        };
+        println!("{id}\t{addr}\t{role}");
+    }
+    for (id, addr) in &members.learners {
+        println!("{id}\t{addr}\tlearner");
+    }
+    Ok(())
 }
 
 async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {

@@ -38,7 +38,7 @@ use ember_engine::BlockMeta;
 pub use log_store::LogStore;
 pub use metrics::ReplicationMetrics;
 use network::raft_router;
-pub use network::Network;
+pub use network::{Members, MembersChange, Network};
 pub use state_machine::StateMachine;
 
 /// A replica's number in the cluster.

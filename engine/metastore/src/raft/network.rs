@@ -31,6 +31,8 @@ const APPEND: &str = "/ember.metastore.v1.Raft/AppendEntries";
 const VOTE: &str = "/ember.metastore.v1.Raft/Vote";
 const SNAPSHOT: &str = "/ember.metastore.v1.Raft/InstallSnapshot";
 const READ_INDEX: &str = "/ember.metastore.v1.Raft/ReadIndex";
+const MEMBERS: &str = "/ember.metastore.v1.Raft/Members";
+const CHANGE_MEMBERS: &str = "/ember.metastore.v1.Raft/ChangeMembers";
 const JSON: &str = "application/json";
 
 /// A batch of entries or a snapshot chunk (3 MiB by default), with room.
@@ -57,22 +59,55 @@ impl Network {
             token: token.to_string(),
         }
     }
-}
 
-impl Network {
     /// The log index a read must wait for, from the leader at `base` once
     /// it has confirmed with a quorum that it still leads.
     pub async fn read_index(&self, base: &str, timeout: Duration) -> Result<u64, String> {
-        let request = http::Request::post(format!("{}{READ_INDEX}", base.trim_end_matches('/')))
+        self.admin(base, READ_INDEX, Bytes::new(), timeout).await
+    }
+
+    /// The replicas as the one at `base` knows them.
+    pub async fn members(&self, base: &str) -> Result<Members, String> {
+        self.admin(base, MEMBERS, Bytes::new(), Duration::from_secs(10))
+            .await
+    }
+
+    /// Sends `change` to the replica at `base` (the leader); answers the
+    /// members after it.
+    pub async fn change_members(
+        &self,
+        base: &str,
+        change: &MembersChange,
+    ) -> Result<Members, String> {
+        let body = serde_json::to_vec(change).map_err(|e| e.to_string())?;
+        // Adding a replica waits for it to catch up.
+        self.admin(
+            base,
+            CHANGE_MEMBERS,
+            Bytes::from(body),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
+    async fn admin<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let request = http::Request::post(format!("{}{path}", base.trim_end_matches('/')))
+            .header(header::CONTENT_TYPE, JSON)
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::new()))
+            .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("{base}: {e}"))?;
             let status = response.status();
             let bytes = response
                 .into_body()
@@ -86,11 +121,11 @@ impl Network {
                     String::from_utf8_lossy(&bytes)
                 ));
             }
-            serde_json::from_slice::<u64>(&bytes).map_err(|e| e.to_string())
+            serde_json::from_slice::<T>(&bytes).map_err(|e| e.to_string())
         };
         tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| format!("{base}: no read index within {timeout:?}"))?
+            .map_err(|_| format!("{base}: no answer within {timeout:?}"))?
     }
 }
 
@@ -227,6 +262,8 @@ pub fn raft_router(raft: Raft, token: &str) -> Router {
         .route(VOTE, post(vote))
         .route(SNAPSHOT, post(snapshot))
         .route(READ_INDEX, post(read_index))
+        .route(MEMBERS, post(members))
+        .route(CHANGE_MEMBERS, post(change_members))
         .with_state(ServerState {
             raft,
             token: token.into(),
@@ -266,6 +303,105 @@ async fn read_index(State(state): State<ServerState>, headers: HeaderMap) -> Res
         Ok(log_id) => json(&log_id.map_or(0, |l| l.index)),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+async fn members(State(state): State<ServerState>, headers: HeaderMap) -> Response {
+    if !crate::rpc::has_cluster_token(&headers, &state.token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a valid cluster token is required",
+        )
+            .into_response();
+    }
+    json(&Members::of(&state.raft))
+}
+
+/// Adds replicas (each first as a learner that catches up, then a voter)
+/// and removes others, on the leader.
+async fn change_members(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let change: MembersChange = match request(&state, &headers, body).await {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    match apply_change(&state.raft, change).await {
+        Ok(()) => json(&Members::of(&state.raft)),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+    }
+}
+
+async fn apply_change(raft: &Raft, change: MembersChange) -> Result<(), String> {
+    let current = Members::of(raft);
+    if current.leader != Some(current.id) {
+        return Err(format!(
+            "replica {} does not lead; send the change to the leader ({:?})",
+            current.id, current.leader
+        ));
+    }
+    let mut voters: std::collections::BTreeSet<NodeId> = current.voters.keys().copied().collect();
+    for (id, url) in &change.add {
+        raft.add_learner(*id, BasicNode::new(url), true)
+            .await
+            .map_err(|e| format!("adding replica {id} at {url}: {e}"))?;
+        voters.insert(*id);
+    }
+    for id in &change.remove {
+        voters.remove(id);
+    }
+    if voters.is_empty() {
+        return Err("a change may not remove every replica".into());
+    }
+    raft.change_membership(voters, false)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("changing the voters: {e}"))
+}
+
+/// The replicas as one of them knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Members {
+    /// The replica that answered.
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    /// Voting replicas and their addresses.
+    pub voters: std::collections::BTreeMap<NodeId, String>,
+    /// Replicas still catching up before they vote.
+    pub learners: std::collections::BTreeMap<NodeId, String>,
+}
+
+impl Members {
+    fn of(raft: &Raft) -> Self {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let voter_ids: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut voters = std::collections::BTreeMap::new();
+        let mut learners = std::collections::BTreeMap::new();
+        for (id, node) in membership.nodes() {
+            let side = if voter_ids.contains(id) {
+                &mut voters
+            } else {
+                &mut learners
+            };
+            side.insert(*id, node.addr.clone());
+        }
+        Self {
+            id: m.id,
+            leader: m.current_leader,
+            voters,
+            learners,
+        }
+    }
+}
+
+/// Replicas to add (id to `http://host:port`) and to remove.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct MembersChange {
+    pub add: std::collections::BTreeMap<NodeId, String>,
+    pub remove: Vec<NodeId>,
 }
 
 /// The request's body, once its token is the cluster's.

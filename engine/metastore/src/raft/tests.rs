@@ -328,3 +328,94 @@ async fn a_single_replica_serves_alone_across_restarts() {
         stop_replica(replica).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_are_added_and_removed_by_a_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sockets, all) = listeners(4).await;
+    let first_three: BTreeMap<NodeId, String> = all
+        .iter()
+        .filter(|(id, _)| **id <= 3)
+        .map(|(i, u)| (*i, u.clone()))
+        .collect();
+    let mut replicas = Vec::new();
+    for (i, listener) in sockets.drain(..3).enumerate() {
+        let id = i as NodeId + 1;
+        replicas.push(
+            start_replica(
+                id,
+                dir.path().join(format!("r{id}")),
+                listener,
+                &first_three,
+            )
+            .await,
+        );
+    }
+    let leader_id = leader(&replicas.iter().collect::<Vec<_>>()).await;
+    let block = ember_fixtures::level0_block(40, 4);
+    let mut ids = vec![block.id.clone()];
+    replicas[0]
+        .replicated
+        .add_blocks(vec![block])
+        .await
+        .unwrap();
+
+    // A fourth replica starts knowing the others, and joins by a command.
+    let fourth = start_replica(4, dir.path().join("r4"), sockets.remove(0), &all).await;
+    let network = Network::new(TOKEN);
+    let members = network.members(&all[&2]).await.unwrap();
+    assert_eq!(members.leader, Some(leader_id));
+    assert_eq!(
+        members.voters.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let add = MembersChange {
+        add: BTreeMap::from([(4, all[&4].clone())]),
+        remove: vec![],
+    };
+    let members = network
+        .change_members(&all[&leader_id], &add)
+        .await
+        .unwrap();
+    assert_eq!(
+        members.voters.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    wait_for_blocks(&fourth, &ids).await;
+    replicas.push(fourth);
+
+    // A follower is removed; the cluster goes on without it.
+    let gone = replicas
+        .iter()
+        .map(|r| r.id)
+        .find(|id| *id != leader_id && *id != 4)
+        .unwrap();
+    let remove = MembersChange {
+        add: BTreeMap::new(),
+        remove: vec![gone],
+    };
+    let members = network
+        .change_members(&all[&leader_id], &remove)
+        .await
+        .unwrap();
+    assert!(!members.voters.contains_key(&gone), "{members:?}");
+    assert_eq!(members.voters.len(), 3);
+    // Changes go to the leader only.
+    let follower = *members.voters.keys().find(|id| **id != leader_id).unwrap();
+    assert!(network.change_members(&all[&follower], &add).await.is_err());
+    let at = replicas.iter().position(|r| r.id == gone).unwrap();
+    stop_replica(replicas.remove(at)).await;
+    let block = ember_fixtures::level0_block(41, 4);
+    ids.push(block.id.clone());
+    replicas[0]
+        .replicated
+        .add_blocks(vec![block])
+        .await
+        .unwrap();
+    for r in &replicas {
+        wait_for_blocks(r, &ids).await;
+    }
+    for r in replicas {
+        stop_replica(r).await;
+    }
+}
