@@ -201,7 +201,7 @@ fn estimated_bytes(growth: Growth, args: &[ColumnarValue], rows: usize) -> Resul
 }
 
 /// Each row's value as an i64, negatives and nulls as 0.
-fn counts(n: &ArrayRef) -> Result<Vec<u128>> {
+pub(crate) fn counts(n: &ArrayRef) -> Result<Vec<u128>> {
     let n = cast(n, &DataType::Int64)?;
     Ok(n.as_primitive::<Int64Type>()
         .iter()
@@ -218,7 +218,7 @@ fn per_row_product(a: &[u128], b: &[u128]) -> u128 {
 }
 
 /// Each row's length in bytes, for text or binary.
-fn byte_lengths(text: &ArrayRef) -> Result<Vec<u128>> {
+pub(crate) fn byte_lengths(text: &ArrayRef) -> Result<Vec<u128>> {
     match text.data_type() {
         DataType::Utf8View => byte_lengths(&cast(text, &DataType::Utf8)?),
         _ => counts(&length(text)?),

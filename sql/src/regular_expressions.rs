@@ -13,8 +13,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
-use datafusion::arrow::compute::kernels::length::length;
+use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::datatypes::{DataType, FieldRef};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
@@ -28,6 +27,8 @@ use datafusion::logical_expr::{
     Signature, Volatility,
 };
 use datafusion::prelude::SessionContext;
+
+use crate::function_limits::byte_lengths;
 
 /// Longest regular expression a statement may give.
 pub const MAX_PATTERN_BYTES: usize = 4096;
@@ -149,7 +150,7 @@ impl ScalarUDFImpl for BoundedInput {
         let [text, pattern] = <[ColumnarValue; 2]>::try_from(args.args).map_err(|_| {
             DataFusionError::Internal("bounded_regex_input takes two arguments".into())
         })?;
-        let patterns = byte_lengths(&pattern, rows)?;
+        let patterns = value_lengths(&pattern, rows)?;
         let longest = patterns.iter().copied().max().unwrap_or(0);
         if longest > MAX_PATTERN_BYTES as u128 {
             return Err(DataFusionError::Execution(format!(
@@ -157,7 +158,7 @@ impl ScalarUDFImpl for BoundedInput {
                  {MAX_PATTERN_BYTES} bytes a pattern may be"
             )));
         }
-        let texts = byte_lengths(&text, rows)?;
+        let texts = value_lengths(&text, rows)?;
         let work: u128 = texts
             .iter()
             .zip(&patterns)
@@ -176,7 +177,7 @@ impl ScalarUDFImpl for BoundedInput {
 }
 
 /// Each row's byte length of `value` (a scalar counts once for every row).
-fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+fn value_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
     match value {
         ColumnarValue::Scalar(s) => {
             let one = lengths(&s.to_array_of_size(1)?)?;
@@ -190,27 +191,15 @@ fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
 /// and binary as they are, anything else (which type coercion casts to
 /// text after this check) as its text; null as 0.
 fn lengths(array: &ArrayRef) -> Result<Vec<u128>> {
-    let of = |lengths: ArrayRef| -> Result<Vec<u128>> {
-        let lengths = datafusion::arrow::compute::cast(&lengths, &DataType::Int64)?;
-        let lengths = lengths.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-        Ok(lengths
-            .iter()
-            .map(|l| l.unwrap_or(0).max(0) as u128)
-            .collect())
-    };
     match array.data_type() {
         DataType::Utf8
         | DataType::LargeUtf8
         | DataType::Utf8View
         | DataType::Binary
         | DataType::LargeBinary
-        | DataType::BinaryView => of(length(array)?),
-        DataType::Dictionary(_, _) => {
-            // The values cast to text, then taken for each row.
-            let text = datafusion::arrow::compute::cast(array, &DataType::Utf8)?;
-            lengths(&text)
-        }
+        | DataType::BinaryView => byte_lengths(array),
         DataType::Null => Ok(vec![0; array.len()]),
-        _ => lengths(&datafusion::arrow::compute::cast(array, &DataType::Utf8)?),
+        // Dictionaries and other types as the kernels read them: as text.
+        _ => byte_lengths(&datafusion::arrow::compute::cast(array, &DataType::Utf8)?),
     }
 }
