@@ -210,27 +210,16 @@ async fn render_inner(
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
-    let tenant = request_tenant(&state.auth, headers)?;
-    let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
-    let query = param(params, &["query"]).ok_or_else(|| invalid("\"query\" is required"))?;
-    let (profile_type, selector) = parse_query(query).map_err(invalid)?;
-    let r = range(params, "from", "until")?;
-    let graph = select_merge_stacktraces(
-        state,
-        &tenant,
-        &settings,
-        &SelectMergeStacktracesRequest {
-            profile_type_id: profile_type.clone(),
-            label_selector: selector.clone(),
-            start: r.from_ms,
-            end: r.until_ms,
-            max_nodes: r.max_nodes,
-            ..SelectMergeStacktracesRequest::default()
-        },
-    )
-    .await?;
-    let step_s = timeline_step_seconds(r.from_ms, r.until_ms);
-    let start_s = (r.from_ms / 1_000).div_euclid(step_s) * step_s;
+    let (tenant, settings) = caller(state, headers)?;
+    let request = merge_request(params, "query", "from", "until")?;
+    let (profile_type, selector) = (
+        request.profile_type_id.clone(),
+        request.label_selector.clone(),
+    );
+    let (from_ms, until_ms) = (request.start, request.end);
+    let graph = select_merge_stacktraces(state, &tenant, &settings, &request).await?;
+    let step_s = timeline_step_seconds(from_ms, until_ms);
+    let start_s = (from_ms / 1_000).div_euclid(step_s) * step_s;
     let group_by: Vec<String> = param(params, &["groupBy"])
         .filter(|g| !g.is_empty())
         .map(|g| vec![g.to_string()])
@@ -248,7 +237,7 @@ async fn render_inner(
             profile_type_id: profile_type.clone(),
             label_selector: selector,
             start: start_s * 1_000,
-            end: r.until_ms,
+            end: until_ms,
             group_by: group_by.clone(),
             step: step_s as f64,
             aggregation,
@@ -270,7 +259,7 @@ async fn render_inner(
                 .iter()
                 .find(|l| l.name == group_by[0])
                 .map_or("*".to_string(), |l| l.value.clone());
-            groups.insert(key, timeline(start_s, step_s, r.until_ms, &points(s)));
+            groups.insert(key, timeline(start_s, step_s, until_ms, &points(s)));
         }
         json!(groups)
     };
@@ -278,10 +267,39 @@ async fn render_inner(
         "version": 1,
         "flamebearer": flamebearer(&graph),
         "metadata": metadata(&profile_type, "single"),
-        "timeline": timeline(start_s, step_s, r.until_ms, &all),
+        "timeline": timeline(start_s, step_s, until_ms, &all),
         "groups": groups,
         "heatmap": null,
     }))
+}
+
+/// The tenant and settings of the request's caller.
+fn caller(state: &QueryState, headers: &HeaderMap) -> Result<(String, Settings), ApiError> {
+    let tenant = request_tenant(&state.auth, headers)?;
+    let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
+    Ok((tenant.to_string(), settings))
+}
+
+/// The flame graph a render call names with its `query`, `from` and `until`
+/// parameters (or the left or right ones of a diff).
+fn merge_request(
+    params: &Params,
+    query: &str,
+    from: &str,
+    until: &str,
+) -> Result<SelectMergeStacktracesRequest, ApiError> {
+    let text =
+        param(params, &[query]).ok_or_else(|| invalid(format!("\"{query}\" is required")))?;
+    let (profile_type_id, label_selector) = parse_query(text).map_err(invalid)?;
+    let r = range(params, from, until)?;
+    Ok(SelectMergeStacktracesRequest {
+        profile_type_id,
+        label_selector,
+        start: r.from_ms,
+        end: r.until_ms,
+        max_nodes: r.max_nodes,
+        ..SelectMergeStacktracesRequest::default()
+    })
 }
 
 /// `GET /pyroscope/render-diff`.
@@ -301,25 +319,9 @@ async fn render_diff_inner(
     params: &Params,
     headers: &HeaderMap,
 ) -> Result<Value, ApiError> {
-    let tenant = request_tenant(&state.auth, headers)?;
-    let settings = Settings::from_headers(|name| header_str(headers, name)).map_err(invalid)?;
-    let side =
-        |query: &str, from: &str, until: &str| -> Result<SelectMergeStacktracesRequest, ApiError> {
-            let text = param(params, &[query])
-                .ok_or_else(|| invalid(format!("\"{query}\" is required")))?;
-            let (profile_type_id, label_selector) = parse_query(text).map_err(invalid)?;
-            let r = range(params, from, until)?;
-            Ok(SelectMergeStacktracesRequest {
-                profile_type_id,
-                label_selector,
-                start: r.from_ms,
-                end: r.until_ms,
-                max_nodes: r.max_nodes,
-                ..SelectMergeStacktracesRequest::default()
-            })
-        };
-    let left = side("leftQuery", "leftFrom", "leftUntil")?;
-    let right = side("rightQuery", "rightFrom", "rightUntil")?;
+    let (tenant, settings) = caller(state, headers)?;
+    let left = merge_request(params, "leftQuery", "leftFrom", "leftUntil")?;
+    let right = merge_request(params, "rightQuery", "rightFrom", "rightUntil")?;
     let g: FlameGraphDiff = diff(state, &tenant, &settings, &left, &right).await?;
     Ok(json!({
         "version": 1,
