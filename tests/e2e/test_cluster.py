@@ -245,6 +245,14 @@ def test_a_host_dies_and_nothing_acknowledged_is_lost(cluster):
     net, hosts = cluster
     per_profile = totals(load_pprof(RAW), "process_cpu")[CPU]
     leader = leader_of(hosts)
+    # The operator's view of the replicas, from any host.
+    listed = subprocess.run(["ip", "netns", "exec", hosts[2].ns, str(BIN), "metastore", "members",
+                             "--metastore-url", f"http://{hosts[2].addr}:4041", "--cluster-token", TOKEN],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert sorted(int(r[0]) for r in rows) == [1, 2, 3]
+    assert [int(r[0]) for r in rows if r[2] == "leader"] == [leader.n]
 
     acknowledged = 0
     for i in range(12):
