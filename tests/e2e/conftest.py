@@ -187,6 +187,10 @@ def ember(tmp_path):
     server.stop()
 
 
+# The moto_server process behind each endpoint, for tests that stall it.
+MOTO_PROCESSES = {}
+
+
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
     """A real S3-compatible server on loopback (moto's, from PyPI)."""
@@ -204,6 +208,7 @@ def moto(tmp_path_factory):
         except requests.ConnectionError:
             assert time.time() < deadline, "moto_server did not start"
             time.sleep(0.1)
+    MOTO_PROCESSES[endpoint] = proc
     yield endpoint
     proc.terminate()
     proc.wait(timeout=30)

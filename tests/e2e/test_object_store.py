@@ -4,9 +4,13 @@ The write, query, compaction, retention and SIGKILL tests run on both the
 local store and S3 (their `store` parameter); this file checks what only
 the configuration decides."""
 
+import signal
 import subprocess
+import threading
+import time
 
-from conftest import BIN, FIXTURES, S3Store, free_port
+from conftest import BIN, FIXTURES, MOTO_PROCESSES, S3Store, free_port
+from wire import load_pprof, totals
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 RAW = (FIXTURES / "pprof" / "go-cpu.pb.gz").read_bytes()
@@ -45,3 +49,55 @@ def test_a_bad_store_url_or_option_is_refused_at_start_with_the_reason(tmp_path)
     assert "credentials" in out and "hunter2" not in out, out
     out = run_refused(tmp_path, "--object-store-url", "s3://bucket/x", "--object-store-option", "aws_secret_access_key")
     assert "key=value" in out, out
+
+
+def test_an_s3_outage_acknowledges_only_what_is_stored(make_ember, moto):
+    """The S3 server stops answering (SIGSTOP) for 8 s in the middle of
+    ingest: pushes wait or are refused; none is acknowledged unless stored;
+    ingest goes on once S3 answers again."""
+    store = S3Store(moto)
+    ember = make_ember(store=store)
+    per_profile = totals(load_pprof(RAW), "process_cpu")[CPU]
+    outcomes = []
+
+    def push_all():
+        for i in range(30):
+            labels = {"__name__": "process_cpu", "service_name": "outage", "pod": f"p{i}"}
+            try:
+                outcomes.append(ember.push_proto([(labels, [RAW])], tenant="t", timeout=60).status_code)
+            except Exception as e:  # a client timeout is a refusal too
+                outcomes.append(repr(e))
+            time.sleep(0.2)
+
+    pusher = threading.Thread(target=push_all)
+    pusher.start()
+    while len(outcomes) < 5:
+        time.sleep(0.05)
+    moto_proc = MOTO_PROCESSES[moto]
+    moto_proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(8)
+    finally:
+        moto_proc.send_signal(signal.SIGCONT)
+    pusher.join(timeout=300)
+    assert not pusher.is_alive()
+    print("outcomes", outcomes)
+    acknowledged = outcomes.count(200)
+    refused = [o for o in outcomes if o != 200]
+    assert all(o in (429, 500, 503) or isinstance(o, str) for o in refused), outcomes
+    assert acknowledged >= 20, outcomes
+
+    def total():
+        t = ember.sql(f"SELECT sum(value) AS v FROM samples WHERE profile_type = '{CPU}'", tenant="t")
+        return t.to_pylist()[0]["v"] or 0
+    deadline = time.time() + 60
+    while total() < acknowledged * per_profile and time.time() < deadline:
+        time.sleep(0.5)
+    stored = total()
+    # Every acknowledged profile is stored; a refused one may be too (its
+    # agent would retry, and compaction drops the duplicate).
+    assert acknowledged * per_profile <= stored <= len(outcomes) * per_profile, (outcomes, stored)
+    assert stored % per_profile == 0
+    # After the outage, ingest goes on.
+    labels = {"__name__": "process_cpu", "service_name": "outage", "pod": "after"}
+    assert ember.push_proto([(labels, [RAW])], tenant="t").status_code == 200
