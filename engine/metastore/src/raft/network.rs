@@ -292,12 +292,8 @@ async fn snapshot(State(state): State<ServerState>, headers: HeaderMap, body: Bo
 }
 
 async fn read_index(State(state): State<ServerState>, headers: HeaderMap) -> Response {
-    if !crate::rpc::has_cluster_token(&headers, &state.token) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "a valid cluster token is required",
-        )
-            .into_response();
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
     }
     match state.raft.ensure_linearizable().await {
         Ok(log_id) => json(&log_id.map_or(0, |l| l.index)),
@@ -306,12 +302,8 @@ async fn read_index(State(state): State<ServerState>, headers: HeaderMap) -> Res
 }
 
 async fn members(State(state): State<ServerState>, headers: HeaderMap) -> Response {
-    if !crate::rpc::has_cluster_token(&headers, &state.token) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "a valid cluster token is required",
-        )
-            .into_response();
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
     }
     json(&Members::of(&state.raft))
 }
@@ -404,18 +396,28 @@ pub struct MembersChange {
     pub remove: Vec<NodeId>,
 }
 
+/// The refusal of a call without the cluster token, if it has none.
+fn unauthorized(state: &ServerState, headers: &HeaderMap) -> Option<Response> {
+    if crate::rpc::has_cluster_token(headers, &state.token) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            "a valid cluster token is required",
+        )
+            .into_response(),
+    )
+}
+
 /// The request's body, once its token is the cluster's.
 async fn request<T: DeserializeOwned>(
     state: &ServerState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, Response> {
-    if !crate::rpc::has_cluster_token(headers, &state.token) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "a valid cluster token is required",
-        )
-            .into_response());
+    if let Some(refused) = unauthorized(state, headers) {
+        return Err(refused);
     }
     let bytes = to_bytes(body, MAX_RAFT_BYTES).await.map_err(|e| {
         (

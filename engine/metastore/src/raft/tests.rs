@@ -60,6 +60,17 @@ async fn stop_replica(replica: Replica) {
     panic!("replica {} still holds its metastore", replica.id);
 }
 
+/// `n` replicas, numbered from 1, each in `dir/r{id}`, and their addresses.
+async fn start_cluster(dir: &std::path::Path, n: u64) -> (Vec<Replica>, BTreeMap<NodeId, String>) {
+    let (mut sockets, peers) = listeners(n).await;
+    let mut replicas = Vec::new();
+    for (i, listener) in sockets.drain(..).enumerate() {
+        let id = i as NodeId + 1;
+        replicas.push(start_replica(id, dir.join(format!("r{id}")), listener, &peers).await);
+    }
+    (replicas, peers)
+}
+
 async fn listeners(n: u64) -> (Vec<TcpListener>, BTreeMap<NodeId, String>) {
     let mut out = Vec::new();
     let mut peers = BTreeMap::new();
@@ -105,13 +116,7 @@ async fn wait_for_blocks(replica: &Replica, ids: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn blocks_acknowledged_by_the_cluster_survive_its_leader() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut sockets, peers) = listeners(3).await;
-    let mut replicas = Vec::new();
-    for (i, listener) in sockets.drain(..).enumerate() {
-        let id = i as NodeId + 1;
-        let path = dir.path().join(format!("r{id}"));
-        replicas.push(start_replica(id, path, listener, &peers).await);
-    }
+    let (mut replicas, peers) = start_cluster(dir.path(), 3).await;
     let first_leader = leader(&replicas.iter().collect::<Vec<_>>()).await;
 
     // Written through a follower: forwarded to the leader, applied by all.
@@ -233,13 +238,7 @@ fn peers_are_parsed_or_refused_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_behind_a_purged_log_gets_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut sockets, peers) = listeners(3).await;
-    let mut replicas = Vec::new();
-    for (i, listener) in sockets.drain(..).enumerate() {
-        let id = i as NodeId + 1;
-        let path = dir.path().join(format!("r{id}"));
-        replicas.push(start_replica(id, path, listener, &peers).await);
-    }
+    let (mut replicas, peers) = start_cluster(dir.path(), 3).await;
     let leader_id = leader(&replicas.iter().collect::<Vec<_>>()).await;
     let blocks: Vec<BlockMeta> = (0..3).map(|i| ember_fixtures::level0_block(i, 4)).collect();
     let mut ids: Vec<String> = blocks.iter().map(|b| b.id.clone()).collect();
