@@ -172,8 +172,7 @@ pub async fn start(
         )));
     }
     let log = LogStore::open(&dir.join("raft.redb"))?;
-    let state = StateMachine::new(metastore, dir.join("raft-snapshot"))
-        .map_err(|e| ReplicationError::Raft(e.to_string()))?;
+    let state = StateMachine::new(metastore, dir.join("raft-snapshot"));
     let raft = Raft::new(
         cluster.node_id,
         raft_config()?,

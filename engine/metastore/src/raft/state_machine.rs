@@ -47,11 +47,11 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    pub fn new(metastore: Arc<Metastore>, snapshot_path: PathBuf) -> Result<Self, MetastoreError> {
-        Ok(Self {
+    pub fn new(metastore: Arc<Metastore>, snapshot_path: PathBuf) -> Self {
+        Self {
             metastore,
             snapshot_path: Arc::new(snapshot_path),
-        })
+        }
     }
 
     fn position(&self) -> Result<Position, String> {
