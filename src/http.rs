@@ -1,5 +1,6 @@
-//! The HTTP port: the distributor's push routes and the query front end's
-//! routes on one router, with health and metrics.
+//! What every process serves on its HTTP port, whatever its roles: health
+//! and metrics (the distributor's and the query frontend's routes join
+//! them where those roles run).
 
 use std::sync::Arc;
 
@@ -7,19 +8,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use ember_distributor::http::PushState;
-use ember_query_frontend::QueryState;
 use prometheus_client::registry::Registry;
 
-/// Every route of a serving process.
-pub fn router(push: PushState, query: QueryState, registry: Arc<Registry>) -> Router {
-    ember_distributor::http::router(push)
-        .merge(ember_query_frontend::router(query))
-        .merge(health_router(registry))
-}
-
-/// The routes of a process that serves no API: health and metrics only
-/// (a compaction worker of its own).
+/// Health and metrics.
 pub fn health_router(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/ready", get(|| async { "ready\n" }))

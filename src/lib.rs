@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod cli;
+mod cluster;
 mod connections;
 mod http;
 pub mod http_client;

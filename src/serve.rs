@@ -15,7 +15,7 @@ use ember_flight::EmberFlightSql;
 use ember_metastore::raft::{self, ClusterConfig, Replicated, ReplicationMetrics};
 use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
-use ember_metastore::{InProcess, MetastoreClient};
+use ember_metastore::{register_forever, InProcess, MetastoreClient, MetastoreIndex};
 use ember_metastore::{LevelRule, Lifecycle, LifecycleConfig, Retention};
 use ember_segment_writer::{
     recover_dlq_forever, FlushHook, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
@@ -26,10 +26,11 @@ use object_store::ObjectStore;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use crate::cluster::{follow_members, MemberMetrics};
 use crate::connections::{
     admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
 };
-use crate::http::{health_router, router};
+use crate::http::health_router;
 use crate::tls::{TlsFiles, TlsListener};
 use ember_distributor::http::PushState;
 use ember_distributor::metrics::PushMetrics;
@@ -41,35 +42,36 @@ use ember_query_frontend::QueryState;
 pub struct ServeArgs {
     /// Roles this process runs, Pyroscope v2's names: `all`, or a comma
     /// list of distributor, segment-writer, metastore, query-frontend,
-    /// query-backend, compaction-worker. A process without the metastore
-    /// reaches one through `--metastore-url`.
+    /// query-backend, compaction-worker (the distributor runs beside a
+    /// segment writer, the query frontend beside a query backend). A process
+    /// without the metastore reaches it through `--metastore-peers`.
     #[arg(long, default_value = "all", env = "EMBER_ROLES")]
     roles: String,
-    /// Serve the metastore's commands to roles in other processes on this
-    /// address (requires `--cluster-token`). Keep it on an internal network.
+    /// Serve the metastore to roles in other processes (and, for a replica,
+    /// to the other replicas) on this address (requires `--cluster-token`).
+    /// Keep it on an internal network.
     #[arg(long, env = "EMBER_METASTORE_LISTEN_ADDR", requires = "cluster_token")]
     metastore_listen_addr: Option<SocketAddr>,
-    /// The metastore's `--metastore-listen-addr`, as `http://host:port`, for
-    /// a process that runs no metastore (requires `--cluster-token`).
-    #[arg(long, env = "EMBER_METASTORE_URL", requires = "cluster_token")]
-    metastore_url: Option<String>,
+    /// The metastore's replicas as `ID=http://host:port` (each one's
+    /// `--metastore-listen-addr`), comma-separated. A process without the
+    /// metastore role reaches it through any of them (`http://host:port`
+    /// alone names an unreplicated one); a replica (`--node-id`) lists every
+    /// replica, itself included.
+    #[arg(long, env = "EMBER_METASTORE_PEERS", requires = "cluster_token")]
+    metastore_peers: Option<String>,
     /// This process's replica number in a replicated metastore (with
-    /// `--metastore-raft-peers` and `--metastore-listen-addr`): the index
-    /// then survives the death of any minority of its replicas.
+    /// `--metastore-peers` and `--metastore-listen-addr`): the index then
+    /// survives the death of any minority of its replicas.
     #[arg(
         long,
-        env = "EMBER_METASTORE_RAFT_NODE_ID",
-        requires_all = ["metastore_raft_peers", "metastore_listen_addr"]
+        env = "EMBER_NODE_ID",
+        requires_all = ["metastore_peers", "metastore_listen_addr"]
     )]
-    metastore_raft_node_id: Option<u64>,
-    /// Every replica of the metastore as `ID=http://host:port` (its
-    /// `--metastore-listen-addr`), comma-separated, this one included.
-    #[arg(
-        long,
-        env = "EMBER_METASTORE_RAFT_PEERS",
-        requires = "metastore_raft_node_id"
-    )]
-    metastore_raft_peers: Option<String>,
+    node_id: Option<u64>,
+    /// How other processes reach this one's HTTP port, as host:port (default:
+    /// `--http-addr`); registered with the metastore.
+    #[arg(long, env = "EMBER_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Shared secret between the metastore and roles in other processes.
     #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
@@ -250,138 +252,117 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--cluster-token: at least 16 characters (it guards every change to the index)"
         );
     }
-    if !roles.has(Role::Metastore) {
-        return serve_compaction_worker(args).await;
+    if roles.compacts_only() {
+        // This process runs nothing but compaction jobs, so freed pages go
+        // back to the kernel at once: a job then stays within its memory
+        // budget in RSS too (see BENCHMARKS.md, job memory).
+        crate::allocator::return_freed_memory_at_once();
+    } else {
+        crate::allocator::reuse_freed_memory_for_a_second();
     }
-    crate::allocator::reuse_freed_memory_for_a_second();
     let (store, object_metrics, faults) = open_store(&args)?;
-    let metastore_path = args.data_dir.join("metastore.redb");
-    let metastore = Arc::new(
-        Metastore::open(&metastore_path)
-            .with_context(|| format!("opening {}", metastore_path.display()))?,
-    );
-    info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
-    let replicated = start_replication(&args, &metastore).await?;
-    // How every role of this process changes the index.
-    let commands: Arc<dyn MetastoreClient> = match &replicated {
-        Some(r) => Arc::new(r.clone()),
-        None => Arc::new(InProcess(metastore.clone())),
+    let mut registry = Registry::default();
+    object_metrics.register(&mut registry);
+    let limits = limits(&args)?;
+    // Every process refuses the flags the metastore's process would refuse.
+    let lifecycle = lifecycle_config(&args, &limits)?;
+    let reach = if roles.has(Role::Metastore) {
+        run_metastore(&args, lifecycle, store.clone(), &mut registry).await?
+    } else {
+        remote_metastore(&args, &roles)?
     };
 
-    let mut registry = Registry::default();
-    if let Some(r) = &replicated {
-        let metrics = ReplicationMetrics::default();
-        metrics.register(&mut registry);
-        tokio::spawn(metrics.follow(r.raft().clone()));
-    }
-    let admission = Admission::new(connection_limits(&args), &mut registry);
     let segment_metrics = SegmentMetrics::default();
     segment_metrics.register(&mut registry);
-    tokio::spawn(recover_dlq_forever(
-        store.clone(),
-        commands.clone(),
-        segment_metrics.clone(),
-        Duration::from_secs(args.dlq_retry_seconds.max(1)),
-    ));
-    object_metrics.register(&mut registry);
-    let push_metrics = PushMetrics::new(&mut registry);
-    let limits = limits(&args)?;
-    let compaction = compaction_config(&args)?;
-    start_lifecycle(
-        lifecycle_config(&args, &limits)?,
-        store.clone(),
-        metastore.clone(),
-        replicated.clone(),
-        &mut registry,
-    );
+    if roles.has(Role::Metastore) || roles.has(Role::SegmentWriter) {
+        // dlq/ is in the object store: any of these processes registers
+        // what a dead segment writer left there.
+        tokio::spawn(recover_dlq_forever(
+            store.clone(),
+            reach.commands.clone(),
+            segment_metrics.clone(),
+            Duration::from_secs(args.dlq_retry_seconds.max(1)),
+        ));
+    }
     if roles.has(Role::CompactionWorker) {
         let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
+        anyhow::ensure!(
+            workers > 0 || !roles.compacts_only(),
+            "--compaction-workers 0 leaves this process nothing to do"
+        );
         start_workers(
             &args,
-            compaction,
+            compaction_config(&args)?,
             store.clone(),
-            commands.clone(),
-            Some(metastore.activity()),
+            reach.commands.clone(),
+            reach.activity.clone(),
             workers,
             &mut registry,
         )?;
     }
-    if let Some(addr) = args.metastore_listen_addr {
-        let routes = match &replicated {
-            Some(r) => r.router(),
-            None => ember_metastore::rpc::router(commands.clone(), cluster_token(&args)?),
-        };
-        serve_metastore_commands(addr, routes).await?;
-    }
-
-    let writer = Arc::new(SegmentWriter::start(
-        SegmentConfig {
-            shards: args.shards,
-            min_flush_interval: Duration::from_millis(args.flush_interval_ms),
-            ..SegmentConfig::default()
-        },
-        Sink {
-            store: store.clone(),
-            metastore: writer_metastore(commands, &faults),
-            flush_hook: faults
-                .crash_at
-                .map(|_| faults.clone() as Arc<dyn FlushHook>),
-        },
-        segment_metrics,
-    ));
-    let distributor = Arc::new(Distributor::new(
-        writer,
-        limits,
-        args.max_inflight_bytes,
-        Duration::from_millis(args.max_push_queue_ms),
-    ));
-    let engine = QueryEngine::new(
-        store,
-        metastore,
-        QueryEngineConfig {
-            memory_limit: args.query_memory_limit,
-            tenant_memory_limit: args.tenant_query_memory_limit,
-            query_timeout: Duration::from_secs(args.query_timeout_seconds.max(1)),
-            statement_limits: StatementLimits {
-                max_bytes: args.max_statement_bytes,
-                max_expression_depth: args.max_expression_depth,
-                max_relations: args.max_statement_relations,
-                max_expression_cost: args.max_expression_cost,
-            },
-            stack_dictionary_bytes: args.stack_cache_bytes,
-            totals_cache_bytes: args.totals_cache_bytes,
-            ..QueryEngineConfig::default()
-        },
-    )?;
-    let engine = Arc::new(match &replicated {
-        Some(r) => engine.with_read_barrier(Arc::new(r.clone())),
-        None => engine,
-    });
-
-    if let Err(e) = engine.warm_up().await {
-        tracing::warn!(error = %e, "query warm-up failed");
-    }
+    let admission = Admission::new(connection_limits(&args), &mut registry);
     let auth = Arc::new(authenticator(&args)?);
+    let push = roles.has(Role::Distributor).then(|| {
+        let writer = Arc::new(SegmentWriter::start(
+            SegmentConfig {
+                shards: args.shards,
+                min_flush_interval: Duration::from_millis(args.flush_interval_ms),
+                ..SegmentConfig::default()
+            },
+            Sink {
+                store: store.clone(),
+                metastore: writer_metastore(reach.commands.clone(), &faults),
+                flush_hook: faults
+                    .crash_at
+                    .map(|_| faults.clone() as Arc<dyn FlushHook>),
+            },
+            segment_metrics,
+        ));
+        PushState {
+            distributor: Arc::new(Distributor::new(
+                writer,
+                limits,
+                args.max_inflight_bytes,
+                Duration::from_millis(args.max_push_queue_ms),
+            )),
+            auth: auth.clone(),
+            metrics: PushMetrics::new(&mut registry),
+        }
+    });
+    if clustered(&args) {
+        // Registered, and following the others' registrations.
+        let address = (args.advertise_addr.clone()).unwrap_or_else(|| args.http_addr.to_string());
+        let instance = crate::cluster::this_instance(roles.names(), &address);
+        tokio::spawn(register_forever(reach.commands.clone(), instance));
+        let metrics = MemberMetrics::default();
+        metrics.register(&mut registry);
+        let distributor = push.as_ref().map(|p| p.distributor.clone());
+        tokio::spawn(follow_members(reach.index.clone(), distributor, metrics));
+    }
+    let engine = if roles.has(Role::QueryFrontend) {
+        let engine = Arc::new(query_engine(&args, store, reach.index)?);
+        if let Err(e) = engine.warm_up().await {
+            tracing::warn!(error = %e, "query warm-up failed");
+        }
+        Some(engine)
+    } else {
+        None
+    };
+
+    let mut app = health_router(Arc::new(registry));
+    if let Some(push) = push {
+        app = app.merge(ember_distributor::http::router(push));
+    }
+    if let Some(engine) = &engine {
+        app = app.merge(ember_query_frontend::router(QueryState {
+            engine: engine.clone(),
+            auth: auth.clone(),
+        }));
+    }
     let http_listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
-    let flight_listener = tokio::net::TcpListener::bind(args.flight_addr)
-        .await
-        .with_context(|| format!("binding {}", args.flight_addr))?;
-    info!(http = %http_listener.local_addr()?, flight = %flight_listener.local_addr()?, "ember serving");
-
-    let app = router(
-        PushState {
-            distributor,
-            auth: auth.clone(),
-            metrics: push_metrics,
-        },
-        QueryState {
-            engine: engine.clone(),
-            auth: auth.clone(),
-        },
-        Arc::new(registry),
-    );
+    let http_addr = http_listener.local_addr()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles::read(cert, key)?),
         (None, None) => None,
@@ -401,30 +382,175 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             shutdown_signal(),
         )),
     };
+    let flight: futures::future::BoxFuture<'static, anyhow::Result<()>> = match engine {
+        Some(engine) => Box::pin(serve_flight(&args, engine, auth, tls.as_ref(), admission).await?),
+        None => Box::pin(async { Ok(()) }),
+    };
+    info!(roles = %args.roles, http = %http_addr, "ember serving");
+    tokio::try_join!(async { http.await.context("HTTP server") }, flight)?;
+    info!("ember stopped");
+    Ok(())
+}
+
+/// Whether this process is one of several: it then registers with the
+/// metastore and follows the other members.
+fn clustered(args: &ServeArgs) -> bool {
+    args.metastore_peers.is_some() || args.metastore_listen_addr.is_some()
+}
+
+/// How the roles of this process reach the metastore.
+struct MetastoreReach {
+    /// Its commands.
+    commands: Arc<dyn MetastoreClient>,
+    /// Its index, as queries read it.
+    index: Arc<dyn MetastoreIndex>,
+    /// Ticks when the index changes, where it lives in this process (the
+    /// compaction workers wake on it rather than poll).
+    activity: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+/// The metastore role: the index in `<data-dir>/metastore.redb` (a replica
+/// of a replicated one with `--node-id`), compaction planning, retention and
+/// the deleter, and `--metastore-listen-addr` for other processes.
+async fn run_metastore(
+    args: &ServeArgs,
+    lifecycle: LifecycleConfig,
+    store: Arc<dyn ObjectStore>,
+    registry: &mut Registry,
+) -> anyhow::Result<MetastoreReach> {
+    let metastore_path = args.data_dir.join("metastore.redb");
+    let metastore = Arc::new(
+        Metastore::open(&metastore_path)
+            .with_context(|| format!("opening {}", metastore_path.display()))?,
+    );
+    info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
+    let replicated = start_replication(args, &metastore).await?;
+    if let Some(r) = &replicated {
+        let metrics = ReplicationMetrics::default();
+        metrics.register(registry);
+        tokio::spawn(metrics.follow(r.raft().clone()));
+    }
+    let reach = match &replicated {
+        Some(r) => MetastoreReach {
+            commands: Arc::new(r.clone()),
+            index: r.index(),
+            activity: Some(metastore.activity()),
+        },
+        None => MetastoreReach {
+            commands: Arc::new(InProcess(metastore.clone())),
+            index: metastore.clone(),
+            activity: Some(metastore.activity()),
+        },
+    };
+    start_lifecycle(lifecycle, store, metastore, replicated.clone(), registry);
+    if let Some(addr) = args.metastore_listen_addr {
+        let routes = match &replicated {
+            Some(r) => r.router(),
+            None => ember_metastore::rpc::router(
+                reach.commands.clone(),
+                reach.index.clone(),
+                cluster_token(args)?,
+            ),
+        };
+        serve_metastore(addr, routes).await?;
+    }
+    Ok(reach)
+}
+
+/// The metastore of other processes, for a process without the role.
+fn remote_metastore(args: &ServeArgs, roles: &Roles) -> anyhow::Result<MetastoreReach> {
+    let (Some(peers), Some(token)) = (&args.metastore_peers, &args.cluster_token) else {
+        anyhow::bail!(
+            "--roles {}: a process without the metastore reaches it through \
+             --metastore-peers (its replicas' --metastore-listen-addr, as \
+             http://host:port) and --cluster-token",
+            args.roles
+        );
+    };
+    anyhow::ensure!(
+        args.node_id.is_none() && args.metastore_listen_addr.is_none(),
+        "--node-id and --metastore-listen-addr are for a metastore's process: \
+         add the metastore role to --roles"
+    );
+    let urls = metastore_urls(peers);
+    let remote = Arc::new(RemoteMetastore::replicas(&urls, token)?);
+    info!(metastore = ?urls, roles = ?roles.0, "metastore reached over the network");
+    Ok(MetastoreReach {
+        commands: remote.clone(),
+        index: remote,
+        activity: None,
+    })
+}
+
+/// `1=http://a:4041,http://b:4041` -> the URLs, whether or not each names
+/// its replica's id.
+fn metastore_urls(peers: &str) -> Vec<String> {
+    peers
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((id, url)) if id.chars().all(|c| c.is_ascii_digit()) => url.to_string(),
+            _ => p.to_string(),
+        })
+        .collect()
+}
+
+fn query_engine(
+    args: &ServeArgs,
+    store: Arc<dyn ObjectStore>,
+    index: Arc<dyn MetastoreIndex>,
+) -> anyhow::Result<QueryEngine> {
+    Ok(QueryEngine::new(
+        store,
+        index,
+        QueryEngineConfig {
+            memory_limit: args.query_memory_limit,
+            tenant_memory_limit: args.tenant_query_memory_limit,
+            query_timeout: Duration::from_secs(args.query_timeout_seconds.max(1)),
+            statement_limits: StatementLimits {
+                max_bytes: args.max_statement_bytes,
+                max_expression_depth: args.max_expression_depth,
+                max_relations: args.max_statement_relations,
+                max_expression_cost: args.max_expression_cost,
+            },
+            stack_dictionary_bytes: args.stack_cache_bytes,
+            totals_cache_bytes: args.totals_cache_bytes,
+            ..QueryEngineConfig::default()
+        },
+    )?)
+}
+
+/// Arrow Flight SQL on `--flight-addr`, for a process with the query
+/// frontend.
+async fn serve_flight(
+    args: &ServeArgs,
+    engine: Arc<QueryEngine>,
+    auth: Arc<Authenticator>,
+    tls: Option<&TlsFiles>,
+    admission: Admission,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(args.flight_addr)
+        .await
+        .with_context(|| format!("binding {}", args.flight_addr))?;
+    info!(flight = %listener.local_addr()?, "Flight SQL serving");
     // Live clients answer the pings; dead peers' connections close. A
     // handler (planning included) ends within the query timeout; the
     // margin is for the client's own slowness.
-    let mut flight_server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(Duration::from_secs(args.query_timeout_seconds.max(1) + 30));
-    if let Some(files) = &tls {
-        flight_server = flight_server
+    if let Some(files) = tls {
+        server = server
             .tls_config(files.tonic_config())
             .context("TLS for Flight SQL")?;
         info!("TLS on for HTTP and Flight SQL");
     }
-    let flight = flight_server
+    let serving = server
         .add_service(EmberFlightSql::new(engine, auth).into_server())
-        .serve_with_incoming_shutdown(
-            admitted_incoming(flight_listener, admission),
-            shutdown_signal(),
-        );
-    tokio::try_join!(async { http.await.context("HTTP server") }, async {
-        flight.await.context("Flight SQL server")
-    },)?;
-    info!("ember stopped");
-    Ok(())
+        .serve_with_incoming_shutdown(admitted_incoming(listener, admission), shutdown_signal());
+    Ok(async move { serving.await.context("Flight SQL server") })
 }
 
 /// The object store every role of this process shares (`--object-store-url`,
@@ -468,51 +594,9 @@ fn writer_metastore(
     client
 }
 
-/// `--roles compaction-worker` without the metastore: workers that lease
-/// jobs from the metastore at `--metastore-url`, and health and metrics on
-/// `--http-addr`.
-async fn serve_compaction_worker(args: ServeArgs) -> anyhow::Result<()> {
-    let (Some(url), Some(token)) = (&args.metastore_url, &args.cluster_token) else {
-        anyhow::bail!(
-            "--roles {}: a process without the metastore reaches it through \
-             --metastore-url http://host:port and --cluster-token (the metastore's \
-             process serves them with --metastore-listen-addr)",
-            args.roles
-        );
-    };
-    // This process runs nothing but compaction jobs, so freed pages go back
-    // to the kernel at once: a job then stays within its memory budget in
-    // RSS too (see BENCHMARKS.md, job memory).
-    crate::allocator::return_freed_memory_at_once();
-    let (store, object_metrics, _faults) = open_store(&args)?;
-    let client = Arc::new(RemoteMetastore::new(url, token)?);
-    let mut registry = Registry::default();
-    object_metrics.register(&mut registry);
-    // This process plans nothing, but refuses the flags the metastore's
-    // process would refuse.
-    lifecycle_config(&args, &limits(&args)?)?;
-    let config = compaction_config(&args)?;
-    let workers = args.compaction_workers.unwrap_or_else(all_the_cpus);
-    anyhow::ensure!(
-        workers > 0,
-        "--compaction-workers 0 leaves this process nothing to do"
-    );
-    start_workers(&args, config, store, client, None, workers, &mut registry)?;
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding {}", args.http_addr))?;
-    info!(http = %listener.local_addr()?, metastore = url, workers, "compaction worker serving");
-    axum::serve(listener, health_router(Arc::new(registry)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server")?;
-    info!("ember stopped");
-    Ok(())
-}
-
-/// The metastore's commands for roles in other processes (and, for a
-/// replica, Raft's calls), on their own listener.
-async fn serve_metastore_commands(addr: SocketAddr, routes: axum::Router) -> anyhow::Result<()> {
+/// The metastore for roles in other processes (and, for a replica, Raft's
+/// calls), on its own listener.
+async fn serve_metastore(addr: SocketAddr, routes: axum::Router) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
@@ -534,16 +618,18 @@ fn cluster_token(args: &ServeArgs) -> anyhow::Result<&str> {
         .context("--metastore-listen-addr needs --cluster-token")
 }
 
-/// This process's replica of the metastore, when `--metastore-raft-node-id`
-/// names one: its Raft log beside the metastore file.
+/// This process's replica of the metastore, when `--node-id` names one: its Raft log beside the metastore file.
 async fn start_replication(
     args: &ServeArgs,
     metastore: &Arc<Metastore>,
 ) -> anyhow::Result<Option<Replicated>> {
-    let (Some(node_id), Some(peers)) = (args.metastore_raft_node_id, &args.metastore_raft_peers)
-    else {
+    let Some(node_id) = args.node_id else {
         return Ok(None);
     };
+    let peers = args
+        .metastore_peers
+        .as_deref()
+        .context("--node-id needs --metastore-peers")?;
     let cluster = ClusterConfig {
         node_id,
         peers: ClusterConfig::parse_peers(peers)?,
@@ -727,21 +813,20 @@ impl Roles {
             return Err("name at least one role".into());
         }
         let roles = Self(roles);
-        let beside_metastore = [
-            Role::Distributor,
-            Role::SegmentWriter,
-            Role::QueryFrontend,
-            Role::QueryBackend,
-        ];
-        let metastore_process =
-            roles.has(Role::Metastore) && beside_metastore.iter().all(|r| roles.has(*r));
-        let worker_process = roles.0.len() == 1 && roles.has(Role::CompactionWorker);
-        if !metastore_process && !worker_process {
-            return Err(format!(
-                "{spec:?}: Ember runs the metastore with the distributor, segment writer \
-                 and query roles in one process (`all`, or all but compaction-worker), \
-                 and `compaction-worker` alone in as many other processes as you like"
-            ));
+        // Pairs that share memory today: a distributor hands decoded
+        // profiles to the segment writer in its process, and a query
+        // frontend runs its whole query on the backend in its process.
+        for (a, b) in [
+            (Role::Distributor, Role::SegmentWriter),
+            (Role::QueryFrontend, Role::QueryBackend),
+        ] {
+            if roles.has(a) != roles.has(b) {
+                return Err(format!(
+                    "{spec:?}: {} and {} run together, in one process",
+                    name_of(a),
+                    name_of(b)
+                ));
+            }
         }
         Ok(roles)
     }
@@ -749,6 +834,23 @@ impl Roles {
     fn has(&self, role: Role) -> bool {
         self.0.contains(&role)
     }
+
+    /// The roles' names, as the metastore registers them.
+    fn names(&self) -> Vec<String> {
+        self.0.iter().map(|r| name_of(*r).to_string()).collect()
+    }
+
+    /// Whether this process does nothing but compaction jobs.
+    fn compacts_only(&self) -> bool {
+        self.0.len() == 1 && self.has(Role::CompactionWorker)
+    }
+}
+
+fn name_of(role: Role) -> &'static str {
+    ROLES
+        .iter()
+        .find(|(_, r)| *r == role)
+        .map_or("?", |(n, _)| n)
 }
 
 /// `20:36,10:720` -> one rule per level: blocks per job, age in seconds.
@@ -880,16 +982,34 @@ mod tests {
             "{e}"
         );
         assert!(Roles::parse("").is_err());
-        for split in [
+        for layout in [
             "metastore",
             "distributor,segment-writer",
-            "compaction-worker,query-frontend",
+            "query-frontend,query-backend,compaction-worker",
+            "metastore,compaction-worker",
         ] {
-            let e = Roles::parse(split).unwrap_err();
-            assert!(
-                e.contains("alone in as many other processes"),
-                "{split}: {e}"
-            );
+            assert!(Roles::parse(layout).is_ok(), "{layout}");
         }
+        for split in ["distributor", "segment-writer,metastore", "query-frontend"] {
+            let e = Roles::parse(split).unwrap_err();
+            assert!(e.contains("run together, in one process"), "{split}: {e}");
+        }
+        assert!(Roles::parse("compaction-worker").unwrap().compacts_only());
+        assert!(!Roles::parse("compaction-worker,metastore")
+            .unwrap()
+            .compacts_only());
+    }
+}
+
+#[cfg(test)]
+mod metastore_urls_tests {
+    use super::metastore_urls;
+
+    #[test]
+    fn peers_name_urls_with_or_without_their_ids() {
+        assert_eq!(
+            metastore_urls("1=http://a:4041, 2=http://b:4041,http://c:4041,"),
+            ["http://a:4041", "http://b:4041", "http://c:4041"]
+        );
     }
 }

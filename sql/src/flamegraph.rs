@@ -841,7 +841,8 @@ impl FlameGraphTable {
         let q = &self.query;
         let datasets = q
             .selection
-            .datasets(&self.storage.metastore, Settings::of(state).skip_level0);
+            .datasets(self.storage.index.as_ref(), Settings::of(state).skip_level0)
+            .await?;
         let (whole, partial): (Vec<DatasetRef>, Vec<DatasetRef>) =
             datasets.iter().cloned().partition(|d| reads_whole(q, d));
         // Taken whole, a compacted range needs no aggregate to plan or run.

@@ -24,9 +24,10 @@ use ember_engine::profile::{normalise_labels, Labels, METRIC_NAME, PROFILE_TYPE}
 use ember_engine::selector::{parse_series, Selector};
 use ember_metastore::BlockQuery;
 
-use ember_metastore::Metastore;
+use ember_metastore::MetastoreIndex;
 
 use crate::args;
+use crate::storage::{index_answer, index_error};
 
 /// The series a label query looks at.
 #[derive(Debug, Clone, Default)]
@@ -112,13 +113,20 @@ impl<'a> Typed<'a> {
 
 /// Calls `f` with each series of the range under each profile type of its
 /// dataset that the query's selectors match.
-fn each_matching(metastore: &Metastore, q: &LabelQuery, mut f: impl FnMut(&Typed)) {
-    let datasets = metastore.query(&BlockQuery {
-        tenant: q.tenant.clone(),
-        start: q.start,
-        end: q.end,
-        ..BlockQuery::default()
-    });
+async fn each_matching(
+    index: &dyn MetastoreIndex,
+    q: &LabelQuery,
+    mut f: impl FnMut(&Typed),
+) -> Result<()> {
+    let datasets = index
+        .datasets(&BlockQuery {
+            tenant: q.tenant.clone(),
+            start: q.start,
+            end: q.end,
+            ..BlockQuery::default()
+        })
+        .await
+        .map_err(index_error)?;
     for d in &datasets {
         for series in &d.dataset.series {
             let Some(labels) = parse_series(series) else {
@@ -132,45 +140,56 @@ fn each_matching(metastore: &Metastore, q: &LabelQuery, mut f: impl FnMut(&Typed
             }
         }
     }
+    Ok(())
 }
 
-pub(crate) fn series_labels(metastore: &Metastore, q: &LabelQuery) -> Vec<Labels> {
+pub(crate) async fn series_labels(
+    index: &dyn MetastoreIndex,
+    q: &LabelQuery,
+) -> Result<Vec<Labels>> {
     let mut out: BTreeSet<Labels> = BTreeSet::new();
-    each_matching(metastore, q, |t| {
+    each_matching(index, q, |t| {
         out.insert(with_profile_type(t.labels.clone(), t.profile_type));
-    });
-    out.into_iter().collect()
+    })
+    .await?;
+    Ok(out.into_iter().collect())
 }
 
-pub(crate) fn label_names(metastore: &Metastore, q: &LabelQuery) -> Vec<String> {
+pub(crate) async fn label_names(index: &dyn MetastoreIndex, q: &LabelQuery) -> Result<Vec<String>> {
     let mut names: BTreeSet<String> = BTreeSet::new();
-    each_matching(metastore, q, |t| {
+    each_matching(index, q, |t| {
         for name in t.names() {
             if !names.contains(name) {
                 names.insert(name.to_string());
             }
         }
-    });
-    names.into_iter().collect()
+    })
+    .await?;
+    Ok(names.into_iter().collect())
 }
 
-pub(crate) fn label_values(metastore: &Metastore, name: &str, q: &LabelQuery) -> Vec<String> {
+pub(crate) async fn label_values(
+    index: &dyn MetastoreIndex,
+    name: &str,
+    q: &LabelQuery,
+) -> Result<Vec<String>> {
     let mut values: BTreeSet<String> = BTreeSet::new();
-    each_matching(metastore, q, |t| {
+    each_matching(index, q, |t| {
         if let Some(v) = t.get(name) {
             if !values.contains(v) {
                 values.insert(v.to_string());
             }
         }
-    });
-    values.into_iter().collect()
+    })
+    .await?;
+    Ok(values.into_iter().collect())
 }
 
 /// `label_names(selector, start, end)` and `label_values(name, selector,
 /// start, end)` in SQL: one column (`name` or `value`) answered from the
 /// index, as the query API's LabelNames and LabelValues are.
 pub struct LabelFunction {
-    metastore: Arc<Metastore>,
+    index: Arc<dyn MetastoreIndex>,
     tenant: String,
     of_values: bool,
 }
@@ -186,17 +205,17 @@ impl fmt::Debug for LabelFunction {
 }
 
 impl LabelFunction {
-    pub(crate) fn names(metastore: Arc<Metastore>, tenant: String) -> Self {
+    pub(crate) fn names(index: Arc<dyn MetastoreIndex>, tenant: String) -> Self {
         Self {
-            metastore,
+            index,
             tenant,
             of_values: false,
         }
     }
 
-    pub(crate) fn values(metastore: Arc<Metastore>, tenant: String) -> Self {
+    pub(crate) fn values(index: Arc<dyn MetastoreIndex>, tenant: String) -> Self {
         Self {
-            metastore,
+            index,
             tenant,
             of_values: true,
         }
@@ -233,9 +252,9 @@ impl TableFunctionImpl for LabelFunction {
         };
         let list = if self.of_values {
             let name = args::string_arg(function, "name", &values[0])?;
-            label_values(&self.metastore, &name, &q)
+            index_answer(label_values(self.index.as_ref(), &name, &q))?
         } else {
-            label_names(&self.metastore, &q)
+            index_answer(label_names(self.index.as_ref(), &q))?
         };
         let schema = Arc::new(Schema::new(vec![Field::new(column, DataType::Utf8, false)]));
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(list))])?;

@@ -25,14 +25,14 @@ const FUNCTIONS: [(&str, Bind); 7] = [
         Arc::new(FlameGraphFunction::new(s.clone(), t))
     }),
     ("label_names", |s, t| {
-        Arc::new(LabelFunction::names(s.metastore.clone(), t))
+        Arc::new(LabelFunction::names(s.index.clone(), t))
     }),
     ("label_values", |s, t| {
-        Arc::new(LabelFunction::values(s.metastore.clone(), t))
+        Arc::new(LabelFunction::values(s.index.clone(), t))
     }),
     ("pprof", |s, t| Arc::new(PprofFunction::new(s.clone(), t))),
     ("series", |s, t| {
-        Arc::new(SeriesFunction::new(s.store.clone(), s.metastore.clone(), t))
+        Arc::new(SeriesFunction::new(s.store.clone(), s.index.clone(), t))
     }),
     ("span_flamegraph", |s, t| {
         Arc::new(FlameGraphFunction::of_spans(s.clone(), t))

@@ -19,49 +19,62 @@ use crate::{QueryEngine, SqlError};
 
 impl QueryEngine {
     /// The profile types with data in the range, sorted.
-    pub fn profile_types(&self, tenant: &str, start: i64, end: i64) -> Vec<String> {
-        let datasets = self.metastore().query(&BlockQuery {
-            tenant: tenant.to_string(),
-            start,
-            end,
-            ..BlockQuery::default()
-        });
+    pub async fn profile_types(
+        &self,
+        tenant: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<String>, SqlError> {
+        let datasets = self
+            .index()
+            .datasets(&BlockQuery {
+                tenant: tenant.to_string(),
+                start,
+                end,
+                ..BlockQuery::default()
+            })
+            .await
+            .map_err(|e| SqlError::Unavailable(e.to_string()))?;
         let types: BTreeSet<&String> = datasets
             .iter()
             .flat_map(|d| d.dataset.profile_types.iter())
             .collect();
-        types.into_iter().cloned().collect()
+        Ok(types.into_iter().cloned().collect())
     }
 
     /// Every matching series, with its profile type's labels, sorted.
-    pub fn series_labels(&self, q: &LabelQuery) -> Vec<Labels> {
-        series_labels(&self.metastore(), q)
+    pub async fn series_labels(&self, q: &LabelQuery) -> Result<Vec<Labels>, SqlError> {
+        Ok(series_labels(self.index().as_ref(), q).await?)
     }
 
     /// Names of the labels of matching series, sorted.
-    pub fn label_names(&self, q: &LabelQuery) -> Vec<String> {
-        label_names(&self.metastore(), q)
+    pub async fn label_names(&self, q: &LabelQuery) -> Result<Vec<String>, SqlError> {
+        Ok(label_names(self.index().as_ref(), q).await?)
     }
 
     /// Values of label `name` in matching series, sorted.
-    pub fn label_values(&self, name: &str, q: &LabelQuery) -> Vec<String> {
-        label_values(&self.metastore(), name, q)
+    pub async fn label_values(&self, name: &str, q: &LabelQuery) -> Result<Vec<String>, SqlError> {
+        Ok(label_values(self.index().as_ref(), name, q).await?)
     }
 }
 
 impl QueryEngine {
     /// The oldest and newest profile time (nanoseconds) the tenant has
     /// stored, if any: Pyroscope's `GetProfileStats`.
-    pub fn profile_time_bounds(&self, tenant: &str) -> Option<(i64, i64)> {
-        let datasets = self.metastore().query(&BlockQuery {
-            tenant: tenant.to_string(),
-            start: i64::MIN,
-            end: i64::MAX,
-            ..BlockQuery::default()
-        });
-        let oldest = datasets.iter().map(|d| d.dataset.min_time).min()?;
-        let newest = datasets.iter().map(|d| d.dataset.max_time).max()?;
-        Some((oldest, newest))
+    pub async fn profile_time_bounds(&self, tenant: &str) -> Result<Option<(i64, i64)>, SqlError> {
+        let datasets = self
+            .index()
+            .datasets(&BlockQuery {
+                tenant: tenant.to_string(),
+                start: i64::MIN,
+                end: i64::MAX,
+                ..BlockQuery::default()
+            })
+            .await
+            .map_err(|e| SqlError::Unavailable(e.to_string()))?;
+        let oldest = datasets.iter().map(|d| d.dataset.min_time).min();
+        let newest = datasets.iter().map(|d| d.dataset.max_time).max();
+        Ok(oldest.zip(newest))
     }
 }
 
@@ -74,12 +87,11 @@ impl QueryEngine {
     ) -> std::result::Result<Vec<TimeSeries>, SqlError> {
         q.check()
             .map_err(|e| DataFusionError::Plan(format!("{SERIES}: {e}")))?;
-        self.caught_up().await?;
         let ctx = self.session(&q.selection.tenant, settings)?;
         let state = ctx.state();
-        let metastore = self.metastore();
+        let index = self.index();
         let store = self.store();
-        self.within_timeout(series_of(&state, &metastore, store, q))
+        self.within_timeout(series_of(&state, index.as_ref(), store, q))
             .await
     }
 }
@@ -95,7 +107,6 @@ impl QueryEngine {
         call: FlameGraphCall,
         f: impl FnOnce(Frame<'_>) -> R + Send,
     ) -> std::result::Result<R, SqlError> {
-        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
         self.within_timeout(async {
@@ -114,7 +125,6 @@ impl QueryEngine {
         settings: &Settings,
         call: FlameGraphCall,
     ) -> std::result::Result<Vec<u8>, SqlError> {
-        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let table = self.flame_graph_table(call, tenant)?;
         self.within_timeout(profile_bytes(&table, &state)).await
@@ -129,7 +139,6 @@ impl QueryEngine {
         left: FlameGraphCall,
         right: FlameGraphCall,
     ) -> std::result::Result<RecordBatch, SqlError> {
-        self.caught_up().await?;
         let state = self.session_state(tenant, settings)?;
         let left = self.flame_graph_table(left, tenant)?;
         let right = self.flame_graph_table(right, tenant)?;

@@ -8,7 +8,9 @@ use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{col, lit, Expr};
 use ember_engine::selector::Selector;
 use ember_metastore::BlockQuery;
-use ember_metastore::{DatasetRef, Metastore};
+use ember_metastore::{DatasetRef, MetastoreIndex};
+
+use crate::storage::index_error;
 
 #[derive(Debug, Clone)]
 pub struct ProfileSelection {
@@ -22,9 +24,13 @@ pub struct ProfileSelection {
 
 impl ProfileSelection {
     /// The datasets holding the type in the range with a matching series.
-    pub fn datasets(&self, metastore: &Metastore, skip_level0: bool) -> Vec<DatasetRef> {
-        metastore
-            .query(&BlockQuery {
+    pub async fn datasets(
+        &self,
+        index: &dyn MetastoreIndex,
+        skip_level0: bool,
+    ) -> datafusion::error::Result<Vec<DatasetRef>> {
+        let found = index
+            .datasets(&BlockQuery {
                 tenant: self.tenant.clone(),
                 start: self.start,
                 end: self.end,
@@ -32,6 +38,9 @@ impl ProfileSelection {
                 profile_types: Some(vec![self.profile_type.clone()]),
                 skip_level0,
             })
+            .await
+            .map_err(index_error)?;
+        Ok(found
             .into_iter()
             .filter(|d| self.selector.may_match_service(&d.dataset.service_name))
             .filter(|d| {
@@ -40,7 +49,7 @@ impl ProfileSelection {
                     .iter()
                     .any(|s| self.selector.matches_series(s))
             })
-            .collect()
+            .collect())
     }
 
     /// The row filter the `datasets` still need: a condition that every

@@ -27,13 +27,14 @@ use ember_engine::block::Section;
 use ember_engine::profile::labels_to_string;
 use ember_engine::selector::{parse_series, Selector};
 use ember_engine::Labels;
-use ember_metastore::Metastore;
+use ember_metastore::MetastoreIndex;
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 
 use crate::args;
 use crate::selection::ProfileSelection;
 use crate::settings::Settings;
+use crate::storage::index_answer;
 use crate::tables::{DatasetSource, SectionTable};
 
 pub(crate) const NAME: &str = "series";
@@ -106,13 +107,14 @@ pub struct Point {
 /// Reads the matching profiles rows and folds them into series.
 pub(crate) async fn series_of(
     state: &dyn Session,
-    metastore: &Metastore,
+    index: &dyn MetastoreIndex,
     store: Arc<dyn ObjectStore>,
     q: &SeriesQuery,
 ) -> Result<Vec<TimeSeries>> {
     let datasets = q
         .selection
-        .datasets(metastore, Settings::of(state).skip_level0);
+        .datasets(index, Settings::of(state).skip_level0)
+        .await?;
     if datasets.is_empty() {
         return Ok(Vec::new());
     }
@@ -276,7 +278,7 @@ fn step_arg(v: &ScalarValue) -> Result<i64> {
 /// `series(...)` bound to the session's tenant.
 pub struct SeriesFunction {
     store: Arc<dyn ObjectStore>,
-    metastore: Arc<Metastore>,
+    index: Arc<dyn MetastoreIndex>,
     tenant: String,
 }
 
@@ -289,12 +291,12 @@ impl fmt::Debug for SeriesFunction {
 impl SeriesFunction {
     pub(crate) fn new(
         store: Arc<dyn ObjectStore>,
-        metastore: Arc<Metastore>,
+        index: Arc<dyn MetastoreIndex>,
         tenant: String,
     ) -> Self {
         Self {
             store,
-            metastore,
+            index,
             tenant,
         }
     }
@@ -335,10 +337,10 @@ impl TableFunctionImpl for SeriesFunction {
         query
             .check()
             .map_err(|e| DataFusionError::Plan(format!("{NAME}: {e}")))?;
-        let schema = wide_schema(&self.group_names(&query, args.session()));
+        let schema = wide_schema(&self.group_names(&query, args.session())?);
         Ok(Arc::new(SeriesTable {
             store: self.store.clone(),
-            metastore: self.metastore.clone(),
+            index: self.index.clone(),
             query,
             schema,
         }))
@@ -348,17 +350,16 @@ impl TableFunctionImpl for SeriesFunction {
 impl SeriesFunction {
     /// The groups the index knows for the query: the frame's columns, known
     /// before any section is read.
-    fn group_names(&self, q: &SeriesQuery, session: &dyn Session) -> Vec<String> {
+    fn group_names(&self, q: &SeriesQuery, session: &dyn Session) -> Result<Vec<String>> {
         let skip_level0 = Settings::of(session).skip_level0;
-        let groups: BTreeSet<Labels> = q
-            .selection
-            .datasets(&self.metastore, skip_level0)
+        let datasets = index_answer(q.selection.datasets(self.index.as_ref(), skip_level0))?;
+        let groups: BTreeSet<Labels> = datasets
             .iter()
             .flat_map(|d| d.dataset.series.clone())
             .filter(|s| q.selection.selector.matches_series(s))
             .map(|s| group_labels(&s, &q.group_by))
             .collect();
-        groups.iter().map(column_name).collect()
+        Ok(groups.iter().map(column_name).collect())
     }
 }
 
@@ -390,7 +391,7 @@ fn wide_schema(groups: &[String]) -> SchemaRef {
 
 struct SeriesTable {
     store: Arc<dyn ObjectStore>,
-    metastore: Arc<Metastore>,
+    index: Arc<dyn MetastoreIndex>,
     query: SeriesQuery,
     schema: SchemaRef,
 }
@@ -418,7 +419,7 @@ impl TableProvider for SeriesTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let series = series_of(state, &self.metastore, self.store.clone(), &self.query).await?;
+        let series = series_of(state, self.index.as_ref(), self.store.clone(), &self.query).await?;
         let batch = wide_frame(&self.schema, &series)?;
         Ok(MemorySourceConfig::try_new_exec(
             &[vec![batch]],

@@ -16,7 +16,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
 use ember_engine::{TenantId, DEFAULT_TENANT};
-use ember_metastore::{Metastore, ReadBarrier};
+use ember_metastore::MetastoreIndex;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 
@@ -85,15 +85,12 @@ pub struct QueryEngine {
     sessions: Mutex<ByteLru<String, SessionState>>,
     threads: QueryThreads,
     config: QueryEngineConfig,
-    /// What a query waits on before it reads the index (a replica's catch
-    /// up with its leader), if anything.
-    read_barrier: Option<Arc<dyn ReadBarrier>>,
 }
 
 impl QueryEngine {
     pub fn new(
         store: Arc<dyn ObjectStore>,
-        metastore: Arc<Metastore>,
+        index: Arc<dyn MetastoreIndex>,
         config: QueryEngineConfig,
     ) -> Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
@@ -107,7 +104,7 @@ impl QueryEngine {
         Ok(Self {
             storage: Storage {
                 store,
-                metastore,
+                index,
                 stacks: Arc::new(StackDictionary::new(config.stack_dictionary_bytes)),
                 totals: Arc::new(TotalsCache::new(config.totals_cache_bytes)),
             },
@@ -117,34 +114,12 @@ impl QueryEngine {
             threads: QueryThreads::new(config.target_partitions)
                 .map_err(|e| DataFusionError::External(Box::new(e)))?,
             config,
-            read_barrier: None,
         })
     }
 
-    /// The engine reading a replica of a replicated metastore: each query
-    /// first waits until the replica holds every write acknowledged before
-    /// it began.
-    pub fn with_read_barrier(self, barrier: Arc<dyn ReadBarrier>) -> Self {
-        Self {
-            read_barrier: Some(barrier),
-            ..self
-        }
-    }
-
-    /// Waits for the read barrier, if there is one: call before reading
-    /// the index.
-    pub async fn caught_up(&self) -> std::result::Result<(), SqlError> {
-        match &self.read_barrier {
-            Some(barrier) => barrier
-                .caught_up()
-                .await
-                .map_err(|e| SqlError::Unavailable(e.to_string())),
-            None => Ok(()),
-        }
-    }
-
-    pub fn metastore(&self) -> Arc<Metastore> {
-        self.storage.metastore.clone()
+    /// The index the engine reads.
+    pub fn index(&self) -> Arc<dyn MetastoreIndex> {
+        self.storage.index.clone()
     }
 
     pub(crate) fn storage(&self) -> &Storage {
@@ -263,7 +238,7 @@ impl QueryEngine {
                 self.storage.store.clone(),
                 DatasetSource::Tenant {
                     tenant: tenant.to_string(),
-                    metastore: self.storage.metastore.clone(),
+                    index: self.storage.index.clone(),
                 },
             );
             schema.register_table(section.name().to_string(), Arc::new(table))?;
@@ -276,7 +251,7 @@ impl QueryEngine {
         };
         for table in SystemTable::ALL {
             let provider =
-                SystemTableProvider::new(table, self.storage.metastore.clone(), tenant.to_string());
+                SystemTableProvider::new(table, self.storage.index.clone(), tenant.to_string());
             system
                 .as_ref()
                 .unwrap_or(&schema)
@@ -434,7 +409,6 @@ impl QueryEngine {
         settings: &Settings,
         params: Vec<ScalarValue>,
     ) -> std::result::Result<SendableRecordBatchStream, SqlError> {
-        self.caught_up().await?;
         let timeout = self.config.query_timeout;
         let planned_by = Deadline::after(timeout);
         let deadline = tokio::time::Instant::from_std(planned_by.at);

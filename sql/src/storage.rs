@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreRegistry;
-use ember_metastore::Metastore;
+use ember_metastore::{MetastoreError, MetastoreIndex};
 use object_store::ObjectStore;
 use url::Url;
 
@@ -51,7 +51,27 @@ impl ObjectStoreRegistry for BlockStoreOnly {
 #[derive(Clone)]
 pub(crate) struct Storage {
     pub store: Arc<dyn ObjectStore>,
-    pub metastore: Arc<Metastore>,
+    pub index: Arc<dyn MetastoreIndex>,
     pub stacks: Arc<StackDictionary>,
     pub totals: Arc<TotalsCache>,
+}
+
+/// An index that could not answer, as the error a query fails with: the
+/// client may retry (503, gRPC UNAVAILABLE).
+pub(crate) fn index_error(e: MetastoreError) -> DataFusionError {
+    DataFusionError::External(Box::new(crate::SqlError::Unavailable(e.to_string())))
+}
+
+/// The index's answer where DataFusion asks for it synchronously (a table
+/// function's columns can depend on it). Planning runs on the query threads,
+/// one of which may block meanwhile.
+pub(crate) fn index_answer<T>(read: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let handle = Handle::try_current().map_err(|e| DataFusionError::Internal(e.to_string()))?;
+    if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+        return Err(DataFusionError::Internal(
+            "a table function read the index outside the query threads".into(),
+        ));
+    }
+    tokio::task::block_in_place(|| handle.block_on(read))
 }

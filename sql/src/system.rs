@@ -15,7 +15,9 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
-use ember_metastore::Metastore;
+use ember_metastore::MetastoreIndex;
+
+use crate::storage::index_error;
 
 pub const SCHEMA: &str = "system";
 
@@ -75,7 +77,7 @@ impl SystemTable {
 
 pub struct SystemTableProvider {
     table: SystemTable,
-    metastore: Arc<Metastore>,
+    index: Arc<dyn MetastoreIndex>,
     tenant: String,
 }
 
@@ -86,16 +88,20 @@ impl fmt::Debug for SystemTableProvider {
 }
 
 impl SystemTableProvider {
-    pub fn new(table: SystemTable, metastore: Arc<Metastore>, tenant: String) -> Self {
+    pub fn new(table: SystemTable, index: Arc<dyn MetastoreIndex>, tenant: String) -> Self {
         Self {
             table,
-            metastore,
+            index,
             tenant,
         }
     }
 
-    fn blocks(&self) -> Result<RecordBatch> {
-        let blocks = self.metastore.blocks(&self.tenant);
+    async fn blocks(&self) -> Result<RecordBatch> {
+        let blocks = self
+            .index
+            .tenant_blocks(&self.tenant)
+            .await
+            .map_err(index_error)?;
         let n = blocks.len();
         let mut id = StringBuilder::new();
         let mut path = StringBuilder::new();
@@ -134,13 +140,12 @@ impl SystemTableProvider {
         Ok(RecordBatch::try_new(self.table.schema(), columns)?)
     }
 
-    fn jobs(&self) -> Result<RecordBatch> {
-        let jobs: Vec<_> = self
-            .metastore
-            .jobs()
-            .into_iter()
-            .filter(|j| j.tenant == self.tenant)
-            .collect();
+    async fn jobs(&self) -> Result<RecordBatch> {
+        let jobs = self
+            .index
+            .tenant_jobs(&self.tenant)
+            .await
+            .map_err(index_error)?;
         let n = jobs.len();
         let mut id = StringBuilder::new();
         let mut status = StringBuilder::new();
@@ -198,8 +203,8 @@ impl TableProvider for SystemTableProvider {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let batch = match self.table {
-            SystemTable::Blocks => self.blocks()?,
-            SystemTable::CompactionJobs => self.jobs()?,
+            SystemTable::Blocks => self.blocks().await?,
+            SystemTable::CompactionJobs => self.jobs().await?,
         };
         Ok(MemorySourceConfig::try_new_exec(
             &[vec![batch]],

@@ -29,12 +29,13 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use ember_engine::block::{DatasetStrings, Section, SectionMeta, SectionReader};
 use ember_metastore::BlockQuery;
-use ember_metastore::{DatasetRef, Metastore};
+use ember_metastore::{DatasetRef, MetastoreIndex};
 use object_store::ObjectStore;
 
 use crate::keyed_samples::{self, KeyedSamplesExec};
 use crate::pruning::{scan_bounds, ScanBounds};
 use crate::settings::Settings;
+use crate::storage::index_error;
 
 pub const TABLES: [Section; 3] = [Section::Samples, Section::Profiles, Section::Stacks];
 
@@ -52,7 +53,7 @@ pub enum DatasetSource {
     /// Whatever the metastore finds for this tenant and the scan's filters.
     Tenant {
         tenant: String,
-        metastore: Arc<Metastore>,
+        index: Arc<dyn MetastoreIndex>,
     },
     /// Datasets already chosen (by a profile function).
     Fixed(Arc<Vec<DatasetRef>>),
@@ -103,10 +104,10 @@ impl SectionTable {
         self
     }
 
-    fn datasets(&self, bounds: &ScanBounds, settings: &Settings) -> Vec<DatasetRef> {
+    async fn datasets(&self, bounds: &ScanBounds, settings: &Settings) -> Result<Vec<DatasetRef>> {
         match &self.source {
-            DatasetSource::Fixed(d) => d.as_ref().clone(),
-            DatasetSource::Tenant { tenant, metastore } => {
+            DatasetSource::Fixed(d) => Ok(d.as_ref().clone()),
+            DatasetSource::Tenant { tenant, index } => {
                 let mut q = BlockQuery {
                     tenant: tenant.clone(),
                     start: bounds.start,
@@ -121,7 +122,7 @@ impl SectionTable {
                     q.end = i64::MAX;
                     q.profile_types = None;
                 }
-                metastore.query(&q)
+                index.datasets(&q).await.map_err(index_error)
             }
         }
     }
@@ -349,7 +350,9 @@ impl TableProvider for SectionTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let datasets = self.datasets(&scan_bounds(filters), &Settings::of(state));
+        let datasets = self
+            .datasets(&scan_bounds(filters), &Settings::of(state))
+            .await?;
         tracing::debug!(
             table = self.section.name(),
             datasets = datasets.len(),

@@ -59,6 +59,16 @@ async fn engine_with_config(
     blocks: Vec<Vec<Profile>>,
     config: QueryEngineConfig,
 ) -> (tempfile::TempDir, QueryEngine) {
+    let (dir, engine, _) = engine_and_metastore(blocks, config).await;
+    (dir, engine)
+}
+
+/// The engine over `blocks`, and the metastore it reads (for tests that
+/// compact or inspect the index).
+async fn engine_and_metastore(
+    blocks: Vec<Vec<Profile>>,
+    config: QueryEngineConfig,
+) -> (tempfile::TempDir, QueryEngine, Arc<Metastore>) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> =
         Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
@@ -67,8 +77,8 @@ async fn engine_with_config(
     for profiles in &blocks {
         add_level0_block(store.as_ref(), &metastore, profiles).await;
     }
-    let engine = QueryEngine::new(store, metastore, config).unwrap();
-    (dir, engine)
+    let engine = QueryEngine::new(store, metastore.clone(), config).unwrap();
+    (dir, engine, metastore)
 }
 
 /// Writes `profiles` as one level-0 block (shard 0), stores it and adds it
@@ -712,7 +722,10 @@ async fn label_calls_answer_from_the_index_what_sql_reads() {
         )
         .await,
     );
-    assert_eq!(engine.label_values("service_name", &q(None)), services);
+    assert_eq!(
+        engine.label_values("service_name", &q(None)).await.unwrap(),
+        services
+    );
     assert_eq!(services, ["api", "web"]);
     let types = column(
         run(
@@ -722,7 +735,10 @@ async fn label_calls_answer_from_the_index_what_sql_reads() {
         )
         .await,
     );
-    assert_eq!(engine.profile_types("t", i64::MIN, i64::MAX), types);
+    assert_eq!(
+        engine.profile_types("t", i64::MIN, i64::MAX).await.unwrap(),
+        types
+    );
     assert!(types.iter().any(|t| t == ty));
     let series = column(
         run(
@@ -735,16 +751,20 @@ async fn label_calls_answer_from_the_index_what_sql_reads() {
         .await,
     );
     let selector = format!("{{service_name=\"web\", __profile_type__=\"{ty}\"}}");
-    let got = engine.series_labels(&q(Some(&selector)));
+    let got = engine.series_labels(&q(Some(&selector))).await.unwrap();
     assert_eq!(got.len(), series.len());
     assert!(got
         .iter()
         .all(|l| l.contains(&("service_name".into(), "web".into()))));
     assert!(engine
         .label_names(&q(None))
+        .await
+        .unwrap()
         .contains(&"__profile_type__".to_string()));
     assert!(!engine
         .label_values("service_name", &q(None))
+        .await
+        .unwrap()
         .contains(&"secret".to_string()));
 }
 
@@ -919,6 +939,42 @@ mod compaction {
     }
 
     #[tokio::test]
+    async fn an_engine_reading_the_index_over_the_network_answers_as_one_in_process() {
+        use ember_metastore::rpc::{router, RemoteMetastore};
+        let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+        let a = tenant_profiles("go-cpu.pb.gz", "team-a");
+        let b = tenant_profiles("go-cpu-labels.pprof", "team-b");
+        let blocks = vec![
+            [at(&a, "p1", 0), at(&b, "p1", 0)].concat(),
+            [at(&a, "p2", 10), at(&b, "p2", 10)].concat(),
+        ];
+        let (dir, local, metastore) =
+            engine_and_metastore(blocks, QueryEngineConfig::default()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let routes = router(
+            Arc::new(InProcess(metastore.clone())),
+            metastore,
+            "a-cluster-token-for-tests",
+        );
+        tokio::spawn(async move { axum::serve(listener, routes).await });
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let index = Arc::new(RemoteMetastore::new(&url, "a-cluster-token-for-tests").unwrap());
+        let remote = QueryEngine::new(store, index, QueryEngineConfig::default()).unwrap();
+        for tenant in ["team-a", "team-b"] {
+            let want = answers(&local, tenant, ty).await;
+            assert!(want[0].lines().count() > 10, "{}", want[0]);
+            assert_eq!(answers(&remote, tenant, ty).await, want, "{tenant}");
+            let blocks = "SELECT block_id, level, samples FROM system.blocks ORDER BY 1";
+            assert_eq!(
+                run(&remote, tenant, blocks).await,
+                run(&local, tenant, blocks).await
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn answers_are_identical_after_compaction_and_retried_pushes_count_once() {
         let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
         let a = tenant_profiles("go-cpu.pb.gz", "team-a");
@@ -931,10 +987,10 @@ mod compaction {
             at(&a, "p1", 20),
             at(&a, "p1", 0),
         ];
-        let (dir, engine) = engine_with(blocks.clone(), 1 << 30).await;
+        let (dir, engine, metastore) =
+            engine_and_metastore(blocks.clone(), QueryEngineConfig::default()).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let metastore = engine.metastore();
         let before_b = answers(&engine, "team-b", ty).await;
         let mut want_a = HashMap::new();
         for block in &blocks[..3] {
@@ -1028,10 +1084,10 @@ mod compaction {
         let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
         let a = tenant_profiles("go-cpu.pb.gz", "t");
         let early = [at(&a, "p1", 0), at(&a, "p2", 10)];
-        let (dir, engine) = engine_with(early.to_vec(), 1 << 30).await;
+        let (dir, engine, metastore) =
+            engine_and_metastore(early.to_vec(), QueryEngineConfig::default()).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let metastore = engine.metastore();
         let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
         assert!(compact_all(&compactor).await > 0);
         // A push that arrives after the compaction: level 0 until the next.
@@ -1077,10 +1133,10 @@ mod compaction {
             [at(&a, "p1", 0), at(&b, "p1", 0)].concat(),
             [at(&a, "p2", 10), at(&b, "p2", 10)].concat(),
         ];
-        let (dir, engine) = engine_with(early.clone(), 1 << 30).await;
+        let (dir, engine, metastore) =
+            engine_and_metastore(early.clone(), QueryEngineConfig::default()).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let metastore = engine.metastore();
         let compactor = compactor(store.clone(), metastore.clone(), Duration::ZERO);
         assert!(compact_all(&compactor).await > 0);
         let late = [at(&a, "p3", 20), at(&b, "p3", 20)].concat();
@@ -1171,10 +1227,14 @@ mod compaction {
     async fn the_sweeper_deletes_only_outputs_never_committed() {
         let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
         let a = tenant_profiles("go-cpu.pb.gz", "t");
-        let (dir, engine) = engine_with(vec![at(&a, "p1", 0), at(&a, "p2", 10)], 1 << 30).await;
+        let (dir, engine, metastore) = engine_and_metastore(
+            vec![at(&a, "p1", 0), at(&a, "p2", 10)],
+            QueryEngineConfig::default(),
+        )
+        .await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let compactor = compactor(store.clone(), engine.metastore(), Duration::from_secs(3600));
+        let compactor = compactor(store.clone(), metastore.clone(), Duration::from_secs(3600));
         assert!(compact_all(&compactor).await > 0);
         let before = answers(&engine, "t", ty).await;
         // A worker that died between upload and commit left this behind; a
@@ -1222,25 +1282,33 @@ mod compaction {
 
     /// Tenant `t`'s service `api`: `n` level-0 blocks of the large Go heap
     /// profile, 10 s apart, and the store they are in.
-    async fn heap_blocks(n: i64) -> (tempfile::TempDir, QueryEngine, Arc<dyn ObjectStore>) {
+    async fn heap_blocks(
+        n: i64,
+    ) -> (
+        tempfile::TempDir,
+        QueryEngine,
+        Arc<dyn ObjectStore>,
+        Arc<Metastore>,
+    ) {
         let heap = profiles("go-heap-large.pb.gz", "api", "t");
         let blocks: Vec<Vec<Profile>> = (0..n)
             .map(|i| at(&heap, &format!("p{i}"), i * 10))
             .collect();
-        let (dir, engine) = engine_with(blocks, 1 << 30).await;
+        let (dir, engine, metastore) =
+            engine_and_metastore(blocks, QueryEngineConfig::default()).await;
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        (dir, engine, store)
+        (dir, engine, store, metastore)
     }
 
     #[tokio::test]
     async fn sources_within_a_quarter_of_the_budget_are_fetched_whole_and_larger_ones_read_in_place(
     ) {
-        let (_dir, engine, store) = heap_blocks(3).await;
+        let (_dir, _engine, store, metastore) = heap_blocks(3).await;
         let job = ember_metastore::Job {
             id: "j".into(),
             tenant: "t".into(),
-            sources: engine.metastore().blocks("t"),
+            sources: metastore.blocks("t"),
             ..Default::default()
         };
         assert_eq!(job.sources.len(), 3);
@@ -1252,7 +1320,7 @@ mod compaction {
             };
             Compactor::new(
                 store.clone(),
-                Arc::new(InProcess(engine.metastore())),
+                Arc::new(InProcess(metastore.clone())),
                 config,
             )
             .unwrap()
@@ -1277,13 +1345,13 @@ mod compaction {
     #[tokio::test]
     async fn a_job_larger_than_its_memory_budget_completes_and_changes_nothing() {
         let ty = "fx:inuse_space:bytes:space:bytes";
-        let (_dir, engine, store) = heap_blocks(6).await;
+        let (_dir, engine, store, metastore) = heap_blocks(6).await;
         let before = answers(&engine, "t", ty).await;
         let spill = tempfile::tempdir().unwrap();
         // 6 x 41 k sample rows: about 32 MB decoded, twice the budget.
         let compactor = compaction(
             store,
-            engine.metastore(),
+            metastore.clone(),
             rules(10),
             CompactionConfig {
                 job_memory_limit: 16 << 20,
@@ -1293,7 +1361,7 @@ mod compaction {
             },
         );
         assert!(compact_all(&compactor).await >= 1);
-        assert_eq!(engine.metastore().blocks("t").len(), 1);
+        assert_eq!(metastore.blocks("t").len(), 1);
         assert_eq!(answers(&engine, "t", ty).await, before);
     }
 }

@@ -151,7 +151,7 @@ class Host:
              *self.bucket.args(),
              "--http-addr", f"{self.addr}:4040", "--flight-addr", f"{self.addr}:50051",
              "--metastore-listen-addr", f"{self.addr}:4041", "--cluster-token", TOKEN,
-             "--metastore-raft-node-id", str(self.n), "--metastore-raft-peers", self.peers,
+             "--node-id", str(self.n), "--metastore-peers", self.peers,
              "--reject-older-than-seconds", "0", "--compaction-workers", "0"],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -311,3 +311,162 @@ def test_a_leader_cut_off_loses_nothing_it_acknowledged_and_rejoins(cluster):
     for h in hosts:
         wait_until(f"host {h.n} to serve all {acknowledged} acknowledged profiles",
                    lambda: h.total() == acknowledged * per_profile)
+
+
+class RoleProcess:
+    """`ember serve --roles ROLES` on a host: one process per role (pair)."""
+
+    def __init__(self, host_ns, addr, name, roles, http_port, data_dir, args):
+        self.ns, self.addr, self.name = host_ns, addr, name
+        self.http = f"http://{addr}:{http_port}"
+        self.data_dir = data_dir
+        self.argv = [str(BIN), "serve", "--roles", roles, "--data-dir", str(data_dir),
+                     "--http-addr", f"{addr}:{http_port}", *args]
+        self.proc = None
+
+    def start(self):
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "ember.log", "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def ready(self):
+        assert self.proc.poll() is None, f"{self.name} exited: see {self.data_dir / 'ember.log'}"
+        with contextlib.suppress(requests.ConnectionError), netns(self.ns):
+            return requests.get(f"{self.http}/ready", timeout=1).status_code == 200
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    metric = Host.metric
+    push = Host.push
+    total = Host.total
+
+
+@pytest.fixture
+def split_cluster(tmp_path):
+    """Three hosts, each running every role in processes of their own: a
+    metastore replica, an ingest process (distributor and segment writer),
+    a query process (frontend and backend) and a compaction worker; the
+    bucket on S3 (moto) on a fourth host."""
+    if os.geteuid() != 0:
+        pytest.fail("the cluster test makes network namespaces: run it as root")
+    net = Network()
+    procs, bucket = {}, None
+    try:
+        bucket = S3Bucket(net, tmp_path)
+        peers = ",".join(f"{i}=http://{SUBNET}.{i}:4041" for i in (1, 2, 3))
+        common = [*bucket.args(), "--cluster-token", TOKEN, "--metastore-peers", peers]
+        for n in (1, 2, 3):
+            ns, addr, base = net.host(n), f"{SUBNET}.{n}", tmp_path / f"host{n}"
+            procs[("metastore", n)] = RoleProcess(
+                ns, addr, f"metastore {n}", "metastore", 4050, base / "metastore",
+                [*common, "--node-id", str(n), "--metastore-listen-addr", f"{addr}:4041",
+                 "--compaction-levels", "3:1,4:2", "--compaction-delete-delay-seconds", "1"])
+            procs[("ingest", n)] = RoleProcess(
+                ns, addr, f"ingest {n}", "distributor,segment-writer", 4040, base / "ingest",
+                [*common, "--reject-older-than-seconds", "0"])
+            procs[("query", n)] = RoleProcess(
+                ns, addr, f"query {n}", "query-frontend,query-backend", 4060, base / "query",
+                [*common, "--flight-addr", f"{addr}:50051"])
+            procs[("compaction", n)] = RoleProcess(
+                ns, addr, f"compaction {n}", "compaction-worker", 4070, base / "compaction",
+                [*common, "--compaction-workers", "1"])
+        for p in procs.values():
+            p.start()
+        for p in procs.values():
+            wait_until(f"{p.name} to be ready", p.ready)
+        yield net, procs
+    finally:
+        for p in procs.values():
+            p.stop()
+        if bucket:
+            bucket.close()
+        net.close()
+
+
+def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_cluster):
+    net, procs = split_cluster
+    per_profile = totals(load_pprof(RAW), "process_cpu")[CPU]
+    metastores = [procs[("metastore", n)] for n in (1, 2, 3)]
+    ingest = [procs[("ingest", n)] for n in (1, 2, 3)]
+    queries = [procs[("query", n)] for n in (1, 2, 3)]
+
+    # Every process registered with the metastore; each distributor counts
+    # the others (it takes its share of each tenant's ingestion rate).
+    def distributors_seen():
+        with netns(ingest[0].ns):
+            text = requests.get(f"{ingest[0].http}/metrics", timeout=5).text
+        m = re.search(r'^ember_cluster_instances\{role="distributor"\} (\d+)', text, re.M)
+        return m is not None and int(m.group(1)) == 3
+    wait_until("the distributors to see each other", distributors_seen, timeout=30)
+
+    acknowledged = 0
+    for i in range(9):
+        assert ingest[i % 3].push(f"pod-{i}"), f"push {i} to {ingest[i % 3].name}"
+        acknowledged += 1
+    # Query processes read the index from the metastore's replicas:
+    # linearizable, so every acknowledged profile is there at once.
+    for q in queries:
+        assert q.total() == acknowledged * per_profile, q.name
+
+    # The metastore's leader dies; the others elect one; ingest and queries
+    # go on through the survivors without being told.
+    leader = leader_of(metastores)
+    killed_at = time.time()
+    leader.kill()
+    survivors = [m for m in metastores if m is not leader]
+    leader_of(survivors)
+    failover = time.time() - killed_at
+    print(f"metastore failover: a new leader in {failover:.2f} s")
+    assert failover < 15
+    for i in range(9, 18):
+        assert ingest[i % 3].push(f"pod-{i}"), f"push {i} to {ingest[i % 3].name}"
+        acknowledged += 1
+    for q in queries:
+        wait_until(f"{q.name} to see {acknowledged} profiles",
+                   lambda: q.total() == acknowledged * per_profile)
+
+    # A segment writer dies; agents push to the other distributors.
+    ingest[1].kill()
+    for i in range(18, 24):
+        assert ingest[(i % 2) * 2].push(f"pod-{i}")
+        acknowledged += 1
+
+    # A query process restarts: it kept nothing that mattered.
+    queries[2].kill()
+    queries[2].start()
+    wait_until(f"{queries[2].name} to be ready", queries[2].ready)
+
+    # One host's link is cut and restored: its processes carry on after.
+    net.cut(3)
+    assert ingest[0].push("during-cut")
+    acknowledged += 1
+    net.cut(3, up=True)
+
+    # The dead come back; compaction runs in its own processes; nothing
+    # acknowledged is lost and nothing is counted twice.
+    leader.start()
+    ingest[1].start()
+    wait_until(f"{leader.name} to be ready", leader.ready)
+    wait_until(f"{ingest[1].name} to be ready", ingest[1].ready)
+
+    def compacted():
+        current = leader_of(metastores)
+        with netns(current.ns):
+            text = requests.get(f"{current.http}/metrics", timeout=5).text
+        level0 = re.search(r'^ember_blocks\{level="0"\} (\d+)', text, re.M)
+        higher = re.search(r'^ember_blocks\{level="[12]"\} (\d+)', text, re.M)
+        return higher is not None and (level0 is None or level0.group(1) == "0")
+    wait_until("level-0 blocks to be compacted", compacted, timeout=120)
+    for q in queries:
+        wait_until(f"{q.name} to answer every acknowledged profile once",
+                   lambda: q.total() == acknowledged * per_profile)

@@ -190,7 +190,7 @@ def metastore_process(make_ember, data_dir, *extra):
 
 
 def worker_process(data_dir, metastore_url, *extra, token=TOKEN):
-    return Ember(data_dir, ["--roles", "compaction-worker", "--metastore-url", metastore_url,
+    return Ember(data_dir, ["--roles", "compaction-worker", "--metastore-peers", metastore_url,
                             "--cluster-token", token, *FAST, *extra])
 
 
@@ -259,8 +259,9 @@ def test_split_roles_are_refused_with_what_to_do(tmp_path):
     import subprocess
     from conftest import BIN
     cases = [
-        (["--roles", "compaction-worker"], "--metastore-url"),
-        (["--roles", "metastore"], "all but compaction-worker"),
+        (["--roles", "compaction-worker"], "--metastore-peers"),
+        (["--roles", "distributor"], "distributor and segment-writer run together"),
+        (["--roles", "query-frontend,metastore"], "query-frontend and query-backend run together"),
         (["--roles", "compactor"], 'unknown role "compactor"'),
         (["--metastore-listen-addr", "127.0.0.1:0", "--cluster-token", "short"], "at least 16 characters"),
     ]

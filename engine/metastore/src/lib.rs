@@ -9,6 +9,8 @@
 //! that a commit retired and that are deleted after a delay.
 
 mod client;
+mod index;
+mod instances;
 mod jobs;
 mod lifecycle;
 mod messages;
@@ -25,13 +27,16 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use thiserror::Error;
 
 pub use client::{InProcess, MetastoreClient, ReadBarrier};
+pub use index::{MetastoreIndex, ReplicaIndex};
+pub use instances::{register_forever, LEASE as INSTANCE_LEASE};
 pub use jobs::{JobStatus, MAX_JOB_FAILURES};
 pub use lifecycle::{
     default_levels, idle, Lifecycle, LifecycleConfig, LifecycleError, LifecycleMetrics, Retention,
 };
 pub use messages::{
-    command, AddBlocks, AppliedReply, ApplyRetention, Command, CommitJob, ErrorReply, FailJob, Job,
-    LeaseJob, LevelRule, PlanCompaction, RemoveTombstones, RenewLease, TenantRetention, Tombstone,
+    command, AddBlocks, AppliedReply, ApplyRetention, Command, CommitJob, ErrorReply, FailJob,
+    Instance, Job, LeaseJob, LevelRule, PlanCompaction, RegisterInstance, RemoveTombstones,
+    RenewLease, TenantRetention, Tombstone,
 };
 use messages::{Snapshot, SnapshotEntry};
 pub use rebuild::{rebuild_index, Rebuilt};
@@ -54,6 +59,8 @@ const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const APPLIED_INDEX: &str = "applied_index";
 /// Where the replicated log stands, beside the state it produced.
 const REPLICATION: TableDefinition<&str, &[u8]> = TableDefinition::new("replication");
+/// The cluster's processes, by instance id.
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const LOG_POSITION: &str = "log_position";
 
 /// A replicated log's position after the command being applied, opaque to
@@ -243,6 +250,8 @@ struct Index {
     tombstones: BTreeMap<String, Tombstone>,
     /// Ids of retired blocks: registering one again must change nothing.
     retired: HashSet<String>,
+    /// The cluster's processes, by instance id.
+    instances: BTreeMap<String, Instance>,
 }
 
 impl Index {
@@ -611,6 +620,7 @@ impl Metastore {
         tx.open_table(TOMBSTONES).map_err(store_err)?;
         tx.open_table(STATE).map_err(store_err)?;
         tx.open_table(REPLICATION).map_err(store_err)?;
+        tx.open_table(INSTANCES).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         let store = Self {
             db,
@@ -659,6 +669,16 @@ impl Metastore {
         {
             let (k, v) = row.map_err(store_err)?;
             index.add_tombstone(Tombstone::decode(v.value()).map_err(decode_err(k.value()))?);
+        }
+        for row in tx
+            .open_table(INSTANCES)
+            .map_err(store_err)?
+            .iter()
+            .map_err(store_err)?
+        {
+            let (k, v) = row.map_err(store_err)?;
+            let instance = Instance::decode(v.value()).map_err(decode_err(k.value()))?;
+            index.instances.insert(instance.id.clone(), instance);
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         Ok(())
@@ -756,10 +776,14 @@ impl Metastore {
         let kind = command
             .kind
             .ok_or_else(|| MetastoreError::InvalidCommand("empty command".into()))?;
-        // Leases, renewals and deletions make no work for anyone.
+        // Leases, renewals, deletions and registrations make no work for
+        // anyone.
         let may_make_work = !matches!(
             kind,
-            Kind::LeaseJob(_) | Kind::RenewLease(_) | Kind::RemoveTombstones(_)
+            Kind::LeaseJob(_)
+                | Kind::RenewLease(_)
+                | Kind::RemoveTombstones(_)
+                | Kind::RegisterInstance(_)
         );
         let applied = match kind {
             Kind::AddBlock(meta) => self.add_blocks(vec![meta], position).map(|_| Applied::Done),
@@ -770,6 +794,7 @@ impl Metastore {
             Kind::CommitJob(c) => self.commit_job(c, position).map(|_| Applied::Done),
             Kind::RemoveTombstones(c) => self.remove_tombstones(c, position).map(|_| Applied::Done),
             Kind::ApplyRetention(c) => self.apply_retention(c, position).map(Applied::Expired),
+            Kind::RegisterInstance(c) => self.register_instance(c, position).map(|_| Applied::Done),
         }?;
         if may_make_work && !matches!(applied, Applied::Planned(0) | Applied::Expired(0)) {
             self.activity.send_modify(|n| *n += 1);
@@ -1156,6 +1181,16 @@ impl Metastore {
         self.read_index().jobs.values().cloned().collect()
     }
 
+    /// The tenant's jobs not committed yet, failed ones included.
+    pub fn tenant_jobs(&self, tenant: &str) -> Vec<Job> {
+        self.read_index()
+            .jobs
+            .values()
+            .filter(|j| j.tenant == tenant)
+            .cloned()
+            .collect()
+    }
+
     /// Jobs not committed, counted by (status, level).
     pub fn job_counts(&self) -> BTreeMap<(JobStatus, u32), usize> {
         let mut out = BTreeMap::new();
@@ -1248,6 +1283,7 @@ impl Metastore {
             jobs: rows(JOBS)?,
             tombstones: rows(TOMBSTONES)?,
             log_position: position.map(|v| v.value().to_vec()),
+            instances: rows(INSTANCES)?,
         };
         let position = snapshot.log_position.clone();
         Ok((snapshot.encode_to_vec(), position))
@@ -1262,6 +1298,7 @@ impl Metastore {
             (BLOCKS, &snapshot.entries),
             (JOBS, &snapshot.jobs),
             (TOMBSTONES, &snapshot.tombstones),
+            (INSTANCES, &snapshot.instances),
         ] {
             let mut table = tx.open_table(def).map_err(store_err)?;
             table.retain(|_, _| false).map_err(store_err)?;

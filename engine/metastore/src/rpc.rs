@@ -1,13 +1,17 @@
-//! The metastore's commands over the network, for roles that run in a
-//! process of their own (`ember serve --roles compaction-worker`).
+//! The metastore over the network, for roles that run in a process of
+//! their own (`ember serve --roles compaction-worker`, `query-frontend`...):
+//! its commands and the index's answers to readers.
 //!
 //! The metastore's process serves them on `--metastore-listen-addr`, apart
-//! from the public ports: a command changes the index, so only holders of
-//! the cluster token (`--cluster-token`) may send one. Bodies are the
-//! protobuf messages the state machine applies ([`Command`], [`AddBlocks`]);
-//! answers are [`AppliedReply`], or an [`ErrorReply`] that keeps a lost
-//! lease apart from a metastore that is down.
+//! from the public ports: a command changes the index and a read sees every
+//! tenant's, so only holders of the cluster token (`--cluster-token`) may
+//! send one. Bodies are the protobuf messages the state machine applies
+//! ([`Command`], [`AddBlocks`]) or the index's questions ([`DatasetQuery`],
+//! [`TenantBlocksRequest`]); answers are [`AppliedReply`] or the index's
+//! answers, or an [`ErrorReply`] that keeps a lost lease apart from a
+//! metastore that is down.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,12 +29,21 @@ use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use thiserror::Error;
 
+use crate::messages::{
+    DatasetQuery, DatasetsReply, InstancesReply, InstancesRequest, TenantBlocksReply,
+    TenantBlocksRequest, TenantJobsReply,
+};
 use crate::{
-    AddBlocks, Applied, AppliedReply, Command, ErrorReply, MetastoreClient, MetastoreError,
+    AddBlocks, Applied, AppliedReply, BlockQuery, Command, DatasetRef, ErrorReply, Instance, Job,
+    MetastoreClient, MetastoreError, MetastoreIndex,
 };
 
 const APPLY: &str = "/ember.metastore.v1.MetastoreService/Apply";
 const ADD_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/AddBlocks";
+const QUERY_DATASETS: &str = "/ember.metastore.v1.MetastoreService/QueryDatasets";
+const TENANT_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/TenantBlocks";
+const TENANT_JOBS: &str = "/ember.metastore.v1.MetastoreService/TenantJobs";
+const INSTANCES: &str = "/ember.metastore.v1.MetastoreService/Instances";
 const PROTO: &str = "application/proto";
 /// Marks a command a replica sent on to the leader: the receiver applies it
 /// or refuses, and never sends it on again.
@@ -46,6 +59,7 @@ struct ServerState {
     /// For commands another replica forwarded: the same metastore,
     /// answering only as the leader.
     leader_only: Arc<dyn MetastoreClient>,
+    index: Arc<dyn MetastoreIndex>,
     token: Arc<str>,
 }
 
@@ -60,24 +74,34 @@ impl ServerState {
 }
 
 /// The routes of `--metastore-listen-addr`: commands applied by this
-/// process's metastore.
-pub fn router(metastore: Arc<dyn MetastoreClient>, token: &str) -> Router {
-    commands_router(metastore.clone(), metastore, token)
+/// process's metastore, and its index's answers.
+pub fn router(
+    metastore: Arc<dyn MetastoreClient>,
+    index: Arc<dyn MetastoreIndex>,
+    token: &str,
+) -> Router {
+    metastore_router(metastore.clone(), metastore, index, token)
 }
 
-/// The command routes of a metastore replica: `metastore` proposes to the
-/// leader wherever it is, `leader_only` only as the leader.
-pub(crate) fn commands_router(
+/// The routes of a metastore replica: `metastore` proposes to the leader
+/// wherever it is, `leader_only` only as the leader; `index` answers reads.
+pub(crate) fn metastore_router(
     metastore: Arc<dyn MetastoreClient>,
     leader_only: Arc<dyn MetastoreClient>,
+    index: Arc<dyn MetastoreIndex>,
     token: &str,
 ) -> Router {
     Router::new()
         .route(APPLY, post(apply))
         .route(ADD_BLOCKS, post(add_blocks))
+        .route(QUERY_DATASETS, post(query_datasets))
+        .route(TENANT_BLOCKS, post(tenant_blocks))
+        .route(TENANT_JOBS, post(tenant_jobs))
+        .route(INSTANCES, post(instances))
         .with_state(ServerState {
             metastore,
             leader_only,
+            index,
             token: token.into(),
         })
 }
@@ -100,6 +124,62 @@ async fn add_blocks(State(state): State<ServerState>, headers: HeaderMap, body: 
     };
     match state.client(&headers).add_blocks(blocks.blocks).await {
         Ok(()) => proto_response(StatusCode::OK, AppliedReply::from(Applied::Done)),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn query_datasets(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let query: DatasetQuery = match decoded(&state, &headers, body).await {
+        Ok(q) => q,
+        Err(refused) => return refused,
+    };
+    match state.index.datasets(&BlockQuery::from(query)).await {
+        Ok(datasets) => proto_response(
+            StatusCode::OK,
+            DatasetsReply {
+                datasets: datasets.iter().map(Into::into).collect(),
+            },
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn tenant_blocks(
+    State(state): State<ServerState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request: TenantBlocksRequest = match decoded(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    match state.index.tenant_blocks(&request.tenant).await {
+        Ok(blocks) => proto_response(StatusCode::OK, TenantBlocksReply { blocks }),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn tenant_jobs(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    let request: TenantBlocksRequest = match decoded(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    match state.index.tenant_jobs(&request.tenant).await {
+        Ok(jobs) => proto_response(StatusCode::OK, TenantJobsReply { jobs }),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn instances(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(refused) = decoded::<InstancesRequest>(&state, &headers, body).await {
+        return refused;
+    }
+    match state.index.live_instances().await {
+        Ok(instances) => proto_response(StatusCode::OK, InstancesReply { instances }),
         Err(e) => error_response(&e),
     }
 }
@@ -162,35 +242,47 @@ fn proto_response(status: StatusCode, message: impl Message) -> Response {
         .into_response()
 }
 
-/// A `--metastore-url` that names no metastore.
+/// A metastore address that names no metastore.
 #[derive(Debug, Error)]
-#[error("--metastore-url {url:?}: {reason}")]
+#[error("metastore address {url:?}: {reason}")]
 pub struct MetastoreUrlError {
     url: String,
     reason: String,
 }
 
-/// The metastore of another process, reached at `--metastore-url`.
+/// The metastore of other processes: one, or the replicas of a replicated
+/// one (any replica takes a command or a read and forwards what only the
+/// leader may do).
 pub struct RemoteMetastore {
     client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
-    base: String,
+    bases: Vec<String>,
+    /// The replica that answered last: asked first next time.
+    answering: AtomicUsize,
     token: String,
     timeout: Duration,
     forwarded: bool,
 }
 
 impl RemoteMetastore {
+    /// The metastore at `url` (`http://host:port`, its
+    /// `--metastore-listen-addr`).
     pub fn new(url: &str, token: &str) -> Result<Self, MetastoreUrlError> {
-        let bad = |reason: String| MetastoreUrlError {
-            url: url.to_string(),
-            reason,
-        };
-        let base = url.trim_end_matches('/').to_string();
-        let uri: http::Uri = base.parse().map_err(|e| bad(format!("{e}")))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(bad(
-                "give http://host:port of the metastore's --metastore-listen-addr".into(),
-            ));
+        Self::replicas(&[url.to_string()], token)
+    }
+
+    /// The metastore whose replicas listen at `urls`: a call goes to the
+    /// replica that answered last, then to the others in turn while none
+    /// answers.
+    pub fn replicas(urls: &[String], token: &str) -> Result<Self, MetastoreUrlError> {
+        let bases = urls
+            .iter()
+            .map(|url| base_of(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        if bases.is_empty() {
+            return Err(MetastoreUrlError {
+                url: String::new(),
+                reason: "no metastore address given".into(),
+            });
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -198,7 +290,8 @@ impl RemoteMetastore {
         Ok(Self {
             client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                 .build(connector),
-            base,
+            bases,
+            answering: AtomicUsize::new(0),
             token: token.to_string(),
             // redb's fsync and a commit's index swap, with room to spare.
             timeout: Duration::from_secs(10),
@@ -214,16 +307,44 @@ impl RemoteMetastore {
         })
     }
 
-    async fn call(&self, method: &str, body: Vec<u8>) -> Result<AppliedReply, MetastoreError> {
-        let unavailable = |e: String| MetastoreError::Unavailable(format!("{}: {e}", self.base));
-        let mut request = http::Request::post(format!("{}{method}", self.base))
+    /// The answer of the first replica that gives one; what the last one
+    /// asked said when none does.
+    async fn call<M: Message + Default>(
+        &self,
+        method: &str,
+        body: Vec<u8>,
+    ) -> Result<M, MetastoreError> {
+        let body = Bytes::from(body);
+        let first = self.answering.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..self.bases.len() {
+            let at = (first + i) % self.bases.len();
+            match self.call_one(&self.bases[at], method, body.clone()).await {
+                Err(e @ MetastoreError::Unavailable(_)) => last_error = Some(e),
+                answer => {
+                    self.answering.store(at, Ordering::Relaxed);
+                    return answer;
+                }
+            }
+        }
+        Err(last_error.expect("at least one metastore address"))
+    }
+
+    async fn call_one<M: Message + Default>(
+        &self,
+        base: &str,
+        method: &str,
+        body: Bytes,
+    ) -> Result<M, MetastoreError> {
+        let unavailable = |e: String| MetastoreError::Unavailable(format!("{base}: {e}"));
+        let mut request = http::Request::post(format!("{base}{method}"))
             .header(header::CONTENT_TYPE, PROTO)
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
         if self.forwarded {
             request = request.header(FORWARDED, "1");
         }
         let request = request
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| unavailable(e.to_string()))?;
         let exchange = async {
             let response = self
@@ -244,8 +365,7 @@ impl RemoteMetastore {
             .await
             .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))??;
         if status.is_success() {
-            return AppliedReply::decode(bytes)
-                .map_err(|e| unavailable(format!("undecodable answer: {e}")));
+            return M::decode(bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
         }
         match ErrorReply::decode(bytes) {
             Ok(reply) if status == StatusCode::UNAUTHORIZED => Err(unavailable(format!(
@@ -258,18 +378,67 @@ impl RemoteMetastore {
     }
 }
 
+/// `url` as the prefix of the metastore's routes.
+fn base_of(url: &str) -> Result<String, MetastoreUrlError> {
+    let bad = |reason: &str| MetastoreUrlError {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let base = url.trim_end_matches('/').to_string();
+    let uri: http::Uri = base.parse().map_err(|e| bad(&format!("{e}")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(bad(
+            "give http://host:port of the metastore's --metastore-listen-addr",
+        ));
+    }
+    Ok(base)
+}
+
 #[async_trait]
 impl MetastoreClient for RemoteMetastore {
     async fn apply(&self, command: Command) -> Result<Applied, MetastoreError> {
-        self.call(APPLY, command.encode_to_vec())
+        self.call::<AppliedReply>(APPLY, command.encode_to_vec())
             .await?
             .into_applied()
     }
 
     async fn add_blocks(&self, blocks: Vec<BlockMeta>) -> Result<(), MetastoreError> {
-        self.call(ADD_BLOCKS, AddBlocks { blocks }.encode_to_vec())
+        self.call::<AppliedReply>(ADD_BLOCKS, AddBlocks { blocks }.encode_to_vec())
             .await
             .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl MetastoreIndex for RemoteMetastore {
+    async fn datasets(&self, q: &BlockQuery) -> Result<Vec<DatasetRef>, MetastoreError> {
+        let reply: DatasetsReply = self
+            .call(QUERY_DATASETS, DatasetQuery::from(q).encode_to_vec())
+            .await?;
+        reply.datasets.into_iter().map(TryInto::try_into).collect()
+    }
+
+    async fn tenant_blocks(&self, tenant: &str) -> Result<Vec<BlockMeta>, MetastoreError> {
+        let request = TenantBlocksRequest {
+            tenant: tenant.to_string(),
+        };
+        let reply: TenantBlocksReply = self.call(TENANT_BLOCKS, request.encode_to_vec()).await?;
+        Ok(reply.blocks)
+    }
+
+    async fn tenant_jobs(&self, tenant: &str) -> Result<Vec<Job>, MetastoreError> {
+        let request = TenantBlocksRequest {
+            tenant: tenant.to_string(),
+        };
+        let reply: TenantJobsReply = self.call(TENANT_JOBS, request.encode_to_vec()).await?;
+        Ok(reply.jobs)
+    }
+
+    async fn live_instances(&self) -> Result<Vec<Instance>, MetastoreError> {
+        let reply: InstancesReply = self
+            .call(INSTANCES, InstancesRequest {}.encode_to_vec())
+            .await?;
+        Ok(reply.instances)
     }
 }
 
@@ -282,7 +451,7 @@ mod tests {
     async fn serve(metastore: Arc<Metastore>, token: &str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(Arc::new(InProcess(metastore)), token);
+        let app = router(Arc::new(InProcess(metastore.clone())), metastore, token);
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}")
     }
@@ -325,6 +494,80 @@ mod tests {
 
         let e = remote.apply(Command { kind: None }).await.unwrap_err();
         assert!(matches!(e, MetastoreError::InvalidCommand(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn reads_over_the_network_are_the_index_s_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
+        let blocks: Vec<_> = (0..8).map(|i| ember_fixtures::level0_block(i, 5)).collect();
+        metastore
+            .apply_all(blocks.iter().cloned().map(Command::add_block).collect())
+            .unwrap();
+        // The first address is dead: the call moves on to the next.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_url = format!("http://{}", dead.local_addr().unwrap());
+        drop(dead);
+        let url = serve(metastore.clone(), "secret").await;
+        let remote = RemoteMetastore::replicas(&[dead_url, url.clone()], "secret").unwrap();
+
+        let summary = |d: &[DatasetRef]| {
+            let mut out: Vec<_> = d
+                .iter()
+                .map(|d| {
+                    (
+                        d.block_id.to_string(),
+                        d.path.to_string(),
+                        (*d.dataset).clone(),
+                    )
+                })
+                .collect();
+            out.sort_by(|a, b| (&a.0, &a.2.service_name).cmp(&(&b.0, &b.2.service_name)));
+            out
+        };
+        let queries = [
+            BlockQuery {
+                tenant: "bench".into(),
+                start: i64::MIN,
+                end: i64::MAX,
+                ..BlockQuery::default()
+            },
+            BlockQuery {
+                tenant: "bench".into(),
+                start: 0,
+                end: 15_000_000_000,
+                service_names: Some(vec!["svc-00".into(), "svc-03".into()]),
+                profile_types: Some(vec!["process_cpu:cpu:nanoseconds:cpu:nanoseconds".into()]),
+                skip_level0: false,
+            },
+            BlockQuery {
+                tenant: "other".into(),
+                start: i64::MIN,
+                end: i64::MAX,
+                ..BlockQuery::default()
+            },
+        ];
+        for q in &queries {
+            let here = metastore.query(q);
+            let there = remote.datasets(q).await.unwrap();
+            assert_eq!(summary(&there), summary(&here), "{q:?}");
+        }
+        assert!(!remote.datasets(&queries[1]).await.unwrap().is_empty());
+        assert!(remote.datasets(&queries[2]).await.unwrap().is_empty());
+        let by_id = |mut b: Vec<BlockMeta>| {
+            b.sort_by(|x, y| x.id.cmp(&y.id));
+            b
+        };
+        let got = by_id(remote.tenant_blocks("bench").await.unwrap());
+        assert_eq!(got.len(), blocks.len());
+        assert_eq!(got, by_id(metastore.blocks("bench")));
+        assert!(remote.tenant_blocks("other").await.unwrap().is_empty());
+        assert!(remote.tenant_jobs("bench").await.unwrap().is_empty());
+
+        // Reads see every tenant's index: the cluster token guards them too.
+        let stranger = RemoteMetastore::new(&url, "wrong").unwrap();
+        let e = stranger.datasets(&queries[0]).await.unwrap_err();
+        assert!(e.to_string().contains("cluster token"), "{e}");
     }
 
     #[tokio::test]

@@ -598,3 +598,56 @@ fn a_log_entry_s_position_is_stored_with_what_it_did_and_travels_in_snapshots() 
     let reopened = Metastore::open(&dir.path().join("m.redb")).unwrap();
     assert_eq!(reopened.log_position().unwrap().as_deref(), Some(&b"4"[..]));
 }
+
+#[test]
+fn instances_hold_while_their_lease_does_and_survive_restarts_and_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.redb");
+    let m = Metastore::open(&path).unwrap();
+    let register = |id: &str, roles: &[&str], expires: i64, now: i64| {
+        Command::from(command::Kind::RegisterInstance(RegisterInstance {
+            instance: Some(Instance {
+                id: id.into(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                address: format!("{id}:4040"),
+                lease_expires: expires,
+            }),
+            now,
+        }))
+    };
+    m.apply(register("a", &["distributor", "segment-writer"], 15, 0))
+        .unwrap();
+    m.apply(register("b", &["query-frontend"], 15, 0)).unwrap();
+    let ids = |at: i64, m: &Metastore| -> Vec<String> {
+        m.live_instances(at).into_iter().map(|i| i.id).collect()
+    };
+    assert_eq!(ids(10, &m), ["a", "b"]);
+    // `b` stops renewing; `a` renews.
+    m.apply(register("a", &["distributor", "segment-writer"], 30, 10))
+        .unwrap();
+    assert_eq!(ids(20, &m), ["a"]);
+    assert_eq!(m.live_instances(20)[0].roles.len(), 2);
+
+    drop(m);
+    let m = Metastore::open(&path).unwrap();
+    assert_eq!(ids(20, &m), ["a"]);
+    let other = Metastore::open(&dir.path().join("other.redb")).unwrap();
+    other.restore(&m.snapshot().unwrap()).unwrap();
+    assert_eq!(ids(20, &other), ["a"]);
+
+    // An hour after its lease ended, `b` is forgotten: the table does not
+    // grow with every process that ever started.
+    m.apply(register("a", &["distributor"], HOUR + 100, HOUR + 50))
+        .unwrap();
+    assert_eq!(m.read_index().instances.len(), 1);
+
+    for bad in [
+        register("", &["distributor"], 1, 0),
+        register(&"x".repeat(300), &["distributor"], 1, 0),
+        register("c", &["r"; 17], 1, 0),
+        Command::from(command::Kind::RegisterInstance(RegisterInstance::default())),
+    ] {
+        let e = m.apply(bad).unwrap_err();
+        assert!(matches!(e, MetastoreError::InvalidCommand(_)), "{e}");
+    }
+}

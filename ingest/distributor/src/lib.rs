@@ -81,6 +81,12 @@ impl Distributor {
         }
     }
 
+    /// Shares each tenant's ingestion rate among `n` healthy distributors
+    /// (this one included), as the cluster's registrations count them.
+    pub fn share_rates_among(&self, n: usize) {
+        self.rates.share_among(n);
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
     }

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -282,6 +283,10 @@ impl serde::Serialize for DefaultsView {
 #[derive(Debug, Default)]
 pub struct IngestionRates {
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Distributors the tenant's rate is shared by (0 counts as 1): each
+    /// takes an equal part, as Pyroscope's global strategy does, so the
+    /// cluster admits the tenant's rate whatever the number of them.
+    distributors: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -297,6 +302,11 @@ struct Bucket {
 const MAX_BUCKETS: usize = 4096;
 
 impl IngestionRates {
+    /// Shares each tenant's rate among `n` healthy distributors.
+    pub fn share_among(&self, n: usize) {
+        self.distributors.store(n, Ordering::Relaxed);
+    }
+
     /// Takes `bytes` from `tenant`'s bucket, or says when to retry. A
     /// request larger than the burst passes when the bucket is full, and
     /// leaves it in debt for as long as the excess takes at the rate.
@@ -310,7 +320,8 @@ impl IngestionRates {
         if limits.ingestion_rate_mb <= 0.0 {
             return Ok(());
         }
-        let rate = limits.ingestion_rate_mb * 1e6;
+        let distributors = self.distributors.load(Ordering::Relaxed).max(1);
+        let rate = limits.ingestion_rate_mb * 1e6 / distributors as f64;
         let burst = (limits.ingestion_burst_size_mb * 1e6).max(rate);
         let mut buckets = self.buckets.lock().expect("rate buckets");
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(tenant) {
@@ -329,7 +340,8 @@ impl IngestionRates {
             let wait = (needed - bucket.bytes) / rate;
             return Err(IngestError::RateLimited(format!(
                 "tenant {tenant} pushed past its ingestion rate (ingestion_rate_mb {}, \
-                 ingestion_burst_size_mb {}): retry in {wait:.1} s",
+                 ingestion_burst_size_mb {}, shared by {distributors} distributors): \
+                 retry in {wait:.1} s",
                 limits.ingestion_rate_mb, limits.ingestion_burst_size_mb
             )));
         }
@@ -446,6 +458,37 @@ mod tests {
         assert!(Limits::default()
             .with_overrides_json(r#"{"tenants": {"../x": {}}}"#)
             .is_err());
+    }
+
+    #[test]
+    fn each_of_n_distributors_admits_its_share_of_a_tenant_s_rate() {
+        let rates = IngestionRates::default();
+        let limited = ProfileLimits {
+            ingestion_rate_mb: 3.0,
+            ingestion_burst_size_mb: 1.0,
+            ..ProfileLimits::default()
+        };
+        rates.share_among(3);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // A third of 3 MB/s is 1 MB/s: the burst, then a megabyte a second.
+        rates.take("t", &limited, 1_000_000, at(0)).unwrap();
+        let err = rates.take("t", &limited, 500_000, at(100)).unwrap_err();
+        assert!(
+            err.to_string().contains("shared by 3 distributors"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("retry in 0.4 s"), "{err}");
+        rates.take("t", &limited, 500_000, at(500)).unwrap();
+        // Alone again, the distributor takes the whole rate.
+        rates.share_among(1);
+        rates.take("t", &limited, 1_000_000, at(1_000)).unwrap();
+        let err = rates.take("t", &limited, 900_000, at(1_100)).unwrap_err();
+        assert!(
+            err.to_string().contains("shared by 1 distributors"),
+            "{err}"
+        );
+        rates.take("t", &limited, 900_000, at(1_300)).unwrap();
     }
 
     #[test]

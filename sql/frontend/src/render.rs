@@ -353,16 +353,12 @@ pub async fn label_values(
             .filter(|l| !l.is_empty())
             .ok_or_else(|| invalid("label parameter is required"))?;
         let q = label_query(&params, tenant)?;
-        state
-            .engine
-            .caught_up()
-            .await
-            .map_err(|e| query_error(&e))?;
-        Ok::<_, ApiError>(if label == "__name__" {
-            state.engine.profile_types(&q.tenant, q.start, q.end)
+        let values = if label == "__name__" {
+            state.engine.profile_types(&q.tenant, q.start, q.end).await
         } else {
-            state.engine.label_values(label, &q)
-        })
+            state.engine.label_values(label, &q).await
+        };
+        values.map_err(|e| query_error(&e))
     };
     match inner.await {
         Ok(values) => json_response(&json!(values)),
@@ -382,10 +378,9 @@ pub async fn labels(
         let q = label_query(&params, tenant)?;
         state
             .engine
-            .caught_up()
+            .label_names(&q)
             .await
-            .map_err(|e| query_error(&e))?;
-        Ok::<_, ApiError>(state.engine.label_names(&q))
+            .map_err(|e| query_error(&e))
     };
     match inner.await {
         Ok(names) => json_response(&json!(names)),

@@ -32,7 +32,9 @@ use thiserror::Error;
 
 use crate::messages::{outcome, proposal, AddBlocks, AppliedReply, Outcome, Proposal};
 use crate::rpc::RemoteMetastore;
-use crate::{Applied, Command, Metastore, MetastoreClient, MetastoreError};
+use crate::{
+    Applied, Command, Metastore, MetastoreClient, MetastoreError, MetastoreIndex, ReplicaIndex,
+};
 use ember_engine::BlockMeta;
 
 pub use log_store::LogStore;
@@ -172,7 +174,7 @@ pub async fn start(
         )));
     }
     let log = LogStore::open(&dir.join("raft.redb"))?;
-    let state = StateMachine::new(metastore, dir.join("raft-snapshot"));
+    let state = StateMachine::new(metastore.clone(), dir.join("raft-snapshot"));
     let raft = Raft::new(
         cluster.node_id,
         raft_config()?,
@@ -202,6 +204,7 @@ pub async fn start(
     }
     Ok(Replicated {
         raft,
+        metastore,
         network: Network::new(&cluster.token),
         token: cluster.token.clone(),
         forward: true,
@@ -212,6 +215,8 @@ pub async fn start(
 #[derive(Clone)]
 pub struct Replicated {
     raft: Raft,
+    /// This replica's copy of the state, for reads.
+    metastore: Arc<Metastore>,
     /// For asking the leader what a read must wait for.
     network: Network,
     token: String,
@@ -235,14 +240,23 @@ impl Replicated {
 
     /// The routes of this replica's `--metastore-listen-addr`: the
     /// metastore's commands (for roles in other processes and commands
-    /// other replicas forward) and Raft's calls.
+    /// other replicas forward), its index's answers, and Raft's calls.
     pub fn router(&self) -> axum::Router {
-        let commands = crate::rpc::commands_router(
+        let metastore = crate::rpc::metastore_router(
             Arc::new(self.clone()),
             Arc::new(self.without_forwarding()),
+            self.index(),
             &self.token,
         );
-        commands.merge(raft_router(self.raft.clone(), &self.token))
+        metastore.merge(raft_router(self.raft.clone(), &self.token))
+    }
+
+    /// This replica's copy of the index, read linearizably.
+    pub fn index(&self) -> Arc<dyn MetastoreIndex> {
+        Arc::new(ReplicaIndex::new(
+            self.metastore.clone(),
+            Arc::new(self.clone()),
+        ))
     }
 
     /// Whether this replica leads the cluster now.

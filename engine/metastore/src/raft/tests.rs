@@ -47,17 +47,24 @@ async fn start_replica(
 }
 
 async fn stop_replica(replica: Replica) {
-    replica.replicated.raft().shutdown().await.unwrap();
-    replica.server.abort();
-    let _ = replica.server.await;
+    let Replica {
+        id,
+        metastore,
+        replicated,
+        server,
+    } = replica;
+    replicated.raft().shutdown().await.unwrap();
+    drop(replicated);
+    server.abort();
+    let _ = server.await;
     // Raft's state-machine task lets go of the store shortly after.
     for _ in 0..100 {
-        if Arc::strong_count(&replica.metastore) == 1 {
+        if Arc::strong_count(&metastore) == 1 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("replica {} still holds its metastore", replica.id);
+    panic!("replica {id} still holds its metastore");
 }
 
 /// `n` replicas, numbered from 1, each in `dir/r{id}`, and their addresses.

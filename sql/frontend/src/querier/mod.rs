@@ -179,17 +179,15 @@ async fn call(
     codec: Codec,
     body: &[u8],
 ) -> Result<Bytes, ApiError> {
-    // The index calls below read this process's copy of the index: first
-    // let it catch up with every acknowledged write.
-    let caught_up = || async { state.engine.caught_up().await.map_err(|e| query_error(&e)) };
     match method {
         "ProfileTypes" => {
             let req = codec.decode::<ProfileTypesRequest>(body)?;
-            caught_up().await?;
             let (start, end) = range(req.start, req.end);
             let profile_types = state
                 .engine
                 .profile_types(tenant, start, end)
+                .await
+                .map_err(|e| query_error(&e))?
                 .iter()
                 .map(|id| profile_type(id))
                 .collect();
@@ -197,26 +195,33 @@ async fn call(
         }
         "LabelNames" => {
             let req = codec.decode::<LabelNamesRequest>(body)?;
-            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
-            let names = state.engine.label_names(&q);
+            let names = state
+                .engine
+                .label_names(&q)
+                .await
+                .map_err(|e| query_error(&e))?;
             codec.encode(&LabelNamesResponse { names })
         }
         "LabelValues" => {
             let req = codec.decode::<LabelValuesRequest>(body)?;
-            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
-            let names = state.engine.label_values(&req.name, &q);
+            let names = state
+                .engine
+                .label_values(&req.name, &q)
+                .await
+                .map_err(|e| query_error(&e))?;
             codec.encode(&LabelValuesResponse { names })
         }
         "Series" => {
             let req = codec.decode::<SeriesRequest>(body)?;
-            caught_up().await?;
             let q = label_query(tenant, &req.matchers, req.start, req.end)?;
             // Projected on `label_names`, distinct series can become one.
             let sets: std::collections::BTreeSet<ember_engine::Labels> = state
                 .engine
                 .series_labels(&q)
+                .await
+                .map_err(|e| query_error(&e))?
                 .into_iter()
                 .map(|labels| {
                     labels
@@ -283,8 +288,12 @@ async fn call(
         }
         "GetProfileStats" => {
             // The request (`types.v1.GetProfileStatsRequest`) has no fields.
-            caught_up().await?;
-            let stats = match state.engine.profile_time_bounds(tenant) {
+            let bounds = state
+                .engine
+                .profile_time_bounds(tenant)
+                .await
+                .map_err(|e| query_error(&e))?;
+            let stats = match bounds {
                 Some((oldest, newest)) => GetProfileStatsResponse {
                     data_ingested: true,
                     oldest_profile_time: oldest / 1_000_000,
