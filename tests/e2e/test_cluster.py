@@ -9,6 +9,7 @@ import ctypes
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -417,6 +418,21 @@ def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_clust
     # linearizable, so every acknowledged profile is there at once.
     for q in queries:
         assert q.total() == acknowledged * per_profile, q.name
+
+    # A replica stalls as on a disk that stops answering (the process
+    # frozen, its sockets open): the others go on without it, and it
+    # catches up once it runs again.
+    stalled = next(m for m in metastores if m is not leader_of(metastores))
+    os.kill(stalled.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(100, 103):
+            assert ingest[i % 3].push(f"pod-{i}"), f"push {i} with a replica stalled"
+            acknowledged += 1
+        for q in queries:
+            wait_until(f"{q.name} to answer with a replica stalled",
+                       lambda: q.total() == acknowledged * per_profile)
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
 
     # The metastore's leader dies; the others elect one; ingest and queries
     # go on through the survivors without being told.
