@@ -14,6 +14,7 @@ mod peers;
 mod production;
 mod queries;
 mod replay;
+mod replication;
 mod report;
 mod server;
 mod workload;
@@ -132,6 +133,10 @@ pub struct BenchArgs {
     /// Only the compaction job measurements (writes compaction_jobs.md).
     #[arg(long)]
     compaction_jobs_only: bool,
+    /// Only the metastore's commit latency unreplicated and with 1 and 3
+    /// Raft replicas, and leader failover (writes replication.md/json).
+    #[arg(long)]
+    metastore_commits_only: bool,
     /// Only the ingest and storage figures of the default run (writes
     /// report.md/json without queries or peers).
     #[arg(long)]
@@ -304,6 +309,19 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         info!(
             "label calls measured: {}",
             args.out.join("labels.md").display()
+        );
+        return Ok(());
+    }
+    if args.metastore_commits_only {
+        let r = replication::run().await?;
+        std::fs::write(args.out.join("replication.md"), replication::markdown(&r))?;
+        std::fs::write(
+            args.out.join("replication.json"),
+            serde_json::to_string_pretty(&r)?,
+        )?;
+        info!(
+            "metastore commits measured: {}",
+            args.out.join("replication.md").display()
         );
         return Ok(());
     }
