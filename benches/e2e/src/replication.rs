@@ -60,14 +60,25 @@ pub async fn run() -> anyhow::Result<ReplicationReport> {
         let leader = leader_of(&replicas).await?;
         let client: Arc<dyn MetastoreClient> = Arc::new(replicas[leader].replicated.clone());
         let offset = n as usize * 1_000_000;
-        commits.push(measure(&format!("Raft, {n} replica(s), on the leader"), client, offset).await?);
+        commits.push(
+            measure(
+                &format!("Raft, {n} replica(s), on the leader"),
+                client,
+                offset,
+            )
+            .await?,
+        );
         if n == 3 {
             // A follower forwards each command to the leader once.
             let follower = (leader + 1) % replicas.len();
-            let client: Arc<dyn MetastoreClient> =
-                Arc::new(replicas[follower].replicated.clone());
+            let client: Arc<dyn MetastoreClient> = Arc::new(replicas[follower].replicated.clone());
             commits.push(
-                measure("Raft, 3 replicas, through a follower", client, offset + 500_000).await?,
+                measure(
+                    "Raft, 3 replicas, through a follower",
+                    client,
+                    offset + 500_000,
+                )
+                .await?,
             );
         }
         for r in replicas {
@@ -94,7 +105,9 @@ async fn measure(
     let started = Instant::now();
     for i in 0..SEQUENTIAL {
         let t = Instant::now();
-        client.add_blocks(vec![level0_block(offset + i, 50)]).await?;
+        client
+            .add_blocks(vec![level0_block(offset + i, 50)])
+            .await?;
         latencies.push(t.elapsed());
     }
     let sequential_per_second = SEQUENTIAL as f64 / started.elapsed().as_secs_f64();
