@@ -1,7 +1,8 @@
 //! This process as a member of a cluster: it registers its roles and
 //! address with the metastore and renews the lease, and it follows the
-//! other members' registrations (the distributors share each tenant's
-//! ingestion rate among those alive).
+//! other members' registrations (a distributor shares each tenant's
+//! ingestion rate among those alive and sends shards to the segment
+//! writers alive).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use ember_distributor::Distributor;
 use ember_metastore::{Instance, MetastoreIndex};
+use ember_segment_writer::remote::RemoteSegmentWriters;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -46,11 +48,12 @@ impl MemberMetrics {
 }
 
 /// Reads the live members every few seconds: sets the gauges and, in a
-/// distributor, its share of each tenant's rate. A failed read keeps the
-/// last known figures.
+/// distributor, its share of each tenant's rate and the segment writers it
+/// sends to. A failed read keeps the last known figures.
 pub async fn follow_members(
     index: Arc<dyn MetastoreIndex>,
     distributor: Option<Arc<Distributor>>,
+    writers: Option<Arc<RemoteSegmentWriters>>,
     metrics: MemberMetrics,
 ) {
     loop {
@@ -69,11 +72,28 @@ pub async fn follow_members(
                     let alive = by_role.get("distributor").copied().unwrap_or(0);
                     d.share_rates_among(alive.max(1));
                 }
+                if let Some(w) = &writers {
+                    w.set_writers(segment_writer_urls(&instances));
+                }
             }
             Err(e) => tracing::warn!(error = %e, "reading the cluster's members"),
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
+}
+
+/// Where each live segment writer takes appends, in instance-id order (the
+/// same order in every distributor, so they agree on each shard's owner).
+fn segment_writer_urls(instances: &[Instance]) -> Vec<String> {
+    let mut writers: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.roles.iter().any(|r| r == "segment-writer"))
+        .collect();
+    writers.sort_by(|a, b| a.id.cmp(&b.id));
+    writers
+        .iter()
+        .map(|i| format!("http://{}", i.address))
+        .collect()
 }
 
 fn count_by_role(instances: &[Instance]) -> BTreeMap<String, usize> {

@@ -17,8 +17,10 @@ use ember_metastore::rpc::RemoteMetastore;
 use ember_metastore::Metastore;
 use ember_metastore::{register_forever, InProcess, MetastoreClient, MetastoreIndex};
 use ember_metastore::{LevelRule, Lifecycle, LifecycleConfig, Retention};
+use ember_segment_writer::remote::RemoteSegmentWriters;
 use ember_segment_writer::{
-    recover_dlq_forever, FlushHook, SegmentConfig, SegmentMetrics, SegmentWriter, Sink,
+    recover_dlq_forever, FlushHook, SegmentConfig, SegmentMetrics, SegmentWriter,
+    SegmentWriterClient, Sink,
 };
 use ember_sql::compaction::{CompactionConfig, CompactionMetrics, CompactionStep, Compactor};
 use ember_sql::{QueryEngine, QueryEngineConfig, StatementLimits};
@@ -42,9 +44,10 @@ use ember_query_frontend::QueryState;
 pub struct ServeArgs {
     /// Roles this process runs, Pyroscope v2's names: `all`, or a comma
     /// list of distributor, segment-writer, metastore, query-frontend,
-    /// query-backend, compaction-worker (the distributor runs beside a
-    /// segment writer, the query frontend beside a query backend). A process
-    /// without the metastore reaches it through `--metastore-peers`.
+    /// query-backend, compaction-worker (the query frontend runs beside a
+    /// query backend). A process without the metastore reaches it through
+    /// `--metastore-peers`; a distributor without a segment writer sends to
+    /// those registered.
     #[arg(long, default_value = "all", env = "EMBER_ROLES")]
     roles: String,
     /// Serve the metastore to roles in other processes (and, for a replica,
@@ -302,8 +305,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let admission = Admission::new(connection_limits(&args), &mut registry);
     let auth = Arc::new(authenticator(&args)?);
-    let push = roles.has(Role::Distributor).then(|| {
-        let writer = Arc::new(SegmentWriter::start(
+    let local_writer = roles.has(Role::SegmentWriter).then(|| {
+        Arc::new(SegmentWriter::start(
             SegmentConfig {
                 shards: args.shards,
                 min_flush_interval: Duration::from_millis(args.flush_interval_ms),
@@ -317,7 +320,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     .map(|_| faults.clone() as Arc<dyn FlushHook>),
             },
             segment_metrics,
-        ));
+        ))
+    });
+    // A distributor without a segment writer beside it sends each shard to
+    // the segment writer that owns it among those registered.
+    let remote_writers = match (&local_writer, roles.has(Role::Distributor)) {
+        (None, true) => Some(Arc::new(RemoteSegmentWriters::new(
+            args.shards,
+            cluster_token(&args)?,
+        ))),
+        _ => None,
+    };
+    let push = roles.has(Role::Distributor).then(|| {
+        let writer: Arc<dyn SegmentWriterClient> = match (&local_writer, &remote_writers) {
+            (Some(local), _) => local.clone(),
+            (None, Some(remote)) => remote.clone(),
+            (None, None) => {
+                unreachable!("a distributor has a segment writer in or out of its process")
+            }
+        };
         PushState {
             distributor: Arc::new(Distributor::new(
                 writer,
@@ -337,7 +358,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let metrics = MemberMetrics::default();
         metrics.register(&mut registry);
         let distributor = push.as_ref().map(|p| p.distributor.clone());
-        tokio::spawn(follow_members(reach.index.clone(), distributor, metrics));
+        tokio::spawn(follow_members(
+            reach.index.clone(),
+            distributor,
+            remote_writers,
+            metrics,
+        ));
     }
     let engine = if roles.has(Role::QueryFrontend) {
         let engine = Arc::new(query_engine(&args, store, reach.index)?);
@@ -350,6 +376,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let mut app = health_router(Arc::new(registry));
+    if let (Some(writer), true) = (&local_writer, clustered(&args)) {
+        // Distributors in other processes append here.
+        app = app.merge(ember_segment_writer::remote::router(
+            writer.clone(),
+            cluster_token(&args)?,
+        ));
+    }
     if let Some(push) = push {
         app = app.merge(ember_distributor::http::router(push));
     }
@@ -615,7 +648,7 @@ async fn serve_metastore(addr: SocketAddr, routes: axum::Router) -> anyhow::Resu
 fn cluster_token(args: &ServeArgs) -> anyhow::Result<&str> {
     args.cluster_token
         .as_deref()
-        .context("--metastore-listen-addr needs --cluster-token")
+        .context("roles in several processes need --cluster-token")
 }
 
 /// This process's replica of the metastore, when `--node-id` names one: its Raft log beside the metastore file.
@@ -813,13 +846,9 @@ impl Roles {
             return Err("name at least one role".into());
         }
         let roles = Self(roles);
-        // Pairs that share memory today: a distributor hands decoded
-        // profiles to the segment writer in its process, and a query
-        // frontend runs its whole query on the backend in its process.
-        for (a, b) in [
-            (Role::Distributor, Role::SegmentWriter),
-            (Role::QueryFrontend, Role::QueryBackend),
-        ] {
+        // A query frontend runs its whole query on the backend in its
+        // process until queries spread over backends (issue 46).
+        for (a, b) in [(Role::QueryFrontend, Role::QueryBackend)] {
             if roles.has(a) != roles.has(b) {
                 return Err(format!(
                     "{spec:?}: {} and {} run together, in one process",
@@ -985,12 +1014,14 @@ mod tests {
         for layout in [
             "metastore",
             "distributor,segment-writer",
+            "distributor",
+            "segment-writer,metastore",
             "query-frontend,query-backend,compaction-worker",
             "metastore,compaction-worker",
         ] {
             assert!(Roles::parse(layout).is_ok(), "{layout}");
         }
-        for split in ["distributor", "segment-writer,metastore", "query-frontend"] {
+        for split in ["query-frontend", "query-backend,metastore"] {
             let e = Roles::parse(split).unwrap_err();
             assert!(e.contains("run together, in one process"), "{split}: {e}");
         }

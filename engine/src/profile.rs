@@ -153,6 +153,11 @@ impl Stacks {
         frames.unwrap_or_default()
     }
 
+    /// Every stack's frames, side by side.
+    pub fn frames(&self) -> &[u32] {
+        &self.frames
+    }
+
     /// Bytes held.
     pub fn size_bytes(&self) -> usize {
         self.frames.capacity() * std::mem::size_of::<u32>()
@@ -208,6 +213,11 @@ impl Stack {
             (Ok(start), Ok(end)) if start <= end => Stack { start, end, rank },
             _ => Stack::default(),
         }
+    }
+
+    /// Where it is in its buffer's frames.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
     }
 
     /// Its rank in its buffer, if it has one.

@@ -355,9 +355,9 @@ class RoleProcess:
 @pytest.fixture
 def split_cluster(tmp_path):
     """Three hosts, each running every role in processes of their own: a
-    metastore replica, an ingest process (distributor and segment writer),
-    a query process (frontend and backend) and a compaction worker; the
-    bucket on S3 (moto) on a fourth host."""
+    metastore replica, a distributor, a segment writer, a query process
+    (frontend and backend) and a compaction worker; the bucket on S3 (moto)
+    on a fourth host."""
     if os.geteuid() != 0:
         pytest.fail("the cluster test makes network namespaces: run it as root")
     net = Network()
@@ -373,8 +373,11 @@ def split_cluster(tmp_path):
                 [*common, "--node-id", str(n), "--metastore-listen-addr", f"{addr}:4041",
                  "--compaction-levels", "3:1,4:2", "--compaction-delete-delay-seconds", "1"])
             procs[("ingest", n)] = RoleProcess(
-                ns, addr, f"ingest {n}", "distributor,segment-writer", 4040, base / "ingest",
+                ns, addr, f"distributor {n}", "distributor", 4040, base / "distributor",
                 [*common, "--reject-older-than-seconds", "0"])
+            procs[("segment-writer", n)] = RoleProcess(
+                ns, addr, f"segment writer {n}", "segment-writer", 4080, base / "segment-writer",
+                [*common, "--advertise-addr", f"{addr}:4080"])
             procs[("query", n)] = RoleProcess(
                 ns, addr, f"query {n}", "query-frontend,query-backend", 4060, base / "query",
                 [*common, "--flight-addr", f"{addr}:50051"])
@@ -451,11 +454,17 @@ def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_clust
         wait_until(f"{q.name} to see {acknowledged} profiles",
                    lambda: q.total() == acknowledged * per_profile)
 
-    # A segment writer dies; agents push to the other distributors.
-    ingest[1].kill()
+    # A segment writer dies: its shards move to the others, and no push to
+    # any distributor fails.
+    writer = procs[("segment-writer", 2)]
+    writer.kill()
     for i in range(18, 24):
-        assert ingest[(i % 2) * 2].push(f"pod-{i}")
+        assert ingest[i % 3].push(f"pod-{i}"), f"push {i} with a segment writer dead"
         acknowledged += 1
+    # A distributor dies; agents push to the others.
+    ingest[1].kill()
+    assert ingest[0].push("pod-24") and ingest[2].push("pod-25")
+    acknowledged += 2
 
     # A query process restarts: it kept nothing that mattered.
     queries[2].kill()
@@ -472,8 +481,9 @@ def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_clust
     # acknowledged is lost and nothing is counted twice.
     leader.start()
     ingest[1].start()
-    wait_until(f"{leader.name} to be ready", leader.ready)
-    wait_until(f"{ingest[1].name} to be ready", ingest[1].ready)
+    writer.start()
+    for p in (leader, ingest[1], writer):
+        wait_until(f"{p.name} to be ready", p.ready)
 
     def compacted():
         current = leader_of(metastores)

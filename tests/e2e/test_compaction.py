@@ -260,7 +260,8 @@ def test_split_roles_are_refused_with_what_to_do(tmp_path):
     from conftest import BIN
     cases = [
         (["--roles", "compaction-worker"], "--metastore-peers"),
-        (["--roles", "distributor"], "distributor and segment-writer run together"),
+        (["--roles", "distributor"], "--metastore-peers"),
+        (["--roles", "distributor,metastore"], "--cluster-token"),
         (["--roles", "query-frontend,metastore"], "query-frontend and query-backend run together"),
         (["--roles", "compactor"], 'unknown role "compactor"'),
         (["--metastore-listen-addr", "127.0.0.1:0", "--cluster-token", "short"], "at least 16 characters"),

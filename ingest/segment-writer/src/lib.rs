@@ -29,6 +29,13 @@ pub use crate::error::SegmentError;
 
 mod dlq;
 mod error;
+mod messages {
+    //! The segment writer's network messages, from
+    //! `proto/ember/segmentwriter/v1/segmentwriter.proto`.
+    include!(concat!(env!("OUT_DIR"), "/ember.segmentwriter.v1.rs"));
+}
+pub mod remote;
+mod wire;
 
 #[derive(Debug, Clone)]
 pub struct SegmentConfig {
