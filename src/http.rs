@@ -10,10 +10,25 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 
-/// Health and metrics.
-pub fn health_router(registry: Arc<Registry>) -> Router {
+/// Why this process cannot serve its roles yet, if it cannot.
+pub type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Health and metrics: `/ready` answers 503 with the reason until
+/// `readiness` has none.
+pub fn health_router(registry: Arc<Registry>, readiness: Readiness) -> Router {
     Router::new()
-        .route("/ready", get(|| async { "ready\n" }))
+        .route(
+            "/ready",
+            get(move || {
+                let not_ready = readiness();
+                async move {
+                    match not_ready {
+                        None => (StatusCode::OK, "ready\n".to_string()),
+                        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                    }
+                }
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",

@@ -32,7 +32,7 @@ use crate::cluster::{follow_members, MemberMetrics};
 use crate::connections::{
     admitted_incoming, connections_within_descriptors, serve_http, Admission, ConnectionLimits,
 };
-use crate::http::health_router;
+use crate::http::{health_router, Readiness};
 use crate::tls::{TlsFiles, TlsListener};
 use ember_distributor::http::PushState;
 use ember_distributor::metrics::PushMetrics;
@@ -361,7 +361,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(follow_members(
             reach.index.clone(),
             distributor,
-            remote_writers,
+            remote_writers.clone(),
             metrics,
         ));
     }
@@ -375,7 +375,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
-    let mut app = health_router(Arc::new(registry));
+    let readiness: Readiness = match &remote_writers {
+        // A distributor serves once it knows where to send shards.
+        Some(writers) => {
+            let writers = writers.clone();
+            Arc::new(move || {
+                (!writers.has_writers())
+                    .then(|| "no segment writer is registered with the metastore yet".to_string())
+            })
+        }
+        None => Arc::new(|| None),
+    };
+    let mut app = health_router(Arc::new(registry), readiness);
     if let (Some(writer), true) = (&local_writer, clustered(&args)) {
         // Distributors in other processes append here.
         app = app.merge(ember_segment_writer::remote::router(

@@ -139,6 +139,15 @@ impl RemoteSegmentWriters {
         *self.writers.write().unwrap_or_else(|e| e.into_inner()) = urls;
     }
 
+    /// Whether any segment writer is known.
+    pub fn has_writers(&self) -> bool {
+        !self
+            .writers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// The writers to try for `shard`: its owner, then the next ones.
     fn owners(&self, shard: u32) -> Vec<String> {
         let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
@@ -281,8 +290,10 @@ mod tests {
             writers.append(0, vec![profile()]).await.is_err(),
             "no writer yet"
         );
+        assert!(!writers.has_writers());
 
         writers.set_writers(vec![url_a.clone(), url_dead, url_b.clone()]);
+        assert!(writers.has_writers());
         // Shard 0 is a's, shard 1 the dead one's (so b's), shard 2 b's.
         for shard in 0..3 {
             writers.append(shard, vec![profile()]).await.unwrap();
