@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod block;
+pub mod cluster_call;
 pub mod local_store;
 pub mod object_requests;
 pub mod object_store_url;

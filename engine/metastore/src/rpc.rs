@@ -22,10 +22,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use ember_engine::cluster_call::{has_cluster_token, ClusterClient, PROTO};
 use ember_engine::BlockMeta;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use thiserror::Error;
 
@@ -44,7 +42,6 @@ const QUERY_DATASETS: &str = "/ember.metastore.v1.MetastoreService/QueryDatasets
 const TENANT_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/TenantBlocks";
 const TENANT_JOBS: &str = "/ember.metastore.v1.MetastoreService/TenantJobs";
 const INSTANCES: &str = "/ember.metastore.v1.MetastoreService/Instances";
-const PROTO: &str = "application/proto";
 /// Marks a command a replica sent on to the leader: the receiver applies it
 /// or refuses, and never sends it on again.
 const FORWARDED: &str = "ember-forwarded";
@@ -205,16 +202,6 @@ async fn decoded<M: Message + Default>(
     M::decode(bytes).map_err(|e| plain(StatusCode::BAD_REQUEST, &format!("decoding: {e}")))
 }
 
-/// Whether the request presents the cluster token.
-pub(crate) fn has_cluster_token(headers: &HeaderMap, token: &str) -> bool {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    ember_engine::auth::same_secret(presented, token)
-}
-
 fn plain(status: StatusCode, message: &str) -> Response {
     let reply = ErrorReply {
         kind: 2,
@@ -254,11 +241,10 @@ pub struct MetastoreUrlError {
 /// one (any replica takes a command or a read and forwards what only the
 /// leader may do).
 pub struct RemoteMetastore {
-    client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    client: ClusterClient,
     bases: Vec<String>,
     /// The replica that answered last: asked first next time.
     answering: AtomicUsize,
-    token: String,
     timeout: Duration,
     forwarded: bool,
 }
@@ -284,15 +270,10 @@ impl RemoteMetastore {
                 reason: "no metastore address given".into(),
             });
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Ok(Self {
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build(connector),
+            client: ClusterClient::new(token),
             bases,
             answering: AtomicUsize::new(0),
-            token: token.to_string(),
             // redb's fsync and a commit's index swap, with room to spare.
             timeout: Duration::from_secs(10),
             forwarded: false,
@@ -337,33 +318,12 @@ impl RemoteMetastore {
         body: Bytes,
     ) -> Result<M, MetastoreError> {
         let unavailable = |e: String| MetastoreError::Unavailable(format!("{base}: {e}"));
-        let mut request = http::Request::post(format!("{base}{method}"))
-            .header(header::CONTENT_TYPE, PROTO)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
-        if self.forwarded {
-            request = request.header(FORWARDED, "1");
-        }
-        let request = request
-            .body(Full::new(body))
-            .map_err(|e| unavailable(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, MetastoreError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+        let header = self.forwarded.then_some((FORWARDED, "1"));
+        let (status, bytes) = self
+            .client
+            .post(&format!("{base}{method}"), header, body, self.timeout)
             .await
-            .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))??;
+            .map_err(unavailable)?;
         if status.is_success() {
             return M::decode(bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
         }

@@ -15,10 +15,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use ember_engine::cluster_call::{has_cluster_token, ClusterClient, PROTO};
 use ember_engine::profile::Profile;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use prost::Message;
 
 use crate::messages::{AppendError, AppendReply, AppendRequest};
@@ -26,7 +24,6 @@ use crate::wire::{groups_of, profiles_of};
 use crate::{SegmentError, SegmentWriterClient};
 
 const APPEND: &str = "/ember.segmentwriter.v1.SegmentWriterService/Append";
-const PROTO: &str = "application/proto";
 /// A request holds what one push decoded to; pushes are bounded far below.
 const MAX_APPEND_BYTES: usize = 256 << 20;
 /// An append waits for its shard's flush: the flush interval, an upload
@@ -50,12 +47,7 @@ pub fn router(writer: Arc<dyn SegmentWriterClient>, token: &str) -> Router {
 }
 
 async fn append(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if !ember_engine::auth::same_secret(presented, &state.token) {
+    if !has_cluster_token(&headers, &state.token) {
         return refusal(
             StatusCode::UNAUTHORIZED,
             "a valid cluster token is required",
@@ -112,8 +104,7 @@ fn refusal(status: StatusCode, message: &str, retry_elsewhere: bool) -> Response
 /// The segment writers of other processes, as the distributor reaches
 /// them: each shard's owner first, then the others in turn.
 pub struct RemoteSegmentWriters {
-    client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
-    token: String,
+    client: ClusterClient,
     shards: u32,
     /// `http://host:port` of each live segment writer, in the order every
     /// distributor sees them (by instance id), so all agree on owners.
@@ -122,13 +113,8 @@ pub struct RemoteSegmentWriters {
 
 impl RemoteSegmentWriters {
     pub fn new(shards: u32, token: &str) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Self {
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build(connector),
-            token: token.to_string(),
+            client: ClusterClient::new(token),
             shards: shards.max(1),
             writers: RwLock::new(Vec::new()),
         }
@@ -158,30 +144,11 @@ impl RemoteSegmentWriters {
     }
 
     async fn send(&self, url: &str, body: Bytes) -> Result<(), (SegmentError, bool)> {
-        let unavailable = |e: String| (SegmentError::Storage(format!("{url}: {e}")), true);
-        let request = http::Request::post(format!("{url}{APPEND}"))
-            .header(header::CONTENT_TYPE, PROTO)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(Full::new(body))
-            .map_err(|e| unavailable(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, (SegmentError, bool)>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(APPEND_TIMEOUT, exchange)
+        let (status, bytes) = self
+            .client
+            .post(&format!("{url}{APPEND}"), None, body, APPEND_TIMEOUT)
             .await
-            .map_err(|_| unavailable(format!("no answer within {APPEND_TIMEOUT:?}")))??;
+            .map_err(|e| (SegmentError::Storage(format!("{url}: {e}")), true))?;
         if status.is_success() {
             return Ok(());
         }

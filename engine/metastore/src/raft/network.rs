@@ -398,7 +398,7 @@ pub struct MembersChange {
 
 /// The refusal of a call without the cluster token, if it has none.
 fn unauthorized(state: &ServerState, headers: &HeaderMap) -> Option<Response> {
-    if crate::rpc::has_cluster_token(headers, &state.token) {
+    if ember_engine::cluster_call::has_cluster_token(headers, &state.token) {
         return None;
     }
     Some(
