@@ -297,8 +297,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             &args,
             compaction_config(&args)?,
             store.clone(),
-            reach.commands.clone(),
-            reach.activity.clone(),
+            &reach,
             workers,
             &mut registry,
         )?;
@@ -750,8 +749,7 @@ fn start_workers(
     args: &ServeArgs,
     config: CompactionConfig,
     store: Arc<dyn ObjectStore>,
-    metastore: Arc<dyn MetastoreClient>,
-    activity: Option<tokio::sync::watch::Receiver<u64>>,
+    reach: &MetastoreReach,
     workers: usize,
     registry: &mut Registry,
 ) -> anyhow::Result<()> {
@@ -768,9 +766,14 @@ fn start_workers(
     metrics.register(registry);
     for i in 0..workers {
         // Each worker has its own memory pool: the budget is per job.
-        let mut compactor = Compactor::new(store.clone(), metastore.clone(), config.clone())?
-            .with_metrics(metrics.clone());
-        if let Some(activity) = &activity {
+        let mut compactor = Compactor::new(
+            store.clone(),
+            reach.commands.clone(),
+            reach.index.clone(),
+            config.clone(),
+        )?
+        .with_metrics(metrics.clone());
+        if let Some(activity) = &reach.activity {
             compactor = compactor.with_wake(activity.clone());
         }
         if i == 0 && workers > 1 {

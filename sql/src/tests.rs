@@ -885,7 +885,13 @@ mod compaction {
         };
         Compaction {
             lifecycle: Lifecycle::new(store.clone(), metastore.clone(), lifecycle),
-            worker: Compactor::new(store, Arc::new(InProcess(metastore)), config).unwrap(),
+            worker: Compactor::new(
+                store,
+                Arc::new(InProcess(metastore.clone())),
+                metastore,
+                config,
+            )
+            .unwrap(),
         }
     }
 
@@ -1321,6 +1327,7 @@ mod compaction {
             Compactor::new(
                 store.clone(),
                 Arc::new(InProcess(metastore.clone())),
+                metastore.clone(),
                 config,
             )
             .unwrap()

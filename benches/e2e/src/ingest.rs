@@ -198,24 +198,24 @@ pub async fn push_lone(
     outcome
 }
 
-/// `clients` agents each pushing a request every `period` for `duration`:
-/// a steady load whose latency is compared with and without queries.
+/// `clients` agents each pushing a request every `period` for `duration`,
+/// agent `c` to `bases[c mod n]`: a steady load whose latency is compared
+/// with and without queries.
 pub async fn push_steady(
-    base: &str,
+    bases: &[String],
     tenant: &str,
     requests: Arc<Vec<Request>>,
     clients: usize,
     period: Duration,
     duration: Duration,
 ) -> PushOutcome {
-    let url = format!("{base}{PUSH_PATH}");
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients.max(1) {
         let (client, url, tenant, requests, stop) = (
             Client::new(),
-            url.clone(),
+            format!("{}{PUSH_PATH}", bases[c % bases.len()]),
             tenant.to_string(),
             requests.clone(),
             stop.clone(),

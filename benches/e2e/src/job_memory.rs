@@ -164,6 +164,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<JobMemoryRun> {
     let compactor = Compactor::new(
         store,
         Arc::new(InProcess(metastore.clone())),
+        metastore.clone(),
         CompactionConfig {
             job_memory_limit: BUDGET,
             spill_dir: Some(dir.to_path_buf()),

@@ -5,6 +5,7 @@
 //! `report.md` and PNG charts. A crate of its own so that the server binary
 //! carries none of its plotting, fonts or peers.
 
+mod cluster_growth;
 mod export;
 mod ingest;
 mod job_memory;
@@ -118,6 +119,17 @@ pub struct BenchArgs {
     /// Only the production-shaped run (writes production.md/json).
     #[arg(long)]
     production_only: bool,
+    /// Only the replicated metastore's size over a long run: three
+    /// processes with every role take `--production-series` agents' pushes
+    /// at their own pace for `--cluster-growth-minutes` (writes
+    /// cluster_growth.md/json).
+    #[arg(long)]
+    cluster_growth_only: bool,
+    #[arg(long, default_value_t = 60)]
+    cluster_growth_minutes: u64,
+    /// Seconds between two measurements of the replicas' files.
+    #[arg(long, default_value_t = 300)]
+    cluster_growth_sample_seconds: u64,
     /// Compaction jobs whose peak memory to measure, as SAMPLES:STACKS
     /// (20 source blocks each); empty to skip.
     #[arg(
@@ -334,6 +346,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         info!(
             "compaction jobs measured: {}",
             args.out.join("compaction_jobs.md").display()
+        );
+        return Ok(());
+    }
+    if args.cluster_growth_only {
+        let r = cluster_growth::run(&args).await?;
+        info!(
+            "cluster growth measured over {} min: {}",
+            r.minutes,
+            args.out.join("cluster_growth.md").display()
         );
         return Ok(());
     }
@@ -917,7 +938,7 @@ async fn mixed(
     let period = Duration::from_millis(250);
     let duration = Duration::from_secs(seconds);
     let alone = ingest::push_steady(
-        &server.http,
+        std::slice::from_ref(&server.http),
         "steady",
         steady.clone(),
         clients,
@@ -947,7 +968,7 @@ async fn mixed(
         })
     };
     let loaded = ingest::push_steady(
-        &server.http,
+        std::slice::from_ref(&server.http),
         "steady",
         steady.clone(),
         clients,

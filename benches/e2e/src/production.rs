@@ -121,13 +121,13 @@ pub struct ShapeState {
     pub connect_flame: Option<QueryRun>,
 }
 
-struct Generated {
-    requests: Arc<Vec<workload::Request>>,
+pub(crate) struct Generated {
+    pub(crate) requests: Arc<Vec<workload::Request>>,
     pprof_gzip_bytes: u64,
     paths: super::export::ExportPaths,
 }
 
-fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
+pub(crate) fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
     let templates = workload::load_templates(&args.fixtures)?;
     let interval = args.interval_s * 1_000_000_000;
     let ticks = (args.production_minutes * 60 / args.interval_s).max(1);
@@ -174,12 +174,12 @@ fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
 
 /// The server's default (one per CPU) unless given: the harness's
 /// servers otherwise start without workers.
-fn compaction_workers(args: &BenchArgs) -> usize {
+pub(crate) fn compaction_workers(args: &BenchArgs) -> usize {
     args.production_compaction_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn server_args(extra: &[&str]) -> Vec<String> {
+pub(crate) fn server_args(extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--shards".to_string(),
         SHARDS.to_string(),
@@ -229,7 +229,9 @@ fn block_objects(objects: &Path) -> u64 {
     n
 }
 
-fn blocks_by_level(metrics: &std::collections::HashMap<String, f64>) -> BTreeMap<String, f64> {
+pub(crate) fn blocks_by_level(
+    metrics: &std::collections::HashMap<String, f64>,
+) -> BTreeMap<String, f64> {
     metrics
         .iter()
         .filter_map(|(k, v)| {
@@ -525,7 +527,7 @@ async fn paced_lag(args: &BenchArgs, g: &Generated, out: &Path) -> anyhow::Resul
     let server = Server::start(&dir, &server_args(&extra)).await?;
     let period = Duration::from_secs(args.interval_s.max(1) as u64);
     let load = ingest::push_steady(
-        &server.http,
+        std::slice::from_ref(&server.http),
         TENANT,
         g.requests.clone(),
         args.production_series,

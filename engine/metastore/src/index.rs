@@ -29,6 +29,11 @@ pub trait MetastoreIndex: Send + Sync {
 
     /// The cluster's processes whose registration has not lapsed.
     async fn live_instances(&self) -> Result<Vec<Instance>, MetastoreError>;
+
+    /// Whether a worker leasing at `now` (up to `max_level`) would get a
+    /// job. A copy behind the leader may say no for a while: workers ask
+    /// again when the index changes or their poll comes round.
+    async fn job_waiting(&self, now: i64, max_level: Option<u32>) -> Result<bool, MetastoreError>;
 }
 
 #[async_trait]
@@ -47,6 +52,10 @@ impl MetastoreIndex for Metastore {
 
     async fn live_instances(&self) -> Result<Vec<Instance>, MetastoreError> {
         Ok(Metastore::live_instances(self, now_nanos()))
+    }
+
+    async fn job_waiting(&self, now: i64, max_level: Option<u32>) -> Result<bool, MetastoreError> {
+        Ok(Metastore::job_waiting(self, now, max_level))
     }
 }
 
@@ -85,6 +94,11 @@ impl MetastoreIndex for ReplicaIndex {
     /// good as the leader's.
     async fn live_instances(&self) -> Result<Vec<Instance>, MetastoreError> {
         Ok(self.metastore.live_instances(now_nanos()))
+    }
+
+    /// No wait for the leader: a stale no costs a worker one poll.
+    async fn job_waiting(&self, now: i64, max_level: Option<u32>) -> Result<bool, MetastoreError> {
+        Ok(self.metastore.job_waiting(now, max_level))
     }
 }
 

@@ -866,16 +866,7 @@ impl Metastore {
         cmd: PlanCompaction,
         position: LogPosition,
     ) -> Result<usize, MetastoreError> {
-        let jobs = {
-            let index = self.read_index();
-            let open = index
-                .jobs
-                .values()
-                .filter(|j| j.status() != JobStatus::Failed)
-                .count();
-            let room = (cmd.max_jobs as usize).saturating_sub(open);
-            index.plan(&cmd, room)
-        };
+        let jobs = self.jobs_to_plan(&cmd);
         if jobs.is_empty() {
             return Ok(0);
         }
@@ -891,6 +882,37 @@ impl Metastore {
             index.add_job(job);
         }
         Ok(n)
+    }
+
+    /// The jobs `cmd` would plan now.
+    fn jobs_to_plan(&self, cmd: &PlanCompaction) -> Vec<Job> {
+        let index = self.read_index();
+        let open = index
+            .jobs
+            .values()
+            .filter(|j| j.status() != JobStatus::Failed)
+            .count();
+        let room = (cmd.max_jobs as usize).saturating_sub(open);
+        index.plan(cmd, room)
+    }
+
+    /// Whether `cmd` would plan a job now: a planner asks first, so that a
+    /// replicated log holds plans, not every look for one.
+    pub fn would_plan(&self, cmd: &PlanCompaction) -> bool {
+        !self.jobs_to_plan(cmd).is_empty()
+    }
+
+    /// Whether a worker leasing at `now` (up to `max_level`) would get a
+    /// job: one waiting, or one whose lease has expired.
+    pub fn job_waiting(&self, now: i64, max_level: Option<u32>) -> bool {
+        self.read_index().jobs.values().any(|j| {
+            let leasable = match j.status() {
+                JobStatus::Pending => true,
+                JobStatus::Running => j.lease_expires <= now,
+                _ => false,
+            };
+            leasable && max_level.is_none_or(|max| j.level <= max)
+        })
     }
 
     /// The smallest job waiting, or whose lease expired (an abandoned

@@ -239,6 +239,12 @@ impl Lifecycle {
             levels: self.config.levels.clone(),
             max_jobs: self.config.max_jobs,
         };
+        // The planner runs where the index is current (the only metastore,
+        // or the leader's copy): a look first keeps the replicated log
+        // free of plans of nothing, one for each block a flush adds.
+        if !self.metastore.would_plan(&cmd) {
+            return Ok(0);
+        }
         match self.apply(Kind::PlanCompaction(cmd)).await? {
             Applied::Planned(n) => Ok(n),
             _ => Ok(0),

@@ -28,8 +28,8 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::messages::{
-    DatasetQuery, DatasetsReply, InstancesReply, InstancesRequest, TenantBlocksReply,
-    TenantBlocksRequest, TenantJobsReply,
+    DatasetQuery, DatasetsReply, InstancesReply, InstancesRequest, JobWaitingReply,
+    JobWaitingRequest, TenantBlocksReply, TenantBlocksRequest, TenantJobsReply,
 };
 use crate::{
     AddBlocks, Applied, AppliedReply, BlockQuery, Command, DatasetRef, ErrorReply, Instance, Job,
@@ -41,6 +41,7 @@ const ADD_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/AddBlocks";
 const QUERY_DATASETS: &str = "/ember.metastore.v1.MetastoreService/QueryDatasets";
 const TENANT_BLOCKS: &str = "/ember.metastore.v1.MetastoreService/TenantBlocks";
 const TENANT_JOBS: &str = "/ember.metastore.v1.MetastoreService/TenantJobs";
+const JOB_WAITING: &str = "/ember.metastore.v1.MetastoreService/JobWaiting";
 const INSTANCES: &str = "/ember.metastore.v1.MetastoreService/Instances";
 /// Marks a command a replica sent on to the leader: the receiver applies it
 /// or refuses, and never sends it on again.
@@ -95,6 +96,7 @@ pub(crate) fn metastore_router(
         .route(TENANT_BLOCKS, post(tenant_blocks))
         .route(TENANT_JOBS, post(tenant_jobs))
         .route(INSTANCES, post(instances))
+        .route(JOB_WAITING, post(job_waiting))
         .with_state(ServerState {
             metastore,
             leader_only,
@@ -177,6 +179,21 @@ async fn instances(State(state): State<ServerState>, headers: HeaderMap, body: B
     }
     match state.index.live_instances().await {
         Ok(instances) => proto_response(StatusCode::OK, InstancesReply { instances }),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn job_waiting(State(state): State<ServerState>, headers: HeaderMap, body: Body) -> Response {
+    let request: JobWaitingRequest = match decoded(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    match state
+        .index
+        .job_waiting(request.now, request.max_level)
+        .await
+    {
+        Ok(waiting) => proto_response(StatusCode::OK, JobWaitingReply { waiting }),
         Err(e) => error_response(&e),
     }
 }
@@ -400,6 +417,12 @@ impl MetastoreIndex for RemoteMetastore {
             .await?;
         Ok(reply.instances)
     }
+
+    async fn job_waiting(&self, now: i64, max_level: Option<u32>) -> Result<bool, MetastoreError> {
+        let request = JobWaitingRequest { now, max_level };
+        let reply: JobWaitingReply = self.call(JOB_WAITING, request.encode_to_vec()).await?;
+        Ok(reply.waiting)
+    }
 }
 
 #[cfg(test)]
@@ -523,6 +546,19 @@ mod tests {
         assert_eq!(got, by_id(metastore.blocks("bench")));
         assert!(remote.tenant_blocks("other").await.unwrap().is_empty());
         assert!(remote.tenant_jobs("bench").await.unwrap().is_empty());
+        let now = ember_engine::profile::now_nanos();
+        assert!(!remote.job_waiting(now, None).await.unwrap());
+        let plan = crate::PlanCompaction {
+            now,
+            levels: vec![crate::LevelRule {
+                max_blocks: 2,
+                max_age_nanos: i64::MAX,
+            }],
+            max_jobs: 100,
+        };
+        metastore.apply(Kind::PlanCompaction(plan).into()).unwrap();
+        assert!(metastore.job_waiting(now, Some(0)));
+        assert!(remote.job_waiting(now, Some(0)).await.unwrap());
 
         // Reads see every tenant's index: the cluster token guards them too.
         let stranger = RemoteMetastore::new(&url, "wrong").unwrap();

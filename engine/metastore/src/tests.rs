@@ -651,3 +651,46 @@ fn instances_hold_while_their_lease_does_and_survive_restarts_and_snapshots() {
         assert!(matches!(e, MetastoreError::InvalidCommand(_)), "{e}");
     }
 }
+
+/// The looks a planner and a worker take before writing a command answer
+/// as the command would: a plan of nothing and a lease of nothing never
+/// reach the (replicated) log, and no job is missed.
+#[test]
+fn a_look_before_planning_or_leasing_answers_as_the_command_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Metastore::open(&dir.path().join("m.redb")).unwrap();
+    let rules_at = |now| PlanCompaction {
+        now,
+        ..rules(3, 1000 * HOUR)
+    };
+    let agree_on_plan = |now| {
+        let look = m.would_plan(&rules_at(now));
+        assert_eq!(look, plan(&m, now, 3) > 0, "at {now}");
+        look
+    };
+    // Two blocks of three: nothing to plan until the third, or until the
+    // queue's age passes.
+    for id in ["A", "B"] {
+        m.apply(Command::add_block(block(
+            id,
+            vec![dataset("t", "api", HOUR, HOUR)],
+        )))
+        .unwrap();
+        assert!(!agree_on_plan(0));
+    }
+    assert!(!m.job_waiting(0, None));
+    assert!(agree_on_plan(2000 * HOUR), "an old queue is planned");
+    assert!(!agree_on_plan(2000 * HOUR), "and only once");
+
+    // A waiting job, for any worker; leased, it waits no more until its
+    // lease expires.
+    assert!(m.job_waiting(0, Some(0)));
+    assert!(m.job_waiting(0, None));
+    let job = lease_up_to(&m, "w", 0, None).unwrap();
+    assert!(!m.job_waiting(0, None));
+    assert_eq!(lease(&m, "w2", 0), None);
+    let expiry = job.lease_expires;
+    assert!(m.job_waiting(expiry, None), "an expired lease waits again");
+    assert!(lease(&m, "w2", expiry).is_some());
+    assert!(!m.job_waiting(expiry, None));
+}

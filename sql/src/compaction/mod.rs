@@ -48,7 +48,7 @@ use ember_engine::{BlockMeta, DatasetMeta, SectionMeta};
 use ember_metastore::DatasetRef;
 use ember_metastore::{
     command::Kind, idle, Applied, CommitJob, FailJob, Job, LeaseJob, MetastoreClient,
-    MetastoreError, RenewLease,
+    MetastoreError, MetastoreIndex, RenewLease,
 };
 use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
@@ -291,6 +291,9 @@ impl CompactionMetrics {
 pub struct Compactor {
     store: Arc<dyn ObjectStore>,
     metastore: Arc<dyn MetastoreClient>,
+    /// Asked whether a job waits before leasing one: a lease is a write
+    /// to the (replicated) log, a look is not.
+    index: Arc<dyn MetastoreIndex>,
     runtime: Arc<RuntimeEnv>,
     config: CompactionConfig,
     on_step: Option<StepHook>,
@@ -309,6 +312,7 @@ impl Compactor {
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metastore: Arc<dyn MetastoreClient>,
+        index: Arc<dyn MetastoreIndex>,
         config: CompactionConfig,
     ) -> datafusion::error::Result<Self> {
         let mut runtime = RuntimeEnvBuilder::new()
@@ -320,6 +324,7 @@ impl Compactor {
         Ok(Self {
             store,
             metastore,
+            index,
             runtime: runtime.build_arc()?,
             config,
             on_step: None,
@@ -367,9 +372,13 @@ impl Compactor {
 
     /// Leases one job and runs it to its commit; false when none waited.
     pub async fn work_once(&self, worker: &str) -> Result<bool, CompactionError> {
+        let now = now_nanos();
+        if !self.index.job_waiting(now, self.max_level).await? {
+            return Ok(false);
+        }
         let lease = LeaseJob {
             worker: worker.to_string(),
-            now: now_nanos(),
+            now,
             lease_nanos: nanos(self.config.lease),
             max_level: self.max_level,
         };

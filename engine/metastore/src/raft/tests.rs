@@ -425,3 +425,43 @@ async fn replicas_are_added_and_removed_by_a_command() {
         stop_replica(r).await;
     }
 }
+
+/// A leader's planner looks before it writes: once what can be planned
+/// is, planning again adds nothing to the log (each flush's blocks wake
+/// the planner, and a plan of nothing per flush was most of a busy log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_nothing_writes_nothing_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sockets, peers) = listeners(1).await;
+    let replica = start_replica(1, dir.path().join("r1"), sockets.remove(0), &peers).await;
+    let blocks: Vec<_> = (0..3)
+        .map(|i| ember_fixtures::level0_block(40 + i, 4))
+        .collect();
+    replica.replicated.add_blocks(blocks).await.unwrap();
+    let lifecycle = crate::Lifecycle::replicated(
+        Arc::new(object_store::memory::InMemory::new()),
+        replica.metastore.clone(),
+        replica.replicated.clone(),
+        crate::LifecycleConfig::default(),
+    );
+    let applied = || {
+        let m = replica.replicated.raft().metrics().borrow().clone();
+        m.last_applied.map(|l| l.index)
+    };
+    // The blocks are past their queues' age: planned by the first call.
+    assert!(lifecycle.plan_once().await.unwrap() > 0);
+    assert!(replica
+        .metastore
+        .job_waiting(ember_engine::profile::now_nanos(), None));
+    let before = applied();
+    for _ in 0..5 {
+        assert_eq!(lifecycle.plan_once().await.unwrap(), 0);
+    }
+    assert_eq!(
+        applied(),
+        before,
+        "plans of nothing were written to the log"
+    );
+    drop(lifecycle);
+    stop_replica(replica).await;
+}
