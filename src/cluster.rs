@@ -90,10 +90,17 @@ fn segment_writer_urls(instances: &[Instance]) -> Vec<String> {
         .filter(|i| i.roles.iter().any(|r| r == "segment-writer"))
         .collect();
     writers.sort_by(|a, b| a.id.cmp(&b.id));
-    writers
-        .iter()
-        .map(|i| format!("http://{}", i.address))
-        .collect()
+    writers.iter().map(|i| url_of(&i.address)).collect()
+}
+
+/// A registered address as a URL: a process serving TLS registers it with
+/// `https://`, one serving plain HTTP as `host:port`.
+fn url_of(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
 }
 
 fn count_by_role(instances: &[Instance]) -> BTreeMap<String, usize> {

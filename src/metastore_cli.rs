@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use ember_engine::cluster_call::ClusterClient;
 use ember_engine::object_store_url::open_object_store;
 use ember_metastore::raft::{ClusterConfig, MembersChange, Network};
 use ember_metastore::{rebuild_index, Metastore};
@@ -36,6 +37,9 @@ struct MembersArgs {
     metastore_url: String,
     #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: String,
+    /// PEM certificates a replica's `https://` address must present.
+    #[arg(long, env = "EMBER_CLUSTER_CA")]
+    cluster_ca: Option<PathBuf>,
     /// A replica to add, as `ID=http://host:port`; repeatable.
     #[arg(long, value_name = "ID=URL")]
     add: Vec<String>,
@@ -66,7 +70,15 @@ pub async fn metastore(args: MetastoreArgs) -> anyhow::Result<()> {
 }
 
 async fn members(args: MembersArgs) -> anyhow::Result<()> {
-    let network = Network::new(&args.cluster_token);
+    let client = match &args.cluster_ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            ClusterClient::trusting(&args.cluster_token, &pem)
+                .with_context(|| ca.display().to_string())?
+        }
+        None => ClusterClient::new(&args.cluster_token),
+    };
+    let network = Network::new(client);
     let url = args.metastore_url.trim_end_matches('/');
     let mut members = network
         .members(url)

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ember_distributor::limits::{Limits, ProfileLimits};
 use ember_distributor::Distributor;
+use ember_engine::cluster_call::ClusterClient;
 use ember_engine::store_layer::Layered;
 use ember_engine::Authenticator;
 use ember_faults::{Faults, FaultyMetastore, StoreFaults};
@@ -78,6 +79,13 @@ pub struct ServeArgs {
     /// Shared secret between the metastore and roles in other processes.
     #[arg(long, env = "EMBER_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// PEM certificates that calls to other processes' `https://`
+    /// addresses trust (default: `--tls-cert`'s, for a cluster whose
+    /// processes share one self-signed certificate). With `--tls-cert`,
+    /// this process serves the metastore listener over TLS too and
+    /// registers its address as `https://`.
+    #[arg(long, env = "EMBER_CLUSTER_CA")]
+    cluster_ca: Option<PathBuf>,
     /// Holds the metastore file, and the object store (`objects/`) unless
     /// `--object-store-url` names another.
     #[arg(long, default_value = "./data", env = "EMBER_DATA_DIR")]
@@ -263,6 +271,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         crate::allocator::reuse_freed_memory_for_a_second();
     }
+    let tls = tls_files(&args)?;
+    let cluster = cluster_client(&args)?;
     let (store, object_metrics, faults) = open_store(&args)?;
     let mut registry = Registry::default();
     object_metrics.register(&mut registry);
@@ -270,9 +280,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Every process refuses the flags the metastore's process would refuse.
     let lifecycle = lifecycle_config(&args, &limits)?;
     let reach = if roles.has(Role::Metastore) {
-        run_metastore(&args, lifecycle, store.clone(), &mut registry).await?
+        let reached = (cluster.as_ref(), tls.as_ref());
+        run_metastore(&args, lifecycle, store.clone(), reached, &mut registry).await?
     } else {
-        remote_metastore(&args, &roles)?
+        remote_metastore(&args, &roles, cluster.as_ref())?
     };
 
     let segment_metrics = SegmentMetrics::default();
@@ -326,7 +337,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let remote_writers = match (&local_writer, roles.has(Role::Distributor)) {
         (None, true) => Some(Arc::new(RemoteSegmentWriters::new(
             args.shards,
-            cluster_token(&args)?,
+            cluster
+                .clone()
+                .context("a distributor alone needs --cluster-token")?,
         ))),
         _ => None,
     };
@@ -352,6 +365,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if clustered(&args) {
         // Registered, and following the others' registrations.
         let address = (args.advertise_addr.clone()).unwrap_or_else(|| args.http_addr.to_string());
+        // Others reach this HTTP port the way it is served.
+        let address = match &tls {
+            Some(_) => format!("https://{address}"),
+            None => address,
+        };
         let instance = crate::cluster::this_instance(roles.names(), &address);
         tokio::spawn(register_forever(reach.commands.clone(), instance));
         let metrics = MemberMetrics::default();
@@ -406,11 +424,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
     let http_addr = http_listener.local_addr()?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsFiles::read(cert, key)?),
-        (None, None) => None,
-        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
-    };
     let http: futures::future::BoxFuture<'static, std::io::Result<()>> = match &tls {
         None => Box::pin(serve_http(
             http_listener,
@@ -437,6 +450,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Whether this process is one of several: it then registers with the
 /// metastore and follows the other members.
+fn tls_files(args: &ServeArgs) -> anyhow::Result<Option<TlsFiles>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles::read(cert, key)?)),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    }
+}
+
+/// Calls to other processes, with the cluster token and the certificates
+/// `https://` addresses must present (`--cluster-ca`, else `--tls-cert`).
+fn cluster_client(args: &ServeArgs) -> anyhow::Result<Option<ClusterClient>> {
+    let Some(token) = &args.cluster_token else {
+        return Ok(None);
+    };
+    let Some(ca) = args.cluster_ca.as_ref().or(args.tls_cert.as_ref()) else {
+        return Ok(Some(ClusterClient::new(token)));
+    };
+    let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let client = ClusterClient::trusting(token, &pem).with_context(|| ca.display().to_string())?;
+    Ok(Some(client))
+}
+
 fn clustered(args: &ServeArgs) -> bool {
     args.metastore_peers.is_some() || args.metastore_listen_addr.is_some()
 }
@@ -459,6 +494,7 @@ async fn run_metastore(
     args: &ServeArgs,
     lifecycle: LifecycleConfig,
     store: Arc<dyn ObjectStore>,
+    (cluster, tls): (Option<&ClusterClient>, Option<&TlsFiles>),
     registry: &mut Registry,
 ) -> anyhow::Result<MetastoreReach> {
     let metastore_path = args.data_dir.join("metastore.redb");
@@ -467,7 +503,7 @@ async fn run_metastore(
             .with_context(|| format!("opening {}", metastore_path.display()))?,
     );
     info!(data_dir = %args.data_dir.display(), entries = metastore.entry_count(), "metastore open");
-    let replicated = start_replication(args, &metastore).await?;
+    let replicated = start_replication(args, &metastore, cluster).await?;
     if let Some(r) = &replicated {
         let metrics = ReplicationMetrics::default();
         metrics.register(registry);
@@ -495,14 +531,18 @@ async fn run_metastore(
                 cluster_token(args)?,
             ),
         };
-        serve_metastore(addr, routes).await?;
+        serve_metastore(addr, routes, tls).await?;
     }
     Ok(reach)
 }
 
 /// The metastore of other processes, for a process without the role.
-fn remote_metastore(args: &ServeArgs, roles: &Roles) -> anyhow::Result<MetastoreReach> {
-    let (Some(peers), Some(token)) = (&args.metastore_peers, &args.cluster_token) else {
+fn remote_metastore(
+    args: &ServeArgs,
+    roles: &Roles,
+    cluster: Option<&ClusterClient>,
+) -> anyhow::Result<MetastoreReach> {
+    let (Some(peers), Some(client)) = (&args.metastore_peers, cluster) else {
         anyhow::bail!(
             "--roles {}: a process without the metastore reaches it through \
              --metastore-peers (its replicas' --metastore-listen-addr, as \
@@ -516,7 +556,7 @@ fn remote_metastore(args: &ServeArgs, roles: &Roles) -> anyhow::Result<Metastore
          add the metastore role to --roles"
     );
     let urls = metastore_urls(peers);
-    let remote = Arc::new(RemoteMetastore::replicas(&urls, token)?);
+    let remote = Arc::new(RemoteMetastore::replicas(&urls, client.clone())?);
     info!(metastore = ?urls, roles = ?roles.0, "metastore reached over the network");
     Ok(MetastoreReach {
         commands: remote.clone(),
@@ -639,17 +679,33 @@ fn writer_metastore(
 
 /// The metastore for roles in other processes (and, for a replica, Raft's
 /// calls), on its own listener.
-async fn serve_metastore(addr: SocketAddr, routes: axum::Router) -> anyhow::Result<()> {
+async fn serve_metastore(
+    addr: SocketAddr,
+    routes: axum::Router,
+    tls: Option<&TlsFiles>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding --metastore-listen-addr {addr}"))?;
-    info!(addr = %listener.local_addr()?, "metastore commands served to other processes");
+    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "metastore served to other processes");
+    let served: futures::future::BoxFuture<'static, std::io::Result<()>> = match tls {
+        None => Box::pin(async move {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }),
+        Some(files) => {
+            let listener = TlsListener::new(listener, files)?;
+            Box::pin(async move {
+                axum::serve(listener, routes)
+                    .with_graceful_shutdown(shutdown_signal())
+                    .await
+            })
+        }
+    };
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, routes)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-        {
-            tracing::error!(error = %e, "metastore command server stopped");
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "metastore server stopped");
         }
     });
     Ok(())
@@ -665,6 +721,7 @@ fn cluster_token(args: &ServeArgs) -> anyhow::Result<&str> {
 async fn start_replication(
     args: &ServeArgs,
     metastore: &Arc<Metastore>,
+    cluster: Option<&ClusterClient>,
 ) -> anyhow::Result<Option<Replicated>> {
     let Some(node_id) = args.node_id else {
         return Ok(None);
@@ -676,7 +733,9 @@ async fn start_replication(
     let cluster = ClusterConfig {
         node_id,
         peers: ClusterConfig::parse_peers(peers)?,
-        token: cluster_token(args)?.to_string(),
+        client: cluster
+            .cloned()
+            .context("a replica needs --cluster-token")?,
     };
     let replicated = raft::start(&args.data_dir, metastore.clone(), &cluster).await?;
     info!(

@@ -966,7 +966,13 @@ mod compaction {
         tokio::spawn(async move { axum::serve(listener, routes).await });
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
-        let index = Arc::new(RemoteMetastore::new(&url, "a-cluster-token-for-tests").unwrap());
+        let index = Arc::new(
+            RemoteMetastore::new(
+                &url,
+                ember_engine::cluster_call::ClusterClient::new("a-cluster-token-for-tests"),
+            )
+            .unwrap(),
+        );
         let remote = QueryEngine::new(store, index, QueryEngineConfig::default()).unwrap();
         for tenant in ["team-a", "team-b"] {
             let want = answers(&local, tenant, ty).await;

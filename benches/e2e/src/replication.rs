@@ -205,7 +205,7 @@ async fn start_replica(
     let cluster = ClusterConfig {
         node_id: id,
         peers: peers.clone(),
-        token: TOKEN.into(),
+        client: ember_engine::cluster_call::ClusterClient::new(TOKEN),
     };
     let replicated = raft::start(dir, metastore, &cluster).await?;
     let app = replicated.router();

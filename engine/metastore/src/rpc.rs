@@ -267,16 +267,16 @@ pub struct RemoteMetastore {
 }
 
 impl RemoteMetastore {
-    /// The metastore at `url` (`http://host:port`, its
-    /// `--metastore-listen-addr`).
-    pub fn new(url: &str, token: &str) -> Result<Self, MetastoreUrlError> {
-        Self::replicas(&[url.to_string()], token)
+    /// The metastore at `url` (`http(s)://host:port`, its
+    /// `--metastore-listen-addr`), called through `client`.
+    pub fn new(url: &str, client: ClusterClient) -> Result<Self, MetastoreUrlError> {
+        Self::replicas(&[url.to_string()], client)
     }
 
     /// The metastore whose replicas listen at `urls`: a call goes to the
     /// replica that answered last, then to the others in turn while none
     /// answers.
-    pub fn replicas(urls: &[String], token: &str) -> Result<Self, MetastoreUrlError> {
+    pub fn replicas(urls: &[String], client: ClusterClient) -> Result<Self, MetastoreUrlError> {
         let bases = urls
             .iter()
             .map(|url| base_of(url))
@@ -288,7 +288,7 @@ impl RemoteMetastore {
             });
         }
         Ok(Self {
-            client: ClusterClient::new(token),
+            client,
             bases,
             answering: AtomicUsize::new(0),
             // redb's fsync and a commit's index swap, with room to spare.
@@ -298,10 +298,10 @@ impl RemoteMetastore {
     }
 
     /// The leader, as a replica sends it a command it was given.
-    pub(crate) fn leader(url: &str, token: &str) -> Result<Self, MetastoreUrlError> {
+    pub(crate) fn leader(url: &str, client: ClusterClient) -> Result<Self, MetastoreUrlError> {
         Ok(Self {
             forwarded: true,
-            ..Self::new(url, token)?
+            ..Self::new(url, client)?
         })
     }
 
@@ -363,9 +363,9 @@ fn base_of(url: &str) -> Result<String, MetastoreUrlError> {
     };
     let base = url.trim_end_matches('/').to_string();
     let uri: http::Uri = base.parse().map_err(|e| bad(&format!("{e}")))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err(bad(
-            "give http://host:port of the metastore's --metastore-listen-addr",
+            "give http(s)://host:port of the metastore's --metastore-listen-addr",
         ));
     }
     Ok(base)
@@ -444,7 +444,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metastore = Arc::new(Metastore::open(&dir.path().join("m.redb")).unwrap());
         let url = serve(metastore.clone(), "secret").await;
-        let remote = RemoteMetastore::new(&url, "secret").unwrap();
+        let remote = RemoteMetastore::new(&url, ClusterClient::new("secret")).unwrap();
 
         let block = ember_fixtures::level0_block(1, 4);
         remote.add_blocks(vec![block.clone()]).await.unwrap();
@@ -492,7 +492,9 @@ mod tests {
         let dead_url = format!("http://{}", dead.local_addr().unwrap());
         drop(dead);
         let url = serve(metastore.clone(), "secret").await;
-        let remote = RemoteMetastore::replicas(&[dead_url, url.clone()], "secret").unwrap();
+        let remote =
+            RemoteMetastore::replicas(&[dead_url, url.clone()], ClusterClient::new("secret"))
+                .unwrap();
 
         let summary = |d: &[DatasetRef]| {
             let mut out: Vec<_> = d
@@ -561,7 +563,7 @@ mod tests {
         assert!(remote.job_waiting(now, Some(0)).await.unwrap());
 
         // Reads see every tenant's index: the cluster token guards them too.
-        let stranger = RemoteMetastore::new(&url, "wrong").unwrap();
+        let stranger = RemoteMetastore::new(&url, ClusterClient::new("wrong")).unwrap();
         let e = stranger.datasets(&queries[0]).await.unwrap_err();
         assert!(e.to_string().contains("cluster token"), "{e}");
     }
@@ -573,7 +575,7 @@ mod tests {
         let url = serve(metastore.clone(), "secret").await;
         let block = ember_fixtures::level0_block(2, 4);
         for token in ["wrong", ""] {
-            let remote = RemoteMetastore::new(&url, token).unwrap();
+            let remote = RemoteMetastore::new(&url, ClusterClient::new(token)).unwrap();
             let e = remote.add_blocks(vec![block.clone()]).await.unwrap_err();
             assert!(e.to_string().contains("cluster token"), "{e}");
         }
@@ -586,10 +588,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let remote = RemoteMetastore::new(&url, "secret").unwrap();
+        let remote = RemoteMetastore::new(&url, ClusterClient::new("secret")).unwrap();
         let e = remote.apply(Command { kind: None }).await.unwrap_err();
         assert!(matches!(e, MetastoreError::Unavailable(_)), "{e}");
-        assert!(RemoteMetastore::new("ftp://x", "t").is_err());
-        assert!(RemoteMetastore::new("not a url", "t").is_err());
+        assert!(RemoteMetastore::new("ftp://x", ClusterClient::new("t")).is_err());
+        assert!(RemoteMetastore::new("not a url", ClusterClient::new("t")).is_err());
     }
 }

@@ -112,9 +112,9 @@ pub struct RemoteSegmentWriters {
 }
 
 impl RemoteSegmentWriters {
-    pub fn new(shards: u32, token: &str) -> Self {
+    pub fn new(shards: u32, client: ClusterClient) -> Self {
         Self {
-            client: ClusterClient::new(token),
+            client,
             shards: shards.max(1),
             writers: RwLock::new(Vec::new()),
         }
@@ -252,7 +252,7 @@ mod tests {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url_dead = format!("http://{}", dead.local_addr().unwrap());
         drop(dead);
-        let writers = RemoteSegmentWriters::new(4, "cluster-token-for-tests");
+        let writers = RemoteSegmentWriters::new(4, ClusterClient::new("cluster-token-for-tests"));
         assert!(
             writers.append(0, vec![profile()]).await.is_err(),
             "no writer yet"
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(b.0.lock().unwrap()[0].1, vec![profile()]);
 
         // A wrong token is refused, and not tried elsewhere.
-        let stranger = RemoteSegmentWriters::new(4, "wrong");
+        let stranger = RemoteSegmentWriters::new(4, ClusterClient::new("wrong"));
         stranger.set_writers(vec![url_a, url_b]);
         let e = stranger.append(0, vec![profile()]).await.unwrap_err();
         assert!(e.to_string().contains("cluster token"), "{e}");

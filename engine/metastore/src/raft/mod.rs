@@ -35,6 +35,7 @@ use crate::rpc::RemoteMetastore;
 use crate::{
     Applied, Command, Metastore, MetastoreClient, MetastoreError, MetastoreIndex, ReplicaIndex,
 };
+use ember_engine::cluster_call::ClusterClient;
 use ember_engine::BlockMeta;
 
 pub use log_store::LogStore;
@@ -94,10 +95,12 @@ pub enum ReplicationError {
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub node_id: NodeId,
-    /// Every replica's id and `http://host:port` of its
+    /// Every replica's id and `http(s)://host:port` of its
     /// `--metastore-listen-addr`, this one's included.
     pub peers: BTreeMap<NodeId, String>,
-    pub token: String,
+    /// Calls to the other replicas (the cluster token they expect, the
+    /// certificates they are trusted by).
+    pub client: ClusterClient,
 }
 
 impl ClusterConfig {
@@ -113,9 +116,9 @@ impl ClusterConfig {
                 .parse()
                 .map_err(|e| ReplicationError::Peers(format!("id {id:?}: {e}")))?;
             let url = url.trim().trim_end_matches('/').to_string();
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(ReplicationError::Peers(format!(
-                    "{url:?}: give http://host:port of the replica's --metastore-listen-addr"
+                    "{url:?}: give http(s)://host:port of the replica's --metastore-listen-addr"
                 )));
             }
             if peers.insert(id, url).is_some() {
@@ -178,7 +181,7 @@ pub async fn start(
     let raft = Raft::new(
         cluster.node_id,
         raft_config()?,
-        Network::new(&cluster.token),
+        Network::new(cluster.client.clone()),
         log,
         state,
     )
@@ -205,8 +208,8 @@ pub async fn start(
     Ok(Replicated {
         raft,
         metastore,
-        network: Network::new(&cluster.token),
-        token: cluster.token.clone(),
+        network: Network::new(cluster.client.clone()),
+        client: cluster.client.clone(),
         forward: true,
     })
 }
@@ -219,7 +222,7 @@ pub struct Replicated {
     metastore: Arc<Metastore>,
     /// For asking the leader what a read must wait for.
     network: Network,
-    token: String,
+    client: ClusterClient,
     /// Whether a follower sends the proposal on to the leader (the leader's
     /// RPC server answers itself, so that a proposal is forwarded once).
     forward: bool,
@@ -246,9 +249,9 @@ impl Replicated {
             Arc::new(self.clone()),
             Arc::new(self.without_forwarding()),
             self.index(),
-            &self.token,
+            self.client.token(),
         );
-        metastore.merge(raft_router(self.raft.clone(), &self.token))
+        metastore.merge(raft_router(self.raft.clone(), self.client.token()))
     }
 
     /// This replica's copy of the index, read linearizably.
@@ -332,7 +335,7 @@ impl Replicated {
                 "metastore: this replica does not lead and knows no leader".into(),
             ));
         };
-        let remote = RemoteMetastore::leader(&leader.addr, &self.token)
+        let remote = RemoteMetastore::leader(&leader.addr, self.client.clone())
             .map_err(|e| MetastoreError::Unavailable(e.to_string()))?;
         match proposal.kind {
             Some(proposal::Kind::Command(command)) => remote.apply(command).await,

@@ -1,6 +1,6 @@
-//! Raft's calls between replicas: JSON over HTTP on the replicas'
-//! `--metastore-listen-addr`, under the cluster token like every other
-//! metastore call.
+//! Raft's calls between replicas: JSON over HTTP(S) on the replicas'
+//! `--metastore-listen-addr`, through the cluster's client (its token, its
+//! TLS trust) like every other metastore call.
 
 use std::time::Duration;
 
@@ -10,9 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use ember_engine::cluster_call::{has_cluster_token, ClusterClient};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -38,26 +36,16 @@ const JSON: &str = "application/json";
 /// A batch of entries or a snapshot chunk (3 MiB by default), with room.
 const MAX_RAFT_BYTES: usize = 64 << 20;
 
-type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
 /// Makes a [`Peer`] for each replica Raft talks to; they share one HTTP
 /// client and its connections.
 #[derive(Clone)]
 pub struct Network {
-    client: HttpClient,
-    token: String,
+    client: ClusterClient,
 }
 
 impl Network {
-    pub fn new(token: &str) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        Self {
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build(connector),
-            token: token.to_string(),
-        }
+    pub fn new(client: ClusterClient) -> Self {
+        Self { client }
     }
 
     /// The log index a read must wait for, from the leader at `base` once
@@ -97,35 +85,19 @@ impl Network {
         body: Bytes,
         timeout: Duration,
     ) -> Result<T, String> {
-        let request = http::Request::post(format!("{}{path}", base.trim_end_matches('/')))
-            .header(header::CONTENT_TYPE, JSON)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("{base}: {e}"))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(format!(
-                    "{base} answered {status}: {}",
-                    String::from_utf8_lossy(&bytes)
-                ));
-            }
-            serde_json::from_slice::<T>(&bytes).map_err(|e| e.to_string())
-        };
-        tokio::time::timeout(timeout, exchange)
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let (status, bytes) = self
+            .client
+            .post_as(&url, JSON, None, body, timeout)
             .await
-            .map_err(|_| format!("{base}: no answer within {timeout:?}"))?
+            .map_err(|e| format!("{base}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{base} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        serde_json::from_slice::<T>(&bytes).map_err(|e| e.to_string())
     }
 }
 
@@ -135,7 +107,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             client: self.client.clone(),
-            token: self.token.clone(),
             target,
             base: node.addr.trim_end_matches('/').to_string(),
         }
@@ -144,8 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 /// Another replica, as Raft calls it.
 pub struct Peer {
-    client: HttpClient,
-    token: String,
+    client: ClusterClient,
     target: NodeId,
     base: String,
 }
@@ -182,32 +152,12 @@ impl Peer {
     {
         let body = serde_json::to_vec(request)
             .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?;
-        let http_request = http::Request::post(format!("{}{path}", self.base))
-            .header(header::CONTENT_TYPE, JSON)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?;
-        let exchange = async {
-            let response =
-                self.client.request(http_request).await.map_err(|e| {
-                    RPCError::Unreachable(Unreachable::new(&self.error(e.to_string())))
-                })?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| RPCError::Network(NetworkError::new(&self.error(e.to_string()))))?
-                .to_bytes();
-            Ok::<_, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(option.hard_ttl(), exchange)
+        let url = format!("{}{path}", self.base);
+        let (status, bytes) = self
+            .client
+            .post_as(&url, JSON, None, Bytes::from(body), option.hard_ttl())
             .await
-            .map_err(|_| {
-                RPCError::Unreachable(Unreachable::new(
-                    &self.error(format!("no answer within {:?}", option.hard_ttl())),
-                ))
-            })??;
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&self.error(e))))?;
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
             return Err(RPCError::Network(NetworkError::new(
@@ -398,7 +348,7 @@ pub struct MembersChange {
 
 /// The refusal of a call without the cluster token, if it has none.
 fn unauthorized(state: &ServerState, headers: &HeaderMap) -> Option<Response> {
-    if ember_engine::cluster_call::has_cluster_token(headers, &state.token) {
+    if has_cluster_token(headers, &state.token) {
         return None;
     }
     Some(

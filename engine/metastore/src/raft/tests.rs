@@ -31,7 +31,7 @@ async fn start_replica(
     let cluster = ClusterConfig {
         node_id: id,
         peers: peers.clone(),
-        token: TOKEN.into(),
+        client: ClusterClient::new(TOKEN),
     };
     let replicated = start(&dir, metastore.clone(), &cluster).await.unwrap();
     let app = replicated.router();
@@ -132,7 +132,7 @@ async fn blocks_acknowledged_by_the_cluster_survive_its_leader() {
     let mut ids: Vec<String> = blocks.iter().map(|b| b.id.clone()).collect();
     follower.replicated.add_blocks(blocks).await.unwrap();
     // A role in another process that names a follower reaches the leader.
-    let remote = RemoteMetastore::new(&peers[&follower.id], TOKEN).unwrap();
+    let remote = RemoteMetastore::new(&peers[&follower.id], ClusterClient::new(TOKEN)).unwrap();
     let block = ember_fixtures::level0_block(5, 4);
     ids.push(block.id.clone());
     remote.add_blocks(vec![block]).await.unwrap();
@@ -368,7 +368,7 @@ async fn replicas_are_added_and_removed_by_a_command() {
 
     // A fourth replica starts knowing the others, and joins by a command.
     let fourth = start_replica(4, dir.path().join("r4"), sockets.remove(0), &all).await;
-    let network = Network::new(TOKEN);
+    let network = Network::new(ClusterClient::new(TOKEN));
     let members = network.members(&all[&2]).await.unwrap();
     assert_eq!(members.leader, Some(leader_id));
     assert_eq!(
