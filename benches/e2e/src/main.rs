@@ -116,6 +116,10 @@ pub struct BenchArgs {
     /// production rate; 0 skips it.
     #[arg(long, default_value_t = 5)]
     production_paced_minutes: u64,
+    /// An argument for every `ember serve` of the flat-out run, repeatable:
+    /// `--server-arg=--object-store-url --server-arg=s3://bucket/prefix`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Only the production-shaped run (writes production.md/json).
     #[arg(long)]
     production_only: bool,
@@ -375,7 +379,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     let data_dir = args.out.join("data");
     std::fs::create_dir_all(&data_dir)?;
-    let server_args = server_args();
+    let server_args = server_args(&args);
     let mut server = Server::start(&data_dir, &server_args).await?;
 
     info!("lone client: {} pushes", args.lone_pushes);
@@ -560,13 +564,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// How the benchmark's servers run: 4 shards, a 500 ms flush window.
-fn server_args() -> Vec<String> {
-    vec![
+fn server_args(args: &BenchArgs) -> Vec<String> {
+    let mut out = vec![
         "--shards".to_string(),
         SHARDS.to_string(),
         "--flush-interval-ms".to_string(),
         FLUSH_MS.to_string(),
-    ]
+    ];
+    out.extend(args.server_args.iter().cloned());
+    out
 }
 
 /// The label calls over a tenant of `--label-series` series, on a server
@@ -575,7 +581,7 @@ async fn label_calls(args: &BenchArgs, report: &mut Report) -> anyhow::Result<Ve
     info!("label calls over {} series", args.label_series);
     let dir = args.out.join("labels");
     std::fs::create_dir_all(&dir)?;
-    let server_args = server_args();
+    let server_args = server_args(args);
     let mut server = Server::start(&dir, &server_args).await?;
     let templates = workload::load_templates(&args.fixtures)?;
     let template = templates.first().context("no template profile")?;

@@ -119,7 +119,14 @@ pub struct ShapeState {
     /// Pyroscope data source asks (SelectMergeStacktraces).
     pub flame: Option<QueryRun>,
     pub connect_flame: Option<QueryRun>,
+    /// The Connect flame graph with every GET of the object store
+    /// `CLOUD_GET_DELAY_MS` late, as a same-region cloud bucket's first
+    /// byte is (the fault wrapper's delay on the local store).
+    pub connect_flame_cloud: Option<QueryRun>,
 }
+
+/// About an S3 GET's time to first byte within its region.
+const CLOUD_GET_DELAY_MS: u64 = 30;
 
 pub(crate) struct Generated {
     pub(crate) requests: Arc<Vec<workload::Request>>,
@@ -270,6 +277,17 @@ async fn state(
         );
         runs.push(run);
     }
+    server.add_args(&[
+        "--faults".into(),
+        format!("get_delay_ms={CLOUD_GET_DELAY_MS}"),
+    ]);
+    let connect = queries::Call::select_merge_stacktraces(query, queries::GRAFANA_MAX_NODES);
+    let cloud = queries::measure(server, &query.name, &connect, query.samples, repeats).await?;
+    anyhow::ensure!(
+        cloud.root_total == Some(query.total),
+        "{}: slow GETs changed the answer",
+        query.name
+    );
     let connect_flame = runs.pop();
     let flame = runs.pop();
     Ok(ShapeState {
@@ -283,6 +301,7 @@ async fn state(
             .unwrap_or(0),
         flame,
         connect_flame,
+        connect_flame_cloud: Some(cloud),
     })
 }
 
@@ -646,6 +665,14 @@ pub fn markdown(r: &ProductionReport) -> String {
             "hour flame graph over Connect, warm (median)",
             format!("{:.1} ms", x.warm_median_ms),
             format!("{:.1} ms", y.warm_median_ms),
+        );
+    }
+    if let (Some(x), Some(y)) = (&a.connect_flame_cloud, &b.connect_flame_cloud) {
+        row(
+            &mut s,
+            &format!("hour flame graph over Connect, cold, every GET {CLOUD_GET_DELAY_MS} ms late"),
+            format!("{:.0} ms, {} GETs", x.cold_ms, x.cold_gets),
+            format!("{:.0} ms, {} GETs", y.cold_ms, y.cold_gets),
         );
     }
     let _ = writeln!(

@@ -141,6 +141,11 @@ impl Server {
         )
     }
 
+    /// Arguments the server takes from its next restart on.
+    pub fn add_args(&mut self, args: &[String]) {
+        self.extra.extend(args.iter().cloned());
+    }
+
     /// Stops the server and starts it again on the same data: every cache
     /// is empty again.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
