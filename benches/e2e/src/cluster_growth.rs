@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,16 +19,19 @@ use tracing::info;
 
 use super::production;
 use super::queries::TENANT;
-use super::server::{self, Server};
+use super::server::Server;
 use super::{ingest, BenchArgs};
 
 const TOKEN: &str = "bench-cluster-token";
 const REPLICAS: u64 = 3;
 
+/// Bytes on disk (allocated blocks): redb sets a file's length ahead of
+/// what it writes, and the holes take no disk, so lengths are kept too.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplicaSize {
     pub metastore_bytes: u64,
     pub raft_log_bytes: u64,
+    pub raft_log_length: u64,
     pub snapshot_bytes: u64,
     pub applied_index: f64,
 }
@@ -152,11 +156,13 @@ async fn measure(servers: &[Server], started: Instant) -> anyhow::Result<Sample>
     };
     for s in servers {
         let m = s.metrics().await?;
-        let size = |name: &str| std::fs::metadata(s.data_dir.join(name)).map_or(0, |m| m.len());
+        let meta = |name: &str| std::fs::metadata(s.data_dir.join(name)).ok();
+        let on_disk = |name: &str| meta(name).map_or(0, |m| m.blocks() * 512);
         sample.replicas.push(ReplicaSize {
-            metastore_bytes: size("metastore.redb"),
-            raft_log_bytes: size("raft.redb"),
-            snapshot_bytes: server::dir_bytes(&s.data_dir.join("raft-snapshot")),
+            metastore_bytes: on_disk("metastore.redb"),
+            raft_log_bytes: on_disk("raft.redb"),
+            raft_log_length: meta("raft.redb").map_or(0, |m| m.len()),
+            snapshot_bytes: on_disk("raft-snapshot"),
             applied_index: m
                 .get("ember_metastore_raft_applied_index")
                 .copied()
@@ -173,7 +179,8 @@ pub fn markdown(r: &GrowthReport) -> String {
     let mut md = format!(
         "# A replicated metastore over {} min\n\n{} replicas (every role in each), {} series \
          pushing one profile every interval spread over them, compaction levels {}; {} pushes, \
-         {} failed.\n\n| minute | metastore.redb (MB, each replica) | raft.redb (MB) | \
+         {} failed. Sizes are on disk (allocated blocks); raft.redb's length, holes included, \
+         in brackets.\n\n| minute | metastore.redb (MB, each replica) | raft.redb (MB) | \
          snapshot (MB) | applied index | blocks |\n| --- | --- | --- | --- | --- | --- |\n",
         r.minutes, REPLICAS, r.series, r.compaction_levels, r.pushes, r.failures
     );
@@ -202,7 +209,11 @@ pub fn markdown(r: &GrowthReport) -> String {
             "| {:.0} | {} | {} | {} | {applied} | {blocks} |",
             s.minute,
             mb(&pick(|r| r.metastore_bytes)),
-            mb(&pick(|r| r.raft_log_bytes)),
+            format!(
+                "{} [{}]",
+                mb(&pick(|r| r.raft_log_bytes)),
+                mb(&pick(|r| r.raft_log_length))
+            ),
             mb(&pick(|r| r.snapshot_bytes)),
         );
     }
