@@ -240,6 +240,11 @@ pub struct ServeArgs {
     /// `<data-dir>/compaction-tmp`.
     #[arg(long, default_value_t = 256 << 20)]
     compaction_memory_limit: usize,
+    /// A compacted block larger than this many MiB is uploaded in parts of
+    /// this size (multipart); smaller ones in one conditional PUT. At least
+    /// 5 (S3's smallest part).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(5..=4096))]
+    compaction_upload_part_mb: u64,
     /// When each level's queue is compacted: `blocks:seconds` per level,
     /// level 0 first (a job takes that many blocks, or fewer once the
     /// oldest is that many seconds old).
@@ -754,6 +759,7 @@ fn compaction_config(args: &ServeArgs) -> anyhow::Result<CompactionConfig> {
         job_memory_limit: args.compaction_memory_limit,
         spill_dir: Some(spill_dir),
         delete_delay: Duration::from_secs(args.compaction_delete_delay_seconds),
+        upload_part_bytes: (args.compaction_upload_part_mb as usize) << 20,
         ..CompactionConfig::default()
     })
 }

@@ -1091,6 +1091,86 @@ mod compaction {
         }
     }
 
+    /// Counts the multipart uploads and single PUTs of compacted blocks.
+    #[derive(Default)]
+    struct Uploads {
+        multipart: std::sync::atomic::AtomicUsize,
+        single: std::sync::atomic::AtomicUsize,
+    }
+
+    struct Counted(Arc<Uploads>);
+
+    #[async_trait::async_trait]
+    impl ember_engine::store_layer::StoreLayer for Counted {
+        fn name(&self) -> &'static str {
+            "uploads"
+        }
+
+        fn saw(&self, request: &ember_engine::store_layer::Request<'_>) {
+            use ember_engine::store_layer::Request;
+            use std::sync::atomic::Ordering::Relaxed;
+            match request {
+                Request::PutMultipart { location } if location.as_ref().starts_with("blocks/") => {
+                    self.0.multipart.fetch_add(1, Relaxed);
+                }
+                Request::Put { location, .. } if location.as_ref().starts_with("blocks/") => {
+                    self.0.single.fetch_add(1, Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Blocks over the part size go up in parts and read back whole; at
+    /// the default size the same blocks go in one conditional PUT each.
+    #[tokio::test]
+    async fn blocks_over_the_part_size_are_uploaded_in_parts_and_answer_the_same() {
+        let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";
+        let a = tenant_profiles("go-cpu.pb.gz", "team-a");
+        let blocks = vec![at(&a, "p1", 0), at(&a, "p2", 10)];
+        for (part, multipart) in [(1024, true), (16 << 20, false)] {
+            let (dir, engine, metastore) =
+                engine_and_metastore(blocks.clone(), QueryEngineConfig::default()).await;
+            let before = answers(&engine, "team-a", ty).await;
+            let uploads = Arc::new(Uploads::default());
+            let store: Arc<dyn ObjectStore> = Arc::new(ember_engine::store_layer::Layered::new(
+                Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+                Counted(uploads.clone()),
+            ));
+            let config = CompactionConfig {
+                delete_delay: Duration::ZERO,
+                upload_part_bytes: part,
+                ..CompactionConfig::default()
+            };
+            let c = compaction(store, metastore.clone(), rules(2), config);
+            assert!(compact_all(&c).await >= 1);
+            let (parts, single) = (
+                uploads.multipart.load(std::sync::atomic::Ordering::Relaxed),
+                uploads.single.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            if multipart {
+                assert!(
+                    parts >= 1 && single == 0,
+                    "{parts} multipart, {single} single"
+                );
+            } else {
+                assert!(
+                    parts == 0 && single >= 1,
+                    "{parts} multipart, {single} single"
+                );
+            }
+            assert!(metastore
+                .blocks("team-a")
+                .iter()
+                .all(|b| b.compaction_level > 0));
+            assert_eq!(
+                answers(&engine, "team-a", ty).await,
+                before,
+                "part size {part}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn skip_level0_leaves_out_what_is_not_compacted_yet() {
         let ty = "fx:cpu:nanoseconds:cpu:nanoseconds";

@@ -121,6 +121,10 @@ pub struct CompactionConfig {
     pub delete_delay: Duration,
     /// How often an idle worker looks for a job again.
     pub poll: Duration,
+    /// An output block larger than this goes up in parts of this size (a
+    /// multipart upload: retried part by part, never held whole in memory);
+    /// a smaller one in one conditional PUT.
+    pub upload_part_bytes: usize,
 }
 
 impl Default for CompactionConfig {
@@ -131,6 +135,7 @@ impl Default for CompactionConfig {
             lease: Duration::from_secs(15),
             delete_delay: Duration::from_secs(15 * 60),
             poll: Duration::from_secs(1),
+            upload_part_bytes: 16 << 20,
         }
     }
 }
@@ -646,7 +651,7 @@ impl Compactor {
         mut file: File,
         size: u64,
     ) -> Result<(), CompactionError> {
-        const CHUNK: usize = 16 << 20;
+        let part = self.config.upload_part_bytes.max(1);
         let location = ObjectPath::from(path);
         let upload_err = |source| CompactionError::Upload {
             job: job.id.clone(),
@@ -658,7 +663,7 @@ impl Compactor {
             source,
         };
         file.rewind().map_err(io)?;
-        if size as usize <= CHUNK {
+        if size as usize <= part {
             let mut bytes = Vec::with_capacity(size as usize);
             file.read_to_end(&mut bytes).map_err(io)?;
             self.store
@@ -672,8 +677,10 @@ impl Compactor {
             .put_multipart(&location)
             .await
             .map_err(upload_err)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
-        let mut buf = vec![0u8; CHUNK];
+        // Output paths are new ULIDs, so a multipart upload (which has no
+        // conditional form) cannot overwrite another job's block.
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
+        let mut buf = vec![0u8; part];
         loop {
             let n = file.read(&mut buf).map_err(io)?;
             if n == 0 {
