@@ -181,28 +181,61 @@ class Host:
         return int(m.group(1)) if m else None
 
     def push(self, pod):
-        from wire import push_request
-        import gzip
-        labels = {"__name__": "process_cpu", "service_name": "cluster-api", "pod": pod}
-        body = gzip.compress(push_request([(labels, [RAW])]))
         with netns(self.ns):
-            try:
-                r = requests.post(f"{self.http}/push.v1.PusherService/Push", data=body, timeout=30,
-                                  headers={"Content-Type": "application/proto", "Content-Encoding": "gzip",
-                                           "X-Scope-OrgID": "t"})
-            except requests.RequestException:
-                return False
-        return r.status_code == 200
+            return push_pod(self.http, pod)
 
     def total(self):
         """The flame graph's total for the service, through the render API."""
-        at = profile_seconds(RAW)
+        return self.flame()["numTicks"]
+
+    def flame(self):
         with netns(self.ns):
-            r = requests.get(f"{self.http}/pyroscope/render", timeout=30, headers={"X-Scope-OrgID": "t"},
-                             params={"query": f'{CPU}{{service_name="cluster-api"}}', "from": str(at - 60),
-                                     "until": str(at + 60), "format": "json"})
-        assert r.status_code == 200, r.text
-        return r.json()["flamebearer"]["numTicks"]
+            return render(self.http)
+
+
+def push_pod(http, pod):
+    """Pushes the recorded profile as pod `pod` of the service; whether it
+    was acknowledged."""
+    from wire import push_request
+    import gzip
+    labels = {"__name__": "process_cpu", "service_name": "cluster-api", "pod": pod}
+    body = gzip.compress(push_request([(labels, [RAW])]))
+    try:
+        r = requests.post(f"{http}/push.v1.PusherService/Push", data=body, timeout=30,
+                          headers={"Content-Type": "application/proto", "Content-Encoding": "gzip",
+                                   "X-Scope-OrgID": "t"})
+    except requests.RequestException:
+        return False
+    return r.status_code == 200
+
+
+def render(http):
+    """The service's flame graph (flamebearer) through the render API, whole."""
+    at = profile_seconds(RAW)
+    r = requests.get(f"{http}/pyroscope/render", timeout=30, headers={"X-Scope-OrgID": "t"},
+                     params={"query": f'{CPU}{{service_name="cluster-api"}}', "from": str(at - 60),
+                             "until": str(at + 60), "format": "json", "max-nodes": "100000"})
+    assert r.status_code == 200, r.text
+    return r.json()["flamebearer"]
+
+
+def flame_stacks(fb):
+    """'a;b' -> self, from a flamebearer's levels (offset, total, self, name
+    per bar, offsets delta encoded within a level)."""
+    bars, out = [], {}
+    for depth, values in enumerate(fb["levels"]):
+        end, row = 0, []
+        for i in range(0, len(values), 4):
+            off, total, own, name = values[i:i + 4]
+            x = end + off
+            end = x + total
+            path = [] if depth == 0 else next(
+                b for b in bars[depth - 1] if b[0] <= x < b[0] + max(b[1], 1))[3] + [fb["names"][name]]
+            row.append((x, total, own, path))
+            if depth and own:
+                out[";".join(path)] = out.get(";".join(path), 0) + own
+        bars.append(row)
+    return out
 
 
 def wait_until(what, check, timeout=60):
@@ -350,6 +383,7 @@ class RoleProcess:
     metric = Host.metric
     push = Host.push
     total = Host.total
+    flame = Host.flame
 
 
 @pytest.fixture
@@ -397,7 +431,7 @@ def split_cluster(tmp_path):
         net.close()
 
 
-def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_cluster):
+def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_cluster, make_ember, tmp_path):
     net, procs = split_cluster
     per_profile = totals(load_pprof(RAW), "process_cpu")[CPU]
     metastores = [procs[("metastore", n)] for n in (1, 2, 3)]
@@ -496,3 +530,16 @@ def test_every_role_in_its_own_process_survives_the_death_of_any_one(split_clust
     for q in queries:
         wait_until(f"{q.name} to answer every acknowledged profile once",
                    lambda: q.total() == acknowledged * per_profile)
+
+    # Each query process's flame graph is the one a single process gives
+    # for the same pushes (the acknowledged ones; none was refused here).
+    pods = [f"pod-{i}" for i in [*range(9), *range(100, 103), *range(9, 24)]] + ["pod-24", "pod-25", "during-cut"]
+    assert len(pods) == acknowledged
+    (tmp_path / "single").mkdir()
+    single = make_ember("--compaction-workers", "0", data_dir=tmp_path / "single")
+    for pod in pods:
+        assert push_pod(single.http, pod)
+    want = flame_stacks(render(single.http))
+    assert sum(want.values()) == acknowledged * per_profile
+    for q in queries:
+        assert flame_stacks(q.flame()) == want, q.name
