@@ -206,14 +206,11 @@ pub fn markdown(r: &GrowthReport) -> String {
             .join(", ");
         let _ = writeln!(
             md,
-            "| {:.0} | {} | {} | {} | {applied} | {blocks} |",
+            "| {:.0} | {} | {} [{}] | {} | {applied} | {blocks} |",
             s.minute,
             mb(&pick(|r| r.metastore_bytes)),
-            format!(
-                "{} [{}]",
-                mb(&pick(|r| r.raft_log_bytes)),
-                mb(&pick(|r| r.raft_log_length))
-            ),
+            mb(&pick(|r| r.raft_log_bytes)),
+            mb(&pick(|r| r.raft_log_length)),
             mb(&pick(|r| r.snapshot_bytes)),
         );
     }
