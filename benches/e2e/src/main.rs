@@ -7,6 +7,7 @@
 
 mod cluster_growth;
 mod export;
+mod history;
 mod ingest;
 mod job_memory;
 mod labels;
@@ -131,6 +132,14 @@ pub struct BenchArgs {
     cluster_growth_only: bool,
     #[arg(long, default_value_t = 60)]
     cluster_growth_minutes: u64,
+    /// Only the cold flame graphs over a long history: `--history-hours`
+    /// of `--production-series` agents (one profile every `--interval-s`)
+    /// written as blocks and compacted offline, then the last hour, day
+    /// and week queried cold (writes history.md/json).
+    #[arg(long)]
+    history_only: bool,
+    #[arg(long, default_value_t = 24)]
+    history_hours: i64,
     /// Seconds between two measurements of the replicas' files.
     #[arg(long, default_value_t = 300)]
     cluster_growth_sample_seconds: u64,
@@ -359,6 +368,16 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "cluster growth measured over {} min: {}",
             r.minutes,
             args.out.join("cluster_growth.md").display()
+        );
+        return Ok(());
+    }
+    if args.history_only {
+        let r = history::run(&args).await?;
+        info!(
+            "history of {} hours measured in {:.0} s: {}",
+            r.hours,
+            started.elapsed().as_secs_f64(),
+            args.out.join("history.md").display()
         );
         return Ok(());
     }

@@ -126,7 +126,7 @@ pub struct ShapeState {
 }
 
 /// About an S3 GET's time to first byte within its region.
-const CLOUD_GET_DELAY_MS: u64 = 30;
+pub(crate) const CLOUD_GET_DELAY_MS: u64 = 30;
 
 pub(crate) struct Generated {
     pub(crate) requests: Arc<Vec<workload::Request>>,
@@ -217,7 +217,7 @@ async fn ingest(
     Ok((server, load.elapsed.as_secs_f64()))
 }
 
-fn block_objects(objects: &Path) -> u64 {
+pub(crate) fn block_objects(objects: &Path) -> u64 {
     fn walk(dir: &Path, n: &mut u64) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;

@@ -308,6 +308,23 @@ pub fn tick_profiles(
     tick: usize,
     rng: &mut Rng,
 ) -> Vec<(usize, pprof::Profile, Vec<u8>)> {
+    tick_pprofs(config, templates, all, tick, rng)
+        .into_iter()
+        .map(|(i, p)| {
+            let gz = gzip(&p.encode_to_vec());
+            (i, p, gz)
+        })
+        .collect()
+}
+
+/// The profiles of one tick by series, as decoded pprof.
+pub fn tick_pprofs(
+    config: &WorkloadConfig,
+    templates: &[Template],
+    all: &[Series],
+    tick: usize,
+    rng: &mut Rng,
+) -> Vec<(usize, pprof::Profile)> {
     let time = config.start_nanos + tick as i64 * config.interval_nanos;
     all.iter()
         .enumerate()
@@ -320,8 +337,7 @@ pub fn tick_profiles(
                 config.interval_nanos,
                 rng,
             );
-            let gz = gzip(&p.encode_to_vec());
-            (i, p, gz)
+            (i, p)
         })
         .collect()
 }
