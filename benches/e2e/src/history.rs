@@ -104,7 +104,12 @@ impl Writer {
             store.clone(),
             Arc::new(InProcess(metastore.clone())),
             metastore.clone(),
-            CompactionConfig::default(),
+            // Retired sources go at once: the disk holds what a server
+            // holds once its delete delay has passed.
+            CompactionConfig {
+                delete_delay: std::time::Duration::ZERO,
+                ..CompactionConfig::default()
+            },
         )?;
         Ok(Self {
             store,
@@ -273,7 +278,10 @@ fn flame_query(types: &[String], stored: &[Stored], hours: i64, name: &str) -> F
         .max_by_key(|t| samples_by_type[*t])
         .unwrap_or(0);
     let of_type = || stored.iter().filter(move |s| s.profile_type as usize == ty);
-    let end = of_type().map(|s| s.time).max().unwrap_or_default();
+    // Whole milliseconds, as Connect carries them: the range asked is
+    // then exactly the range counted.
+    let last = of_type().map(|s| s.time).max().unwrap_or_default();
+    let end = (last + 999_999).div_euclid(1_000_000) * 1_000_000;
     let start = end - hours * HOUR_NANOS;
     let (samples, total) = of_type()
         .filter(|s| s.time >= start && s.time <= end)
