@@ -88,3 +88,32 @@ def test_bench_small_run_is_consistent(tmp_path):
     assert "## Peers on the same data" in markdown and "## Label calls over many series" in markdown
     if pathlib.Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists():
         assert (out / "charts" / "flamegraph_scaling.png").stat().st_size > 1000
+
+
+def test_bench_history_compacts_what_it_writes_and_answers_its_totals(tmp_path):
+    """`--history-only` writes an hour without pushing it, compacts it
+    offline to the top level, and the server it starts answers the flame
+    graph with the generated total, with and without slow GETs."""
+    out = tmp_path / "history"
+    run = subprocess.run(
+        [str(BIN.with_name("ember-bench")), "--ember", str(BIN), "--out", str(out), "--fixtures", str(FIXTURES),
+         "--history-only", "--history-hours", "1", "--production-series", "8", "--interval-s", "15",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((out / "history.json").read_text())
+    assert report["profiles"] == 8 * 240
+    levels = report["blocks_by_level"]
+    assert "0" not in levels and "1" not in levels and levels.get("2", 0) >= 1, levels
+    # Retired sources are deleted: the store holds the indexed blocks alone.
+    assert report["objects"] == sum(levels.values())
+    [hour] = report["ranges"]
+    q = hour["query"]
+    assert q["total"] > 0 and q["samples"] > 0
+    for measured in [hour["local"], hour["cloud"]]:
+        assert measured["root_total"] == q["total"], measured
+        assert measured["cold_gets"] >= 1
+    # Every GET of the second server waited its 30 ms.
+    assert hour["cloud"]["cold_ms"] >= 30
+    assert hour["cloud"]["cold_gets"] == hour["local"]["cold_gets"]
