@@ -899,9 +899,10 @@ struct DirectReads {
     whole: Vec<DatasetRef>,
 }
 
-/// Stacks sections read at once: reads overlap, and a backlog of thousands
-/// of level-0 datasets is never in memory at once.
-const STACKS_READS_IN_FLIGHT: usize = 8;
+/// Stacks sections read at once: enough that a day of compacted blocks is
+/// a few round trips to a cloud bucket, few enough that a backlog of
+/// thousands of level-0 datasets is never in memory at once.
+const STACKS_READS_IN_FLIGHT: usize = 32;
 
 impl DirectReads {
     /// The stack nodes of the missing datasets, read from their stacks
@@ -1071,8 +1072,21 @@ impl FlameGraphExec {
         f: impl FnOnce(&FlameTree<'_>) -> Result<R> + Send,
     ) -> Result<R> {
         let reservation = MemoryConsumer::new("FlameGraphExec").register(context.memory_pool());
+        let (sums_reservation, totals_reservation) =
+            (reservation.new_empty(), reservation.new_empty());
         let mut grow = |bytes: usize| reservation.try_grow(bytes);
-        let read = reads.stack_nodes(&mut grow).await?;
+        let mut grow_sums = |bytes: usize| sums_reservation.try_grow(bytes);
+        let mut grow_totals = |bytes: usize| totals_reservation.try_grow(bytes);
+        // The three reads wait on the store, not on each other: together, a
+        // cold query pays the longest of their round trips, not their sum.
+        let mut totals = StackValues::default();
+        let (read, sums, added) = futures::join!(
+            reads.stack_nodes(&mut grow),
+            read_sums(sums, context, &mut grow_sums),
+            reads.add_totals(&mut totals, &mut grow_totals),
+        );
+        let (read, sums) = (read?, sums?);
+        added?;
         // Kept nodes are the dictionary's memory, not this query's.
         let local =
             reads
@@ -1082,8 +1096,7 @@ impl FlameGraphExec {
         if local.is_none() {
             reservation.free();
         }
-        let mut values = read_sums(sums, context, &mut grow).await?;
-        reads.add_totals(&mut values, &mut grow).await?;
+        let values = merged(sums, totals);
         // The read guard covers the layout `f` too, since the tree borrows
         // the dictionary's names: a few milliseconds for the largest answers,
         // during which another query's `offer` waits to add its nodes.
@@ -1106,6 +1119,16 @@ impl DisplayAs for FlameGraphExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "FlameGraphExec: max_nodes={}", self.max_nodes)
     }
+}
+
+/// The sums of `a` and `b`, the smaller added into the larger.
+fn merged(a: StackValues, b: StackValues) -> StackValues {
+    let (mut into, from) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    for (id, v) in from {
+        let slot = into.entry(id).or_default();
+        *slot = slot.saturating_add(v);
+    }
+    into
 }
 
 async fn read_sums(
