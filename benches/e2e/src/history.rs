@@ -31,7 +31,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
 use tracing::info;
 
-use super::production::{block_objects, server_args, CLOUD_GET_DELAY_MS};
+use super::production::{block_objects, fleet, server_args, CLOUD_GET_DELAY_MS};
 use super::queries::{self, FlameQuery, QueryRun, TENANT};
 use super::server::{self, Server};
 use super::{workload, BenchArgs, SHARDS};
@@ -200,18 +200,8 @@ async fn generate(
 ) -> anyhow::Result<(Vec<String>, Vec<Stored>)> {
     let started = Instant::now();
     let templates = workload::load_templates(&args.fixtures)?;
-    let interval = args.interval_s * 1_000_000_000;
     let ticks = (args.history_hours * 3600 / args.interval_s).max(1);
-    let services = args.services.min(args.production_series).max(1);
-    let config = workload::WorkloadConfig {
-        services,
-        series_per_service: (args.production_series / services).max(1),
-        target_samples: u64::MAX,
-        interval_nanos: interval,
-        series_per_request: 1,
-        start_nanos: super::now_nanos() - ticks * interval,
-        seed: 7,
-    };
+    let config = fleet(args, ticks);
     let all = workload::series(&config, &templates);
     let mut rng = workload::Rng::new(config.seed);
     let mut writer = Writer::open(data_dir)?;

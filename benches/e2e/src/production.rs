@@ -134,12 +134,12 @@ pub(crate) struct Generated {
     paths: super::export::ExportPaths,
 }
 
-pub(crate) fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
-    let templates = workload::load_templates(&args.fixtures)?;
+/// The production shape's fleet over `ticks` intervals ending now: one
+/// agent per series, one profile per request.
+pub(crate) fn fleet(args: &BenchArgs, ticks: i64) -> workload::WorkloadConfig {
     let interval = args.interval_s * 1_000_000_000;
-    let ticks = (args.production_minutes * 60 / args.interval_s).max(1);
     let services = args.services.min(args.production_series).max(1);
-    let config = workload::WorkloadConfig {
+    workload::WorkloadConfig {
         services,
         series_per_service: (args.production_series / services).max(1),
         target_samples: u64::MAX,
@@ -148,7 +148,13 @@ pub(crate) fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated
         // Ends now: the agents' clocks are current.
         start_nanos: super::now_nanos() - ticks * interval,
         seed: 7,
-    };
+    }
+}
+
+pub(crate) fn generate(args: &BenchArgs, out: &Path) -> anyhow::Result<Generated> {
+    let templates = workload::load_templates(&args.fixtures)?;
+    let ticks = (args.production_minutes * 60 / args.interval_s).max(1);
+    let config = fleet(args, ticks);
     let all = workload::series(&config, &templates);
     let mut rng = workload::Rng::new(config.seed);
     let mut exporter = Exporter::create(&out.join("export"))?;
